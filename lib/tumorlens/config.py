@@ -1,0 +1,37 @@
+"""YAML configs: one loader, with ``defaults.yaml`` naming the default model of every command."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+from tumorlens.errors import InvalidInputError
+from tumorlens.paths import configs_dir
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidInputError(path, "config file does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise InvalidInputError(path, f"invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise InvalidInputError(path, "config must be a YAML mapping")
+    return data
+
+
+def defaults() -> dict:
+    return load_yaml(configs_dir() / "defaults.yaml")
+
+
+def default_model_name() -> str:
+    return str(defaults()["model"])
+
+
+def config_hash(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,222 @@
+"""Readers that turn JPEG/PNG, NIfTI (2D/3D) and DICOM (file or series folder) into MONAI MetaTensors.
+
+Conventions (shared by every stage downstream):
+
+* A **2D image** (JPEG, PNG, single-frame DICOM) is ``(1, H, W)`` in display order (rows top to
+  bottom, columns left to right), ``meta["kind"] == "image2d"``. Its affine maps ``(row, col, 0)``
+  to world millimetres (RAS). JPEG/PNG carry no geometry: 1 mm pixels, ``meta["spacing_known"]`` False.
+* A **volume** (NIfTI, DICOM series, multi-frame DICOM) is ``(1, X, Y, Z)`` in the file's voxel
+  order with its RAS affine, ``meta["kind"] == "volume"``. A 2D NIfTI becomes a one-slice volume.
+
+Every failure is an :class:`~tumorlens.errors.InvalidInputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from tumorlens.errors import InvalidInputError
+
+PHOTO_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+NIFTI_EXT = (".nii", ".nii.gz")
+DICOM_EXT = (".dcm", ".dicom", "")
+LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+Expect = Literal["2d", "3d"] | None
+
+
+def _suffix(path: Path) -> str:
+    name = path.name.lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    return path.suffix.lower()
+
+
+def _meta(path: Path, kind: str, affine: np.ndarray, spatial_shape, spacing, spacing_known=True, **extra):
+    meta = {
+        "filename_or_obj": str(path),
+        "kind": kind,
+        "spatial_shape": np.asarray(spatial_shape),
+        "original_affine": affine.copy(),
+        "spacing": np.asarray(spacing, dtype=float),
+        "spacing_known": spacing_known,
+    }
+    meta.update(extra)
+    return meta
+
+
+def _check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
+    if arr.size == 0 or 0 in arr.shape:
+        raise InvalidInputError(path, "image has no pixels")
+    arr = np.asarray(arr, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).sum())
+        raise InvalidInputError(path, f"image contains {bad} non-finite values (NaN/inf)")
+    return arr
+
+
+def _read_photo(path: Path, modality: str) -> MetaTensor:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            if im.mode in ("RGB", "RGBA", "P", "CMYK", "LA"):
+                im = im.convert("L")
+            arr = np.asarray(im)
+    except UnidentifiedImageError as e:
+        raise InvalidInputError(path, "not a readable image (unknown or corrupt format)") from e
+    except (OSError, SyntaxError, ValueError) as e:
+        raise InvalidInputError(path, f"corrupt or truncated image: {e}") from e
+    if arr.ndim != 2:
+        raise InvalidInputError(path, f"expected a single-channel 2D image, got array of shape {arr.shape}")
+    arr = _check_pixels(path, arr)
+    affine = np.eye(4)
+    # (row, col) -> (y, x): rows run posterior->anterior is unknowable; keep a plain scaled identity.
+    meta = _meta(path, "image2d", affine, arr.shape, (1.0, 1.0), spacing_known=False, modality=modality)
+    return MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine), meta=meta)
+
+
+def _read_nifti(path: Path) -> MetaTensor:
+    import nibabel as nib
+
+    try:
+        img = nib.load(str(path))
+        arr = np.asanyarray(img.dataobj)
+    except Exception as e:  # nibabel raises many types for corrupt/truncated files
+        raise InvalidInputError(path, f"corrupt or truncated NIfTI: {type(e).__name__}: {e}") from e
+    arr = np.squeeze(arr) if arr.ndim > 3 else arr
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if arr.ndim != 3:
+        raise InvalidInputError(path, f"expected a 2D or 3D NIfTI, got {arr.ndim}D data of shape {arr.shape}")
+    arr = _check_pixels(path, arr)
+    affine = np.asarray(img.affine, dtype=float)
+    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    meta = _meta(path, "volume", affine, arr.shape, spacing, modality="MR")
+    return MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine), meta=meta)
+
+
+def _sitk_to_volume(path: Path, image) -> MetaTensor:
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(image)  # (z, y, x)
+    if arr.ndim == 2:
+        arr = arr[None]
+    arr = _check_pixels(path, np.transpose(arr, (2, 1, 0)))  # -> (x, y, z)
+    dim = image.GetDimension()
+    direction = np.eye(3)
+    direction[:dim, :dim] = np.asarray(image.GetDirection()).reshape(dim, dim)
+    spacing = np.ones(3)
+    spacing[:dim] = image.GetSpacing()
+    origin = np.zeros(3)
+    origin[:dim] = image.GetOrigin()
+    lps = np.eye(4)
+    lps[:3, :3] = direction * spacing[None, :]
+    lps[:3, 3] = origin
+    affine = LPS_TO_RAS @ lps
+    return arr, affine, spacing
+
+
+def _read_dicom(path: Path) -> MetaTensor:
+    import SimpleITK as sitk
+
+    try:
+        if path.is_dir():
+            reader = sitk.ImageSeriesReader()
+            series = reader.GetGDCMSeriesIDs(str(path))
+            if not series:
+                raise InvalidInputError(path, "folder holds no DICOM series")
+            files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            reader.SetFileNames(files)
+            image = reader.Execute()
+        else:
+            image = sitk.ReadImage(str(path))
+    except InvalidInputError:
+        raise
+    except RuntimeError as e:
+        raise InvalidInputError(path, f"not a readable DICOM: {str(e).strip().splitlines()[-1]}") from e
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr, affine, spacing = _sitk_to_volume(path, image)
+    modality = "MR"
+    try:
+        if image.HasMetaDataKey("0008|0060"):
+            modality = image.GetMetaData("0008|0060").strip() or "MR"
+    except RuntimeError:
+        pass
+    if arr.shape[2] == 1:  # one frame: a 2D image in (row, col) display order
+        img2d = arr[:, :, 0].T  # (x, y) -> (row=y, col=x)
+        aff = np.eye(4)
+        aff[:, 0] = affine[:, 1]  # row index moves along the image's y axis
+        aff[:, 1] = affine[:, 0]  # col index moves along x
+        aff[:, 3] = affine[:, 3]
+        aff[:3, 2] = affine[:3, 2]
+        meta = _meta(path, "image2d", aff, img2d.shape, (spacing[1], spacing[0]), modality=modality)
+        return MetaTensor(torch.from_numpy(img2d[None].copy()), affine=torch.as_tensor(aff), meta=meta)
+    meta = _meta(path, "volume", affine, arr.shape, spacing, modality=modality)
+    return MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine), meta=meta)
+
+
+def _sniff_dicom(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+        return len(head) == 132 and head[128:132] == b"DICM"
+    except OSError:
+        return False
+
+
+def read_image(path: str | Path, expect: Expect = None, modality: str = "MR") -> MetaTensor:
+    """Read one image as a float32 MetaTensor (see the module docstring for the conventions).
+
+    ``expect="2d"`` rejects volumes with more than one slice; ``expect="3d"`` rejects 2D images.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InvalidInputError(path, "file does not exist")
+    if path.is_file() and path.stat().st_size == 0:
+        raise InvalidInputError(path, "file is empty (0 bytes)")
+    ext = _suffix(path)
+    if path.is_dir():
+        img = _read_dicom(path)
+    elif ext in PHOTO_EXT:
+        img = _read_photo(path, modality)
+    elif ext in NIFTI_EXT:
+        img = _read_nifti(path)
+    elif ext in DICOM_EXT or _sniff_dicom(path):
+        img = _read_dicom(path)
+    else:
+        raise InvalidInputError(
+            path, f"unsupported file type {ext!r}; expected JPEG/PNG, NIfTI (.nii/.nii.gz) or DICOM"
+        )
+    if expect == "2d" and is_volume(img) and img.shape[-1] > 1:
+        raise InvalidInputError(path, f"expected a 2D image, got a 3D volume of shape {tuple(img.shape[1:])}")
+    if expect == "3d" and not is_volume(img):
+        raise InvalidInputError(path, f"expected a 3D volume, got a 2D image of shape {tuple(img.shape[1:])}")
+    return img
+
+
+def is_volume(img: MetaTensor) -> bool:
+    return img.meta.get("kind") == "volume"
+
+
+def read_mask(path: str | Path, like: MetaTensor | None = None) -> MetaTensor:
+    """Read a binary/label mask (PNG 0/255, NIfTI labels); values > 0 are tumour.
+
+    With ``like``, the mask must have the same spatial shape, otherwise a typed error.
+    """
+    m = read_image(path)
+    out = (m > 0).to(torch.uint8)
+    out = MetaTensor(out, meta=dict(m.meta))
+    if like is not None and tuple(out.shape[1:]) != tuple(like.shape[1:]):
+        raise InvalidInputError(
+            path, f"mask shape {tuple(out.shape[1:])} does not match image shape {tuple(like.shape[1:])}"
+        )
+    return out

@@ -1,0 +1,31 @@
+"""Typed errors: every bad input names the file and the problem instead of a deep traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class TumorlensError(Exception):
+    """Base class of all errors raised on purpose by tumorlens."""
+
+
+class InvalidInputError(TumorlensError, ValueError):
+    """A file (or array) cannot be used: corrupt, empty, wrong type, wrong dimensionality..."""
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = str(path) if path is not None else None
+        self.problem = problem
+        where = f"{self.path}: " if self.path else ""
+        super().__init__(f"{where}{problem}")
+
+
+class ManifestError(InvalidInputError):
+    """A dataset manifest is missing, malformed, or names unknown labels or missing files."""
+
+
+class ModelNotFoundError(TumorlensError, LookupError):
+    """No model of that name (or path) in the registry."""
+
+
+class RegistrationError(TumorlensError):
+    """Registration to the template failed or did not converge to a usable result."""

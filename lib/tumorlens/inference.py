@@ -1,0 +1,164 @@
+"""Run a dual-head model on one image: 2D slices directly, volumes slice-wise over axial slices.
+
+Outputs always come back on the input's own grid and affine, so a mask lands where the image is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import nibabel as nib
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from torch.nn import functional as F
+
+from tumorlens.data.normalize import foreground_mask, normalize_intensity
+from tumorlens.data.readers import is_volume
+from tumorlens.errors import InvalidInputError
+from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
+from tumorlens.models.registry import LoadedModel, load_model
+
+SEG_THRESHOLD = 0.5
+
+
+@dataclass
+class Prediction:
+    probabilities: dict[str, float]
+    label: str
+    mask: MetaTensor  # uint8, same shape/affine as the input
+    seg_prob: MetaTensor  # float32 tumour probability, same grid
+    slice_probabilities: np.ndarray | None = None  # volumes: [Z, C]
+    extra: dict = field(default_factory=dict)
+
+
+def resize_2d(x: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear") -> torch.Tensor:
+    """[B, C, H, W] -> [B, C, *size]; antialiased when shrinking."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    if mode == "nearest":
+        return F.interpolate(x, size=size, mode="nearest")
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+
+
+def prepare_slice(arr: np.ndarray, size: int) -> torch.Tensor:
+    """A raw 2D array -> normalised [1, 1, size, size] network input."""
+    a = normalize_intensity(np.asarray(arr, dtype=np.float32))
+    return resize_2d(torch.from_numpy(np.ascontiguousarray(a))[None, None], size)
+
+
+# ---- volume <-> display slices -------------------------------------------------------------------
+
+def volume_to_display(vol: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dict]:
+    """Reorient a [X, Y, Z] volume to RAS and return axial slices in radiological display order
+    [Z, rows (anterior->posterior), cols (patient right->left)], plus what is needed to go back."""
+    ornt = nib.orientations.io_orientation(affine)
+    ras = nib.orientations.apply_orientation(vol, ornt)
+    disp = np.transpose(ras, (2, 1, 0))[:, ::-1, ::-1]  # z, y(flipped: anterior on top), x(flipped)
+    return np.ascontiguousarray(disp), {"ornt": ornt, "shape": vol.shape}
+
+
+def display_to_volume(disp: np.ndarray, back: dict) -> np.ndarray:
+    ras = np.transpose(disp[:, ::-1, ::-1], (2, 1, 0))
+    inv = nib.orientations.orientation_inverse(back["ornt"]) if hasattr(nib.orientations, "orientation_inverse") \
+        else _inverse_ornt(back["ornt"])
+    vol = nib.orientations.apply_orientation(ras, inv)
+    assert vol.shape == tuple(back["shape"]), (vol.shape, back["shape"])
+    return np.ascontiguousarray(vol)
+
+
+def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
+    inv = np.zeros_like(ornt)
+    for i, (ax, flip) in enumerate(ornt):
+        inv[int(ax)] = (i, flip)
+    return inv
+
+
+class Predictor:
+    """Class probabilities + tumour mask for 2D images and volumes, on the input's geometry."""
+
+    def __init__(self, model: LoadedModel | str | None = None, device: str = "cpu", batch_size: int = 16):
+        self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
+        self.device = device
+        self.batch_size = batch_size
+
+    @property
+    def size(self) -> int:
+        return self.model.image_size
+
+    @torch.no_grad()
+    def forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised [B, 1, S, S] -> (probs [B, C], seg_prob [B, 1, S, S])."""
+        logits, seg = self.model.net(x.to(self.device))
+        return logits.softmax(1).cpu(), seg.sigmoid().cpu()
+
+    def predict(self, img: MetaTensor) -> Prediction:
+        if not isinstance(img, MetaTensor):
+            raise TypeError("Predictor.predict expects a MetaTensor from tumorlens.data.read_image")
+        arr = img.detach().cpu().numpy()[0]
+        src = img.meta.get("filename_or_obj")
+        if not np.any(arr != arr.flat[0]):
+            raise InvalidInputError(src, "image is constant (empty or all-zero): nothing to classify")
+        if is_volume(img):
+            return self._predict_volume(img, arr)
+        return self._predict_2d(img, arr)
+
+    def _predict_2d(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
+        x = prepare_slice(arr, self.size)
+        probs, seg = self.forward_batch(x)
+        seg_full = resize_2d(seg, arr.shape)[0, 0].numpy()
+        seg_full = seg_full * foreground_mask(arr)
+        return self._result(img, probs[0].numpy(), seg_full, None)
+
+    def _predict_volume(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
+        affine = np.asarray(img.affine, dtype=float)
+        disp, back = volume_to_display(arr, affine)
+        fg = np.array([foreground_mask(s) for s in disp]) if disp.shape[0] > 1 else foreground_mask(disp[0])[None]
+        area = fg.reshape(fg.shape[0], -1).mean(1)
+        use = np.where(area >= 0.05 * max(area.max(), 1e-9))[0]
+        if use.size == 0:
+            raise InvalidInputError(img.meta.get("filename_or_obj"), "volume has no brain-like foreground")
+        seg_disp = np.zeros(disp.shape, dtype=np.float32)
+        slice_probs = np.full((disp.shape[0], len(CLASS_NAMES)), np.nan, dtype=np.float32)
+        # normalise on the whole volume's statistics so slices share one scale
+        vnorm = normalize_intensity(disp)
+        for start in range(0, use.size, self.batch_size):
+            idx = use[start:start + self.batch_size]
+            x = resize_2d(torch.from_numpy(vnorm[idx].copy())[:, None], self.size)
+            probs, seg = self.forward_batch(x)
+            seg_disp[idx] = resize_2d(seg, disp.shape[1:])[:, 0].numpy() * fg[idx]
+            slice_probs[idx] = probs.numpy()
+        probs = aggregate_slice_probabilities(slice_probs[use])
+        seg_vol = display_to_volume(seg_disp, back)
+        return self._result(img, probs, seg_vol, slice_probs)
+
+    def _result(self, img, probs: np.ndarray, seg: np.ndarray, slice_probs) -> Prediction:
+        labels = self.model.labels
+        pdict = {lab: float(p) for lab, p in zip(labels, probs, strict=True)}
+        label = max(pdict, key=pdict.get)
+        meta = {k: v for k, v in img.meta.items() if k in ("filename_or_obj", "kind", "spatial_shape", "spacing",
+                                                             "original_affine", "spacing_known", "modality")}
+        mask_np = (seg >= SEG_THRESHOLD).astype(np.uint8)
+        if label == NO_TUMOUR and pdict[NO_TUMOUR] >= 0.5:
+            extra = {"mask_suppressed_by_classifier": bool(mask_np.any())}
+        else:
+            extra = {}
+        mask = MetaTensor(torch.from_numpy(mask_np[None]), affine=img.affine.clone(), meta=dict(meta))
+        segp = MetaTensor(torch.from_numpy(seg.astype(np.float32)[None]), affine=img.affine.clone(), meta=dict(meta))
+        return Prediction(pdict, label, mask, segp, slice_probs, extra)
+
+
+def aggregate_slice_probabilities(p: np.ndarray, top_fraction: float = 0.1) -> np.ndarray:
+    """Volume probabilities from per-slice ones [N, C] (last class = no tumour).
+
+    A tumour occupies a minority of axial slices, so a plain mean would call every tumour volume
+    tumour-free. The tumour probability is the mean of the top 10 % (at least 3) slices' tumour
+    probabilities; the tumour-type split is the mean over those same slices.
+    """
+    tumour = 1.0 - p[:, -1]
+    k = max(3, int(round(top_fraction * len(p))))
+    k = min(k, len(p))
+    top = np.argsort(-tumour)[:k]
+    pt = float(tumour[top].mean())
+    split = p[top, :-1].mean(0)
+    split = split / max(split.sum(), 1e-9)
+    return np.concatenate([pt * split, [1.0 - pt]]).astype(np.float32)

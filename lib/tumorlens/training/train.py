@@ -1,0 +1,203 @@
+"""``tumorlens train --config configs/train/<name>.yaml``: joint CE + Dice training with grouped
+validation, early stopping and a checkpoint with its model card."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import subprocess
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceLoss
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from tumorlens.config import config_hash
+from tumorlens.data.dataset import ArrayDataset, load_arrays, train_transforms
+from tumorlens.data.manifest import load_manifest
+from tumorlens.data.splits import grouped_split
+from tumorlens.evaluation.metrics import classification_metrics, dice_score
+from tumorlens.labels import CLASS_NAMES
+from tumorlens.models.dualhead import build_model
+from tumorlens.models.registry import save_checkpoint
+from tumorlens.paths import project_root
+
+DEFAULTS = {
+    "data": {"root": "../shared/data/brain-mri-2d", "image_size": 128, "val_fraction": 0.2, "seed": 0, "max_images": None},
+    "model": {"backbone": "densenet121", "dropout": 0.3},
+    "train": {
+        "epochs": 30, "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4,
+        "patience": 6, "seg_weight": 1.0, "label_smoothing": 0.05, "channels_last": True,
+        "num_threads": None, "seed": 0, "max_minutes": None, "augment": True,
+    },
+    "output": {"name": None, "dir": None, "version": None},
+}
+
+
+def merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for k, v in (over or {}).items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_root(), capture_output=True,
+                              text=True, timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def make_optimizer(name: str, params, lr: float, wd: float) -> torch.optim.Optimizer:
+    name = name.lower()
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, weight_decay=wd)
+    raise ValueError(f"unknown optimizer {name!r}: adamw, adam, sgd or rmsprop")
+
+
+@torch.no_grad()
+def predict_arrays(net, images: np.ndarray, device, batch: int = 64, channels_last: bool = False):
+    """(probs [N, C], seg_prob [N, S, S]) for uint8 arrays already at the network size."""
+    net.eval()
+    probs, segs = [], []
+    for s in range(0, len(images), batch):
+        x = torch.from_numpy(images[s:s + batch]).float()[:, None].div_(255).to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        lo, sg = net(x)
+        probs.append(lo.float().softmax(1).cpu())
+        segs.append(sg.float().sigmoid()[:, 0].cpu())
+    return torch.cat(probs).numpy(), torch.cat(segs).numpy()
+
+
+def validate(net, images, masks, labels, device, channels_last=False) -> dict:
+    probs, seg = predict_arrays(net, images, device, channels_last=channels_last)
+    m = classification_metrics(labels, probs, CLASS_NAMES)
+    has = masks.reshape(len(masks), -1).any(1)
+    m["seg_dice"] = float(np.mean([dice_score(seg[i] >= 0.5, masks[i] > 0) for i in np.where(has)[0]])) if has.any() else float("nan")
+    return m
+
+
+def train(cfg: dict, progress: bool = True) -> dict:
+    cfg = merge(DEFAULTS, cfg)
+    dc, tc, oc = cfg["data"], cfg["train"], cfg["output"]
+    if tc.get("num_threads"):
+        torch.set_num_threads(int(tc["num_threads"]))
+    torch.manual_seed(int(tc["seed"]))
+    np.random.seed(int(tc["seed"]))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    root = Path(dc["root"])
+    if not root.is_absolute():
+        root = (project_root() / root).resolve()
+    manifest = load_manifest(root)
+    train_idx, val_idx = grouped_split(manifest, float(dc["val_fraction"]), int(dc["seed"]))
+    if dc.get("max_images"):
+        rng = np.random.default_rng(int(dc["seed"]))
+        k = int(dc["max_images"])
+        train_idx = sorted(rng.choice(train_idx, size=min(k, len(train_idx)), replace=False).tolist())
+        val_idx = sorted(rng.choice(val_idx, size=min(max(k // 4, 32), len(val_idx)), replace=False).tolist())
+    size = int(dc["image_size"])
+    images, masks, labels = load_arrays(manifest, size, progress=progress)
+    val_groups = sorted({manifest.records[i].group for i in val_idx})
+    train_groups = {manifest.records[i].group for i in train_idx}
+    assert not train_groups & set(val_groups), "a group straddles train and validation"
+
+    ds = ArrayDataset(images[train_idx], masks[train_idx], labels[train_idx],
+                      train_transforms() if tc.get("augment", True) else None)
+    loader = DataLoader(ds, batch_size=int(tc["batch_size"]), shuffle=True, num_workers=0, drop_last=True)
+    net = build_model(cfg).to(device)
+    cl = bool(tc["channels_last"])
+    if cl:
+        net = net.to(memory_format=torch.channels_last)
+    counts = np.bincount(labels[train_idx], minlength=len(CLASS_NAMES)).astype(float)
+    weights = torch.tensor((counts.sum() / np.maximum(counts, 1)) ** 0.5, dtype=torch.float32)
+    weights = weights / weights.mean()
+    ce = torch.nn.CrossEntropyLoss(weight=weights.to(device), label_smoothing=float(tc["label_smoothing"]))
+    dice = DiceLoss(sigmoid=True, batch=True)
+    bce = torch.nn.BCEWithLogitsLoss()
+    opt = make_optimizer(tc["optimizer"], net.parameters(), float(tc["lr"]), float(tc["weight_decay"]))
+    epochs = int(tc["epochs"])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tc["lr"]), total_steps=epochs * len(loader),
+                                                pct_start=0.15)
+    sw = float(tc["seg_weight"])
+    best, best_state, best_epoch, history, stale = -math.inf, None, -1, [], 0
+    t0 = time.time()
+    for epoch in range(epochs):
+        net.train()
+        te = time.time()
+        losses = []
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for x, m, y in bar:
+            x, m, y = x.to(device), m.to(device), y.to(device)
+            if cl:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits, seg = net(x)
+            loss = ce(logits, y) + sw * (dice(seg, m) + bce(seg, m))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss))
+            bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+        vm = validate(net, images[val_idx], masks[val_idx], labels[val_idx], device, cl)
+        score = vm["accuracy"] + 0.5 * vm["seg_dice"]
+        rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - te, 1),
+               "val_accuracy": vm["accuracy"], "val_tumour_only_accuracy": vm["tumour_only_accuracy"],
+               "val_balanced_accuracy": vm["balanced_accuracy"], "val_seg_dice": vm["seg_dice"]}
+        history.append(rec)
+        if progress:
+            tqdm.write(json.dumps(rec))
+        if score > best:
+            best, best_epoch, stale = score, epoch + 1, 0
+            best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+        else:
+            stale += 1
+            if stale >= int(tc["patience"]):
+                break
+        if tc.get("max_minutes") and (time.time() - t0) / 60 > float(tc["max_minutes"]):
+            break
+    net.load_state_dict(best_state)
+    final = validate(net, images[val_idx], masks[val_idx], labels[val_idx], device, cl)
+    duration = time.time() - t0
+    name = oc.get("name") or f"tumorlens-{cfg['model']['backbone']}"
+    card = {
+        "name": name,
+        "version": oc.get("version") or datetime.now(UTC).strftime("%Y%m%d%H%M"),
+        "labels": list(CLASS_NAMES),
+        "backbone": cfg["model"]["backbone"],
+        "image_size": size,
+        "config": cfg,
+        "config_hash": config_hash(cfg),
+        "data": {
+            "root": str(dc["root"]), "manifest_sha256": manifest.sha256, "n_images": len(manifest),
+            "n_train": len(train_idx), "n_val": len(val_idx),
+            "split": {"method": "grouped by manifest 'group'", "val_fraction": dc["val_fraction"], "seed": dc["seed"]},
+            "val_groups_sha256": hashlib.sha256("\n".join(val_groups).encode()).hexdigest(),
+        },
+        "metrics": {"validation": {k: final[k] for k in ("accuracy", "tumour_only_accuracy", "balanced_accuracy",
+                                                          "ece", "seg_dice", "per_class")}, "best_epoch": best_epoch},
+        "history": history,
+        "training": {"duration_s": round(duration, 1), "device": str(device), "torch": torch.__version__,
+                     "threads": torch.get_num_threads(),
+                     "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 1)},
+        "commit": _commit(),
+        "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    out = Path(oc.get("dir") or (Path(os.environ.get("TUMORLENS_MODELS_DIR", project_root() / "models")) / name))
+    net = net.to(memory_format=torch.contiguous_format).cpu()
+    save_checkpoint(net, cfg, card, out)
+    return {"path": str(out), "card": card, "net": net}
