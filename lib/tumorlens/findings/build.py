@@ -1,0 +1,161 @@
+"""Build a :class:`Findings` record from what the pipeline computed (arrays, dicts, the model).
+
+Kept apart from the schema so that readers of the record (report, Slicer) need no numpy/torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tumorlens.findings.schema import (
+    SCHEMA_VERSION,
+    BBox,
+    Classification,
+    Findings,
+    InputInfo,
+    Lesion,
+    MaskInfo,
+    Patient,
+    Placement,
+    Provenance,
+    Region,
+    SaliencyInfo,
+    Uncertainty,
+)
+from tumorlens.labels import CLASS_NAMES
+
+
+def input_info(image: Any, file: str | Path | None = None) -> InputInfo:
+    """Geometry of a MetaTensor from ``read_image`` (basename only, never the folder)."""
+    meta = getattr(image, "meta", {}) or {}
+    src = file if file is not None else meta.get("filename_or_obj", "image")
+    kind = meta.get("kind", "image2d")
+    dims = [int(d) for d in tuple(image.shape)[1:]]
+    spacing = np.asarray(meta.get("spacing", [1.0] * len(dims)), dtype=float).ravel().tolist()
+    if len(spacing) != len(dims):
+        spacing = (spacing + [1.0] * len(dims))[: len(dims)]
+    return InputInfo(
+        file=Path(str(src)).name or "image",
+        modality=str(meta.get("modality", "MR")),
+        kind=kind,
+        dims=dims,
+        spacing_mm=[float(s) for s in spacing],
+        spacing_known=bool(meta.get("spacing_known", True)),
+    )
+
+
+def entropy(probabilities: Mapping[str, float]) -> float:
+    """Shannon entropy (nats) of the class distribution: 0 = certain, ln(4) ~ 1.386 = uniform."""
+    p = np.clip(np.asarray([probabilities[c] for c in CLASS_NAMES], dtype=float), 1e-12, 1.0)
+    return float(-(p * np.log(p)).sum())
+
+
+def classification(probabilities: Mapping[str, float], uncertainty: Mapping[str, Any] | None = None) -> Classification:
+    probs = {c: float(probabilities[c]) for c in CLASS_NAMES}
+    total = sum(probs.values())
+    if total > 0 and abs(total - 1.0) < 1e-2:  # float32 softmax rounding; larger gaps are refused
+        probs = {c: p / total for c, p in probs.items()}
+    label = max(probs, key=probs.get)
+    unc = dict(uncertainty) if uncertainty else {"entropy": entropy(probs), "method": "softmax_entropy"}
+    return Classification(label=label, probabilities=probs, uncertainty=Uncertainty(**unc))
+
+
+def mask_info(mask: np.ndarray, source: str, spacing_mm: Sequence[float], kind: str) -> MaskInfo:
+    """Size and bounding box of a binary mask (array without the channel axis)."""
+    m = np.asarray(mask).astype(bool)
+    if m.ndim == len(spacing_mm) + 1 and m.shape[0] == 1:
+        m = m[0]
+    n = int(m.sum())
+    vox_size = float(np.prod(np.asarray(spacing_mm, dtype=float)))
+    bbox = None
+    if n:
+        idx = np.argwhere(m)
+        bbox = BBox(min=[int(v) for v in idx.min(0)], max=[int(v) for v in idx.max(0)])
+    return MaskInfo(
+        source=source,
+        empty=n == 0,
+        voxels=n,
+        area_mm2=n * vox_size if kind == "image2d" else None,
+        volume_mm3=n * vox_size if kind == "volume" else None,
+        bbox=bbox,
+    )
+
+
+def provenance(model: Any | None = None) -> Provenance:
+    """Model name, version and config hash of a ``LoadedModel`` (or 'none'), with the UTC time."""
+    from tumorlens import __version__
+    from tumorlens.config import config_hash
+
+    if model is None:
+        name, version, chash = "none", "0", "none"
+    else:
+        name, version = str(model.name), str(model.version)
+        chash = config_hash(getattr(model, "config", {}) or {})
+    return Provenance(
+        model=name,
+        model_version=version,
+        config_hash=chash,
+        tumorlens_version=__version__,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def build_findings(
+    image: Any,
+    probabilities: Mapping[str, float],
+    *,
+    masks: Sequence[tuple[str, np.ndarray]] | Sequence[MaskInfo] = (),
+    saliency: Mapping[str, Any] | SaliencyInfo | None = None,
+    atlas: Mapping[str, Any] | None = None,
+    notes: Sequence[str] = (),
+    patient: Mapping[str, Any] | Patient | None = None,
+    model: Any | None = None,
+    uncertainty: Mapping[str, Any] | None = None,
+    file: str | Path | None = None,
+) -> Findings:
+    """One validated record from the pieces.
+
+    ``masks`` are ``(source, binary array on the input grid)`` pairs (or ready ``MaskInfo``);
+    ``atlas`` is the dict of ``tumorlens.atlas.map_regions`` (``regions``, ``lesion``, ``placement``,
+    ``notes``). Invalid pieces raise ``InvalidInputError`` from :meth:`Findings.from_dict`.
+    """
+    info = input_info(image, file)
+    mask_list = []
+    for m in masks:
+        if isinstance(m, MaskInfo):
+            mask_list.append(m)
+        else:
+            src, arr = m
+            mask_list.append(mask_info(arr, src, info.spacing_mm, info.kind))
+    all_notes = list(notes)
+    regions: list[Region | dict] = []
+    lesion: Lesion | dict = Lesion()
+    placement: Placement | dict = Placement()
+    if atlas:
+        regions = sorted(atlas.get("regions", []), key=lambda r: -float(r["fraction"]))
+        lesion = atlas.get("lesion") or Lesion()
+        placement = atlas.get("placement") or Placement()
+        all_notes.extend(n for n in atlas.get("notes", []) if n not in all_notes)
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "input": info,
+        "classification": classification(probabilities, uncertainty),
+        "masks": mask_list,
+        "saliency": saliency,
+        "regions": regions,
+        "lesion": lesion,
+        "placement": placement,
+        "notes": all_notes,
+        "patient": patient,
+        "provenance": provenance(model),
+    }
+    # dump pydantic parts so that a single validation pass reports every problem together
+    plain = {k: (v.model_dump() if hasattr(v, "model_dump") else v) for k, v in record.items()}
+    plain["masks"] = [m.model_dump() for m in mask_list]
+    plain["regions"] = [r.model_dump() if hasattr(r, "model_dump") else dict(r) for r in regions]
+    return Findings.from_dict(plain, source=info.file)

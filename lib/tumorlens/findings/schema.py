@@ -1,0 +1,351 @@
+"""The findings record: one versioned, validated JSON document per explained image.
+
+Every later stage (report writer, MONAI Label app, Slicer module, alignment) reads this record and
+nothing else, so it refuses what would mislead them: unknown labels, probabilities that do not sum
+to one, region fractions outside [0, 1], regions named on a low-confidence placement, and anything
+that looks like a patient identifier. ``extra="forbid"`` everywhere: a typo is an error, not a
+silently dropped field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from tumorlens.errors import InvalidInputError
+from tumorlens.labels import CLASS_NAMES
+
+SCHEMA_VERSION = "1.0"
+PROB_SUM_TOL = 1e-3
+MASK_SOURCES = ("segmentation_head", "saliency:gradcam", "saliency:gradcampp", "saliency:scorecam")
+SALIENCY_METHODS = ("gradcam", "gradcampp", "scorecam")
+
+# keys that would carry who the patient is (checked case-insensitively, after removing _ - and spaces)
+_IDENTIFIER_KEYS = re.compile(
+    r"(name|patientid|^id$|mrn|medicalrecord|birth|dob|ssn|socialsecurity|address|phone|email|"
+    r"accession|insurance|studyinstanceuid|patientuid)"
+)
+# text that looks like an identifier written into free text: "MRN: 123", "DOB 1970-01-01", "name: ..."
+_IDENTIFIER_TEXT = re.compile(
+    r"\b(mrn|dob|date of birth|patient id|patient name|name|ssn|accession)\s*[:=#]", re.IGNORECASE
+)
+_FULL_DATE = re.compile(r"\b(\d{4}-\d{2}-\d{2}|\d{1,2}[./]\d{1,2}[./]\d{2,4})\b")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputInfo(_Strict):
+    """What was explained: file basename only (a path could name the patient's folder)."""
+
+    file: str = Field(min_length=1)
+    modality: str = "MR"
+    kind: Literal["image2d", "volume"]
+    dims: list[int] = Field(min_length=2, max_length=3)
+    spacing_mm: list[float] = Field(min_length=2, max_length=3)
+    spacing_known: bool = True
+
+    @field_validator("file")
+    @classmethod
+    def _basename(cls, v: str) -> str:
+        if "/" in v or "\\" in v:
+            raise ValueError(f"file must be a basename, not a path: {v!r}")
+        return v
+
+    @field_validator("dims")
+    @classmethod
+    def _positive_dims(cls, v: list[int]) -> list[int]:
+        if any(d <= 0 for d in v):
+            raise ValueError(f"dims must be positive, got {v}")
+        return v
+
+    @field_validator("spacing_mm")
+    @classmethod
+    def _positive_spacing(cls, v: list[float]) -> list[float]:
+        if any(not math.isfinite(s) or s <= 0 for s in v):
+            raise ValueError(f"spacing must be positive and finite, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _same_rank(self) -> InputInfo:
+        if len(self.dims) != len(self.spacing_mm):
+            raise ValueError(f"dims {self.dims} and spacing_mm {self.spacing_mm} differ in length")
+        return self
+
+
+class Uncertainty(_Strict):
+    entropy: float = Field(ge=0.0)
+    method: str
+    std: dict[str, float] | None = None
+
+    @field_validator("std")
+    @classmethod
+    def _known_std(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            unknown = set(v) - set(CLASS_NAMES)
+            if unknown:
+                raise ValueError(f"std names unknown classes {sorted(unknown)}")
+            if any(not math.isfinite(s) or s < 0 for s in v.values()):
+                raise ValueError("std values must be finite and >= 0")
+        return v
+
+
+class Classification(_Strict):
+    label: str
+    probabilities: dict[str, float]
+    uncertainty: Uncertainty
+
+    @field_validator("label")
+    @classmethod
+    def _known_label(cls, v: str) -> str:
+        if v not in CLASS_NAMES:
+            raise ValueError(f"unknown label {v!r}; expected one of {', '.join(CLASS_NAMES)}")
+        return v
+
+    @field_validator("probabilities")
+    @classmethod
+    def _proper_distribution(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != set(CLASS_NAMES):
+            raise ValueError(f"probabilities must have exactly the classes {list(CLASS_NAMES)}, got {sorted(v)}")
+        for k, p in v.items():
+            if not math.isfinite(p) or p < 0.0 or p > 1.0:
+                raise ValueError(f"probability of {k!r} is {p}, outside [0, 1]")
+        total = sum(v.values())
+        if abs(total - 1.0) > PROB_SUM_TOL:
+            raise ValueError(f"probabilities sum to {total:.4f}, not 1")
+        return {k: v[k] for k in CLASS_NAMES}  # the one class order, everywhere
+
+    @model_validator(mode="after")
+    def _label_is_top(self) -> Classification:
+        top = max(self.probabilities.values())
+        if self.probabilities[self.label] < top - 1e-6:
+            raise ValueError(f"label {self.label!r} is not the most probable class")
+        return self
+
+
+class BBox(_Strict):
+    min: list[int] = Field(min_length=2, max_length=3)
+    max: list[int] = Field(min_length=2, max_length=3)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> BBox:
+        if len(self.min) != len(self.max) or any(a > b or a < 0 for a, b in zip(self.min, self.max, strict=True)):
+            raise ValueError(f"bad bounding box min={self.min} max={self.max}")
+        return self
+
+
+class MaskInfo(_Strict):
+    source: Literal["segmentation_head", "saliency:gradcam", "saliency:gradcampp", "saliency:scorecam"]
+    empty: bool
+    voxels: int = Field(ge=0)
+    area_mm2: float | None = Field(default=None, ge=0.0)
+    volume_mm3: float | None = Field(default=None, ge=0.0)
+    bbox: BBox | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MaskInfo:
+        if self.empty != (self.voxels == 0):
+            raise ValueError(f"empty={self.empty} but voxels={self.voxels}")
+        if self.empty and self.bbox is not None:
+            raise ValueError("an empty mask has no bounding box")
+        if not self.empty and self.bbox is None:
+            raise ValueError("a non-empty mask needs a bounding box")
+        return self
+
+
+class SaliencyInfo(_Strict):
+    method: Literal["gradcam", "gradcampp", "scorecam"]
+    percentile: float = Field(ge=0.0, le=100.0)
+    threshold: float
+    rule: str
+
+
+class Region(_Strict):
+    label: str = Field(min_length=1)  # the atlas's own label, e.g. "Left_Insular_Cortex"
+    name: str = Field(min_length=1)  # readable, e.g. "insular cortex"
+    hemisphere: Literal["left", "right", "midline", "unknown"]
+    fraction: float = Field(ge=0.0, le=1.0)
+    max_probability: float = Field(ge=0.0, le=100.0)
+
+
+class Lesion(_Strict):
+    centroid_mni_mm: list[float] | None = Field(default=None, min_length=3, max_length=3)
+    laterality: Literal["left", "right", "bilateral", "midline", "unknown"] = "unknown"
+    crosses_midline: bool | None = None
+    mask_source: str = "none"
+
+
+class Placement(_Strict):
+    method: Literal["mni_registration", "template_slice", "none"] = "none"
+    quality: float | None = None
+    confidence: float | None = Field(default=None, ge=0.0, le=1.0)
+    low_confidence: bool = False
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
+def _identifier_key(key: str) -> bool:
+    return bool(_IDENTIFIER_KEYS.search(re.sub(r"[\s_\-]", "", key.lower())))
+
+
+class Patient(_Strict):
+    """Clinical context only; never who the patient is (names, IDs, dates of birth are refused)."""
+
+    age: int | None = Field(default=None, ge=0, le=130)
+    sex: Literal["F", "M", "O"] | None = None
+    clinical_history: str | None = Field(default=None, max_length=2000)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_identifier_keys(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            bad = [k for k in data if isinstance(k, str) and _identifier_key(k)]
+            if bad:
+                raise ValueError(f"patient identifiers are not allowed in findings: {bad}")
+        return data
+
+    @field_validator("clinical_history")
+    @classmethod
+    def _no_identifier_text(cls, v: str | None) -> str | None:
+        if v is not None and (_IDENTIFIER_TEXT.search(v) or _FULL_DATE.search(v)):
+            raise ValueError("clinical_history looks like it contains an identifier or a date; remove it")
+        return v
+
+
+class TextMatch(_Strict):
+    class_name: str
+    description: str
+    similarity: float = Field(ge=-1.0, le=1.0)
+
+
+class Provenance(_Strict):
+    model: str
+    model_version: str
+    config_hash: str
+    tumorlens_version: str
+    created_at: str  # ISO 8601, UTC
+
+    @field_validator("created_at")
+    @classmethod
+    def _iso(cls, v: str) -> str:
+        try:
+            datetime.fromisoformat(v.replace("Z", "+00:00"))
+        except ValueError as e:
+            raise ValueError(f"created_at is not ISO 8601: {v!r}") from e
+        return v
+
+
+class Findings(_Strict):
+    """The whole record (``SCHEMA_VERSION``); see the module docstring for what it refuses."""
+
+    schema_version: str = SCHEMA_VERSION
+    input: InputInfo
+    classification: Classification
+    masks: list[MaskInfo] = Field(default_factory=list)
+    saliency: SaliencyInfo | None = None
+    regions: list[Region] = Field(default_factory=list)
+    lesion: Lesion = Field(default_factory=Lesion)
+    placement: Placement = Field(default_factory=Placement)
+    notes: list[str] = Field(default_factory=list)
+    patient: Patient | None = None
+    text_matches: list[TextMatch] = Field(default_factory=list)
+    provenance: Provenance
+
+    @field_validator("schema_version")
+    @classmethod
+    def _compatible(cls, v: str) -> str:
+        if v.split(".")[0] != SCHEMA_VERSION.split(".")[0]:
+            raise ValueError(f"schema_version {v!r} is not compatible with {SCHEMA_VERSION!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _regions_consistent(self) -> Findings:
+        fr = [r.fraction for r in self.regions]
+        if any(a < b - 1e-9 for a, b in zip(fr, fr[1:], strict=False)):
+            raise ValueError("regions must be sorted by fraction, largest first")
+        if sum(fr) > 1.0 + 1e-3:
+            raise ValueError(f"region fractions sum to {sum(fr):.3f} > 1")
+        if self.placement.low_confidence:
+            if self.regions:
+                raise ValueError("placement is low-confidence: regions must be empty")
+            if not self.notes:
+                raise ValueError("placement is low-confidence: a note must say why")
+        return self
+
+    # ---- files -------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, path: str | Path) -> Findings:
+        """Read and validate a findings.json; any problem is an ``InvalidInputError`` naming the file."""
+        path = Path(path)
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError as e:
+            raise InvalidInputError(path, "findings file does not exist") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InvalidInputError(path, f"not a readable JSON findings record: {e}") from e
+        return cls.from_dict(data, source=path)
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str | Path | None = None) -> Findings:
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise InvalidInputError(source, f"invalid findings record: {_short(e)}") from e
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return self.model_dump_json(indent=indent)
+
+    def save(self, path: str | Path) -> Path:
+        """Write atomically (temp file in the same folder, then rename): readers never see half a file."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+                f.write("\n")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        return path
+
+
+def _short(e: ValidationError, limit: int = 5) -> str:
+    parts = []
+    for err in e.errors()[:limit]:
+        loc = ".".join(str(x) for x in err["loc"]) or "record"
+        parts.append(f"{loc}: {err['msg']}")
+    more = len(e.errors()) - limit
+    return "; ".join(parts) + (f" (+{more} more)" if more > 0 else "")
+
+
+def json_schema() -> dict:
+    """The JSON Schema of :class:`Findings`, with the version in its ``$id``-like title."""
+    schema = Findings.model_json_schema()
+    schema["title"] = f"tumorlens findings {SCHEMA_VERSION}"
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+SCHEMA_FILE = Path(__file__).with_name("findings.schema.json")
+
+
+def write_json_schema(path: str | Path = SCHEMA_FILE) -> Path:
+    """Regenerate ``findings.schema.json`` (``python -m tumorlens.findings.schema``)."""
+    path = Path(path)
+    path.write_text(json.dumps(json_schema(), indent=2, sort_keys=True) + "\n")
+    return path
+
+
+if __name__ == "__main__":
+    print(write_json_schema())

@@ -1,0 +1,167 @@
+"""The findings record: round-trips, refuses bad records, and its JSON Schema file is current."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+from tumorlens.errors import InvalidInputError
+from tumorlens.findings import (
+    SCHEMA_FILE,
+    SCHEMA_VERSION,
+    Findings,
+    build_findings,
+    json_schema,
+    mask_info,
+)
+
+
+def _record() -> dict:
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "input": {"file": "0001.jpg", "modality": "MR", "kind": "image2d", "dims": [512, 512],
+                  "spacing_mm": [1.0, 1.0], "spacing_known": False},
+        "classification": {"label": "glioma",
+                           "probabilities": {"glioma": 0.7, "meningioma": 0.2, "pituitary": 0.05, "no_tumor": 0.05},
+                           "uncertainty": {"entropy": 0.87, "method": "softmax_entropy"}},
+        "masks": [{"source": "saliency:gradcampp", "empty": False, "voxels": 120, "area_mm2": 120.0,
+                   "volume_mm3": None, "bbox": {"min": [10, 12], "max": [20, 25]}},
+                  {"source": "segmentation_head", "empty": True, "voxels": 0, "area_mm2": 0.0,
+                   "volume_mm3": None, "bbox": None}],
+        "saliency": {"method": "gradcampp", "percentile": 93.5, "threshold": 0.41, "rule": "entropy"},
+        "regions": [
+            {"label": "Left_Insular_Cortex", "name": "insular cortex", "hemisphere": "left",
+             "fraction": 0.6, "max_probability": 81.0},
+            {"label": "Unlabelled_White_Matter_Or_Other", "name": "white matter or unlabelled",
+             "hemisphere": "left", "fraction": 0.4, "max_probability": 0.0},
+        ],
+        "lesion": {"centroid_mni_mm": [-38.0, 4.0, 2.0], "laterality": "left", "crosses_midline": False,
+                   "mask_source": "saliency:gradcampp"},
+        "placement": {"method": "template_slice", "quality": 0.8, "confidence": 0.9, "low_confidence": False,
+                      "details": {"template_z_mm": 2.0}},
+        "notes": [],
+        "patient": {"age": 54, "sex": "F", "clinical_history": "headaches for three weeks"},
+        "text_matches": [],
+        "provenance": {"model": "tumorlens-densenet121", "model_version": "1", "config_hash": "abc",
+                       "tumorlens_version": "0.1.0", "created_at": "2026-11-24T22:00:00+00:00"},
+    }
+
+
+def test_round_trip(tmp_path):
+    f = Findings.model_validate(_record())
+    path = f.save(tmp_path / "sub" / "findings.json")
+    back = Findings.load(path)
+    assert back == f
+    assert json.loads(path.read_text())["classification"]["label"] == "glioma"
+    assert not list(path.parent.glob("*.tmp"))  # atomic write leaves nothing behind
+
+
+def test_schema_file_is_current():
+    assert SCHEMA_FILE.is_file(), "run: python -m tumorlens.findings.schema"
+    assert json.loads(SCHEMA_FILE.read_text()) == json.loads(json.dumps(json_schema(), sort_keys=True)), \
+        "findings.schema.json is stale: run python -m tumorlens.findings.schema"
+
+
+def _mutate(path: str, value):
+    rec = copy.deepcopy(_record())
+    *head, last = path.split(".")
+    d = rec
+    for k in head:
+        d = d[int(k)] if isinstance(d, list) else d[k]
+    if isinstance(d, list):
+        d[int(last)] = value
+    else:
+        d[last] = value
+    return rec
+
+
+@pytest.mark.parametrize("path,value,why", [
+    ("classification.label", "astrocytoma", "unknown label"),
+    ("classification.label", "meningioma", "is not the most probable class"),
+    ("classification.probabilities", {"glioma": 0.7, "meningioma": 0.2, "pituitary": 0.2, "no_tumor": 0.05},
+     "sum to"),
+    ("classification.probabilities", {"glioma": 0.7, "meningioma": 0.3}, "exactly the classes"),
+    ("regions.0.fraction", 1.4, "less than or equal to 1"),
+    ("regions.1.fraction", -0.1, "greater than or equal to 0"),
+    ("patient", {"age": 54, "name": "Jane Doe"}, "identifiers"),
+    ("patient", {"age": 54, "patient_id": "P123"}, "identifiers"),
+    ("patient", {"age": 54, "date_of_birth": "1970-01-01"}, "identifiers"),
+    ("patient.clinical_history", "MRN: 12345, seizures", "identifier"),
+    ("patient.clinical_history", "seen on 03/04/2021", "identifier"),
+    ("input.file", "/data/smith_john/0001.jpg", "basename"),
+    ("masks.0.empty", True, "empty=True"),
+    ("masks.0.source", "saliency:lime", "source"),
+    ("saliency.method", "lime", "method"),
+    ("regions.0.hemisphere", "top", "hemisphere"),
+    ("schema_version", "2.0", "not compatible"),
+    ("provenance.created_at", "yesterday", "ISO 8601"),
+])
+def test_rejects_bad_records(path, value, why):
+    with pytest.raises(InvalidInputError) as e:
+        Findings.from_dict(_mutate(path, value), source="findings.json")
+    assert why in str(e.value)
+    assert "findings.json" in str(e.value)
+
+
+def test_rejects_extra_fields_and_unsorted_regions():
+    rec = _record()
+    rec["classification"]["confidence"] = 0.7
+    with pytest.raises(InvalidInputError, match="Extra inputs"):
+        Findings.from_dict(rec)
+    rec = _record()
+    rec["regions"].reverse()
+    with pytest.raises(InvalidInputError, match="sorted by fraction"):
+        Findings.from_dict(rec)
+
+
+def test_low_confidence_placement_names_no_regions():
+    rec = _record()
+    rec["placement"]["low_confidence"] = True
+    with pytest.raises(InvalidInputError, match="regions must be empty"):
+        Findings.from_dict(rec)
+    rec["regions"] = []
+    with pytest.raises(InvalidInputError, match="note"):
+        Findings.from_dict(rec)
+    rec["notes"] = ["slice matched no template plane well (confidence 0.2)"]
+    assert Findings.from_dict(rec).regions == []
+
+
+def test_load_errors_name_the_file(tmp_path):
+    bad = tmp_path / "broken.json"
+    bad.write_text("{not json")
+    with pytest.raises(InvalidInputError, match="broken.json"):
+        Findings.load(bad)
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        Findings.load(tmp_path / "missing.json")
+
+
+def test_build_findings_on_a_real_image(dev2d, tumour_rows, tmp_path):
+    from tumorlens.data import read_image, read_mask
+
+    row = tumour_rows[0]
+    img = read_image(dev2d / row["image"])
+    truth = read_mask(dev2d / row["mask"], like=img).numpy()[0]
+    probs = {"glioma": 0.1, "meningioma": 0.6, "pituitary": 0.2, "no_tumor": 0.1}
+    f = build_findings(img, probs, masks=[("segmentation_head", truth)], notes=["regions not computed"],
+                       patient={"age": 40, "sex": "M"})
+    assert f.input.file == row["image"].split("/")[-1]
+    assert f.input.dims == list(truth.shape) and f.input.kind == "image2d"
+    assert f.classification.label == "meningioma"
+    assert 0 < f.classification.uncertainty.entropy < np.log(4)
+    m = f.masks[0]
+    assert m.voxels == int(truth.sum()) and m.area_mm2 == float(truth.sum()) and m.volume_mm3 is None
+    ys, xs = np.nonzero(truth)
+    assert m.bbox.min == [int(ys.min()), int(xs.min())] and m.bbox.max == [int(ys.max()), int(xs.max())]
+    assert Findings.load(f.save(tmp_path / "f.json")) == f
+
+
+def test_mask_info_volume_units():
+    m = np.zeros((4, 5, 6), np.uint8)
+    m[1:3, 2:4, 3] = 1
+    info = mask_info(m, "segmentation_head", [1.0, 2.0, 3.0], "volume")
+    assert info.voxels == 4 and info.volume_mm3 == 24.0 and info.area_mm2 is None
+    assert info.bbox.min == [1, 2, 3] and info.bbox.max == [2, 3, 3]
+    empty = mask_info(np.zeros((3, 3)), "saliency:gradcam", [1.0, 1.0], "image2d")
+    assert empty.empty and empty.bbox is None and empty.area_mm2 == 0.0
