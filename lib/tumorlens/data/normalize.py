@@ -57,6 +57,6 @@ def normalize_intensity(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tens
         if hasattr(x, "affine"):
             from monai.data import MetaTensor
 
-            return MetaTensor(t, affine=x.affine, meta=dict(x.meta))
+            return MetaTensor(t, meta=dict(x.meta))
         return t
     return out

@@ -151,7 +151,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss))
+            losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         vm = validate(net, images[val_idx], masks[val_idx], labels[val_idx], device, cl)
         score = vm["accuracy"] + 0.5 * vm["seg_dice"]

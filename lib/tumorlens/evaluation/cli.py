@@ -1,0 +1,99 @@
+"""``tumorlens evaluate DATA_DIR`` and ``tumorlens predict IMAGE``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics of a model on any manifest folder (table, JSON, confusion PNG)")
+    p.add_argument("data_dir")
+    p.add_argument("--model", default=None, help="registered model name or checkpoint path (default: shipped model)")
+    p.add_argument("--json", dest="json_out", default=None, help="write metrics JSON here")
+    p.add_argument("--png", default=None, help="confusion-matrix PNG (default: next to --json, or ./confusion.png)")
+    p.add_argument("--limit", type=int, default=None, help="first N images only")
+    p.add_argument("--no-margin", action="store_true", help="skip the semantic margin rate")
+    p.set_defaults(func=run_evaluate)
+
+    q = sub.add_parser("predict", help="classify images (and segment the tumour) with the shipped model")
+    q.add_argument("images", nargs="+")
+    q.add_argument("--model", default=None)
+    q.add_argument("--json", dest="json_out", default=None)
+    q.set_defaults(func=run_predict)
+    register_volumes(sub)
+
+
+def run_evaluate(args) -> int:
+    from tumorlens.evaluation.evaluate import confusion_png, evaluate_folder, format_table
+
+    m = evaluate_folder(args.data_dir, model=args.model, limit=args.limit)
+    probs, labels = m.pop("_probs"), m.pop("_labels")
+    if not args.no_margin:
+        m["semantic_margin_rate"] = _margin(args, m, probs, labels)
+    png = Path(args.png) if args.png else (Path(args.json_out).with_suffix(".confusion.png") if args.json_out
+                                            else Path("confusion.png"))
+    confusion_png(m, png)
+    m["confusion_png"] = str(png)
+    print(format_table(m))
+    if m.get("semantic_margin_rate") is not None:
+        print(f"semantic margin rate {m['semantic_margin_rate']:.4f}")
+    print(f"confusion matrix: {png}")
+    if args.json_out:
+        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_out).write_text(json.dumps(m, indent=2))
+        print(f"metrics: {args.json_out}")
+    return 0
+
+
+def _margin(args, m, probs, labels):
+    """Semantic margin rate from the alignment stage, when it is installed (issue 8)."""
+    try:
+        from tumorlens.alignment import semantic_margin_for_folder
+    except ImportError:
+        return None
+    return semantic_margin_for_folder(args.data_dir, model=args.model, limit=args.limit)
+
+
+def run_predict(args) -> int:
+    from tumorlens.data.readers import read_image
+    from tumorlens.inference import Predictor
+
+    pred = Predictor(args.model)
+    out = []
+    for path in args.images:
+        r = pred.predict(read_image(path))
+        tumour_px = int(r.mask.sum())
+        out.append({"file": Path(path).name, "label": r.label,
+                    "probabilities": {k: round(v, 4) for k, v in r.probabilities.items()},
+                    "mask_pixels": tumour_px})
+        probs = "  ".join(f"{k}={v:.3f}" for k, v in r.probabilities.items())
+        print(f"{Path(path).name:<28} {r.label:<11} {probs}  mask={tumour_px}px")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(out, indent=2))
+    return 0
+
+
+def register_volumes(sub) -> None:
+    p = sub.add_parser("evaluate-volumes",
+                       help="volume Dice of the 2D seg head run slice-wise on 3D cases (e.g. BraTS)")
+    p.add_argument("data_dir", help="folder of case folders, each with an image and a label volume")
+    p.add_argument("--image", default="T1c*.nii*", help="glob of the image inside a case folder")
+    p.add_argument("--label", default="OTMultiClass*.nii*", help="glob of the tumour labels (> 0 is tumour)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--json", dest="json_out", default=None)
+    p.set_defaults(func=run_volumes)
+
+
+def run_volumes(args) -> int:
+    from tumorlens.evaluation.volumes import evaluate_volumes
+
+    res = evaluate_volumes(args.data_dir, args.image, args.label, model=args.model)
+    print(f"{'case':<10}{'Dice':>8}{'pred vox':>10}{'true vox':>10}  label (p)")
+    for c in res["cases"]:
+        print(f"{c['case']:<10}{c['dice']:>8.3f}{c['pred_voxels']:>10}{c['true_voxels']:>10}  "
+              f"{c['label']} ({c['probabilities'][c['label']]:.2f})")
+    print(f"mean volume Dice {res['mean_dice']:.3f} over {len(res['cases'])} volumes")
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(res, indent=2))
+    return 0

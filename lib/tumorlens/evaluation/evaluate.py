@@ -1,0 +1,109 @@
+"""``tumorlens evaluate``: any manifest folder, the shipped model by default; a table, JSON and a
+confusion-matrix PNG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from tumorlens.data.manifest import load_manifest
+from tumorlens.data.readers import is_volume, read_image, read_mask
+from tumorlens.evaluation.metrics import classification_metrics, dice_score
+from tumorlens.inference import Predictor, prepare_slice, resize_2d
+from tumorlens.labels import class_index
+
+
+def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: int = 32,
+                    progress: bool = True, limit: int | None = None) -> dict:
+    """Classify every manifest image and segment those with masks; metrics as a dict."""
+    manifest = load_manifest(data_dir)
+    records = manifest.records[:limit] if limit else manifest.records
+    pred = Predictor(model)
+    size = pred.size
+    labels = np.array([class_index(r.label) for r in records])
+    probs = np.zeros((len(records), len(pred.model.labels)), np.float32)
+    dices: list[float] = []
+    batch_x, batch_i = [], []
+
+    def flush():
+        if not batch_x:
+            return
+        p, seg = pred.forward_batch(torch.cat(batch_x))
+        for j, i in enumerate(batch_i):
+            probs[i] = p[j].numpy()
+            rec = records[i]
+            if rec.mask is not None:
+                img = pending[i]
+                truth = read_mask(rec.mask, like=img)[0].numpy() > 0
+                full = resize_2d(seg[j:j + 1], truth.shape)[0, 0].numpy() >= 0.5
+                dices.append(dice_score(full, truth))
+        batch_x.clear()
+        batch_i.clear()
+        pending.clear()
+
+    pending: dict[int, object] = {}
+    for i, rec in enumerate(tqdm(records, desc="evaluating", disable=not progress)):
+        img = read_image(rec.image)
+        if is_volume(img) and img.shape[-1] > 1:
+            r = pred.predict(img)
+            probs[i] = [r.probabilities[c] for c in pred.model.labels]
+            if rec.mask is not None:
+                truth = read_mask(rec.mask, like=img)[0].numpy() > 0
+                dices.append(dice_score(r.mask[0].numpy() > 0, truth))
+            continue
+        arr = img[0].numpy() if not is_volume(img) else img[0, :, :, 0].numpy()
+        batch_x.append(prepare_slice(arr, size))
+        batch_i.append(i)
+        pending[i] = img if not is_volume(img) else img[..., 0]
+        if len(batch_x) >= batch_size:
+            flush()
+    flush()
+    m = classification_metrics(labels, probs, pred.model.labels)
+    m["seg_dice"] = float(np.mean(dices)) if dices else None
+    m["seg_n"] = len(dices)
+    m["model"] = {"name": pred.model.name, "version": pred.model.version, "backbone": pred.model.backbone}
+    m["data"] = {"folder": Path(data_dir).name, "manifest_sha256": manifest.sha256}
+    m["_probs"] = probs
+    m["_labels"] = labels
+    return m
+
+
+def confusion_png(metrics: dict, path: str | Path, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = metrics["confusion"]["labels"]
+    mat = np.asarray(metrics["confusion"]["matrix"])
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=120)
+    norm = mat / np.maximum(mat.sum(1, keepdims=True), 1)
+    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(labels)):
+        for j in range(len(labels)):
+            ax.text(j, i, str(mat[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(labels)), labels, rotation=30, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title or f"accuracy {metrics['accuracy']:.3f} (n={metrics['n']})")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def format_table(m: dict) -> str:
+    lines = [f"model {m['model']['name']} v{m['model']['version']}  n={m['n']}",
+             f"accuracy {m['accuracy']:.4f}  tumour-only {m['tumour_only_accuracy']:.4f}  "
+             f"balanced {m['balanced_accuracy']:.4f}  ECE {m['ece']:.4f}  "
+             + (f"seg Dice {m['seg_dice']:.4f} (n={m['seg_n']})" if m.get("seg_dice") is not None else "seg Dice -"),
+             f"{'class':<12}{'precision':>10}{'recall':>8}{'f1':>8}{'n':>6}"]
+    for c, v in m["per_class"].items():
+        lines.append(f"{c:<12}{v['precision']:>10.3f}{v['recall']:>8.3f}{v['f1']:>8.3f}{v['n']:>6}")
+    return "\n".join(lines)

@@ -1,0 +1,153 @@
+"""Readers, normalisation, manifests and grouped splits on real files from ../shared/data."""
+
+from __future__ import annotations
+
+import shutil
+
+import nibabel as nib
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from tumorlens.data import grouped_split, load_manifest, normalize_intensity, read_image, read_mask
+from tumorlens.errors import InvalidInputError, ManifestError
+
+
+def test_jpeg_and_png_mask(dev2d, dev_rows):
+    row = next(r for r in dev_rows if r["mask"])
+    img = read_image(dev2d / row["image"])
+    assert img.shape == (1, 256, 256) and img.meta["kind"] == "image2d"
+    assert img.affine.shape == (4, 4) and not img.meta["spacing_known"]
+    assert 0 <= float(img.min()) and float(img.max()) <= 255
+    mask = read_mask(dev2d / row["mask"], like=img)
+    assert mask.dtype.is_floating_point is False and set(np.unique(mask.numpy())) <= {0, 1}
+    assert 0 < int(mask.sum()) < 256 * 256 // 2
+
+
+def test_nifti_3d_keeps_affine(brats):
+    path = brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz"
+    img = read_image(path, expect="3d")
+    ref = nib.load(str(path))
+    assert img.shape == (1, 240, 240, 155)
+    np.testing.assert_allclose(np.asarray(img.affine), ref.affine)
+    np.testing.assert_allclose(img.meta["spacing"], [1, 1, 1])
+
+
+def _write_series(vol: np.ndarray, folder, spacing=(0.9, 0.9, 3.0)):
+    """A real multi-file DICOM series (one MR slice per file) written by SimpleITK/GDCM."""
+    folder.mkdir()
+    img = sitk.GetImageFromArray(vol.astype(np.int16))  # (z, y, x)
+    img.SetSpacing(spacing)
+    img.SetOrigin((-100.0, -120.0, 30.0))
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    series_uid = "1.2.826.0.1.3680043.2.1125.1.1"
+    for z in range(vol.shape[0]):
+        s = img[:, :, z]
+        s.SetMetaData("0008|0060", "MR")
+        s.SetMetaData("0020|000e", series_uid)
+        s.SetMetaData("0020|0013", str(z + 1))
+        s.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, z)))))
+        s.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
+        s.SetMetaData("0008|0018", f"{series_uid}.{z + 1}")
+        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.Execute(s)
+    return folder
+
+
+def test_dicom_series_and_single_file(brats, tmp_path):
+    vol = nib.load(str(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz")).get_fdata()
+    sub = np.transpose(vol[40:200:2, 40:200:2, 60:72], (2, 1, 0))  # (z, y, x)
+    sub = (sub - sub.min()) * 100
+    folder = _write_series(sub, tmp_path / "series")
+    img = read_image(folder, expect="3d")
+    assert img.shape == (1, 80, 80, 12) and img.meta["kind"] == "volume"
+    np.testing.assert_allclose(img.meta["spacing"], [0.9, 0.9, 3.0], atol=1e-4)
+    # LPS origin (-100, -120, 30) -> RAS (100, 120, 30)
+    np.testing.assert_allclose(np.asarray(img.affine)[:3, 3], [100, 120, 30], atol=1e-3)
+    np.testing.assert_allclose(img[0].numpy(), np.transpose(sub, (2, 1, 0)).astype(np.int16), atol=0)
+    one = read_image(folder / "slice005.dcm")
+    assert one.meta["kind"] == "image2d" and one.shape == (1, 80, 80)
+    np.testing.assert_allclose(one[0].numpy(), sub[5].astype(np.int16))
+    assert one.meta["modality"] == "MR"
+
+
+def test_one_normalisation_serves_jpeg_and_nifti(dev2d, brats, dev_rows):
+    jpg = normalize_intensity(read_image(dev2d / dev_rows[0]["image"]))
+    vol = normalize_intensity(read_image(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz"))
+    for x in (jpg, vol):
+        a = x.numpy()
+        assert a.min() == 0.0 and a.max() == 1.0
+        assert a.flat[0] == 0.0  # the corner (background) is black in both
+    assert normalize_intensity(np.zeros((32, 32))).max() == 0.0
+
+
+def test_manifest_and_grouped_split(dev2d):
+    m = load_manifest(dev2d)
+    assert len(m) == 3448 and {r.label for r in m} == {"glioma", "meningioma", "pituitary", "no_tumor"}
+    train, val = grouped_split(m, 0.2, seed=0)
+    assert set(train).isdisjoint(val) and len(train) + len(val) == len(m)
+    assert {m.records[i].group for i in train}.isdisjoint({m.records[i].group for i in val})
+    assert 0.15 < len(val) / len(m) < 0.25
+    assert {m.records[i].label for i in val} == {r.label for r in m}
+    assert grouped_split(m, 0.2, seed=0) == (train, val)
+
+
+# ---- bad input -----------------------------------------------------------------------------------
+
+@pytest.fixture
+def bad_files(tmp_path, dev2d, dev_rows):
+    src = dev2d / dev_rows[0]["image"]
+    files = {}
+    files["empty"] = tmp_path / "empty.jpg"
+    files["empty"].write_bytes(b"")
+    files["truncated"] = tmp_path / "truncated.jpg"
+    files["truncated"].write_bytes(src.read_bytes()[:600])
+    files["garbage"] = tmp_path / "garbage.png"
+    files["garbage"].write_bytes(b"this is not an image at all" * 20)
+    files["wrong_type"] = tmp_path / "notes.txt"
+    files["wrong_type"].write_text("hello")
+    files["corrupt_nifti"] = tmp_path / "corrupt.nii.gz"
+    files["corrupt_nifti"].write_bytes(b"\x1f\x8b" + b"\x00" * 50)
+    return files
+
+
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "wrong_type", "corrupt_nifti"])
+def test_bad_files_raise_typed_error_naming_file(bad_files, kind):
+    with pytest.raises(InvalidInputError) as e:
+        read_image(bad_files[kind])
+    assert bad_files[kind].name in str(e.value) and e.value.path == str(bad_files[kind])
+
+
+def test_missing_file_and_3d_where_2d_expected(brats, tmp_path):
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        read_image(tmp_path / "nope.nii.gz")
+    with pytest.raises(InvalidInputError, match="expected a 2D image"):
+        read_image(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz", expect="2d")
+
+
+def test_mask_of_another_shape(dev2d, dev_rows, brats):
+    img = read_image(dev2d / dev_rows[0]["image"])
+    with pytest.raises(InvalidInputError, match="does not match"):
+        read_mask(brats / "pat0001" / "brainmask.nii.gz", like=img)
+
+
+def _manifest(tmp_path, header, rows):
+    (tmp_path / "manifest.csv").write_text(header + "\n" + "\n".join(rows) + "\n")
+    return tmp_path
+
+
+def test_manifest_errors(tmp_path, dev2d, dev_rows):
+    img = tmp_path / "a.jpg"
+    shutil.copy(dev2d / dev_rows[0]["image"], img)
+    with pytest.raises(ManifestError, match="missing required column"):
+        load_manifest(_manifest(tmp_path, "image,group", ["a.jpg,g1"]))
+    with pytest.raises(ManifestError, match="unknown label 'astrocytoma'"):
+        load_manifest(_manifest(tmp_path, "image,label", ["a.jpg,astrocytoma"]))
+    with pytest.raises(ManifestError, match="missing") as e:
+        load_manifest(_manifest(tmp_path, "image,label", ["b.jpg,glioma"]))
+    assert "b.jpg" in str(e.value)
+    with pytest.raises(ManifestError, match="no manifest.csv"):
+        load_manifest(tmp_path / "nowhere")
+    m = load_manifest(_manifest(tmp_path, "image,label", ["a.jpg,glioma"]))
+    assert m.records[0].group == "img:a.jpg"  # no group column: each image is its own group
