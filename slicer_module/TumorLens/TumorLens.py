@@ -1,0 +1,695 @@
+"""TumorLens: run the tumorlens models from 3D Slicer and see masks named by atlas region.
+
+Module, Widget, Logic and Test classes of a scripted Slicer module. The Logic needs only the MRML
+scene (no Qt), so it runs in the Slicer application and on the PyPI ``slicer-core`` classes alike;
+the Widget is a thin Qt shell over it; everything that needs neither lives in ``TumorLensLib``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+from typing import Any
+
+import numpy as np
+import slicer
+import vtk
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+if _HERE not in sys.path:  # Slicer adds the module folder; plain Python (tests) may not
+    sys.path.insert(0, _HERE)
+
+import TumorLensLib as tll  # noqa: E402
+
+try:  # the Slicer application; absent with the PyPI slicer-core package (no Qt there)
+    import ctk  # noqa: F401
+    import qt
+    from slicer.ScriptedLoadableModule import (
+        ScriptedLoadableModule,
+        ScriptedLoadableModuleLogic,
+        ScriptedLoadableModuleTest,
+        ScriptedLoadableModuleWidget,
+    )
+    from slicer.util import VTKObservationMixin
+
+    HAVE_QT = True
+except ImportError:  # Logic stays usable without the application
+    HAVE_QT = False
+
+    class ScriptedLoadableModule:  # type: ignore[no-redef]
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleWidget:  # type: ignore[no-redef]
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleLogic:  # type: ignore[no-redef]
+        def __init__(self, parent=None):
+            self.parent = parent
+
+    class ScriptedLoadableModuleTest:  # type: ignore[no-redef]
+        pass
+
+    class VTKObservationMixin:  # type: ignore[no-redef]
+        def __init__(self):
+            pass
+
+
+log = logging.getLogger("TumorLens")
+
+IMAGE_ID_ATTR = "TumorLens.ImageId"
+SOURCE_ATTR = "TumorLens.Source"
+HEAT_COLOR_NODE = "TumorLensHeat"
+
+
+# ==================================================================================================
+# Module
+# ==================================================================================================
+
+
+class TumorLens(ScriptedLoadableModule):
+    """Module description shown in Slicer's module list and help panel."""
+
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = "TumorLens"
+        self.parent.categories = ["Segmentation"]
+        self.parent.dependencies = ["Segmentations"]
+        self.parent.contributors = ["tumorlens project"]
+        self.parent.helpText = (
+            "Run the tumorlens models (classification, segmentation, saliency, report) on a MONAI Label "
+            "server and see the results: per-class probabilities, masks whose segments are named by "
+            "atlas region, a saliency heatmap overlay and a verified report. Research use only."
+        )
+        self.parent.acknowledgementText = (
+            "Built on MONAI Label and 3D Slicer. Atlas: Harvard-Oxford (FSL, non-commercial licence)."
+        )
+
+
+def ensure_requirements(requirements: dict[str, str] | None = None) -> list[str]:
+    """Install, on first use, the Python packages the module needs that Slicer lacks.
+
+    ``requirements`` maps import name -> pip spec. Returns the pip specs that were installed.
+    """
+    import importlib.util
+
+    reqs = tll.REQUIREMENTS if requirements is None else requirements
+    missing = [spec for mod, spec in reqs.items() if importlib.util.find_spec(mod) is None]
+    if missing:
+        slicer.util.pip_install(" ".join(missing))
+    return missing
+
+
+# ==================================================================================================
+# Logic
+# ==================================================================================================
+
+
+class TumorLensLogic(ScriptedLoadableModuleLogic):
+    """Everything the module does, on an MRML scene, returning plain data.
+
+    Network calls (``remote_*``) touch no MRML node, so the widget can run them in a worker thread;
+    ``load_*``/``apply_*`` change the scene and belong on the main thread. ``run_model`` chains both
+    for scripts and tests.
+    """
+
+    def __init__(self, scene=None, timeout: float = 300.0):
+        ScriptedLoadableModuleLogic.__init__(self)
+        self.scene = scene if scene is not None else slicer.mrmlScene
+        self.timeout = timeout
+        self.cancel = threading.Event()
+        self.client: tll.MonaiLabelClient | None = None
+        self.info: dict = {}
+        self.models: dict[str, tll.ModelInfo] = {}
+        self.work_dir = tempfile.mkdtemp(prefix="tumorlens-slicer-")
+
+    # ---- server ---------------------------------------------------------------------------------
+
+    def connect(self, url: str) -> dict:
+        """Connect and list models (classification and report included) and strategies."""
+        client = tll.MonaiLabelClient(url, timeout=self.timeout, cancel=self.cancel)
+        info = client.info()
+        models = tll.parse_models(info)
+        self.client, self.info = client, info
+        self.models = {m.name: m for m in models}
+        return {
+            "url": client.url,
+            "name": info.get("name", ""),
+            "version": info.get("version", ""),
+            "models": [{"name": m.name, "type": m.type, "display": m.display, "labels": m.labels,
+                        "returns_label": m.returns_label, "description": m.description} for m in models],
+            "strategies": tll.parse_strategies(info),
+        }
+
+    def _client(self) -> tll.MonaiLabelClient:
+        if self.client is None:
+            raise tll.ServerError(0, "not connected: connect to a server first")
+        return self.client
+
+    # ---- volumes ----------------------------------------------------------------------------------
+
+    def load_volume(self, path: str, name: str | None = None, labelmap: bool = False):
+        """Read NIfTI/NRRD/DICOM into a new volume node (Slicer's own reader, geometry kept)."""
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: no such file")
+        cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
+        node = self.scene.AddNewNodeByClass(cls, name or _stem(path))
+        storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        storage.SetFileName(path)
+        ok = storage.ReadData(node)
+        if not ok or node.GetImageData() is None:
+            self.scene.RemoveNode(node)
+            self.scene.RemoveNode(storage)
+            raise ValueError(f"{path}: Slicer could not read this file as a volume")
+        node.SetAndObserveStorageNodeID(storage.GetID())
+        if not labelmap:
+            display = self.scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+            grey = self.scene.GetNodeByID("vtkMRMLColorTableNodeGrey")
+            if grey is not None:
+                display.SetAndObserveColorNodeID(grey.GetID())
+            display.AutoWindowLevelOn()
+            node.SetAndObserveDisplayNodeID(display.GetID())
+        return node
+
+    @staticmethod
+    def ijk_to_ras(node) -> np.ndarray:
+        m = vtk.vtkMatrix4x4()
+        node.GetIJKToRASMatrix(m)
+        return slicer.util.arrayFromVTKMatrix(m)
+
+    def image_id(self, volume_node) -> str:
+        """A stable server id from voxel content and geometry (a hash: no name, no identifier)."""
+        existing = volume_node.GetAttribute(IMAGE_ID_ATTR)
+        if existing:
+            return existing
+        arr = slicer.util.arrayFromVolume(volume_node)
+        h = hashlib.sha1(np.ascontiguousarray(arr).tobytes())
+        h.update(np.round(self.ijk_to_ras(volume_node), 4).tobytes())
+        image_id = "img-" + h.hexdigest()[:16]
+        volume_node.SetAttribute(IMAGE_ID_ATTR, image_id)
+        return image_id
+
+    def write_volume(self, node, path: str) -> str:
+        """Write a volume (or labelmap) node to a file; the scene's own writer keeps the geometry."""
+        storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+        try:
+            storage.SetFileName(path)
+            storage.SetUseCompression(True)
+            if not storage.WriteData(node):
+                raise OSError(f"{path}: could not write volume {node.GetName()!r}")
+        finally:
+            self.scene.RemoveNode(storage)
+        return path
+
+    def prepare_upload(self, volume_node) -> tuple[str, str]:
+        """(image id, temporary NIfTI of the volume) — main thread, before any network call."""
+        image_id = self.image_id(volume_node)
+        path = os.path.join(self.work_dir, f"{image_id}.nii.gz")
+        if not os.path.exists(path):
+            self.write_volume(volume_node, path)
+        return image_id, path
+
+    # ---- network (no MRML here: safe in a worker thread) ------------------------------------------
+
+    def remote_ensure_image(self, image_id: str, path: str | None) -> bool:
+        """Upload the image unless the server has it; True when it was uploaded."""
+        client = self._client()
+        if client.has_image(image_id):
+            return False
+        if not path:
+            raise tll.ServerError(404, f"the server has no image {image_id!r} and there is no file to upload")
+        client.upload_image(path, image_id)
+        return True
+
+    def remote_infer(self, model: str, image_id: str, path: str | None, params: dict | None = None) -> tll.InferAnswer:
+        self.remote_ensure_image(image_id, path)
+        out_dir = tempfile.mkdtemp(prefix=f"{model}-", dir=self.work_dir)
+        return self._client().infer(model, image_id, params or {}, out_dir=out_dir)
+
+    def remote_next_sample(self, strategy: str) -> dict:
+        """Ask for the next image to label and download it; ``{}`` when none is left."""
+        client = self._client()
+        res = client.next_sample(strategy)
+        image_id = res.get("id") if isinstance(res, dict) else None
+        if not image_id:
+            return {}
+        out_dir = tempfile.mkdtemp(prefix="sample-", dir=self.work_dir)
+        return {"image_id": image_id, "path": client.download_image(image_id, out_dir), "strategy": strategy}
+
+    def remote_submit_label(self, image_id: str, label_path: str, label_names: dict[str, int],
+                            tag: str = "final") -> dict:
+        self.remote_ensure_image(image_id, None)
+        return self._client().save_label(image_id, label_path, tag=tag, params={"label_names": label_names})
+
+    # ---- results into the scene -------------------------------------------------------------------
+
+    def apply_answer(self, answer: tll.InferAnswer, volume_node, model: str) -> dict:
+        """Turn an infer answer into nodes and plain data for the widget."""
+        params = answer.params
+        findings = tll.findings_of(params)
+        out: dict[str, Any] = {"model": model, "image_id": self.image_id(volume_node), "findings": findings,
+                               "label_path": answer.label_path}
+        try:
+            out["probabilities"] = tll.probabilities_of(params)
+        except tll.ResponseError:
+            out["probabilities"] = None
+        if answer.label_path:
+            seg, segments = self.load_label_as_segmentation(
+                answer.label_path, volume_node, tll.label_names_of(params), findings, name=f"TumorLens {model}")
+            out["segmentation_node_id"] = seg.GetID()
+            out["segments"] = segments
+        heat = params.get("heatmap_path")
+        if isinstance(heat, str) and os.path.exists(heat):
+            out["heatmap_node_id"] = self.load_heatmap(heat, name=f"TumorLens {model} heatmap").GetID()
+        return out
+
+    def run_model(self, volume_node, model: str, params: dict | None = None) -> dict:
+        """Upload if needed, infer, load the result: the whole chain on the calling thread."""
+        image_id, path = self.prepare_upload(volume_node)
+        answer = self.remote_infer(model, image_id, path, params)
+        return self.apply_answer(answer, volume_node, model)
+
+    def load_label_as_segmentation(self, label_path: str, reference_volume, label_names: dict[str, int] | None = None,
+                                   findings: dict | None = None, name: str = "TumorLens"):
+        """Label file -> segmentation node: one segment per label value, named by atlas region.
+
+        The label file's own geometry is used (Slicer reads its affine), and the segmentation takes
+        the reference volume's geometry, so a mask on an oblique volume lands in place.
+        Returns (node, [plain dicts per segment]).
+        """
+        labelmap = self.load_volume(label_path, name="__tumorlens_label__", labelmap=True)
+        try:
+            arr = slicer.util.arrayFromVolume(labelmap)
+            if not np.all(np.isfinite(arr)) or np.any(arr < 0) or np.any(arr != np.round(arr)):
+                raise ValueError(f"{label_path}: label file holds non-integer or negative values")
+            present = {int(v) for v in np.unique(arr) if v > 0}
+            names = dict(label_names or {})
+            known = set(names.values())
+            for v in sorted(present - known):  # a value the answer did not name: keep it, say so
+                names[f"label_{v}"] = v
+            specs = [s for s in tll.segment_specs(names, findings, tll.region_color) if s.value in present]
+            counts = {v: int(np.count_nonzero(arr == v)) for v in present}
+            seg = self.scene.AddNewNodeByClass("vtkMRMLSegmentationNode", name)
+            seg.CreateDefaultDisplayNodes()
+            seg.SetReferenceImageGeometryParameterFromVolumeNode(reference_volume)
+            if present:
+                labelmap_int = labelmap
+                if arr.dtype.kind == "f":  # the server may write float32 masks: cast once, exactly
+                    slicer.util.updateVolumeFromArray(labelmap, arr.astype(np.uint16))
+                if not slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap_int, seg):
+                    raise RuntimeError(f"{label_path}: Slicer could not import the label file")
+            segmentation = seg.GetSegmentation()
+            by_value = {}
+            for i in range(segmentation.GetNumberOfSegments()):
+                s = segmentation.GetNthSegment(i)
+                by_value[int(s.GetLabelValue())] = (segmentation.GetNthSegmentID(i), s)
+            segments = []
+            for spec in specs:
+                seg_id, s = by_value[spec.value]
+                s.SetName(spec.name)
+                s.SetNameAutoGenerated(False)
+                s.SetColor(*spec.color)
+                s.SetColorAutoGenerated(False)
+                s.SetTag("TumorLens.AtlasLabel", spec.label)
+                s.SetTag("TumorLens.LabelValue", str(spec.value))
+                if spec.fraction is not None:
+                    s.SetTag("TumorLens.Fraction", f"{spec.fraction:.4f}")
+                segments.append({"id": seg_id, "name": spec.name, "label": spec.label, "value": spec.value,
+                                 "voxels": counts[spec.value], "color": list(spec.color), "fraction": spec.fraction})
+            seg.SetAttribute(SOURCE_ATTR, os.path.basename(label_path))
+            return seg, segments
+        finally:
+            storage = labelmap.GetStorageNode()
+            self.scene.RemoveNode(labelmap)
+            if storage is not None:
+                self.scene.RemoveNode(storage)
+
+    def heat_color_node(self):
+        node = self.scene.GetFirstNodeByName(HEAT_COLOR_NODE)
+        if node is not None:
+            return node
+        table = tll.heat_table(256)
+        node = self.scene.AddNewNodeByClass("vtkMRMLColorTableNode", HEAT_COLOR_NODE)
+        node.SetTypeToUser()
+        node.SetNumberOfColors(len(table))
+        node.SetNamesInitialised(True)
+        for i, (r, g, b, a) in enumerate(table):
+            node.SetColor(i, f"heat{i}", r, g, b, a)
+        return node
+
+    def load_heatmap(self, path: str, name: str = "TumorLens heatmap"):
+        """A [0, 1] saliency map as a scalar volume with the heat colour map, window 0-1."""
+        node = self.load_volume(path, name=name)
+        display = node.GetDisplayNode()
+        display.SetAndObserveColorNodeID(self.heat_color_node().GetID())
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(0.0, 1.0)
+        display.SetLowerThreshold(0.05)
+        display.SetUpperThreshold(1.0)
+        display.ApplyThresholdOn()
+        return node
+
+    def set_heatmap_opacity(self, opacity: float, heatmap_node=None, background_node=None) -> int:
+        """Show the heatmap as foreground over the volume in every slice view; returns views changed."""
+        opacity = float(min(1.0, max(0.0, opacity)))
+        n = self.scene.GetNumberOfNodesByClass("vtkMRMLSliceCompositeNode")
+        for i in range(n):
+            comp = self.scene.GetNthNodeByClass(i, "vtkMRMLSliceCompositeNode")
+            if heatmap_node is not None:
+                comp.SetForegroundVolumeID(heatmap_node.GetID())
+            if background_node is not None:
+                comp.SetBackgroundVolumeID(background_node.GetID())
+            comp.SetForegroundOpacity(opacity)
+        return n
+
+    def save_segmentation(self, seg_node, path: str) -> str:
+        """Write a .seg.nrrd (segment names, colours and tags travel with it)."""
+        storage = self.scene.AddNewNodeByClass("vtkMRMLSegmentationStorageNode")
+        try:
+            storage.SetFileName(path)
+            storage.SetUseCompression(True)
+            if not storage.WriteData(seg_node):
+                raise OSError(f"{path}: could not write the segmentation")
+        finally:
+            self.scene.RemoveNode(storage)
+        return path
+
+    def export_label(self, seg_node, reference_volume, path: str) -> tuple[str, dict[str, int]]:
+        """Segmentation -> one label file on the reference grid; returns (path, {segment name: value})."""
+        segmentation = seg_node.GetSegmentation()
+        ids = vtk.vtkStringArray()
+        names: dict[str, int] = {}
+        for i in range(segmentation.GetNumberOfSegments()):
+            ids.InsertNextValue(segmentation.GetNthSegmentID(i))
+            names[segmentation.GetNthSegment(i).GetName()] = i + 1  # export numbers segments in order
+        if ids.GetNumberOfValues() == 0:
+            raise ValueError("the segmentation has no segments: nothing to submit")
+        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__tumorlens_export__")
+        try:
+            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
+                seg_node, ids, labelmap, reference_volume)
+            if not ok:
+                raise RuntimeError("Slicer could not export the segmentation to a label map")
+            self.write_volume(labelmap, path)
+        finally:
+            self.scene.RemoveNode(labelmap)
+        return path, names
+
+    # ---- report, active learning ---------------------------------------------------------------------
+
+    def report_dir(self) -> str:
+        """Next to the scene file when it has one, else the scene's root directory."""
+        url = self.scene.GetURL()
+        if url:
+            return os.path.dirname(os.path.abspath(url))
+        return self.scene.GetRootDirectory() or os.getcwd()
+
+    def save_report(self, params: dict, image_id: str, out_dir: str | None = None) -> dict:
+        """Format the report answer, write JSON + Markdown, return what the panel shows."""
+        view = tll.report_view(params)
+        out_dir = out_dir or self.report_dir()
+        os.makedirs(out_dir, exist_ok=True)
+        base = os.path.join(out_dir, f"tumorlens-report-{image_id}")
+        _atomic_text(base + ".json", json.dumps({"report": view.report, "verification": view.verification,
+                                                  "status": view.status}, indent=2))
+        _atomic_text(base + ".md", view.markdown)
+        return {"status": view.status, "verified": view.verified, "markdown": view.markdown,
+                "json_path": base + ".json", "markdown_path": base + ".md"}
+
+    def generate_report(self, volume_node, model: str = "report", params: dict | None = None,
+                        out_dir: str | None = None) -> dict:
+        image_id, path = self.prepare_upload(volume_node)
+        answer = self.remote_infer(model, image_id, path, params)
+        return self.save_report(answer.params, image_id, out_dir)
+
+    def apply_sample(self, sample: dict):
+        """Load a downloaded sample as a volume that remembers its server id."""
+        node = self.load_volume(sample["path"], name=f"sample {sample['image_id']}")
+        node.SetAttribute(IMAGE_ID_ATTR, sample["image_id"])
+        return node
+
+    def next_sample(self, strategy: str = "random"):
+        sample = self.remote_next_sample(strategy)
+        return self.apply_sample(sample) if sample else None
+
+    def submit_label(self, seg_node, volume_node, tag: str = "final") -> dict:
+        image_id, path = self.prepare_upload(volume_node)
+        self.remote_ensure_image(image_id, path)
+        label_path, names = self.export_label(seg_node, volume_node,
+                                              os.path.join(self.work_dir, f"{image_id}-label.nii.gz"))
+        return self.remote_submit_label(image_id, label_path, names, tag=tag)
+
+
+def _stem(path: str) -> str:
+    base = os.path.basename(path.rstrip("/"))
+    for ext in (".seg.nrrd", ".nii.gz", ".nii", ".nrrd", ".mha", ".mhd", ".dcm"):
+        if base.lower().endswith(ext):
+            return base[: -len(ext)]
+    return base
+
+
+def _atomic_text(path: str, text: str) -> None:
+    tmp = path + ".part"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+# ==================================================================================================
+# Widget (Qt; runs inside the Slicer application only)
+# ==================================================================================================
+
+
+class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Thin panel over the Logic: network work in a thread, scene changes back on the main thread."""
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic: TumorLensLogic | None = None
+        self._job: dict | None = None
+        self._last: dict = {}
+
+    def setup(self):
+        ScriptedLoadableModuleWidget.setup(self)
+        ui_widget = slicer.util.loadUI(self.resourcePath("UI/TumorLens.ui"))
+        self.layout.addWidget(ui_widget)
+        self.ui = slicer.util.childWidgetVariables(ui_widget)
+        ui_widget.setMRMLScene(slicer.mrmlScene)
+        self.logic = TumorLensLogic()
+        settings = qt.QSettings()
+        self.ui.serverUrl.text = settings.value("TumorLens/serverUrl", "http://127.0.0.1:8000")
+        self.ui.connectButton.connect("clicked(bool)", self.onConnect)
+        self.ui.runButton.connect("clicked(bool)", self.onRun)
+        self.ui.reportButton.connect("clicked(bool)", self.onReport)
+        self.ui.nextSampleButton.connect("clicked(bool)", self.onNextSample)
+        self.ui.submitLabelButton.connect("clicked(bool)", self.onSubmitLabel)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancel)
+        self.ui.opacitySlider.connect("valueChanged(double)", self.onOpacity)
+        self._timer = qt.QTimer()
+        self._timer.setInterval(100)
+        self._timer.connect("timeout()", self._poll)
+        self._set_busy(False)
+
+    def cleanup(self):
+        self.onCancel()
+        self.removeObservers()
+
+    # -- background jobs --
+    def _start(self, what: str, work, done):
+        if self._job is not None:
+            slicer.util.warningDisplay("TumorLens is still busy; cancel the running call first.")
+            return
+        self.logic.cancel.clear()
+        job: dict = {"what": what, "done": done, "result": None, "error": None}
+
+        def target():
+            try:
+                job["result"] = work()
+            except Exception as e:  # shown to the user in _poll, never as a traceback
+                job["error"] = e
+
+        job["thread"] = threading.Thread(target=target, daemon=True)
+        self._job = job
+        self._set_busy(True, f"{what}…")
+        job["thread"].start()
+        self._timer.start()
+
+    def _poll(self):
+        job = self._job
+        if job is None or job["thread"].is_alive():
+            return
+        self._timer.stop()
+        self._job = None
+        self._set_busy(False)
+        err = job["error"]
+        if isinstance(err, tll.Cancelled):
+            self.ui.statusLabel.text = f"{job['what']}: cancelled"
+            return
+        if err is not None:
+            self.ui.statusLabel.text = f"{job['what']}: failed"
+            slicer.util.errorDisplay(f"{job['what']} failed:\n{err}")
+            return
+        try:
+            job["done"](job["result"])
+        except Exception as e:
+            slicer.util.errorDisplay(f"{job['what']}: could not show the result:\n{e}")
+
+    def _set_busy(self, busy: bool, text: str = "ready"):
+        self.ui.cancelButton.enabled = busy
+        for b in (self.ui.connectButton, self.ui.runButton, self.ui.reportButton, self.ui.nextSampleButton,
+                  self.ui.submitLabelButton):
+            b.enabled = not busy
+        self.ui.statusLabel.text = text
+
+    def onCancel(self):
+        if self.logic is not None:
+            self.logic.cancel.set()
+
+    # -- actions --
+    def onConnect(self):
+        url = self.ui.serverUrl.text
+        qt.QSettings().setValue("TumorLens/serverUrl", url)
+
+        def done(res):
+            self.ui.modelCombo.clear()
+            for m in res["models"]:
+                self.ui.modelCombo.addItem(m["display"], m["name"])
+            self.ui.strategyCombo.clear()
+            for s in res["strategies"]:
+                self.ui.strategyCombo.addItem(s)
+            self.ui.statusLabel.text = f"connected: {res['name']} ({len(res['models'])} models)"
+
+        self._start("Connect", lambda: self.logic.connect(url), done)
+
+    def _volume(self):
+        node = self.ui.volumeSelector.currentNode()
+        if node is None:
+            slicer.util.errorDisplay("Select a volume first.")
+        return node
+
+    def onRun(self):
+        volume = self._volume()
+        model = self.ui.modelCombo.currentData
+        if volume is None or not model:
+            return
+        image_id, path = self.logic.prepare_upload(volume)
+
+        def done(answer):
+            res = self.logic.apply_answer(answer, volume, model)
+            self._last = res
+            lines = []
+            if res.get("probabilities"):
+                lines.append(tll.probabilities_table(res["probabilities"]))
+            for s in res.get("segments", []):
+                frac = f", {100 * s['fraction']:.0f}% of lesion" if s.get("fraction") is not None else ""
+                lines.append(f"- {s['name']}: {s['voxels']} voxels{frac}")
+            if res.get("findings"):
+                for note in res["findings"].get("notes", []):
+                    lines.append(f"- note: {note}")
+            self.ui.resultsText.setMarkdown("\n".join(lines) or "(no result)")
+            if res.get("heatmap_node_id"):
+                heat = slicer.mrmlScene.GetNodeByID(res["heatmap_node_id"])
+                self.logic.set_heatmap_opacity(self.ui.opacitySlider.value, heat, volume)
+            self.ui.statusLabel.text = f"{model}: done"
+
+        self._start(f"Run {model}", lambda: self.logic.remote_infer(model, image_id, path), done)
+
+    def onOpacity(self, value):
+        self.logic.set_heatmap_opacity(value)
+
+    def onReport(self):
+        volume = self._volume()
+        if volume is None:
+            return
+        image_id, path = self.logic.prepare_upload(volume)
+
+        def done(answer):
+            res = self.logic.save_report(answer.params, image_id)
+            self.ui.reportStatus.text = res["status"]
+            self.ui.reportStatus.styleSheet = "color: green" if res["verified"] else "color: #b00"
+            self.ui.reportText.setMarkdown(res["markdown"])
+            self.ui.statusLabel.text = f"report saved: {res['markdown_path']}"
+
+        self._start("Generate report", lambda: self.logic.remote_infer("report", image_id, path), done)
+
+    def onNextSample(self):
+        strategy = self.ui.strategyCombo.currentText or "random"
+
+        def done(sample):
+            if not sample:
+                slicer.util.infoDisplay("The server has no unlabelled image left.")
+                return
+            node = self.logic.apply_sample(sample)
+            self.ui.volumeSelector.setCurrentNode(node)
+            slicer.util.setSliceViewerLayers(background=node, fit=True)
+
+        self._start("Next sample", lambda: self.logic.remote_next_sample(strategy), done)
+
+    def onSubmitLabel(self):
+        volume = self._volume()
+        seg = self.ui.segmentationSelector.currentNode()
+        if volume is None or seg is None:
+            slicer.util.errorDisplay("Select the volume and the segmentation to submit.")
+            return
+        image_id, path = self.logic.prepare_upload(volume)
+        label_path, names = self.logic.export_label(
+            seg, volume, os.path.join(self.logic.work_dir, f"{image_id}-label.nii.gz"))
+
+        def work():
+            self.logic.remote_ensure_image(image_id, path)
+            return self.logic.remote_submit_label(image_id, label_path, names)
+
+        self._start("Submit label", work, lambda res: setattr(self.ui.statusLabel, "text", f"label saved: {res}"))
+
+
+# ==================================================================================================
+# Test (inside the Slicer application: Developer mode -> Reload and Test)
+# ==================================================================================================
+
+
+class TumorLensTest(ScriptedLoadableModuleTest):
+    """The pytest scenario inside Slicer: needs a running server and a volume.
+
+    ``TUMORLENS_SERVER_URL`` (default http://127.0.0.1:8000) and ``TUMORLENS_TEST_VOLUME`` (a NIfTI
+    brain volume, e.g. ../shared/data/brats-3d/pat0001/T1c_subtrMeanDivStd.nii.gz).
+    """
+
+    def setUp(self):
+        slicer.mrmlScene.Clear(0)
+
+    def runTest(self):
+        self.setUp()
+        self.test_saliency_to_named_segments()
+
+    def test_saliency_to_named_segments(self):
+        url = os.environ.get("TUMORLENS_SERVER_URL", "http://127.0.0.1:8000")
+        volume_path = os.environ.get("TUMORLENS_TEST_VOLUME")
+        if not volume_path:
+            raise RuntimeError("set TUMORLENS_TEST_VOLUME to a NIfTI brain volume")
+        self.delayDisplay("Connecting")
+        logic = TumorLensLogic()
+        info = logic.connect(url)
+        names = {m["name"] for m in info["models"]}
+        assert "classification" in names and "saliency_gradcampp" in names, names
+        volume = logic.load_volume(volume_path)
+        res = logic.run_model(volume, "saliency_gradcampp")
+        seg = slicer.mrmlScene.GetNodeByID(res["segmentation_node_id"])
+        out = os.path.join(slicer.app.temporaryPath, "tumorlens-test.seg.nrrd")
+        logic.save_segmentation(seg, out)
+        back = slicer.util.loadSegmentation(out)
+        got = sorted(back.GetSegmentation().GetNthSegment(i).GetName()
+                     for i in range(back.GetSegmentation().GetNumberOfSegments()))
+        assert got == sorted(s["name"] for s in res["segments"]), got
+        for s in res["segments"]:
+            arr = slicer.util.arrayFromSegmentBinaryLabelmap(seg, s["id"], volume)
+            assert int(arr.sum()) == s["voxels"], (s, int(arr.sum()))
+        probs = logic.run_model(volume, "classification")["probabilities"]
+        assert abs(sum(probs.values()) - 1.0) < 1e-3, probs
+        self.delayDisplay("TumorLens test passed")

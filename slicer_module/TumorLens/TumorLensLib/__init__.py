@@ -1,0 +1,37 @@
+"""Pure-Python part of the TumorLens Slicer module: no ``slicer``, ``qt`` or ``vtk`` import here.
+
+Everything that can be decided without a viewer (talking to the server, parsing its answers, naming
+and colouring segments, formatting the report) lives here so it can be unit-tested anywhere.
+"""
+
+from .client import Cancelled, InferAnswer, MonaiLabelClient, ServerError, parse_infer_response
+from .colors import color_distance, heat_table, region_color
+from .report import ReportView, probabilities_table, report_markdown, report_view, verification_status
+from .results import (
+    CLASS_NAMES,
+    ModelInfo,
+    ResponseError,
+    SegmentSpec,
+    findings_of,
+    label_names_of,
+    parse_label_map,
+    parse_models,
+    parse_strategies,
+    probabilities_of,
+    readable_region,
+    segment_name,
+    segment_specs,
+)
+
+# Python packages the module needs inside Slicer beyond what Slicer ships (numpy, vtk).
+# TumorLensLib itself uses the standard library only, so this is empty; the module still checks it
+# on first use and installs what is missing with slicer.util.pip_install.
+REQUIREMENTS: dict[str, str] = {}
+
+__all__ = [
+    "CLASS_NAMES", "Cancelled", "InferAnswer", "ModelInfo", "MonaiLabelClient", "REQUIREMENTS", "ReportView",
+    "ResponseError", "SegmentSpec", "ServerError", "color_distance", "findings_of", "heat_table",
+    "label_names_of", "parse_infer_response", "parse_label_map", "parse_models", "parse_strategies",
+    "probabilities_of", "probabilities_table", "readable_region", "region_color", "report_markdown",
+    "report_view", "segment_name", "segment_specs", "verification_status",
+]

@@ -1,0 +1,196 @@
+"""Parse what the tumorlens MONAI Label app answers into plain data the Logic and widget can use.
+
+Kept apart from Slicer so every rule here (model types, label names, segment names, probabilities)
+is unit-tested without a viewer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+CLASS_NAMES: tuple[str, ...] = ("glioma", "meningioma", "pituitary", "no_tumor")
+LABEL_MODEL_TYPES = ("segmentation", "deepedit", "deepgrow", "detection", "scribbles", "saliency")
+
+
+class ResponseError(ValueError):
+    """The server answered, but not in the shape tumorlens expects (message says what is wrong)."""
+
+
+@dataclass
+class ModelInfo:
+    """One model as listed by ``/info/``; ``returns_label`` tells whether it sends a label file."""
+
+    name: str
+    type: str
+    labels: dict[str, int]
+    description: str = ""
+    dimension: int | None = None
+
+    @property
+    def returns_label(self) -> bool:
+        return self.type.lower() in LABEL_MODEL_TYPES or self.name.startswith("saliency")
+
+    @property
+    def display(self) -> str:
+        return f"{self.name} ({self.type})"
+
+
+def parse_label_map(labels: Any) -> dict[str, int]:
+    """``{name: index}`` from MONAI Label's two spellings: a dict, or a list (index = position + 1)."""
+    if labels is None:
+        return {}
+    if isinstance(labels, dict):
+        out = {}
+        for k, v in labels.items():
+            try:
+                out[str(k)] = int(v)
+            except (TypeError, ValueError):
+                raise ResponseError(f"label index of {k!r} is not an integer: {v!r}") from None
+        return out
+    if isinstance(labels, (list, tuple)):
+        return {str(n): i + 1 for i, n in enumerate(labels)}
+    raise ResponseError(f"labels must be a dict or list, got {type(labels).__name__}")
+
+
+def parse_models(info: dict) -> list[ModelInfo]:
+    """All models of ``/info/`` including classification and report (the stock plugin hides them)."""
+    models = info.get("models")
+    if not isinstance(models, dict):
+        raise ResponseError("/info/ has no 'models' dictionary: is this a MONAI Label server?")
+    out = []
+    for name, m in models.items():
+        m = m if isinstance(m, dict) else {}
+        out.append(ModelInfo(name=str(name), type=str(m.get("type", "unknown")),
+                             labels=parse_label_map(m.get("labels")),
+                             description=str(m.get("description", "")), dimension=m.get("dimension")))
+    return sorted(out, key=lambda x: x.name)
+
+
+def parse_strategies(info: dict) -> list[str]:
+    s = info.get("strategies") or {}
+    return sorted(s) if isinstance(s, dict) else [str(x) for x in s]
+
+
+def _maybe_json(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
+
+
+def findings_of(params: dict) -> dict | None:
+    """The findings record carried in infer params (a dict, or a JSON string), checked lightly."""
+    f = _maybe_json(params.get("findings"))
+    if f is None:
+        return None
+    if not isinstance(f, dict):
+        raise ResponseError(f"'findings' is {type(f).__name__}, not a JSON object")
+    if "schema_version" not in f:
+        raise ResponseError("'findings' has no schema_version: not a tumorlens findings record")
+    if not str(f["schema_version"]).startswith("1."):
+        raise ResponseError(f"findings schema_version {f['schema_version']!r} is not supported (expected 1.x)")
+    return f
+
+
+def label_names_of(params: dict) -> dict[str, int]:
+    """``label_names`` of an infer answer; background (index 0) dropped."""
+    names = parse_label_map(_maybe_json(params.get("label_names")))
+    return {k: v for k, v in names.items() if v != 0 and k.lower() != "background"}
+
+
+def probabilities_of(params: dict) -> dict[str, float]:
+    """Per-class probabilities in the project's class order, from an infer answer or its findings."""
+    cand = params.get("probabilities")
+    if cand is None:
+        cls = params.get("classification")
+        if isinstance(cls, dict):
+            cand = cls.get("probabilities")
+    if cand is None:
+        f = findings_of(params)
+        if f and isinstance(f.get("classification"), dict):
+            cand = f["classification"].get("probabilities")
+    if cand is None:
+        raise ResponseError("no per-class probabilities in the answer")
+    if isinstance(cand, (list, tuple)):
+        if len(cand) != len(CLASS_NAMES):
+            raise ResponseError(f"{len(cand)} probabilities for {len(CLASS_NAMES)} classes")
+        cand = dict(zip(CLASS_NAMES, cand, strict=True))
+    try:
+        probs = {str(k): float(v) for k, v in cand.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise ResponseError(f"probabilities are not numbers: {cand!r}") from None
+    ordered = {k: probs[k] for k in CLASS_NAMES if k in probs}
+    ordered.update({k: v for k, v in probs.items() if k not in ordered})
+    return ordered
+
+
+# ---- atlas region names --------------------------------------------------------------------------
+
+_SIDE = re.compile(r"^(left|right)[_\s-]+", re.IGNORECASE)
+
+
+def readable_region(label: str) -> tuple[str, str]:
+    """Harvard-Oxford label -> (readable name, hemisphere): ``Left_Insular_Cortex`` ->
+    (``insular cortex``, ``left``). Labels without a side (``Brain-Stem``) are ``midline``."""
+    m = _SIDE.match(label)
+    hemi = m.group(1).lower() if m else ("unknown" if label.startswith("Unlabelled") else "midline")
+    rest = label[m.end():] if m else label
+    name = re.sub(r"[_\-]+", " ", rest).strip().lower()
+    name = name.replace("ventrical", "ventricle")  # the atlas CSV's own typo
+    return name or label, hemi
+
+
+def segment_name(name: str, hemisphere: str) -> str:
+    """The name a segment gets in Slicer: readable region plus side, e.g. ``insular cortex (left)``."""
+    return f"{name} ({hemisphere})" if hemisphere in ("left", "right", "midline") else name
+
+
+@dataclass
+class SegmentSpec:
+    """One segment to create: label value in the label file, its name, colour, and its atlas data."""
+
+    value: int
+    name: str
+    color: tuple[float, float, float]
+    label: str
+    fraction: float | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def segment_specs(label_names: dict[str, int], findings: dict | None, colors) -> list[SegmentSpec]:
+    """Pair every label value with a readable, region-based name and a distinct colour.
+
+    The region's readable name and hemisphere come from the findings record when it lists that
+    atlas label, otherwise from the label itself; names that are not atlas labels (``tumour``,
+    ``lesion``) are kept, with the dominant region appended when the findings name one.
+    """
+    regions = {r.get("label"): r for r in (findings or {}).get("regions", []) if isinstance(r, dict)}
+    top = max(regions.values(), key=lambda r: r.get("fraction", 0.0)) if regions else None
+    specs = []
+    for i, (label, value) in enumerate(sorted(label_names.items(), key=lambda kv: kv[1])):
+        r = regions.get(label)
+        if r is not None:
+            name = segment_name(r.get("name") or readable_region(label)[0], r.get("hemisphere", "unknown"))
+            frac = r.get("fraction")
+        elif _SIDE.match(label) or label in ("Brain-Stem",) or label.startswith("Unlabelled"):
+            name = segment_name(*readable_region(label))
+            frac = None
+        else:
+            name = label.replace("_", " ")
+            frac = None
+            if top is not None and len(label_names) == 1:
+                name += f" — mostly {segment_name(top.get('name', ''), top.get('hemisphere', 'unknown'))}"
+        specs.append(SegmentSpec(value=int(value), name=name, color=colors(i), label=label, fraction=frac))
+    seen: dict[str, int] = {}
+    for s in specs:  # Slicer allows duplicate names, people cannot tell them apart
+        if s.name in seen:
+            seen[s.name] += 1
+            s.name = f"{s.name} #{seen[s.name]}"
+        else:
+            seen[s.name] = 1
+    return specs
