@@ -1,0 +1,134 @@
+"""What other stages call: the text head of a model (aligned adapter if it won, else the plain
+model's linear text probe), the semantic margin rate, and the nearest class descriptions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from tumorlens.alignment.features import checkpoint_sha, extract_features
+from tumorlens.alignment.head import AlignedHead
+from tumorlens.alignment.margin import margin_rate, semantic_margins
+from tumorlens.alignment.text import cache_dir
+from tumorlens.errors import InvalidInputError
+from tumorlens.labels import CLASS_NAMES
+from tumorlens.models.registry import LoadedModel, load_model
+
+log = logging.getLogger(__name__)
+ALIGNMENT_FILE = "alignment.pt"  # the aligned adapter: written next to the model only if it wins
+PROBE_FILE = "text_probe.pt"  # the plain model's linear probe into text space (a measuring instrument)
+
+
+def _model(model) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def _load_checked(path: Path, model: LoadedModel) -> AlignedHead | None:
+    if not path.is_file():
+        return None
+    head = AlignedHead.load(path)
+    want = checkpoint_sha(model)
+    if head.meta.get("checkpoint_sha") != want:
+        log.warning("%s was fitted for another checkpoint (%s, now %s): ignored", path,
+                    head.meta.get("checkpoint_sha"), want)
+        return None
+    return head
+
+
+def load_alignment(model=None) -> AlignedHead | None:
+    """The aligned adapter stored next to the model, or None (absent, or fitted for other weights)."""
+    m = _model(model)
+    return _load_checked(Path(m.path) / ALIGNMENT_FILE, m)
+
+
+def probe_path(model: LoadedModel) -> Path:
+    return Path(model.path) / PROBE_FILE
+
+
+def load_probe(model=None, *, fit_if_missing: bool = True) -> AlignedHead | None:
+    """The plain model's text probe: next to the model, else in the cache, else fitted now from the
+    model's training-split features (slow the first time: one pass over the training images)."""
+    m = _model(model)
+    for p in (probe_path(m), cache_dir() / f"probe-{checkpoint_sha(m)}.pt"):
+        head = _load_checked(p, m)
+        if head is not None:
+            return head
+    if not fit_if_missing:
+        return None
+    from tumorlens.alignment.experiment import fit_probe_head
+    from tumorlens.alignment.features import split_features
+    from tumorlens.alignment.prompts import load_descriptions
+    from tumorlens.alignment.text import build_prototypes
+
+    split = split_features(m, progress=False)
+    head = fit_probe_head(m, split, build_prototypes(load_descriptions()))
+    head.save(cache_dir() / f"probe-{checkpoint_sha(m)}.pt")
+    return head
+
+
+def text_head(model=None, prefer: str = "auto") -> tuple[AlignedHead, str]:
+    """(head, "aligned" | "probe"). ``prefer``: auto (aligned if stored), aligned, or probe."""
+    m = _model(model)
+    if prefer in ("auto", "aligned"):
+        head = load_alignment(m)
+        if head is not None:
+            return head, "aligned"
+        if prefer == "aligned":
+            raise FileNotFoundError(f"no {ALIGNMENT_FILE} for model {m.name}: run `tumorlens align`")
+    return load_probe(m), "probe"
+
+
+def _as_batch(images) -> torch.Tensor:
+    x = images.as_subclass(torch.Tensor) if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
+    x = x.float()
+    if x.ndim == 2:
+        x = x[None, None]
+    elif x.ndim == 3:
+        x = x[:, None] if x.shape[0] != 1 else x[None]
+    if x.ndim != 4 or x.shape[1] != 1:
+        raise InvalidInputError(None, f"expected normalised images [N, 1, S, S], got {tuple(x.shape)}")
+    return x
+
+
+def _labels(labels) -> np.ndarray:
+    out = []
+    for v in labels:
+        if isinstance(v, str):
+            if v not in CLASS_NAMES:
+                raise InvalidInputError(None, f"unknown label {v!r}; expected one of {', '.join(CLASS_NAMES)}")
+            out.append(CLASS_NAMES.index(v))
+        else:
+            out.append(int(v))
+    return np.asarray(out, np.int64)
+
+
+def semantic_margin_rate(model, images, labels, *, head: str = "auto", min_margin: float = 0.0) -> float:
+    """Share of ``images`` (normalised [N, 1, S, S] at the model's size) whose text-space vector is
+    closer to its own class prototype than to every other one by more than ``min_margin``.
+
+    Uses the aligned adapter when the model has one (``head="auto"``), else the plain model's linear
+    text probe (fitted on the training split's features, so the comparison is fair).
+    """
+    m = _model(model)
+    x = _as_batch(images)
+    y = _labels(labels)
+    if len(y) != len(x):
+        raise InvalidInputError(None, f"{len(x)} images but {len(y)} labels")
+    h, _kind = text_head(m, head)
+    feats, _ = extract_features(m.net, x)
+    return margin_rate(semantic_margins(h.text_vectors(feats), y, h.prototypes), min_margin)
+
+
+def nearest_descriptions(model, image_tensor, k: int = 3, *, head: str = "auto") -> list[dict]:
+    """The ``k`` class descriptions nearest to one image in text space:
+    ``[{class_name, description, similarity}]`` (for the findings record's ``text_matches``)."""
+    m = _model(model)
+    x = _as_batch(image_tensor)
+    if len(x) != 1:
+        raise InvalidInputError(None, f"nearest_descriptions takes one image, got {len(x)}")
+    h, _kind = text_head(m, head)
+    feats, _ = extract_features(m.net, x)
+    return h.nearest_descriptions(feats, k)[0]
