@@ -259,21 +259,34 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
             out["probabilities"] = tll.probabilities_of(params)
         except tll.ResponseError:
             out["probabilities"] = None
-        if answer.label_path:
+        if answer.label_path and params.get("heatmap") is True:  # saliency asked with {"heatmap": true}
+            out["heatmap_node_id"] = self.load_heatmap(answer.label_path, name=f"TumorLens {model} heatmap").GetID()
+        elif answer.label_path:
             seg, segments = self.load_label_as_segmentation(
                 answer.label_path, volume_node, tll.label_names_of(params), findings, name=f"TumorLens {model}")
             out["segmentation_node_id"] = seg.GetID()
             out["segments"] = segments
-        heat = params.get("heatmap_path")
-        if isinstance(heat, str) and os.path.exists(heat):
-            out["heatmap_node_id"] = self.load_heatmap(heat, name=f"TumorLens {model} heatmap").GetID()
         return out
 
-    def run_model(self, volume_node, model: str, params: dict | None = None) -> dict:
-        """Upload if needed, infer, load the result: the whole chain on the calling thread."""
+    def remote_run(self, model: str, image_id: str, path: str | None, params: dict | None = None,
+                   heatmap: bool = False) -> list[tll.InferAnswer]:
+        """The label answer, plus the heatmap answer for saliency models when asked (network only)."""
+        answers = [self.remote_infer(model, image_id, path, params)]
+        if heatmap and model.startswith("saliency"):
+            answers.append(self.remote_infer(model, image_id, path, {**(params or {}), "heatmap": True}))
+        return answers
+
+    def apply_answers(self, answers: list[tll.InferAnswer], volume_node, model: str) -> dict:
+        out: dict[str, Any] = {}
+        for a in answers:
+            res = self.apply_answer(a, volume_node, model)
+            out.update({k: v for k, v in res.items() if v is not None or k not in out})
+        return out
+
+    def run_model(self, volume_node, model: str, params: dict | None = None, heatmap: bool = False) -> dict:
+        """Upload if needed, infer, load the result(s): the whole chain on the calling thread."""
         image_id, path = self.prepare_upload(volume_node)
-        answer = self.remote_infer(model, image_id, path, params)
-        return self.apply_answer(answer, volume_node, model)
+        return self.apply_answers(self.remote_run(model, image_id, path, params, heatmap), volume_node, model)
 
     def load_label_as_segmentation(self, label_path: str, reference_volume, label_names: dict[str, int] | None = None,
                                    findings: dict | None = None, name: str = "TumorLens"):
@@ -581,8 +594,8 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         image_id, path = self.logic.prepare_upload(volume)
 
-        def done(answer):
-            res = self.logic.apply_answer(answer, volume, model)
+        def done(answers):
+            res = self.logic.apply_answers(answers, volume, model)
             self._last = res
             lines = []
             if res.get("probabilities"):
@@ -599,7 +612,8 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 self.logic.set_heatmap_opacity(self.ui.opacitySlider.value, heat, volume)
             self.ui.statusLabel.text = f"{model}: done"
 
-        self._start(f"Run {model}", lambda: self.logic.remote_infer(model, image_id, path), done)
+        with_heat = bool(self.ui.heatmapCheck.checked)
+        self._start(f"Run {model}", lambda: self.logic.remote_run(model, image_id, path, heatmap=with_heat), done)
 
     def onOpacity(self, value):
         self.logic.set_heatmap_opacity(value)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -145,6 +146,12 @@ def readable_region(label: str) -> tuple[str, str]:
     return name or label, hemi
 
 
+def to_ascii(text: str) -> str:
+    """ASCII look-alike of a name (accents dropped, dashes and quotes plain)."""
+    text = text.replace("\u2014", "-").replace("\u2013", "-").replace("\u2019", "'")
+    return unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+
+
 def segment_name(name: str, hemisphere: str) -> str:
     """The name a segment gets in Slicer: readable region plus side, e.g. ``insular cortex (left)``."""
     return f"{name} ({hemisphere})" if hemisphere in ("left", "right", "midline") else name
@@ -169,11 +176,20 @@ def segment_specs(label_names: dict[str, int], findings: dict | None, colors) ->
     atlas label, otherwise from the label itself; names that are not atlas labels (``tumour``,
     ``lesion``) are kept, with the dominant region appended when the findings name one.
     """
-    regions = {r.get("label"): r for r in (findings or {}).get("regions", []) if isinstance(r, dict)}
-    top = max(regions.values(), key=lambda r: r.get("fraction", 0.0)) if regions else None
+    rlist = [r for r in (findings or {}).get("regions", []) if isinstance(r, dict)]
+    regions = {r.get("label"): r for r in rlist}
+    # the server may name values by the readable name ("insular cortex", unique) or "left insular cortex"
+    by_name: dict[str, list[dict]] = {}
+    for r in rlist:
+        by_name.setdefault(str(r.get("name", "")).lower(), []).append(r)
+        by_name.setdefault(f"{r.get('hemisphere', '')} {r.get('name', '')}".lower(), []).append(r)
+        by_name.setdefault(segment_name(str(r.get("name", "")), str(r.get("hemisphere", ""))).lower(), []).append(r)
+    top = max(rlist, key=lambda r: r.get("fraction", 0.0)) if rlist else None
     specs = []
     for i, (label, value) in enumerate(sorted(label_names.items(), key=lambda kv: kv[1])):
         r = regions.get(label)
+        if r is None and len(by_name.get(label.lower(), [])) == 1:
+            r = by_name[label.lower()][0]
         if r is not None:
             name = segment_name(r.get("name") or readable_region(label)[0], r.get("hemisphere", "unknown"))
             frac = r.get("fraction")
@@ -184,8 +200,10 @@ def segment_specs(label_names: dict[str, int], findings: dict | None, colors) ->
             name = label.replace("_", " ")
             frac = None
             if top is not None and len(label_names) == 1:
-                name += f" — mostly {segment_name(top.get('name', ''), top.get('hemisphere', 'unknown'))}"
+                name += f" - mostly {segment_name(top.get('name', ''), top.get('hemisphere', 'unknown'))}"
         specs.append(SegmentSpec(value=int(value), name=name, color=colors(i), label=label, fraction=frac))
+    for s in specs:  # .seg.nrrd headers are ASCII: a dash or accent would be lost on save
+        s.name = to_ascii(s.name)
     seen: dict[str, int] = {}
     for s in specs:  # Slicer allows duplicate names, people cannot tell them apart
         if s.name in seen:

@@ -1,0 +1,403 @@
+"""The Slicer module's Logic on the real MRML classes of ``slicer-core`` (no Qt, no Slicer app).
+
+Part 1 needs no server: a result file produced in-process by the Predictor is loaded as a
+segmentation and a heatmap, saved as .seg.nrrd and read back with ``slicerio``, on a real BraTS volume
+and on the same voxels with an oblique (rotated) affine.
+Part 2 runs the same path against a real ``tumorlens serve`` on loopback (one server per module).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from tumorlens.paths import project_root
+
+sys.path.insert(0, str(project_root() / "slicer_module" / "TumorLens"))
+
+slicer = pytest.importorskip("slicer", reason="slicer-core (PyPI) provides the MRML classes")
+import slicerio  # noqa: E402
+import TumorLens  # noqa: E402
+import vtk  # noqa: E402
+
+import TumorLensLib as tll  # noqa: E402
+
+LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+# ---- fixtures ------------------------------------------------------------------------------------------
+
+@pytest.fixture
+def scene():
+    s = slicer.vtkMRMLScene()
+    yield s
+    s.Clear(1)
+
+
+@pytest.fixture
+def logic(scene):
+    return TumorLens.TumorLensLogic(scene, timeout=240)
+
+
+@pytest.fixture(scope="session")
+def t1c(brats) -> Path:
+    return brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz"
+
+
+def rotation(deg_z: float, deg_x: float) -> np.ndarray:
+    a, b = np.deg2rad(deg_z), np.deg2rad(deg_x)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    return rz @ rx
+
+
+@pytest.fixture(scope="session")
+def oblique(t1c, tmp_path_factory) -> Path:
+    """The same real voxels with a rotated affine (non-identity direction matrix), rotated about
+    the volume centre so the brain stays near the origin."""
+    img = nib.load(str(t1c))
+    aff = img.affine.copy()
+    centre = aff @ np.r_[(np.array(img.shape) - 1) / 2.0, 1.0]
+    rot = np.eye(4)
+    rot[:3, :3] = rotation(25.0, 12.0)
+    shift = np.eye(4)
+    shift[:3, 3] = centre[:3]
+    new = shift @ rot @ np.linalg.inv(shift) @ aff
+    out = tmp_path_factory.mktemp("oblique") / "oblique_t1c.nii.gz"
+    nimg = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), new)
+    nimg.set_qform(new, code=1)
+    nimg.set_sform(new, code=1)
+    nib.save(nimg, str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def inprocess_result(oblique, tmp_path_factory, predictor) -> dict:
+    """Mask + tumour probability of the real model for the oblique volume, written as NIfTI files
+    on the input's own affine, exactly as the server's tasks write them."""
+    from tumorlens.data import read_image
+
+    img = read_image(str(oblique))
+    pred = predictor.predict(img)
+    out = tmp_path_factory.mktemp("inprocess")
+    aff = np.asarray(img.affine, dtype=float)
+    mask = pred.mask.numpy()[0].astype(np.uint8)
+    assert mask.any(), "the model found no tumour voxel in a glioma volume"
+    nib.save(nib.Nifti1Image(mask, aff), str(out / "mask.nii.gz"))
+    heat = pred.seg_prob.numpy()[0].astype(np.float32)
+    nib.save(nib.Nifti1Image(heat, aff), str(out / "heatmap.nii.gz"))
+    return {"mask": out / "mask.nii.gz", "heatmap": out / "heatmap.nii.gz", "affine": aff, "mask_array": mask,
+            "heat_array": heat, "probabilities": pred.probabilities}
+
+
+def ijk_to_ras(node) -> np.ndarray:
+    return TumorLens.TumorLensLogic.ijk_to_ras(node)
+
+
+def slicerio_ras(seg: dict) -> np.ndarray:
+    return LPS @ np.asarray(seg["ijkToLPS"], dtype=float)
+
+
+def world_centroid(mask_xyz: np.ndarray, affine: np.ndarray) -> np.ndarray:
+    ijk = np.argwhere(mask_xyz > 0).mean(0)
+    return (affine @ np.r_[ijk, 1.0])[:3]
+
+
+def check_seg_nrrd(path: Path, expected: dict[str, int], affine: np.ndarray, centroids: dict[str, np.ndarray]):
+    """Names, voxel counts and geometry of a saved .seg.nrrd, read by slicerio (independent of Slicer)."""
+    seg = slicerio.read_segmentation(str(path))
+    names = [s["name"] for s in seg["segments"]]
+    assert sorted(names) == sorted(expected)
+    vox = seg["voxels"]
+    for s in seg["segments"]:
+        sel = vox == s["labelValue"] if vox.ndim == 3 else vox[..., s["layer"]] == s["labelValue"]
+        assert int(sel.sum()) == expected[s["name"]], s["name"]
+        # the segment lands where the label file put it, in world (RAS) millimetres
+        got = world_centroid(sel, slicerio_ras(seg))
+        assert np.allclose(got, centroids[s["name"]], atol=0.5), (s["name"], got, centroids[s["name"]])
+    return seg
+
+
+# ---- part 1: no server --------------------------------------------------------------------------------
+
+def test_load_volume_keeps_geometry(logic, t1c, oblique):
+    for path in (t1c, oblique):
+        node = logic.load_volume(str(path))
+        ref = nib.load(str(path))
+        assert np.allclose(ijk_to_ras(node), ref.affine, atol=1e-4), path.name
+        arr = slicer.util.arrayFromVolume(node)  # (k, j, i)
+        assert np.array_equal(np.transpose(arr, (2, 1, 0)), np.asarray(ref.dataobj, dtype=np.float32))
+    rot = ijk_to_ras(node)[:3, :3]
+    assert not np.allclose(np.abs(rot), np.abs(np.round(rot)))  # truly oblique, not a flip
+
+
+def test_image_id_is_content_hash_without_names(logic, t1c, oblique):
+    a = logic.load_volume(str(t1c), name="Patient Name Here")
+    b = logic.load_volume(str(t1c), name="other")
+    c = logic.load_volume(str(oblique))
+    ia, ib, ic = logic.image_id(a), logic.image_id(b), logic.image_id(c)
+    assert ia == ib != ic and ia.startswith("img-") and "Patient" not in ia
+    assert a.GetAttribute(TumorLens.IMAGE_ID_ATTR) == ia
+    _, path = logic.prepare_upload(a)
+    assert Path(path).name == f"{ia}.nii.gz"
+    assert np.allclose(nib.load(path).affine, nib.load(str(t1c)).affine, atol=1e-4)
+
+
+def test_inprocess_mask_loads_in_place_on_oblique_volume(logic, oblique, inprocess_result, tmp_path):
+    volume = logic.load_volume(str(oblique))
+    findings = {"schema_version": "1.0", "regions": [
+        {"label": "Right_Temporal_Pole", "name": "temporal pole", "hemisphere": "right", "fraction": 0.6,
+         "max_probability": 70.0}]}
+    seg, segments = logic.load_label_as_segmentation(str(inprocess_result["mask"]), volume, {"lesion": 1}, findings)
+    mask = inprocess_result["mask_array"]
+    assert len(segments) == 1
+    s = seg.GetSegmentation().GetSegment(segments[0]["id"])
+    assert s.GetName() == "lesion - mostly temporal pole (right)" and not s.GetNameAutoGenerated()
+    assert segments[0]["voxels"] == int(mask.sum())
+    value = vtk.reference("")
+    assert s.GetTag("TumorLens.LabelValue", value) and str(value) == "1"
+    # helper nodes are gone; only the volume, its display/storage and the segmentation remain
+    assert scene_names(logic.scene).count("__tumorlens_label__") == 0
+    out = logic.save_segmentation(seg, str(tmp_path / "lesion.seg.nrrd"))
+    check_seg_nrrd(Path(out), {segments[0]["name"]: int(mask.sum())}, inprocess_result["affine"],
+                   {segments[0]["name"]: world_centroid(mask, inprocess_result["affine"])})
+    # exported back onto the volume grid it is the very same mask, voxel for voxel
+    path, names = logic.export_label(seg, volume, str(tmp_path / "back.nii.gz"))
+    back = nib.load(path)
+    assert names == {segments[0]["name"]: 1}
+    assert np.allclose(back.affine, inprocess_result["affine"], atol=1e-3)
+    assert np.array_equal(np.asarray(back.dataobj) > 0, mask > 0)
+
+
+def scene_names(scene) -> list[str]:
+    return [scene.GetNthNode(i).GetName() for i in range(scene.GetNumberOfNodes())]
+
+
+def test_multi_region_label_file_gets_distinct_named_segments(logic, t1c, brats, tmp_path):
+    """A label file with several values (the real BraTS labels standing in for region values)."""
+    volume = logic.load_volume(str(t1c))
+    lab_path = brats / "pat0001" / "OTMultiClass.nii.gz"
+    lab = nib.load(str(lab_path))
+    arr = np.asarray(lab.dataobj)
+    names = {"Left_Insular_Cortex": 1, "Right_Putamen": 2, "Brain-Stem": 3}  # value 4 left unnamed on purpose
+    findings = {"schema_version": "1.0", "regions": [
+        {"label": "Left_Insular_Cortex", "name": "insular cortex", "hemisphere": "left", "fraction": 0.5,
+         "max_probability": 60.0}]}
+    seg, segments = logic.load_label_as_segmentation(str(lab_path), volume, names, findings)
+    got = {s["name"]: s for s in segments}
+    assert set(got) == {"insular cortex (left)", "putamen (right)", "brain stem (midline)", "label 4"}
+    assert got["insular cortex (left)"]["fraction"] == 0.5
+    for s in segments:
+        assert s["voxels"] == int((arr == s["value"]).sum())
+    colours = [tuple(seg.GetSegmentation().GetSegment(s["id"]).GetColor()) for s in segments]
+    assert len(set(colours)) == len(colours)
+    out = logic.save_segmentation(seg, str(tmp_path / "regions.seg.nrrd"))
+    check_seg_nrrd(Path(out), {s["name"]: s["voxels"] for s in segments}, lab.affine,
+                   {s["name"]: world_centroid(arr == s["value"], lab.affine) for s in segments})
+
+
+def test_heatmap_volume_with_colour_map_and_opacity(logic, oblique, inprocess_result):
+    volume = logic.load_volume(str(oblique))
+    heat = logic.load_heatmap(str(inprocess_result["heatmap"]))
+    arr = np.transpose(slicer.util.arrayFromVolume(heat), (2, 1, 0))
+    assert np.allclose(arr, inprocess_result["heat_array"]) and arr.min() >= 0 and arr.max() <= 1
+    disp = heat.GetDisplayNode()
+    colour = disp.GetColorNode()
+    assert colour.GetName() == TumorLens.HEAT_COLOR_NODE and colour.GetNumberOfColors() == 256
+    assert (disp.GetWindow(), disp.GetLevel()) == pytest.approx((1.0, 0.5))
+    assert np.allclose(ijk_to_ras(heat), ijk_to_ras(volume))
+    views = [logic.scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode") for _ in range(3)]
+    assert logic.set_heatmap_opacity(0.35, heat, volume) == 3
+    assert all(v.GetForegroundVolumeID() == heat.GetID() and v.GetForegroundOpacity() == pytest.approx(0.35)
+               for v in views)
+    logic.set_heatmap_opacity(7.0)
+    assert views[0].GetForegroundOpacity() == 1.0
+
+
+def test_bad_label_files_are_readable_errors(logic, t1c, tmp_path):
+    volume = logic.load_volume(str(t1c))
+    junk = tmp_path / "junk.nii.gz"
+    junk.write_bytes(b"not an image at all")
+    with pytest.raises(ValueError, match="junk.nii.gz"):
+        logic.load_label_as_segmentation(str(junk), volume, {"lesion": 1})
+    neg = tmp_path / "neg.nii.gz"
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), -1.5, np.float32), np.eye(4)), str(neg))
+    with pytest.raises(ValueError, match="neg.nii.gz"):
+        logic.load_label_as_segmentation(str(neg), volume, {"lesion": 1})
+    with pytest.raises(FileNotFoundError):
+        logic.load_volume(str(tmp_path / "missing.nii.gz"))
+    assert "__tumorlens_label__" not in scene_names(logic.scene)
+
+
+def test_save_report_next_to_scene(logic, tmp_path):
+    logic.scene.SetURL(str(tmp_path / "scene" / "study.mrml"))
+    res = logic.save_report({"report": {"findings": "Lesion in the right temporal pole.", "impression": "Glioma."},
+                             "verification": {"supported": True, "unsupported_claims": [],
+                                              "negation_conflicts": [], "checked": 3}}, "img-abc")
+    assert res["verified"] and Path(res["markdown_path"]).parent == tmp_path / "scene"
+    assert json.loads(Path(res["json_path"]).read_text())["status"] == res["status"]
+    assert "right temporal pole" in Path(res["markdown_path"]).read_text()
+
+
+def test_not_connected_is_a_server_error(logic):
+    with pytest.raises(tll.ServerError, match="not connected"):
+        logic.remote_next_sample("random")
+
+
+# ---- part 2: a real tumorlens server on loopback -------------------------------------------------------
+
+def _free_port() -> int:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``tumorlens serve`` on a free loopback port (TUMORLENS_MODELS_DIR is inherited); stopped after."""
+    exe = shutil.which("tumorlens") or str(Path(sys.executable).parent / "tumorlens")
+    studies = tmp_path_factory.mktemp("studies")
+    port = _free_port()
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("OMP_NUM_THREADS", "1")
+    log = open(tmp_path_factory.mktemp("serverlog") / "server.log", "w+")
+    proc = subprocess.Popen([exe, "serve", "--studies", str(studies), "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 150
+    try:
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"tumorlens serve exited with {proc.returncode}:\n{log.read()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url + "/info/", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                log.seek(0)
+                pytest.fail(f"tumorlens serve did not answer /info/ in 150 s:\n{log.read()[-3000:]}")
+            time.sleep(1.0)
+        yield {"url": url, "studies": studies}
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=20)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+        log.close()
+
+
+@pytest.mark.server
+def test_server_models_include_classification(logic, server):
+    info = logic.connect(server["url"])
+    types = {m["name"]: m["type"] for m in info["models"]}
+    for name in ("classification", "segmentation", "saliency_gradcam", "saliency_gradcampp", "saliency_scorecam"):
+        assert name in types, sorted(types)
+    assert types["classification"] == "classification"
+    assert {"random", "uncertainty"} <= set(info["strategies"])
+
+
+@pytest.mark.server
+@pytest.mark.slow
+def test_server_saliency_to_region_named_segments(logic, server, t1c, tmp_path):
+    logic.connect(server["url"])
+    volume = logic.load_volume(str(t1c))
+    res = logic.run_model(volume, "saliency_gradcampp", heatmap=True)
+    image_id = res["image_id"]
+    assert image_id in logic.client.datastore()["objects"]  # uploaded because the server lacked it
+    findings = res["findings"]
+    assert findings and findings["schema_version"].startswith("1.")
+    segments = res["segments"]
+    label = nib.load(res["label_path"]) if res["label_path"].endswith((".nii.gz", ".nii")) else None
+    seg = logic.scene.GetNodeByID(res["segmentation_node_id"])
+    assert segments, "saliency gave no segment"
+    regions = findings.get("regions") or []
+    for s in segments:
+        assert not seg.GetSegmentation().GetSegment(s["id"]).GetNameAutoGenerated()
+        if regions and len(segments) > 1:  # one value per region: the name says region and side
+            assert s["name"].endswith(("(left)", "(right)", "(midline)")) or s["name"].startswith("label "), s
+    out = logic.save_segmentation(seg, str(tmp_path / "saliency.seg.nrrd"))
+    vol_affine = nib.load(str(t1c)).affine
+    if label is not None:
+        arr = np.asarray(label.dataobj)
+        assert np.allclose(label.affine, vol_affine, atol=1e-3)
+        check_seg_nrrd(Path(out), {s["name"]: int((arr == s["value"]).sum()) for s in segments}, label.affine,
+                       {s["name"]: world_centroid(arr == s["value"], label.affine) for s in segments})
+    heat = logic.scene.GetNodeByID(res["heatmap_node_id"])
+    harr = slicer.util.arrayFromVolume(heat)
+    assert harr.min() >= 0.0 and harr.max() <= 1.0 + 1e-6 and harr.max() > 0
+    assert np.allclose(ijk_to_ras(heat), vol_affine, atol=1e-3)
+    # a second run does not upload again (same content hash)
+    before = len(logic.client.datastore()["objects"])
+    probs = logic.run_model(volume, "classification")["probabilities"]
+    assert len(logic.client.datastore()["objects"]) == before
+    assert list(probs) == list(tll.CLASS_NAMES) and abs(sum(probs.values()) - 1) < 1e-3
+
+
+@pytest.mark.server
+def test_server_mask_on_oblique_volume_lands_in_place(logic, server, oblique, tmp_path):
+    logic.connect(server["url"])
+    volume = logic.load_volume(str(oblique))
+    res = logic.run_model(volume, "segmentation")
+    label = nib.load(res["label_path"])
+    aff = nib.load(str(oblique)).affine
+    assert np.allclose(label.affine, aff, atol=1e-3)  # the server kept the oblique geometry
+    arr = np.asarray(label.dataobj)
+    seg = logic.scene.GetNodeByID(res["segmentation_node_id"])
+    out = logic.save_segmentation(seg, str(tmp_path / "oblique.seg.nrrd"))
+    check_seg_nrrd(Path(out), {s["name"]: int((arr == s["value"]).sum()) for s in res["segments"]}, aff,
+                   {s["name"]: world_centroid(arr == s["value"], aff) for s in res["segments"]})
+    path, _ = logic.export_label(seg, volume, str(tmp_path / "back.nii.gz"))
+    assert np.array_equal(np.asarray(nib.load(path).dataobj) > 0, arr > 0)
+
+
+@pytest.mark.server
+def test_server_errors_are_messages_and_server_keeps_serving(logic, server, t1c):
+    logic.connect(server["url"])
+    volume = logic.load_volume(str(t1c))
+    with pytest.raises(tll.ServerError) as e:
+        logic.run_model(volume, "no_such_model")
+    assert 400 <= e.value.status < 500 and e.value.message
+    with pytest.raises(tll.ServerError) as e:
+        logic.remote_ensure_image("img-missing", None)
+    assert e.value.status == 404
+    assert logic.connect(server["url"])["models"]
+
+
+@pytest.mark.server
+def test_server_next_sample_and_submit_label(logic, server, t1c, tmp_path):
+    logic.connect(server["url"])
+    uploaded = logic.load_volume(str(t1c))
+    logic.remote_ensure_image(*logic.prepare_upload(uploaded))
+    node = logic.next_sample("random")
+    assert node is not None and node.GetAttribute(TumorLens.IMAGE_ID_ATTR)
+    image_id = node.GetAttribute(TumorLens.IMAGE_ID_ATTR)
+    # a label drawn in Slicer: the real BraTS tumour labels of that volume, as a segmentation
+    seg, segments = logic.load_label_as_segmentation(
+        str(t1c.parent / "OTMultiClass.nii.gz"), node, {"necrosis": 1, "oedema": 2, "non-enhancing": 3,
+                                                          "enhancing": 4})
+    res = logic.submit_label(seg, node)
+    assert res.get("image") == image_id and res.get("label")
+    labels = logic.client.datastore()["objects"][image_id]["labels"]
+    assert "final" in labels
