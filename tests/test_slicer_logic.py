@@ -65,18 +65,21 @@ def rotation(deg_z: float, deg_x: float) -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def oblique(t1c, tmp_path_factory) -> Path:
-    """The same real voxels with a rotated affine (non-identity direction matrix), rotated about
-    the volume centre so the brain stays near the origin."""
+    """Real voxels (the 70 axial slices holding the tumour, to keep CPU time down) with a rotated
+    affine (non-identity direction matrix), rotated about the volume centre."""
     img = nib.load(str(t1c))
+    z0, z1 = 30, 100
+    data = np.asarray(img.dataobj, dtype=np.float32)[:, :, z0:z1]
     aff = img.affine.copy()
-    centre = aff @ np.r_[(np.array(img.shape) - 1) / 2.0, 1.0]
+    aff[:3, 3] = (aff @ np.array([0, 0, z0, 1.0]))[:3]
+    centre = aff @ np.r_[(np.array(data.shape) - 1) / 2.0, 1.0]
     rot = np.eye(4)
     rot[:3, :3] = rotation(25.0, 12.0)
     shift = np.eye(4)
     shift[:3, 3] = centre[:3]
     new = shift @ rot @ np.linalg.inv(shift) @ aff
     out = tmp_path_factory.mktemp("oblique") / "oblique_t1c.nii.gz"
-    nimg = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), new)
+    nimg = nib.Nifti1Image(data, new)
     nimg.set_qform(new, code=1)
     nimg.set_sform(new, code=1)
     nib.save(nimg, str(out))
@@ -401,3 +404,35 @@ def test_server_next_sample_and_submit_label(logic, server, t1c, tmp_path):
     assert res.get("image") == image_id and res.get("label")
     labels = logic.client.datastore()["objects"][image_id]["labels"]
     assert "final" in labels
+
+
+# ---- module file consistency (the Qt parts cannot run here; check what can be checked) -------------------
+
+def test_widget_uses_only_widgets_of_the_ui_file():
+    import re
+    import xml.etree.ElementTree as ET
+
+    root = project_root() / "slicer_module" / "TumorLens"
+    ui = {w.get("name") for w in ET.parse(root / "Resources" / "UI" / "TumorLens.ui").iter("widget")}
+    used = set(re.findall(r"self\.ui\.(\w+)", (root / "TumorLens.py").read_text()))
+    assert used and used <= ui, sorted(used - ui)
+    cmake = (root / "CMakeLists.txt").read_text()
+    for f in (root / "TumorLensLib").glob("*.py"):
+        assert f"TumorLensLib/{f.name}" in cmake, f.name  # every library file is packaged
+    assert (root / "Resources" / "Icons" / "TumorLens.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_module_metadata_and_requirements(monkeypatch):
+    class Parent:
+        pass
+
+    p = Parent()
+    TumorLens.TumorLens(p)
+    assert p.title == "TumorLens" and "Segmentations" in p.dependencies
+    installed = []
+    monkeypatch.setattr(slicer.util, "pip_install", lambda spec: installed.append(spec))  # no pip inside tests
+    assert TumorLens.ensure_requirements({"json": "json"}) == []
+    assert TumorLens.ensure_requirements({"tumorlens_no_such_pkg": "tumorlens-no-such-pkg==1.0"}) == [
+        "tumorlens-no-such-pkg==1.0"]
+    assert installed == ["tumorlens-no-such-pkg==1.0"]
+    assert TumorLens.ensure_requirements() == []  # TumorLensLib needs nothing beyond Slicer's Python
