@@ -1,0 +1,56 @@
+"""Where the classifier's evidence (Grad-CAM++) and the segmentation head disagree.
+
+An image on which the two heads of one network point at different places is one the model has not
+understood: labelling it teaches more than labelling an image it already gets right. The score is
+``P(tumour) * (1 - Dice(saliency mask, seg mask))``, so tumour-free predictions (where a saliency
+map has no lesion to agree with) rank low.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.visualize import GradCAMpp
+
+from tumorlens.activelearning.inputs import network_inputs
+from tumorlens.labels import NO_TUMOUR
+from tumorlens.models.dualhead import ClassifierView
+from tumorlens.models.registry import LoadedModel
+
+SALIENCY_LEVEL = 0.5  # Grad-CAM++ maps are min-max normalised per image; keep the upper half
+SEG_THRESHOLD = 0.5
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    sa, sb = int(a.sum()), int(b.sum())
+    if sa + sb == 0:
+        return 1.0
+    return float(2.0 * np.logical_and(a, b).sum() / (sa + sb))
+
+
+def saliency_seg_disagreement(model: LoadedModel, img: MetaTensor, max_slices: int = 4) -> dict:
+    """Disagreement score in [0, 1] of one image (volumes: mean over representative slices)."""
+    x = network_inputs(img, model.image_size, max_slices=max_slices)
+    net = model.net.eval()
+    with torch.no_grad():
+        logits, seg = net(x)
+        probs = logits.softmax(1)
+    cam = GradCAMpp(nn_module=ClassifierView(net), target_layers=f"net.{net.cam_layer}")
+    with torch.enable_grad():
+        sal = cam(x.clone().requires_grad_(False)).detach().numpy()[:, 0]
+    seg_m = seg.sigmoid().numpy()[:, 0] >= SEG_THRESHOLD
+    sal_m = sal >= SALIENCY_LEVEL
+    no_idx = list(model.labels).index(NO_TUMOUR) if NO_TUMOUR in model.labels else -1
+    p_tumour = 1.0 - probs[:, no_idx].numpy() if no_idx >= 0 else np.ones(len(x))
+    dices = np.array([_dice(sal_m[i], seg_m[i]) for i in range(len(x))])
+    scores = p_tumour * (1.0 - dices)
+    return {
+        "score": float(scores.mean()),
+        "dice": float(dices.mean()),
+        "p_tumour": float(p_tumour.mean()),
+        "saliency_fraction": float(sal_m.mean()),
+        "seg_fraction": float(seg_m.mean()),
+        "slices": int(len(x)),
+        "saliency_method": "gradcampp",
+    }

@@ -1,0 +1,115 @@
+"""Fine-tune the current dual-head model on a datastore's labelled images (the relabel loop's
+"train" step), reusing the training package's dataset, augmentations, optimisers and losses.
+
+Labelled items are 2D images (one sample each) or volumes (axial slices: those the label mask
+touches carry the volume's class, a few brain slices it does not touch are tumour-free).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.losses import DiceLoss
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from tumorlens.data.dataset import ArrayDataset, train_transforms
+from tumorlens.data.normalize import foreground_mask, normalize_intensity
+from tumorlens.data.readers import is_volume, read_image
+from tumorlens.errors import InvalidInputError
+from tumorlens.inference import prepare_slice, resize_2d, volume_to_display
+from tumorlens.labels import CLASS_NAMES, NO_TUMOUR, class_index
+from tumorlens.models.registry import LoadedModel
+from tumorlens.training.train import make_optimizer, validate
+
+
+def read_label_like(path: str | Path, img) -> np.ndarray:
+    """A label file as a binary array on the image's own grid (2D: rows x cols; volume: X, Y, Z)."""
+    lab = read_image(path)
+    arr = lab.detach().cpu().numpy()[0] > 0
+    want = tuple(img.shape[1:])
+    if arr.shape != want and arr.ndim == 3 and arr.shape[-1] == 1 and arr.shape[:2] == want:
+        arr = arr[..., 0]  # a 2D image's label stored as a one-slice NIfTI
+    if arr.shape != want:
+        raise InvalidInputError(path, f"label shape {arr.shape} does not match image shape {want}")
+    return arr.astype(np.uint8)
+
+
+def item_arrays(image: str | Path, label: str | Path | None, class_name: str, size: int,
+                max_clear_slices: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(images uint8 [N, S, S], masks uint8 [N, S, S], labels [N]) of one labelled item."""
+    if class_name not in CLASS_NAMES:
+        raise InvalidInputError(label or image, f"unknown class {class_name!r}: one of {', '.join(CLASS_NAMES)}")
+    img = read_image(image)
+    mask = read_label_like(label, img) if label else np.zeros(img.shape[1:], np.uint8)
+    arr = img.detach().cpu().numpy()[0]
+    if not is_volume(img):
+        x = prepare_slice(arr, size)[0, 0].numpy()
+        m = resize_2d(torch.from_numpy(mask.astype(np.float32))[None, None], size)[0, 0].numpy() >= 0.5
+        return (np.round(x * 255).astype(np.uint8)[None], m.astype(np.uint8)[None],
+                np.array([class_index(class_name)]))
+    disp, _ = volume_to_display(arr, np.asarray(img.affine, dtype=float))
+    mdisp, _ = volume_to_display(mask, np.asarray(img.affine, dtype=float))
+    area = np.array([foreground_mask(s).mean() for s in disp])
+    brain = area >= 0.25 * max(area.max(), 1e-9)
+    touched = np.where(mdisp.reshape(len(mdisp), -1).any(1))[0]
+    clear = np.where(brain & ~mdisp.reshape(len(mdisp), -1).any(1))[0]
+    if class_name == NO_TUMOUR:
+        touched = np.array([], dtype=int)
+        clear = np.where(brain)[0]
+    if clear.size:
+        clear = clear[np.linspace(0, clear.size - 1, min(max_clear_slices, clear.size)).round().astype(int)]
+    idx = np.concatenate([touched, clear]).astype(int)
+    if idx.size == 0:
+        raise InvalidInputError(image, "volume has no usable slices for training")
+    vnorm = normalize_intensity(disp)
+    x = resize_2d(torch.from_numpy(vnorm[idx].copy())[:, None], size)[:, 0].numpy()
+    m = resize_2d(torch.from_numpy(mdisp[idx].astype(np.float32))[:, None], size)[:, 0].numpy() >= 0.5
+    y = np.array([class_index(class_name)] * touched.size + [class_index(NO_TUMOUR)] * (idx.size - touched.size))
+    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8), m.astype(np.uint8), y
+
+
+def finetune(model: LoadedModel, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, *, epochs: int = 1,
+             lr: float = 1e-4, batch_size: int = 8, seg_weight: float = 1.0, seed: int = 0,
+             progress: bool = True, on_epoch: Callable[[dict], None] | None = None,
+             val: Sequence[np.ndarray] | None = None) -> tuple[torch.nn.Module, list[dict]]:
+    """Continue training a copy of ``model.net``; the loaded (serving) model is left untouched."""
+    import copy
+
+    torch.manual_seed(seed)
+    net = copy.deepcopy(model.net).float().train()
+    ds = ArrayDataset(images, masks, labels, train_transforms())
+    loader = DataLoader(ds, batch_size=min(batch_size, len(ds)), shuffle=True, num_workers=0, drop_last=False)
+    ce = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
+    dice = DiceLoss(sigmoid=True, batch=True)
+    bce = torch.nn.BCEWithLogitsLoss()
+    opt = make_optimizer("adamw", net.parameters(), lr, 1e-4)
+    history = []
+    for epoch in range(epochs):
+        net.train()
+        # batch-norm statistics of a large pretraining set should not be overwritten by a handful of images
+        for mod in net.modules():
+            if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+                mod.eval()
+        t0 = time.time()
+        losses = []
+        for x, m, y in tqdm(loader, desc=f"fine-tune epoch {epoch + 1}/{epochs}", disable=not progress, leave=False):
+            logits, seg = net(x)
+            loss = ce(logits, y) + seg_weight * (dice(seg, m) + bce(seg, m))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(float(loss))
+        rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 2),
+               "samples": len(ds)}
+        if val is not None and len(val[0]):
+            vm = validate(net, *val, torch.device("cpu"))
+            rec.update(val_accuracy=vm["accuracy"], val_seg_dice=vm["seg_dice"])
+        history.append(rec)
+        if on_epoch:
+            on_epoch(rec)
+    return net.eval(), history

@@ -1,0 +1,92 @@
+"""``tumorlens serve [--studies DIR] [--host 127.0.0.1] [--port 8000]``.
+
+Runs ``monailabel start_server --app monai_app`` with this environment's ``bin/`` first on PATH (the
+``monailabel`` launcher runs whichever ``python`` comes first). Without ``--studies`` it serves a
+working copy of the bundled ``samples/studies`` (the datastore writes labels and its index next
+to the images, and the repository's copy must stay untouched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from tumorlens.errors import InvalidInputError
+
+
+def default_workdir() -> Path:
+    env = os.environ.get("TUMORLENS_WORKDIR")
+    if env:
+        return Path(env)
+    return Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local" / "share")) / "tumorlens"
+
+
+def prepare_sample_studies(dest: Path) -> Path:
+    """Copy the bundled sample studies into ``dest`` (files already there are kept: labels made in
+    an earlier session survive a restart)."""
+    from tumorlens.paths import sample_studies_dir
+
+    src = sample_studies_dir()
+    if not src.is_dir():
+        raise InvalidInputError(src, "bundled sample studies are missing")
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(src.iterdir()):
+        if f.is_file() and not (dest / f.name).exists():
+            shutil.copy2(f, dest / f.name)
+            (dest / f.name).chmod(0o644)
+    return dest
+
+
+def server_command(studies: str, host: str, port: int, conf: list[list[str]] | None = None,
+                   extra: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """The ``monailabel start_server`` command line and environment."""
+    from tumorlens.paths import project_root
+
+    bindir = str(Path(sys.executable).parent)
+    env = dict(os.environ)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    exe = shutil.which("monailabel", path=env["PATH"])
+    if exe is None:
+        raise InvalidInputError(None, f"the 'monailabel' launcher is not installed in {bindir}")
+    cmd = [exe, "start_server", "--app", str(project_root() / "monai_app"), "--studies", studies,
+           "--host", host, "--port", str(port)]
+    for k, v in conf or []:
+        cmd += ["--conf", k, v]
+    cmd += list(extra or [])
+    return cmd, env
+
+
+def run(args: argparse.Namespace) -> int:
+    studies = args.studies
+    if studies is None:
+        studies = str(prepare_sample_studies(Path(args.workdir or default_workdir()) / "studies"))
+        print(f"serving the bundled sample studies from {studies}", file=sys.stderr)
+    elif not studies.startswith(("http://", "https://")):
+        p = Path(studies)
+        if not p.is_dir():
+            raise InvalidInputError(p, "studies folder does not exist")
+        studies = str(p.resolve())
+    cmd, env = server_command(studies, args.host, args.port, args.conf)
+    print(" ".join(cmd), file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execvpe(cmd[0], cmd, env)  # the server replaces this process: signals reach it directly
+    return 0  # pragma: no cover
+
+
+def register(sub) -> None:
+    p = sub.add_parser("serve", help="run the MONAI Label server with the tumorlens app",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("--studies", default=None,
+                   help="datastore: a folder of images, or a DICOMweb URL (default: a copy of the bundled samples)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workdir", default=None,
+                   help="where the copy of the sample studies goes (default $TUMORLENS_WORKDIR or ~/.local/share/tumorlens)")
+    p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"),
+                   help="app setting passed to the server, e.g. --conf model PATH (see monai_app/README.md)")
+    p.set_defaults(func=run)

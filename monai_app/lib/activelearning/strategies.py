@@ -1,0 +1,45 @@
+"""Next-sample strategies over the datastore's unlabelled images: ``random``, ``uncertainty``
+(highest MC-dropout predictive entropy) and ``saliency_disagreement`` (where Grad-CAM++ and the
+segmentation head disagree most). Scores come from the scoring methods' store; images not scored
+yet under the current model are scored on the spot (at most ``max_compute`` per request)."""
+
+from __future__ import annotations
+
+import random
+
+from monailabel.interfaces.datastore import Datastore
+from monailabel.interfaces.tasks.strategy import Strategy
+
+from lib.scoring.scores import score_images, unlabelled
+from lib.state import AppState
+
+
+class RandomUnlabelled(Strategy):
+    def __init__(self):
+        super().__init__("A random unlabelled image (optional 'seed' for a reproducible pick)")
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        ids = unlabelled(datastore)
+        if not ids:
+            return {}
+        rng = random.Random(request.get("seed"))
+        pick = rng.choice(ids)
+        return {"id": pick, "strategy": "random", "candidates": len(ids)}
+
+
+class ScoredStrategy(Strategy):
+    def __init__(self, state: AppState, kind: str, description: str):
+        super().__init__(description)
+        self.state = state
+        self.kind = kind
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        ids = unlabelled(datastore)
+        if not ids:
+            return {}
+        scores = score_images(self.state, datastore, self.kind, ids, limit=int(request.get("max_compute", 32)))
+        if not scores:
+            return {}
+        pick = max(scores, key=lambda k: (scores[k]["value"], k))
+        return {"id": pick, "strategy": self.kind, "score": scores[pick]["value"],
+                "model_version": scores[pick]["model_version"], "candidates": len(ids), "scored": len(scores)}

@@ -1,0 +1,175 @@
+"""The local-folder datastore with the checks MONAI Label leaves to the app.
+
+MONAI Label's ``LocalDatastore`` copies whatever it is sent straight into place. Here every upload
+is read with tumorlens' readers first (a non-image or corrupt file is a 400 and nothing is
+stored), ids cannot leave the folder, a label must match its image's grid, and every file -
+images, labels and ``datastore_v2.json`` - is written to a hidden temporary name and renamed, so a
+crash mid-save never leaves a half-written file that would be served afterwards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from monailabel.datastore.local import LocalDatastore
+from monailabel.interfaces.datastore import DefaultLabelTag
+
+from lib.errors import bad_request, check_id, not_found
+from tumorlens.activelearning.finetune import read_label_like
+from tumorlens.data.readers import read_image
+from tumorlens.errors import InvalidInputError
+
+EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.jpg", "*.jpeg", "*.png", "*.dcm"]
+PARTIAL = ".partial"
+logger = logging.getLogger(__name__)
+
+
+def atomic_copy(src: str | Path, dest: str | Path) -> None:
+    dest = Path(dest)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=PARTIAL, dir=dest.parent)
+    os.close(fd)
+    try:
+        shutil.copyfile(src, tmp)
+        os.chmod(tmp, 0o644)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _ext(name: str) -> str:
+    low = name.lower()
+    for e in (x.replace("*", "") for x in EXTENSIONS):
+        if low.endswith(e):
+            return e
+    return Path(name).suffix.lower()
+
+
+class TumorlensDatastore(LocalDatastore):
+    """``LocalDatastore`` + validation + atomic writes (see the module docstring)."""
+
+    def __init__(self, datastore_path: str, **kwargs):
+        self._sweep(Path(datastore_path))
+        super().__init__(datastore_path, extensions=EXTENSIONS, **kwargs)
+
+    @staticmethod
+    def _sweep(root: Path) -> None:
+        """Remove temporary files a killed save left behind (they were never renamed into place)."""
+        if not root.is_dir():
+            return
+        for p in list(root.glob(f".*{PARTIAL}")) + list(root.glob(f"labels/*/.*{PARTIAL}")) + \
+                list(root.glob(".datastore_v2.json.*.tmp")):
+            logger.warning(f"removing half-written file left by an interrupted save: {p.name}")
+            p.unlink(missing_ok=True)
+
+    # ---- writes ----------------------------------------------------------------------------------
+    def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        ext = _ext(image_filename)
+        if f"*{ext}" not in EXTENSIONS:
+            raise bad_request(f"upload {image_id or ''}{ext}: unsupported file type {ext!r}; "
+                              "send JPEG/PNG, NIfTI (.nii/.nii.gz), NRRD or DICOM (.dcm)")
+        image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
+        check_id(image_id)
+        try:
+            img = read_image(image_filename)
+        except InvalidInputError as e:
+            raise bad_request(f"upload {image_id}{ext}: {e.problem}") from e
+        info = dict(image_info or {})
+        info.update(kind=img.meta.get("kind"), dims=[int(s) for s in img.shape[1:]])
+        dest = Path(self._datastore.image_path()) / self._filename(image_id, ext)
+        with self._lock():
+            atomic_copy(image_filename, dest)
+            import time
+
+            from monailabel.datastore.local import DataModel, ImageLabelModel
+
+            info.update(ts=int(time.time()), name=dest.name)
+            old = self._datastore.objects.get(image_id)
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext),
+                                                                labels=old.labels if old and old.image.ext == ext else {})
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        check_id(image_id)
+        check_id(label_tag or DefaultLabelTag.FINAL.value, "label tag")
+        obj = self._datastore.objects.get(image_id)
+        if not obj:
+            raise not_found(f"unknown image id {image_id!r}: upload the image first")
+        ext = _ext(label_filename)
+        if ext not in (".nii.gz", ".nii", ".nrrd", ".png"):
+            raise bad_request(f"label for {image_id}: unsupported label type {ext!r}; send PNG (2D), NIfTI or NRRD")
+        try:
+            img = read_image(self.get_image_uri(image_id))
+            read_label_like(label_filename, img)
+        except InvalidInputError as e:
+            raise bad_request(f"label for {image_id}: {e.problem}") from e
+        info = dict(label_info or {})
+        cls = info.get("class_name") or info.get("class")
+        if cls is not None:
+            from tumorlens.labels import CLASS_NAMES
+
+            if cls not in CLASS_NAMES:
+                raise bad_request(f"label for {image_id}: unknown class {cls!r}; one of {', '.join(CLASS_NAMES)}")
+        tag = label_tag or DefaultLabelTag.FINAL.value
+        label_path = Path(self._datastore.label_path(tag))
+        label_path.mkdir(parents=True, exist_ok=True)
+        import time
+
+        from monailabel.datastore.local import DataModel
+
+        with self._lock():
+            for stale in label_path.glob(f"{image_id}.*"):  # a label saved before in another format
+                if _ext(stale.name) != ext and self._to_id(stale.name)[0] == image_id:
+                    stale.unlink()
+            dest = label_path / self._filename(image_id, ext)
+            atomic_copy(label_filename, dest)
+            info.update(ts=int(time.time()), name=dest.name)
+            obj.labels[tag] = DataModel(info=info, ext=ext)
+            self._update_datastore_file(lock=False)
+        return image_id
+
+    def remove_image(self, image_id: str) -> None:
+        check_id(image_id)
+        if image_id not in self._datastore.objects:
+            raise not_found(f"unknown image id {image_id!r}")
+        super().remove_image(image_id)
+
+    def remove_label(self, label_id: str, label_tag: str) -> None:
+        check_id(label_id)
+        check_id(label_tag, "label tag")
+        super().remove_label(label_id, label_tag)
+
+    def _lock(self):
+        from filelock import FileLock
+
+        return FileLock(self._lock_file)
+
+    def _update_datastore_file(self, lock=True):
+        """Same content as MONAI Label writes, but via a temporary file and a rename."""
+
+        def _write():
+            self._ignore_event_config = True
+            text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
+            path = Path(self._datastore_config_path)
+            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+            self._config_ts = os.stat(path).st_mtime
+
+        if lock:
+            with self._lock():
+                _write()
+        else:
+            _write()

@@ -1,0 +1,130 @@
+"""Common part of every tumorlens infer task: read the image with tumorlens' readers, run one
+core call under the current model version, write the label file on the input's own geometry.
+
+MONAI Label's ``BasicInferTask`` pipeline (LoadImage -> transforms -> writer) would re-read images
+with other conventions (2D arrays transposed, affine from the prediction); tumorlens already returns
+masks on the input grid, so these tasks implement ``InferTask`` directly and write the label file
+themselves: a PNG the size of a JPEG/PNG input (pixel (row, col) over pixel (row, col)), and a NIfTI
+(or NRRD) with the input's affine for volumes and DICOM images.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+from monai.data import MetaTensor
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from lib.errors import bad_request
+from lib.state import AppState
+from tumorlens.data.readers import PHOTO_EXT, is_volume, read_image
+from tumorlens.errors import InvalidInputError, TumorlensError
+
+logger = logging.getLogger(__name__)
+LABEL_EXTENSIONS = (".png", ".nii.gz", ".nii", ".nrrd")
+
+
+def describe_source(request: dict) -> str:
+    """How to name the input in an error: the datastore id, or 'uploaded file'."""
+    return request.get("image_id") or "uploaded file"
+
+
+def default_extension(img: MetaTensor) -> str:
+    src = str(img.meta.get("filename_or_obj", "")).lower()
+    if not is_volume(img) and src.endswith(PHOTO_EXT):
+        return ".png"
+    return ".nii.gz"
+
+
+def write_label(arr: np.ndarray, img: MetaTensor, ext: str, dtype=np.uint8) -> str:
+    """Write a label (or heatmap) array on ``img``'s grid; returns the temporary file's path."""
+    arr = np.asarray(arr)
+    out = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
+    if ext == ".png":
+        if is_volume(img):
+            raise bad_request("a PNG label needs a 2D image; ask for .nii.gz or .nrrd")
+        from PIL import Image
+
+        Image.fromarray(arr.astype(np.uint8)).save(out)
+        return out
+    affine = np.asarray(img.affine, dtype=float)
+    data = arr if is_volume(img) else arr[..., None]  # 2D: (row, col, 1) with the (row, col, 0) affine
+    if ext in (".nii.gz", ".nii"):
+        nimg = nib.Nifti1Image(data.astype(dtype), affine)
+        nimg.header.set_xyzt_units("mm")
+        nib.save(nimg, out)
+        return out
+    import SimpleITK as sitk
+
+    lps = np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine
+    spacing = np.linalg.norm(lps[:3, :3], axis=0)
+    image = sitk.GetImageFromArray(np.transpose(data.astype(dtype), (2, 1, 0)).copy())
+    image.SetSpacing(spacing.tolist())
+    image.SetOrigin(lps[:3, 3].tolist())
+    image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
+    sitk.WriteImage(image, out, True)
+    return out
+
+
+class TumorlensInfer(InferTask):
+    """Subclasses implement ``run(img, request) -> (label array | None, result json)``."""
+
+    def __init__(self, state: AppState, type: InferType | str, labels: dict[str, int], dimension: int,
+                 description: str, config: dict[str, Any] | None = None):
+        super().__init__(type=type, labels=labels, dimension=dimension, description=description, config=config)
+        self.state = state
+
+    def is_valid(self) -> bool:
+        try:
+            self.state.versions.current_path()
+            return True
+        except TumorlensError as e:
+            logger.error(f"model not available: {e}")
+            return False
+
+    def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
+        raise NotImplementedError
+
+    def label_names(self, result: dict) -> dict[str, int]:
+        return dict(self.labels) if isinstance(self.labels, dict) else {}
+
+    def __call__(self, request: dict) -> tuple[str | None, dict]:
+        t0 = time.time()
+        req = dict(self.config())
+        req.update(request)
+        path = req.get("image")
+        if not isinstance(path, str) or not path:
+            raise bad_request("no image: give a datastore image id or send a file")
+        src = describe_source(req)
+        try:
+            img = read_image(path)
+        except InvalidInputError as e:
+            raise bad_request(f"{src}: {e.problem}") from e
+        ext = req.get("result_extension") or default_extension(img)
+        if ext not in LABEL_EXTENSIONS:
+            raise bad_request(f"result_extension {ext!r} not supported: one of {', '.join(LABEL_EXTENSIONS)}")
+        t1 = time.time()
+        try:
+            with self.state.infer_lock:
+                arr, result = self.run(img, req)
+        except InvalidInputError as e:
+            raise bad_request(f"{src}: {e.problem}") from e
+        t2 = time.time()
+        out = None
+        if arr is not None:
+            out = write_label(arr, img, ext, dtype=np.float32 if arr.dtype.kind == "f" else np.uint8)
+        result.setdefault("label_names", self.label_names(result))
+        result["input"] = {"kind": img.meta.get("kind"), "dims": [int(s) for s in img.shape[1:]],
+                           "file": os.path.basename(Path(str(img.meta.get("filename_or_obj", ""))))}
+        if req.get("image_id"):
+            result["input"]["file"] = req["image_id"]
+        result["latencies"] = {"read": round(t1 - t0, 4), "infer": round(t2 - t1, 4),
+                               "write": round(time.time() - t2, 4), "total": round(time.time() - t0, 4)}
+        return out, result

@@ -1,0 +1,81 @@
+"""``saliency_gradcam`` / ``saliency_gradcampp`` / ``saliency_scorecam``: the adaptive saliency mask
+as a label file, and the findings record (class, uncertainty, masks, atlas regions) in the JSON.
+
+The label file holds one value per atlas region the lesion touches (``label_names`` maps the
+region names to those values; a lesion without a confident placement is one "lesion" label).
+With ``{"heatmap": true}`` in the params the label file is the saliency heatmap instead
+(float32 in [0, 1]; 0-255 in a PNG).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+from monai.data import MetaTensor
+from monailabel.interfaces.tasks.infer_v2 import InferType
+
+from lib.infers.base import TumorlensInfer
+from lib.state import AppState
+
+logger = logging.getLogger(__name__)
+METHODS = {"saliency_gradcam": "gradcam", "saliency_gradcampp": "gradcampp", "saliency_scorecam": "scorecam"}
+LESION = "lesion"
+
+
+def saliency_available() -> bool:
+    """The saliency package lands separately: offer the tasks only once it can explain."""
+    try:
+        import tumorlens.saliency as sal
+    except Exception as e:  # noqa: BLE001 - a half-installed package must not stop the server
+        logger.warning(f"saliency tasks unavailable: {type(e).__name__}: {e}")
+        return False
+    return hasattr(sal, "explain")
+
+
+def region_labelmap(expl, findings: dict) -> tuple[np.ndarray, dict[str, int]]:
+    """Per-region label values when the explanation carries a region labelmap, else one lesion label."""
+    mask = expl.mask.detach().cpu().numpy()[0].astype(np.uint8)
+    names = getattr(expl, "region_names", None)
+    regmap = getattr(expl, "region_map", None)
+    if regmap is not None and names:
+        lab = np.asarray(regmap.detach().cpu().numpy()[0] if hasattr(regmap, "detach") else regmap, np.uint8)
+        return lab * (mask > 0), {str(n): int(i) for i, n in enumerate(names, start=1)}
+    # one binary lesion label; the regions it covers are in findings["regions"] (largest share first)
+    return (mask > 0).astype(np.uint8), {LESION: 1}
+
+
+class SaliencyInfer(TumorlensInfer):
+    def __init__(self, state: AppState, name: str):
+        self.method = METHODS[name]
+        super().__init__(state, InferType.SEGMENTATION, {LESION: 1}, 3,
+                         f"Explanation by {self.method}: adaptive saliency mask as label (named by atlas region) "
+                         "and the findings record (JSON); params {'heatmap': true} returns the heatmap",
+                         config={"heatmap": False, "with_regions": True})
+
+    def is_valid(self) -> bool:
+        return saliency_available() and super().is_valid()
+
+    def explain(self, img: MetaTensor, request: dict):
+        from tumorlens.saliency import explain
+
+        patient = request.get("patient") if isinstance(request.get("patient"), dict) else None
+        return explain(img, method=self.method, model=self.state.model(),
+                       with_regions=bool(request.get("with_regions", True)), patient=patient)
+
+    def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
+        expl = self.explain(img, request)
+        findings = expl.findings.model_dump(mode="json")
+        out = {"findings": findings, "method": self.method,
+               "model": {"name": self.state.model().name, "version": self.state.model_version()}}
+        if str(request.get("heatmap", False)).lower() in ("1", "true", "yes"):
+            heat = expl.heatmap.detach().cpu().numpy()[0].astype(np.float32)
+            out["label_names"] = {"saliency": 1}
+            out["heatmap"] = True
+            if str(request.get("result_extension", "")) == ".png" or (img.meta.get("kind") == "image2d" and
+                                                                       not request.get("result_extension")):
+                return np.round(np.clip(heat, 0, 1) * 255).astype(np.uint8), out
+            return heat, out
+        lab, names = region_labelmap(expl, findings)
+        out["label_names"] = names
+        return lab, out

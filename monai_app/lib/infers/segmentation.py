@@ -1,0 +1,33 @@
+"""``segmentation``: the segmentation head's tumour mask as a uint8 label file on the input geometry."""
+
+from __future__ import annotations
+
+import numpy as np
+from monai.data import MetaTensor
+from monailabel.interfaces.tasks.infer_v2 import InferType
+
+from lib.infers.base import TumorlensInfer
+from lib.state import AppState
+from tumorlens.inference import Predictor
+
+TUMOUR_LABEL = {"tumor": 1}
+
+
+class SegmentationInfer(TumorlensInfer):
+    def __init__(self, state: AppState):
+        super().__init__(state, InferType.SEGMENTATION, dict(TUMOUR_LABEL), 3,
+                         "Tumour mask of the dual-head model's segmentation head (label 1 = tumour); "
+                         "2D slices and volumes (slice-wise), on the input's grid")
+
+    def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
+        model = self.state.model()
+        pred = Predictor(model).predict(img)
+        mask = pred.mask.detach().cpu().numpy()[0].astype(np.uint8)
+        out = {
+            "label": pred.label,
+            "probabilities": pred.probabilities,
+            "voxels": int(mask.sum()),
+            "model": {"name": model.name, "version": self.state.model_version()},
+        }
+        out.update(pred.extra)
+        return mask, out

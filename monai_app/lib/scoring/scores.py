@@ -1,0 +1,85 @@
+"""Scoring methods: precompute, for every unlabelled image, the uncertainty (MC-dropout entropy)
+or the saliency/segmentation disagreement under the current model version.
+
+Scores are kept in the app state (``scores.json``) keyed by image id, with the model version and
+the image file's modification time, so a new model version or a replaced image is scored again
+and an unchanged one is not.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.scoring import ScoringMethod
+from tqdm import tqdm
+
+from lib.state import AppState
+from tumorlens.activelearning.disagreement import saliency_seg_disagreement
+from tumorlens.activelearning.uncertainty import image_uncertainty
+from tumorlens.data.readers import read_image
+from tumorlens.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+KINDS: dict[str, Callable] = {
+    "uncertainty": lambda model, img: image_uncertainty(model, img, "mc_dropout"),
+    "saliency_disagreement": saliency_seg_disagreement,
+}
+VALUE = {"uncertainty": "entropy_normalised", "saliency_disagreement": "score"}
+
+
+def unlabelled(datastore: Datastore) -> list[str]:
+    return sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))
+
+
+def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str], limit: int | None = None,
+                 progress: bool = False) -> dict[str, dict]:
+    """Score ``ids`` whose entry is missing or stale (at most ``limit`` new ones); returns all
+    current entries for ``ids`` as ``{id: {"value", ...}}``."""
+    version = state.model_version()
+    model = state.model()
+    scores = state.read_scores()
+    out: dict[str, dict] = {}
+    new: dict[str, dict] = {}
+    todo = []
+    for image_id in ids:
+        uri = datastore.get_image_uri(image_id)
+        mtime = os.path.getmtime(uri) if uri and os.path.exists(uri) else None
+        entry = scores.get(image_id, {}).get(kind)
+        if entry and entry.get("model_version") == version and entry.get("mtime") == mtime:
+            out[image_id] = entry
+        else:
+            todo.append((image_id, uri, mtime))
+    if limit is not None:
+        todo = todo[:limit]
+    for image_id, uri, mtime in tqdm(todo, desc=f"scoring {kind}", disable=not progress):
+        try:
+            with state.infer_lock:
+                res = KINDS[kind](model, read_image(uri))
+        except InvalidInputError as e:
+            logger.warning(f"cannot score {image_id}: {e.problem}")
+            continue
+        entry = {"value": float(res[VALUE[kind]]), "model_version": version, "mtime": mtime, "detail": res}
+        out[image_id] = entry
+        new[image_id] = {kind: entry}
+    if new:
+        state.update_scores(new)
+    return out
+
+
+class TumorlensScoring(ScoringMethod):
+    def __init__(self, state: AppState, kind: str):
+        super().__init__({"uncertainty": "Predictive entropy (MC-dropout, 30 passes) of every unlabelled image",
+                          "saliency_disagreement": "1 - Dice(Grad-CAM++ mask, seg-head mask), weighted by P(tumour), "
+                                                   "of every unlabelled image"}[kind])
+        self.state = state
+        self.kind = kind
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        ids = unlabelled(datastore)
+        res = score_images(self.state, datastore, self.kind, ids, progress=True)
+        return {"method": self.kind, "model_version": self.state.model_version(), "scored": len(res),
+                "unlabelled": len(ids), "scores": {k: v["value"] for k, v in res.items()}}

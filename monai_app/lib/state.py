@@ -1,0 +1,74 @@
+"""Per-datastore state of the app: the versioned fine-tuned models and the active-learning scores.
+
+It lives beside the datastore (``<studies>/.tumorlens/``, hidden from the datastore's file scan) so
+a restart finds the same model version and scores; a DICOMweb datastore keeps it in a cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from pathlib import Path
+
+from filelock import FileLock
+
+from tumorlens.activelearning.versions import ModelVersions, atomic_write_text
+from tumorlens.models.registry import LoadedModel
+
+logger = logging.getLogger(__name__)
+
+
+def state_dir_for(studies: str, conf: dict) -> Path:
+    if conf.get("state_dir") or os.environ.get("TUMORLENS_STATE_DIR"):
+        return Path(conf.get("state_dir") or os.environ["TUMORLENS_STATE_DIR"])
+    if studies.startswith(("http://", "https://")):
+        base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tumorlens"
+        return base / f"dicomweb-{hashlib.sha256(studies.encode()).hexdigest()[:12]}"
+    return Path(studies) / ".tumorlens"
+
+
+class AppState:
+    """Model versions (``models/``), train stats and AL scores (``scores.json``) of one datastore."""
+
+    def __init__(self, root: Path, base_model: str | None):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.versions = ModelVersions(self.root / "models", base_model)
+        self.stats_file = self.root / "train_stats.json"
+        self.scores_file = self.root / "scores.json"
+        self._lock = FileLock(str(self.root / ".scores.lock"))
+        self.infer_lock = threading.RLock()  # hooks (Grad-CAM) and model swaps are not re-entrant
+
+    def model(self) -> LoadedModel:
+        return self.versions.load()
+
+    def model_version(self) -> str:
+        return self.versions.pointer().get("version") or f"base:{self.model().version}"
+
+    # ---- train stats -----------------------------------------------------------------------------
+    def read_stats(self) -> dict:
+        try:
+            return json.loads(self.stats_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def write_stats(self, stats: dict) -> None:
+        atomic_write_text(self.stats_file, json.dumps(stats, indent=2, default=str))
+
+    # ---- active-learning scores ------------------------------------------------------------------
+    def read_scores(self) -> dict:
+        try:
+            return json.loads(self.scores_file.read_text())
+        except (OSError, json.JSONDecodeError):
+            return {}
+
+    def update_scores(self, new: dict[str, dict]) -> None:
+        """Merge per-image entries (another process may write at the same time)."""
+        with self._lock:
+            cur = self.read_scores()
+            for image_id, entry in new.items():
+                cur.setdefault(image_id, {}).update(entry)
+            atomic_write_text(self.scores_file, json.dumps(cur, indent=2))

@@ -1,0 +1,105 @@
+"""``tumorlens`` training task: fine-tunes the current model version on the datastore's labelled
+images and publishes the result as a new version (see ``tumorlens.activelearning.versions``).
+
+MONAI Label runs it in a subprocess (``AsyncTask``); the server keeps answering inference with the
+version that was current when training started until the new folder is complete and the pointer
+is swapped. Class labels come from the label's info (``class_name``, set by the client when it saves
+the label), masks from the label files of the ``final`` tag.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+
+import numpy as np
+from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.tasks.train import TrainTask
+
+from lib.state import AppState
+from tumorlens.activelearning.finetune import finetune, item_arrays
+from tumorlens.config import config_hash
+from tumorlens.errors import InvalidInputError
+
+logger = logging.getLogger(__name__)
+
+
+def labelled_items(datastore: Datastore) -> tuple[list[dict], list[str]]:
+    """(items with image, label file and class, notes about skipped ones)."""
+    items, notes = [], []
+    for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
+        info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}
+        cls = info.get("class_name") or info.get("class") or (datastore.get_image_info(image_id) or {}).get("class_name")
+        if not cls:
+            notes.append(f"{image_id}: no class_name in the label info; skipped")
+            continue
+        items.append({"id": image_id, "image": datastore.get_image_uri(image_id),
+                      "label": datastore.get_label_uri(image_id, DefaultLabelTag.FINAL), "class_name": cls})
+    return items, notes
+
+
+class FinetuneTrainer(TrainTask):
+    def __init__(self, state: AppState):
+        super().__init__("Fine-tune the current dual-head model (classifier + segmentation head) on the "
+                         "datastore's final labels; publishes a new model version")
+        self.state = state
+
+    def config(self) -> dict:
+        return {"max_epochs": 1, "lr": 1e-4, "batch_size": 8, "seg_weight": 1.0, "max_items": 500}
+
+    def stats(self) -> dict:
+        return self.state.read_stats()
+
+    def __call__(self, request: dict, datastore: Datastore) -> dict:
+        cfg = dict(self.config())
+        cfg.update({k: v for k, v in request.items() if k in cfg})
+        t0 = time.time()
+        self.state.versions.sweep()
+        base = self.state.model()
+        base_version = self.state.model_version()
+        items, notes = labelled_items(datastore)
+        items = items[: int(cfg["max_items"])]
+        stats = {"status": "RUNNING", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                 "from_version": base_version, "items": len(items), "notes": notes, "epochs": []}
+        self.state.write_stats(stats)
+        if not items:
+            stats.update(status="ERROR", error="no labelled images with a class_name in the datastore")
+            self.state.write_stats(stats)
+            raise InvalidInputError(None, stats["error"])
+        xs, ms, ys = [], [], []
+        for it in items:
+            try:
+                x, m, y = item_arrays(it["image"], it["label"], it["class_name"], base.image_size)
+            except InvalidInputError as e:
+                notes.append(f"{it['id']}: {e.problem}; skipped")
+                continue
+            xs.append(x)
+            ms.append(m)
+            ys.append(y)
+        if not xs:
+            stats.update(status="ERROR", error="no usable labelled images", notes=notes)
+            self.state.write_stats(stats)
+            raise InvalidInputError(None, stats["error"])
+        images, masks, labels = np.concatenate(xs), np.concatenate(ms), np.concatenate(ys)
+
+        def on_epoch(rec: dict) -> None:
+            stats["epochs"].append(rec)
+            self.state.write_stats(stats)
+            logger.info(f"epoch {rec['epoch']}: loss {rec['loss']:.4f} ({rec['samples']} samples, {rec['seconds']} s)")
+
+        net, history = finetune(base, images, masks, labels, epochs=int(cfg["max_epochs"]), lr=float(cfg["lr"]),
+                                batch_size=int(cfg["batch_size"]), seg_weight=float(cfg["seg_weight"]),
+                                on_epoch=on_epoch, progress=True)
+        card = dict(base.card)
+        card.update(name=base.name, parent_version=base_version,
+                    finetune={"items": len(xs), "samples": int(len(labels)), "config": cfg, "history": history,
+                              "class_counts": np.bincount(labels, minlength=len(base.labels)).tolist(),
+                              "config_hash": config_hash(cfg)},
+                    trained_at=datetime.now(UTC).isoformat(timespec="seconds"))
+        folder = self.state.versions.publish(net, base.config, card)
+        stats.update(status="DONE", version=folder.name, samples=int(len(labels)), notes=notes,
+                     duration_s=round(time.time() - t0, 2), finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
+                     best_loss=float(min(h["loss"] for h in history)))
+        self.state.write_stats(stats)
+        return stats

@@ -1,0 +1,108 @@
+"""tumorlens as a MONAI Label app: ``monailabel start_server --app monai_app --studies DIR``
+(or ``tumorlens serve``). Every task is a thin adapter over the ``tumorlens`` package.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from lib.configs import tumorlens as tasks
+from lib.datastore import TumorlensDatastore
+from lib.errors import bad_request, check_id, not_found
+from lib.limits import install_body_limit
+from lib.state import AppState, state_dir_for
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import Datastore
+
+import tumorlens
+
+logger = logging.getLogger(__name__)
+
+
+class TumorLensApp(MONAILabelApp):
+    def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
+        conf = conf or {}
+        self.state = AppState(state_dir_for(studies, conf), conf.get("model") or None)
+        swept = self.state.versions.sweep()
+        if swept:
+            logger.warning(f"removed {swept} half-written model folder(s) of an interrupted training run")
+        super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="tumorlens",
+                         description="Explainable brain-tumour MRI: class, tumour mask, saliency, atlas regions, report",
+                         version=tumorlens.__version__ if hasattr(tumorlens, "__version__") else "0")
+        if "monailabel.app" in sys.modules:  # inside the server (not a train/scoring subprocess)
+            mb = float(conf.get("max_upload_mb") or os.environ.get("TUMORLENS_MAX_UPLOAD_MB", 512))
+            install_body_limit(sys.modules["monailabel.app"].app, int(mb * 1024 * 1024))
+
+    def init_datastore(self) -> Datastore:
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        from monailabel.config import settings
+
+        return TumorlensDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+                                  read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def _download_dcmqi_tools(self):
+        """MONAI Label fetches dcmqi from GitHub for DICOM-SEG output; offline it cannot, and the
+        tumorlens tasks return NIfTI/PNG labels, so the DICOMweb datastore starts without it."""
+        logger.info("dcmqi download skipped (DICOM-SEG output not used by tumorlens)")
+
+    def init_infers(self):
+        return tasks.infers(self.state)
+
+    def init_trainers(self):
+        return tasks.trainers(self.state)
+
+    def init_strategies(self):
+        return tasks.strategies(self.state)
+
+    def init_scoring_methods(self):
+        return tasks.scoring_methods(self.state)
+
+    def info(self):
+        meta = super().info()
+        meta["model_version"] = self.state.model_version()
+        meta["model_versions"] = self.state.versions.versions()
+        return meta
+
+    # ---- request checks MONAI Label leaves to the app ----------------------------------------------
+    def infer(self, request, datastore=None):
+        model = request.get("model")
+        task = self._infers.get(model)
+        if task is None or not task.is_valid():
+            raise not_found(f"unknown model {model!r}; available: {', '.join(k for k, v in self._infers.items() if v.is_valid())}")
+        image = request.get("image")
+        ds = datastore or self.datastore()
+        request = dict(request)
+        if isinstance(image, str):
+            if os.sep in image or image.startswith("."):
+                p = Path(image)
+                # only the temporary file the /infer endpoint wrote for an upload may be a path
+                if not (p.is_absolute() and p.parent.resolve() == Path(tempfile.gettempdir()).resolve() and p.is_file()):
+                    raise bad_request(f"invalid image id {image!r}: use a datastore image id or send a file")
+            else:
+                check_id(image)
+                if not ds.get_image_uri(image):
+                    raise not_found(f"unknown image id {image!r}")
+                request["image_id"] = image
+        return super().infer(request, datastore)
+
+    def next_sample(self, request):
+        strategy = request.get("strategy") or "random"
+        if strategy not in self._strategies:
+            raise not_found(f"unknown strategy {strategy!r}; available: {', '.join(self._strategies)}")
+        return super().next_sample(request)
+
+    def train(self, request):
+        if request.get("model") not in self._trainers:
+            raise not_found(f"unknown trainer {request.get('model')!r}; available: {', '.join(self._trainers)}")
+        return super().train(request)
+
+    def scoring(self, request, datastore=None):
+        if request.get("method") not in self._scoring_methods:
+            raise not_found(f"unknown scoring method {request.get('method')!r}; "
+                            f"available: {', '.join(self._scoring_methods)}")
+        return super().scoring(request, datastore)

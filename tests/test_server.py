@@ -1,0 +1,438 @@
+"""The MONAI Label app through the real server and the real ``monailabel`` client (loopback only).
+
+One server for the whole module (started once, on a copy of the bundled samples); tests run in
+file order: inference, bad input, load, active learning, then the relabel loop that trains.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import requests
+
+from tumorlens.labels import CLASS_NAMES
+from tumorlens.paths import sample_studies_dir
+
+pytest.importorskip("monailabel")
+from monailabel.client import MONAILabelClient  # noqa: E402
+from monailabel.client.client import MONAILabelClientException  # noqa: E402
+
+from tumorlens.serving.process import ServerProcess  # noqa: E402
+
+MODELS = ("classification", "segmentation", "saliency_gradcam", "saliency_gradcampp", "saliency_scorecam", "report")
+LOAD_SECONDS = float(os.environ.get("TUMORLENS_LOAD_SECONDS", "45"))
+SERVER_ENV = {"MONAI_LABEL_AUTO_UPDATE_SCORING": "false", "TUMORLENS_MAX_UPLOAD_MB": "16",
+              "OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def status_of(exc: MONAILabelClientException) -> int:
+    m = re.search(r"Status: (\d+)", str(exc.msg))
+    return int(m.group(1)) if m else -1
+
+
+def studies_snapshot(root: Path) -> dict[str, bytes]:
+    """Every file of the datastore (images, labels, index) with its content."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*"))
+            if p.is_file() and ".tumorlens" not in p.parts and p.name != ".lock"}
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("server") / "studies"
+    shutil.copytree(sample_studies_dir(), d)
+    for p in d.iterdir():
+        p.chmod(0o644)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(studies):
+    env = dict(SERVER_ENV, MONAI_LABEL_SESSION_PATH=str(studies.parent / "sessions"))
+    srv = ServerProcess(studies, env=env, log_path=studies.parent / "server.log")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server, tmp_path_factory) -> MONAILabelClient:
+    return MONAILabelClient(server.url, tmpdir=str(tmp_path_factory.mktemp("client")))
+
+
+@pytest.fixture(scope="module")
+def base_model():
+    from tumorlens.models import load_model
+
+    return load_model()
+
+
+def infer_json(client, model, image_id, params=None, file=None):
+    out, res = client.infer(model, image_id, params or {}, file=file)
+    return out, (json.loads(res) if isinstance(res, (bytes, str)) else res)
+
+
+def alive(client) -> None:
+    assert "classification" in client.info()["models"]
+
+
+# ---- /info/ and inference ------------------------------------------------------------------------
+
+def test_info_lists_tasks(client):
+    info = client.info()
+    models = info["models"]
+    assert models["classification"]["type"] == "classification"
+    assert models["classification"]["labels"] == {c: i for i, c in enumerate(CLASS_NAMES)}
+    assert models["segmentation"]["type"] == "segmentation" and models["segmentation"]["labels"] == {"tumor": 1}
+    for name, m in models.items():
+        assert m["dimension"] in (2, 3), name
+    assert set(info["strategies"]) == {"random", "uncertainty", "saliency_disagreement"}
+    assert "tumorlens" in info["trainers"]
+    assert set(info["scoring"]) == {"uncertainty", "saliency_disagreement"}
+    assert info["datastore"]["total"] == 7
+    assert info["model_version"].startswith("base:")
+
+
+def test_upload_and_classify_matches_in_process(client, dev2d, base_model):
+    from tumorlens.data import read_image
+    from tumorlens.inference import Predictor
+
+    src = dev2d / "images" / "2500.jpg"
+    assert client.upload_image(str(src), image_id="upload_2500", params={})["image"] == "upload_2500"
+    out, res = infer_json(client, "classification", "upload_2500")
+    assert out is None  # JSON only
+    probs = res["probabilities"]
+    assert list(probs) == list(CLASS_NAMES) and abs(sum(probs.values()) - 1) < 1e-4
+    assert res["label"] == max(probs, key=probs.get)
+    assert [p["label"] for p in res["prediction"]] == list(CLASS_NAMES)
+    ref = Predictor(base_model).predict(read_image(src)).probabilities
+    for c in CLASS_NAMES:
+        assert abs(probs[c] - ref[c]) < 1e-4, (c, probs[c], ref[c])
+    # the same file sent with the request, not through the datastore
+    _, res2 = infer_json(client, "classification", "", file=str(src))
+    for c in CLASS_NAMES:
+        assert abs(res2["probabilities"][c] - ref[c]) < 1e-4
+
+
+def test_segmentation_2d_label_overlays_image(client, base_model):
+    from PIL import Image
+
+    from tumorlens.data import read_image
+    from tumorlens.inference import Predictor
+
+    out, res = infer_json(client, "segmentation", "mri2d_1941")
+    assert out.endswith(".png") and res["label_names"] == {"tumor": 1}
+    lab = np.asarray(Image.open(out))
+    img = read_image(sample_studies_dir() / "mri2d_1941.jpg")
+    assert lab.shape == tuple(img.shape[1:]) and lab.dtype == np.uint8
+    assert set(np.unique(lab)) <= {0, 1}
+    ref = Predictor(base_model).predict(img).mask.numpy()[0]
+    assert (lab == ref).mean() > 0.999
+    assert res["voxels"] == int(lab.sum())
+
+
+def _oblique_copy(src: Path, dest: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A cropped copy of the sample volume stored in another voxel order (axes permuted and flipped,
+    origin moved): the same anatomy in world space."""
+    im = nib.load(src)
+    data = np.asanyarray(im.dataobj)[:, :, 28:44]
+    aff = im.affine.copy()
+    aff[:3, 3] = aff[:3, :3] @ np.array([0, 0, 28]) + aff[:3, 3]
+    small = nib.Nifti1Image(data, aff)
+    ornt = nib.orientations.axcodes2ornt(("S", "L", "P"))
+    cur = nib.orientations.io_orientation(aff)
+    xf = nib.orientations.ornt_transform(cur, ornt)
+    moved = small.as_reoriented(xf)
+    nib.save(moved, dest)
+    return np.asarray(moved.affine), xf
+
+
+def test_segmentation_volume_lands_on_input_geometry(client, studies, tmp_path, base_model):
+    from tumorlens.data import read_image
+    from tumorlens.inference import Predictor
+
+    f = tmp_path / "oblique.nii.gz"
+    aff, xf = _oblique_copy(sample_studies_dir() / "brats_t1c_0001.nii.gz", f)
+    client.upload_image(str(f), image_id="vol_sli", params={})
+    out, res = infer_json(client, "segmentation", "vol_sli")
+    assert out.endswith(".nii.gz")
+    lab = nib.load(out)
+    img = read_image(f)
+    assert lab.shape == tuple(img.shape[1:])
+    assert np.allclose(lab.affine, aff, atol=1e-4)
+    assert np.asanyarray(lab.dataobj).dtype == np.uint8
+    ref = Predictor(base_model).predict(img).mask.numpy()[0]
+    assert (np.asanyarray(lab.dataobj) == ref).mean() > 0.999
+    # the same anatomy in its original voxel order gives the same mask, voxel for voxel in world space
+    back = nib.orientations.apply_orientation(np.asanyarray(lab.dataobj), nib.orientations.orientation_inverse(xf)
+                                              if hasattr(nib.orientations, "orientation_inverse") else _inv(xf))
+    orig = nib.Nifti1Image(back, nib.load(sample_studies_dir() / "brats_t1c_0001.nii.gz").affine)
+    out2, _ = infer_json(client, "segmentation", "", file=str(_crop_original(tmp_path)))
+    m2 = np.asanyarray(nib.load(out2).dataobj)
+    assert m2.shape == back.shape and orig.shape == back.shape
+    if m2.sum() + back.sum():
+        dice = 2 * np.logical_and(m2 > 0, back > 0).sum() / ((m2 > 0).sum() + (back > 0).sum())
+        assert dice > 0.98, dice
+
+
+def _inv(xf: np.ndarray) -> np.ndarray:
+    inv = np.zeros_like(xf)
+    for i, (ax, flip) in enumerate(xf):
+        inv[int(ax)] = (i, flip)
+    return inv
+
+
+def _crop_original(tmp_path: Path) -> Path:
+    im = nib.load(sample_studies_dir() / "brats_t1c_0001.nii.gz")
+    aff = im.affine.copy()
+    aff[:3, 3] = aff[:3, :3] @ np.array([0, 0, 28]) + aff[:3, 3]
+    out = tmp_path / "crop.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(im.dataobj)[:, :, 28:44], aff), out)
+    return out
+
+
+def _write_mr_dicom(arr: np.ndarray, path: Path) -> None:
+    """A single-frame MR DICOM (no patient identifiers) from a real 2D slice."""
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Rows, ds.Columns = arr.shape
+    ds.PixelSpacing = [0.5, 0.5]
+    ds.SliceThickness = 5.0
+    ds.ImagePositionPatient = [-64.0, -64.0, 10.0]
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = arr.astype(np.uint16).tobytes()
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    pydicom.dcmwrite(str(path), ds, write_like_original=False)
+
+
+def test_dicom_2d_upload_and_segmentation(client, dev2d, tmp_path):
+    from PIL import Image
+
+    from tumorlens.data import read_image
+
+    arr = np.asarray(Image.open(dev2d / "images" / "1500.jpg").convert("L"))
+    f = tmp_path / "slice.dcm"
+    _write_mr_dicom(arr, f)
+    client.upload_image(str(f), image_id="dcm_1500", params={})
+    out, res = infer_json(client, "segmentation", "dcm_1500")
+    assert out.endswith(".nii.gz") and res["input"]["kind"] == "image2d"
+    lab = nib.load(out)
+    img = read_image(f)
+    assert lab.shape == (*img.shape[1:], 1)
+    assert np.allclose(lab.affine, np.asarray(img.affine), atol=1e-4)
+    _, cls = infer_json(client, "classification", "dcm_1500")
+    assert cls["label"] in CLASS_NAMES
+
+
+def test_saliency_tasks(client):
+    info = client.info()["models"]
+    missing = [m for m in ("saliency_gradcam", "saliency_gradcampp", "saliency_scorecam") if m not in info]
+    if missing:
+        pytest.skip(f"tumorlens.saliency not in this checkout: {missing} not offered")
+    from PIL import Image
+
+    from tumorlens.findings import Findings
+
+    for name in ("saliency_gradcam", "saliency_gradcampp", "saliency_scorecam"):
+        out, res = infer_json(client, name, "mri2d_1941")
+        f = Findings.model_validate(res["findings"])
+        assert f.classification.label in CLASS_NAMES
+        lab = np.asarray(Image.open(out))
+        assert lab.shape == (256, 256)
+        assert set(np.unique(lab)) - {0} <= set(res["label_names"].values())
+        assert (lab > 0).sum() == next(m.voxels for m in f.masks if m.source.startswith("saliency"))
+    out, res = infer_json(client, "saliency_gradcampp", "mri2d_1941", {"heatmap": True})
+    heat = np.asarray(Image.open(out))
+    assert res["heatmap"] is True and heat.shape == (256, 256) and heat.max() > 0
+
+
+def test_report_task(client):
+    if "report" not in client.info()["models"]:
+        pytest.skip("tumorlens.report not in this checkout: the report task is not offered")
+    out, res = infer_json(client, "report", "mri2d_1941")
+    assert out is None
+    assert res["report"] and "verification" in res and res["findings"]["classification"]["label"] in CLASS_NAMES
+
+
+# ---- bad input: 4xx with a message, the server keeps serving, the datastore is unchanged ------------
+
+def test_bad_input_is_rejected_and_nothing_changes(client, server, studies, tmp_path):
+    before = studies_snapshot(studies)
+    cases = []
+
+    notimg = tmp_path / "notes.jpg"
+    notimg.write_text("this is not an image\n" * 50)
+    cases.append(("non-image upload", lambda: client.upload_image(str(notimg), image_id="notes", params={}), 400, "notes"))
+    corrupt = tmp_path / "broken.nii.gz"
+    corrupt.write_bytes((sample_studies_dir() / "brats_t1c_0001.nii.gz").read_bytes()[:4000])
+    cases.append(("corrupt NIfTI", lambda: client.upload_image(str(corrupt), image_id="broken", params={}), 400, "broken"))
+    cases.append(("unknown image id", lambda: client.infer("classification", "no_such_image", {}), 404, "no_such_image"))
+    cases.append(("unknown model", lambda: client.infer("no_such_model", "mri2d_1941", {}), 404, "no_such_model"))
+    cases.append(("../ infer", lambda: client.infer("classification", "../../etc/passwd", {}), 400, "invalid image id"))
+    cases.append(("../ upload", lambda: client.upload_image(str(sample_studies_dir() / "mri2d_1941.jpg"),
+                                                           image_id="../escape", params={}), 400, "invalid image id"))
+    cases.append(("../ label", lambda: client.save_label("../mri2d_1941", str(notimg), tag="final", params={}),
+                  400, "invalid image id"))
+    wrong = tmp_path / "wrong.png"
+    from PIL import Image
+
+    Image.fromarray(np.ones((64, 64), np.uint8)).save(wrong)
+    cases.append(("label of another shape", lambda: client.save_label("mri2d_1941", str(wrong), tag="final",
+                                                                      params={"class_name": "glioma"}), 400, "shape"))
+    cases.append(("unknown class", lambda: client.save_label("mri2d_1941", str(wrong), tag="final",
+                                                             params={"class_name": "astrocytoma"}), 400, ""))
+    cases.append(("unknown strategy", lambda: client.next_sample("no_such_strategy", {}), 404, "no_such_strategy"))
+    for what, call, code, needle in cases:
+        with pytest.raises(MONAILabelClientException) as ei:
+            call()
+        assert status_of(ei.value) == code, (what, ei.value.msg)
+        assert needle in str(ei.value.msg), (what, ei.value.msg)
+        alive(client)
+    # an oversized request is refused before it is read
+    big = b"\0" * (17 * 1024 * 1024)
+    r = requests.put(f"{server.url}/datastore/image?image=huge", files={"file": ("huge.nii.gz", big)}, timeout=60)
+    assert r.status_code == 413 and "too large" in r.json()["detail"]
+    alive(client)
+    assert studies_snapshot(studies) == before
+
+
+# ---- load ----------------------------------------------------------------------------------------
+
+def test_concurrent_clients_no_errors_bounded_memory(server, tmp_path):
+    """4 clients send infer requests for a bounded time (TUMORLENS_LOAD_SECONDS, default 45 s)."""
+    ids = ["mri2d_1941", "mri2d_0102", "mri2d_1064", "mri2d_3187"]
+    errors: list[str] = []
+    done = [0] * 4
+    stop = time.time() + LOAD_SECONDS
+    rss: list[int] = []
+
+    def worker(k: int) -> None:
+        c = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+        i = 0
+        while time.time() < stop:
+            model = ("classification", "segmentation")[i % 2]
+            try:
+                out, _ = c.infer(model, ids[(k + i) % 4], {})
+                if out:
+                    os.unlink(out)
+                done[k] += 1
+            except Exception as e:  # noqa: BLE001 - every failure is counted
+                errors.append(f"{type(e).__name__}: {e}")
+            i += 1
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    while any(t.is_alive() for t in threads):
+        rss.append(server.rss_bytes())
+        time.sleep(1.0)
+    for t in threads:
+        t.join()
+    assert not errors, errors[:5]
+    assert sum(done) >= 20 and min(done) >= 3, done
+    third = max(len(rss) // 3, 1)
+    early, late = np.median(rss[third:2 * third] or rss), np.median(rss[-third:])
+    assert late - early < 200 * 1024 * 1024 and late < early * 1.15, (early / 2**20, late / 2**20)
+
+
+# ---- active learning -----------------------------------------------------------------------------
+
+def test_next_sample_each_strategy(client, studies, base_model):
+    from tumorlens.activelearning import image_uncertainty
+    from tumorlens.data import read_image
+
+    labelled = {"mri2d_1941"}
+    r = client.save_label("mri2d_1941", str(_mask_of("1941")), tag="final", params={"class_name": "glioma"})
+    assert r["label"] == "mri2d_1941"
+    objects = client.datastore()["objects"]
+    unl = {i for i, o in objects.items() if "final" not in o["labels"]}
+    assert labelled.isdisjoint(unl)
+    rnd = client.next_sample("random", {})
+    assert rnd["id"] in unl
+    unc = client.next_sample("uncertainty", {})
+    assert unc["id"] in unl and unc["scored"] == len(unl)
+    # the pick is the image of highest entropy, and the score is the core's own number
+    ref = image_uncertainty(base_model, read_image(unc["path"]))
+    assert abs(ref["entropy_normalised"] - unc["score"]) < 1e-3
+    scores = json.loads((studies / ".tumorlens" / "scores.json").read_text())
+    best = max(unl, key=lambda k: scores[k]["uncertainty"]["value"])
+    assert best == unc["id"]
+    dis = client.next_sample("saliency_disagreement", {})
+    assert dis["id"] in unl and 0.0 <= dis["score"] <= 1.0
+
+
+def _mask_of(index: str) -> Path:
+    from tumorlens.paths import shared_data_dir
+
+    return shared_data_dir() / "brain-mri-2d" / "masks" / f"{index}.png"
+
+
+# ---- the relabel loop: pick, infer, correct, save, train, new version --------------------------------
+
+@pytest.mark.slow
+def test_relabel_loop_trains_new_version_without_breaking_inference(client, server, studies, dev2d):
+    from PIL import Image
+
+    info0 = client.info()
+    v0 = info0["model_version"]
+    _, before = infer_json(client, "classification", "mri2d_0102")
+    # pick the most uncertain tumour slice, take the model's mask, "correct" it with the expert mask
+    pick = client.next_sample("uncertainty", {})["id"]
+    out, seg = infer_json(client, "segmentation", pick)
+    truth = dict(row.split(",")[:2] for row in (sample_studies_dir().parent / "labels.csv").read_text().splitlines()[1:])
+    if pick.startswith("mri2d_") and truth[pick] != "no_tumor":
+        label_file = str(_mask_of(pick.split("_")[1]))
+    elif pick.startswith("mri2d_"):
+        label_file = str(Path(out).with_suffix(".zero.png"))
+        Image.fromarray(np.zeros_like(np.asarray(Image.open(out)))).save(label_file)
+    else:
+        label_file = out  # a volume: accept the model's mask as the annotation
+    client.save_label(pick, label_file, tag="final", params={"class_name": truth.get(pick, "glioma")})
+    client.save_label("mri2d_0102", str(_mask_of("0102")), tag="final", params={"class_name": "meningioma"})
+    task = client.train_start("tumorlens", {"max_epochs": 1})
+    assert task["status"] in ("SUBMITTED", "RUNNING")
+    # inference keeps answering (with the old version) while training runs
+    served, t0 = 0, time.time()
+    while time.time() - t0 < 240:
+        _, r = infer_json(client, "classification", "mri2d_1064")
+        served += 1
+        st = client.train_status()
+        if st.get("status") not in ("SUBMITTED", "RUNNING"):
+            break
+        time.sleep(0.5)
+    assert st["status"] == "DONE", list(st.get("details", []))[-10:]
+    assert served >= 1
+    info1 = client.info()
+    stats = info1["train_stats"]["tumorlens"]
+    assert stats["status"] == "DONE" and stats["from_version"] == v0
+    assert info1["model_version"] == stats["version"] != v0 and stats["version"] in info1["model_versions"]
+    assert stats["items"] >= 3 and stats["epochs"][0]["samples"] >= 3
+    _, after = infer_json(client, "classification", "mri2d_0102")
+    assert after["model"]["version"] == stats["version"]
+    diff = max(abs(after["probabilities"][c] - before["probabilities"][c]) for c in CLASS_NAMES)
+    assert diff > 1e-6  # the weights really changed
+    # labelled images leave the candidate pool; scores are recomputed under the new version
+    nxt = client.next_sample("uncertainty", {})
+    assert nxt["id"] not in {pick, "mri2d_0102", "mri2d_1941"} and nxt["model_version"] == stats["version"]
+    card = json.loads((studies / ".tumorlens" / "models" / stats["version"] / "model_card.json").read_text())
+    assert card["parent_version"] == v0 and card["finetune"]["items"] == stats["items"]
