@@ -1,7 +1,8 @@
 """Text-to-image retrieval with and without negation ("MRI with a pituitary tumour" / "MRI without any
 tumour"). Sentence encoders place a negated sentence close to its affirmative twin, so negated queries
-are scored twice: directly, and negation-aware (rank by *dissimilarity* to the query with its negation
-cue removed)."""
+are scored twice: directly, and negation-aware: ``cos(image, query) - cos(image, query without its
+negation cue)`` ("MRI without any tumour" minus "MRI with tumour"), which keeps only the direction the
+negation adds."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def negation_retrieval(text_vectors, labels, k: int = 50, queries=QUERIES) -> di
         kk = int(min(k, max(1, relevant.sum())))
         row = {"query": q, "negated": neg, "relevant": list(rel_cls), "k": kk, "n_relevant": int(relevant.sum())}
         row["direct"] = _metrics(t @ qe, relevant, kk)
-        row["negation_aware"] = _metrics(-(t @ pe), relevant, kk) if neg else row["direct"]
+        row["negation_aware"] = _metrics(t @ qe - t @ pe, relevant, kk) if neg else row["direct"]
         rows.append(row)
 
     def summary(sel: list[dict], scorer: str) -> dict:

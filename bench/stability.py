@@ -1,0 +1,278 @@
+"""Stability benchmark (issue 3 item 7, issue 8 item 7): short training runs over optimisers x learning
+rates x backbones on a fixed subset; prints the accuracy table and the spread (best - worst) per
+backbone, and writes JSON. ``--aligned`` adds the text-anchored variant of every run (post-hoc
+projection + Tip-Adapter on the run's frozen encoder, fixed hyper-parameters: no tuning on validation).
+``--shift`` adds train-on-some / test-on-the-rest runs over figshare views and acquisition batches.
+
+    nice -n 15 .venv/bin/python bench/stability.py --aligned --shift --json runs/stability.json
+
+Not part of CI (minutes of CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from tumorlens.labels import CLASS_NAMES  # noqa: E402
+from tumorlens.paths import shared_data_dir  # noqa: E402
+
+FIXED = {"alpha": 1.0, "beta": 5.5, "gamma": 1.0}  # aligned hyper-parameters in the grid: fixed, not tuned
+
+
+def split_like_train(manifest, dc: dict) -> tuple[list[int], list[int]]:
+    """The exact train/val indices ``tumorlens.training.train.train`` uses (grouped split + max_images)."""
+    from tumorlens.data.splits import grouped_split
+
+    train_idx, val_idx = grouped_split(manifest, float(dc["val_fraction"]), int(dc["seed"]))
+    if dc.get("max_images"):
+        rng = np.random.default_rng(int(dc["seed"]))
+        k = int(dc["max_images"])
+        train_idx = sorted(rng.choice(train_idx, size=min(k, len(train_idx)), replace=False).tolist())
+        val_idx = sorted(rng.choice(val_idx, size=min(max(k // 4, 32), len(val_idx)), replace=False).tolist())
+    return train_idx, val_idx
+
+
+def aligned_accuracy(net, protos, tr_x, tr_y, te_sets: dict) -> dict:
+    """Fit the aligned head on the run's training features; accuracy on each named (x, y) set."""
+    from tumorlens.alignment.features import extract_features
+    from tumorlens.alignment.head import build_head, classifier_layer
+
+    trf, _ = extract_features(net, tr_x)
+    head = build_head(trf, tr_y, protos, classifier_layer(net), fusion="textspace")
+    head.alpha, head.beta, head.gamma = FIXED["alpha"], FIXED["beta"], FIXED["gamma"]
+    out = {}
+    for name, (x, y) in te_sets.items():
+        f, _ = extract_features(net, x)
+        out[name] = float((head.predict(f) == y).mean())
+    return out
+
+
+def plain_accuracy(net, x, y) -> float:
+    from tumorlens.alignment.features import extract_features
+
+    _, lo = extract_features(net, x)
+    return float((lo.argmax(1) == y).mean())
+
+
+def run_one(cfg: dict, workdir: Path) -> dict:
+    from tumorlens.training.train import train
+
+    cfg = json.loads(json.dumps(cfg))
+    cfg["output"] = {"dir": str(workdir / "model"), "name": "bench"}
+    t0 = time.time()
+    res = train(cfg, progress=False)
+    res["seconds"] = round(time.time() - t0, 1)
+    return res
+
+
+def grid(args, protos, base: dict) -> list[dict]:
+    from tumorlens.data.dataset import load_arrays
+    from tumorlens.data.manifest import load_manifest
+
+    root = Path(base["data"]["root"])
+    manifest = load_manifest(root)
+    images, _, labels = load_arrays(manifest, args.size)
+    tr, va = split_like_train(manifest, base["data"])
+    rows = []
+    combos = list(itertools.product(args.backbones, args.optimizers, args.lrs))
+    bar = tqdm(combos, desc="stability grid")
+    for bb, opt, lr in bar:
+        bar.set_postfix_str(f"{bb} {opt} {lr:g}")
+        cfg = json.loads(json.dumps(base))
+        cfg["model"] = {"backbone": bb}
+        cfg["train"].update({"optimizer": opt, "lr": lr})
+        with tempfile.TemporaryDirectory() as td:
+            res = run_one(cfg, Path(td))
+        net = res["net"].eval()
+        card_acc = res["card"]["metrics"]["validation"]["accuracy"]
+        acc = plain_accuracy(net, images[va], labels[va])
+        assert abs(acc - card_acc) < 1e-6, f"split mismatch: {acc} vs card {card_acc}"
+        row = {"backbone": bb, "optimizer": opt, "lr": lr, "accuracy": acc, "seconds": res["seconds"],
+               "best_epoch": res["card"]["metrics"]["best_epoch"]}
+        if args.aligned:
+            row["aligned_accuracy"] = aligned_accuracy(net, protos, images[tr], labels[tr],
+                                                       {"val": (images[va], labels[va])})["val"]
+        rows.append(row)
+        tqdm.write(json.dumps(row))
+    return rows
+
+
+def _write_subset(rows: list[dict], dest: Path, src: Path) -> Path:
+    (dest / "images").mkdir(parents=True, exist_ok=True)
+    (dest / "masks").mkdir(parents=True, exist_ok=True)
+    for r in rows:
+        for col in ("image", "mask"):
+            if r.get(col):
+                (dest / r[col]).symlink_to(src / r[col])
+    with open(dest / "manifest.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
+    return dest
+
+
+def shift(args, protos, base: dict) -> list[dict]:
+    """Train on some figshare views/batches, test on the rest; no-tumour images split by group."""
+    from tumorlens.data.dataset import load_arrays
+    from tumorlens.data.manifest import load_manifest
+
+    src = Path(base["data"]["root"])
+    with open(src / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    nt_groups = sorted({r["group"] for r in rows if r["label"] == "no_tumor"})
+    nt_test = set(nt_groups[::3])
+    men_groups = sorted({r["group"] for r in rows if r["label"] == "meningioma"})
+    men_test = set(men_groups[::3])
+    setups = {
+        # same patients may appear in other views: this isolates the view, not the patient
+        "view: train axial+coronal, test sagittal":
+            lambda r: "test" if r["view"] == "sagittal" else "train",
+        # acquisition batches are patient-disjoint; meningioma (one batch) split by patient
+        "batch: hold out G3 (glioma) and P1 (pituitary)":
+            lambda r: "test" if r["batch"] in ("G3", "P1") or r["group"] in men_test else "train",
+    }
+    out = []
+    for name, rule in setups.items():
+        part = {"train": [], "test": []}
+        for r in rows:
+            if r["label"] == "no_tumor":
+                part["test" if r["group"] in nt_test else "train"].append(r)
+            else:
+                part[rule(r)].append(r)
+        with tempfile.TemporaryDirectory() as td:
+            td = Path(td)
+            tr_root = _write_subset(part["train"], td / "train", src)
+            te_root = _write_subset(part["test"], td / "test", src)
+            cfg = json.loads(json.dumps(base))
+            cfg["data"].update({"root": str(tr_root), "max_images": args.shift_max_images})
+            cfg["model"] = {"backbone": args.shift_backbone}
+            cfg["train"]["epochs"] = args.shift_epochs
+            res = run_one(cfg, td)
+            net = res["net"].eval()
+            tr_man = load_manifest(tr_root)
+            ti, _, tl = load_arrays(tr_man, args.size, progress=False)
+            tr, va = split_like_train(tr_man, cfg["data"])
+            te_man = load_manifest(te_root)
+            xi, _, xl = load_arrays(te_man, args.size, progress=False)
+            tumour = xl != CLASS_NAMES.index("no_tumor")
+            sets = {"in_distribution_val": (ti[va], tl[va]), "held_out": (xi, xl),
+                    "held_out_tumours": (xi[tumour], xl[tumour])}
+            plain = {k: plain_accuracy(net, x, y) for k, (x, y) in sets.items()}
+            aligned = aligned_accuracy(net, protos, ti[tr], tl[tr], sets)
+        row = {"setup": name, "n_train": len(tr), "n_val": len(va), "n_test": int(len(xl)),
+               "plain": plain, "aligned": aligned,
+               "drop_plain": plain["in_distribution_val"] - plain["held_out"],
+               "drop_aligned": aligned["in_distribution_val"] - aligned["held_out"], "seconds": res["seconds"]}
+        tqdm.write(json.dumps(row))
+        out.append(row)
+    return out
+
+
+def table(rows: list[dict], aligned: bool) -> str:
+    lines = []
+    lrs = sorted({r["lr"] for r in rows})
+    for variant in ["accuracy"] + (["aligned_accuracy"] if aligned else []):
+        lines.append(f"\n{'plain' if variant == 'accuracy' else 'aligned'} — validation accuracy")
+        lines.append(f"{'backbone':16s} {'optimizer':9s} " + " ".join(f"{'lr ' + format(lr, 'g'):>10s}" for lr in lrs))
+        for bb in dict.fromkeys(r["backbone"] for r in rows):
+            for opt in dict.fromkeys(r["optimizer"] for r in rows):
+                cells = []
+                for lr in lrs:
+                    m = [r[variant] for r in rows if (r["backbone"], r["optimizer"], r["lr"]) == (bb, opt, lr)]
+                    cells.append(f"{m[0]:10.3f}" if m else f"{'-':>10s}")
+                lines.append(f"{bb:16s} {opt:9s} " + " ".join(cells))
+    lines.append(f"\n{'backbone':16s} {'plain best':>10s} {'worst':>7s} {'spread':>7s}"
+                 + (f" {'aligned best':>12s} {'worst':>7s} {'spread':>7s}" if aligned else ""))
+    for bb, s in spreads(rows, aligned).items():
+        line = f"{bb:16s} {s['plain']['best']:10.3f} {s['plain']['worst']:7.3f} {s['plain']['spread']:7.3f}"
+        if aligned:
+            line += f" {s['aligned']['best']:12.3f} {s['aligned']['worst']:7.3f} {s['aligned']['spread']:7.3f}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def spreads(rows: list[dict], aligned: bool) -> dict:
+    out = {}
+    for bb in dict.fromkeys(r["backbone"] for r in rows):
+        d = {}
+        for key, name in [("accuracy", "plain")] + ([("aligned_accuracy", "aligned")] if aligned else []):
+            v = [r[key] for r in rows if r["backbone"] == bb]
+            d[name] = {"best": max(v), "worst": min(v), "spread": max(v) - min(v)}
+        out[bb] = d
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(shared_data_dir() / "brain-mri-2d"))
+    p.add_argument("--backbones", default="densenet121,resnet18,efficientnet-b0")
+    p.add_argument("--optimizers", default="adamw,sgd,rmsprop")
+    p.add_argument("--lrs", default="0.0003,0.003,0.03")
+    p.add_argument("--max-images", type=int, default=192, help="fixed training subset (val: a quarter, >= 32)")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--aligned", action="store_true", help="add the text-anchored variant of every run")
+    p.add_argument("--shift", action="store_true", help="add view / acquisition-batch hold-out runs")
+    p.add_argument("--no-grid", action="store_true")
+    p.add_argument("--shift-backbone", default="densenet121")
+    p.add_argument("--shift-max-images", type=int, default=512)
+    p.add_argument("--shift-epochs", type=int, default=3)
+    p.add_argument("--json", default="runs/stability.json")
+    args = p.parse_args(argv)
+    args.backbones = args.backbones.split(",")
+    args.optimizers = args.optimizers.split(",")
+    args.lrs = [float(x) for x in args.lrs.split(",")]
+    torch.set_num_threads(args.threads)
+    base = {
+        "data": {"root": args.data, "image_size": args.size, "val_fraction": 0.2, "seed": 0,
+                 "max_images": args.max_images},
+        "train": {"epochs": args.epochs, "batch_size": args.batch_size, "patience": 1000,
+                  "num_threads": args.threads, "seed": 0, "channels_last": True},
+    }
+    protos = None
+    if args.aligned or args.shift:
+        from tumorlens.alignment.prompts import load_descriptions
+        from tumorlens.alignment.text import build_prototypes
+
+        protos = build_prototypes(load_descriptions())
+    t0 = time.time()
+    result: dict = {"config": {k: v for k, v in vars(args).items()}, "aligned_hyperparameters": FIXED}
+    if not args.no_grid:
+        rows = grid(args, protos, base)
+        result["runs"] = rows
+        result["spread"] = spreads(rows, args.aligned)
+        print(table(rows, args.aligned))
+    if args.shift:
+        result["shift"] = shift(args, protos, base)
+        print("\nshift (accuracy: in-distribution val -> held out; drop)")
+        for r in result["shift"]:
+            print(f"{r['setup']:48s} plain {r['plain']['in_distribution_val']:.3f} -> {r['plain']['held_out']:.3f} "
+                  f"(drop {r['drop_plain']:+.3f})   aligned {r['aligned']['in_distribution_val']:.3f} -> "
+                  f"{r['aligned']['held_out']:.3f} (drop {r['drop_aligned']:+.3f})")
+    result["seconds"] = round(time.time() - t0, 1)
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(f"\n{result['seconds']:.0f} s; json: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
