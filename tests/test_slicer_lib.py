@@ -349,8 +349,17 @@ def test_report_view_verified_and_not():
     bad = tll.report_view({"report": json.dumps(report), "verification": {
         "supported": False, "unsupported_claims": ["left frontal lobe"], "negation_conflicts": [],
         "fell_back": True}})
-    assert not bad.verified and "NOT VERIFIED" in bad.status and "1 unsupported" in bad.status
+    assert not bad.verified and bad.status.startswith("FLAGGED") and "1 unsupported" in bad.status
     assert "fell back" in bad.status and "unsupported: left frontal lobe" in bad.markdown
+    # the report chain's own record: claims as {"text", "reason"}, checked as {"claims": n}, flags
+    chain = tll.report_view({"report": report, "verification": {
+        "supported": True, "unsupported_claims": [], "negation_conflicts": [], "missing": [],
+        "checked": {"claims": 7, "by_kind": {}}, "fell_back": True, "flagged": True,
+        "flag_reason": "the model's draft failed verification after repair", "backend": "llamacpp"}})
+    assert not chain.verified and chain.status.startswith("FLAGGED") and "7 claim(s) checked" in chain.status
+    claims = tll.report_view({"report": report, "verification": {
+        "supported": False, "negation_conflicts": [{"text": "no mass effect", "reason": "findings say X"}]}})
+    assert '- negation conflict: "no mass effect": findings say X' in claims.markdown
     none = tll.report_view({"report": report})
     assert not none.verified and "no verification" in none.status
     given = tll.report_view({"report": report, "markdown": "# R\n\ntext", "verification": {"supported": True}})

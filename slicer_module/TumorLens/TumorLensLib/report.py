@@ -41,23 +41,42 @@ def split_answer(params: dict) -> tuple[dict, dict, str | None]:
     return report, verification, md if isinstance(md, str) and md.strip() else None
 
 
+def _claim_text(c: Any) -> str:
+    """A claim as the verifier reports it: ``{"text", "reason"}`` dicts, or plain strings."""
+    if isinstance(c, dict) and "text" in c:
+        return f'"{c["text"]}"' + (f": {c['reason']}" if c.get("reason") else "")
+    return c if isinstance(c, str) else json.dumps(c)
+
+
 def verification_status(v: dict) -> tuple[str, bool]:
-    """A readable status and whether the report is fully supported by the findings."""
+    """A readable status and whether the report shown is fully supported by the findings.
+
+    Flagged reports (the model's draft failed and the template was delivered, or the verifier found
+    problems) are never called verified, whatever else the record says.
+    """
     if not v:
         return "NOT VERIFIED: the server returned no verification", False
     unsupported = list(v.get("unsupported_claims") or [])
     conflicts = list(v.get("negation_conflicts") or [])
+    missing = list(v.get("missing") or [])
+    flagged = bool(v.get("flagged")) or bool(v.get("fell_back"))
     checked = v.get("checked")
-    ok = bool(v.get("supported")) and not unsupported and not conflicts
+    if isinstance(checked, dict):
+        checked = checked.get("claims")
+    ok = bool(v.get("supported")) and not (unsupported or conflicts or missing or flagged)
     bits = []
     if ok:
         bits.append("VERIFIED: every claim is supported by the findings")
     else:
-        bits.append("NOT VERIFIED")
+        bits.append("FLAGGED" if flagged else "NOT VERIFIED")
         if unsupported:
             bits.append(f"{len(unsupported)} unsupported claim(s)")
         if conflicts:
             bits.append(f"{len(conflicts)} negation conflict(s)")
+        if missing:
+            bits.append(f"{len(missing)} missing item(s)")
+        if v.get("flag_reason"):
+            bits.append(str(v["flag_reason"]))
     if isinstance(checked, (int, float)) and not isinstance(checked, bool):
         bits.append(f"{int(checked)} claim(s) checked")
     if v.get("repaired"):
@@ -102,8 +121,8 @@ def report_markdown(report: dict, verification: dict, title: str = "TumorLens re
         conflicts = verification.get("negation_conflicts") or []
         if claims or conflicts:
             lines += ["## Verification problems", ""]
-            lines += [f"- unsupported: {c if isinstance(c, str) else json.dumps(c)}" for c in claims]
-            lines += [f"- negation conflict: {c if isinstance(c, str) else json.dumps(c)}" for c in conflicts]
+            lines += [f"- unsupported: {_claim_text(c)}" for c in claims]
+            lines += [f"- negation conflict: {_claim_text(c)}" for c in conflicts]
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
 
