@@ -1,0 +1,233 @@
+"""The report chain (langchain LCEL): findings -> prompt -> chat model -> draft -> verifier ->
+(one repair round) -> report, or the template report, flagged.
+
+Why this shape: any chat model, from a 135M local one to a large served one, can write fluent
+text that contradicts the evidence. So the model writes prose only, the facts are copied from the
+findings, every sentence is verified, a failing draft gets exactly one repair round with the
+problems fed back, and if that fails too the deterministic template is delivered and flagged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tumorlens.paths import configs_dir
+from tumorlens.report.backends import chat_model, report_config, resolve_backend, structured
+from tumorlens.report.facts import READABLE_CLASS, Facts, build_facts
+from tumorlens.report.schema import RadiologyReport, ReportDraft
+from tumorlens.report.template import assemble, template_report
+from tumorlens.report.verify import problems_text, verify_report
+
+MIN_PROSE_CHARS = 20
+
+
+def load_prompts(cfg: dict) -> dict[str, str]:
+    from tumorlens.config import load_yaml
+
+    p = load_yaml(configs_dir() / cfg.get("prompts", "report_prompts.yaml"))
+    return {k: str(p[k]) for k in ("system", "human", "repair")}
+
+
+def prompt_inputs(f: Facts) -> dict[str, str]:
+    """The prompt's variables: fact lines and the sanitised, quoted patient context."""
+    return {"facts": "\n".join(f"- {line}" for line in f.fact_lines()), "patient": f.patient.prompt_block()}
+
+
+def build_prompts(prompts: dict[str, str]):
+    from langchain_core.prompts import ChatPromptTemplate
+
+    first = ChatPromptTemplate.from_messages([("system", prompts["system"]), ("human", prompts["human"])])
+    repair = ChatPromptTemplate.from_messages(
+        [("system", prompts["system"]), ("human", prompts["human"]), ("human", prompts["repair"])])
+    return first, repair
+
+
+def completeness(report: RadiologyReport, f: Facts) -> list[str]:
+    """What a useful report must say: non-empty prose, and the impression names the class."""
+    missing = []
+    if len(report.findings.strip()) < MIN_PROSE_CHARS:
+        missing.append("findings text is empty or too short")
+    imp = report.impression.lower()
+    if len(imp.strip()) < MIN_PROSE_CHARS // 2:
+        missing.append("impression is empty or too short")
+    elif f.tumour_present:
+        words = {"pituitary": ("pituitary", "adenoma")}.get(f.label, (f.label,))
+        if not any(w in imp for w in words):
+            missing.append(f"impression does not name the most likely class ({READABLE_CLASS[f.label]})")
+    elif not any(w in imp for w in ("no tumour", "no tumor", "no-tumour", "no-tumor", "normal", "tumour-free", "no evidence")):
+        missing.append("impression does not state that no tumour was found")
+    return missing
+
+
+def _verify(report: RadiologyReport, f: Facts) -> dict[str, Any]:
+    v = verify_report(report, f)
+    v["missing"] = completeness(report, f)
+    v["supported"] = bool(v["supported"] and not v["missing"])
+    return v
+
+
+@dataclass
+class ReportResult:
+    """A delivered report, its verification record, and how it was produced."""
+
+    report: RadiologyReport
+    verification: dict[str, Any]
+    facts: Facts
+    seconds: float = 0.0
+    prompt_messages: list[dict[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "report": self.report.model_dump(),
+            "verification": self.verification,
+            "patient_context": self.facts.patient.as_dict(),
+            "provenance": {"backend": self.verification.get("backend"), "seconds": round(self.seconds, 3),
+                           "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                           "findings_model": self.facts.model_name},
+        }
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.as_dict(), indent=indent)
+
+    def to_markdown(self) -> str:
+        from tumorlens.report.render import to_markdown
+
+        return to_markdown(self)
+
+    def write(self, out_dir: str | Path) -> dict[str, Path]:
+        """``report.json`` and ``report.md`` in ``out_dir`` (each written atomically)."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {"json": out / "report.json", "markdown": out / "report.md"}
+        for key, text in (("json", self.to_json() + "\n"), ("markdown", self.to_markdown())):
+            fd, tmp = tempfile.mkstemp(prefix=f".{paths[key].name}.", suffix=".tmp", dir=out)
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(text)
+                os.replace(tmp, paths[key])
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        return paths
+
+
+def _short_error(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def build_chain(backend: str, cfg: dict | None = None, model: Any = None):
+    """The LCEL chain ``{"facts": Facts} -> state dict`` for a model backend.
+
+    ``model`` replaces the backend's chat model (tests of the parse/repair path only).
+    """
+    from langchain_core.runnables import RunnableBranch, RunnableLambda, RunnablePassthrough
+
+    cfg = cfg if cfg is not None else report_config()
+    first_prompt, repair_prompt = build_prompts(load_prompts(cfg))
+    llm = model if model is not None else structured(chat_model(backend, cfg), ReportDraft, backend, cfg)
+    draft_chain = first_prompt | llm
+    repair_chain = repair_prompt | llm
+
+    def prepare(state: dict) -> dict:
+        f: Facts = state["facts"]
+        return {**state, "inputs": prompt_inputs(f), "attempts": []}
+
+    def attempt(chain, stage: str):
+        def run(state: dict) -> dict:
+            f: Facts = state["facts"]
+            inputs = dict(state["inputs"])
+            if stage == "repair":
+                prev = state.get("draft")
+                inputs.update(problems=state.get("problems") or "- the draft could not be read",
+                              previous_findings=(prev.findings if prev else "")[:600].replace("{", "(").replace("}", ")"),
+                              previous_impression=(prev.impression if prev else "")[:300].replace("{", "(").replace("}", ")"))
+            t0 = time.perf_counter()
+            rec: dict[str, Any] = {"stage": stage}
+            try:
+                draft = chain.invoke(inputs)
+                if isinstance(draft, dict):
+                    draft = ReportDraft.model_validate(draft)
+                if draft is None:
+                    raise ValueError("the model returned no structured draft")
+            except Exception as e:  # noqa: BLE001 - any model/server/parse failure is recorded, then repaired or replaced
+                rec.update(error=_short_error(e), supported=False, seconds=round(time.perf_counter() - t0, 3))
+                return {**state, "attempts": state["attempts"] + [rec], "ok": False, "draft": None,
+                        "problems": f"- the previous answer could not be used ({_short_error(e)[:120]})"}
+            report = assemble(f, draft)
+            v = _verify(report, f)
+            rec.update(supported=v["supported"], unsupported_claims=v["unsupported_claims"],
+                       negation_conflicts=v["negation_conflicts"], missing=v["missing"],
+                       draft=draft.model_dump(), seconds=round(time.perf_counter() - t0, 3))
+            problems = problems_text(v)
+            if v["missing"]:
+                problems += "".join(f"\n- {m}" for m in v["missing"])
+            return {**state, "attempts": state["attempts"] + [rec], "ok": v["supported"], "draft": draft,
+                    "report": report, "verification": v, "problems": problems.strip()}
+        return run
+
+    rounds = int(cfg.get("repair_rounds", 1))
+    chain = RunnableLambda(prepare) | RunnableLambda(attempt(draft_chain, "draft"))
+    for _ in range(rounds):
+        chain = chain | RunnableBranch(
+            (lambda s: not s["ok"], RunnableLambda(attempt(repair_chain, "repair"))),
+            RunnablePassthrough(),
+        )
+    return chain
+
+
+def _prompt_messages(f: Facts, cfg: dict) -> list[dict[str, str]]:
+    first, _ = build_prompts(load_prompts(cfg))
+    return [{"role": m.type, "content": m.content} for m in first.format_messages(**prompt_inputs(f))]
+
+
+def generate_report(findings: Any, backend: str | None = None, *, config: dict | None = None,
+                    model: Any = None) -> ReportResult:
+    """Findings record (``Findings``, dict or path) -> verified :class:`ReportResult`.
+
+    ``backend``: ``local`` | ``openai`` | ``ollama`` | ``template`` (default from
+    ``configs/report.yaml`` or ``TUMORLENS_REPORT_BACKEND``).
+    """
+    t0 = time.perf_counter()
+    cfg = config if config is not None else report_config()
+    name = resolve_backend(backend, cfg)
+    f = build_facts(findings)
+    messages = _prompt_messages(f, cfg) if name != "template" else []
+    if name == "template":
+        report = template_report(f)
+        v = _verify(report, f)
+        v.update(backend="template", repaired=False, fell_back=False, flagged=not v["supported"], attempts=[],
+                 flag_reason="" if v["supported"] else "the template report failed verification")
+        return ReportResult(report, v, f, time.perf_counter() - t0, messages)
+
+    state: dict[str, Any] = {"facts": f, "attempts": [], "ok": False}
+    try:
+        state = build_chain(name, cfg, model=model).invoke({"facts": f})
+    except Exception as e:  # noqa: BLE001 - e.g. the backend could not be built: deliver the template, flagged
+        state["attempts"] = [{"stage": "setup", "error": _short_error(e), "supported": False}]
+    attempts = state.get("attempts", [])
+    if state.get("ok"):
+        v = state["verification"]
+        v.update(backend=name, repaired=len(attempts) > 1, fell_back=False, flagged=False, attempts=attempts,
+                 flag_reason="")
+        return ReportResult(state["report"], v, f, time.perf_counter() - t0, messages)
+    # the model's drafts failed: deliver the template, flagged
+    report = template_report(f)
+    v = _verify(report, f)
+    reasons = []
+    for a in attempts:
+        if a.get("error"):
+            reasons.append(f"{a['stage']}: {a['error']}")
+        else:
+            n = len(a.get("unsupported_claims", [])) + len(a.get("negation_conflicts", [])) + len(a.get("missing", []))
+            reasons.append(f"{a['stage']}: {n} problem(s)")
+    v.update(backend=name, repaired=len(attempts) > 1, fell_back=True, flagged=True, attempts=attempts,
+             flag_reason="the model's draft failed verification after repair; template report delivered ("
+             + "; ".join(reasons) + ")")
+    return ReportResult(report, v, f, time.perf_counter() - t0, messages)

@@ -1,0 +1,52 @@
+"""Markdown rendering of a report, with its verification status up front (people read the top)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from tumorlens.report.facts import READABLE_CLASS
+
+if TYPE_CHECKING:
+    from tumorlens.report.chain import ReportResult
+
+
+def _status(v: dict) -> str:
+    if v.get("fell_back"):
+        return "FLAGGED: the model's draft failed verification; this is the template report built from the findings."
+    if v.get("flagged"):
+        return "FLAGGED: this report failed verification against the findings."
+    if v.get("repaired"):
+        return "Verified against the findings (after one repair round)."
+    return "Verified against the findings."
+
+
+def to_markdown(result: ReportResult) -> str:
+    r, v = result.report, result.verification
+    lines = ["# TumorLens draft MRI report", "",
+             "*Automated research output; not a diagnosis. To be reviewed by a radiologist.*", "",
+             f"**Verification:** {_status(v)}  ", f"**Backend:** {v.get('backend')}  ",
+             f"**Claims checked:** {v.get('checked', {}).get('claims', 0)}", ""]
+    if v.get("flag_reason"):
+        lines += [f"> {v['flag_reason']}", ""]
+    lines += ["## Technique", r.technique, "", "## Findings", r.findings, "", "## Impression", r.impression, ""]
+    lines += ["## Regions", ", ".join(r.regions) if r.regions else "none named", "",
+              f"**Laterality:** {r.laterality}", ""]
+    lines += ["## Differential (classifier probabilities)", "", "| class | probability |", "|---|---|"]
+    lines += [f"| {READABLE_CLASS.get(d.diagnosis, d.diagnosis)} | {d.probability:.2f} |" for d in r.differential]
+    lines += ["", "## Recommendations"] + [f"- {x}" for x in r.recommendations]
+    lines += ["", "## Limitations"] + [f"- {x}" for x in r.limitations]
+    problems = v.get("unsupported_claims", []) + v.get("negation_conflicts", [])
+    if problems or v.get("missing"):
+        lines += ["", "## Verification problems"] + [f"- \"{c['text']}\": {c['reason']}" for c in problems]
+        lines += [f"- {m}" for m in v.get("missing", [])]
+    rejected = [a for a in v.get("attempts", []) if not a.get("supported")]
+    if rejected:
+        lines += ["", "## Rejected model drafts"]
+        for a in rejected:
+            if a.get("error"):
+                lines.append(f"- {a['stage']}: {a['error']}")
+                continue
+            for c in a.get("negation_conflicts", []) + a.get("unsupported_claims", []):
+                lines.append(f"- {a['stage']}: \"{c['text']}\": {c['reason']}")
+            lines += [f"- {a['stage']}: {m}" for m in a.get("missing", [])]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,445 @@
+"""Check every claim of a report against the findings record it was written from.
+
+A claim is any mention of an anatomical region, a side, a tumour class, the presence of a
+tumour, midline crossing, a number, or a feature the pipeline does not measure (oedema,
+enhancement, midline shift, ...). Each mention gets a polarity from :mod:`.negation`, so "no
+mass" about a glioma is a *negation conflict*, "a mass in the right thalamus" about a left
+insular lesion is an *unsupported claim*, and "no midline shift" is unsupported because nothing
+measured it. The result lists every claim checked, so a reader can see what was and was not
+verified.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
+from tumorlens.report.facts import READABLE_CLASS, Facts
+from tumorlens.report.negation import SentenceScope, split_sentences
+from tumorlens.report.schema import RadiologyReport
+
+# ---- lexicons ---------------------------------------------------------------------------------------
+
+# features and diagnoses no stage of the pipeline measures: any statement about them, asserted or
+# negated, is unsupported
+UNMEASURED = {
+    "midline shift": r"midline shift|shift of the midline",
+    "mass effect": r"mass effect|effacement|compression of",
+    "oedema": r"o?edema|oedematous|edematous|swelling",
+    "enhancement": r"(?<!contrast-)(?<!contrast )enhanc(?:ing|ement|es)",
+    "necrosis": r"necro(?:sis|tic)",
+    "haemorrhage": r"ha?emorrhag\w*|bleed(?:ing)?|blood products",
+    "calcification": r"calcifi\w*",
+    "hydrocephalus": r"hydrocephal\w*|ventriculomegaly",
+    "herniation": r"herniat\w*",
+    "infiltration": r"infiltrat\w*|invasi\w*|invad\w*",
+    "cystic change": r"cysts?|cystic",
+    "signal intensity": r"hyper-?intens\w*|hypo-?intens\w*|iso-?intens\w*|signal (?:change|abnormality|intensity)",
+    "diffusion": r"restricted diffusion|diffusion restriction|perfusion",
+    "grade": r"(?:who )?grade [iv1-4]+\b|high-grade|low-grade|high grade|low grade",
+    "dural attachment": r"dural(?:-based| tail| attachment)?|extra-?axial|intra-?axial|meninges|meningeal|parafalcine|falx",
+    "diagnosis outside the classifier's classes": (
+        r"glioblastomas?|astrocytomas?|oligodendrogliomas?|ependymomas?|metasta\w*|lymphomas?|abscess(?:es)?|"
+        r"schwannomas?|craniopharyngiomas?|medulloblastomas?|ha?emangioblastomas?|infarcts?|stroke|"
+        r"demyelinat\w*|multiple sclerosis|encephalitis|gliosis"
+    ),
+}
+
+CLASS_PATTERNS = {
+    "no_tumor": r"no[-_ ]tumou?r class|no_tumor|tumou?r-free class",
+    "pituitary": (r"pituitary (?:tumou?rs?|adenomas?|macroadenomas?|microadenomas?|neoplasms?|lesions?|mass(?:es)?)"
+                  r"|(?:macro|micro)?adenomas?|pituitary(?! (?:gland|fossa|stalk))"),
+    "glioma": r"gliomas?",
+    "meningioma": r"meningiomas?",
+}
+PIPELINE_PHRASES = r"(?:lesion|tumou?r) (?:mask|location|side|class|probability|probabilities)|no-tumou?r"
+TUMOUR_WORDS = r"tumou?rs?|mass(?:es)?|lesions?|neoplasms?|neoplastic|growths?|abnormalit(?:y|ies)|malignan\w*|cancer"
+NORMAL_CLAIM = r"(?:normal|unremarkable) (?:study|scan|examination|exam|mri|brain|appearance|findings)"
+CROSSING = (r"cross(?:es|ing|ed)? (?:over )?(?:the )?midline|midline[- ]crossing|"
+            r"(?:extends?|extending|spreads?) (?:across|over) the midline|across the midline")
+SIDE = r"(left|right)(?:[- ]sided|[- ]hemispher(?:e|ic))?|bilateral(?:ly)?|both hemispheres|midline"
+
+# broad anatomical terms -> key; a region of the findings supports the keys in BROAD_OF
+BROAD = {
+    "frontal": r"frontal(?: lobes?| regions?)?|fronto-?parietal|fronto-?temporal",
+    "temporal": r"temporal(?: lobes?| regions?)?|temporo-?parietal|temporo-?occipital|fronto-?temporal",
+    "parietal": r"parietal(?: lobes?| regions?)?|parieto-?occipital|temporo-?parietal|fronto-?parietal",
+    "occipital": r"occipital(?: lobes?| regions?)?|parieto-?occipital|temporo-?occipital",
+    "insula": r"insula|insular(?: region)?",
+    "cingulate": r"cingulate|limbic",
+    "basal ganglia": r"basal ganglia|lentiform|striatum|deep gr[ae]y matter",
+    "thalamus": r"thalam(?:us|ic|i)",
+    "hippocampus": r"hippocamp(?:us|al|i)|mesial temporal|medial temporal",
+    "brain stem": r"brain ?stem|pons|pontine|midbrain|medulla(?: oblongata)?|infratentorial",
+    "cerebellum": r"cerebell(?:um|ar)|posterior fossa",
+    "ventricle": r"(?:peri|intra)?ventricular|ventricles?",
+    "corpus callosum": r"corpus callosum|callosal",
+    "white matter": r"white matter|subcortical",
+    "sellar": r"(?:supra|para|intra)?sellar|sella(?: turcica)?|pituitary (?:gland|fossa|stalk)|cavernous sinus|optic chiasm|hypothalam\w*",
+    "supratentorial": r"supratentorial|cerebral hemispheres?",
+}
+
+
+def _base(name: str) -> str:
+    """'cingulate gyrus, anterior division' -> 'cingulate gyrus'; parentheses dropped."""
+    s = re.sub(r"\(.*?\)", "", name.lower())
+    s = re.sub(r",.*$", "", s)
+    return re.sub(r"\s+", " ", s).strip()
+
+
+# readable variants of atlas region names
+_VARIANTS = {
+    "insular cortex": ["insular cortex"],
+    "precuneous cortex": ["precuneous cortex", "precuneus"],
+    "brain stem": [],  # broad term
+    "juxtapositional lobule cortex": ["juxtapositional lobule(?: cortex)?", "supplementary motor (?:area|cortex)"],
+    "heschl's gyrus": ["heschl'?s gyrus"],
+    "caudate": ["caudate(?: nucleus)?"],
+    "pallidum": ["(?:globus )?pallidus", "pallidum"],
+    "accumbens": ["(?:nucleus )?accumbens"],
+    "lateral ventricle": ["lateral ventricles?"],
+    "thalamus": [],
+    "hippocampus": [],
+}
+
+
+def _broad_keys_of(base: str, label: str) -> set[str]:
+    keys = set()
+    for lobe in ("frontal", "temporal", "parietal", "occipital"):
+        if lobe in base:
+            keys.add(lobe)
+    table = {
+        "frontal": ("precentral", "juxtapositional", "subcallosal", "paracingulate", "central opercular"),
+        "parietal": ("postcentral", "supramarginal", "angular", "precuneous", "central opercular"),
+        "occipital": ("cuneal", "lingual", "calcarine"),
+        "temporal": ("hippocampus", "parahippocampal", "amygdala", "planum", "heschl"),
+        "insula": ("insular",),
+        "cingulate": ("cingulate",),
+        "basal ganglia": ("caudate", "putamen", "pallidum", "accumbens"),
+        "thalamus": ("thalamus",),
+        "hippocampus": ("hippocampus", "parahippocampal"),
+        "brain stem": ("brain stem",),
+        "ventricle": ("ventricle",),
+    }
+    for key, words in table.items():
+        if any(w in base for w in words):
+            keys.add(key)
+    if label == "Unlabelled_White_Matter_Or_Other":
+        keys = {"white matter"}
+    elif "brain stem" not in keys:
+        keys.add("supratentorial")
+    return keys
+
+
+@lru_cache(maxsize=1)
+def region_lexicon() -> tuple[tuple[str, str], ...]:
+    """(base name, regex) for every atlas region, longest first."""
+    try:
+        from tumorlens.atlas.harvard_oxford import labels, readable_name
+
+        names = {_base(readable_name(lab)) for lab in labels() if lab}
+    except Exception:  # noqa: BLE001 - the atlas wheel is optional for reading reports
+        names = set()
+    out = []
+    for n in names:
+        variants = _VARIANTS.get(n, [re.escape(n)])
+        for v in variants:
+            out.append((n, v))
+    return tuple(sorted(out, key=lambda kv: -len(kv[1])))
+
+
+# ---- results ----------------------------------------------------------------------------------------
+
+@dataclass
+class Claim:
+    field: str
+    kind: str  # region | side | class | tumour | crossing | unmeasured | number | structured
+    text: str
+    sentence: str
+    negated: bool
+    uncertain: bool
+    ok: bool
+    conflict: bool = False  # a negated (or normal-study) statement that contradicts the findings
+    reason: str = ""
+
+
+def _mask(s: str, a: int, b: int) -> str:
+    return s[:a] + " " * (b - a) + s[b:]
+
+
+def _iter(pattern: str, text: str):
+    return re.finditer(rf"(?<![\w-])(?:{pattern})(?![\w])", text, flags=re.IGNORECASE)
+
+
+class Verifier:
+    """Claims of a report vs. one :class:`Facts`; :meth:`check` returns the verification dict."""
+
+    def __init__(self, facts: Facts):
+        self.f = facts
+        self.keys: set[str] = set()
+        self.pairs: set[tuple[str, str]] = set()
+        for r in facts.regions:
+            base = _base(r["name"])
+            ks = {base} | _broad_keys_of(base, r["label"])
+            self.keys |= ks
+            self.pairs |= {(r["hemisphere"], k) for k in ks}
+        if facts.label == "pituitary":
+            self.keys.add("sellar")
+            self.pairs |= {("midline", "sellar")}
+
+    # ---- per sentence -------------------------------------------------------------------------
+    def _sentence(self, field: str, sent: str) -> list[Claim]:
+        f = self.f
+        claims: list[Claim] = []
+        neg_text = sent
+        for m in _iter(CLASS_PATTERNS["no_tumor"] + "|" + PIPELINE_PHRASES, sent):
+            neg_text = neg_text[:m.start()] + "x" * (m.end() - m.start()) + neg_text[m.end():]
+        scope = SentenceScope(neg_text)
+        scan = sent
+
+        def add(kind: str, m: re.Match, ok: bool, reason: str = "", conflict: bool = False, pol=None) -> Claim:
+            pol = pol or scope.polarity(m.start(), m.end())
+            c = Claim(field, kind, m.group(0), sent.strip(), pol.negated, pol.uncertain, ok, conflict, reason)
+            claims.append(c)
+            return c
+
+        # 1. features nothing measured
+        for name, pat in UNMEASURED.items():
+            for m in _iter(pat, scan):
+                pol = scope.polarity(m.start(), m.end())
+                what = "negated" if pol.negated else "asserted"
+                add("unmeasured", m, False, f"{what} statement about {name}, which the findings do not assess", pol=pol)
+                scan = _mask(scan, m.start(), m.end())
+        # 2. midline crossing
+        for m in _iter(CROSSING, scan):
+            pol = scope.polarity(m.start(), m.end())
+            cm = f.crosses_midline
+            if cm is None:
+                add("crossing", m, False, "the findings do not say whether the lesion crosses the midline", pol=pol)
+            elif pol.negated and cm:
+                add("crossing", m, False, "says the lesion does not cross the midline; the findings say it does",
+                    conflict=True, pol=pol)
+            elif not pol.negated and not cm:
+                add("crossing", m, False, "says the lesion crosses the midline; the findings say it does not", pol=pol)
+            else:
+                add("crossing", m, True, pol=pol)
+            scan = _mask(scan, m.start(), m.end())
+        # 3. classes (before tumour words: "pituitary tumour" is a class)
+        class_spans: list[tuple[int, int, str]] = []
+        for cls, pat in CLASS_PATTERNS.items():
+            for m in _iter(pat, scan):
+                class_spans.append((m.start(), m.end(), cls))
+                self._class_claim(add, m, cls, scope, sent)
+                scan = _mask(scan, m.start(), m.end())
+        scan_no_pipeline = scan
+        for m in _iter(PIPELINE_PHRASES, scan):
+            scan_no_pipeline = _mask(scan_no_pipeline, m.start(), m.end())
+        scan = scan_no_pipeline
+        # 4. regions: specific atlas names, then broad terms, each with an optional side in front
+        region_spans: list[tuple[int, int, bool]] = []
+        for base, pat in region_lexicon():
+            for m in _iter(pat, scan):
+                self._region_claim(add, m, base, scope, sent, region_spans)
+                scan = _mask(scan, m.start(), m.end())
+        for key, pat in BROAD.items():
+            for m in _iter(pat, scan):
+                self._region_claim(add, m, key, scope, sent, region_spans)
+                scan = _mask(scan, m.start(), m.end())
+        # 5. sides not attached to a region
+        for m in _iter(SIDE, scan):
+            self._side_claim(add, m, scope)
+            region_spans.append((m.start(), m.end(), scope.polarity(m.start(), m.end()).negated))
+            scan = _mask(scan, m.start(), m.end())
+        # 6. tumour presence and "normal study"
+        for m in _iter(NORMAL_CLAIM, scan):
+            pol = scope.polarity(m.start(), m.end())
+            if f.tumour_present and not pol.negated:
+                add("tumour", m, False, f"calls the study normal; the findings favour {READABLE_CLASS[f.label]}",
+                    conflict=True, pol=pol)
+            else:
+                add("tumour", m, True, pol=pol)
+            scan = _mask(scan, m.start(), m.end())
+        for m in _iter(TUMOUR_WORDS, scan):
+            pol = scope.polarity(m.start(), m.end())
+            located = any(a > m.end() and neg for a, _b, neg in region_spans)
+            if pol.negated and f.tumour_present and not located:
+                add("tumour", m, False, f"negates a tumour/mass; the findings favour {READABLE_CLASS[f.label]} "
+                    f"(probability {f.top_probability:.2f})", conflict=True, pol=pol)
+            elif not pol.negated and not f.tumour_present:
+                p_tumour = 1.0 - f.probabilities[NO_TUMOUR]
+                if pol.uncertain and p_tumour >= 0.2:
+                    add("tumour", m, True, "hedged", pol=pol)
+                else:
+                    add("tumour", m, False, f"asserts a tumour/mass; the findings favour the no-tumour class "
+                        f"(probability {f.top_probability:.2f})", pol=pol)
+            else:
+                add("tumour", m, True, pol=pol)
+        # 7. numbers
+        self._numbers(add, sent, class_spans, scope)
+        return claims
+
+    def _class_claim(self, add, m, cls: str, scope: SentenceScope, sent: str) -> None:
+        f = self.f
+        pol = scope.polarity(m.start(), m.end())
+        if cls == NO_TUMOUR:  # the class's name, as in a list of probabilities
+            if f.label == NO_TUMOUR or pol.uncertain or self._own_probability_near(sent, m.end(), cls):
+                add("class", m, True, pol=pol)
+            else:
+                add("class", m, False, f"names the no-tumour class without its probability; the findings favour "
+                    f"{READABLE_CLASS[f.label]}", pol=pol)
+            return
+        if pol.negated:
+            if cls == f.label and f.top_probability >= 0.5:
+                add("class", m, False, f"negates {READABLE_CLASS[cls]}, the most likely class "
+                    f"(probability {f.top_probability:.2f})", conflict=True, pol=pol)
+            else:
+                add("class", m, True, pol=pol)
+        elif cls == f.label:
+            add("class", m, True, pol=pol)
+        elif pol.uncertain or self._own_probability_near(sent, m.end(), cls):
+            add("class", m, True, "hedged / listed with its probability", pol=pol)
+        else:
+            add("class", m, False, f"asserts {READABLE_CLASS[cls]}; the findings favour {READABLE_CLASS[f.label]} "
+                f"(probability {f.top_probability:.2f})", pol=pol)
+
+    def _own_probability_near(self, sent: str, end: int, cls: str) -> bool:
+        tail = sent[end:end + 40]
+        m = re.search(r"(\d+(?:\.\d+)?)\s*(%)?", tail)
+        if not m:
+            return False
+        v = float(m.group(1)) / (100.0 if m.group(2) or float(m.group(1)) > 1 else 1.0)
+        return abs(v - self.f.probabilities[cls]) <= _tol(m.group(1), scale=100.0 if (m.group(2) or float(m.group(1)) > 1) else 1.0)
+
+    def _region_claim(self, add, m, key: str, scope: SentenceScope, sent: str, region_spans: list) -> None:
+        f = self.f
+        pol = scope.polarity(m.start(), m.end())
+        before = sent[max(0, m.start() - 24):m.start()].lower()
+        side_m = re.search(r"\b(left|right)(?:[- ]sided)?\s+(?:\w+\s+){0,2}$", before)
+        side = side_m.group(1) if side_m else None
+        region_spans.append((m.start(), m.end(), pol.negated))
+        name = f"{side + ' ' if side else ''}{m.group(0)}"
+        if not f.regions and key != "sellar":
+            why = "the placement is low-confidence" if f.low_confidence_placement else "the findings name no regions"
+            if pol.negated:
+                add("region", m, True, f"negated; {why}", pol=pol)
+            else:
+                add("region", m, False, f"names {name}, but {why}", pol=pol)
+            return
+        supported = (side, key) in self.pairs if side else key in self.keys
+        if pol.negated:
+            if supported and key != "supratentorial":
+                add("region", m, False, f"says {name} is not involved; the findings list it", conflict=True, pol=pol)
+            else:
+                add("region", m, True, pol=pol)
+        elif supported:
+            add("region", m, True, pol=pol)
+        else:
+            listed = ", ".join(f"{r['hemisphere']} {r['name']}" for r in f.regions) or "none"
+            add("region", m, False, f"names {name}; findings regions: {listed}", pol=pol)
+
+    def _side_claim(self, add, m, scope: SentenceScope) -> None:
+        f = self.f
+        pol = scope.polarity(m.start(), m.end())
+        word = m.group(0).lower()
+        side = "bilateral" if word.startswith(("bilateral", "both")) else word.split("-")[0].split(" ")[0]
+        allowed = f.allowed_sides
+        if pol.negated:
+            if side == f.laterality or (side == "bilateral" and f.crosses_midline):
+                add("side", m, False, f"negates the {side} side; the findings say {f.laterality}", conflict=True, pol=pol)
+            else:
+                add("side", m, True, pol=pol)
+        elif side in allowed:
+            add("side", m, True, pol=pol)
+        else:
+            add("side", m, False, f"states {side}; the findings say laterality {f.laterality}"
+                + (f" (region sides: {', '.join(sorted(allowed))})" if allowed else ""), pol=pol)
+
+    def _numbers(self, add, sent: str, class_spans, scope: SentenceScope) -> None:
+        f = self.f
+        pat = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(\s*(?:%|percent\b|mm2|mm²|mm\^2|mm3|mm³|cm3|cm³|cm2|cm²|ml\b|mm\b|cm\b|years?\b|-year))?")
+        for m in pat.finditer(sent):
+            num, unit = m.group(1), (m.group(2) or "").strip().lower()
+            nxt = sent[m.end():m.end() + 1]
+            if not unit and nxt.isalpha():  # 2D, 3rd, T1 ...
+                continue
+            if re.match(r"^\s*\d+[.)]\s", sent[: m.end() + 2]) and m.start() == len(sent) - len(sent.lstrip()):
+                continue  # a list marker
+            x = float(num)
+            pct = unit in ("%", "percent")
+            # a probability right after a class name must be that class's probability
+            owner, gap = None, 26
+            for _a, b, cls in class_spans:
+                if 0 <= m.start() - b < gap and (pct or x <= 1.0):
+                    owner, gap = cls, m.start() - b
+            if owner is not None:
+                v = f.probabilities[owner] * (100.0 if pct else 1.0)
+                ok = abs(x - v) <= _tol(num)
+                reason = "" if ok else f"gives {READABLE_CLASS[owner]} probability {m.group(0).strip()}; the findings say {f.probabilities[owner]:.2f}"
+                add("number", m, ok, reason)
+                continue
+            pool = [v for v in f.numbers]
+            ok = any(abs(x - v) <= max(_tol(num), 0.01 * abs(v) if abs(v) >= 100 else 0.0) for v in pool)
+            add("number", m, ok, "" if ok else f"the number {m.group(0).strip()} is not in the findings")
+
+    # ---- whole report -------------------------------------------------------------------------
+    def check(self, report: RadiologyReport) -> dict[str, Any]:
+        claims: list[Claim] = []
+        for field, text in report.text_fields().items():
+            for _start, sent in split_sentences(text or ""):
+                claims.extend(self._sentence(field, sent))
+        claims.extend(self._structured(report))
+        return summarise(claims)
+
+    def _structured(self, report: RadiologyReport) -> list[Claim]:
+        f = self.f
+        out = []
+        names = {r["name"].lower() for r in f.regions} | {r["label"].lower() for r in f.regions}
+        for r in report.regions:
+            bare = re.sub(r"^(left|right)\s+", "", r.lower())
+            ok = r.lower() in names or bare in names
+            out.append(Claim("regions", "structured", r, r, False, False, ok, False, "" if ok else "region not in the findings"))
+        lat_ok = report.laterality == f.laterality
+        out.append(Claim("laterality", "structured", report.laterality, report.laterality, False, False, lat_ok, False,
+                         "" if lat_ok else f"findings laterality is {f.laterality}"))
+        for d in report.differential:
+            ok = d.diagnosis in CLASS_NAMES and abs(d.probability - f.probabilities[d.diagnosis]) <= 0.005
+            out.append(Claim("differential", "structured", f"{d.diagnosis} {d.probability:.2f}", "", False, False, ok, False,
+                             "" if ok else "class or probability differs from the findings"))
+        return out
+
+
+def _tol(num: str, scale: float = 1.0) -> float:
+    d = len(num.split(".")[1]) if "." in num else 0
+    return (0.5 * 10 ** (-d) + 1e-6) / scale
+
+
+def summarise(claims: list[Claim]) -> dict[str, Any]:
+    """The verification record: what was checked and what failed."""
+    unsupported = [asdict(c) for c in claims if not c.ok and not c.conflict]
+    conflicts = [asdict(c) for c in claims if c.conflict]
+    kinds: dict[str, int] = {}
+    for c in claims:
+        kinds[c.kind] = kinds.get(c.kind, 0) + 1
+    return {
+        "supported": not unsupported and not conflicts,
+        "unsupported_claims": unsupported,
+        "negation_conflicts": conflicts,
+        "checked": {"claims": len(claims), "by_kind": kinds, "negated": sum(c.negated for c in claims),
+                    "items": [asdict(c) for c in claims]},
+    }
+
+
+def verify_report(report: RadiologyReport, facts: Facts) -> dict[str, Any]:
+    """Verification dict (``supported``, ``unsupported_claims``, ``negation_conflicts``, ``checked``)."""
+    return Verifier(facts).check(report)
+
+
+def problems_text(verification: dict[str, Any], limit: int = 8) -> str:
+    """The failures as short lines, to feed back to the model in the repair round."""
+    lines = []
+    for c in (verification["negation_conflicts"] + verification["unsupported_claims"])[:limit]:
+        lines.append(f'- "{c["text"]}" in "{c["sentence"][:120]}": {c["reason"]}')
+    return "\n".join(lines)
