@@ -209,6 +209,11 @@ def test_multi_region_label_file_gets_distinct_named_segments(logic, t1c, brats,
     out = logic.save_segmentation(seg, str(tmp_path / "regions.seg.nrrd"))
     check_seg_nrrd(Path(out), {s["name"]: s["voxels"] for s in segments}, lab.affine,
                    {s["name"]: world_centroid(arr == s["value"], lab.affine) for s in segments})
+    # exported for "Submit label": every segment comes back with the value its name is sent with
+    path, sent = logic.export_label(seg, volume, str(tmp_path / "submit.nii.gz"))
+    back = np.asarray(nib.load(path).dataobj)
+    for s in segments:
+        assert np.array_equal(back == sent[s["name"]], arr == s["value"]), s["name"]
 
 
 def test_heatmap_volume_with_colour_map_and_opacity(logic, oblique, inprocess_result):
@@ -351,6 +356,15 @@ def test_server_saliency_to_region_named_segments(logic, server, t1c, tmp_path):
     harr = slicer.util.arrayFromVolume(heat)
     assert harr.min() >= 0.0 and harr.max() <= 1.0 + 1e-6 and harr.max() > 0
     assert np.allclose(ijk_to_ras(heat), vol_affine, atol=1e-3)
+    # the report describes the findings shown (sent along), saved next to the scene
+    logic.scene.SetURL(str(tmp_path / "scene" / "study.mrml"))
+    rep = logic.generate_report(volume)
+    assert Path(rep["markdown_path"]).parent == tmp_path / "scene"
+    saved = json.loads(Path(rep["json_path"]).read_text())
+    assert saved["report"]["findings"] and saved["verification"]
+    v = saved["verification"]
+    assert rep["verified"] == bool(v.get("supported") and not v.get("flagged") and not v.get("fell_back"))
+    assert rep["status"] in Path(rep["markdown_path"]).read_text()
     # a second run does not upload again (same content hash)
     before = len(logic.client.datastore()["objects"])
     probs = logic.run_model(volume, "classification")["probabilities"]

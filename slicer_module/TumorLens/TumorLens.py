@@ -127,6 +127,7 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         self.client: tll.MonaiLabelClient | None = None
         self.info: dict = {}
         self.models: dict[str, tll.ModelInfo] = {}
+        self.findings: dict[str, dict] = {}  # image id -> last findings record (sent with the report)
         self.work_dir = tempfile.mkdtemp(prefix="tumorlens-slicer-")
 
     # ---- server ---------------------------------------------------------------------------------
@@ -255,6 +256,8 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         findings = tll.findings_of(params)
         out: dict[str, Any] = {"model": model, "image_id": self.image_id(volume_node), "findings": findings,
                                "label_path": answer.label_path}
+        if findings:
+            self.findings[out["image_id"]] = findings
         try:
             out["probabilities"] = tll.probabilities_of(params)
         except tll.ResponseError:
@@ -435,10 +438,18 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         return {"status": view.status, "verified": view.verified, "markdown": view.markdown,
                 "json_path": base + ".json", "markdown_path": base + ".md"}
 
+    def report_params(self, image_id: str, params: dict | None = None) -> dict:
+        """Send the findings already shown for this image, so the report describes what the user
+        sees (and the server need not explain the image again)."""
+        out = dict(params or {})
+        if "findings" not in out and image_id in self.findings:
+            out["findings"] = self.findings[image_id]
+        return out
+
     def generate_report(self, volume_node, model: str = "report", params: dict | None = None,
                         out_dir: str | None = None) -> dict:
         image_id, path = self.prepare_upload(volume_node)
-        answer = self.remote_infer(model, image_id, path, params)
+        answer = self.remote_infer(model, image_id, path, self.report_params(image_id, params))
         return self.save_report(answer.params, image_id, out_dir)
 
     def apply_sample(self, sample: dict):
@@ -631,7 +642,8 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.reportText.setMarkdown(res["markdown"])
             self.ui.statusLabel.text = f"report saved: {res['markdown_path']}"
 
-        self._start("Generate report", lambda: self.logic.remote_infer("report", image_id, path), done)
+        params = self.logic.report_params(image_id)
+        self._start("Generate report", lambda: self.logic.remote_infer("report", image_id, path, params), done)
 
     def onNextSample(self):
         strategy = self.ui.strategyCombo.currentText or "random"
