@@ -547,12 +547,17 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _poll(self):
         job = self._job
-        if job is None or job["thread"].is_alive():
+        if job is None:
             return
+        alive = job["thread"].is_alive()
+        if alive and not self.logic.cancel.is_set():
+            return
+        # cancelled while the server is still computing: stop waiting now; the worker stops at its next
+        # chunk (or its timeout) and its result is dropped, the scene is never touched by it
         self._timer.stop()
         self._job = None
         self._set_busy(False)
-        err = job["error"]
+        err = tll.Cancelled("cancelled by the user") if alive else job["error"]
         if isinstance(err, tll.Cancelled):
             self.ui.statusLabel.text = f"{job['what']}: cancelled"
             return
