@@ -241,3 +241,31 @@ def test_cli_help_lists_alignment_commands():
                          timeout=60).stdout
     for cmd in ("align", "ablate-prompts", "retrieve"):
         assert cmd in out
+
+
+def test_alignment_loss_term_trains_projection_and_encoder(dev2d, dev_rows, protos):
+    """Option (b): the loss term from a training config; one step moves encoder and projection."""
+    from tumorlens.alignment.training import AlignmentTerm
+    from tumorlens.data import read_image
+    from tumorlens.inference import prepare_slice
+    from tumorlens.models import build_model
+
+    net = build_model({"model": {"backbone": "resnet18"}})
+    assert AlignmentTerm.from_config({}, net) is None
+    term = AlignmentTerm.from_config({"alignment": {"enabled": True, "weight": 1.0}}, net)
+    rows = [next(r for r in dev_rows if r["label"] == c) for c in CLASS_NAMES]
+    x = torch.cat([prepare_slice(read_image(dev2d / r["image"], expect="2d")[0].numpy(), 64) for r in rows])
+    y = torch.arange(4)
+    opt = torch.optim.SGD(list(net.parameters()) + term.parameters(), lr=0.05)
+    net.train()
+    logits, _seg = net(x)
+    loss = term.loss(y)
+    assert torch.isfinite(loss) and loss.item() > 0
+    before = term.projection.mlp[-1].weight.detach().clone()
+    (torch.nn.functional.cross_entropy(logits, y) + loss).backward()
+    assert net.encoder.stages[0][0].weight.grad.abs().sum() > 0
+    opt.step()
+    assert not torch.equal(before, term.projection.mlp[-1].weight)
+    with pytest.raises(RuntimeError):
+        term.loss(y)  # features are consumed once per forward pass
+    term.detach()

@@ -3,6 +3,7 @@ descriptions, a projection into that text space, a Tip-Adapter cache and a fusio
 decides; the semantic margin rate, prompt ablation and negation retrieval that show it does."""
 
 from tumorlens.alignment.api import (
+    aligned_probabilities,
     load_alignment,
     load_probe,
     nearest_descriptions,
@@ -17,7 +18,7 @@ from tumorlens.alignment.text import build_prototypes, encode_texts
 from tumorlens.alignment.tip_adapter import TipAdapter
 
 __all__ = [
-    "AlignedHead", "TextProjection", "TipAdapter", "ablate", "alignment_loss", "build_head", "build_prototypes",
+    "AlignedHead", "TextProjection", "TipAdapter", "ablate", "aligned_probabilities", "alignment_loss", "build_head", "build_prototypes",
     "encode_texts", "fit_linear_probe", "fit_projection", "load_alignment", "load_descriptions", "load_probe",
     "margin_rate", "nearest_descriptions", "semantic_margin_rate", "semantic_margins", "text_head",
 ]

@@ -132,3 +132,17 @@ def nearest_descriptions(model, image_tensor, k: int = 3, *, head: str = "auto")
     h, _kind = text_head(m, head)
     feats, _ = extract_features(m.net, x)
     return h.nearest_descriptions(feats, k)[0]
+
+
+@torch.no_grad()
+def aligned_probabilities(model, images) -> tuple[np.ndarray, str]:
+    """Class probabilities [N, 4] of the model's default decision: the aligned head's fused logits
+    when ``alignment.pt`` is stored (it won on validation), else the plain classifier's softmax.
+    Returns (probabilities, "aligned" | "plain")."""
+    m = _model(model)
+    x = _as_batch(images)
+    feats, logits = extract_features(m.net, x)
+    head = load_alignment(m)
+    if head is None:
+        return torch.as_tensor(logits).softmax(1).numpy(), "plain"
+    return head.logits(feats).softmax(1).numpy(), "aligned"

@@ -34,7 +34,7 @@ from tumorlens.alignment.tip_adapter import TipAdapter
 from tumorlens.labels import CLASS_NAMES
 
 ALPHAS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-BETAS = (1.0, 3.0, 5.5, 10.0, 20.0)
+BETAS = (1.0, 3.0, 5.5, 10.0, 20.0, 40.0)
 GAMMAS = (0.0, 0.5, 1.0, 2.0)
 FUSIONS = ("textspace", "onehot")
 FORMAT_VERSION = 1
@@ -115,13 +115,19 @@ class AlignedHead:
         self.alpha, self.beta, self.gamma = chosen["alpha"], chosen["beta"], chosen["gamma"]
         if self.cache is not None:
             self.cache.beta = self.beta
+        # temperature: the logit scale that minimises validation NLL (never changes a prediction)
+        unit = self.combine(self.parts(feats), self.alpha, self.gamma)[0] / self.scale
+        scales = torch.as_tensor(np.geomspace(1.0, 300.0, 80), dtype=torch.float32)
+        nlls = torch.stack([F.cross_entropy(unit * sc, y) for sc in scales])
+        self.scale = float(scales[int(nlls.argmin())])
+        chosen["scale"] = self.scale
         return chosen
 
     @torch.no_grad()
     def crossfit_accuracy(self, feats, labels, groups) -> float:
         """Less optimistic accuracy: tune on half of the validation groups, test on the other half,
         and the other way round. Restores the current hyper-parameters."""
-        keep = (self.alpha, self.beta, self.gamma)
+        keep = (self.alpha, self.beta, self.gamma, self.scale)
         groups = np.asarray(groups)
         ug = sorted(set(groups.tolist()))
         half = np.isin(groups, ug[::2])
@@ -133,7 +139,7 @@ class AlignedHead:
             self.tune(f[torch.as_tensor(a_mask)], y[a_mask])
             test = ~a_mask
             correct += int((self.predict(f[torch.as_tensor(test)]) == y[test]).sum())
-        self.alpha, self.beta, self.gamma = keep
+        self.alpha, self.beta, self.gamma, self.scale = keep
         if self.cache is not None:
             self.cache.beta = self.beta
         return correct / len(y)
