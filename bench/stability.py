@@ -109,6 +109,7 @@ def grid(args, protos, base: dict) -> list[dict]:
                                                        {"val": (images[va], labels[va])})["val"]
         rows.append(row)
         tqdm.write(json.dumps(row))
+        Path(args.json + ".partial").write_text(json.dumps(rows, indent=1))  # survives an interrupted grid
     return rows
 
 
@@ -223,16 +224,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbones", default="densenet121,resnet18,efficientnet-b0")
     p.add_argument("--optimizers", default="adamw,sgd,rmsprop")
     p.add_argument("--lrs", default="0.0003,0.003,0.03")
-    p.add_argument("--max-images", type=int, default=192, help="fixed training subset (val: a quarter, >= 32)")
-    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--max-images", type=int, default=160, help="fixed training subset (val: a quarter, >= 32)")
+    p.add_argument("--size", type=int, default=48)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--aligned", action="store_true", help="add the text-anchored variant of every run")
     p.add_argument("--shift", action="store_true", help="add view / acquisition-batch hold-out runs")
     p.add_argument("--no-grid", action="store_true")
-    p.add_argument("--shift-backbone", default="densenet121")
-    p.add_argument("--shift-max-images", type=int, default=512)
+    p.add_argument("--shift-backbone", default="resnet18")
+    p.add_argument("--shift-max-images", type=int, default=384)
     p.add_argument("--shift-epochs", type=int, default=3)
     p.add_argument("--json", default="runs/stability.json")
     args = p.parse_args(argv)

@@ -269,3 +269,23 @@ def test_alignment_loss_term_trains_projection_and_encoder(dev2d, dev_rows, prot
     with pytest.raises(RuntimeError):
         term.loss(y)  # features are consumed once per forward pass
     term.detach()
+
+
+def test_stored_aligned_head_becomes_the_default_decision(probed_model, real_subset, protos):
+    from tumorlens.alignment import aligned_probabilities, text_head
+    from tumorlens.alignment.features import checkpoint_sha
+
+    va, tr = real_subset["val"], real_subset["train"]
+    probs, kind = aligned_probabilities(probed_model, va["x"][:4])
+    assert kind == "plain" and probs.shape == (4, 4)
+    np.testing.assert_allclose(probs, torch.as_tensor(va["logits"][:4]).softmax(1).numpy(), atol=1e-4)
+    head = build_head(tr["f"], tr["y"], protos, classifier_layer(probed_model.net))
+    head.tune(va["f"], va["y"])
+    head.meta = {"checkpoint_sha": checkpoint_sha(probed_model)}
+    head.save(probed_model.path / "alignment.pt")
+    h, kind = text_head(probed_model)
+    assert kind == "aligned"
+    probs, kind = aligned_probabilities(probed_model, va["x"])
+    assert kind == "aligned"
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert (probs.argmax(1) == head.predict(va["f"])).mean() > 0.95
