@@ -189,7 +189,7 @@ class Facts:
     def limitations(self) -> list[str]:
         out = ["Automated research output from a machine-learning model; not a diagnosis."]
         if self.kind == "image2d":
-            out.append("Single 2D image: the extent of the lesion through the brain is not assessed.")
+            out.append("Single 2D image: structures outside this slice are not assessed.")
             if not self.spacing_known:
                 out.append("Pixel spacing is unknown, so sizes are given in pixels only.")
         if self.low_confidence_placement:

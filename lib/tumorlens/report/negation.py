@@ -39,7 +39,7 @@ HEDGES = (
     "not ruled out", "not excluded", "to rule out", "rule out", "possible", "possibly", "probable", "probably",
     "likely", "less likely", "unlikely", "may", "might", "could", "suspicious for", "suggestive of",
     "differential", "differential diagnosis", "versus", "vs", "alternatively", "other classes", "considered",
-    "uncertain", "or",
+    "uncertain", "suggests", "suggest", "suggesting",
 )
 TERMINATORS = (
     "but", "however", "although", "though", "except", "apart from", "aside from", "whereas", "while", "yet",

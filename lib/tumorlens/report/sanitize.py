@@ -36,7 +36,7 @@ _IDENTIFIER_TEXT = [
     (re.compile(r"\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2}[./]\d{1,2}[./]\d{2,4}\b"), "[date]"),
     (re.compile(r"\b(mrn|dob|id|ssn|accession|patient\s*(id|name)|name)\s*[:=#]\s*\S+", re.IGNORECASE), "[identifier]"),
     (re.compile(r"\+?\d[\d\s().-]{7,}\d"), "[number]"),
-    (re.compile(r"\b(mr|mrs|ms|miss|dr)\.?\s+[A-Z][a-z]+\b"), "[name]"),
+    (re.compile(r"\b(?i:mr|mrs|ms|miss|dr|prof)\.?\s+[A-Z][a-z]+\b"), "[name]"),
 ]
 _MARKUP = re.compile(r"[{}<>`\[\]\\|#*_~^$]")
 _SEX = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M", "o": "O", "other": "O"}

@@ -170,8 +170,19 @@ def _mask(s: str, a: int, b: int) -> str:
     return s[:a] + " " * (b - a) + s[b:]
 
 
+@lru_cache(maxsize=256)
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(rf"(?<![\w-])(?:{pattern})(?![\w])", flags=re.IGNORECASE)
+
+
 def _iter(pattern: str, text: str):
-    return re.finditer(rf"(?<![\w-])(?:{pattern})(?![\w])", text, flags=re.IGNORECASE)
+    return _compiled(pattern).finditer(text)
+
+
+@lru_cache(maxsize=1)
+def _region_any() -> str:
+    """One alternation of every atlas region name (a sentence is scanned once, not once per region)."""
+    return "|".join(pat for _base_name, pat in region_lexicon())
 
 
 class Verifier:
@@ -240,8 +251,9 @@ class Verifier:
         scan = scan_no_pipeline
         # 4. regions: specific atlas names, then broad terms, each with an optional side in front
         region_spans: list[tuple[int, int, bool]] = []
-        for base, pat in region_lexicon():
-            for m in _iter(pat, scan):
+        if region_lexicon():
+            for m in _iter(_region_any(), scan):
+                base = next(b for b, pat in region_lexicon() if _compiled(pat).fullmatch(m.group(0)))
                 self._region_claim(add, m, base, scope, sent, region_spans)
                 scan = _mask(scan, m.start(), m.end())
         for key, pat in BROAD.items():
