@@ -10,6 +10,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lib.auth import install_token_check
 from lib.configs import tumorlens as tasks
 from lib.datastore import TumorlensDatastore
 from lib.errors import bad_request, check_id, not_found
@@ -34,8 +35,13 @@ class TumorLensApp(MONAILabelApp):
                          description="Explainable brain-tumour MRI: class, tumour mask, saliency, atlas regions, report",
                          version=tumorlens.__version__ if hasattr(tumorlens, "__version__") else "0")
         if "monailabel.app" in sys.modules:  # inside the server (not a train/scoring subprocess)
+            stats = self.state.read_stats()
+            if stats.get("status") == "RUNNING":  # the server died while a training run was going on
+                stats.update(status="INTERRUPTED", note="the server stopped during this run; nothing was published")
+                self.state.write_stats(stats)
             mb = float(conf.get("max_upload_mb") or os.environ.get("TUMORLENS_MAX_UPLOAD_MB", 512))
             install_body_limit(sys.modules["monailabel.app"].app, int(mb * 1024 * 1024))
+            install_token_check()
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):

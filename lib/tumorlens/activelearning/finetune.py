@@ -40,7 +40,7 @@ def read_label_like(path: str | Path, img) -> np.ndarray:
 
 
 def item_arrays(image: str | Path, label: str | Path | None, class_name: str, size: int,
-                max_clear_slices: int = 4) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                max_clear_slices: int = 4, max_lesion_slices: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images uint8 [N, S, S], masks uint8 [N, S, S], labels [N]) of one labelled item."""
     if class_name not in CLASS_NAMES:
         raise InvalidInputError(label or image, f"unknown class {class_name!r}: one of {', '.join(CLASS_NAMES)}")
@@ -61,6 +61,8 @@ def item_arrays(image: str | Path, label: str | Path | None, class_name: str, si
     if class_name == NO_TUMOUR:
         touched = np.array([], dtype=int)
         clear = np.where(brain)[0]
+    if touched.size > max_lesion_slices:
+        touched = touched[np.linspace(0, touched.size - 1, max_lesion_slices).round().astype(int)]
     if clear.size:
         clear = clear[np.linspace(0, clear.size - 1, min(max_clear_slices, clear.size)).round().astype(int)]
     idx = np.concatenate([touched, clear]).astype(int)
