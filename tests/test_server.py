@@ -271,7 +271,16 @@ def test_report_task(client):
         pytest.skip("tumorlens.report not in this checkout: the report task is not offered")
     out, res = infer_json(client, "report", "mri2d_1941")
     assert out is None
-    assert res["report"] and "verification" in res and res["findings"]["classification"]["label"] in CLASS_NAMES
+    assert res["findings"]["classification"]["label"] in CLASS_NAMES
+    assert res["report"] and isinstance(res["verification"]["supported"], bool) and res["markdown"]
+    # findings sent with the request: the report is built from them, not from the image
+    f = dict(res["findings"])
+    _, res2 = infer_json(client, "report", "mri2d_1941", {"findings": f, "backend": "template"})
+    assert res2["verification"]["backend"] == "template" and res2["verification"]["supported"] is True
+    assert res2["findings"]["classification"] == f["classification"]
+    with pytest.raises(MONAILabelClientException) as ei:
+        client.infer("report", "mri2d_1941", {"findings": {"schema_version": "1.0", "bogus": 1}})
+    assert status_of(ei.value) == 400 and "findings" in str(ei.value.msg)
 
 
 # ---- bad input: 4xx with a message, the server keeps serving, the datastore is unchanged ------------

@@ -6,6 +6,8 @@ saliency pipeline (``params.method``, default Grad-CAM++) first.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
@@ -26,26 +28,48 @@ def _has_generate() -> bool:
 
 class ReportInfer(TumorlensInfer):
     def __init__(self, state: AppState):
-        super().__init__(state, InferType.CLASSIFICATION, {}, 3,
+        super().__init__(state, InferType.OTHERS, {}, 3,
                          "Structured radiology report from the findings (verified against them); JSON",
                          config={"method": "gradcampp", "backend": None})
 
     def is_valid(self) -> bool:
-        return _has_generate() and saliency_available() and super().is_valid()
+        return _has_generate() and super().is_valid()
+
+    def findings_of(self, img: MetaTensor, request: dict):
+        """The request's findings (validated), else explain the image (saliency + atlas when the
+        saliency pipeline is installed, otherwise the classifier and segmentation head alone)."""
+        from tumorlens.findings import Findings
+
+        given = request.get("findings")
+        if given is not None:
+            try:
+                return Findings.model_validate(json.loads(given) if isinstance(given, str) else given)
+            except (ValueError, TypeError) as e:
+                raise bad_request(f"params.findings is not a valid findings record: {str(e)[:400]}") from e
+        method = request.get("method") or "gradcampp"
+        if method not in ("gradcam", "gradcampp", "scorecam"):
+            raise bad_request(f"unknown saliency method {method!r}: gradcam, gradcampp or scorecam")
+        model = self.state.model()
+        if saliency_available():
+            from tumorlens.saliency import explain
+
+            return explain(img, method=method, model=model).findings
+        from tumorlens.findings import build_findings
+        from tumorlens.inference import Predictor
+
+        pred = Predictor(model).predict(img)
+        return build_findings(img, pred.probabilities, masks=[("segmentation_head", pred.mask.numpy()[0])], model=model,
+                              notes=["saliency pipeline not installed: no saliency map and no atlas regions"])
 
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
         from tumorlens.report import generate_report
 
-        findings = request.get("findings")
-        if findings is None:
-            from tumorlens.saliency import explain
-
-            method = request.get("method") or "gradcampp"
-            if method not in ("gradcam", "gradcampp", "scorecam"):
-                raise bad_request(f"unknown saliency method {method!r}: gradcam, gradcampp or scorecam")
-            findings = explain(img, method=method, model=self.state.model()).findings
-        res = generate_report(findings, backend=request.get("backend"))
-        fd = findings.model_dump(mode="json") if hasattr(findings, "model_dump") else findings
-        return None, {"report": res.report.model_dump(mode="json"), "verification": res.verification,
-                      "markdown": res.to_markdown(), "findings": fd,
-                      "model": {"name": self.state.model().name, "version": self.state.model_version()}}
+        findings = self.findings_of(img, request)
+        backend = request.get("backend")
+        if backend is not None and backend not in ("local", "openai", "ollama", "template"):
+            raise bad_request(f"unknown report backend {backend!r}: local, openai, ollama or template")
+        res = generate_report(findings, backend=backend)
+        out = json.loads(json.dumps(res.as_dict(), default=str))
+        out.update(markdown=res.to_markdown(), findings=findings.model_dump(mode="json"),
+                   model={"name": self.state.model().name, "version": self.state.model_version()})
+        return None, out
