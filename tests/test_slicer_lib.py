@@ -314,7 +314,11 @@ def test_region_names():
         (1, "temporal pole (right)"), (2, "putamen (left)"), (3, "frontal pole (left)")]
     assert specs[0].fraction == 0.7 and specs[2].fraction is None
     one = tll.segment_specs({"lesion": 1}, findings, tll.region_color)
-    assert one[0].name == "lesion - mostly temporal pole (right)"
+    assert one[0].name == "lesion - temporal pole (right) +1 more"
+    assert one[0].extra["regions"] == "temporal pole (right) 70%; putamen (left) 30%"
+    # the server's own name for a binary lesion (its regions joined) is treated the same way
+    joined = tll.segment_specs({"temporal pole, putamen": 1}, findings, tll.region_color)
+    assert joined[0].name == "lesion - temporal pole (right) +1 more"
     accented = tll.segment_specs({"l\u00e9sion\u2014x": 1}, None, tll.region_color)
     assert accented[0].name == "lesion-x"  # .seg.nrrd headers keep ASCII only
     dup = tll.segment_specs({"Left_Putamen": 1, "left putamen": 2}, {"schema_version": "1.0", "regions": [

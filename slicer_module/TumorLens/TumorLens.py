@@ -336,8 +336,11 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
                 s.SetTag("TumorLens.LabelValue", str(spec.value))
                 if spec.fraction is not None:
                     s.SetTag("TumorLens.Fraction", f"{spec.fraction:.4f}")
+                if spec.extra.get("regions"):
+                    s.SetTag("TumorLens.Regions", tll.results.to_ascii(spec.extra["regions"]))
                 segments.append({"id": seg_id, "name": spec.name, "label": spec.label, "value": spec.value,
-                                 "voxels": counts[spec.value], "color": list(spec.color), "fraction": spec.fraction})
+                                 "voxels": counts[spec.value], "color": list(spec.color), "fraction": spec.fraction,
+                                 "regions": spec.extra.get("regions")})
             seg.SetAttribute(SOURCE_ATTR, os.path.basename(label_path))
             return seg, segments
         finally:
@@ -619,6 +622,8 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             for s in res.get("segments", []):
                 frac = f", {100 * s['fraction']:.0f}% of lesion" if s.get("fraction") is not None else ""
                 lines.append(f"- {s['name']}: {s['voxels']} voxels{frac}")
+                if s.get("regions"):
+                    lines.append(f"  - regions: {s['regions']}")
             if res.get("findings"):
                 for note in res["findings"].get("notes", []):
                     lines.append(f"- note: {note}")

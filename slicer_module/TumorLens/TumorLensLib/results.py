@@ -196,12 +196,22 @@ def segment_specs(label_names: dict[str, int], findings: dict | None, colors) ->
         elif _SIDE.match(label) or label in ("Brain-Stem",) or label.startswith("Unlabelled"):
             name = segment_name(*readable_region(label))
             frac = None
+        elif top is not None and len(label_names) == 1:
+            # one binary lesion label (no per-voxel region map): name it by its main region and keep
+            # the full list (readable name, side, share) for the panel and the segment's tags
+            more = len(rlist) - 1
+            name = "lesion - " + segment_name(str(top.get("name", "")), str(top.get("hemisphere", "unknown")))
+            name += f" +{more} more" if more > 0 else ""
+            frac = None
         else:
             name = label.replace("_", " ")
             frac = None
-            if top is not None and len(label_names) == 1:
-                name += f" - mostly {segment_name(top.get('name', ''), top.get('hemisphere', 'unknown'))}"
-        specs.append(SegmentSpec(value=int(value), name=name, color=colors(i), label=label, fraction=frac))
+        spec = SegmentSpec(value=int(value), name=name, color=colors(i), label=label, fraction=frac)
+        if len(label_names) == 1 and rlist:
+            spec.extra["regions"] = "; ".join(
+                f"{segment_name(str(r.get('name', '')), str(r.get('hemisphere', 'unknown')))} "
+                f"{100 * float(r.get('fraction', 0.0)):.0f}%" for r in sorted(rlist, key=lambda r: -r.get("fraction", 0.0)))
+        specs.append(spec)
     for s in specs:  # .seg.nrrd headers are ASCII: a dash or accent would be lost on save
         s.name = to_ascii(s.name)
     seen: dict[str, int] = {}
