@@ -7,6 +7,7 @@ prompts), so the verifier relies on these rules; each sentence pins one behaviou
 from __future__ import annotations
 
 import pytest
+
 from tumorlens.report.negation import polarity_of, split_sentences
 
 # (sentence, target phrase, negated, uncertain)

@@ -37,7 +37,12 @@ def load_prompts(cfg: dict) -> dict[str, str]:
 
 def prompt_inputs(f: Facts) -> dict[str, str]:
     """The prompt's variables: fact lines and the sanitised, quoted patient context."""
-    return {"facts": "\n".join(f"- {line}" for line in f.fact_lines()), "patient": f.patient.prompt_block()}
+    from tumorlens.report.template import template_draft
+
+    d = template_draft(f)
+    return {"facts": "\n".join(f"- {line}" for line in f.fact_lines()), "patient": f.patient.prompt_block(),
+            "draft_findings": d.findings, "draft_impression": d.impression,
+            "draft_recommendations": d.recommendations}
 
 
 def build_prompts(prompts: dict[str, str]):

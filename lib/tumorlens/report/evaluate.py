@@ -81,13 +81,31 @@ def _words(text: str) -> list[str]:
     return re.findall(r"[a-z]+(?:'[a-z]+)?", text.lower())
 
 
-def text_stats(text: str) -> dict[str, float]:
-    """Length, Flesch reading ease and lexical diversity (type-token ratio, MTLD-free for short texts)."""
-    import textstat
+def flesch_reading_ease(text: str) -> float:
+    """Flesch reading ease, 206.835 - 1.015 words/sentence - 84.6 syllables/word.
+
+    Syllables come from pyphen's en_US hyphenation dictionary (what textstat falls back to):
+    textstat's own English path fetches NLTK's cmudict over the network at run time, which this
+    offline package must not do.
+    """
+    import pyphen
+
+    from tumorlens.report.negation import split_sentences
 
     words = _words(text)
-    return {"words": len(words), "flesch": float(textstat.flesch_reading_ease(text)) if words else 0.0,
-            "ttr": len(set(words)) / len(words) if words else 0.0}
+    if not words:
+        return 0.0
+    sentences = max(1, len(split_sentences(text)))
+    dic = pyphen.Pyphen(lang="en_US")
+    syllables = sum(len(dic.positions(w)) + 1 for w in words)
+    return 206.835 - 1.015 * len(words) / sentences - 84.6 * syllables / len(words)
+
+
+def text_stats(text: str) -> dict[str, float]:
+    """Length (words), Flesch reading ease and lexical diversity (type-token ratio)."""
+    words = _words(text)
+    return {"words": len(words), "flesch": round(flesch_reading_ease(text), 2),
+            "ttr": round(len(set(words)) / len(words), 4) if words else 0.0}
 
 
 def evaluate_reports(data_dir: str | Path, backend: str | None = None, n: int = 10, model: str | None = None,
@@ -101,15 +119,15 @@ def evaluate_reports(data_dir: str | Path, backend: str | None = None, n: int = 
     it = iter_findings(data_dir, n, model)
     bar = tqdm(total=n, desc="reports", unit="report", disable=not progress)
     for name, findings in it:
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         res = generate_report(findings, backend=backend)
-        dt = time.perf_counter() - t0
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         v = res.verification
         attempts = v.get("attempts", [])
         text = " ".join([res.report.findings, res.report.impression, *res.report.recommendations])
         before = bool(attempts[0].get("supported")) if attempts else bool(v["supported"])
         rows.append({
-            "image": name, "label": res.facts.label, "backend": v["backend"], "seconds": round(dt, 3),
+            "image": name, "label": res.facts.label, "backend": v["backend"], "seconds": round(dt, 3), "cpu_seconds": round(cpu, 3),
             "supported_first": before, "supported_delivered": bool(v["supported"]),
             "model_supported": bool(v["supported"] and not v["fell_back"]),
             "repaired": bool(v["repaired"]), "fell_back": bool(v["fell_back"]), "flagged": bool(v["flagged"]),
@@ -140,6 +158,7 @@ def evaluate_reports(data_dir: str | Path, backend: str | None = None, n: int = 
         "seconds_per_report_mean": statistics.mean(r["seconds"] for r in rows),
         "seconds_per_report_median": statistics.median(r["seconds"] for r in rows),
         "seconds_per_report_max": max(r["seconds"] for r in rows),
+        "cpu_seconds_per_report_mean": statistics.mean(r["cpu_seconds"] for r in rows),
         "words_mean": statistics.mean(r["words"] for r in rows),
         "flesch_mean": statistics.mean(r["flesch"] for r in rows),
         "lexical_diversity_ttr_mean": statistics.mean(r["ttr"] for r in rows),
