@@ -18,7 +18,7 @@ def register(sub) -> None:
     p.set_defaults(func=run_ablate)
 
     p = sub.add_parser("retrieve", help="find images by text; without queries: the negation retrieval benchmark")
-    p.add_argument("queries", nargs="*", help="free-text queries, e.g. 'MRI without any tumour'")
+    p.add_argument("queries", nargs="*", help="free-text queries, e.g. 'MRI without any tumour' (negations scored contrastively)")
     p.add_argument("--data", help="dataset folder (manifest.csv) to search; default: the model's validation split")
     p.add_argument("--model", help="model name or path (default: configs/defaults.yaml)")
     p.add_argument("--k", type=int, default=5, help="results per query")
@@ -103,8 +103,7 @@ def run_retrieve(args) -> int:
 
     from tumorlens.alignment.api import text_head
     from tumorlens.alignment.features import extract_features, split_features
-    from tumorlens.alignment.retrieval import negation_retrieval
-    from tumorlens.alignment.text import encode_texts
+    from tumorlens.alignment.retrieval import negation_retrieval, query_scores
     from tumorlens.models import load_model
 
     m = load_model(args.model)
@@ -135,10 +134,9 @@ def run_retrieve(args) -> int:
         return 0
     from tumorlens.labels import CLASS_NAMES
 
-    q = encode_texts(args.queries)
     out = {"head": kind, "results": {}}
-    for text, qe in zip(args.queries, q, strict=True):
-        s = t @ qe
+    for text in args.queries:
+        s = query_scores(t, text)
         top = np.argsort(-s)[: args.k]
         out["results"][text] = [{"image": names[i], "label": CLASS_NAMES[int(labels[i])], "similarity": float(s[i])}
                                 for i in top]

@@ -77,3 +77,13 @@ def negation_retrieval(text_vectors, labels, k: int = 50, queries=QUERIES) -> di
     return {"k": k, "queries": rows,
             "affirmative": summary(aff, "direct"),
             "negated": {"direct": summary(neg, "direct"), "negation_aware": summary(neg, "negation_aware")}}
+
+
+def query_scores(text_vectors, query: str, negation_aware: bool = True) -> np.ndarray:
+    """Similarity of each image to a free-text query; a negated query is scored contrastively
+    (``cos(query) - cos(query without its negation)``) unless ``negation_aware`` is False."""
+    t = torch.nn.functional.normalize(torch.as_tensor(np.asarray(text_vectors), dtype=torch.float32), dim=-1).numpy()
+    if negation_aware and _NEG.search(query):
+        q, pos = encode_texts([query, strip_negation(query)])
+        return t @ q - t @ pos
+    return t @ encode_texts([query])[0]
