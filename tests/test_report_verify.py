@@ -345,3 +345,20 @@ def test_unknown_backend_is_a_typed_error(tmp_path, capsys, cli_main):
     p = Findings.from_dict(record()).save(tmp_path / "findings.json")
     assert cli_main(["report", str(p), "--backend", "gpt-17", "--out", str(tmp_path / "o")]) == 2
     assert "unknown report backend" in capsys.readouterr().err
+
+
+def test_ollama_backend_unreachable_falls_back_flagged():
+    """A real connection attempt to a closed loopback port (no Ollama server runs here)."""
+    import socket
+
+    from tumorlens.report.backends import report_config
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = report_config()
+    cfg["backends"]["ollama"] = {**cfg["backends"]["ollama"], "base_url": f"http://127.0.0.1:{port}", "timeout_s": 5}
+    res = generate_report(record(), backend="ollama", config=cfg)
+    v = res.verification
+    assert v["backend"] == "ollama" and v["fell_back"] and v["flagged"] and v["supported"]
+    assert all(a.get("error") for a in v["attempts"])
