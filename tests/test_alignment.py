@@ -289,3 +289,18 @@ def test_stored_aligned_head_becomes_the_default_decision(probed_model, real_sub
     assert kind == "aligned"
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
     assert (probs.argmax(1) == head.predict(va["f"])).mean() > 0.95
+
+
+def test_semantic_margin_for_folder_matches_tensor_api(probed_model, dev_rows, subset_factory):
+    """What ``tumorlens evaluate`` calls: a manifest folder in, the same rate as for the tensors."""
+    from tumorlens.alignment import semantic_margin_for_folder, semantic_margin_rate
+    from tumorlens.data import read_image
+    from tumorlens.inference import prepare_slice
+
+    rows = dev_rows[::431][:8]
+    folder = subset_factory(rows)
+    rate = semantic_margin_for_folder(folder, model=probed_model, limit=6, head="probe", progress=False)
+    x = torch.cat([prepare_slice(read_image(folder / r["image"])[0].numpy(), probed_model.image_size)
+                   for r in rows[:6]])
+    assert rate == pytest.approx(semantic_margin_rate(probed_model, x, [r["label"] for r in rows[:6]],
+                                                      head="probe"), abs=1e-6)

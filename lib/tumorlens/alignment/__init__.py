@@ -7,6 +7,7 @@ from tumorlens.alignment.api import (
     load_alignment,
     load_probe,
     nearest_descriptions,
+    semantic_margin_for_folder,
     semantic_margin_rate,
     text_head,
 )
@@ -18,7 +19,24 @@ from tumorlens.alignment.text import build_prototypes, encode_texts
 from tumorlens.alignment.tip_adapter import TipAdapter
 
 __all__ = [
-    "AlignedHead", "TextProjection", "TipAdapter", "ablate", "aligned_probabilities", "alignment_loss", "build_head", "build_prototypes",
-    "encode_texts", "fit_linear_probe", "fit_projection", "load_alignment", "load_descriptions", "load_probe",
-    "margin_rate", "nearest_descriptions", "semantic_margin_rate", "semantic_margins", "text_head",
+    "AlignedHead",
+    "TextProjection",
+    "TipAdapter",
+    "ablate",
+    "aligned_probabilities",
+    "alignment_loss",
+    "build_head",
+    "build_prototypes",
+    "encode_texts",
+    "fit_linear_probe",
+    "fit_projection",
+    "load_alignment",
+    "load_descriptions",
+    "load_probe",
+    "margin_rate",
+    "nearest_descriptions",
+    "semantic_margin_for_folder",
+    "semantic_margin_rate",
+    "semantic_margins",
+    "text_head",
 ]

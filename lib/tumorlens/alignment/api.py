@@ -146,3 +146,42 @@ def aligned_probabilities(model, images) -> tuple[np.ndarray, str]:
     if head is None:
         return torch.as_tensor(logits).softmax(1).numpy(), "plain"
     return head.logits(feats).softmax(1).numpy(), "aligned"
+
+
+def semantic_margin_for_folder(data_dir, model=None, limit: int | None = None, *, head: str = "auto",
+                               progress: bool = True) -> float | None:
+    """Semantic margin rate over a manifest folder's 2D images (the first ``limit`` records, as
+    ``tumorlens evaluate --limit`` uses); multi-slice volumes are skipped. None if no 2D image."""
+    from tqdm import tqdm
+
+    from tumorlens.data.manifest import load_manifest
+    from tumorlens.data.readers import is_volume, read_image
+    from tumorlens.inference import prepare_slice
+
+    m = _model(model)
+    man = load_manifest(data_dir)
+    records = man.records[:limit] if limit else man.records
+    h, _kind = text_head(m, head)
+    vecs, ys, batch, batch_y = [], [], [], []
+
+    def flush() -> None:
+        if batch:
+            feats, _ = extract_features(m.net, torch.cat(batch))
+            vecs.append(h.text_vectors(feats))
+            ys.extend(batch_y)
+            batch.clear()
+            batch_y.clear()
+
+    for rec in tqdm(records, desc="semantic margin", disable=not progress, leave=False):
+        img = read_image(rec.image)
+        if is_volume(img) and img.shape[-1] > 1:
+            continue
+        arr = img[0].numpy() if not is_volume(img) else img[0, :, :, 0].numpy()
+        batch.append(prepare_slice(arr, m.image_size))
+        batch_y.append(CLASS_NAMES.index(rec.label))
+        if len(batch) == 32:
+            flush()
+    flush()
+    if not ys:
+        return None
+    return margin_rate(semantic_margins(torch.cat(vecs), np.asarray(ys), h.prototypes))
