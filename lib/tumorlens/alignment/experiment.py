@@ -112,11 +112,11 @@ def run_alignment(model=None, *, prompts: str | Path | None = None, max_images: 
                          "prototypes+cache+classifier": (aligned.alpha, aligned.gamma)}.items():
         comp[name] = _acc(aligned.combine(parts, a, g)[0].argmax(1).numpy(), vy)
 
-    margins = {
-        "plain_probe": margin_rate(semantic_margins(probe_t, vy, protos["prototypes"])),
-        "aligned": margin_rate(semantic_margins(aligned.text_vectors(vf), vy, protos["prototypes"])),
-        "aligned_projection_only": margin_rate(semantic_margins(parts["z"], vy, protos["prototypes"])),
-    }
+    raw = {"plain_probe": semantic_margins(probe_t, vy, protos["prototypes"]),
+           "aligned": semantic_margins(aligned.text_vectors(vf), vy, protos["prototypes"]),
+           "aligned_projection_only": semantic_margins(parts["z"], vy, protos["prototypes"])}
+    margins = {k: margin_rate(v) for k, v in raw.items()}
+    margin_median = {k: float(np.median(v)) for k, v in raw.items()}
     retrieval = {"plain_probe": negation_retrieval(probe_t, vy),
                  "aligned": negation_retrieval(aligned.text_vectors(vf), vy)}
     abl = prompt_ablation(split, clf, desc, base_heads=heads, progress=progress) if ablation else None
@@ -148,6 +148,7 @@ def run_alignment(model=None, *, prompts: str | Path | None = None, max_images: 
         "aligned": variants,
         "aligned_components": comp,
         "semantic_margin_rate": margins,
+        "semantic_margin_median": margin_median,
         "prompt_ablation": abl,
         "negation_retrieval": retrieval,
         "decision": {"aligned_default": bool(wins), "rule": "aligned (textspace) val accuracy >= plain and its cross-fitted val accuracy >= plain - 0.01",
