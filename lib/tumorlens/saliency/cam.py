@@ -1,0 +1,242 @@
+"""Class-activation maps on network inputs: Grad-CAM and Grad-CAM++ from one shared pass, ScoreCAM batched.
+
+Grad-CAM and Grad-CAM++ differ only in how they weight the same two tensors (the hooked layer's
+activations A and the gradient dY_c/dA), so one forward and one *partial* backward serve both:
+``torch.autograd.grad(score, A)`` walks back only from the logit to A (through the classifier
+head: ReLU, pooling, linear) instead of through the whole encoder into every parameter, as
+``monai.visualize`` does with ``loss.backward()``.
+
+ScoreCAM (Wang et al. 2020) needs no gradient: each channel of A, upsampled and min-max
+normalised, masks the input; the target-class probability of each masked input is that channel's
+weight. The classifier of these nets sees ReLU(A), so ScoreCAM uses ReLU(A): channels that are all
+zero then contribute nothing whatever their weight and are skipped exactly. The masked inputs go
+through the classification path only (encoder + classifier, not the segmentation decoder), many
+per batch. Ranking (optional, on by default): channels sorted by mean activation, and only those
+holding the first ``mass`` (95 %) of the total activation are scored; since every weight is a
+probability in [0, 1], the skipped channels can change the map by at most 5 % of its L1 mass.
+``bench/saliency.py`` measures the speed-up and the correlation with the full, one-channel-per-
+pass version.
+
+Everything here works on tensors ``[B, 1, *spatial]`` already normalised for the network; 2D and
+3D networks alike. Image-level maps (MetaTensors on the input grid) are in ``tumorlens.saliency.maps``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+GRAD_METHODS = ("gradcam", "gradcampp")
+METHODS = ("gradcam", "gradcampp", "scorecam")
+
+
+def _unwrap(net: nn.Module) -> nn.Module:
+    """The DualHeadNet inside a ``ClassifierView`` (or the net itself)."""
+    return getattr(net, "net", net) if not hasattr(net, "cam_layer") else net
+
+
+def resolve_layer(net: nn.Module, layer: str | None = None) -> nn.Module:
+    """The module to hook: ``layer`` (dotted name) or the net's own ``cam_layer``."""
+    base = _unwrap(net)
+    name = layer or getattr(base, "cam_layer", None)
+    if not name:
+        raise ValueError("no target layer: pass layer= or use a network with a cam_layer attribute")
+    if name.startswith("net.") and not hasattr(base, "net"):
+        name = name[4:]
+    try:
+        return base.get_submodule(name)
+    except AttributeError as e:
+        raise ValueError(f"network has no layer {name!r}") from e
+
+
+def class_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Classification logits only, skipping the segmentation decoder when the net allows it."""
+    base = _unwrap(net)
+    if hasattr(base, "encoder") and hasattr(base, "classifier"):
+        return base.classifier(base.encoder(x)[-1])
+    out = base(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class CamPass:
+    """What one shared forward+backward gives: raw (unnormalised, >= 0) maps at input resolution."""
+
+    maps: dict[str, torch.Tensor]  # method -> [B, *spatial]
+    logits: torch.Tensor  # [B, C]
+    seg_logits: torch.Tensor | None  # [B, 1, *spatial] when the net has a segmentation head
+    target: torch.Tensor  # [B] class index explained
+
+
+def _upsample(m: torch.Tensor, size) -> torch.Tensor:
+    """[B, *s] -> [B, *size] (bilinear / trilinear), kept >= 0."""
+    mode = "bilinear" if m.ndim == 3 else "trilinear"
+    return F.interpolate(m[:, None], size=tuple(size), mode=mode, align_corners=False)[:, 0].clamp_min(0)
+
+
+def weight_gradcam(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM: channel weights = spatial mean of the gradient."""
+    dims = tuple(range(2, acts.ndim))
+    return F.relu((grads.mean(dims, keepdim=True) * acts).sum(1))
+
+
+def weight_gradcampp(acts: torch.Tensor, grads: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM++ (Chattopadhay et al. 2018), the closed form with the exponential score.
+
+    With ``Y = exp(S)`` the higher derivatives reduce to powers of dS/dA; the common factor
+    exp(S) scales every weight of one image alike, so it is left out (it overflows for large
+    logits and the map is normalised later anyway).
+    """
+    dims = tuple(range(2, acts.ndim))
+    g2 = grads * grads
+    g3 = g2 * grads
+    denom = 2.0 * g2 + acts.sum(dims, keepdim=True) * g3
+    denom = torch.where(denom != 0, denom, torch.ones_like(denom))
+    alpha = g2 / denom
+    weights = (alpha * F.relu(grads)).sum(dims, keepdim=True)
+    return F.relu((weights * acts).sum(1))
+
+
+def grad_cams(net: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None = None,
+              layer: str | None = None, methods: tuple[str, ...] = GRAD_METHODS) -> CamPass:
+    """Grad-CAM and/or Grad-CAM++ for a batch from ONE forward and one partial backward.
+
+    ``target``: class index per sample (default: the predicted class). The forward is the full
+    dual-head forward, so the segmentation logits come for free.
+    """
+    unknown = set(methods) - set(GRAD_METHODS)
+    if unknown:
+        raise ValueError(f"grad_cams computes {GRAD_METHODS}, not {sorted(unknown)}")
+    base = _unwrap(net)
+    module = resolve_layer(base, layer)
+    store: dict[str, torch.Tensor] = {}
+    handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
+    try:
+        with torch.enable_grad():
+            xin = x.detach().requires_grad_(True)  # guarantees a graph even with frozen weights
+            out = base(xin)
+            logits, seg = (out if isinstance(out, tuple) else (out, None))
+            acts = store["a"]
+            tgt = _targets(target, logits)
+            score = logits.gather(1, tgt[:, None]).sum()  # samples are independent in eval mode
+            (grads,) = torch.autograd.grad(score, acts)
+    finally:
+        handle.remove()
+    acts, grads = acts.detach(), grads.detach()
+    size = x.shape[2:]
+    maps = {}
+    if "gradcam" in methods:
+        maps["gradcam"] = _upsample(weight_gradcam(acts, grads), size)
+    if "gradcampp" in methods:
+        maps["gradcampp"] = _upsample(weight_gradcampp(acts, grads), size)
+    return CamPass(maps, logits.detach(), None if seg is None else seg.detach(), tgt)
+
+
+def _targets(target, logits: torch.Tensor) -> torch.Tensor:
+    if target is None:
+        return logits.argmax(1)
+    t = torch.as_tensor(target, dtype=torch.long)
+    return t.expand(logits.shape[0]).clone() if t.ndim == 0 else t
+
+
+@torch.no_grad()
+def score_cam(net: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None = None,
+              layer: str | None = None, mass: float | None = 0.95, top_k: int | None = None,
+              batch_size: int = 64) -> CamPass:
+    """Batched ScoreCAM; channels ranked by mean activation, keeping ``mass`` of the total
+    activation (``None``: every non-zero channel) and at most ``top_k`` of them."""
+    base = _unwrap(net)
+    module = resolve_layer(base, layer)
+    store: dict[str, torch.Tensor] = {}
+    handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
+    try:
+        logits = class_logits(base, x)
+        acts = F.relu(store["a"])
+    finally:
+        handle.remove()
+    tgt = _targets(target, logits)
+    size = x.shape[2:]
+    maps = []
+    for b in range(x.shape[0]):
+        a = acts[b]  # [K, *s]
+        idx = select_channels(a, mass, top_k)
+        weights = _channel_scores(base, x[b], a[idx], int(tgt[b]), size, batch_size)
+        cam = F.relu((weights.view(-1, *([1] * (a.ndim - 1))) * a[idx]).sum(0))
+        maps.append(cam)
+    cams = _upsample(torch.stack(maps), size)
+    return CamPass({"scorecam": cams}, logits, None, tgt)
+
+
+def select_channels(a: torch.Tensor, mass: float | None = 0.95, top_k: int | None = None) -> torch.Tensor:
+    """Indices of the non-zero channels of ReLU activations ``a`` [K, *s], largest mean first,
+    holding ``mass`` of the total activation (all non-zero ones when ``mass`` is None)."""
+    s = a.flatten(1).sum(1)
+    order = torch.argsort(s, descending=True)
+    n = int((s > 0).sum())
+    if mass is not None and n > 0:
+        cum = torch.cumsum(s[order], 0) / s.sum()
+        n = min(n, int((cum < mass).sum()) + 1)
+    if top_k is not None:
+        n = min(n, int(top_k))
+    return order[:max(n, 1)]
+
+
+def _channel_masks(a: torch.Tensor, size) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upsampled, min-max normalised channel maps [k, *size] and which ones vary at all."""
+    mode = "bilinear" if a.ndim == 3 else "trilinear"
+    up = F.interpolate(a[None], size=tuple(size), mode=mode, align_corners=False)[0]
+    flat = up.flatten(1)
+    lo, hi = flat.min(1).values, flat.max(1).values
+    valid = (hi - lo) > 1e-8
+    scale = torch.where(valid, hi - lo, torch.ones_like(hi))
+    shape = (-1,) + (1,) * (up.ndim - 1)
+    return (up - lo.view(shape)) / scale.view(shape), valid
+
+
+def _channel_scores(net: nn.Module, x1: torch.Tensor, a: torch.Tensor, target: int, size, batch_size: int) -> torch.Tensor:
+    """Target-class probability of the input masked by each channel (0 for constant channels)."""
+    masks, valid = _channel_masks(a, size)
+    scores = torch.zeros(a.shape[0], dtype=x1.dtype)
+    use = torch.nonzero(valid).flatten()
+    for start in range(0, use.numel(), batch_size):
+        sel = use[start:start + batch_size]
+        masked = x1[None] * masks[sel][:, None]  # [n, 1, *size]
+        scores[sel] = class_logits(net, masked).softmax(1)[:, target].to(scores.dtype)
+    return scores
+
+
+@torch.no_grad()
+def score_cam_plain(net: nn.Module, x: torch.Tensor, target: int | None = None, layer: str | None = None) -> torch.Tensor:
+    """Reference ScoreCAM for ONE image: every channel, one full forward per channel (for the benchmark)."""
+    base = _unwrap(net)
+    module = resolve_layer(base, layer)
+    store: dict[str, torch.Tensor] = {}
+    handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
+    try:
+        logits, _ = base(x[:1])
+        a = F.relu(store["a"][0])
+    finally:
+        handle.remove()
+    tgt = int(logits.argmax(1)[0]) if target is None else int(target)
+    size = x.shape[2:]
+    mode = "bilinear" if a.ndim == 3 else "trilinear"
+    weights = torch.zeros(a.shape[0])
+    for c in range(a.shape[0]):
+        m = F.interpolate(a[c][None, None], size=tuple(size), mode=mode, align_corners=False)[0]
+        lo, hi = m.min(), m.max()
+        if hi - lo <= 1e-8:
+            continue
+        out = base(x[:1] * ((m - lo) / (hi - lo))[None])[0]  # the full dual-head forward, as a plain caller would
+        weights[c] = out.softmax(1)[0, tgt]
+    cam = F.relu((weights.view(-1, *([1] * (a.ndim - 1))) * a).sum(0))
+    return _upsample(cam[None], size)[0]
+
+
+def normalise(m: torch.Tensor) -> torch.Tensor:
+    """Scale each map of a batch to [0, 1] by its maximum (an all-zero map stays zero)."""
+    flat = m.flatten(1)
+    mx = flat.max(1).values.clamp_min(1e-12)
+    return m / mx.view(-1, *([1] * (m.ndim - 1)))

@@ -1,0 +1,172 @@
+"""Saliency maps of whole images: 2D slices directly, volumes slice-wise over axial slices.
+
+Inputs are prepared exactly as :class:`tumorlens.inference.Predictor` prepares them (same
+normalisation, same slice selection), and maps come back as float32 MetaTensors in [0, 1] on the
+input's own grid and affine, so a map lands on the image wherever it is displayed.
+
+Volumes: one target class for the whole volume (its most probable tumour class), maps of all
+brain slices stacked and scaled by the volume's maximum (a slice with weak evidence stays dim).
+ScoreCAM costs hundreds of forwards per slice, so for volumes it runs only on the slices with the
+highest tumour probability (those that decide the volume's class, see
+``aggregate_slice_probabilities``); other slices get 0 and a note says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+
+from tumorlens.data.normalize import normalize_intensity
+from tumorlens.data.readers import is_volume
+from tumorlens.errors import InvalidInputError
+from tumorlens.inference import display_to_volume, prepare_slice, resize_2d, volume_to_display
+from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
+from tumorlens.models.registry import LoadedModel, load_model
+from tumorlens.saliency.cam import GRAD_METHODS, METHODS, grad_cams, score_cam
+from tumorlens.saliency.threshold import brain_mask
+
+SCORECAM_MASS = 0.95
+SCORECAM_SLICE_FRACTION = 0.1
+
+
+@dataclass
+class SaliencyMaps:
+    maps: dict[str, MetaTensor]  # method -> float32 [1, *spatial] in [0, 1], input grid/affine
+    target: str  # class explained
+    brain: np.ndarray  # bool, spatial shape of the input
+    notes: list[str] = field(default_factory=list)
+    net_maps: dict[str, np.ndarray] = field(default_factory=dict)  # 2D only: maps at network resolution
+    net_input: torch.Tensor | None = None  # 2D only: [1, 1, S, S]
+
+
+def check_methods(methods) -> tuple[str, ...]:
+    methods = tuple(dict.fromkeys(methods))
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown saliency method(s) {bad}; choose from {', '.join(METHODS)}")
+    return methods
+
+
+def tumour_target(probabilities: dict[str, float]) -> str:
+    """The class to explain: the most probable tumour class (a 'no tumour' map shows no lesion)."""
+    return max(TUMOUR_CLASSES, key=lambda c: probabilities.get(c, 0.0))
+
+
+def _as_model(model) -> LoadedModel:
+    return model if isinstance(model, LoadedModel) else load_model(model)
+
+
+def _check_image(img: MetaTensor) -> np.ndarray:
+    if not isinstance(img, MetaTensor):
+        raise TypeError("expected a MetaTensor from tumorlens.data.read_image")
+    arr = img.detach().cpu().numpy()[0]
+    if not np.any(arr != arr.flat[0]):
+        raise InvalidInputError(img.meta.get("filename_or_obj"), "image is constant (empty or all-zero): no saliency")
+    return arr
+
+
+def _to_meta(arr: np.ndarray, img: MetaTensor) -> MetaTensor:
+    meta = {k: v for k, v in img.meta.items() if k in ("filename_or_obj", "kind", "spatial_shape", "spacing",
+                                                         "original_affine", "spacing_known", "modality")}
+    return MetaTensor(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)[None]),
+                      affine=img.affine.clone(), meta=meta)
+
+
+def _run(net, x: torch.Tensor, target: int, methods, mass: float | None, layer: str | None) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    grad = tuple(m for m in methods if m in GRAD_METHODS)
+    if grad:
+        out.update(grad_cams(net, x, target=target, layer=layer, methods=grad).maps)
+    if "scorecam" in methods:
+        out.update(score_cam(net, x, target=target, layer=layer, mass=mass).maps)
+    return out
+
+
+def saliency_maps(img: MetaTensor, methods=("gradcampp",), model: LoadedModel | str | None = None, *,
+                  target: str | None = None, probabilities: dict[str, float] | None = None,
+                  layer: str | None = None, scorecam_mass: float | None = SCORECAM_MASS,
+                  batch_size: int = 16) -> SaliencyMaps:
+    """Maps for ``methods`` of one image (2D or volume).
+
+    ``target``: class to explain (default: the most probable tumour class, from ``probabilities``
+    or from the network itself).
+    """
+    methods = check_methods(methods)
+    lm = _as_model(model)
+    arr = _check_image(img)
+    if target is not None and target not in CLASS_NAMES:
+        raise ValueError(f"unknown target class {target!r}")
+    if is_volume(img):
+        return _volume(img, arr, lm, methods, target, probabilities, layer, scorecam_mass, batch_size)
+    return _image2d(img, arr, lm, methods, target, probabilities, layer, scorecam_mass)
+
+
+def _image2d(img, arr, lm: LoadedModel, methods, target, probabilities, layer, mass) -> SaliencyMaps:
+    x = prepare_slice(arr, lm.image_size)
+    if target is None:
+        if probabilities is None:
+            with torch.no_grad():
+                probs = lm.net(x)[0].softmax(1)[0].tolist()
+            probabilities = dict(zip(lm.labels, probs, strict=True))
+        target = tumour_target(probabilities)
+    t = list(lm.labels).index(target)
+    raw = _run(lm.net, x, t, methods, mass, layer)
+    brain = brain_mask(arr)
+    maps, net_maps = {}, {}
+    for m, r in raw.items():
+        full = resize_2d(r[:, None], arr.shape)[0, 0].clamp_min(0).numpy() * brain
+        mx = full.max()
+        maps[m] = _to_meta(full / mx if mx > 0 else full, img)
+        net_maps[m] = r[0].numpy()
+    return SaliencyMaps(maps, target, brain, [], net_maps, x)
+
+
+def _volume(img, arr, lm: LoadedModel, methods, target, probabilities, layer, mass, batch_size) -> SaliencyMaps:
+    affine = np.asarray(img.affine, dtype=float)
+    disp, back = volume_to_display(arr, affine)
+    brain_vol = brain_mask(arr)  # in 3D: the head is one connected piece there, not always per slice
+    brain_disp = volume_to_display(brain_vol.astype(np.uint8), affine)[0] > 0
+    area = brain_disp.reshape(brain_disp.shape[0], -1).mean(1)
+    use = np.where(area >= 0.05 * max(area.max(), 1e-9))[0]
+    if use.size == 0 or area.max() == 0:
+        raise InvalidInputError(img.meta.get("filename_or_obj"), "volume has no brain-like foreground")
+    vnorm = normalize_intensity(disp)
+    size = lm.image_size
+    slices = torch.from_numpy(vnorm[use].copy())[:, None]
+    notes: list[str] = []
+    # per-slice probabilities: needed for the target and for choosing ScoreCAM's slices
+    with torch.no_grad():
+        sp = torch.cat([lm.net(resize_2d(slices[i:i + batch_size], size))[0].softmax(1)
+                        for i in range(0, len(use), batch_size)]).numpy()
+    if target is None:
+        if probabilities is None:
+            from tumorlens.inference import aggregate_slice_probabilities
+
+            probabilities = dict(zip(lm.labels, aggregate_slice_probabilities(sp).tolist(), strict=True))
+        target = tumour_target(probabilities)
+    t = list(lm.labels).index(target)
+    out = {m: np.zeros(disp.shape, np.float32) for m in methods}
+    grad = tuple(m for m in methods if m in GRAD_METHODS)
+    for i in range(0, len(use), batch_size):
+        idx = use[i:i + batch_size]
+        x = resize_2d(slices[i:i + batch_size], size)
+        if grad:
+            for m, r in grad_cams(lm.net, x, target=t, layer=layer, methods=grad).maps.items():
+                out[m][idx] = resize_2d(r[:, None], disp.shape[1:])[:, 0].clamp_min(0).numpy()
+    if "scorecam" in methods:
+        k = min(len(use), max(3, int(round(SCORECAM_SLICE_FRACTION * len(use)))))
+        top = np.argsort(-(1.0 - sp[:, -1]))[:k]
+        for j in top:
+            x = resize_2d(slices[j:j + 1], size)
+            r = score_cam(lm.net, x, target=t, layer=layer, mass=mass).maps["scorecam"]
+            out["scorecam"][use[j]] = resize_2d(r[:, None], disp.shape[1:])[0, 0].clamp_min(0).numpy()
+        notes.append(f"ScoreCAM computed on the {k} axial slices with the highest tumour probability; other slices are 0")
+    maps = {}
+    for m, d in out.items():
+        vol = display_to_volume(d * brain_disp, back)
+        mx = vol.max()
+        maps[m] = _to_meta(vol / mx if mx > 0 else vol, img)
+    return SaliencyMaps(maps, target, brain_vol, notes)
