@@ -48,7 +48,7 @@ def scene():
 
 @pytest.fixture
 def logic(scene):
-    return TumorLens.TumorLensLogic(scene, timeout=240)
+    return TumorLens.TumorLensLogic(scene, timeout=600)  # a loaded 2-core CI box needs minutes for saliency
 
 
 @pytest.fixture(scope="session")
