@@ -39,8 +39,14 @@ def region_labelmap(expl, findings: dict) -> tuple[np.ndarray, dict[str, int]]:
     names = getattr(expl, "region_names", None)
     regmap = getattr(expl, "region_map", None)
     if regmap is not None and names:
-        lab = np.asarray(regmap.detach().cpu().numpy()[0] if hasattr(regmap, "detach") else regmap, np.uint8)
-        return lab * (mask > 0), {str(n): int(i) for i, n in enumerate(names, start=1)}
+        lab = np.asarray(regmap.detach().cpu().numpy() if hasattr(regmap, "detach") else regmap)
+        if lab.ndim == mask.ndim + 1:
+            lab = lab[0]
+        if lab.shape == mask.shape and int(lab.max(initial=0)) <= len(names) < 256:
+            lab = (lab * (mask > 0)).astype(np.uint8)
+            present = {int(v) for v in np.unique(lab)} - {0}
+            return lab, {str(n): i for i, n in enumerate(names, start=1) if i in present}
+        logger.warning(f"region map of shape {lab.shape} does not fit the mask {mask.shape}: one lesion label")
     # one binary lesion label; the regions it covers are in findings["regions"] (largest share first)
     return (mask > 0).astype(np.uint8), {LESION: 1}
 
