@@ -105,6 +105,19 @@ def provenance(model: Any | None = None) -> Provenance:
     )
 
 
+def _plain(obj: Any) -> Any:
+    """Numpy scalars and arrays (at any depth) as plain Python values."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
 def build_findings(
     image: Any,
     probabilities: Mapping[str, float],
@@ -137,6 +150,8 @@ def build_findings(
     lesion: Lesion | dict = Lesion()
     placement: Placement | dict = Placement()
     if atlas:
+        # numpy scalars/arrays from the atlas stage -> JSON types (only the parts the record holds)
+        atlas = _plain({k: atlas[k] for k in ("regions", "lesion", "placement", "notes") if k in atlas})
         regions = sorted(atlas.get("regions", []), key=lambda r: -float(r["fraction"]))
         lesion = atlas.get("lesion") or Lesion()
         placement = atlas.get("placement") or Placement()
