@@ -274,7 +274,7 @@ def test_repair_round_feeds_errors_back_and_can_succeed():
     v = res.verification
     assert v["supported"] and v["repaired"] and not v["fell_back"]
     assert len(s.prompts) == 2
-    assert "thalamus" in s.prompts[1] and "not supported" in s.prompts[1]  # the problems were fed back
+    assert "thalamus" in s.prompts[1] and "was rejected" in s.prompts[1]  # the problems were fed back
 
 
 def test_injected_report_falls_back_to_template_flagged():

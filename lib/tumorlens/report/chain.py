@@ -9,9 +9,11 @@ problems fed back, and if that fails too the deterministic template is delivered
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -26,6 +28,7 @@ from tumorlens.report.template import assemble, template_report
 from tumorlens.report.verify import problems_text, verify_report
 
 MIN_PROSE_CHARS = 20
+LOCAL_GENERATION_LOCK = threading.Lock()
 
 
 def load_prompts(cfg: dict) -> dict[str, str]:
@@ -212,8 +215,11 @@ def generate_report(findings: Any, backend: str | None = None, *, config: dict |
         return ReportResult(report, v, f, time.perf_counter() - t0, messages)
 
     state: dict[str, Any] = {"facts": f, "attempts": [], "ok": False}
+    # one llama.cpp context per process is not thread-safe (a server may call this from threads)
+    guard = LOCAL_GENERATION_LOCK if name == "local" and model is None else contextlib.nullcontext()
     try:
-        state = build_chain(name, cfg, model=model).invoke({"facts": f})
+        with guard:
+            state = build_chain(name, cfg, model=model).invoke({"facts": f})
     except Exception as e:  # noqa: BLE001 - e.g. the backend could not be built: deliver the template, flagged
         state["attempts"] = [{"stage": "setup", "error": _short_error(e), "supported": False}]
     attempts = state.get("attempts", [])

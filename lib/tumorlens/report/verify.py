@@ -372,6 +372,8 @@ class Verifier:
     def _numbers(self, add, sent: str, class_spans, scope: SentenceScope) -> None:
         f = self.f
         pat = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(\s*(?:%|percent\b|mm2|mm²|mm\^2|mm3|mm³|cm3|cm³|cm2|cm²|ml\b|mm\b|cm\b|years?\b|-year))?")
+        if re.fullmatch(r"\s*\d+[.)]\s*", sent):
+            return  # a list marker split off as its own "sentence"
         for m in pat.finditer(sent):
             num, unit = m.group(1), (m.group(2) or "").strip().lower()
             nxt = sent[m.end():m.end() + 1]
