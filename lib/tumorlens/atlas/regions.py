@@ -1,0 +1,237 @@
+"""Mapping a lesion mask to Harvard-Oxford regions: the public ``map_regions`` entry point.
+
+Why per-voxel max-probability: every lesion voxel gets exactly one label (its most probable atlas
+structure, or "white matter / unlabelled" where all maps are 0, since the atlas has no white-matter
+map), so fractions add up to 1 and nothing is silently dropped. Volumes go through registration to
+MNI152; 2D slices through template-slice placement. When the placement is not trusted, no regions
+are named: an honest "low confidence" beats an invented location.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import SimpleITK as sitk
+from monai.data import MetaTensor
+
+from tumorlens.atlas.harvard_oxford import (
+    UNLABELLED,
+    UNLABELLED_NAME,
+    hemisphere_of,
+    labels,
+    max_prob_atlas,
+    readable_name,
+    template,
+)
+from tumorlens.errors import InvalidInputError
+
+MIDLINE_MM = 2.0  # voxels within this distance of x=0 count as midline
+SIDE_SHARE = 0.05  # a side holding >= 5 % of the lesion counts as involved
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(x.detach().cpu().numpy() if hasattr(x, "detach") else x)
+
+
+def summarise_points(mni_ras: np.ndarray, weights: np.ndarray | None = None) -> tuple[list[dict], dict]:
+    """Regions and lesion summary from lesion points in MNI RAS mm (one point per lesion voxel).
+
+    Returns ``(regions, lesion)`` in the findings-record shape (regions sorted by fraction desc).
+    """
+    pts = np.asarray(mni_ras, dtype=float).reshape(-1, 3)
+    if len(pts) == 0:
+        return [], {"centroid_mni_mm": None, "laterality": "unknown", "crosses_midline": None}
+    w = np.ones(len(pts)) if weights is None else np.asarray(weights, dtype=float)
+    atlas = max_prob_atlas()
+    inv = np.linalg.inv(atlas.affine)
+    ijk = np.rint(inv[:3, :3] @ pts.T + inv[:3, 3:4]).T
+    lab, prob = atlas.lookup(ijk)
+    names = labels()
+    regions = []
+    total = float(len(pts))
+    for k in np.unique(lab):
+        sel = lab == k
+        label = UNLABELLED if k < 0 else names[int(k)]
+        regions.append(
+            {
+                "label": label,
+                "name": readable_name(label) if k >= 0 else UNLABELLED_NAME,
+                "hemisphere": hemisphere_of(label) if k >= 0 else _side_of(pts[sel, 0]),
+                "fraction": round(float(sel.sum()) / total, 4),
+                "max_probability": float(prob[sel].max()) if k >= 0 else 0.0,
+            }
+        )
+    regions.sort(key=lambda r: (-r["fraction"], r["label"]))
+    centroid = (pts * w[:, None]).sum(0) / max(w.sum(), 1e-9)
+    x = pts[:, 0]
+    left = float((x < -MIDLINE_MM).mean())
+    right = float((x > MIDLINE_MM).mean())
+    crosses = bool(left >= SIDE_SHARE and right >= SIDE_SHARE)
+    if crosses:
+        laterality = "midline" if np.abs(x).max() <= 15.0 else "bilateral"
+    elif left >= SIDE_SHARE:
+        laterality = "left"
+    elif right >= SIDE_SHARE:
+        laterality = "right"
+    else:
+        laterality = "midline"
+    lesion = {
+        "centroid_mni_mm": [round(float(c), 2) for c in centroid],
+        "laterality": laterality,
+        "crosses_midline": crosses,
+    }
+    return regions, lesion
+
+
+def _side_of(x: np.ndarray) -> str:
+    """Hemisphere of unlabelled voxels from their MNI x (RAS: negative is left)."""
+    m = float(np.median(x))
+    if abs(m) <= MIDLINE_MM:
+        return "midline"
+    return "left" if m < 0 else "right"
+
+
+def lesion_to_mni(mask_xyz: np.ndarray, affine_ras: np.ndarray, transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:
+    """Warp a lesion mask onto the 1 mm template grid; return lesion points (MNI RAS) and weights.
+
+    Resamples only the template box the lesion lands in (found on a 3 mm pass), so a B-spline
+    warp of a small lesion costs little.
+    """
+    from tumorlens.atlas.registration import to_sitk
+
+    tpl = template()
+    tpl_img = to_sitk(np.zeros((1, 1, 1), np.float32), tpl.affine)  # geometry only
+    les = to_sitk(mask_xyz.astype(np.float32), affine_ras)
+    # coarse pass on a 3 mm copy of the template grid
+    size = np.array(tpl.shape)
+    coarse = sitk.Image([int(s) for s in np.ceil(size / 3).astype(int)], sitk.sitkFloat32)
+    coarse.SetOrigin(tpl_img.GetOrigin())
+    coarse.SetDirection(tpl_img.GetDirection())
+    coarse.SetSpacing((3.0, 3.0, 3.0))
+    c = sitk.GetArrayFromImage(sitk.Resample(les, coarse, transform, sitk.sitkLinear, 0.0))
+    nz = np.argwhere(c > 0.0)  # (k, j, i)
+    if len(nz) == 0:
+        return np.zeros((0, 3)), np.zeros(0)
+    lo = np.maximum(nz.min(0)[::-1] * 3 - 4, 0)
+    hi = np.minimum(nz.max(0)[::-1] * 3 + 7, size)
+    ref = sitk.Image([int(v) for v in hi - lo], sitk.sitkFloat32)
+    ref.SetSpacing((1.0, 1.0, 1.0))
+    ref.SetDirection(tpl_img.GetDirection())
+    ref.SetOrigin(tpl_img.TransformIndexToPhysicalPoint([int(v) for v in lo]))
+    fine = sitk.GetArrayFromImage(sitk.Resample(les, ref, transform, sitk.sitkLinear, 0.0))  # (k, j, i)
+    sel = np.argwhere(fine >= 0.5)
+    if len(sel) == 0:  # a lesion smaller than a template voxel: keep its peak
+        sel = np.argwhere(fine == fine.max()) if fine.max() > 0 else sel
+    ijk = sel[:, ::-1] + lo
+    w = fine[sel[:, 0], sel[:, 1], sel[:, 2]]
+    pts = (tpl.affine[:3, :3] @ ijk.T + tpl.affine[:3, 3:4]).T
+    return pts, w
+
+
+def _check_pair(image, mask) -> tuple[np.ndarray, np.ndarray, str | None]:
+    path = image.meta.get("filename_or_obj") if hasattr(image, "meta") else None
+    img = _np(image).astype(np.float32)
+    m = _np(mask)
+    if img.shape != m.shape and img.shape[1:] != m.shape and img.shape != m.shape[1:]:
+        mpath = mask.meta.get("filename_or_obj") if hasattr(mask, "meta") else None
+        raise InvalidInputError(
+            mpath or path, f"mask shape {tuple(m.shape)} does not match image shape {tuple(img.shape)}"
+        )
+    if not np.isfinite(img).all():
+        raise InvalidInputError(path, "image contains non-finite values")
+    if img.size == 0 or not np.any(img != img.flat[0]):
+        raise InvalidInputError(path, "image is empty or constant (all-zero): nothing to place in the atlas")
+    img = img[0] if img.ndim in (3, 4) and img.shape[0] == 1 else img
+    m = m[0] if m.ndim in (3, 4) and m.shape[0] == 1 else m
+    return img, m > 0, path
+
+
+def map_regions(
+    image: MetaTensor,
+    mask: MetaTensor,
+    *,
+    min_confidence: float = 0.5,
+    deformable: bool = True,
+    working_spacing: float = 2.0,
+) -> dict:
+    """Atlas regions of ``mask`` on ``image``: a dict with ``regions``, ``lesion``, ``placement``, ``notes``.
+
+    Volumes (1, X, Y, Z) are registered to MNI152 (affine + B-spline unless ``deformable=False``);
+    2D images (1, H, W) are placed on the best-matching template slice. Below ``min_confidence``
+    the placement is reported as low confidence and ``regions`` stays empty.
+    """
+    img, m, path = _check_pair(image, mask)
+    notes: list[str] = []
+    is_vol = (getattr(image, "meta", {}) or {}).get("kind") == "volume" or img.ndim == 3
+    if is_vol and img.ndim == 3 and 1 in img.shape:
+        # a one-slice NIfTI: treat it as a 2D slice in display orientation
+        from tumorlens.inference import volume_to_display
+
+        aff = _np(image.affine).astype(float)
+        img = volume_to_display(img, aff)[0][0]
+        m = volume_to_display(m.astype(np.uint8), aff)[0][0] > 0
+        is_vol = False
+        notes.append("one-slice volume treated as a 2D slice")
+    mask_source = "mask"
+    if is_vol:
+        from tumorlens.atlas.registration import register_to_mni
+
+        aff = _np(image.affine).astype(float)
+        reg = register_to_mni(
+            MetaTensor(img[None], affine=aff, meta=dict(getattr(image, "meta", {}) or {})),
+            deformable=deformable,
+            exclude_mask=m if m.any() else None,
+            working_spacing=working_spacing,
+        )
+        notes.extend(reg.notes)
+        placement = {
+            "method": "mni_registration",
+            "quality": round(reg.quality_figure, 4),
+            "confidence": round(reg.confidence, 3),
+            "low_confidence": reg.confidence < min_confidence,
+            "details": reg.summary(),
+        }
+        if not m.any():
+            notes.append("lesion mask is empty: no regions to name")
+            regions, lesion = summarise_points(np.zeros((0, 3)))
+        elif placement["low_confidence"]:
+            notes.append(
+                f"registration to MNI152 is not trusted (confidence {reg.confidence:.2f} < {min_confidence}; "
+                f"brain-mask Dice {reg.quality_figure:.2f}): regions are not named"
+            )
+            regions, lesion = [], {"centroid_mni_mm": None, "laterality": "unknown", "crosses_midline": None}
+        else:
+            pts, w = lesion_to_mni(m, aff, reg.transform)
+            if len(pts) == 0:
+                notes.append("the lesion maps outside the template after registration: no regions named")
+            regions, lesion = summarise_points(pts, w)
+    else:
+        from tumorlens.atlas.placement import map_slice_mask, place_slice
+
+        pl = place_slice(img)
+        placement = {
+            "method": "template_slice",
+            "quality": round(pl.similarity, 4),
+            "confidence": round(pl.confidence, 3),
+            "low_confidence": pl.confidence < min_confidence,
+            "details": pl.summary(),
+        }
+        notes.extend(pl.notes)
+        if not m.any():
+            notes.append("lesion mask is empty: no regions to name")
+            regions, lesion = summarise_points(np.zeros((0, 3)))
+        elif placement["low_confidence"]:
+            notes.append(
+                f"the slice matches no template plane well enough (confidence {pl.confidence:.2f} < "
+                f"{min_confidence}): regions are not named"
+            )
+            regions, lesion = [], {"centroid_mni_mm": None, "laterality": "unknown", "crosses_midline": None}
+        else:
+            pts = map_slice_mask(m, pl)
+            regions, lesion = summarise_points(pts)
+            if pl.plane == "sagittal":
+                lesion["laterality"] = "unknown"
+                lesion["crosses_midline"] = None
+                for r in regions:
+                    r["hemisphere"] = "unknown" if r["hemisphere"] in ("left", "right") else r["hemisphere"]
+    lesion["mask_source"] = mask_source
+    return {"regions": regions, "lesion": lesion, "placement": placement, "notes": notes}
