@@ -57,7 +57,8 @@ def studies(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(studies):
     env = dict(SERVER_ENV, MONAI_LABEL_SESSION_PATH=str(studies.parent / "sessions"))
-    srv = ServerProcess(studies, env=env, log_path=studies.parent / "server.log")
+    # through the product command: ``tumorlens serve`` execs ``monailabel start_server`` with the app
+    srv = ServerProcess(studies, env=env, log_path=studies.parent / "server.log", via_cli=True)
     srv.start()
     yield srv
     srv.stop()

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -27,13 +28,15 @@ class ServerProcess:
     """``with ServerProcess(studies) as srv: srv.url``. Logs go to ``log_path``."""
 
     def __init__(self, studies: str | Path, *, port: int | None = None, env: dict[str, str] | None = None,
-                 conf: list[list[str]] | None = None, log_path: str | Path | None = None, host: str = "127.0.0.1"):
+                 conf: list[list[str]] | None = None, log_path: str | Path | None = None, host: str = "127.0.0.1",
+                 via_cli: bool = False):
         self.studies = str(studies)
         self.host = host
         self.port = port or free_port(host)
         self.extra_env = dict(env or {})
         self.conf = conf
         self.log_path = Path(log_path) if log_path else Path(self.studies).parent / f"server-{self.port}.log"
+        self.via_cli = via_cli  # start through the ``tumorlens serve`` command (it execs the same server)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -46,6 +49,11 @@ class ServerProcess:
 
     def start(self, timeout: float = 180.0) -> ServerProcess:
         cmd, env = server_command(self.studies, self.host, self.port, self.conf)
+        if self.via_cli:
+            cmd = [str(Path(sys.executable).parent / "tumorlens"), "serve", "--studies", self.studies,
+                   "--host", self.host, "--port", str(self.port)]
+            for k, v in self.conf or []:
+                cmd += ["--conf", k, v]
         env.update(self.extra_env)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")

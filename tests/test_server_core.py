@@ -1,0 +1,131 @@
+"""The active-learning and versioning core behind the server (no server here: fast)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from tumorlens.activelearning import (
+    ModelVersions,
+    image_uncertainty,
+    predictive_entropy,
+    saliency_seg_disagreement,
+)
+from tumorlens.activelearning.finetune import finetune, item_arrays, read_label_like
+from tumorlens.data import read_image
+from tumorlens.errors import InvalidInputError
+from tumorlens.labels import CLASS_NAMES
+from tumorlens.models.registry import CARD, CHECKPOINT
+from tumorlens.paths import sample_studies_dir
+
+
+def test_entropy_bounds():
+    assert predictive_entropy(np.full(4, 0.25)) == pytest.approx(math.log(4))
+    assert predictive_entropy(np.array([1.0, 0, 0, 0])) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_uncertainty_mc_dropout_and_tta(model):
+    img = read_image(sample_studies_dir() / "mri2d_1941.jpg")
+    u = image_uncertainty(model, img, "mc_dropout", passes=20)
+    assert 0.0 <= u["entropy_normalised"] <= 1.0 and u["mutual_information"] >= 0
+    assert list(u["probabilities"]) == list(CLASS_NAMES)
+    assert sum(u["probabilities"].values()) == pytest.approx(1.0, abs=1e-4)
+    assert u == image_uncertainty(model, img, "mc_dropout", passes=20)  # seeded: reproducible
+    # dropout really samples: the 20 head passes differ, so the mean differs from the plain prediction
+    from tumorlens.inference import Predictor
+
+    plain = Predictor(model).predict(img).probabilities
+    drop = next(m for m in model.net.classifier if isinstance(m, torch.nn.Dropout))
+    if drop.p > 0:
+        assert max(abs(u["probabilities"][c] - plain[c]) for c in CLASS_NAMES) > 1e-6
+    t = image_uncertainty(model, img, "tta", passes=4)
+    assert t["passes"] == 4 and 0.0 <= t["entropy_normalised"] <= 1.0
+    with pytest.raises(ValueError):
+        image_uncertainty(model, img, "bogus")
+
+
+def test_uncertainty_volume_and_constant_image(model, tmp_path):
+    vol = read_image(sample_studies_dir() / "brats_t1c_0001.nii.gz")
+    u = image_uncertainty(model, vol, max_slices=4)
+    assert u["slices"] == 4
+    import nibabel as nib
+
+    f = tmp_path / "zeros.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.eye(4)), f)
+    with pytest.raises(InvalidInputError):
+        image_uncertainty(model, read_image(f))
+
+
+def test_disagreement_score(model):
+    d = saliency_seg_disagreement(model, read_image(sample_studies_dir() / "mri2d_0102.jpg"))
+    assert 0.0 <= d["score"] <= 1.0 and 0.0 <= d["dice"] <= 1.0
+    assert d["score"] == pytest.approx(d["p_tumour"] * (1 - d["dice"]), abs=1e-6)
+
+
+def test_item_arrays_2d_and_volume(dev2d, tmp_path):
+    x, m, y = item_arrays(dev2d / "images" / "1941.jpg", dev2d / "masks" / "1941.png", "glioma", 64)
+    assert x.shape == m.shape == (1, 64, 64) and x.dtype == np.uint8 and m.any() and y.tolist() == [0]
+    import nibabel as nib
+
+    ref = nib.load(sample_studies_dir() / "brats_t1c_0001.nii.gz")
+    lab = np.zeros(ref.shape, np.uint8)
+    lab[30:50, 40:60, 30:45] = 1
+    f = tmp_path / "lab.nii.gz"
+    nib.save(nib.Nifti1Image(lab, ref.affine), f)
+    x, m, y = item_arrays(sample_studies_dir() / "brats_t1c_0001.nii.gz", f, "glioma", 64)
+    assert len(x) == len(m) == len(y) <= 12
+    assert (y == 0).sum() == 8 and (y == 3).sum() == len(y) - 8  # lesion slices glioma, the rest tumour-free
+    assert all(m[i].any() for i in np.where(y == 0)[0]) and not m[y == 3].any()
+    bad = tmp_path / "bad.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(bad)
+    with pytest.raises(InvalidInputError, match="does not match"):
+        read_label_like(bad, read_image(dev2d / "images" / "1941.jpg"))
+    with pytest.raises(InvalidInputError, match="unknown class"):
+        item_arrays(dev2d / "images" / "1941.jpg", None, "astrocytoma", 64)
+
+
+def test_finetune_changes_a_copy_and_versions_publish_atomically(model, dev2d, tmp_path):
+    xs = [item_arrays(dev2d / "images" / f"{i}.jpg", dev2d / "masks" / f"{i}.png", c, model.image_size)
+          for i, c in (("1941", "glioma"), ("0102", "meningioma"))]
+    images, masks, labels = (np.concatenate([t[k] for t in xs]) for k in range(3))
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    net, hist = finetune(model, images, masks, labels, epochs=1, lr=1e-3, progress=False)
+    assert len(hist) == 1 and hist[0]["samples"] == 2 and np.isfinite(hist[0]["loss"])
+    assert all(torch.equal(v, model.net.state_dict()[k]) for k, v in before.items())  # serving copy untouched
+    assert any(not torch.equal(v, net.state_dict()[k]) for k, v in before.items() if v.is_floating_point())
+    mv = ModelVersions(tmp_path / "models", model.path)
+    assert mv.current_path() == model.path and mv.versions() == []
+    # a half-written version (killed run) is swept and never current
+    (tmp_path / "models" / ".incoming-x").mkdir()
+    (tmp_path / "models" / ".incoming-x" / CHECKPOINT).write_bytes(b"partial")
+    assert mv.sweep() == 1 and mv.current_path() == model.path
+    folder = mv.publish(net, model.config, dict(model.card))
+    assert folder.name == "v0001" and mv.current_path() == folder
+    assert json.loads((folder / CARD).read_text())["version"] == "v0001"
+    assert mv.load().version == "v0001"
+    assert mv.publish(net, model.config, dict(model.card)).name == "v0002"
+    # a pointer to a folder without a complete checkpoint falls back to the base model
+    (tmp_path / "models" / "current.json").write_text(json.dumps({"folder": "v0009"}))
+    assert mv.current_path() == model.path
+
+
+def test_serve_cli_errors_and_sample_copy(tmp_path, capsys):
+    from tumorlens.cli import main
+
+    assert main(["serve", "--studies", str(tmp_path / "nope")]) == 2
+    assert "studies folder does not exist" in capsys.readouterr().err
+    from tumorlens.serving.cli import prepare_sample_studies
+
+    before = {p.name: p.stat().st_mtime for p in sample_studies_dir().iterdir()}
+    d = prepare_sample_studies(tmp_path / "copy")
+    assert sorted(p.name for p in d.iterdir()) == sorted(before)
+    (d / "labels").mkdir()
+    prepare_sample_studies(d)  # again: keeps what is there
+    assert (d / "labels").is_dir()
+    assert {p.name: p.stat().st_mtime for p in sample_studies_dir().iterdir()} == before
