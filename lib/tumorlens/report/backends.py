@@ -91,8 +91,11 @@ def _local_model(model_path: str, n_ctx: int, n_threads: int, max_tokens: int, t
 
     if not extra_buffers:
         _no_extra_buffers()
+    # n_threads_batch would default to every core: on a shared machine its spinning threads cost
+    # more CPU than they save, so prompt processing uses the same thread count as generation
     return ChatLlamaCpp(model_path=model_path, n_ctx=n_ctx, n_threads=n_threads, n_batch=256,
-                        max_tokens=max_tokens, temperature=temperature, seed=seed, verbose=False)
+                        max_tokens=max_tokens, temperature=temperature, seed=seed, verbose=False,
+                        model_kwargs={"n_threads_batch": n_threads})
 
 
 def local_chat_model(opts: dict):

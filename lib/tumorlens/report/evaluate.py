@@ -134,6 +134,7 @@ def evaluate_reports(data_dir: str | Path, backend: str | None = None, n: int = 
             "draft_conflicts": sum(len(a.get("negation_conflicts", [])) for a in attempts),
             "delivered_conflicts": len(v["negation_conflicts"]),
             "draft_unsupported": sum(len(a.get("unsupported_claims", [])) for a in attempts),
+            "draft_missing": sum(len(a.get("missing", [])) for a in attempts),
             "errors": [a["error"] for a in attempts if a.get("error")],
             **text_stats(text),
         })
