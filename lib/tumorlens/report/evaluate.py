@@ -136,6 +136,9 @@ def evaluate_reports(data_dir: str | Path, backend: str | None = None, n: int = 
             "draft_unsupported": sum(len(a.get("unsupported_claims", [])) for a in attempts),
             "draft_missing": sum(len(a.get("missing", [])) for a in attempts),
             "errors": [a["error"] for a in attempts if a.get("error")],
+            "problems": [f"{a['stage']}: {c['kind']}: {c['text']}" for a in attempts
+                         for c in a.get("negation_conflicts", []) + a.get("unsupported_claims", [])]
+                        + [f"{a['stage']}: missing: {m}" for a in attempts for m in a.get("missing", [])],
             **text_stats(text),
         })
         bar.update(1)
