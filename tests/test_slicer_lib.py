@@ -115,9 +115,16 @@ class _Handler(BaseHTTPRequestHandler):
             except (BrokenPipeError, ConnectionResetError):
                 pass
             return None
+        if self.path.startswith("/train/"):
+            return self._send(200, json.dumps({"status": "RUNNING"}).encode())
         if self.path.startswith("/notjson"):
             return self._send(200, b"<html>hello</html>", "application/json")
         return self._send(404, json.dumps({"detail": f"no route {self.path.split('?')[0]}"}).encode())
+
+    def do_DELETE(self):
+        if self.path.startswith("/train/"):
+            return self._send(200, json.dumps({"stopped": True}).encode())
+        return self._send(404, json.dumps({"detail": "Not Found"}).encode())
 
     def do_PUT(self):
         body = self._body()
@@ -145,6 +152,9 @@ class _Handler(BaseHTTPRequestHandler):
                                                                  "pituitary": 0.1, "no_tumor": 0.1}}).encode())
         if self.path.startswith("/infer/broken"):
             return self._send(500, json.dumps({"detail": "model exploded: CUDA not available"}).encode())
+        if self.path.startswith("/train/"):
+            return self._send(200, json.dumps({"started": self.path.split("?")[0].rsplit("/", 1)[-1],
+                                               "params": json.loads(body or b"{}")}).encode())
         if self.path.startswith("/activelearning/"):
             return self._send(200, json.dumps({"id": "img-1", "echo": json.loads(body or b"{}")}).encode())
         return self._send(404, json.dumps({"detail": "Not Found"}).encode())
@@ -381,3 +391,10 @@ def test_env_has_no_proxy_for_loopback(fake_server, monkeypatch):
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")  # a dead proxy must not be used for loopback
     assert tll.MonaiLabelClient(fake_server, timeout=5).info()["name"] == "fake"
     assert os.environ["http_proxy"]
+
+
+def test_train_endpoints(fake_server):
+    c = tll.MonaiLabelClient(fake_server, timeout=5)
+    assert c.train_start("segmentation", {"max_epochs": 1}) == {"started": "segmentation", "params": {"max_epochs": 1}}
+    assert c.train_status() == {"status": "RUNNING"}
+    assert c.train_stop() == {"stopped": True}
