@@ -172,6 +172,18 @@ def test_segmentation_volume_lands_on_input_geometry(client, studies, tmp_path, 
     assert np.asanyarray(lab.dataobj).dtype == np.uint8
     ref = Predictor(base_model).predict(img).mask.numpy()[0]
     assert (np.asanyarray(lab.dataobj) == ref).mean() > 0.999
+    # NRRD (what 3D Slicer's plugin asks for) carries the same geometry
+    import SimpleITK as sitk
+
+    out_nrrd, _ = infer_json(client, "segmentation", "vol_sli", {"result_extension": ".nrrd"})
+    nrrd = sitk.ReadImage(out_nrrd)
+    lps = np.eye(4)
+    lps[:3, :3] = np.asarray(nrrd.GetDirection()).reshape(3, 3) * np.asarray(nrrd.GetSpacing())[None, :]
+    lps[:3, 3] = nrrd.GetOrigin()
+    assert np.allclose(np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, aff, atol=1e-4)
+    assert np.array_equal(np.transpose(sitk.GetArrayFromImage(nrrd), (2, 1, 0)), np.asanyarray(lab.dataobj))
+    # ... and is accepted back as a label of that image
+    assert client.save_label("vol_sli", out_nrrd, tag="original", params={})["label"] == "vol_sli"
     # the same anatomy in its original voxel order gives the same mask, voxel for voxel in world space
     back = nib.orientations.apply_orientation(np.asanyarray(lab.dataobj), nib.orientations.orientation_inverse(xf)
                                               if hasattr(nib.orientations, "orientation_inverse") else _inv(xf))
@@ -256,7 +268,8 @@ def test_saliency_tasks(client):
 
     for name in ("saliency_gradcam", "saliency_gradcampp", "saliency_scorecam"):
         # atlas placement once (Grad-CAM++); the other methods without it, to keep CI short
-        out, res = infer_json(client, name, "mri2d_1941", {} if name == "saliency_gradcampp" else {"with_regions": False})
+        params = {} if name == "saliency_gradcampp" else {"with_regions": False, "scorecam_top_k": 64}
+        out, res = infer_json(client, name, "mri2d_1941", params)
         f = Findings.model_validate(res["findings"])
         assert f.classification.label in CLASS_NAMES
         lab = np.asarray(Image.open(out))

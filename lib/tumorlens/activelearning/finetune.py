@@ -27,10 +27,28 @@ from tumorlens.models.registry import LoadedModel
 from tumorlens.training.train import make_optimizer, validate
 
 
+def _read_nrrd_label(path: str | Path) -> np.ndarray:
+    """NRRD labels (3D Slicer's format; ``.seg.nrrd`` layers merged) as ``[X, Y, Z]`` > 0."""
+    import SimpleITK as sitk
+
+    try:
+        im = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise InvalidInputError(path, f"not a readable NRRD label: {str(e).strip().splitlines()[-1]}") from e
+    arr = sitk.GetArrayFromImage(im)  # (z, y, x[, components])
+    if im.GetNumberOfComponentsPerPixel() > 1:
+        arr = arr.any(-1)
+    if arr.ndim == 2:
+        arr = arr[None]
+    return np.transpose(arr, (2, 1, 0)) > 0
+
+
 def read_label_like(path: str | Path, img) -> np.ndarray:
     """A label file as a binary array on the image's own grid (2D: rows x cols; volume: X, Y, Z)."""
-    lab = read_image(path)
-    arr = lab.detach().cpu().numpy()[0] > 0
+    if str(path).lower().endswith(".nrrd"):
+        arr = _read_nrrd_label(path)
+    else:
+        arr = read_image(path).detach().cpu().numpy()[0] > 0
     want = tuple(img.shape[1:])
     if arr.shape != want and arr.ndim == 3 and arr.shape[-1] == 1 and arr.shape[:2] == want:
         arr = arr[..., 0]  # a 2D image's label stored as a one-slice NIfTI

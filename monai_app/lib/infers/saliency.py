@@ -56,7 +56,8 @@ class SaliencyInfer(TumorlensInfer):
         self.method = METHODS[name]
         super().__init__(state, InferType.SEGMENTATION, {LESION: 1}, 3,
                          f"Explanation by {self.method}: adaptive saliency mask as label (named by atlas region) "
-                         "and the findings record (JSON); params {'heatmap': true} returns the heatmap",
+                         "and the findings record (JSON); params {'heatmap': true} returns the heatmap, "
+                         "{'with_regions': false} skips the atlas, {'scorecam_top_k': K} scores K channels",
                          config={"heatmap": False, "with_regions": True})
 
     def is_valid(self) -> bool:
@@ -66,8 +67,12 @@ class SaliencyInfer(TumorlensInfer):
         from tumorlens.saliency import explain
 
         patient = request.get("patient") if isinstance(request.get("patient"), dict) else None
-        return explain(img, method=self.method, model=self.state.model(),
-                       with_regions=bool(request.get("with_regions", True)), patient=patient)
+        kw = {}
+        if self.method == "scorecam" and request.get("scorecam_top_k"):
+            kw["scorecam_top_k"] = int(request["scorecam_top_k"])
+        with_regions = str(request.get("with_regions", True)).lower() not in ("false", "0", "no")
+        return explain(img, method=self.method, model=self.state.model(), with_regions=with_regions,
+                       patient=patient, **kw)
 
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
         expl = self.explain(img, request)
