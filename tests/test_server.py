@@ -268,7 +268,7 @@ def test_saliency_tasks(client):
 
     for name in ("saliency_gradcam", "saliency_gradcampp", "saliency_scorecam"):
         # atlas placement once (Grad-CAM++); the other methods without it, to keep CI short
-        params = {} if name == "saliency_gradcampp" else {"with_regions": False, "scorecam_top_k": 64}
+        params = {} if name == "saliency_gradcampp" else {"with_regions": False, "scorecam_mass": 0.5}
         out, res = infer_json(client, name, "mri2d_1941", params)
         f = Findings.model_validate(res["findings"])
         assert f.classification.label in CLASS_NAMES

@@ -15,6 +15,7 @@ import numpy as np
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
+from lib.errors import bad_request
 from lib.infers.base import TumorlensInfer
 from lib.state import AppState
 
@@ -57,7 +58,7 @@ class SaliencyInfer(TumorlensInfer):
         super().__init__(state, InferType.SEGMENTATION, {LESION: 1}, 3,
                          f"Explanation by {self.method}: adaptive saliency mask as label (named by atlas region) "
                          "and the findings record (JSON); params {'heatmap': true} returns the heatmap, "
-                         "{'with_regions': false} skips the atlas, {'scorecam_top_k': K} scores K channels",
+                         "{'with_regions': false} skips the atlas, {'scorecam_mass': m} scores the channels holding m of the activation",
                          config={"heatmap": False, "with_regions": True})
 
     def is_valid(self) -> bool:
@@ -67,9 +68,15 @@ class SaliencyInfer(TumorlensInfer):
         from tumorlens.saliency import explain
 
         patient = request.get("patient") if isinstance(request.get("patient"), dict) else None
+        import inspect
+
+        accepted = inspect.signature(explain).parameters
         kw = {}
-        if self.method == "scorecam" and request.get("scorecam_top_k"):
-            kw["scorecam_top_k"] = int(request["scorecam_top_k"])
+        if self.method == "scorecam" and request.get("scorecam_mass") is not None and "scorecam_mass" in accepted:
+            mass = float(request["scorecam_mass"])
+            if not 0.0 < mass <= 1.0:
+                raise bad_request(f"scorecam_mass {mass} must be in (0, 1]")
+            kw["scorecam_mass"] = mass
         with_regions = str(request.get("with_regions", True)).lower() not in ("false", "0", "no")
         return explain(img, method=self.method, model=self.state.model(), with_regions=with_regions,
                        patient=patient, **kw)
