@@ -177,7 +177,8 @@ def map_regions(
 
         aff = _np(image.affine).astype(float)
         reg = register_to_mni(
-            MetaTensor(img[None], affine=aff, meta=dict(getattr(image, "meta", {}) or {})),
+            MetaTensor(img[None], affine=aff, meta={k: v for k, v in (getattr(image, "meta", {}) or {}).items()
+                                                    if k != "affine"}),
             deformable=deformable,
             exclude_mask=m if m.any() else None,
             working_spacing=working_spacing,

@@ -5,8 +5,9 @@ space), so the volume is first centred on the template by image moments, then ri
 Mattes mutual information (works across T1/T1c/FLAIR), multi-resolution on a coarse working grid.
 An affine alone leaves several mm of error on a brain whose anatomy is not the template's, so an
 optional B-spline stage (mutual information, coarse control grid) follows. The quality figure is
-the Dice of the warped brain mask against the template's, so a failed registration is visible and
-downstream code can refuse to name regions instead of inventing them.
+the Dice of the warped brain mask against the template's; the confidence also needs the intensities
+to agree (normalised mutual information), so a failed registration -- or a brain-shaped block of
+noise -- is visible and downstream code refuses to name regions instead of inventing them.
 """
 
 from __future__ import annotations
@@ -28,6 +29,9 @@ LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 THREADS = 2
 # Dice of brain masks mapped to a confidence: <= 0.70 is a failed registration, >= 0.90 a good one
 DICE_FLOOR, DICE_GOOD = 0.70, 0.90
+# and the intensity agreement: normalised MI inside the template brain. Measured (4 mm grid): brains
+# 1.13-1.23 (BraTS T1c/FLAIR, warped ICBM), a block of noise 1.03-1.04 with a brain-like Dice of 0.82.
+NMI_FLOOR, NMI_GOOD = 1.05, 1.10
 MIN_EXTENT_MM = 60.0  # a brain is > 60 mm along every axis
 
 
@@ -140,6 +144,23 @@ def _ncc(a: np.ndarray, b: np.ndarray) -> float:
     return float((a * b).sum() / d) if d > 0 else 0.0
 
 
+def _nmi(a: np.ndarray, b: np.ndarray, bins: int = 32) -> float:
+    """Normalised mutual information (H(a) + H(b)) / H(a, b): 1 for unrelated images, up to 2.
+
+    Unlike NCC it does not care which tissue is bright, so it works for FLAIR against a T1 template.
+    """
+    h, _, _ = np.histogram2d(a.ravel(), b.ravel(), bins=bins)
+    p = h / max(h.sum(), 1.0)
+    px, py = p.sum(1), p.sum(0)
+
+    def ent(q):
+        q = q[q > 0]
+        return float(-(q * np.log(q)).sum())
+
+    hxy = ent(p.ravel())
+    return (ent(px) + ent(py)) / hxy if hxy > 0 else 1.0
+
+
 def _new_method(seed: int, sampling: float) -> sitk.ImageRegistrationMethod:
     r = sitk.ImageRegistrationMethod()
     r.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
@@ -177,7 +198,9 @@ def register_to_mni(
     *,
     exclude_mask: MetaTensor | np.ndarray | None = None,
     working_spacing: float = 2.0,
-    bspline_spacing_mm: float = 50.0,
+    bspline_spacing_mm: float = 30.0,
+    bspline_iterations: int = 25,
+    bspline_sampling: float = 0.05,
     iterations: int = 100,
     seed: int = 7,
 ) -> RegistrationResult:
@@ -185,8 +208,9 @@ def register_to_mni(
 
     ``exclude_mask`` (same grid; e.g. the lesion) is left out of the metric, so a tumour does not
     pull the template. ``working_spacing`` sets the grid all stages run on (2 mm default; tests use
-    3 mm). Raises :class:`InvalidInputError` for empty input, :class:`RegistrationError` when the
-    field of view cannot hold a brain or the optimiser fails; a poor fit returns low ``confidence``.
+    3 mm). The B-spline has control points every ``bspline_spacing_mm``. Raises
+    :class:`InvalidInputError` for empty input, :class:`RegistrationError` when the field of view
+    cannot hold a brain or the optimiser fails; a poor fit returns low ``confidence``.
     """
     arr, affine, path = _check_volume(volume)
     t0 = time.perf_counter()
@@ -274,19 +298,20 @@ def register_to_mni(
     if deformable:
         t = time.perf_counter()
         phys = np.array(fixed.GetSize()) * np.array(fixed.GetSpacing())
-        mesh = [max(2, int(round(p / (2 * bspline_spacing_mm)))) for p in phys]
+        mesh = [max(2, int(round(p / bspline_spacing_mm))) for p in phys]
         bs = sitk.BSplineTransformInitializer(fixed, mesh, order=3)
-        reg = _new_method(seed, 0.25)
+        # few samples, one level, L-BFGS-B: measured as the best centroid error per second here
+        reg = _new_method(seed, bspline_sampling)
         reg.SetMetricFixedMask(fixed_mask)
         reg.SetMetricMovingMask(metric_mask)
-        reg.SetOptimizerAsGradientDescentLineSearch(
-            learningRate=5.0, numberOfIterations=iterations, convergenceMinimumValue=1e-5, convergenceWindowSize=5
+        reg.SetOptimizerAsLBFGSB(
+            gradientConvergenceTolerance=1e-5, numberOfIterations=bspline_iterations, maximumNumberOfCorrections=5,
+            maximumNumberOfFunctionEvaluations=2 * bspline_iterations, costFunctionConvergenceFactor=1e7,
         )
-        reg.SetOptimizerScalesFromPhysicalShift()
         reg.SetMovingInitialTransform(affine_tx)
-        reg.SetInitialTransformAsBSpline(bs, inPlace=True, scaleFactors=[1, 2])
-        reg.SetShrinkFactorsPerLevel([2, 1])
-        reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
+        reg.SetInitialTransform(bs, inPlace=True)
+        reg.SetShrinkFactorsPerLevel([1])
+        reg.SetSmoothingSigmasPerLevel([0.0])
         try:
             bs_out = reg.Execute(fixed, moving)
             comp = sitk.CompositeTransform(3)
@@ -309,18 +334,24 @@ def register_to_mni(
     wm = sitk.GetArrayViewFromImage(warped_mask) > 0
     dice = _dice(fm, wm)
     ncc = _ncc(sitk.GetArrayViewFromImage(fixed)[fm], sitk.GetArrayViewFromImage(warped)[fm])
+    nmi = _nmi(sitk.GetArrayViewFromImage(fixed)[fm], sitk.GetArrayViewFromImage(warped)[fm])
     seconds["quality"] = time.perf_counter() - t
     seconds["total"] = time.perf_counter() - t0
-    confidence = float(np.clip((dice - DICE_FLOOR) / (DICE_GOOD - DICE_FLOOR), 0.0, 1.0))
-    converged = dice >= DICE_FLOOR and np.isfinite(final_metric)
+    confidence = float(np.clip((dice - DICE_FLOOR) / (DICE_GOOD - DICE_FLOOR), 0.0, 1.0)) * float(
+        np.clip((nmi - NMI_FLOOR) / (NMI_GOOD - NMI_FLOOR), 0.0, 1.0)
+    )
+    converged = dice >= DICE_FLOOR and nmi >= NMI_FLOOR and np.isfinite(final_metric)
     if not converged:
-        notes.append(f"registration did not reach a usable fit (brain-mask Dice {dice:.2f} < {DICE_FLOOR})")
+        notes.append(
+            f"registration did not reach a usable fit (brain-mask Dice {dice:.2f}, normalised MI {nmi:.3f}; "
+            f"needs >= {DICE_FLOOR} and >= {NMI_FLOOR})"
+        )
     log.info("registered to MNI in %.1f s (dice %.3f, ncc %.3f, %s)", seconds["total"], dice, ncc, stop)
     return RegistrationResult(
         transform=total,
         affine_transform=affine_tx,
         deformable=deformable,
-        quality={"mattes_mi": final_metric, "dice": dice, "ncc": ncc},
+        quality={"mattes_mi": final_metric, "dice": dice, "ncc": ncc, "nmi": nmi},
         confidence=confidence,
         converged=bool(converged),
         seconds=seconds,
