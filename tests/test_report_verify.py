@@ -117,8 +117,9 @@ def test_template_is_fast():
 def _planted(findings_text: str | None = None, impression: str | None = None, rec: dict | None = None):
     f = build_facts(rec or record())
     d = template_draft(f)
-    draft = ReportDraft(findings=findings_text or d.findings, impression=impression or d.impression,
-                        recommendations=d.recommendations)
+    # model_construct: planted texts may be shorter than the schema asks of a model
+    draft = ReportDraft.model_construct(findings=findings_text or d.findings, impression=impression or d.impression,
+                                        recommendations=d.recommendations)
     return verify_report(assemble(f, draft), f)
 
 
@@ -270,7 +271,7 @@ def test_first_draft_supported_is_delivered():
 
 def test_repair_round_feeds_errors_back_and_can_succeed():
     res, s = _run([ReportDraft(findings="Glioma of the right thalamus with oedema and midline shift.",
-                               impression="Right thalamic glioma.", recommendations="Review."), _good()])
+                               impression="Right thalamic glioma.", recommendations="Review by a radiologist."), _good()])
     v = res.verification
     assert v["supported"] and v["repaired"] and not v["fell_back"]
     assert len(s.prompts) == 2
@@ -362,3 +363,12 @@ def test_ollama_backend_unreachable_falls_back_flagged():
     v = res.verification
     assert v["backend"] == "ollama" and v["fell_back"] and v["flagged"] and v["supported"]
     assert all(a.get("error") for a in v["attempts"])
+
+
+def test_empty_draft_is_refused_by_the_schema():
+    empty = {"findings": "", "impression": "", "recommendations": ""}
+    res, _ = _run([empty, empty])
+    v = res.verification
+    assert v["fell_back"] and v["flagged"]
+    assert all("ValidationError" in a["error"] for a in v["attempts"])
+    assert ReportDraft.model_json_schema()["properties"]["findings"]["minLength"] >= 20

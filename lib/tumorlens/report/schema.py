@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field
 class ReportDraft(BaseModel):
     """The chat model's output (its JSON schema constrains the generation)."""
 
-    findings: str = Field(description="Two to four sentences describing the lesion, using only the FACTS.")
-    impression: str = Field(description="One sentence: the most likely class and where, using only the FACTS.")
-    recommendations: str = Field(description="One or two sentences of next steps; no new facts.")
+    # minimum lengths go into the JSON schema, so a grammar-constrained model cannot answer ""
+    findings: str = Field(min_length=40, description="Two to four sentences describing the lesion, using only the FACTS.")
+    impression: str = Field(min_length=20, description="One sentence: the most likely class and where, using only the FACTS.")
+    recommendations: str = Field(min_length=10, description="One or two sentences of next steps; no new facts.")
 
 
 class DifferentialItem(BaseModel):
