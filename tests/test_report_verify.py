@@ -372,3 +372,18 @@ def test_empty_draft_is_refused_by_the_schema():
     assert v["fell_back"] and v["flagged"]
     assert all("ValidationError" in a["error"] for a in v["attempts"])
     assert ReportDraft.model_json_schema()["properties"]["findings"]["minLength"] >= 20
+
+
+@pytest.mark.parametrize("impression,ok", [
+    ("Glioma of the left inferior frontal gyrus.", True),
+    ("Glioma of the left frontal lobe.", True),
+    ("Glioma of the left superior frontal gyrus.", False),  # same lobe, another gyrus
+    ("Glioma of the left inferior frontal gyrus pars opercularis.", False),  # the other part
+    ("Glioma of the right inferior frontal gyrus.", False),
+])
+def test_region_specificity(impression, ok):
+    rec = record(regions=[{"label": "Left_Inferior_Frontal_Gyrus_pars_triangularis",
+                           "name": "inferior frontal gyrus pars triangularis", "hemisphere": "left",
+                           "fraction": 0.6, "max_probability": 70.0}])
+    v = _planted(impression=impression, rec=rec)
+    assert v["supported"] is ok, _reasons(v)

@@ -108,6 +108,8 @@ _VARIANTS = {
 
 def _broad_keys_of(base: str, label: str) -> set[str]:
     keys = set()
+    if " pars " in base:
+        keys.add(base.split(" pars ")[0])
     for lobe in ("frontal", "temporal", "parietal", "occipital"):
         if lobe in base:
             keys.add(lobe)
@@ -148,7 +150,10 @@ def region_lexicon() -> tuple[tuple[str, str], ...]:
         variants = _VARIANTS.get(n, [re.escape(n)])
         for v in variants:
             out.append((n, v))
-    return tuple(sorted(out, key=lambda kv: -len(kv[1])))
+        if " pars " in n:  # "inferior frontal gyrus" names both of its parts
+            short = n.split(" pars ")[0]
+            out.append((short, re.escape(short)))
+    return tuple(sorted(set(out), key=lambda kv: (-len(kv[1]), kv[1])))
 
 
 # ---- results ----------------------------------------------------------------------------------------
