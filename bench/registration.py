@@ -1,0 +1,144 @@
+"""Registration to MNI152 on 2 threads: seconds per volume (affine and deformable stages), quality
+figures, and the lesion-centroid error on the synthetic warped ICBM152 2009 case; optionally the
+plane accuracy of 2D template-slice placement on dev JPEGs (the manifest's ``view`` column is
+used only to score, never as an input).
+
+    .venv/bin/python bench/registration.py [--json OUT] [--slices N] [--brats]
+
+Prints a table and writes JSON. Wall seconds depend on what else runs on the machine, so the CPU
+seconds of this process are reported beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+
+def _timed(fn):
+    w, c = time.perf_counter(), time.process_time()
+    out = fn()
+    return out, time.perf_counter() - w, time.process_time() - c
+
+
+def bench_synthetic(structures: list[str]) -> list[dict]:
+    from tumorlens.atlas.regions import lesion_to_mni, summarise_points
+    from tumorlens.atlas.registration import register_to_mni
+    from tumorlens.atlas.synthetic import make_case
+
+    rows = []
+    for s in structures:
+        case = make_case(s)
+        # reference: the same brain and lesion left in MNI space (isolates the template-anatomy gap)
+        ref_case = make_case(s, rotation_deg=(0, 0, 0), scale=(1, 1, 1), translation_mm=(0, 0, 0), warp_mm=0, bias=0)
+        for deformable in (False, True):
+            for tag, c in (("moved", case), ("unmoved", ref_case)):
+                if tag == "unmoved" and deformable:
+                    continue
+                reg, wall, cpu = _timed(lambda c=c, d=deformable: register_to_mni(c.volume, d, exclude_mask=c.mask))
+                pts, w = lesion_to_mni(c.mask[0].numpy(), c.volume.affine.numpy(), reg.transform)
+                regions, lesion = summarise_points(pts, w)
+                err = float(np.linalg.norm(np.array(lesion["centroid_mni_mm"]) - c.centroid_mni_mm))
+                rows.append({
+                    "case": f"{s} ({tag})", "stage": "affine+bspline" if deformable else "affine",
+                    "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                    "stage_s": {k: round(v, 1) for k, v in reg.seconds.items()},
+                    "dice": round(reg.quality["dice"], 3), "nmi": round(reg.quality["nmi"], 3),
+                    "top_region": regions[0]["label"], "top_fraction": regions[0]["fraction"],
+                    "laterality": lesion["laterality"], "centroid_err_mm": round(err, 2),
+                })
+                print(rows[-1], flush=True)
+    return rows
+
+
+def bench_brats(data: Path) -> list[dict]:
+    from tumorlens.atlas.regions import map_regions
+    from tumorlens.data import read_image, read_mask
+
+    rows = []
+    for pat in sorted(p for p in data.glob("pat*") if p.is_dir()):
+        img = read_image(pat / "T1c_subtrMeanDivStd.nii.gz")
+        mask = read_mask(pat / "OTMultiClass.nii.gz", like=img)
+        for deformable in (False, True):
+            out, wall, cpu = _timed(lambda img=img, mask=mask, d=deformable: map_regions(img, mask, deformable=d))
+            pl = out["placement"]
+            rows.append({
+                "case": f"brats {pat.name} T1c", "stage": "affine+bspline" if deformable else "affine",
+                "wall_s": round(wall, 1), "cpu_s": round(cpu, 1), "dice": pl["details"]["quality"]["dice"],
+                "nmi": pl["details"]["quality"]["nmi"], "top_region": out["regions"][0]["label"] if out["regions"] else None,
+                "top_fraction": out["regions"][0]["fraction"] if out["regions"] else None,
+                "laterality": out["lesion"]["laterality"], "centroid_mni_mm": out["lesion"]["centroid_mni_mm"],
+            })
+            print(rows[-1], flush=True)
+    return rows
+
+
+def bench_slices(data: Path, n: int) -> dict:
+    from tqdm import tqdm
+
+    from tumorlens.atlas.placement import place_slice
+    from tumorlens.data import read_image
+
+    with open(data / "manifest.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("view")]
+    per_view = max(1, n // 3)
+    sample = []
+    for v in ("axial", "coronal", "sagittal"):
+        rv = [r for r in rows if r["view"] == v]
+        sample += rv[:: max(1, len(rv) // per_view)][:per_view]
+    res = []
+    for r in tqdm(sample, desc="placing slices"):
+        pl = place_slice(read_image(data / r["image"]))
+        res.append({"view": r["view"], "plane": pl.plane, "confidence": pl.confidence, "seconds": pl.seconds})
+    acc = {v: float(np.mean([x["plane"] == v for x in res if x["view"] == v])) for v in ("axial", "coronal", "sagittal")}
+    conf = [x for x in res if x["confidence"] >= 0.5]
+    return {
+        "n": len(res), "plane_accuracy": float(np.mean([x["plane"] == x["view"] for x in res])),
+        "plane_accuracy_by_view": acc,
+        "confident_share": len(conf) / max(1, len(res)),
+        "accuracy_when_confident": float(np.mean([x["plane"] == x["view"] for x in conf])) if conf else None,
+        "seconds_mean": float(np.mean([x["seconds"] for x in res])),
+        "seconds_max": float(np.max([x["seconds"] for x in res])),
+    }
+
+
+def main() -> int:
+    from tumorlens.paths import shared_data_dir
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default="bench/results/registration.json")
+    ap.add_argument("--structures", default="Left_Insular_Cortex,Right_Putamen")
+    ap.add_argument("--slices", type=int, default=0, help="also score 2D placement on N dev JPEGs")
+    ap.add_argument("--brats", action="store_true", help="also time the two BraTS volumes")
+    args = ap.parse_args()
+    result: dict = {"threads": 2, "synthetic": bench_synthetic(args.structures.split(","))}
+    if args.brats:
+        result["brats"] = bench_brats(shared_data_dir() / "brats-3d")
+    if args.slices:
+        result["slices"] = bench_slices(shared_data_dir() / "brain-mri-2d", args.slices)
+    print(f"\n{'case':<36} {'stage':<15} {'wall s':>7} {'cpu s':>6} {'dice':>6} {'nmi':>6} {'err mm':>7}  top region")
+    for r in result["synthetic"] + result.get("brats", []):
+        err = r.get("centroid_err_mm", "")
+        print(f"{r['case']:<36} {r['stage']:<15} {r['wall_s']:>7} {r['cpu_s']:>6} {r['dice']:>6} {r['nmi']:>6} "
+              f"{err!s:>7}  {r['top_region']} ({r['top_fraction']})")
+    if "slices" in result:
+        s = result["slices"]
+        print(f"\n2D placement on {s['n']} dev JPEGs: plane accuracy {s['plane_accuracy']:.2f} "
+              f"{s['plane_accuracy_by_view']}, confident {s['confident_share']:.2f} "
+              f"(accuracy then {s['accuracy_when_confident']}), {s['seconds_mean']:.1f} s/slice")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
