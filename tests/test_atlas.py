@@ -163,3 +163,28 @@ def test_locate_cli_2d_json_and_bad_mask(dev2d, dev_rows, tmp_path, capsys):
     Image.fromarray(np.zeros((10, 12), np.uint8)).save(bad)
     assert main(["locate", str(dev2d / r["image"]), "--mask", str(bad)]) == 2
     assert "small_mask.png" in capsys.readouterr().err
+
+
+def test_region_map_matches_the_regions_on_a_synthetic_2d_slice():
+    """A template slice itself, placed back: the region map labels lesion pixels by the regions."""
+    from tumorlens.atlas.placement import candidates
+
+    cand = next(c for c in candidates() if c.plane == "axial" and c.position_mm == 8.0)
+    tpl = ho.template()
+    rows, cols = tpl.shape[1], tpl.shape[0]
+    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    ijk = np.tensordot(cand.vox, np.stack([rr, cc, np.ones_like(rr)]), axes=1)
+    sl = tpl.data[ijk[0], ijk[1], ijk[2]].astype(np.float32)
+    img = MetaTensor(torch.from_numpy(sl[None]), meta={"kind": "image2d", "filename_or_obj": "tpl_axial_8.png"})
+    mask = np.zeros_like(sl)
+    mask[60:90, 40:70] = 1
+    out = map_regions(img, MetaTensor(torch.from_numpy(mask[None])))
+    det = out["placement"]["details"]
+    assert det["plane"] == "axial" and abs(det["position_mm"] - 8.0) <= 4.0
+    assert not out["placement"]["low_confidence"]
+    rmap = out["region_map"]
+    assert rmap.shape == mask.shape and set(np.unique(rmap[mask > 0])) <= set(range(1, len(out["regions"]) + 1))
+    assert (rmap[mask == 0] == 0).all()
+    assert len(out["region_names"]) == len(out["regions"])
+    # radiological display: image columns 40-70 of 182 are the patient's right
+    assert out["lesion"]["laterality"] == "right"

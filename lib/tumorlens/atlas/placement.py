@@ -270,8 +270,9 @@ def place_slice(image: np.ndarray, *, path: str | None = None) -> SlicePlacement
     )
 
 
-def map_slice_mask(mask: np.ndarray, pl: SlicePlacement) -> np.ndarray:
-    """Mask pixels -> MNI RAS points on the chosen template slice (one point per template pixel)."""
+def map_slice_mask(mask: np.ndarray, pl: SlicePlacement, *, per_pixel: bool = False) -> np.ndarray:
+    """Mask pixels -> MNI RAS points on the chosen template slice: one point per template pixel, or
+    with ``per_pixel`` one (rounded) point per mask pixel in ``np.nonzero`` order."""
     rr, cc = np.nonzero(mask)
     if len(rr) == 0:
         return np.zeros((0, 3))
@@ -286,4 +287,4 @@ def map_slice_mask(mask: np.ndarray, pl: SlicePlacement) -> np.ndarray:
     ijk = pl.candidate.vox @ np.stack([a, b, np.ones_like(a)])
     aff = template().affine
     pts = (aff[:3, :3] @ ijk + aff[:3, 3:4]).T
-    return np.unique(np.rint(pts), axis=0)
+    return np.rint(pts) if per_pixel else np.unique(np.rint(pts), axis=0)

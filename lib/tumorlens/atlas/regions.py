@@ -82,6 +82,29 @@ def summarise_points(mni_ras: np.ndarray, weights: np.ndarray | None = None) -> 
     return regions, lesion
 
 
+def point_labels(mni_ras: np.ndarray) -> list[str]:
+    """The atlas label (or UNLABELLED) of each MNI RAS point, by the same rule as the regions."""
+    atlas = max_prob_atlas()
+    inv = np.linalg.inv(atlas.affine)
+    ijk = np.rint(inv[:3, :3] @ np.asarray(mni_ras, float).reshape(-1, 3).T + inv[:3, 3:4]).T
+    lab, _ = atlas.lookup(ijk)
+    names = labels()
+    return [UNLABELLED if k < 0 else names[int(k)] for k in lab]
+
+
+def region_map_from(labels_of_voxels: list[str], index: tuple[np.ndarray, ...], shape, regions: list[dict]):
+    """Per-voxel region index (1-based, in the order of ``regions``; 0 outside the lesion) and the
+    segment names, for viewers (e.g. one Slicer segment per region)."""
+    order = {r["label"]: i for i, r in enumerate(regions, start=1)}
+    rmap = np.zeros(shape, dtype=np.int16)
+    rmap[index] = [order.get(lab, 0) for lab in labels_of_voxels]
+    names = [
+        f"{r['hemisphere']} {r['name']}" if r["hemisphere"] in ("left", "right") and r["label"] != UNLABELLED else r["name"]
+        for r in regions
+    ]
+    return rmap, names
+
+
 def _side_of(x: np.ndarray) -> str:
     """Hemisphere of unlabelled voxels from their MNI x (RAS: negative is left)."""
     m = float(np.median(x))
@@ -157,7 +180,9 @@ def map_regions(
 
     Volumes (1, X, Y, Z) are registered to MNI152 (affine + B-spline unless ``deformable=False``);
     2D images (1, H, W) are placed on the best-matching template slice. Below ``min_confidence``
-    the placement is reported as low confidence and ``regions`` stays empty.
+    the placement is reported as low confidence and ``regions`` stays empty. When regions are named,
+    ``region_map`` (per-voxel 1-based index into ``regions``, mask grid) and ``region_names`` are
+    added for viewers.
     """
     img, m, path = _check_pair(image, mask)
     notes: list[str] = []
@@ -172,6 +197,7 @@ def map_regions(
         is_vol = False
         notes.append("one-slice volume treated as a 2D slice")
     mask_source = "mask"
+    extra: dict = {}
     if is_vol:
         from tumorlens.atlas.registration import register_to_mni
 
@@ -205,6 +231,8 @@ def map_regions(
             if len(pts) == 0:
                 notes.append("the lesion maps outside the template after registration: no regions named")
             regions, lesion = summarise_points(pts, w)
+            if len(pts):
+                extra = _volume_region_map(m, aff, pts, reg.transform, regions)
     else:
         from tumorlens.atlas.placement import map_slice_mask, place_slice
 
@@ -234,5 +262,27 @@ def map_regions(
                 lesion["crosses_midline"] = None
                 for r in regions:
                     r["hemisphere"] = "unknown" if r["hemisphere"] in ("left", "right") else r["hemisphere"]
+            per_px = map_slice_mask(m, pl, per_pixel=True)
+            extra = dict(zip(("region_map", "region_names"),
+                             region_map_from(point_labels(per_px), np.nonzero(m), m.shape, regions), strict=True))
     lesion["mask_source"] = mask_source
-    return {"regions": regions, "lesion": lesion, "placement": placement, "notes": notes}
+    return {"regions": regions, "lesion": lesion, "placement": placement, "notes": notes, **extra}
+
+
+def _volume_region_map(m: np.ndarray, aff: np.ndarray, pts: np.ndarray, transform, regions: list[dict]) -> dict:
+    """Region of every input lesion voxel: the label of the nearest warped template lesion point.
+
+    The transform only maps template -> input (a B-spline has no closed-form inverse), so the
+    template points are carried into the input and each input voxel takes its nearest one's label.
+    """
+    from scipy.spatial import cKDTree
+
+    labs = point_labels(pts)
+    moved = np.array([transform.TransformPoint((float(-p[0]), float(-p[1]), float(p[2]))) for p in pts])
+    moved[:, :2] *= -1  # LPS -> RAS
+    idx = np.nonzero(m)
+    vox = np.stack(idx + (np.ones(len(idx[0])),))
+    world = (aff[:3, :] @ vox).T
+    _, nearest = cKDTree(moved).query(world)
+    rmap, names = region_map_from([labs[i] for i in nearest], idx, m.shape, regions)
+    return {"region_map": rmap, "region_names": names}
