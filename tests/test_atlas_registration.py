@@ -65,3 +65,9 @@ def test_brats_volume_maps_to_plausible_regions(brats):
     assert right > 0.9 and out["lesion"]["laterality"] == "right"
     x, y, z = out["lesion"]["centroid_mni_mm"]
     assert 25 < x < 60 and -40 < y < 15 and -25 < z < 20
+    # per-voxel region map on the input grid agrees with the fractions
+    rmap, m = out["region_map"], mask.numpy()[0] > 0
+    assert rmap.shape == m.shape and (rmap[~m] == 0).all() and (rmap[m] > 0).all()
+    share = float((rmap[m] == 1).mean())
+    assert abs(share - regs[0]["fraction"]) < 0.1
+    assert len(out["region_names"]) == len(regs)
