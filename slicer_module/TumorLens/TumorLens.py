@@ -254,15 +254,16 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         """Turn an infer answer into nodes and plain data for the widget."""
         params = answer.params
         findings = tll.findings_of(params)
+        heat = bool(answer.label_path) and params.get("heatmap") is True  # saliency asked with {"heatmap": true}
         out: dict[str, Any] = {"model": model, "image_id": self.image_id(volume_node), "findings": findings,
-                               "label_path": answer.label_path}
+                               "heatmap_path" if heat else "label_path": answer.label_path}
         if findings:
             self.findings[out["image_id"]] = findings
         try:
             out["probabilities"] = tll.probabilities_of(params)
         except tll.ResponseError:
             out["probabilities"] = None
-        if answer.label_path and params.get("heatmap") is True:  # saliency asked with {"heatmap": true}
+        if heat:
             out["heatmap_node_id"] = self.load_heatmap(answer.label_path, name=f"TumorLens {model} heatmap").GetID()
         elif answer.label_path:
             seg, segments = self.load_label_as_segmentation(
@@ -281,7 +282,7 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
 
     def apply_answers(self, answers: list[tll.InferAnswer], volume_node, model: str) -> dict:
         out: dict[str, Any] = {}
-        for a in answers:
+        for a in answers:  # the label answer first, then the heatmap: each adds its own keys
             res = self.apply_answer(a, volume_node, model)
             out.update({k: v for k, v in res.items() if v is not None or k not in out})
         return out
