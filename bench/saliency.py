@@ -76,7 +76,10 @@ def main(argv: list[str] | None = None) -> int:
     xs = [prepare_slice(read_image(root / r["image"]).numpy()[0], lm.image_size) for r in rows]
 
     # 1. Grad-CAM + Grad-CAM++
-    view = ClassifierView(net)
+    # .eval(): monai's hooks restore the wrapper's *own* training flag afterwards, and a fresh
+    # nn.Module is in training mode, so without it the net would be left in train mode (BN on
+    # batch statistics, dropout on) for everything that follows.
+    view = ClassifierView(net).eval()
     layer = f"net.{net.cam_layer}"
     gc, gcpp = GradCAM(view, target_layers=layer), GradCAMpp(view, target_layers=layer)
 
@@ -96,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         t_mo = _timeit(lambda x=x: monai_both(x), args.repeat)
         res["gradcam"].append({"fwd_bwd_s": t_fb, "shared_s": t_sh, "monai_two_s": t_mo})
     net.zero_grad(set_to_none=True)
+    net.eval()
     g = res["gradcam"]
     fb = statistics.median(r["fwd_bwd_s"] for r in g)
     sh = statistics.median(r["shared_s"] for r in g)

@@ -49,7 +49,7 @@ def test_shared_pass_equals_monai_gradcam_and_gradcampp(model, net_input):
     ours = grad_cams(net, x)
     assert set(ours.maps) == {"gradcam", "gradcampp"}
     assert ours.seg_logits is not None and ours.seg_logits.shape == (len(x), 1, *x.shape[2:])
-    view = ClassifierView(net)
+    view = ClassifierView(net).eval()  # else monai's hooks leave the shared net in train mode
     # one image per call: monai's GradCAMpp broadcasts exp(score) [B] over the last spatial axis.
     # Grad-CAM is identical; Grad-CAM++ differs only in the alpha denominator (the paper's
     # sum(A) * g^3 here, monai's sum(A * g^3)), so its maps agree closely but not exactly.
@@ -59,6 +59,7 @@ def test_shared_pass_equals_monai_gradcam_and_gradcampp(model, net_input):
             ref = cam(x[b:b + 1])[0, 0].detach()
             assert ours.maps[name][b].shape == ref.shape
             assert _corr(ours.maps[name][b], ref) > floor, name
+    assert not net.training
 
 
 def test_maps_on_input_grid_2d(model, tumour_images):

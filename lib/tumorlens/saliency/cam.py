@@ -105,33 +105,42 @@ def grad_cams(net: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None
     """Grad-CAM and/or Grad-CAM++ for a batch from ONE forward and one partial backward.
 
     ``target``: class index per sample (default: the predicted class). The forward is the full
-    dual-head forward, so the segmentation logits come for free.
+    dual-head forward, so the segmentation logits come for free. ``layer`` may name several
+    layers joined by "+" (e.g. ``encoder.stages.3+encoder.stages.4``): the gradients of all of
+    them come from the same backward, and the map is the geometric mean of their per-image
+    normalised maps (the deep layer says where, the finer one sharpens it: a 128 px input gives
+    only a 4x4 map at stride 32).
     """
     unknown = set(methods) - set(GRAD_METHODS)
     if unknown:
         raise ValueError(f"grad_cams computes {GRAD_METHODS}, not {sorted(unknown)}")
     base = _unwrap(net)
-    module = resolve_layer(base, layer)
-    store: dict[str, torch.Tensor] = {}
-    handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
+    names = layer.split("+") if layer else [None]
+    modules = [resolve_layer(base, n) for n in names]
+    store: dict[int, torch.Tensor] = {}
+    handles = [m.register_forward_hook(lambda _m, _i, out, k=i: store.__setitem__(k, out))
+               for i, m in enumerate(modules)]
     try:
         with torch.enable_grad():
             xin = x.detach().requires_grad_(True)  # guarantees a graph even with frozen weights
             out = base(xin)
             logits, seg = (out if isinstance(out, tuple) else (out, None))
-            acts = store["a"]
+            acts = [store[i] for i in range(len(modules))]
             tgt = _targets(target, logits)
             score = logits.gather(1, tgt[:, None]).sum()  # samples are independent in eval mode
-            (grads,) = torch.autograd.grad(score, acts)
+            grads = torch.autograd.grad(score, acts)
     finally:
-        handle.remove()
-    acts, grads = acts.detach(), grads.detach()
+        for h in handles:
+            h.remove()
     size = x.shape[2:]
+    weighting = {"gradcam": weight_gradcam, "gradcampp": weight_gradcampp}
     maps = {}
-    if "gradcam" in methods:
-        maps["gradcam"] = _upsample(weight_gradcam(acts, grads), size)
-    if "gradcampp" in methods:
-        maps["gradcampp"] = _upsample(weight_gradcampp(acts, grads), size)
+    for m in methods:
+        per_layer = [_upsample(weighting[m](a.detach(), g.detach()), size) for a, g in zip(acts, grads, strict=True)]
+        if len(per_layer) == 1:
+            maps[m] = per_layer[0]
+        else:
+            maps[m] = torch.stack([normalise(p) for p in per_layer]).prod(0) ** (1.0 / len(per_layer))
     return CamPass(maps, logits.detach(), None if seg is None else seg.detach(), tgt)
 
 
@@ -147,9 +156,10 @@ def score_cam(net: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None
               layer: str | None = None, mass: float | None = 0.95, top_k: int | None = None,
               batch_size: int = 64) -> CamPass:
     """Batched ScoreCAM; channels ranked by mean activation, keeping ``mass`` of the total
-    activation (``None``: every non-zero channel) and at most ``top_k`` of them."""
+    activation (``None``: every non-zero channel) and at most ``top_k`` of them. With several
+    "+"-joined layers, the last (deepest) one is used."""
     base = _unwrap(net)
-    module = resolve_layer(base, layer)
+    module = resolve_layer(base, layer.split("+")[-1] if layer else None)
     store: dict[str, torch.Tensor] = {}
     handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
     try:

@@ -96,6 +96,8 @@ def saliency_maps(img: MetaTensor, methods=("gradcampp",), model: LoadedModel | 
     """
     methods = check_methods(methods)
     lm = _as_model(model)
+    if lm.net.training:  # e.g. left so by monai.visualize's hooks on a fresh wrapper: BN/dropout would vary
+        lm.net.eval()
     arr = _check_image(img)
     if target is not None and target not in CLASS_NAMES:
         raise ValueError(f"unknown target class {target!r}")
