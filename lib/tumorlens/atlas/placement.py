@@ -164,15 +164,27 @@ def _match(frame_in: np.ndarray, cand: Candidate, scales) -> tuple[float, float,
     n_in = frame_in.shape[0]
     for s in scales:
         n_t = max(8, int(round(n_in * s)))
-        t = ndimage.zoom(cand.frame, n_t / cand.frame.shape[0], order=1)
-        if t.shape[0] > n_in:
+        if n_t > n_in:
             continue
+        t = _scaled(cand, n_t)
         res = match_template(frame_in, t, pad_input=True)
         k = int(np.argmax(res))
         v = float(res.flat[k])
         if v > best[0]:
             best = (v, n_t / n_in, np.unravel_index(k, res.shape))
     return best
+
+
+_SCALED: dict[tuple[int, int], np.ndarray] = {}
+
+
+def _scaled(cand: Candidate, n_t: int) -> np.ndarray:
+    """The candidate frame resized to ``n_t`` pixels (cached: the same few sizes recur)."""
+    key = (id(cand), n_t)
+    t = _SCALED.get(key)
+    if t is None:
+        t = _SCALED[key] = ndimage.zoom(cand.frame, n_t / cand.frame.shape[0], order=1)
+    return t
 
 
 def _far(a: Candidate, b: Candidate) -> bool:
