@@ -80,6 +80,7 @@ def register_volumes(sub) -> None:
     p.add_argument("data_dir", help="folder of case folders, each with an image and a label volume")
     p.add_argument("--image", default="T1c*.nii*", help="glob of the image inside a case folder")
     p.add_argument("--label", default="OTMultiClass*.nii*", help="glob of the tumour labels (> 0 is tumour)")
+    p.add_argument("--core", default="", help="label values of a tumour core to score as well, e.g. 1,3,4")
     p.add_argument("--model", default=None)
     p.add_argument("--json", dest="json_out", default=None)
     p.set_defaults(func=run_volumes)
@@ -88,12 +89,15 @@ def register_volumes(sub) -> None:
 def run_volumes(args) -> int:
     from tumorlens.evaluation.volumes import evaluate_volumes
 
-    res = evaluate_volumes(args.data_dir, args.image, args.label, model=args.model)
+    core = tuple(int(v) for v in args.core.split(",") if v.strip())
+    res = evaluate_volumes(args.data_dir, args.image, args.label, model=args.model, core_labels=core)
     print(f"{'case':<10}{'Dice':>8}{'pred vox':>10}{'true vox':>10}  label (p)")
     for c in res["cases"]:
         print(f"{c['case']:<10}{c['dice']:>8.3f}{c['pred_voxels']:>10}{c['true_voxels']:>10}  "
               f"{c['label']} ({c['probabilities'][c['label']]:.2f})")
-    print(f"mean volume Dice {res['mean_dice']:.3f} over {len(res['cases'])} volumes")
+    print(f"mean volume Dice {res['mean_dice']:.3f} over {len(res['cases'])} volumes (labels > 0)")
+    if core:
+        print(f"mean tumour-core Dice {res['mean_core_dice']:.3f} (labels {args.core})")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(res, indent=2))
     return 0

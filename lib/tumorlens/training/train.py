@@ -35,7 +35,8 @@ DEFAULTS = {
     "train": {
         "epochs": 30, "batch_size": 32, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4,
         "patience": 6, "seg_weight": 1.0, "label_smoothing": 0.05, "channels_last": True,
-        "num_threads": None, "seed": 0, "max_minutes": None, "augment": True,
+        "num_threads": None, "seed": 0, "max_minutes": None, "augment": True, "init_from": None,
+        "pct_start": 0.15,
     },
     "output": {"name": None, "dir": None, "version": None},
 }
@@ -120,6 +121,14 @@ def train(cfg: dict, progress: bool = True) -> dict:
                       train_transforms() if tc.get("augment", True) else None)
     loader = DataLoader(ds, batch_size=int(tc["batch_size"]), shuffle=True, num_workers=0, drop_last=True)
     net = build_model(cfg).to(device)
+    init = None
+    if tc.get("init_from"):  # continue from a trained model (same backbone), e.g. a second LR cycle
+        from tumorlens.models.registry import load_model
+
+        prev = load_model(tc["init_from"])
+        net.load_state_dict(prev.net.state_dict())
+        init = {"name": prev.name, "version": prev.version, "val_accuracy": prev.card.get("metrics", {})
+                .get("validation", {}).get("accuracy")}
     cl = bool(tc["channels_last"])
     if cl:
         net = net.to(memory_format=torch.channels_last)
@@ -132,7 +141,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
     opt = make_optimizer(tc["optimizer"], net.parameters(), float(tc["lr"]), float(tc["weight_decay"]))
     epochs = int(tc["epochs"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tc["lr"]), total_steps=epochs * len(loader),
-                                                pct_start=0.15)
+                                                pct_start=float(tc["pct_start"]))
     sw = float(tc["seg_weight"])
     best, best_state, best_epoch, history, stale = -math.inf, None, -1, [], 0
     t0 = time.time()
@@ -194,6 +203,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
         "training": {"duration_s": round(duration, 1), "device": str(device), "torch": torch.__version__,
                      "threads": torch.get_num_threads(),
                      "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 1)},
+        "init_from": init,
         "commit": _commit(),
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

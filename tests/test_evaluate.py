@@ -1,0 +1,63 @@
+"""`tumorlens evaluate` with the shipped model on 64 real images of its own grouped validation split."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tumorlens.data import grouped_split, load_manifest
+from tumorlens.models import load_model
+
+# The shipped model's grouped-validation accuracy is in its model card (≈ 0.9 or more). On 64 images the
+# binomial standard deviation at p = 0.9 is ≈ 0.0375, so 0.75 is four deviations below: a working model
+# passes, while a broken pipeline (chance is 0.25, one-class is ≤ 0.35 here) cannot.
+ACCURACY_FLOOR = 0.75
+DICE_FLOOR = 0.5
+
+
+@pytest.fixture(scope="module")
+def val64(dev2d, dev_rows):
+    m = load_manifest(dev2d)
+    _, val = grouped_split(m, 0.2, seed=0)  # the split the shipped model was validated on
+    step = len(val) // 64
+    return [dev_rows[i] for i in val[::step][:64]]
+
+
+def test_shipped_model_is_the_default_and_documented():
+    lm = load_model()
+    card = lm.card
+    assert lm.name == "tumorlens-densenet121" and lm.backbone == "densenet121"
+    assert card["data"]["split"]["method"].startswith("grouped")
+    v = card["metrics"]["validation"]
+    assert v["accuracy"] > ACCURACY_FLOOR + 0.1 and v["seg_dice"] > DICE_FLOOR
+    assert (lm.path / "checkpoint.pt").stat().st_size < 40 * 2**20
+
+
+def test_evaluate_cli_on_64_validation_images(val64, subset_factory, tmp_path):
+    data = subset_factory(val64, "val64")
+    out = tmp_path / "metrics.json"
+    proc = subprocess.run([sys.executable, "-m", "tumorlens.cli", "evaluate", str(data), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    m = json.loads(out.read_text())
+    for key in ("n", "accuracy", "tumour_only_accuracy", "balanced_accuracy", "per_class", "confusion", "ece",
+                "seg_dice", "model"):
+        assert key in m, key
+    assert m["n"] == 64 and set(m["model"]) >= {"name", "version"}
+    assert set(m["per_class"]["glioma"]) == {"precision", "recall", "f1", "n"}
+    assert sum(map(sum, m["confusion"]["matrix"])) == 64
+    assert m["accuracy"] >= ACCURACY_FLOOR and m["tumour_only_accuracy"] >= ACCURACY_FLOOR
+    assert m["seg_dice"] >= DICE_FLOOR
+    assert (tmp_path / "metrics.confusion.png").stat().st_size > 5000
+    assert "accuracy" in proc.stdout
+
+
+def test_evaluate_names_the_bad_manifest(tmp_path):
+    (tmp_path / "manifest.csv").write_text("image,label\nimages/x.jpg,glioma\n")
+    proc = subprocess.run([sys.executable, "-m", "tumorlens.cli", "evaluate", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "x.jpg" in proc.stderr and "Traceback" not in proc.stderr
