@@ -277,7 +277,9 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         """The label answer, plus the heatmap answer for saliency models when asked (network only)."""
         answers = [self.remote_infer(model, image_id, path, params)]
         if heatmap and model.startswith("saliency"):
-            answers.append(self.remote_infer(model, image_id, path, {**(params or {}), "heatmap": True}))
+            # the heatmap needs no atlas step (registration is the slow part of an explanation)
+            answers.append(self.remote_infer(model, image_id, path,
+                                             {**(params or {}), "heatmap": True, "with_regions": False}))
         return answers
 
     def apply_answers(self, answers: list[tll.InferAnswer], volume_node, model: str) -> dict:
