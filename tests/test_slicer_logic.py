@@ -468,8 +468,9 @@ def test_label_and_heatmap_answers_combine(logic, oblique, inprocess_result):
     """A saliency run gives two answers (label, then heatmap): both land, neither hides the other."""
     volume = logic.load_volume(str(oblique))
     findings = {"schema_version": "1.0", "regions": [], "placement": {"low_confidence": True}}
+    no_atlas = {"schema_version": "1.0", "regions": [], "notes": ["atlas regions not requested"]}
     answers = [tll.InferAnswer({"label_names": {"lesion": 1}, "findings": findings}, str(inprocess_result["mask"])),
-               tll.InferAnswer({"label_names": {"saliency": 1}, "heatmap": True, "findings": findings},
+               tll.InferAnswer({"label_names": {"saliency": 1}, "heatmap": True, "findings": no_atlas},
                                str(inprocess_result["heatmap"]))]
     res = logic.apply_answers(answers, volume, "saliency_gradcampp")
     assert res["label_path"] == str(inprocess_result["mask"]) and res["heatmap_path"] == str(inprocess_result["heatmap"])
@@ -477,5 +478,5 @@ def test_label_and_heatmap_answers_combine(logic, oblique, inprocess_result):
     assert res["segments"][0]["voxels"] == int(inprocess_result["mask_array"].sum())
     assert logic.scene.GetNodeByID(res["heatmap_node_id"]).GetDisplayNode().GetColorNode().GetName() == \
         TumorLens.HEAT_COLOR_NODE
-    assert logic.findings[res["image_id"]] == findings
+    assert res["findings"] == findings and logic.findings[res["image_id"]] == findings  # not the heatmap's
     assert logic.report_params(res["image_id"]) == {"findings": findings}

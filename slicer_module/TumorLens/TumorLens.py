@@ -255,6 +255,8 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         params = answer.params
         findings = tll.findings_of(params)
         heat = bool(answer.label_path) and params.get("heatmap") is True  # saliency asked with {"heatmap": true}
+        if heat:  # asked without the atlas step: its findings must not replace the full record
+            findings = None
         out: dict[str, Any] = {"model": model, "image_id": self.image_id(volume_node), "findings": findings,
                                "heatmap_path" if heat else "label_path": answer.label_path}
         if findings:
