@@ -47,7 +47,7 @@ class ServerProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self, timeout: float = 180.0) -> ServerProcess:
+    def start(self, timeout: float = 300.0) -> ServerProcess:
         cmd, env = server_command(self.studies, self.host, self.port, self.conf)
         if self.via_cli:
             cmd = [str(Path(sys.executable).parent / "tumorlens"), "serve", "--studies", self.studies,
