@@ -4,7 +4,8 @@ The rule (and why). A fixed percentile (say 95 %) assumes every lesion covers 5 
 tumours here cover from < 1 % to > 20 %. The map itself says how spread out its evidence is: with
 ``p = map / sum(map)`` over brain pixels, ``exp(H(p))`` is the map's *effective support* (the
 perplexity: for a map that is flat on a region and zero elsewhere it is exactly that region's
-pixel count). The mask keeps the top ``scale x effective support`` pixels:
+pixel count), computed on the map minus its brain median (the floor of a smooth, upsampled CAM
+is not evidence). The mask keeps the top ``scale x effective support`` pixels:
 
     percentile = clip(100 * (1 - scale * exp(H) / N_brain), P_MIN, P_MAX)
 
@@ -31,7 +32,8 @@ from tumorlens.data.normalize import foreground_mask
 
 P_MIN, P_MAX = 80.0, 99.5
 SCALE = 0.5
-RULE = "percentile = clip(100*(1 - 0.5*exp(H)/N_brain), 80, 99.5), H = entropy of the map over the brain"
+RULE = ("percentile = clip(100*(1 - 0.5*exp(H)/N_brain), 80, 99.5), H = entropy of the map above its "
+        "brain median")
 
 
 @dataclass
@@ -49,7 +51,8 @@ def brain_mask(image: np.ndarray) -> np.ndarray:
     fg = foreground_mask(np.asarray(image, dtype=np.float32))
     if not fg.any():
         return fg
-    opened = ndimage.binary_opening(fg, structure=ndimage.generate_binary_structure(fg.ndim, 1), iterations=2)
+    radius = max(2, int(round(min(fg.shape[:2]) / 128)))  # noise specks in 512 px JPEG backgrounds
+    opened = ndimage.binary_opening(fg, structure=ndimage.generate_binary_structure(fg.ndim, 1), iterations=radius)
     labels, n = ndimage.label(opened if opened.any() else fg)
     if n > 1:  # keep the head's parts (>= 10 % of the largest); drop specks of background noise
         sizes = ndimage.sum_labels(np.ones_like(labels), labels, index=np.arange(1, n + 1))
@@ -61,8 +64,12 @@ def brain_mask(image: np.ndarray) -> np.ndarray:
 
 
 def effective_fraction(heat: np.ndarray, brain: np.ndarray) -> float:
-    """exp(entropy) of the normalised map over the brain, as a fraction of the brain's size."""
-    v = np.clip(heat[brain].astype(np.float64), 0, None)
+    """exp(entropy) of the map's part above its brain median, as a fraction of the brain's size.
+
+    The median is the map's floor (upsampled coarse CAMs are rarely 0 anywhere in the brain);
+    counting the floor as evidence would call every map diffuse."""
+    v = heat[brain].astype(np.float64)
+    v = np.clip(v - np.median(v), 0, None) if v.size else v
     n = v.size
     total = v.sum()
     if n == 0 or total <= 0:
