@@ -76,10 +76,22 @@ def _inverse_ornt(ornt: np.ndarray) -> np.ndarray:
 class Predictor:
     """Class probabilities + tumour mask for 2D images and volumes, on the input's geometry."""
 
-    def __init__(self, model: LoadedModel | str | None = None, device: str = "cpu", batch_size: int = 16):
+    def __init__(self, model: LoadedModel | str | None = None, device: str = "cpu", batch_size: int = 16,
+                 aligned: bool = True):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.device = device
         self.batch_size = batch_size
+        # The text-aligned head (issue 8) decides the class when it is stored next to the model: it is
+        # only stored when it was at least as accurate as the plain classifier on grouped validation.
+        self.aligned_head = None
+        if aligned:
+            from tumorlens.alignment.api import load_alignment
+
+            self.aligned_head = load_alignment(self.model)
+
+    @property
+    def decision(self) -> str:
+        return "aligned" if self.aligned_head is not None else "plain"
 
     @property
     def size(self) -> int:
@@ -87,9 +99,17 @@ class Predictor:
 
     @torch.no_grad()
     def forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised [B, 1, S, S] -> (probs [B, C], seg_prob [B, 1, S, S])."""
-        logits, seg = self.model.net(x.to(self.device))
-        return logits.softmax(1).cpu(), seg.sigmoid().cpu()
+        """Normalised [B, 1, S, S] -> (probs [B, C], seg_prob [B, 1, S, S]), one encoder pass."""
+        net = self.model.net
+        x = x.to(self.device)
+        feats = net.encoder(x)
+        seg = net.decoder(feats, x.shape[2:])
+        if self.aligned_head is None:
+            probs = net.classifier(feats[-1]).softmax(1)
+        else:
+            pooled = net.classifier[2](net.classifier[1](net.classifier[0](feats[-1])))
+            probs = torch.as_tensor(self.aligned_head.logits(pooled.float())).softmax(1)
+        return probs.float().cpu(), seg.sigmoid().cpu()
 
     def predict(self, img: MetaTensor) -> Prediction:
         if not isinstance(img, MetaTensor):
@@ -138,10 +158,9 @@ class Predictor:
         meta = {k: v for k, v in img.meta.items() if k in ("filename_or_obj", "kind", "spatial_shape", "spacing",
                                                              "original_affine", "spacing_known", "modality")}
         mask_np = (seg >= SEG_THRESHOLD).astype(np.uint8)
+        extra = {"decision": self.decision}
         if label == NO_TUMOUR and pdict[NO_TUMOUR] >= 0.5:
-            extra = {"mask_suppressed_by_classifier": bool(mask_np.any())}
-        else:
-            extra = {}
+            extra["mask_suppressed_by_classifier"] = bool(mask_np.any())
         mask = MetaTensor(torch.from_numpy(mask_np[None]), affine=img.affine.clone(), meta=dict(meta))
         segp = MetaTensor(torch.from_numpy(seg.astype(np.float32)[None]), affine=img.affine.clone(), meta=dict(meta))
         return Prediction(pdict, label, mask, segp, slice_probs, extra)
