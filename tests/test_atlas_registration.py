@@ -36,13 +36,13 @@ def test_planted_lesion_affine_comes_back_in_its_structure(structure, side, max_
 
 @pytest.mark.slow
 def test_planted_lesion_deformable_centroid_within_target():
-    """1 mm case, 2 mm working grid, affine + B-spline: the issue's 3 mm target (measured 3.05 mm;
-    the affine alone leaves 5.0 mm on this case)."""
+    """1 mm case, 2 mm working grid, affine + B-spline: the issue's 3 mm target (measured by
+    bench/registration.py: 2.5 mm; the affine alone leaves 4.9 mm on this case)."""
     case = make_case("Left_Insular_Cortex")
     out = map_regions(case.volume, case.mask, deformable=True, working_spacing=2.0)
     assert "bspline" in out["placement"]["details"]["stages"]
     assert out["regions"][0]["label"] == "Left_Insular_Cortex"
-    assert _err(out, case) < 3.5
+    assert _err(out, case) < 3.0
 
 
 def test_brats_volume_maps_to_plausible_regions(brats):
