@@ -1,5 +1,4 @@
-"""Training of dual-head networks: joint classification + segmentation loss, grouped validation."""
+"""Training of dual-head networks: joint classification + segmentation loss, grouped validation.
 
-from tumorlens.training.train import train
-
-__all__ = ["train"]
+Import ``tumorlens.training.train.train``; nothing heavy is imported here so the CLI starts fast.
+"""
