@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+
 from tumorlens.errors import InvalidInputError
 from tumorlens.findings import (
     SCHEMA_FILE,
