@@ -465,7 +465,8 @@ def test_relabel_loop_trains_new_version_without_breaking_inference(client, serv
     stats = info1["train_stats"]["tumorlens"]
     assert stats["status"] == "DONE" and stats["from_version"] == v0
     assert info1["model_version"] == stats["version"] != v0 and stats["version"] in info1["model_versions"]
-    assert stats["items"] >= 3 and stats["epochs"][0]["samples"] >= 3
+    labelled = {"mri2d_1941", "mri2d_0102", pick}  # the pick may be one of the two labelled anyway
+    assert stats["items"] == len(labelled) and stats["epochs"][0]["samples"] >= len(labelled)
     _, after = infer_json(client, "classification", "mri2d_0102")
     assert after["model"]["version"] == stats["version"]
     diff = max(abs(after["probabilities"][c] - before["probabilities"][c]) for c in CLASS_NAMES)
