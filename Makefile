@@ -6,6 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tumorlens-installed
 export OMP_WAIT_POLICY ?= PASSIVE
 export HF_HUB_OFFLINE := 1
+export PYTHONUTF8 := 1
 export TRANSFORMERS_OFFLINE := 1
 
 .PHONY: setup run test lint train evaluate clean-venv

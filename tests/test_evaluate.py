@@ -40,7 +40,7 @@ def test_evaluate_cli_on_64_validation_images(val64, subset_factory, tmp_path):
     data = subset_factory(val64, "val64")
     out = tmp_path / "metrics.json"
     proc = subprocess.run([sys.executable, "-m", "tumorlens.cli", "evaluate", str(data), "--json", str(out)],
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     m = json.loads(out.read_text())
     for key in ("n", "accuracy", "tumour_only_accuracy", "balanced_accuracy", "per_class", "confusion", "ece",
@@ -58,6 +58,6 @@ def test_evaluate_cli_on_64_validation_images(val64, subset_factory, tmp_path):
 def test_evaluate_names_the_bad_manifest(tmp_path):
     (tmp_path / "manifest.csv").write_text("image,label\nimages/x.jpg,glioma\n")
     proc = subprocess.run([sys.executable, "-m", "tumorlens.cli", "evaluate", str(tmp_path)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 2
     assert "x.jpg" in proc.stderr and "Traceback" not in proc.stderr
