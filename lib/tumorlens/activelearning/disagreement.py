@@ -9,14 +9,12 @@ map has no lesion to agree with) rank low.
 from __future__ import annotations
 
 import numpy as np
-import torch
 from monai.data import MetaTensor
-from monai.visualize import GradCAMpp
 
 from tumorlens.activelearning.inputs import network_inputs
 from tumorlens.labels import NO_TUMOUR
-from tumorlens.models.dualhead import ClassifierView
 from tumorlens.models.registry import LoadedModel
+from tumorlens.saliency.cam import grad_cams, normalise
 
 SALIENCY_LEVEL = 0.5  # Grad-CAM++ maps are min-max normalised per image; keep the upper half
 SEG_THRESHOLD = 0.5
@@ -33,13 +31,12 @@ def saliency_seg_disagreement(model: LoadedModel, img: MetaTensor, max_slices: i
     """Disagreement score in [0, 1] of one image (volumes: mean over representative slices)."""
     x = network_inputs(img, model.image_size, max_slices=max_slices)
     net = model.net.eval()
-    with torch.no_grad():
-        logits, seg = net(x)
-        probs = logits.softmax(1)
-    cam = GradCAMpp(nn_module=ClassifierView(net), target_layers=f"net.{net.cam_layer}")
-    with torch.enable_grad():
-        sal = cam(x.clone().requires_grad_(False)).detach().numpy()[:, 0]
-    seg_m = seg.sigmoid().numpy()[:, 0] >= SEG_THRESHOLD
+    # the project's shared-pass CAM: one forward gives class, seg and Grad-CAM++ (per-image normalised)
+    cams = grad_cams(net, x, methods=("gradcampp",))
+    probs = cams.logits.softmax(1)
+    sal = normalise(cams.maps["gradcampp"]).numpy()
+    sal = sal[:, 0] if sal.ndim == 4 else sal
+    seg_m = cams.seg_logits.sigmoid().numpy()[:, 0] >= SEG_THRESHOLD
     sal_m = sal >= SALIENCY_LEVEL
     no_idx = list(model.labels).index(NO_TUMOUR) if NO_TUMOUR in model.labels else -1
     p_tumour = 1.0 - probs[:, no_idx].numpy() if no_idx >= 0 else np.ones(len(x))
