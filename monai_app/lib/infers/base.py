@@ -14,6 +14,7 @@ import logging
 import os
 import tempfile
 import time
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
@@ -89,8 +90,9 @@ class TumorlensInfer(InferTask):
             logger.error(f"model not available: {e}")
             return False
 
+    @abstractmethod
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
-        raise NotImplementedError
+        """The task's own work on one image: (label array or None, JSON params)."""
 
     def label_names(self, result: dict) -> dict[str, int]:
         return dict(self.labels) if isinstance(self.labels, dict) else {}
