@@ -24,7 +24,6 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -36,15 +35,9 @@ FIXED = {"alpha": 1.0, "beta": 5.5, "gamma": 1.0}  # aligned hyper-parameters in
 
 def split_like_train(manifest, dc: dict) -> tuple[list[int], list[int]]:
     """The exact train/val indices ``tumorlens.training.train.train`` uses (grouped split + max_images)."""
-    from tumorlens.data.splits import grouped_split
+    from tumorlens.data.splits import training_split
 
-    train_idx, val_idx = grouped_split(manifest, float(dc["val_fraction"]), int(dc["seed"]))
-    if dc.get("max_images"):
-        rng = np.random.default_rng(int(dc["seed"]))
-        k = int(dc["max_images"])
-        train_idx = sorted(rng.choice(train_idx, size=min(k, len(train_idx)), replace=False).tolist())
-        val_idx = sorted(rng.choice(val_idx, size=min(max(k // 4, 32), len(val_idx)), replace=False).tolist())
-    return train_idx, val_idx
+    return training_split(manifest, float(dc["val_fraction"]), int(dc["seed"]), dc.get("max_images"))
 
 
 def aligned_accuracy(net, protos, tr_x, tr_y, te_sets: dict) -> dict:

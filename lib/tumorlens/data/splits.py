@@ -31,3 +31,18 @@ def grouped_split(manifest: Manifest, val_fraction: float = 0.2, seed: int = 0) 
     val_set = set(val)
     train = [i for i in range(len(manifest.records)) if i not in val_set]
     return train, sorted(val)
+
+
+def training_split(manifest: Manifest, val_fraction: float = 0.2, seed: int = 0,
+                   max_images: int | None = None) -> tuple[list[int], list[int]]:
+    """The (train, val) indices training uses: the grouped split, then optionally a fixed random subset
+    of each part (``max_images`` training images, a quarter as many, at least 32, for validation)."""
+    train, val = grouped_split(manifest, val_fraction, seed)
+    if max_images:
+        import numpy as np
+
+        rng = np.random.default_rng(seed)
+        k = int(max_images)
+        train = sorted(rng.choice(train, size=min(k, len(train)), replace=False).tolist())
+        val = sorted(rng.choice(val, size=min(max(k // 4, 32), len(val)), replace=False).tolist())
+    return train, val

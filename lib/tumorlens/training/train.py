@@ -22,7 +22,7 @@ from tqdm import tqdm
 from tumorlens.config import config_hash
 from tumorlens.data.dataset import ArrayDataset, load_arrays, train_transforms
 from tumorlens.data.manifest import load_manifest
-from tumorlens.data.splits import grouped_split
+from tumorlens.data.splits import training_split
 from tumorlens.evaluation.metrics import classification_metrics, dice_score
 from tumorlens.labels import CLASS_NAMES
 from tumorlens.models.dualhead import build_model
@@ -105,12 +105,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
     if not root.is_absolute():
         root = (project_root() / root).resolve()
     manifest = load_manifest(root)
-    train_idx, val_idx = grouped_split(manifest, float(dc["val_fraction"]), int(dc["seed"]))
-    if dc.get("max_images"):
-        rng = np.random.default_rng(int(dc["seed"]))
-        k = int(dc["max_images"])
-        train_idx = sorted(rng.choice(train_idx, size=min(k, len(train_idx)), replace=False).tolist())
-        val_idx = sorted(rng.choice(val_idx, size=min(max(k // 4, 32), len(val_idx)), replace=False).tolist())
+    train_idx, val_idx = training_split(manifest, float(dc["val_fraction"]), int(dc["seed"]), dc.get("max_images"))
     size = int(dc["image_size"])
     images, masks, labels = load_arrays(manifest, size, progress=progress)
     val_groups = sorted({manifest.records[i].group for i in val_idx})
