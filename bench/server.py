@@ -83,14 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     def local_classification(_k: int) -> None:
         Predictor(model).predict(read_image(image_file))
 
-    sal_lock = threading.Lock()  # saliency hooks are not re-entrant; the app serialises them the same way
-
-    def local_saliency(_k: int) -> None:
+    def local_saliency(_k: int) -> None:  # thread-safe: the saliency hooks record per thread, as in the app
         from tumorlens.saliency import explain
 
-        img = read_image(image_file)
-        with sal_lock:
-            explain(img, method=method, model=model, with_regions=args.with_regions)
+        explain(read_image(image_file), method=method, model=model, with_regions=args.with_regions)
 
     rows = []
     with ServerProcess(studies, env=env, log_path=work / "server.log") as srv:
@@ -139,9 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"rows": rows, "image": args.image, "image_dims": list(read_image(image_file).shape[1:]),
               "model": {"name": model.name, "version": model.version}, "saliency_with_regions": args.with_regions,
               "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-              "load_average": os.getloadavg(), "target": "classification overhead_p50 <= 0.15 (1 client)"}
-    cls1 = next(r for r in rows if r["task"] == "classification" and r["clients"] == 1)
-    result["classification_overhead_ok"] = cls1["overhead_p50"] <= 0.15
+              "load_average": os.getloadavg(), "target": "classification overhead_p50 <= 0.15 (1 and 4 clients)"}
+    result["classification_overhead_ok"] = all(r["overhead_p50"] <= 0.15 for r in rows if r["task"] == "classification")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2))

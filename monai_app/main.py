@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from lib.auth import install_token_check
+from lib.concurrency import install_infer_threads
 from lib.configs import tumorlens as tasks
 from lib.datastore import TumorlensDatastore
 from lib.errors import bad_request, check_id, not_found
@@ -40,6 +41,7 @@ class TumorLensApp(MONAILabelApp):
                 stats.update(status="INTERRUPTED", note="the server stopped during this run; nothing was published")
                 self.state.write_stats(stats)
             mb = float(conf.get("max_upload_mb") or os.environ.get("TUMORLENS_MAX_UPLOAD_MB", 512))
+            install_infer_threads(sys.modules["monailabel.app"].app)
             install_body_limit(sys.modules["monailabel.app"].app, int(mb * 1024 * 1024))
             install_token_check()
 

@@ -240,3 +240,26 @@ def test_evaluate_saliency_cli(model, tumour_rows, subset_factory, tmp_path):
     assert 0 <= res["segmentation_head"]["dice"] <= 1 and res["random_deletion_auc"] is not None
     assert "gradcampp_vs_gradcam" in res
     assert len(list((tmp_path / "ov").glob("*.png"))) == 1
+
+
+def test_hooks_ignore_other_threads_forward_passes(model):
+    """A server runs requests on one shared model from several threads: while one request's Grad-CAM
+    hook is registered, another thread's forward must not replace the activations it captured."""
+    import threading
+
+    from tumorlens.saliency.cam import capture
+
+    store: dict = {}
+    layer = model.net.get_submodule(model.net.cam_layer)
+    handle = layer.register_forward_hook(capture(store, "a"))
+    try:
+        x = torch.zeros(1, 1, 64, 64)
+        with torch.no_grad():
+            other = threading.Thread(target=lambda: model.net(x + 1.0))
+            other.start()
+            other.join()
+            assert "a" not in store, "a forward in another thread was captured"
+            model.net(x)
+        assert "a" in store and store["a"].shape[0] == 1
+    finally:
+        handle.remove()

@@ -355,6 +355,45 @@ def test_bad_input_is_rejected_and_nothing_changes(client, server, studies, tmp_
 
 # ---- load ----------------------------------------------------------------------------------------
 
+def test_concurrent_requests_run_in_parallel_with_the_same_answers(server, tmp_path):
+    """Infer requests are served from worker threads: /info/ answers while a volume is being
+    classified, and saliency maps computed concurrently equal the ones computed one at a time
+    (the Grad-CAM hooks of one request never see another request's activations)."""
+    from PIL import Image
+
+    ids = ["mri2d_1941", "mri2d_0102", "mri2d_1064", "mri2d_3187"]
+    params = {"heatmap": True, "with_regions": False}
+
+    def heatmap(k: int) -> np.ndarray:
+        c = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+        out, _ = c.infer("saliency_gradcam", ids[k], dict(params))
+        arr = np.asarray(Image.open(out)).astype(float)
+        os.unlink(out)
+        return arr
+
+    one_by_one = [heatmap(k) for k in range(4)]
+    together: list = [None] * 4
+    threads = [threading.Thread(target=lambda k=k: together.__setitem__(k, heatmap(k))) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    for k in range(4):
+        assert together[k] is not None, f"concurrent request {k} failed"
+        assert np.abs(together[k] - one_by_one[k]).max() <= 1, f"{ids[k]}: map changed under concurrency"
+
+    slow = threading.Thread(target=lambda: MONAILabelClient(server.url, tmpdir=str(tmp_path)).infer(
+        "classification", "brats_t1c_0001", {}))
+    slow.start()
+    time.sleep(0.3)
+    answered_during = []
+    while slow.is_alive():
+        MONAILabelClient(server.url).info()
+        answered_during.append(slow.is_alive())
+    slow.join()
+    assert any(answered_during), "/info/ waited for the running inference (event loop blocked)"
+
+
 def test_concurrent_clients_no_errors_bounded_memory(server, tmp_path):
     """4 clients send infer requests for a bounded time (TUMORLENS_LOAD_SECONDS, default 45 s)."""
     ids = ["mri2d_1941", "mri2d_0102", "mri2d_1064", "mri2d_3187"]

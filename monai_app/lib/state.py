@@ -10,7 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import threading
 from pathlib import Path
 
 from filelock import FileLock
@@ -40,7 +39,6 @@ class AppState:
         self.stats_file = self.root / "train_stats.json"
         self.scores_file = self.root / "scores.json"
         self._lock = FileLock(str(self.root / ".scores.lock"))
-        self.infer_lock = threading.RLock()  # hooks (Grad-CAM) and model swaps are not re-entrant
 
     def model(self) -> LoadedModel:
         return self.versions.load()

@@ -23,6 +23,8 @@ Everything here works on tensors ``[B, 1, *spatial]`` already normalised for the
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +52,22 @@ def resolve_layer(net: nn.Module, layer: str | None = None) -> nn.Module:
         return base.get_submodule(name)
     except AttributeError as e:
         raise ValueError(f"network has no layer {name!r}") from e
+
+
+def capture(store: dict, key) -> Callable:
+    """A forward hook that records the module's output for the calling thread only.
+
+    A hook sits on a model that several threads may share (a server answering concurrent
+    requests): without the thread check, another thread's forward would overwrite this call's
+    activations, so concurrent saliency requests would need a global lock.
+    """
+    owner = threading.get_ident()
+
+    def hook(_m, _i, out) -> None:
+        if threading.get_ident() == owner:
+            store[key] = out
+
+    return hook
 
 
 def class_logits(net: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -118,8 +136,7 @@ def grad_cams(net: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None
     names = layer.split("+") if layer else [None]
     modules = [resolve_layer(base, n) for n in names]
     store: dict[int, torch.Tensor] = {}
-    handles = [m.register_forward_hook(lambda _m, _i, out, k=i: store.__setitem__(k, out))
-               for i, m in enumerate(modules)]
+    handles = [m.register_forward_hook(capture(store, i)) for i, m in enumerate(modules)]
     try:
         with torch.enable_grad():
             xin = x.detach().requires_grad_(True)  # guarantees a graph even with frozen weights
@@ -161,7 +178,7 @@ def score_cam(net: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None
     base = _unwrap(net)
     module = resolve_layer(base, layer.split("+")[-1] if layer else None)
     store: dict[str, torch.Tensor] = {}
-    handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
+    handle = module.register_forward_hook(capture(store, "a"))
     try:
         logits = class_logits(base, x)
         acts = F.relu(store["a"])
@@ -224,7 +241,7 @@ def score_cam_plain(net: nn.Module, x: torch.Tensor, target: int | None = None, 
     base = _unwrap(net)
     module = resolve_layer(base, layer)
     store: dict[str, torch.Tensor] = {}
-    handle = module.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
+    handle = module.register_forward_hook(capture(store, "a"))
     try:
         logits, _ = base(x[:1])
         a = F.relu(store["a"][0])

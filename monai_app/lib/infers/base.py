@@ -114,8 +114,7 @@ class TumorlensInfer(InferTask):
             raise bad_request(f"result_extension {ext!r} not supported: one of {', '.join(LABEL_EXTENSIONS)}")
         t1 = time.time()
         try:
-            with self.state.infer_lock:
-                arr, result = self.run(img, req)
+            arr, result = self.run(img, req)
         except InvalidInputError as e:
             raise bad_request(f"{src}: {e.problem}") from e
         t2 = time.time()

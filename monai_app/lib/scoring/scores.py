@@ -57,8 +57,7 @@ def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str
         todo = todo[:limit]
     for image_id, uri, mtime in tqdm(todo, desc=f"scoring {kind}", disable=not progress):
         try:
-            with state.infer_lock:
-                res = KINDS[kind](model, read_image(uri))
+            res = KINDS[kind](model, read_image(uri))
         except InvalidInputError as e:
             logger.warning(f"cannot score {image_id}: {e.problem}")
             continue
