@@ -426,10 +426,15 @@ def test_server_next_sample_and_submit_label(logic, server, t1c, tmp_path):
     seg, segments = logic.load_label_as_segmentation(
         str(t1c.parent / "OTMultiClass.nii.gz"), node, {"necrosis": 1, "oedema": 2, "non-enhancing": 3,
                                                           "enhancing": 4})
-    res = logic.submit_label(seg, node)
+    res = logic.submit_label(seg, node, class_name="glioma")  # BraTS: gliomas
     assert res.get("image") == image_id and res.get("label")
     labels = logic.client.datastore()["objects"][image_id]["labels"]
     assert "final" in labels
+    assert labels["final"]["info"].get("class_name") == "glioma", labels["final"]  # what the trainer reads
+    with pytest.raises(tll.ServerError) as e:  # a class the model does not know: refused, nothing changes
+        logic.submit_label(seg, node, class_name="lymphoma")
+    assert e.value.status == 400 and "lymphoma" in e.value.message
+    assert logic.client.datastore()["objects"][image_id]["labels"]["final"]["info"].get("class_name") == "glioma"
 
 
 # ---- module file consistency (the Qt parts cannot run here; check what can be checked) -------------------

@@ -244,9 +244,14 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         return {"image_id": image_id, "path": client.download_image(image_id, out_dir), "strategy": strategy}
 
     def remote_submit_label(self, image_id: str, label_path: str, label_names: dict[str, int],
-                            tag: str = "final") -> dict:
+                            class_name: str | None = None, tag: str = "final") -> dict:
+        """Save a label; ``class_name`` (the image's tumour class) goes into the label info, where the
+        server's trainer reads it: a label without it is kept but not trained on."""
         self.remote_ensure_image(image_id, None)
-        return self._client().save_label(image_id, label_path, tag=tag, params={"label_names": label_names})
+        params: dict[str, Any] = {"label_names": label_names}
+        if class_name:
+            params["class_name"] = class_name
+        return self._client().save_label(image_id, label_path, tag=tag, params=params)
 
     # ---- results into the scene -------------------------------------------------------------------
 
@@ -470,12 +475,12 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         sample = self.remote_next_sample(strategy)
         return self.apply_sample(sample) if sample else None
 
-    def submit_label(self, seg_node, volume_node, tag: str = "final") -> dict:
+    def submit_label(self, seg_node, volume_node, class_name: str | None = None, tag: str = "final") -> dict:
         image_id, path = self.prepare_upload(volume_node)
         self.remote_ensure_image(image_id, path)
         label_path, names = self.export_label(seg_node, volume_node,
                                               os.path.join(self.work_dir, f"{image_id}-label.nii.gz"))
-        return self.remote_submit_label(image_id, label_path, names, tag=tag)
+        return self.remote_submit_label(image_id, label_path, names, class_name=class_name, tag=tag)
 
 
 def _stem(path: str) -> str:
@@ -633,6 +638,11 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 for note in res["findings"].get("notes", []):
                     lines.append(f"- note: {note}")
             self.ui.resultsText.setMarkdown("\n".join(lines) or "(no result)")
+            if res.get("probabilities"):  # pre-set the class saved with a label to the prediction
+                probs = res["probabilities"]
+                idx = self.ui.classSelector.findText(max(probs, key=probs.get))
+                if idx >= 0:
+                    self.ui.classSelector.currentIndex = idx
             if res.get("heatmap_node_id"):
                 heat = slicer.mrmlScene.GetNodeByID(res["heatmap_node_id"])
                 self.logic.set_heatmap_opacity(self.ui.opacitySlider.value, heat, volume)
@@ -683,9 +693,11 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         label_path, names = self.logic.export_label(
             seg, volume, os.path.join(self.logic.work_dir, f"{image_id}-label.nii.gz"))
 
+        class_name = self.ui.classSelector.currentText
+
         def work():
             self.logic.remote_ensure_image(image_id, path)
-            return self.logic.remote_submit_label(image_id, label_path, names)
+            return self.logic.remote_submit_label(image_id, label_path, names, class_name=class_name)
 
         self._start("Submit label", work, lambda res: setattr(self.ui.statusLabel, "text", f"label saved: {res}"))
 
