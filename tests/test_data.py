@@ -82,6 +82,20 @@ def test_one_normalisation_serves_jpeg_and_nifti(dev2d, brats, dev_rows):
     assert normalize_intensity(np.zeros((32, 32))).max() == 0.0
 
 
+def test_background_survives_a_padding_frame(brats):
+    """A skull-stripped z-scored volume (background about -4.8) padded with a frame of zeros, as
+    resampling or cropping tools leave it: the frame must not become the background (which would
+    make the whole field of view 'head'), and the foreground stays the brain."""
+    from tumorlens.data.normalize import background_value, foreground_mask
+
+    vol = read_image(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz").numpy()[0][::2, ::2, ::2]
+    brain = np.asarray(read_image(brats / "pat0001" / "brainmask.nii.gz").numpy()[0][::2, ::2, ::2]) > 0
+    framed = np.pad(vol, 2, constant_values=0.0)
+    assert background_value(framed) == background_value(vol) < -4
+    fg = foreground_mask(framed)[2:-2, 2:-2, 2:-2]
+    assert (fg & brain).sum() / brain.sum() > 0.9 and (fg & ~brain).sum() < 0.1 * brain.sum()
+
+
 def test_manifest_and_grouped_split(dev2d):
     m = load_manifest(dev2d)
     assert len(m) == 3448 and {r.label for r in m} == {"glioma", "meningioma", "pituitary", "no_tumor"}

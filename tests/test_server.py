@@ -295,6 +295,26 @@ def test_saliency_tasks(client):
     assert res["heatmap"] is True and heat.shape == (256, 256) and heat.max() > 0
 
 
+def test_volume_saliency_and_report(client, studies):
+    """A 3D datastore volume through a saliency task (registration to MNI152, regions) and the report
+    task: the label is a NIfTI on the volume's own grid whose values are the named regions."""
+    from tumorlens.findings import Findings
+
+    out, res = infer_json(client, "saliency_gradcampp", "brats_t1c_0001")
+    f = Findings.model_validate(res["findings"])
+    src = nib.load(studies / "brats_t1c_0001.nii.gz")
+    lab = nib.load(out)
+    assert lab.shape[:3] == src.shape and np.allclose(lab.affine, src.affine, atol=1e-3)
+    assert f.input.kind == "volume" and f.placement.method == "mni_registration"
+    values = set(np.unique(np.asarray(lab.dataobj)).astype(int)) - {0}
+    assert values and values <= set(res["label_names"].values())
+    if not f.placement.low_confidence:  # one value per named region of the findings record
+        for name in set(res["label_names"]) - {"lesion"}:
+            assert any(r.name in name for r in f.regions), (name, [r.name for r in f.regions])
+    _, rep = infer_json(client, "report", "brats_t1c_0001", {"findings": res["findings"], "backend": "template"})
+    assert rep["verification"]["supported"] is True and rep["markdown"]
+
+
 def test_report_task(client):
     assert "report" in client.info()["models"], "the report task is not offered"
     out, res = infer_json(client, "report", "mri2d_1941")

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from tumorlens.data.manifest import Manifest
+from tumorlens.data.normalize import VERSION as NORMALISATION_VERSION
 from tumorlens.data.readers import read_image, read_mask
 from tumorlens.errors import InvalidInputError
 from tumorlens.inference import prepare_slice, resize_2d
@@ -29,7 +30,7 @@ def cache_dir() -> Path:
 
 def load_arrays(manifest: Manifest, size: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images uint8 [N, S, S], masks uint8 [N, S, S], labels int64 [N]) for a 2D manifest."""
-    key = f"{manifest.sha256[:16]}-{len(manifest)}-{size}"
+    key = f"{manifest.sha256[:16]}-{len(manifest)}-{size}-n{NORMALISATION_VERSION}"
     cache = cache_dir() / f"arrays-{key}.npz"
     if cache.is_file():
         z = np.load(cache)

@@ -11,15 +11,34 @@ import numpy as np
 import torch
 
 LOW_PCT, HIGH_PCT = 0.5, 99.5
+VERSION = 2  # bump when the normalisation changes: cached training arrays are keyed on it
 
 
 def background_value(x: np.ndarray) -> float:
-    """The value of the image border (median), i.e. what surrounds the head."""
+    """What surrounds the head: the image border's median, unless one value fills much more of the image.
+
+    Skull-stripped volumes have a constant background (BraTS z-scores: about -4.8, not 0) and a
+    resampled or padded volume may carry a thin frame of another value (often 0) along its border.
+    The border median would then take the frame for the background and the whole field of view for
+    the head. So when a single value covers >= 20 % of the image and at least twice as much of it as
+    the border median does and differs from it by over 10 % of the intensity range, that value
+    is the background (JPEG noise around a black border, e.g. 3 vs 0, changes nothing).
+    """
     if x.ndim == 2:
         border = np.concatenate([x[0], x[-1], x[:, 0], x[:, -1]])
     else:
         border = np.concatenate([x[0].ravel(), x[-1].ravel(), x[:, 0].ravel(), x[:, -1].ravel()])
-    return float(np.median(border))
+    edge = float(np.median(border))
+    step = max(1, int(round((x.size / 2_000_000) ** (1 / x.ndim))))  # a subsample is enough for shares
+    sample = x[(slice(None, None, step),) * x.ndim].ravel()
+    values, counts = np.unique(sample, return_counts=True)
+    top = int(np.argmax(counts))
+    share = counts[top] / sample.size
+    if share >= 0.2 and counts[top] >= 2 * np.count_nonzero(sample == edge):
+        lo, hi = np.percentile(sample, [LOW_PCT, HIGH_PCT])
+        if abs(float(values[top]) - edge) > 0.1 * max(hi - lo, 1e-6):
+            return float(values[top])
+    return edge
 
 
 def foreground_mask(x: np.ndarray) -> np.ndarray:
