@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--model", default=None)
     ap.add_argument("--json", default="runs/bench-saliency.json")
+    ap.add_argument("--clusters", default="64,128", help="Cluster-ScoreCAM mask counts to measure (comma-separated)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -120,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         ranked = score_cam(net, x, target=target, mass=0.95).maps["scorecam"][0]
         t_ranked = time.perf_counter() - t0
+        clustered = {}
+        for k in [int(c) for c in args.clusters.split(",") if c]:
+            t0 = time.perf_counter()
+            cm = score_cam(net, x, target=target, mass=None, clusters=k).maps["scorecam"][0]
+            clustered[str(k)] = {"seconds": time.perf_counter() - t0, "corr_vs_plain": _corr(cm, plain)}
         feats = {}
         h = net.get_submodule(net.cam_layer).register_forward_hook(lambda _m, _i, o, d=feats: d.__setitem__("a", o))
         with torch.no_grad():
@@ -131,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             "ranked_channels": int(len(select_channels(a, 0.95))),
             "plain_s": t_plain, "batched_s": t_full, "batched_ranked_s": t_ranked,
             "corr_batched_vs_plain": _corr(full, plain), "corr_ranked_vs_plain": _corr(ranked, plain),
+            "clustered": clustered,
         })
     s = res["scorecam"]
     res["scorecam_summary"] = {
@@ -140,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
         "corr_ranked": min(r["corr_ranked_vs_plain"] for r in s),
         "target_speedup": 3.0, "target_corr": 0.95,
     }
+    for k in s[0]["clustered"] if s else []:
+        ss_k = {"speedup": statistics.median(r["plain_s"] / r["clustered"][k]["seconds"] for r in s),
+                "corr_min": min(r["clustered"][k]["corr_vs_plain"] for r in s)}
+        res["scorecam_summary"][f"clustered_{k}"] = ss_k
 
     ss = res["scorecam_summary"]
     print(f"model {lm.name} {lm.version}, {args.threads} thread(s), {len(g)} images (Grad-CAM), {len(s)} (ScoreCAM)")
@@ -154,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'ScoreCAM batched + ranked (95 % mass)':<44}{r['batched_ranked_s']:>9.2f}"
               f"{r['plain_s'] / r['batched_ranked_s']:>8.2f}  corr {r['corr_ranked_vs_plain']:.4f}"
               f"  ({r['ranked_channels']}/{r['channels']} channels)")
+        for k, c in r["clustered"].items():
+            print(f"{f'Cluster-ScoreCAM ({k} k-means masks)':<44}{c['seconds']:>9.2f}"
+                  f"{r['plain_s'] / c['seconds']:>8.2f}  corr {c['corr_vs_plain']:.4f}")
     print(f"ScoreCAM speed-up {ss['speedup_batched_ranked']:.1f}x (target >= 3), corr {ss['corr_ranked']:.3f} (>= 0.95)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

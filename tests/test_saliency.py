@@ -263,3 +263,20 @@ def test_hooks_ignore_other_threads_forward_passes(model):
         assert "a" in store and store["a"].shape[0] == 1
     finally:
         handle.remove()
+
+
+def test_cluster_scorecam_close_to_scoring_every_channel(model, dev2d, dev_rows):
+    """Cluster-ScoreCAM scores k k-means centres instead of every channel: fewer forwards, nearly
+    the same map (the benchmark compares it with the plain version on more images)."""
+    from tumorlens.data import read_image
+    from tumorlens.saliency.cam import cluster_channels
+
+    row = next(r for r in dev_rows if r["label"] == "glioma")
+    x = saliency_maps(read_image(dev2d / row["image"]), ("gradcam",), model).net_input
+    every = score_cam(model.net, x, mass=None).maps["scorecam"][0]
+    clustered = score_cam(model.net, x, mass=None, clusters=32).maps["scorecam"][0]
+    corr = float(np.corrcoef(every.flatten().numpy(), clustered.flatten().numpy())[0, 1])
+    assert corr > 0.95, corr
+    a = torch.rand(50, 4, 4)
+    centres, member = cluster_channels(a, 8)
+    assert centres.shape == (8, 4, 4) and member.shape == (50,) and set(member.tolist()) <= set(range(8))

@@ -6,7 +6,7 @@ input's own grid and affine, so a map lands on the image wherever it is displaye
 
 Volumes: one target class for the whole volume (its most probable tumour class), maps of all
 brain slices stacked and scaled by the volume's maximum (a slice with weak evidence stays dim).
-ScoreCAM costs hundreds of forwards per slice, so for volumes it runs only on the slices with the
+ScoreCAM (Cluster-ScoreCAM: 128 masked forwards) still costs ~2 s per slice, so for volumes it runs only on the slices with the
 highest tumour probability (those that decide the volume's class, see
 ``aggregate_slice_probabilities``); other slices get 0 and a note says so.
 """
@@ -28,7 +28,8 @@ from tumorlens.models.registry import LoadedModel, load_model
 from tumorlens.saliency.cam import GRAD_METHODS, METHODS, grad_cams, score_cam
 from tumorlens.saliency.threshold import brain_mask
 
-SCORECAM_MASS = 0.95
+SCORECAM_MASS = None  # every non-zero channel (then clustered); a share like 0.95 ranks channels first
+SCORECAM_CLUSTERS = 128  # Cluster-ScoreCAM masks: 30x faster than plain, map corr >= 0.998 (bench/saliency.py)
 SCORECAM_SLICE_FRACTION = 0.1
 
 
@@ -81,7 +82,7 @@ def _run(net, x: torch.Tensor, target: int, methods, mass: float | None, layer: 
     if grad:
         out.update(grad_cams(net, x, target=target, layer=layer, methods=grad).maps)
     if "scorecam" in methods:
-        out.update(score_cam(net, x, target=target, layer=layer, mass=mass).maps)
+        out.update(score_cam(net, x, target=target, layer=layer, mass=mass, clusters=SCORECAM_CLUSTERS).maps)
     return out
 
 
@@ -163,7 +164,7 @@ def _volume(img, arr, lm: LoadedModel, methods, target, probabilities, layer, ma
         top = np.argsort(-(1.0 - sp[:, -1]))[:k]
         for j in top:
             x = resize_2d(slices[j:j + 1], size)
-            r = score_cam(lm.net, x, target=t, layer=layer, mass=mass).maps["scorecam"]
+            r = score_cam(lm.net, x, target=t, layer=layer, mass=mass, clusters=SCORECAM_CLUSTERS).maps["scorecam"]
             out["scorecam"][use[j]] = resize_2d(r[:, None], disp.shape[1:])[0, 0].clamp_min(0).numpy()
         notes.append(f"ScoreCAM computed on the {k} axial slices with the highest tumour probability; other slices are 0")
     maps = {}
