@@ -73,3 +73,22 @@ def test_train_writes_checkpoint_and_card(subset_factory, dev_rows, tmp_path):
         a = lm.net(x)[0].softmax(1)
         b = res["net"].eval()(x)[0].softmax(1)
     assert np.allclose(a.numpy(), b.numpy(), atol=2e-2)
+
+
+def test_alignment_loss_selectable_in_the_training_config(subset_factory, dev_rows, tmp_path):
+    """``alignment: {enabled: true}`` trains the text projection next to the usual heads: the loss is
+    logged per epoch, the card says so, and the default config leaves it out."""
+    rows = [r for r in dev_rows[::40]][:32]
+    data = subset_factory(rows)
+    cfg = {"data": {"root": str(data), "image_size": 48, "val_fraction": 0.25},
+           "model": {"backbone": "resnet18"},
+           "train": {"epochs": 1, "batch_size": 8, "augment": False},
+           "alignment": {"enabled": True, "weight": 0.5},
+           "output": {"name": "aligned-unit", "dir": str(tmp_path / "aligned")}}
+    res = train(cfg, progress=False)
+    card = res["card"]
+    assert card["alignment"]["joint_loss"] is True
+    assert all(np.isfinite(h["alignment_loss"]) and h["alignment_loss"] > 0 for h in card["history"])
+    cfg.update(alignment={"enabled": False}, output={"name": "plain-unit", "dir": str(tmp_path / "plain")})
+    plain = train(cfg, progress=False)["card"]
+    assert plain["alignment"]["joint_loss"] is False and "alignment_loss" not in plain["history"][0]

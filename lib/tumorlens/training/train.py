@@ -39,6 +39,9 @@ DEFAULTS = {
         "pct_start": 0.15,
     },
     "output": {"name": None, "dir": None, "version": None},
+    # text anchoring as a training loss (issue 8): the pooled features are projected into the frozen
+    # text space and pulled to their class prototype; see tumorlens.alignment.training
+    "alignment": {"enabled": False, "weight": 0.5},
 }
 
 
@@ -133,7 +136,11 @@ def train(cfg: dict, progress: bool = True) -> dict:
     ce = torch.nn.CrossEntropyLoss(weight=weights.to(device), label_smoothing=float(tc["label_smoothing"]))
     dice = DiceLoss(sigmoid=True, batch=True)
     bce = torch.nn.BCEWithLogitsLoss()
-    opt = make_optimizer(tc["optimizer"], net.parameters(), float(tc["lr"]), float(tc["weight_decay"]))
+    from tumorlens.alignment.training import AlignmentTerm
+
+    align = AlignmentTerm.from_config(cfg, net)  # None unless alignment.enabled
+    params = list(net.parameters()) + (align.parameters() if align is not None else [])
+    opt = make_optimizer(tc["optimizer"], params, float(tc["lr"]), float(tc["weight_decay"]))
     epochs = int(tc["epochs"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tc["lr"]), total_steps=epochs * len(loader),
                                                 pct_start=float(tc["pct_start"]))
@@ -143,7 +150,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
     for epoch in range(epochs):
         net.train()
         te = time.time()
-        losses = []
+        losses, align_losses = [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for x, m, y in bar:
             x, m, y = x.to(device), m.to(device), y.to(device)
@@ -151,6 +158,10 @@ def train(cfg: dict, progress: bool = True) -> dict:
                 x = x.contiguous(memory_format=torch.channels_last)
             logits, seg = net(x)
             loss = ce(logits, y) + sw * (dice(seg, m) + bce(seg, m))
+            if align is not None:
+                al = align.loss(y)
+                loss = loss + al
+                align_losses.append(al.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -162,6 +173,8 @@ def train(cfg: dict, progress: bool = True) -> dict:
         rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - te, 1),
                "val_accuracy": vm["accuracy"], "val_tumour_only_accuracy": vm["tumour_only_accuracy"],
                "val_balanced_accuracy": vm["balanced_accuracy"], "val_seg_dice": vm["seg_dice"]}
+        if align_losses:
+            rec["alignment_loss"] = float(np.mean(align_losses))
         history.append(rec)
         if progress:
             tqdm.write(json.dumps(rec))
@@ -174,6 +187,8 @@ def train(cfg: dict, progress: bool = True) -> dict:
                 break
         if tc.get("max_minutes") and (time.time() - t0) / 60 > float(tc["max_minutes"]):
             break
+    if align is not None:
+        align.detach()  # the hook; the trained encoder is what is kept (``tumorlens align`` fits the head)
     net.load_state_dict(best_state)
     final = validate(net, images[val_idx], masks[val_idx], labels[val_idx], device, cl)
     duration = time.time() - t0
@@ -199,6 +214,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
                      "threads": torch.get_num_threads(),
                      "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 1)},
         "init_from": init,
+        "alignment": {"joint_loss": align is not None, **(cfg.get("alignment") or {})},
         "commit": _commit(),
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
