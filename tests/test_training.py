@@ -92,3 +92,32 @@ def test_alignment_loss_selectable_in_the_training_config(subset_factory, dev_ro
     cfg.update(alignment={"enabled": False}, output={"name": "plain-unit", "dir": str(tmp_path / "plain")})
     plain = train(cfg, progress=False)["card"]
     assert plain["alignment"]["joint_loss"] is False and "alignment_loss" not in plain["history"][0]
+
+
+def test_localisation_loss_trains_the_named_cam_layer(subset_factory, dev_rows, tmp_path):
+    """``train.localisation`` adds the Grad-CAM-in-mask loss (double backprop); the layer it trained
+    becomes the saved model's ``cam_layer``, which the saliency methods then hook."""
+    from tumorlens.training.localisation import LocalisationTerm
+
+    rows = [r for r in dev_rows if r["label"] != "no_tumor" and r.get("mask")][::60][:24]
+    data = subset_factory(rows)
+    cfg = {"data": {"root": str(data), "image_size": 64, "val_fraction": 0.25},
+           "model": {"backbone": "resnet18"},
+           "train": {"epochs": 1, "batch_size": 8, "augment": False,
+                     "localisation": {"weight": 0.5, "layer": "encoder.stages.2"}},
+           "output": {"name": "loc-unit", "dir": str(tmp_path / "loc")}}
+    res = train(cfg, progress=False)
+    assert all(np.isfinite(h["localisation_loss"]) and h["localisation_loss"] > 0 for h in res["card"]["history"])
+    lm = load_model(tmp_path / "loc")
+    assert lm.net.cam_layer == "encoder.stages.2"
+    # the loss reaches the classifier's weights through the gradient of its own score
+    net = lm.net.train()
+    term = LocalisationTerm(net, "encoder.stages.2", 1.0)
+    x = torch.rand(2, 1, 64, 64)
+    masks = torch.zeros(2, 1, 64, 64)
+    masks[:, :, 10:20, 40:50] = 1
+    logits, _ = net(x)
+    loss = term.loss(logits, torch.tensor([0, 1]), masks)
+    loss.backward()
+    term.detach()
+    assert loss.item() > 0 and net.classifier[-1].weight.grad.abs().sum() > 0

@@ -124,13 +124,14 @@ class DualHeadNet(nn.Module):
     """``forward(x) -> (class_logits [B, C], seg_logits [B, 1, *spatial])``."""
 
     def __init__(self, backbone: str = "densenet121", num_classes: int = 4, in_channels: int = 1,
-                 spatial_dims: int = 2, dropout: float = 0.3):
+                 spatial_dims: int = 2, dropout: float = 0.3, cam_layer: str | None = None):
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"unknown backbone {backbone!r}; choose one of {', '.join(BACKBONES)}")
         self.backbone = backbone
         self.spatial_dims = spatial_dims
-        self.encoder, self.cam_layer = BACKBONES[backbone](spatial_dims, in_channels)
+        self.encoder, default_layer = BACKBONES[backbone](spatial_dims, in_channels)
+        self.cam_layer = cam_layer or default_layer  # a model trained with a localisation loss names its own
         with torch.no_grad():
             was = self.encoder.training
             self.encoder.eval()
@@ -171,4 +172,5 @@ def build_model(cfg: dict) -> DualHeadNet:
         in_channels=int(m.get("in_channels", 1)),
         spatial_dims=int(m.get("spatial_dims", 2)),
         dropout=float(m.get("dropout", 0.3)),
+        cam_layer=m.get("cam_layer"),
     )

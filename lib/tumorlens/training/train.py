@@ -19,6 +19,7 @@ from monai.losses import DiceLoss
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from tumorlens.alignment.training import AlignmentTerm
 from tumorlens.config import config_hash
 from tumorlens.data.dataset import ArrayDataset, load_arrays, train_transforms
 from tumorlens.data.manifest import load_manifest
@@ -28,6 +29,7 @@ from tumorlens.labels import CLASS_NAMES
 from tumorlens.models.dualhead import build_model
 from tumorlens.models.registry import save_checkpoint
 from tumorlens.paths import project_root
+from tumorlens.training.localisation import LocalisationTerm
 
 DEFAULTS = {
     "data": {"root": "../shared/data/brain-mri-2d", "image_size": 128, "val_fraction": 0.2, "seed": 0, "max_images": None},
@@ -37,6 +39,7 @@ DEFAULTS = {
         "patience": 6, "seg_weight": 1.0, "label_smoothing": 0.05, "channels_last": True,
         "num_threads": None, "seed": 0, "max_minutes": None, "augment": True, "init_from": None,
         "pct_start": 0.15,
+        "localisation": {"weight": 0.0, "layer": None},  # see tumorlens.training.localisation
     },
     "output": {"name": None, "dir": None, "version": None},
     # text anchoring as a training loss (issue 8): the pooled features are projected into the frozen
@@ -118,6 +121,9 @@ def train(cfg: dict, progress: bool = True) -> dict:
     ds = ArrayDataset(images[train_idx], masks[train_idx], labels[train_idx],
                       train_transforms() if tc.get("augment", True) else None)
     loader = DataLoader(ds, batch_size=int(tc["batch_size"]), shuffle=True, num_workers=0, drop_last=True)
+    loc_cfg = tc.get("localisation") or {}
+    if float(loc_cfg.get("weight") or 0) > 0 and loc_cfg.get("layer"):
+        cfg["model"]["cam_layer"] = loc_cfg["layer"]  # the trained explanation layer is the model's CAM layer
     net = build_model(cfg).to(device)
     init = None
     if tc.get("init_from"):  # continue from a trained model (same backbone), e.g. a second LR cycle
@@ -136,9 +142,8 @@ def train(cfg: dict, progress: bool = True) -> dict:
     ce = torch.nn.CrossEntropyLoss(weight=weights.to(device), label_smoothing=float(tc["label_smoothing"]))
     dice = DiceLoss(sigmoid=True, batch=True)
     bce = torch.nn.BCEWithLogitsLoss()
-    from tumorlens.alignment.training import AlignmentTerm
-
     align = AlignmentTerm.from_config(cfg, net)  # None unless alignment.enabled
+    loc = LocalisationTerm.from_config(tc, net)  # None unless localisation.weight > 0
     params = list(net.parameters()) + (align.parameters() if align is not None else [])
     opt = make_optimizer(tc["optimizer"], params, float(tc["lr"]), float(tc["weight_decay"]))
     epochs = int(tc["epochs"])
@@ -150,7 +155,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
     for epoch in range(epochs):
         net.train()
         te = time.time()
-        losses, align_losses = [], []
+        losses, align_losses, loc_losses = [], [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for x, m, y in bar:
             x, m, y = x.to(device), m.to(device), y.to(device)
@@ -162,6 +167,10 @@ def train(cfg: dict, progress: bool = True) -> dict:
                 al = align.loss(y)
                 loss = loss + al
                 align_losses.append(al.item())
+            if loc is not None:
+                ll = loc.loss(logits, y, m)
+                loss = loss + ll
+                loc_losses.append(ll.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -175,6 +184,8 @@ def train(cfg: dict, progress: bool = True) -> dict:
                "val_balanced_accuracy": vm["balanced_accuracy"], "val_seg_dice": vm["seg_dice"]}
         if align_losses:
             rec["alignment_loss"] = float(np.mean(align_losses))
+        if loc_losses:
+            rec["localisation_loss"] = float(np.mean(loc_losses))
         history.append(rec)
         if progress:
             tqdm.write(json.dumps(rec))
@@ -187,6 +198,8 @@ def train(cfg: dict, progress: bool = True) -> dict:
                 break
         if tc.get("max_minutes") and (time.time() - t0) / 60 > float(tc["max_minutes"]):
             break
+    if loc is not None:
+        loc.detach()
     if align is not None:
         align.detach()  # the hook; the trained encoder is what is kept (``tumorlens align`` fits the head)
     net.load_state_dict(best_state)
