@@ -147,11 +147,10 @@ def test_brain_mask_is_the_head(tumour_images):
     assert not b[0].any() and not b[-1].any()  # the image border is background
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: with model 202611242337 Grad-CAM's 4x4 (stride-32) map peaks "
-                   "inside the tumour on 0/10 of this sample (stage 3, stage 3+4: 1/10); the classifier does not "
-                   "localise. strict: this starts failing as soon as a model meets the target, so it gets re-armed")
 def test_gradcam_max_inside_tumour_on_most_images(model, tumour_images):
-    """Pointing game on a small real sample; the issue's target for the best method is >= 0.90."""
+    """Pointing game on a small real sample ("most": >= 6/10). The model trained with the localisation
+    loss hits 0.625 on 40 grouped-validation images (the models before it: 0.075); the issue's
+    target for the best method, >= 0.90, is not reached yet."""
     hits = []
     for img, truth, _ in tumour_images:
         sal = saliency_maps(img, ("gradcam",), model)

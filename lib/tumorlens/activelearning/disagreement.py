@@ -15,6 +15,7 @@ from tumorlens.activelearning.inputs import network_inputs
 from tumorlens.labels import NO_TUMOUR
 from tumorlens.models.registry import LoadedModel
 from tumorlens.saliency.cam import grad_cams, normalise
+from tumorlens.saliency.explain import PRIMARY
 
 SALIENCY_LEVEL = 0.5  # Grad-CAM++ maps are min-max normalised per image; keep the upper half
 SEG_THRESHOLD = 0.5
@@ -31,10 +32,10 @@ def saliency_seg_disagreement(model: LoadedModel, img: MetaTensor, max_slices: i
     """Disagreement score in [0, 1] of one image (volumes: mean over representative slices)."""
     x = network_inputs(img, model.image_size, max_slices=max_slices)
     net = model.net.eval()
-    # the project's shared-pass CAM: one forward gives class, seg and Grad-CAM++ (per-image normalised)
-    cams = grad_cams(net, x, methods=("gradcampp",))
+    # the project's shared-pass CAM: one forward gives class, seg and the primary map (per-image normalised)
+    cams = grad_cams(net, x, methods=(PRIMARY,))
     probs = cams.logits.softmax(1)
-    sal = normalise(cams.maps["gradcampp"]).numpy()
+    sal = normalise(cams.maps[PRIMARY]).numpy()
     sal = sal[:, 0] if sal.ndim == 4 else sal
     seg_m = cams.seg_logits.sigmoid().numpy()[:, 0] >= SEG_THRESHOLD
     sal_m = sal >= SALIENCY_LEVEL
@@ -49,5 +50,5 @@ def saliency_seg_disagreement(model: LoadedModel, img: MetaTensor, max_slices: i
         "saliency_fraction": float(sal_m.mean()),
         "seg_fraction": float(seg_m.mean()),
         "slices": int(len(x)),
-        "saliency_method": "gradcampp",
+        "saliency_method": PRIMARY,
     }

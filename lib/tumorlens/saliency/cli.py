@@ -11,7 +11,8 @@ METHOD_CHOICES = ("gradcam", "gradcampp", "scorecam")
 def register(sub) -> None:
     p = sub.add_parser("explain", help="saliency map, adaptive lesion mask, atlas regions and findings of one image")
     p.add_argument("image", help="JPEG/PNG, NIfTI or DICOM file (or DICOM series folder)")
-    p.add_argument("--method", default="gradcampp", choices=(*METHOD_CHOICES, "all"))
+    p.add_argument("--method", default=None, choices=(*METHOD_CHOICES, "all"),
+                   help="default: tumorlens.saliency.explain.PRIMARY (Grad-CAM, the best measured)")
     p.add_argument("--model", default=None, help="model name or path (default: configs/defaults.yaml)")
     p.add_argument("--out", required=True, help="output folder (findings.json, mask/heatmap NIfTI, mask.seg.nrrd, PNGs)")
     p.add_argument("--no-regions", action="store_true", help="skip the atlas placement")
@@ -41,9 +42,9 @@ def _methods(text: str) -> tuple[str, ...]:
 
 
 def run_explain(args) -> int:
-    from tumorlens.saliency.explain import explain
+    from tumorlens.saliency.explain import PRIMARY, explain
 
-    expl = explain(args.image, method=args.method, model=args.model, with_regions=not args.no_regions,
+    expl = explain(args.image, method=args.method or PRIMARY, model=args.model, with_regions=not args.no_regions,
                    layer=args.layer)
     files = expl.write(args.out)
     f = expl.findings

@@ -28,7 +28,9 @@ from tumorlens.saliency.maps import check_methods, saliency_maps
 from tumorlens.saliency.threshold import RULE, adaptive_mask
 
 logger = logging.getLogger(__name__)
-PRIMARY = "gradcampp"  # the method whose mask is placed in the atlas when several are asked for
+# the default method, and the one whose mask is placed in the atlas when several are asked for: Grad-CAM
+# (grouped validation, 40 tumour images, shipped model: pointing game 0.625 vs Grad-CAM++ 0.225, ScoreCAM 0.125)
+PRIMARY = "gradcam"
 
 
 @dataclass
