@@ -26,6 +26,7 @@ from tumorlens.errors import InvalidInputError
 
 MIDLINE_MM = 2.0  # voxels within this distance of x=0 count as midline
 SIDE_SHARE = 0.05  # a side holding >= 5 % of the lesion counts as involved
+UNPLACED_LESION = {"centroid_mni_mm": None, "laterality": "unknown", "crosses_midline": None}
 
 
 def _np(x) -> np.ndarray:
@@ -168,6 +169,11 @@ def _check_pair(image, mask) -> tuple[np.ndarray, np.ndarray, str | None]:
     return img, m > 0, path
 
 
+def _placement(method: str, quality: float, confidence: float, min_confidence: float, details: dict) -> dict:
+    return {"method": method, "quality": round(quality, 4), "confidence": round(confidence, 3),
+            "low_confidence": confidence < min_confidence, "details": details}
+
+
 def map_regions(
     image: MetaTensor,
     mask: MetaTensor,
@@ -210,13 +216,7 @@ def map_regions(
             working_spacing=working_spacing,
         )
         notes.extend(reg.notes)
-        placement = {
-            "method": "mni_registration",
-            "quality": round(reg.quality_figure, 4),
-            "confidence": round(reg.confidence, 3),
-            "low_confidence": reg.confidence < min_confidence,
-            "details": reg.summary(),
-        }
+        placement = _placement("mni_registration", reg.quality_figure, reg.confidence, min_confidence, reg.summary())
         if not m.any():
             notes.append("lesion mask is empty: no regions to name")
             regions, lesion = summarise_points(np.zeros((0, 3)))
@@ -225,7 +225,7 @@ def map_regions(
                 f"registration to MNI152 is not trusted (confidence {reg.confidence:.2f} < {min_confidence}; "
                 f"brain-mask Dice {reg.quality_figure:.2f}): regions are not named"
             )
-            regions, lesion = [], {"centroid_mni_mm": None, "laterality": "unknown", "crosses_midline": None}
+            regions, lesion = [], dict(UNPLACED_LESION)
         else:
             pts, w = lesion_to_mni(m, aff, reg.transform)
             if len(pts) == 0:
@@ -237,13 +237,7 @@ def map_regions(
         from tumorlens.atlas.placement import map_slice_mask, place_slice
 
         pl = place_slice(img)
-        placement = {
-            "method": "template_slice",
-            "quality": round(pl.similarity, 4),
-            "confidence": round(pl.confidence, 3),
-            "low_confidence": pl.confidence < min_confidence,
-            "details": pl.summary(),
-        }
+        placement = _placement("template_slice", pl.similarity, pl.confidence, min_confidence, pl.summary())
         notes.extend(pl.notes)
         if not m.any():
             notes.append("lesion mask is empty: no regions to name")
@@ -253,7 +247,7 @@ def map_regions(
                 f"the slice matches no template plane well enough (confidence {pl.confidence:.2f} < "
                 f"{min_confidence}): regions are not named"
             )
-            regions, lesion = [], {"centroid_mni_mm": None, "laterality": "unknown", "crosses_midline": None}
+            regions, lesion = [], dict(UNPLACED_LESION)
         else:
             pts = map_slice_mask(m, pl)
             regions, lesion = summarise_points(pts)

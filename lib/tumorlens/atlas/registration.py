@@ -173,6 +173,29 @@ def _new_method(seed: int, sampling: float) -> sitk.ImageRegistrationMethod:
     return r
 
 
+def _linear_stage(name: str, initial: sitk.Transform, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
+                  metric_mask: sitk.Image, seed: int, iterations: int, *, learning_rate: float, min_step: float,
+                  shrink: list[int], sigmas: list[float], path: str | None,
+                  ) -> tuple[sitk.Transform, sitk.ImageRegistrationMethod]:
+    """One multi-resolution linear stage (Mattes MI inside the masks, regular-step gradient descent):
+    the transform and the method (for its final metric and stop condition)."""
+    reg = _new_method(seed, 0.25)
+    reg.SetMetricFixedMask(fixed_mask)
+    reg.SetMetricMovingMask(metric_mask)
+    reg.SetOptimizerAsRegularStepGradientDescent(
+        learningRate=learning_rate, minStep=min_step, numberOfIterations=iterations, relaxationFactor=0.6,
+        gradientMagnitudeTolerance=1e-6,
+    )
+    reg.SetOptimizerScalesFromPhysicalShift()
+    reg.SetShrinkFactorsPerLevel(shrink)
+    reg.SetSmoothingSigmasPerLevel(sigmas)
+    reg.SetInitialTransform(initial, inPlace=False)
+    try:
+        return reg.Execute(fixed, moving), reg
+    except RuntimeError as e:
+        raise RegistrationError(f"{path or 'volume'}: {name} registration failed: {str(e).strip()[-200:]}") from e
+
+
 def _check_volume(volume: MetaTensor) -> tuple[np.ndarray, np.ndarray, str | None]:
     path = volume.meta.get("filename_or_obj") if hasattr(volume, "meta") else None
     arr = np.asarray(volume.detach().cpu().numpy() if hasattr(volume, "detach") else volume, dtype=np.float32)
@@ -250,20 +273,8 @@ def register_to_mni(
     init = sitk.CenteredTransformInitializer(
         fixed_mask, moving_mask, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
-    reg = _new_method(seed, 0.25)
-    reg.SetMetricFixedMask(fixed_mask)
-    reg.SetMetricMovingMask(metric_mask)
-    reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=1.0, minStep=1e-3, numberOfIterations=iterations, relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6
-    )
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([4, 2, 1])
-    reg.SetSmoothingSigmasPerLevel([2.0, 1.0, 0.0])
-    reg.SetInitialTransform(init, inPlace=False)
-    try:
-        rigid = reg.Execute(fixed, moving)
-    except RuntimeError as e:
-        raise RegistrationError(f"{path or 'volume'}: rigid registration failed: {str(e).strip()[-200:]}") from e
+    rigid, _ = _linear_stage("rigid", init, fixed, moving, fixed_mask, metric_mask, seed, iterations,
+                             learning_rate=1.0, min_step=1e-3, shrink=[4, 2, 1], sigmas=[2.0, 1.0, 0.0], path=path)
     rigid = sitk.Euler3DTransform(rigid.GetNthTransform(0) if hasattr(rigid, "GetNthTransform") else rigid)
     seconds["rigid"] = time.perf_counter() - t
 
@@ -273,20 +284,8 @@ def register_to_mni(
     aff0.SetCenter(rigid.GetCenter())
     aff0.SetMatrix(rigid.GetMatrix())
     aff0.SetTranslation(rigid.GetTranslation())
-    reg = _new_method(seed, 0.25)
-    reg.SetMetricFixedMask(fixed_mask)
-    reg.SetMetricMovingMask(metric_mask)
-    reg.SetOptimizerAsRegularStepGradientDescent(
-        learningRate=0.5, minStep=1e-4, numberOfIterations=iterations, relaxationFactor=0.6, gradientMagnitudeTolerance=1e-6
-    )
-    reg.SetOptimizerScalesFromPhysicalShift()
-    reg.SetShrinkFactorsPerLevel([2, 1])
-    reg.SetSmoothingSigmasPerLevel([1.0, 0.0])
-    reg.SetInitialTransform(aff0, inPlace=False)
-    try:
-        affine_tx = reg.Execute(fixed, moving)
-    except RuntimeError as e:
-        raise RegistrationError(f"{path or 'volume'}: affine registration failed: {str(e).strip()[-200:]}") from e
+    affine_tx, reg = _linear_stage("affine", aff0, fixed, moving, fixed_mask, metric_mask, seed, iterations,
+                                   learning_rate=0.5, min_step=1e-4, shrink=[2, 1], sigmas=[1.0, 0.0], path=path)
     affine_tx = sitk.AffineTransform(affine_tx.GetNthTransform(0) if hasattr(affine_tx, "GetNthTransform") else affine_tx)
     final_metric = float(reg.GetMetricValue())
     stop = reg.GetOptimizerStopConditionDescription()
