@@ -1,9 +1,9 @@
 """Registration to MNI152 on 2 threads: seconds per volume (affine and deformable stages), quality
 figures, and the lesion-centroid error on the synthetic warped ICBM152 2009 case; optionally the
-plane accuracy of 2D template-slice placement on dev JPEGs (the manifest's ``view`` column is
-used only to score, never as an input).
+plane accuracy of 2D template-slice placement on grouped-validation dev JPEGs, with and without the
+slice-view classifier (trained on the training part's ``view`` column; here that column only scores).
 
-    .venv/bin/python bench/registration.py [--json OUT] [--slices N] [--brats]
+    .venv/bin/python bench/registration.py [--json OUT] [--slices N] [--brats] [--skip-synthetic]
 
 Prints a table and writes JSON. Wall seconds depend on what else runs on the machine, so the CPU
 seconds of this process are reported beside them.
@@ -86,18 +86,30 @@ def bench_slices(data: Path, n: int) -> dict:
 
     from tumorlens.atlas.placement import place_slice
     from tumorlens.data import read_image
+    from tumorlens.data.manifest import load_manifest
+    from tumorlens.data.splits import training_split
 
+    # grouped validation part only: the slice-view classifier was trained on the training part
+    _, val_idx = training_split(load_manifest(data), 0.2, 0)
     with open(data / "manifest.csv", newline="") as f:
-        rows = [r for r in csv.DictReader(f) if r.get("view")]
+        rows = list(csv.DictReader(f))
+    rows = [rows[i] for i in val_idx if rows[i].get("view")]
     per_view = max(1, n // 3)
     sample = []
     for v in ("axial", "coronal", "sagittal"):
         rv = [r for r in rows if r["view"] == v]
         sample += rv[:: max(1, len(rv) // per_view)][:per_view]
-    res = []
-    for r in tqdm(sample, desc="placing slices"):
-        pl = place_slice(read_image(data / r["image"]))
-        res.append({"view": r["view"], "plane": pl.plane, "confidence": pl.confidence, "seconds": pl.seconds})
+    out = {}
+    for mode, use_view in (("with_view_classifier", True), ("template_only", False)):
+        res = []
+        for r in tqdm(sample, desc=f"placing slices ({mode})"):
+            pl = place_slice(read_image(data / r["image"]), use_view=use_view)
+            res.append({"view": r["view"], "plane": pl.plane, "confidence": pl.confidence, "seconds": pl.seconds})
+        out[mode] = _slice_summary(res)
+    return out
+
+
+def _slice_summary(res: list[dict]) -> dict:
     acc = {v: float(np.mean([x["plane"] == v for x in res if x["view"] == v])) for v in ("axial", "coronal", "sagittal")}
     conf = [x for x in res if x["confidence"] >= 0.5]
     return {
@@ -118,8 +130,9 @@ def main() -> int:
     ap.add_argument("--structures", default="Left_Insular_Cortex,Right_Putamen")
     ap.add_argument("--slices", type=int, default=0, help="also score 2D placement on N dev JPEGs")
     ap.add_argument("--brats", action="store_true", help="also time the two BraTS volumes")
+    ap.add_argument("--skip-synthetic", action="store_true", help="skip the synthetic volume registrations")
     args = ap.parse_args()
-    result: dict = {"threads": 2, "synthetic": bench_synthetic(args.structures.split(","))}
+    result: dict = {"threads": 2, "synthetic": [] if args.skip_synthetic else bench_synthetic(args.structures.split(","))}
     if args.brats:
         result["brats"] = bench_brats(shared_data_dir() / "brats-3d")
     if args.slices:
@@ -130,10 +143,10 @@ def main() -> int:
         print(f"{r['case']:<36} {r['stage']:<15} {r['wall_s']:>7} {r['cpu_s']:>6} {r['dice']:>6} {r['nmi']:>6} "
               f"{err!s:>7}  {r['top_region']} ({r['top_fraction']})")
     if "slices" in result:
-        s = result["slices"]
-        print(f"\n2D placement on {s['n']} dev JPEGs: plane accuracy {s['plane_accuracy']:.2f} "
-              f"{s['plane_accuracy_by_view']}, confident {s['confident_share']:.2f} "
-              f"(accuracy then {s['accuracy_when_confident']}), {s['seconds_mean']:.1f} s/slice")
+        for mode, s in result["slices"].items():
+            print(f"\n2D placement, {mode}, {s['n']} grouped-validation dev JPEGs: plane accuracy "
+                  f"{s['plane_accuracy']:.2f} {s['plane_accuracy_by_view']}, confident {s['confident_share']:.2f} "
+                  f"(accuracy then {s['accuracy_when_confident']}), {s['seconds_mean']:.1f} s/slice")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

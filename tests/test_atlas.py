@@ -107,20 +107,6 @@ def _axial_rows(dev_rows, n):
     return rows[:: max(1, len(rows) // n)][:n]
 
 
-def test_2d_placement_picks_axial_plane_on_real_axial_slices(dev2d, dev_rows):
-    from tumorlens.atlas.placement import place_slice
-    from tumorlens.data import read_image
-
-    planes = []
-    for r in _axial_rows(dev_rows, 6):
-        pl = place_slice(read_image(dev2d / r["image"]))
-        planes.append(pl.plane)
-        assert 0.0 <= pl.confidence <= 1.0 and pl.seconds < 30
-    # measured: ~70 % of axial slices are placed axial (bench/registration.py --slices); coronal and
-    # sagittal JPEGs (whole heads with face and neck, against a brain-only template) fare far worse
-    assert planes.count("axial") >= 3, planes
-
-
 def test_2d_map_regions_record_shape_and_noise_is_low_confidence(dev2d, dev_rows):
     from tumorlens.data import read_image, read_mask
 

@@ -239,6 +239,12 @@ def test_evaluate_saliency_cli(model, tumour_rows, subset_factory, tmp_path):
     assert 0 <= res["segmentation_head"]["dice"] <= 1 and res["random_deletion_auc"] is not None
     assert "gradcampp_vs_gradcam" in res
     assert len(list((tmp_path / "ov").glob("*.png"))) == 1
+    fast = tmp_path / "fast.json"
+    assert main(["evaluate-saliency", str(d), "--methods", "gradcam", "--n", "2", "--deletion-steps", "0",
+                 "--json", str(fast)]) == 0
+    res0 = json.loads(fast.read_text())
+    assert res0["methods"]["gradcam"]["deletion_auc"] is None and res0["random_deletion_auc"] is None
+    assert res0["methods"]["gradcam"]["pointing_game"] == res["methods"]["gradcam"]["pointing_game"]
 
 
 def test_hooks_ignore_other_threads_forward_passes(model):

@@ -14,6 +14,15 @@ def register(sub) -> None:
     p.add_argument("--min-confidence", type=float, default=0.5, help="below this, no regions are named")
     p.add_argument("--top", type=int, default=10, help="regions to print (all go to --json)")
     p.set_defaults(func=run_locate)
+    v = sub.add_parser("train-view", help="train the slice-plane classifier 2D placement uses (seconds, CPU)")
+    v.add_argument("data_dir", nargs="?", default=None,
+                   help="folder with manifest.csv and a `view` column (default: ../shared/data/brain-mri-2d)")
+    v.add_argument("--out", default=None, help="output folder (default: models/slice-view)")
+    v.add_argument("--val-fraction", type=float, default=0.2)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--default-view", choices=("axial", "coronal", "sagittal"), default=None,
+                   help="plane of rows with an empty view (brain-mri-2d's Br35H rows are axial)")
+    v.set_defaults(func=run_train_view)
 
 
 def run_locate(args) -> int:
@@ -61,4 +70,20 @@ def run_locate(args) -> int:
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(path)
+    return 0
+
+
+def run_train_view(args) -> int:
+    from tumorlens.atlas.view import VIEW_MODEL, train_view_classifier
+    from tumorlens.paths import models_dir, shared_data_dir
+
+    data = args.data_dir or shared_data_dir() / "brain-mri-2d"
+    clf, m = train_view_classifier(data, args.val_fraction, args.seed, default_view=args.default_view)
+    out = clf.save(args.out or models_dir() / VIEW_MODEL)
+    print(f"slice-view classifier: {m['n_train']} training slices (+ mirrors) and {m['n_template_examples']} "
+          f"template slices, alpha={m['alpha']}")
+    print(f"grouped validation ({m['n_val']} slices): accuracy {m['val_accuracy']:.3f}  "
+          + "  ".join(f"{k} {v:.3f}" for k, v in m["val_per_view_recall"].items()))
+    print(f"p >= 0.9 on {m['val_share_p_over_0.9']:.0%} of them, accuracy there {m['val_accuracy_p_over_0.9']}")
+    print(f"wrote {out}")
     return 0

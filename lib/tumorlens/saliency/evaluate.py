@@ -116,7 +116,7 @@ def evaluate_saliency(data_dir: str | Path, methods=METHODS, n: int | None = 40,
             per[m]["iou"].append(j)
             per[m]["percentile"].append(th.percentile)
             row[m] = {"hit": hit, "dice": d, "iou": j, "percentile": th.percentile}
-            if sal.net_input is not None:
+            if sal.net_input is not None and steps > 0:
                 t = list(lm.labels).index(sal.target)
                 curve = deletion_curve(lm.net, sal.net_input, sal.net_maps[m], t, steps)
                 per[m]["deletion_auc"].append(auc(curve))
