@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from monai.losses import DiceLoss
 
@@ -121,3 +122,24 @@ def test_localisation_loss_trains_the_named_cam_layer(subset_factory, dev_rows, 
     loss.backward()
     term.detach()
     assert loss.item() > 0 and net.classifier[-1].weight.grad.abs().sum() > 0
+
+
+def test_distillation_holds_the_starting_models_outputs(subset_factory, dev_rows, tmp_path):
+    """``train.distill`` adds KL(teacher || student) with the ``init_from`` model as the frozen teacher;
+    it needs a model to start from."""
+    rows = [r for r in dev_rows[::40]][:32]
+    data = subset_factory(rows)
+    base = {"data": {"root": str(data), "image_size": 48, "val_fraction": 0.25},
+            "model": {"backbone": "resnet18"},
+            "train": {"epochs": 1, "batch_size": 8, "augment": False},
+            "output": {"name": "teacher", "dir": str(tmp_path / "teacher")}}
+    train(base, progress=False)
+    cfg = {**base, "train": {**base["train"], "init_from": str(tmp_path / "teacher"), "lr": 1e-9,
+                             "distill": {"weight": 1.0, "temperature": 2.0}},
+           "output": {"name": "student", "dir": str(tmp_path / "student")}}
+    hist = train(cfg, progress=False)["card"]["history"]
+    # student starts as the teacher and barely moves: only dropout and batch statistics separate them
+    assert all(np.isfinite(h["distill_loss"]) and 0 <= h["distill_loss"] < 0.5 for h in hist)
+    cfg["train"] = {**cfg["train"], "init_from": None}
+    with pytest.raises(ValueError, match="init_from"):
+        train(cfg, progress=False)

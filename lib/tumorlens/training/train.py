@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from monai.losses import DiceLoss
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -24,6 +25,7 @@ from tumorlens.config import config_hash
 from tumorlens.data.dataset import ArrayDataset, load_arrays, train_transforms
 from tumorlens.data.manifest import load_manifest
 from tumorlens.data.splits import training_split
+from tumorlens.errors import InvalidInputError
 from tumorlens.evaluation.metrics import classification_metrics, dice_score
 from tumorlens.labels import CLASS_NAMES
 from tumorlens.models.dualhead import build_model
@@ -40,6 +42,9 @@ DEFAULTS = {
         "num_threads": None, "seed": 0, "max_minutes": None, "augment": True, "init_from": None,
         "pct_start": 0.15,
         "localisation": {"weight": 0.0, "layer": None},  # see tumorlens.training.localisation
+        # hold the class outputs of the ``init_from`` model while another term (e.g. localisation)
+        # reshapes the network: weight x T^2 x KL(teacher || student) at temperature T
+        "distill": {"weight": 0.0, "temperature": 2.0},
     },
     "output": {"name": None, "dir": None, "version": None},
     # text anchoring as a training loss (issue 8): the pooled features are projected into the frozen
@@ -102,6 +107,9 @@ def validate(net, images, masks, labels, device, channels_last=False) -> dict:
 def train(cfg: dict, progress: bool = True) -> dict:
     cfg = merge(DEFAULTS, cfg)
     dc, tc, oc = cfg["data"], cfg["train"], cfg["output"]
+    dist_cfg = {"weight": 0.0, "temperature": 2.0, **(tc.get("distill") or {})}
+    if float(dist_cfg["weight"]) > 0 and not tc.get("init_from"):
+        raise InvalidInputError(None, "train.distill needs train.init_from (the teacher is the model training starts from)")
     if tc.get("num_threads"):
         torch.set_num_threads(int(tc["num_threads"]))
     torch.manual_seed(int(tc["seed"]))
@@ -133,9 +141,14 @@ def train(cfg: dict, progress: bool = True) -> dict:
         net.load_state_dict(prev.net.state_dict())
         init = {"name": prev.name, "version": prev.version, "val_accuracy": prev.card.get("metrics", {})
                 .get("validation", {}).get("accuracy")}
+    teacher = None
+    if float(dist_cfg["weight"]) > 0:
+        teacher = copy.deepcopy(prev.net).to(device).eval().requires_grad_(False)
     cl = bool(tc["channels_last"])
     if cl:
         net = net.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
     counts = np.bincount(labels[train_idx], minlength=len(CLASS_NAMES)).astype(float)
     weights = torch.tensor((counts.sum() / np.maximum(counts, 1)) ** 0.5, dtype=torch.float32)
     weights = weights / weights.mean()
@@ -155,7 +168,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
     for epoch in range(epochs):
         net.train()
         te = time.time()
-        losses, align_losses, loc_losses = [], [], []
+        losses, align_losses, loc_losses, dist_losses = [], [], [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for x, m, y in bar:
             x, m, y = x.to(device), m.to(device), y.to(device)
@@ -171,6 +184,14 @@ def train(cfg: dict, progress: bool = True) -> dict:
                 ll = loc.loss(logits, y, m)
                 loss = loss + ll
                 loc_losses.append(ll.item())
+            if teacher is not None:
+                t = float(dist_cfg["temperature"])
+                with torch.no_grad():
+                    target = (teacher(x)[0].float() / t).softmax(1)
+                dl = float(dist_cfg["weight"]) * t * t * F.kl_div((logits.float() / t).log_softmax(1), target,
+                                                                reduction="batchmean")
+                loss = loss + dl
+                dist_losses.append(dl.item())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -186,6 +207,8 @@ def train(cfg: dict, progress: bool = True) -> dict:
             rec["alignment_loss"] = float(np.mean(align_losses))
         if loc_losses:
             rec["localisation_loss"] = float(np.mean(loc_losses))
+        if dist_losses:
+            rec["distill_loss"] = float(np.mean(dist_losses))
         history.append(rec)
         if progress:
             tqdm.write(json.dumps(rec))
