@@ -91,6 +91,7 @@ class CamPass:
     logits: torch.Tensor  # [B, C]
     seg_logits: torch.Tensor | None  # [B, 1, *spatial] when the net has a segmentation head
     target: torch.Tensor  # [B] class index explained
+    grid: tuple[int, ...] = ()  # spatial shape of the (finest) hooked layer: the map's native resolution
 
 
 def _upsample(m: torch.Tensor, size) -> torch.Tensor:
@@ -162,7 +163,8 @@ def grad_cams(net: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None
             maps[m] = per_layer[0]
         else:
             maps[m] = torch.stack([normalise(p) for p in per_layer]).prod(0) ** (1.0 / len(per_layer))
-    return CamPass(maps, logits.detach(), None if seg is None else seg.detach(), tgt)
+    grid = max((tuple(a.shape[2:]) for a in acts), key=lambda g: g[0])
+    return CamPass(maps, logits.detach(), None if seg is None else seg.detach(), tgt, grid)
 
 
 def _targets(target, logits: torch.Tensor) -> torch.Tensor:
@@ -204,7 +206,7 @@ def score_cam(net: nn.Module, x: torch.Tensor, target: torch.Tensor | int | None
         cam = F.relu((weights.view(-1, *([1] * (a.ndim - 1))) * a[idx]).sum(0))
         maps.append(cam)
     cams = _upsample(torch.stack(maps), size)
-    return CamPass({"scorecam": cams}, logits, None, tgt)
+    return CamPass({"scorecam": cams}, logits, None, tgt, tuple(acts.shape[2:]))
 
 
 def select_channels(a: torch.Tensor, mass: float | None = 0.95, top_k: int | None = None) -> torch.Tensor:

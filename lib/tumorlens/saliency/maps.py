@@ -2,7 +2,9 @@
 
 Inputs are prepared exactly as :class:`tumorlens.inference.Predictor` prepares them (same
 normalisation, same slice selection), and maps come back as float32 MetaTensors in [0, 1] on the
-input's own grid and affine, so a map lands on the image wherever it is displayed.
+input's own grid and affine, so a map lands on the image wherever it is displayed. Every map is
+smoothed at network resolution by a Gaussian of half its layer's stride (``SMOOTH_STRIDES``) before
+it is resized to the input.
 
 Volumes: one target class for the whole volume (its most probable tumour class), maps of all
 brain slices stacked and scaled by the volume's maximum (a slice with weak evidence stays dim).
@@ -18,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from monai.data import MetaTensor
+from torch.nn import functional as F
 
 from tumorlens.data.normalize import normalize_intensity
 from tumorlens.data.readers import is_volume
@@ -31,6 +34,12 @@ from tumorlens.saliency.threshold import brain_mask
 SCORECAM_MASS = None  # every non-zero channel (then clustered); a share like 0.95 ranks channels first
 SCORECAM_CLUSTERS = 128  # Cluster-ScoreCAM masks: 16-18x faster than plain, map corr >= 0.994 (bench/saliency.py)
 SCORECAM_SLICE_FRACTION = 0.1
+# A CAM is native to its layer's grid (16x16 for the shipped model): bilinear upsampling leaves its
+# maximum on a grid point and its iso-lines blocky. A Gaussian of half a grid cell (sigma = stride / 2)
+# puts the maximum at the centre of the salient mass instead. Chosen on the grouped validation split
+# (488 tumour images, shipped model, Grad-CAM pointing game): sigma 0 -> 0.598, stride/4 -> 0.647,
+# stride/2 -> 0.664, stride -> 0.625, 1.5 strides -> 0.545.
+SMOOTH_STRIDES = 0.5
 
 
 @dataclass
@@ -76,13 +85,30 @@ def _to_meta(arr: np.ndarray, img: MetaTensor) -> MetaTensor:
                       affine=img.affine.clone(), meta=meta)
 
 
+def smooth(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian blur of 2D maps ``[B, H, W]`` (separable, reflect-padded); ``sigma`` in pixels."""
+    if sigma <= 0:
+        return maps
+    r = max(1, int(round(3 * sigma)))
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=maps.dtype) / sigma) ** 2)
+    k = k / k.sum()
+    x = F.pad(maps[:, None], (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1))
+    return F.conv2d(x, k.view(1, 1, -1, 1))[:, 0]
+
+
 def _run(net, x: torch.Tensor, target: int, methods, mass: float | None, layer: str | None) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
+    """Maps ``[B, S, S]`` at network resolution, smoothed by ``SMOOTH_STRIDES`` of the layer's stride."""
+    passes = []
     grad = tuple(m for m in methods if m in GRAD_METHODS)
     if grad:
-        out.update(grad_cams(net, x, target=target, layer=layer, methods=grad).maps)
+        passes.append(grad_cams(net, x, target=target, layer=layer, methods=grad))
     if "scorecam" in methods:
-        out.update(score_cam(net, x, target=target, layer=layer, mass=mass, clusters=SCORECAM_CLUSTERS).maps)
+        passes.append(score_cam(net, x, target=target, layer=layer, mass=mass, clusters=SCORECAM_CLUSTERS))
+    out: dict[str, torch.Tensor] = {}
+    for p in passes:
+        sigma = SMOOTH_STRIDES * x.shape[-1] / p.grid[-1]
+        out.update({m: smooth(r, sigma) for m, r in p.maps.items()})
     return out
 
 
@@ -157,14 +183,14 @@ def _volume(img, arr, lm: LoadedModel, methods, target, probabilities, layer, ma
         idx = use[i:i + batch_size]
         x = resize_2d(slices[i:i + batch_size], size)
         if grad:
-            for m, r in grad_cams(lm.net, x, target=t, layer=layer, methods=grad).maps.items():
+            for m, r in _run(lm.net, x, t, grad, mass, layer).items():
                 out[m][idx] = resize_2d(r[:, None], disp.shape[1:])[:, 0].clamp_min(0).numpy()
     if "scorecam" in methods:
         k = min(len(use), max(3, int(round(SCORECAM_SLICE_FRACTION * len(use)))))
         top = np.argsort(-(1.0 - sp[:, -1]))[:k]
         for j in top:
             x = resize_2d(slices[j:j + 1], size)
-            r = score_cam(lm.net, x, target=t, layer=layer, mass=mass, clusters=SCORECAM_CLUSTERS).maps["scorecam"]
+            r = _run(lm.net, x, t, ("scorecam",), mass, layer)["scorecam"]
             out["scorecam"][use[j]] = resize_2d(r[:, None], disp.shape[1:])[0, 0].clamp_min(0).numpy()
         notes.append(f"ScoreCAM computed on the {k} axial slices with the highest tumour probability; other slices are 0")
     maps = {}
