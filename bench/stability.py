@@ -1,12 +1,17 @@
 """Stability benchmark (issue 3 item 7, issue 8 item 7): short training runs over optimisers x learning
 rates x backbones on a fixed subset; prints the accuracy table and the spread (best - worst) per
-backbone, and writes JSON. ``--aligned`` adds the text-anchored variant of every run (post-hoc
-projection + Tip-Adapter on the run's frozen encoder, fixed hyper-parameters: no tuning on validation).
-``--shift`` adds train-on-some / test-on-the-rest runs over figshare views and acquisition batches.
+backbone, and writes JSON.
 
-    nice -n 15 .venv/bin/python bench/stability.py --aligned --shift --json runs/stability.json
+``--aligned`` adds, for every grid cell, the text-anchored model trained the same way: the run is
+repeated with the joint text-alignment loss (``alignment.enabled``) and decided by the aligned head
+(projection + Tip-Adapter, fixed hyper-parameters: no tuning on validation). Every plain run is also
+scored with that head fitted post hoc on its frozen encoder (``posthoc``), which separates what the
+head does from what the training loss does. ``--shift`` adds train-on-some / test-on-the-rest runs over
+figshare views and acquisition batches.
 
-Not part of CI (minutes of CPU).
+    .venv/bin/python bench/stability.py --aligned --json bench/results/stability.json
+
+Not part of CI (about an hour of 2-core CPU with the defaults).
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ def plain_accuracy(net, x, y) -> float:
 
 
 def run_one(cfg: dict, workdir: Path) -> dict:
+    """Train one model with the project's own ``train`` (same split, losses and selection)."""
     from tumorlens.training.train import train
 
     cfg = json.loads(json.dumps(cfg))
@@ -89,17 +95,24 @@ def grid(args, protos, base: dict) -> list[dict]:
         cfg = json.loads(json.dumps(base))
         cfg["model"] = {"backbone": bb}
         cfg["train"].update({"optimizer": opt, "lr": lr})
-        with tempfile.TemporaryDirectory() as td:
-            res = run_one(cfg, Path(td))
-        net = res["net"].eval()
-        card_acc = res["card"]["metrics"]["validation"]["accuracy"]
-        acc = plain_accuracy(net, images[va], labels[va])
-        assert abs(acc - card_acc) < 1e-6, f"split mismatch: {acc} vs card {card_acc}"
-        row = {"backbone": bb, "optimizer": opt, "lr": lr, "accuracy": acc, "seconds": res["seconds"],
-               "best_epoch": res["card"]["metrics"]["best_epoch"]}
-        if args.aligned:
-            row["aligned_accuracy"] = aligned_accuracy(net, protos, images[tr], labels[tr],
-                                                       {"val": (images[va], labels[va])})["val"]
+        row = {"backbone": bb, "optimizer": opt, "lr": lr}
+        for with_text in (False, True) if args.aligned else (False,):
+            cfg["alignment"] = {"enabled": with_text}
+            with tempfile.TemporaryDirectory() as td:
+                res = run_one(cfg, Path(td))
+            net = res["net"].eval()
+            card_acc = res["card"]["metrics"]["validation"]["accuracy"]
+            plain = plain_accuracy(net, images[va], labels[va])
+            assert abs(plain - card_acc) < 1e-6, f"split mismatch: {plain} vs card {card_acc}"
+            head = aligned_accuracy(net, protos, images[tr], labels[tr], {"val": (images[va], labels[va])})["val"] \
+                if args.aligned else None
+            if with_text:
+                row.update({"aligned_accuracy": head, "aligned_plain_head": plain, "aligned_seconds": res["seconds"]})
+            else:
+                row.update({"accuracy": plain, "seconds": res["seconds"],
+                            "best_epoch": res["card"]["metrics"]["best_epoch"]})
+                if head is not None:
+                    row["posthoc_accuracy"] = head
         rows.append(row)
         tqdm.write(json.dumps(row))
         Path(args.json + ".partial").write_text(json.dumps(rows, indent=1))  # survives an interrupted grid
@@ -177,26 +190,34 @@ def shift(args, protos, base: dict) -> list[dict]:
     return out
 
 
+VARIANTS = {"accuracy": "plain", "posthoc_accuracy": "posthoc", "aligned_accuracy": "aligned"}
+
+
+def _variants(rows: list[dict], aligned: bool) -> dict:
+    keys = ["accuracy"] + (["posthoc_accuracy", "aligned_accuracy"] if aligned else [])
+    return {k: VARIANTS[k] for k in keys if any(k in r for r in rows)}
+
+
 def table(rows: list[dict], aligned: bool) -> str:
     lines = []
     lrs = sorted({r["lr"] for r in rows})
-    for variant in ["accuracy"] + (["aligned_accuracy"] if aligned else []):
-        lines.append(f"\n{'plain' if variant == 'accuracy' else 'aligned'} — validation accuracy")
+    names = _variants(rows, aligned)
+    for variant, vname in names.items():
+        lines.append(f"\n{vname} — validation accuracy")
         lines.append(f"{'backbone':16s} {'optimizer':9s} " + " ".join(f"{'lr ' + format(lr, 'g'):>10s}" for lr in lrs))
         for bb in dict.fromkeys(r["backbone"] for r in rows):
             for opt in dict.fromkeys(r["optimizer"] for r in rows):
                 cells = []
                 for lr in lrs:
-                    m = [r[variant] for r in rows if (r["backbone"], r["optimizer"], r["lr"]) == (bb, opt, lr)]
+                    m = [r[variant] for r in rows
+                         if (r["backbone"], r["optimizer"], r["lr"]) == (bb, opt, lr) and variant in r]
                     cells.append(f"{m[0]:10.3f}" if m else f"{'-':>10s}")
                 lines.append(f"{bb:16s} {opt:9s} " + " ".join(cells))
-    lines.append(f"\n{'backbone':16s} {'plain best':>10s} {'worst':>7s} {'spread':>7s}"
-                 + (f" {'aligned best':>12s} {'worst':>7s} {'spread':>7s}" if aligned else ""))
+    lines.append(f"\n{'backbone':16s} " + " ".join(f"{n + ' best':>13s} {'worst':>6s} {'spread':>6s}"
+                                                      for n in names.values()))
     for bb, s in spreads(rows, aligned).items():
-        line = f"{bb:16s} {s['plain']['best']:10.3f} {s['plain']['worst']:7.3f} {s['plain']['spread']:7.3f}"
-        if aligned:
-            line += f" {s['aligned']['best']:12.3f} {s['aligned']['worst']:7.3f} {s['aligned']['spread']:7.3f}"
-        lines.append(line)
+        lines.append(f"{bb:16s} " + " ".join(f"{s[n]['best']:13.3f} {s[n]['worst']:6.3f} {s[n]['spread']:6.3f}"
+                                             for n in names.values()))
     return "\n".join(lines)
 
 
@@ -204,9 +225,9 @@ def spreads(rows: list[dict], aligned: bool) -> dict:
     out = {}
     for bb in dict.fromkeys(r["backbone"] for r in rows):
         d = {}
-        for key, name in [("accuracy", "plain")] + ([("aligned_accuracy", "aligned")] if aligned else []):
-            v = [r[key] for r in rows if r["backbone"] == bb]
-            d[name] = {"best": max(v), "worst": min(v), "spread": max(v) - min(v)}
+        for key, name in _variants(rows, aligned).items():
+            v = [r[key] for r in rows if r["backbone"] == bb and key in r]
+            d[name] = {"best": max(v), "worst": min(v), "spread": max(v) - min(v), "mean": sum(v) / len(v)}
         out[bb] = d
     return out
 
@@ -216,13 +237,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default=str(shared_data_dir() / "brain-mri-2d"))
     p.add_argument("--backbones", default="densenet121,resnet18,efficientnet-b0")
     p.add_argument("--optimizers", default="adamw,sgd,rmsprop")
-    p.add_argument("--lrs", default="0.0003,0.003,0.03")
-    p.add_argument("--max-images", type=int, default=160, help="fixed training subset (val: a quarter, >= 32)")
-    p.add_argument("--size", type=int, default=48)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--lrs", default="0.0001,0.001,0.01")
+    p.add_argument("--max-images", type=int, default=1600, help="fixed training subset (val: a quarter, >= 32)")
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--aligned", action="store_true", help="add the text-anchored variant of every run")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--aligned", action="store_true",
+                   help="add the text-anchored variant of every run (trained with the alignment loss) and the post-hoc head")
     p.add_argument("--shift", action="store_true", help="add view / acquisition-batch hold-out runs")
     p.add_argument("--no-grid", action="store_true")
     p.add_argument("--shift-backbone", default="resnet18")
@@ -238,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         "data": {"root": args.data, "image_size": args.size, "val_fraction": 0.2, "seed": 0,
                  "max_images": args.max_images},
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "patience": 1000,
-                  "num_threads": args.threads, "seed": 0, "channels_last": True},
+                  "num_threads": args.threads, "seed": 0, "channels_last": True, "precision": args.precision},
     }
     protos = None
     if args.aligned or args.shift:

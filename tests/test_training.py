@@ -143,3 +143,27 @@ def test_distillation_holds_the_starting_models_outputs(subset_factory, dev_rows
     cfg["train"] = {**cfg["train"], "init_from": None}
     with pytest.raises(ValueError, match="init_from"):
         train(cfg, progress=False)
+
+
+def test_bf16_precision_trains_float32_weights_and_unknown_precision_is_refused(subset_factory, dev_rows, tmp_path):
+    """``train.precision: bf16`` autocasts the forward pass (with the localisation term's double
+    backprop); weights and the saved checkpoint stay float32/fp16 as usual. Anything else is refused."""
+    from tumorlens.errors import InvalidInputError
+
+    rows = [r for r in dev_rows if r["label"] != "no_tumor" and r.get("mask")][::60][:24]
+    data = subset_factory(rows)
+    cfg = {"data": {"root": str(data), "image_size": 64, "val_fraction": 0.25},
+           "model": {"backbone": "resnet18"},
+           "train": {"epochs": 1, "batch_size": 8, "augment": False, "precision": "bf16",
+                     "localisation": {"weight": 0.5, "layer": "encoder.stages.2"}},
+           "output": {"name": "bf16-unit", "dir": str(tmp_path / "bf16")}}
+    res = train(cfg, progress=False)
+    h = res["card"]["history"][0]
+    assert np.isfinite(h["loss"]) and np.isfinite(h["localisation_loss"]) and h["localisation_loss"] > 0
+    assert res["card"]["config"]["train"]["precision"] == "bf16"
+    assert all(p.dtype == torch.float32 for p in res["net"].parameters())
+    with torch.no_grad():
+        assert torch.isfinite(load_model(tmp_path / "bf16").net(torch.rand(1, 1, 64, 64))[0]).all()
+    cfg["train"]["precision"] = "fp8"
+    with pytest.raises(InvalidInputError, match="precision"):
+        train(cfg, progress=False)

@@ -58,8 +58,8 @@ class LocalisationTerm:
             return logits.new_zeros(())
         idx = torch.nonzero(has).flatten()
         score = logits[idx, labels[idx]].sum()
-        grads = torch.autograd.grad(score, acts, create_graph=True)[0][idx]
-        a = acts[idx]
+        grads = torch.autograd.grad(score, acts, create_graph=True)[0][idx].float()
+        a = acts[idx].float()  # bfloat16 under autocast: the map and its softmax in float32
         dims = tuple(range(2, a.ndim))
         cam = (grads.mean(dims, keepdim=True) * a).sum(1).flatten(1)  # [n, cells]
         cam = cam / (cam.abs().amax(1, keepdim=True).detach() + 1e-6)

@@ -41,6 +41,9 @@ DEFAULTS = {
         "patience": 6, "seg_weight": 1.0, "label_smoothing": 0.05, "channels_last": True,
         "num_threads": None, "seed": 0, "max_minutes": None, "augment": True, "init_from": None,
         "pct_start": 0.15,
+        # "bf16": autocast the forward pass to bfloat16 (2.2x faster for DenseNet121 at 192 px on this
+        # CPU, which has avx512_bf16; weights, optimiser state and validation stay float32); "fp32": off
+        "precision": "fp32",
         "localisation": {"weight": 0.0, "layer": None},  # see tumorlens.training.localisation
         # hold the class outputs of the ``init_from`` model while another term (e.g. localisation)
         # reshapes the network: weight x T^2 x KL(teacher || student) at temperature T
@@ -110,6 +113,9 @@ def train(cfg: dict, progress: bool = True) -> dict:
     dist_cfg = {"weight": 0.0, "temperature": 2.0, **(tc.get("distill") or {})}
     if float(dist_cfg["weight"]) > 0 and not tc.get("init_from"):
         raise InvalidInputError(None, "train.distill needs train.init_from (the teacher is the model training starts from)")
+    precision = str(tc.get("precision") or "fp32").lower()
+    if precision not in ("fp32", "bf16"):
+        raise InvalidInputError(None, f"train.precision must be fp32 or bf16, not {precision!r}")
     if tc.get("num_threads"):
         torch.set_num_threads(int(tc["num_threads"]))
     torch.manual_seed(int(tc["seed"]))
@@ -174,7 +180,9 @@ def train(cfg: dict, progress: bool = True) -> dict:
             x, m, y = x.to(device), m.to(device), y.to(device)
             if cl:
                 x = x.contiguous(memory_format=torch.channels_last)
-            logits, seg = net(x)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                logits, seg = net(x)
+            logits, seg = logits.float(), seg.float()
             loss = ce(logits, y) + sw * (dice(seg, m) + bce(seg, m))
             if align is not None:
                 al = align.loss(y)
