@@ -96,7 +96,7 @@ def grid(args, protos, base: dict) -> list[dict]:
         cfg["model"] = {"backbone": bb}
         cfg["train"].update({"optimizer": opt, "lr": lr})
         row = {"backbone": bb, "optimizer": opt, "lr": lr}
-        for with_text in (False, True) if args.aligned else (False,):
+        for with_text in (False, True) if args.aligned and bb in args.aligned_backbones else (False,):
             cfg["alignment"] = {"enabled": with_text}
             with tempfile.TemporaryDirectory() as td:
                 res = run_one(cfg, Path(td))
@@ -217,7 +217,7 @@ def table(rows: list[dict], aligned: bool) -> str:
                                                       for n in names.values()))
     for bb, s in spreads(rows, aligned).items():
         lines.append(f"{bb:16s} " + " ".join(f"{s[n]['best']:13.3f} {s[n]['worst']:6.3f} {s[n]['spread']:6.3f}"
-                                             for n in names.values()))
+                                             if n in s else f"{'-':>13s} {'-':>6s} {'-':>6s}" for n in names.values()))
     return "\n".join(lines)
 
 
@@ -227,6 +227,8 @@ def spreads(rows: list[dict], aligned: bool) -> dict:
         d = {}
         for key, name in _variants(rows, aligned).items():
             v = [r[key] for r in rows if r["backbone"] == bb and key in r]
+            if not v:
+                continue
             d[name] = {"best": max(v), "worst": min(v), "spread": max(v) - min(v), "mean": sum(v) / len(v)}
         out[bb] = d
     return out
@@ -246,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--aligned", action="store_true",
                    help="add the text-anchored variant of every run (trained with the alignment loss) and the post-hoc head")
+    p.add_argument("--aligned-backbones", default=None,
+                   help="comma-separated backbones that get the aligned arm (default: all of --backbones)")
     p.add_argument("--shift", action="store_true", help="add view / acquisition-batch hold-out runs")
     p.add_argument("--no-grid", action="store_true")
     p.add_argument("--shift-backbone", default="resnet18")
@@ -254,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="runs/stability.json")
     args = p.parse_args(argv)
     args.backbones = args.backbones.split(",")
+    args.aligned_backbones = args.aligned_backbones.split(",") if args.aligned_backbones else args.backbones
     args.optimizers = args.optimizers.split(",")
     args.lrs = [float(x) for x in args.lrs.split(",")]
     torch.set_num_threads(args.threads)
