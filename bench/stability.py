@@ -87,10 +87,16 @@ def grid(args, protos, base: dict) -> list[dict]:
     manifest = load_manifest(root)
     images, _, labels = load_arrays(manifest, args.size)
     tr, va = split_like_train(manifest, base["data"])
+    partial = Path(args.json + ".partial")
+    done = {(r["backbone"], r["optimizer"], r["lr"]): r for r in json.loads(partial.read_text())} \
+        if args.resume and partial.exists() else {}
     rows = []
     combos = list(itertools.product(args.backbones, args.optimizers, args.lrs))
     bar = tqdm(combos, desc="stability grid")
     for bb, opt, lr in bar:
+        if (bb, opt, lr) in done:  # finished by an interrupted run with the same --json
+            rows.append(done[(bb, opt, lr)])
+            continue
         bar.set_postfix_str(f"{bb} {opt} {lr:g}")
         cfg = json.loads(json.dumps(base))
         cfg["model"] = {"backbone": bb}
@@ -115,7 +121,7 @@ def grid(args, protos, base: dict) -> list[dict]:
                     row["posthoc_accuracy"] = head
         rows.append(row)
         tqdm.write(json.dumps(row))
-        Path(args.json + ".partial").write_text(json.dumps(rows, indent=1))  # survives an interrupted grid
+        partial.write_text(json.dumps(rows, indent=1))  # survives an interrupted grid (see --resume)
     return rows
 
 
@@ -169,8 +175,6 @@ def shift(args, protos, base: dict) -> list[dict]:
             cfg["data"].update({"root": str(tr_root), "max_images": args.shift_max_images})
             cfg["model"] = {"backbone": args.shift_backbone}
             cfg["train"]["epochs"] = args.shift_epochs
-            res = run_one(cfg, td)
-            net = res["net"].eval()
             tr_man = load_manifest(tr_root)
             ti, _, tl = load_arrays(tr_man, args.size, progress=False)
             tr, va = split_like_train(tr_man, cfg["data"])
@@ -179,12 +183,23 @@ def shift(args, protos, base: dict) -> list[dict]:
             tumour = xl != CLASS_NAMES.index("no_tumor")
             sets = {"in_distribution_val": (ti[va], tl[va]), "held_out": (xi, xl),
                     "held_out_tumours": (xi[tumour], xl[tumour])}
-            plain = {k: plain_accuracy(net, x, y) for k, (x, y) in sets.items()}
-            aligned = aligned_accuracy(net, protos, ti[tr], tl[tr], sets)
-        row = {"setup": name, "n_train": len(tr), "n_val": len(va), "n_test": int(len(xl)),
-               "plain": plain, "aligned": aligned,
-               "drop_plain": plain["in_distribution_val"] - plain["held_out"],
-               "drop_aligned": aligned["in_distribution_val"] - aligned["held_out"], "seconds": res["seconds"]}
+            row = {"setup": name, "n_train": len(tr), "n_val": len(va), "n_test": int(len(xl))}
+            # plain run (+ the post-hoc text head on its features); with --aligned also a run trained
+            # with the alignment loss, read through the same head: the grid's three variants
+            for with_text in (False, True) if args.aligned else (False,):
+                cfg["alignment"] = {"enabled": with_text}
+                res = run_one(cfg, td / ("aligned" if with_text else "plain"))
+                net = res["net"].eval()
+                head = aligned_accuracy(net, protos, ti[tr], tl[tr], sets)
+                if with_text:
+                    row["aligned"] = head
+                else:
+                    row["plain"] = {k: plain_accuracy(net, x, y) for k, (x, y) in sets.items()}
+                    row["posthoc"] = head
+                row["seconds"] = row.get("seconds", 0.0) + res["seconds"]
+        for variant in ("plain", "posthoc", "aligned"):
+            if variant in row:
+                row[f"drop_{variant}"] = row[variant]["in_distribution_val"] - row[variant]["held_out"]
         tqdm.write(json.dumps(row))
         out.append(row)
     return out
@@ -250,11 +265,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="add the text-anchored variant of every run (trained with the alignment loss) and the post-hoc head")
     p.add_argument("--aligned-backbones", default=None,
                    help="comma-separated backbones that get the aligned arm (default: all of --backbones)")
+    p.add_argument("--resume", action="store_true", help="reuse the cells already in JSON.partial")
     p.add_argument("--shift", action="store_true", help="add view / acquisition-batch hold-out runs")
     p.add_argument("--no-grid", action="store_true")
-    p.add_argument("--shift-backbone", default="resnet18")
-    p.add_argument("--shift-max-images", type=int, default=384)
-    p.add_argument("--shift-epochs", type=int, default=3)
+    p.add_argument("--shift-backbone", default="densenet121")
+    p.add_argument("--shift-max-images", type=int, default=1600)
+    p.add_argument("--shift-epochs", type=int, default=4)
     p.add_argument("--json", default="runs/stability.json")
     args = p.parse_args(argv)
     args.backbones = args.backbones.split(",")
@@ -283,11 +299,14 @@ def main(argv: list[str] | None = None) -> int:
         print(table(rows, args.aligned))
     if args.shift:
         result["shift"] = shift(args, protos, base)
-        print("\nshift (accuracy: in-distribution val -> held out; drop)")
+        print("\nshift (accuracy: in-distribution val -> held out (drop); held-out tumour images only)")
         for r in result["shift"]:
-            print(f"{r['setup']:48s} plain {r['plain']['in_distribution_val']:.3f} -> {r['plain']['held_out']:.3f} "
-                  f"(drop {r['drop_plain']:+.3f})   aligned {r['aligned']['in_distribution_val']:.3f} -> "
-                  f"{r['aligned']['held_out']:.3f} (drop {r['drop_aligned']:+.3f})")
+            print(r["setup"])
+            for v in ("plain", "posthoc", "aligned"):
+                if v in r:
+                    a = r[v]
+                    print(f"  {v:8s} {a['in_distribution_val']:.3f} -> {a['held_out']:.3f} "
+                          f"(drop {r['drop_' + v]:+.3f}); tumours {a['held_out_tumours']:.3f}")
     result["seconds"] = round(time.time() - t0, 1)
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
