@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backbones", default="densenet121,resnet18,efficientnet-b0")
     p.add_argument("--optimizers", default="adamw,sgd,rmsprop")
     p.add_argument("--lrs", default="0.0001,0.001,0.01")
-    p.add_argument("--max-images", type=int, default=1600, help="fixed training subset (val: a quarter, >= 32)")
+    p.add_argument("--max-images", type=int, default=1600, help="fixed training subset size (validation: a quarter as many, >= 32)")
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
