@@ -79,6 +79,9 @@ def run_one(cfg: dict, workdir: Path) -> dict:
     return res
 
 
+RESUME_KEYS = ("data", "max_images", "size", "epochs", "precision", "batch_size", "aligned", "aligned_backbones")
+
+
 def grid(args, protos, base: dict) -> list[dict]:
     from tumorlens.data.dataset import load_arrays
     from tumorlens.data.manifest import load_manifest
@@ -88,8 +91,15 @@ def grid(args, protos, base: dict) -> list[dict]:
     images, _, labels = load_arrays(manifest, args.size)
     tr, va = split_like_train(manifest, base["data"])
     partial = Path(args.json + ".partial")
-    done = {(r["backbone"], r["optimizer"], r["lr"]): r for r in json.loads(partial.read_text())} \
-        if args.resume and partial.exists() else {}
+    # cells are only comparable under the same data, subset, schedule and arms: a partial grid of
+    # other settings is refused, not mixed in
+    settings = {k: getattr(args, k) for k in RESUME_KEYS}
+    done = {}
+    if args.resume and partial.exists():
+        saved = json.loads(partial.read_text())
+        if not isinstance(saved, dict) or saved.get("settings") != settings:
+            raise SystemExit(f"{partial}: written with other settings than this run; remove it or drop --resume")
+        done = {(r["backbone"], r["optimizer"], r["lr"]): r for r in saved["runs"]}
     rows = []
     combos = list(itertools.product(args.backbones, args.optimizers, args.lrs))
     bar = tqdm(combos, desc="stability grid")
@@ -121,7 +131,7 @@ def grid(args, protos, base: dict) -> list[dict]:
                     row["posthoc_accuracy"] = head
         rows.append(row)
         tqdm.write(json.dumps(row))
-        partial.write_text(json.dumps(rows, indent=1))  # survives an interrupted grid (see --resume)
+        partial.write_text(json.dumps({"settings": settings, "runs": rows}, indent=1))  # see --resume
     return rows
 
 
