@@ -167,3 +167,36 @@ def test_bf16_precision_trains_float32_weights_and_unknown_precision_is_refused(
     cfg["train"]["precision"] = "fp8"
     with pytest.raises(InvalidInputError, match="precision"):
         train(cfg, progress=False)
+
+
+def test_decoder_only_cycle_leaves_encoder_and_classifier_untouched(subset_factory, dev_rows, tmp_path):
+    """``train.trainable: [decoder]`` freezes the rest, batch-norm statistics included, so the class
+    outputs of the starting model are exactly kept while the seg head moves; ``seg_dice: image`` takes
+    the Dice term per tumour image. Unknown parts and modes are refused."""
+    from tumorlens.errors import InvalidInputError
+
+    rows = [r for r in dev_rows[::40]][:32]
+    data = subset_factory(rows)
+    base = {"data": {"root": str(data), "image_size": 48, "val_fraction": 0.25},
+            "model": {"backbone": "resnet18"},
+            "train": {"epochs": 1, "batch_size": 8, "augment": False},
+            "output": {"name": "start", "dir": str(tmp_path / "start")}}
+    train(base, progress=False)
+    start = load_model(tmp_path / "start").net  # as stored (fp16 weights), which is what init_from loads
+    cfg = {**base, "train": {**base["train"], "init_from": str(tmp_path / "start"), "lr": 1e-2,
+                             "trainable": ["decoder"], "seg_dice": "image"},
+           "output": {"name": "seg", "dir": str(tmp_path / "seg")}}
+    tuned = train(cfg, progress=False)["net"]
+    s0, s1 = start.state_dict(), tuned.state_dict()
+    for k in s0:
+        same = torch.equal(s0[k].float(), s1[k].float())
+        assert same == (not k.startswith("decoder.")) or "num_batches_tracked" in k, k
+    x = torch.rand(2, 1, 48, 48)
+    start.eval(), tuned.eval()
+    with torch.no_grad():
+        assert torch.equal(start(x)[0], tuned(x)[0])
+        assert not torch.equal(start(x)[1], tuned(x)[1])
+    for bad in ({"trainable": ["heads"]}, {"trainable": []}, {"seg_dice": "pixel"},
+                {"trainable": ["decoder"], "localisation": {"weight": 0.5, "layer": "encoder.stages.2"}}):
+        with pytest.raises(InvalidInputError, match="trainable|seg_dice"):
+            train({**cfg, "train": {**cfg["train"], "trainable": None, **bad}}, progress=False)

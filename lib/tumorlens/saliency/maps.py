@@ -37,7 +37,7 @@ SCORECAM_SLICE_FRACTION = 0.1
 # A CAM is native to its layer's grid (16x16 for the shipped model): bilinear upsampling leaves its
 # maximum on a grid point and its iso-lines blocky. A Gaussian of half a grid cell (sigma = stride / 2)
 # puts the maximum at the centre of the salient mass instead. Chosen on the grouped validation split
-# (488 tumour images, shipped model, Grad-CAM pointing game): sigma 0 -> 0.598, stride/4 -> 0.647,
+# (488 tumour images, cycle-3 model, Grad-CAM pointing game): sigma 0 -> 0.598, stride/4 -> 0.647,
 # stride/2 -> 0.664, stride -> 0.625, 1.5 strides -> 0.545.
 SMOOTH_STRIDES = 0.5
 

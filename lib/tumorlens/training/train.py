@@ -48,6 +48,12 @@ DEFAULTS = {
         # hold the class outputs of the ``init_from`` model while another term (e.g. localisation)
         # reshapes the network: weight x T^2 x KL(teacher || student) at temperature T
         "distill": {"weight": 0.0, "temperature": 2.0},
+        # train only these top-level parts ("encoder", "classifier", "decoder"); the rest stays frozen,
+        # batch-norm statistics included, so e.g. a decoder-only cycle cannot move any class decision
+        "trainable": None,
+        # Dice term of the seg loss over the whole batch ("batch") or per tumour image, averaged ("image",
+        # the way seg Dice is evaluated: one missed small tumour then costs as much as a missed large one)
+        "seg_dice": "batch",
     },
     "output": {"name": None, "dir": None, "version": None},
     # text anchoring as a training loss (issue 8): the pooled features are projected into the frozen
@@ -139,6 +145,17 @@ def train(cfg: dict, progress: bool = True) -> dict:
     if float(loc_cfg.get("weight") or 0) > 0 and loc_cfg.get("layer"):
         cfg["model"]["cam_layer"] = loc_cfg["layer"]  # the trained explanation layer is the model's CAM layer
     net = build_model(cfg).to(device)
+    parts = {"encoder": net.encoder, "classifier": net.classifier, "decoder": net.decoder}
+    trainable = tc.get("trainable")
+    if trainable is not None:
+        unknown = set(trainable) - set(parts)
+        if unknown or not trainable:
+            raise InvalidInputError(None, f"train.trainable must list some of {', '.join(parts)}, not {trainable!r}")
+        if "encoder" not in trainable and float((tc.get("localisation") or {}).get("weight") or 0) > 0:
+            raise InvalidInputError(None, "train.localisation reshapes the encoder: it needs 'encoder' in train.trainable")
+    seg_dice_mode = str(tc.get("seg_dice") or "batch")
+    if seg_dice_mode not in ("batch", "image"):
+        raise InvalidInputError(None, f"train.seg_dice must be batch or image, not {seg_dice_mode!r}")
     init = None
     if tc.get("init_from"):  # continue from a trained model (same backbone), e.g. a second LR cycle
         from tumorlens.models.registry import load_model
@@ -160,19 +177,33 @@ def train(cfg: dict, progress: bool = True) -> dict:
     weights = weights / weights.mean()
     ce = torch.nn.CrossEntropyLoss(weight=weights.to(device), label_smoothing=float(tc["label_smoothing"]))
     dice = DiceLoss(sigmoid=True, batch=True)
+    dice_each = DiceLoss(sigmoid=True, reduction="none")
     bce = torch.nn.BCEWithLogitsLoss()
     align = AlignmentTerm.from_config(cfg, net)  # None unless alignment.enabled
     loc = LocalisationTerm.from_config(tc, net)  # None unless localisation.weight > 0
-    params = list(net.parameters()) + (align.parameters() if align is not None else [])
+    frozen = [m for k, m in parts.items() if trainable is not None and k not in trainable]
+    for m in frozen:
+        m.requires_grad_(False)
+    params = [p for p in net.parameters() if p.requires_grad] + (align.parameters() if align is not None else [])
     opt = make_optimizer(tc["optimizer"], params, float(tc["lr"]), float(tc["weight_decay"]))
     epochs = int(tc["epochs"])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tc["lr"]), total_steps=epochs * len(loader),
                                                 pct_start=float(tc["pct_start"]))
     sw = float(tc["seg_weight"])
+
+    def seg_dice_loss(seg: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+        if seg_dice_mode == "batch":
+            return dice(seg, m)
+        has = m.flatten(1).any(1)
+        if not has.any():  # a batch of tumour-free images: BCE alone keeps their masks empty
+            return seg.sum() * 0.0
+        return dice_each(seg[has], m[has]).mean()
     best, best_state, best_epoch, history, stale = -math.inf, None, -1, [], 0
     t0 = time.time()
     for epoch in range(epochs):
         net.train()
+        for m in frozen:
+            m.eval()
         te = time.time()
         losses, align_losses, loc_losses, dist_losses = [], [], [], []
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
@@ -183,7 +214,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
                 logits, seg = net(x)
             logits, seg = logits.float(), seg.float()
-            loss = ce(logits, y) + sw * (dice(seg, m) + bce(seg, m))
+            loss = ce(logits, y) + sw * (seg_dice_loss(seg, m) + bce(seg, m))
             if align is not None:
                 al = align.loss(y)
                 loss = loss + al
