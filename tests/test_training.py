@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,18 @@ from tumorlens.inference import prepare_slice, resize_2d
 from tumorlens.labels import class_index
 from tumorlens.models import DualHeadNet, load_model
 from tumorlens.training.train import train
+
+
+def _train_start_model(subset_factory, dev_rows, out) -> dict:
+    """A one-epoch resnet18 on 32 real images at 48 px, stored at ``out``: the start of init_from tests.
+    Returns its config, for the follow-up run to extend."""
+    data = subset_factory([r for r in dev_rows[::40]][:32])
+    cfg = {"data": {"root": str(data), "image_size": 48, "val_fraction": 0.25},
+           "model": {"backbone": "resnet18"},
+           "train": {"epochs": 1, "batch_size": 8, "augment": False},
+           "output": {"name": Path(out).name, "dir": str(out)}}
+    train(cfg, progress=False)
+    return cfg
 
 
 def _real_batch(dev2d, rows, size=64):
@@ -127,13 +140,7 @@ def test_localisation_loss_trains_the_named_cam_layer(subset_factory, dev_rows, 
 def test_distillation_holds_the_starting_models_outputs(subset_factory, dev_rows, tmp_path):
     """``train.distill`` adds KL(teacher || student) with the ``init_from`` model as the frozen teacher;
     it needs a model to start from."""
-    rows = [r for r in dev_rows[::40]][:32]
-    data = subset_factory(rows)
-    base = {"data": {"root": str(data), "image_size": 48, "val_fraction": 0.25},
-            "model": {"backbone": "resnet18"},
-            "train": {"epochs": 1, "batch_size": 8, "augment": False},
-            "output": {"name": "teacher", "dir": str(tmp_path / "teacher")}}
-    train(base, progress=False)
+    base = _train_start_model(subset_factory, dev_rows, tmp_path / "teacher")
     cfg = {**base, "train": {**base["train"], "init_from": str(tmp_path / "teacher"), "lr": 1e-9,
                              "distill": {"weight": 1.0, "temperature": 2.0}},
            "output": {"name": "student", "dir": str(tmp_path / "student")}}
@@ -175,13 +182,7 @@ def test_decoder_only_cycle_leaves_encoder_and_classifier_untouched(subset_facto
     the Dice term per tumour image. Unknown parts and modes are refused."""
     from tumorlens.errors import InvalidInputError
 
-    rows = [r for r in dev_rows[::40]][:32]
-    data = subset_factory(rows)
-    base = {"data": {"root": str(data), "image_size": 48, "val_fraction": 0.25},
-            "model": {"backbone": "resnet18"},
-            "train": {"epochs": 1, "batch_size": 8, "augment": False},
-            "output": {"name": "start", "dir": str(tmp_path / "start")}}
-    train(base, progress=False)
+    base = _train_start_model(subset_factory, dev_rows, tmp_path / "start")
     start = load_model(tmp_path / "start").net  # as stored (fp16 weights), which is what init_from loads
     cfg = {**base, "train": {**base["train"], "init_from": str(tmp_path / "start"), "lr": 1e-2,
                              "trainable": ["decoder"], "seg_dice": "image"},

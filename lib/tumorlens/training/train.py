@@ -62,6 +62,9 @@ DEFAULTS = {
 }
 
 
+PARTS = ("encoder", "classifier", "decoder")  # what ``train.trainable`` can name
+
+
 def merge(base: dict, over: dict) -> dict:
     out = copy.deepcopy(base)
     for k, v in (over or {}).items():
@@ -122,6 +125,15 @@ def train(cfg: dict, progress: bool = True) -> dict:
     precision = str(tc.get("precision") or "fp32").lower()
     if precision not in ("fp32", "bf16"):
         raise InvalidInputError(None, f"train.precision must be fp32 or bf16, not {precision!r}")
+    trainable = tc.get("trainable")
+    if trainable is not None:
+        if not trainable or set(trainable) - set(PARTS):
+            raise InvalidInputError(None, f"train.trainable must list some of {', '.join(PARTS)}, not {trainable!r}")
+        if "encoder" not in trainable and float((tc.get("localisation") or {}).get("weight") or 0) > 0:
+            raise InvalidInputError(None, "train.localisation reshapes the encoder: it needs 'encoder' in train.trainable")
+    seg_dice_mode = str(tc.get("seg_dice") or "batch")
+    if seg_dice_mode not in ("batch", "image"):
+        raise InvalidInputError(None, f"train.seg_dice must be batch or image, not {seg_dice_mode!r}")
     if tc.get("num_threads"):
         torch.set_num_threads(int(tc["num_threads"]))
     torch.manual_seed(int(tc["seed"]))
@@ -146,16 +158,6 @@ def train(cfg: dict, progress: bool = True) -> dict:
         cfg["model"]["cam_layer"] = loc_cfg["layer"]  # the trained explanation layer is the model's CAM layer
     net = build_model(cfg).to(device)
     parts = {"encoder": net.encoder, "classifier": net.classifier, "decoder": net.decoder}
-    trainable = tc.get("trainable")
-    if trainable is not None:
-        unknown = set(trainable) - set(parts)
-        if unknown or not trainable:
-            raise InvalidInputError(None, f"train.trainable must list some of {', '.join(parts)}, not {trainable!r}")
-        if "encoder" not in trainable and float((tc.get("localisation") or {}).get("weight") or 0) > 0:
-            raise InvalidInputError(None, "train.localisation reshapes the encoder: it needs 'encoder' in train.trainable")
-    seg_dice_mode = str(tc.get("seg_dice") or "batch")
-    if seg_dice_mode not in ("batch", "image"):
-        raise InvalidInputError(None, f"train.seg_dice must be batch or image, not {seg_dice_mode!r}")
     init = None
     if tc.get("init_from"):  # continue from a trained model (same backbone), e.g. a second LR cycle
         from tumorlens.models.registry import load_model
@@ -198,6 +200,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
         if not has.any():  # a batch of tumour-free images: BCE alone keeps their masks empty
             return seg.sum() * 0.0
         return dice_each(seg[has], m[has]).mean()
+
     best, best_state, best_epoch, history, stale = -math.inf, None, -1, [], 0
     t0 = time.time()
     for epoch in range(epochs):
