@@ -51,6 +51,10 @@ def test_evaluate_cli_on_64_validation_images(val64, subset_factory, tmp_path):
     assert sum(map(sum, m["confusion"]["matrix"])) == 64
     assert m["accuracy"] >= ACCURACY_FLOOR and m["tumour_only_accuracy"] >= ACCURACY_FLOOR
     assert m["seg_dice"] >= DICE_FLOOR
+    # validation images are what the familiarity threshold was set on (1 % below it): few are flagged
+    fam = m["familiarity"]
+    assert fam["k"] >= 1 and 0.5 < fam["threshold"] < fam["median"] <= 1.0
+    assert fam["unfamiliar_fraction"] <= 0.1 and fam["accuracy_familiar"] >= ACCURACY_FLOOR
     assert (tmp_path / "metrics.confusion.png").stat().st_size > 5000
     assert "accuracy" in proc.stdout
 

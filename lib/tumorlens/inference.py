@@ -13,6 +13,8 @@ import torch
 from monai.data import MetaTensor
 from torch.nn import functional as F
 
+from tumorlens.alignment.familiarity import Familiarity
+from tumorlens.alignment.familiarity import assess as assess_familiarity
 from tumorlens.data.normalize import foreground_mask, normalize_intensity
 from tumorlens.data.readers import is_volume
 from tumorlens.errors import InvalidInputError
@@ -97,19 +99,33 @@ class Predictor:
     def size(self) -> int:
         return self.model.image_size
 
+    @property
+    def familiarity_calibration(self) -> dict | None:
+        """k and threshold of the familiarity score (``tumorlens.alignment.familiarity``), if stored."""
+        return None if self.aligned_head is None else self.aligned_head.meta.get("familiarity")
+
     @torch.no_grad()
-    def forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised [B, 1, S, S] -> (probs [B, C], seg_prob [B, 1, S, S]), one encoder pass."""
+    def forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
+        """Normalised [B, 1, S, S] -> (probs [B, C], seg_prob [B, 1, S, S], familiarity [B] or None),
+        one encoder pass."""
         net = self.model.net
         x = x.to(self.device)
         feats = net.encoder(x)
         seg = net.decoder(feats, x.shape[2:])
+        fam = None
         if self.aligned_head is None:
             probs = net.classifier(feats[-1]).softmax(1)
         else:
-            pooled = net.classifier[2](net.classifier[1](net.classifier[0](feats[-1])))
-            probs = torch.as_tensor(self.aligned_head.logits(pooled.float())).softmax(1)
-        return probs.float().cpu(), seg.sigmoid().cpu()
+            pooled = net.classifier[2](net.classifier[1](net.classifier[0](feats[-1]))).float().cpu()
+            probs = torch.as_tensor(self.aligned_head.logits(pooled)).softmax(1)
+            fam = assess_familiarity(self.aligned_head.cache, self.familiarity_calibration, pooled)
+        return probs.float().cpu(), seg.sigmoid().cpu(), fam
+
+    def _familiarity(self, scores: np.ndarray | None) -> Familiarity | None:
+        cal = self.familiarity_calibration
+        if scores is None or cal is None or scores.size == 0:
+            return None
+        return Familiarity(float(np.median(scores)), float(cal["threshold"]), int(cal["k"]))
 
     def predict(self, img: MetaTensor) -> Prediction:
         if not isinstance(img, MetaTensor):
@@ -124,10 +140,10 @@ class Predictor:
 
     def _predict_2d(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         x = prepare_slice(arr, self.size)
-        probs, seg = self.forward_batch(x)
+        probs, seg, fam = self.forward_batch(x)
         seg_full = resize_2d(seg, arr.shape)[0, 0].numpy()
         seg_full = seg_full * foreground_mask(arr)
-        return self._result(img, probs[0].numpy(), seg_full, None)
+        return self._result(img, probs[0].numpy(), seg_full, None, self._familiarity(fam))
 
     def _predict_volume(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         affine = np.asarray(img.affine, dtype=float)
@@ -141,17 +157,23 @@ class Predictor:
         slice_probs = np.full((disp.shape[0], len(CLASS_NAMES)), np.nan, dtype=np.float32)
         # normalise on the whole volume's statistics so slices share one scale
         vnorm = normalize_intensity(disp)
+        fams = []
         for start in range(0, use.size, self.batch_size):
             idx = use[start:start + self.batch_size]
             x = resize_2d(torch.from_numpy(vnorm[idx].copy())[:, None], self.size)
-            probs, seg = self.forward_batch(x)
+            probs, seg, fam = self.forward_batch(x)
             seg_disp[idx] = resize_2d(seg, disp.shape[1:])[:, 0].numpy() * fg[idx]
             slice_probs[idx] = probs.numpy()
+            if fam is not None:
+                fams.append(fam)
         probs = aggregate_slice_probabilities(slice_probs[use])
         seg_vol = display_to_volume(seg_disp, back)
-        return self._result(img, probs, seg_vol, slice_probs)
+        # a volume's familiarity: the median over its brain slices (edge slices alone look unfamiliar)
+        familiarity = self._familiarity(np.concatenate(fams) if fams else None)
+        return self._result(img, probs, seg_vol, slice_probs, familiarity)
 
-    def _result(self, img, probs: np.ndarray, seg: np.ndarray, slice_probs) -> Prediction:
+    def _result(self, img, probs: np.ndarray, seg: np.ndarray, slice_probs,
+                familiarity: Familiarity | None = None) -> Prediction:
         labels = self.model.labels
         pdict = {lab: float(p) for lab, p in zip(labels, probs, strict=True)}
         label = max(pdict, key=pdict.get)
@@ -159,6 +181,8 @@ class Predictor:
                                                              "original_affine", "spacing_known", "modality")}
         mask_np = (seg >= SEG_THRESHOLD).astype(np.uint8)
         extra = {"decision": self.decision}
+        if familiarity is not None:
+            extra["familiarity"] = familiarity.as_dict()
         if label == NO_TUMOUR and pdict[NO_TUMOUR] >= 0.5:
             extra["mask_suppressed_by_classifier"] = bool(mask_np.any())
         mask = MetaTensor(torch.from_numpy(mask_np[None]), affine=img.affine.clone(), meta=dict(meta))

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from tumorlens.alignment.familiarity import calibrate as calibrate_familiarity
 from tumorlens.alignment.features import checkpoint_sha, split_features
 from tumorlens.alignment.head import FUSIONS, AlignedHead, build_head, classifier_layer, make_head
 from tumorlens.alignment.margin import margin_rate, semantic_margins
@@ -127,7 +128,8 @@ def run_alignment(model=None, *, prompts: str | Path | None = None, max_images: 
     meta = {"kind": "aligned", "checkpoint_sha": checkpoint_sha(m), "model": m.name, "model_version": m.version,
             "prompts_key": protos["key"], "encoder": encoder_id(), "n_train": int(len(split["train_y"])),
             "val_accuracy": variants["textspace"]["accuracy"], "plain_val_accuracy": plain["accuracy"],
-            "created_at": datetime.now(UTC).isoformat(timespec="seconds")}
+            "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "familiarity": calibrate_familiarity(aligned.cache, vf)}
     aligned.meta = meta
     saved = {}
     full = max_images is None
@@ -151,6 +153,7 @@ def run_alignment(model=None, *, prompts: str | Path | None = None, max_images: 
         "semantic_margin_median": margin_median,
         "prompt_ablation": abl,
         "negation_retrieval": retrieval,
+        "familiarity": meta["familiarity"],
         "decision": {"aligned_default": bool(wins), "rule": "aligned (textspace) val accuracy >= plain and its cross-fitted val accuracy >= plain - 0.01",
                      "saved": saved},
         "seconds": {"features": round(t_feat, 1), "total": round(time.time() - t0, 1)},

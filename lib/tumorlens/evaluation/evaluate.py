@@ -26,14 +26,17 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     labels = np.array([class_index(r.label) for r in records])
     probs = np.zeros((len(records), len(pred.model.labels)), np.float32)
     dices: list[float] = []
+    fam = np.full(len(records), np.nan, np.float32)
     batch_x, batch_i = [], []
 
     def flush():
         if not batch_x:
             return
-        p, seg = pred.forward_batch(torch.cat(batch_x))
+        p, seg, f = pred.forward_batch(torch.cat(batch_x))
         for j, i in enumerate(batch_i):
             probs[i] = p[j].numpy()
+            if f is not None:
+                fam[i] = f[j]
             rec = records[i]
             if rec.mask is not None:
                 img = pending[i]
@@ -50,6 +53,8 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
         if is_volume(img) and img.shape[-1] > 1:
             r = pred.predict(img)
             probs[i] = [r.probabilities[c] for c in pred.model.labels]
+            if "familiarity" in r.extra:
+                fam[i] = r.extra["familiarity"]["score"]
             if rec.mask is not None:
                 truth = read_mask(rec.mask, like=img)[0].numpy() > 0
                 dices.append(dice_score(r.mask[0].numpy() > 0, truth))
@@ -64,11 +69,30 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     m = classification_metrics(labels, probs, pred.model.labels)
     m["seg_dice"] = float(np.mean(dices)) if dices else None
     m["seg_n"] = len(dices)
+    m["familiarity"] = familiarity_summary(fam, labels, probs, pred.familiarity_calibration)
     m["model"] = {"name": pred.model.name, "version": pred.model.version, "backbone": pred.model.backbone}
     m["data"] = {"folder": Path(data_dir).name, "manifest_sha256": manifest.sha256}
     m["_probs"] = probs
     m["_labels"] = labels
     return m
+
+
+def familiarity_summary(scores: np.ndarray, labels: np.ndarray, probs: np.ndarray, calibration: dict | None) -> dict | None:
+    """How many images the model finds unlike its training images, and its accuracy on each part: on a
+    new dataset a high unfamiliar share or a low accuracy among the unfamiliar says the data has shifted."""
+    if calibration is None or np.isnan(scores).all():
+        return None
+    ok = ~np.isnan(scores)
+    unfamiliar = ok & (scores < calibration["threshold"])
+    hit = probs.argmax(1) == labels
+
+    def acc(sel: np.ndarray) -> float | None:
+        return float(hit[sel].mean()) if sel.any() else None
+
+    return {"k": int(calibration["k"]), "threshold": float(calibration["threshold"]),
+            "median": float(np.median(scores[ok])), "unfamiliar_fraction": float(unfamiliar[ok].mean()),
+            "n_unfamiliar": int(unfamiliar.sum()), "accuracy_familiar": acc(ok & ~unfamiliar),
+            "accuracy_unfamiliar": acc(unfamiliar)}
 
 
 def confusion_png(metrics: dict, path: str | Path, title: str = "") -> Path:
@@ -106,4 +130,10 @@ def format_table(m: dict) -> str:
              f"{'class':<12}{'precision':>10}{'recall':>8}{'f1':>8}{'n':>6}"]
     for c, v in m["per_class"].items():
         lines.append(f"{c:<12}{v['precision']:>10.3f}{v['recall']:>8.3f}{v['f1']:>8.3f}{v['n']:>6}")
+    f = m.get("familiarity")
+    if f:
+        acc = {k: "-" if f[k] is None else f"{f[k]:.3f}" for k in ("accuracy_familiar", "accuracy_unfamiliar")}
+        lines.append(f"unfamiliar images (k-NN similarity < {f['threshold']:.3f}): {f['n_unfamiliar']} "
+                     f"({100 * f['unfamiliar_fraction']:.1f} %); accuracy familiar {acc['accuracy_familiar']}, "
+                     f"unfamiliar {acc['accuracy_unfamiliar']}")
     return "\n".join(lines)

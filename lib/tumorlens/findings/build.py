@@ -55,14 +55,24 @@ def entropy(probabilities: Mapping[str, float]) -> float:
     return float(-(p * np.log(p)).sum())
 
 
-def classification(probabilities: Mapping[str, float], uncertainty: Mapping[str, Any] | None = None) -> Classification:
+def familiarity_note(fam: Mapping[str, Any]) -> str | None:
+    """The record's note for an image the model finds unlike its training images (None when familiar)."""
+    if fam["familiar"]:
+        return None
+    return (f"image is unlike the training images (familiarity {fam['score']:.2f} below {fam['threshold']:.2f}, "
+            "which 99% of validation images reach): the classification and masks may be unreliable")
+
+
+def classification(probabilities: Mapping[str, float], uncertainty: Mapping[str, Any] | None = None,
+                   familiarity: Mapping[str, Any] | None = None) -> Classification:
     probs = {c: float(probabilities[c]) for c in CLASS_NAMES}
     total = sum(probs.values())
     if total > 0 and abs(total - 1.0) < 1e-2:  # float32 softmax rounding; larger gaps are refused
         probs = {c: p / total for c, p in probs.items()}
     label = max(probs, key=probs.get)
     unc = dict(uncertainty) if uncertainty else {"entropy": entropy(probs), "method": "softmax_entropy"}
-    return Classification(label=label, probabilities=probs, uncertainty=Uncertainty(**unc))
+    return Classification(label=label, probabilities=probs, uncertainty=Uncertainty(**unc),
+                          familiarity=dict(familiarity) if familiarity else None)
 
 
 def mask_info(mask: np.ndarray, source: str, spacing_mm: Sequence[float], kind: str) -> MaskInfo:
@@ -129,13 +139,15 @@ def build_findings(
     patient: Mapping[str, Any] | Patient | None = None,
     model: Any | None = None,
     uncertainty: Mapping[str, Any] | None = None,
+    familiarity: Mapping[str, Any] | None = None,
     file: str | Path | None = None,
 ) -> Findings:
     """One validated record from the pieces.
 
     ``masks`` are ``(source, binary array on the input grid)`` pairs (or ready ``MaskInfo``);
     ``atlas`` is the dict of ``tumorlens.atlas.map_regions`` (``regions``, ``lesion``, ``placement``,
-    ``notes``). Invalid pieces raise ``InvalidInputError`` from :meth:`Findings.from_dict`.
+    ``notes``); ``familiarity`` is ``Prediction.extra["familiarity"]`` (an unfamiliar image also gets a
+    note, which the report carries). Invalid pieces raise ``InvalidInputError`` from :meth:`Findings.from_dict`.
     """
     info = input_info(image, file)
     mask_list = []
@@ -146,6 +158,9 @@ def build_findings(
             src, arr = m
             mask_list.append(mask_info(arr, src, info.spacing_mm, info.kind))
     all_notes = list(notes)
+    fam_note = familiarity_note(familiarity) if familiarity else None
+    if fam_note and fam_note not in all_notes:
+        all_notes.insert(0, fam_note)
     regions: list[Region | dict] = []
     lesion: Lesion | dict = Lesion()
     placement: Placement | dict = Placement()
@@ -159,7 +174,7 @@ def build_findings(
     record = {
         "schema_version": SCHEMA_VERSION,
         "input": info,
-        "classification": classification(probabilities, uncertainty),
+        "classification": classification(probabilities, uncertainty, familiarity),
         "masks": mask_list,
         "saliency": saliency,
         "regions": regions,

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: classification.familiarity (optional)
 PROB_SUM_TOL = 1e-3
 MASK_SOURCES = ("segmentation_head", "saliency:gradcam", "saliency:gradcampp", "saliency:scorecam")
 SALIENCY_METHODS = ("gradcam", "gradcampp", "scorecam")
@@ -99,10 +99,27 @@ class Uncertainty(_Strict):
         return v
 
 
+class FamiliarityInfo(_Strict):
+    """k-NN cosine similarity of the image's features to the training images' (``tumorlens.alignment.familiarity``);
+    ``familiar`` is false below the threshold that 99 % of grouped-validation images reach."""
+
+    score: float = Field(ge=-1.0, le=1.0)
+    threshold: float = Field(ge=-1.0, le=1.0)
+    k: int = Field(ge=1)
+    familiar: bool
+
+    @model_validator(mode="after")
+    def _consistent(self) -> FamiliarityInfo:
+        if self.familiar != (self.score >= self.threshold):
+            raise ValueError(f"familiar={self.familiar} contradicts score {self.score} vs threshold {self.threshold}")
+        return self
+
+
 class Classification(_Strict):
     label: str
     probabilities: dict[str, float]
     uncertainty: Uncertainty
+    familiarity: FamiliarityInfo | None = None
 
     @field_validator("label")
     @classmethod

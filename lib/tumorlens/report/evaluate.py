@@ -74,7 +74,7 @@ def iter_findings(data_dir: str | Path, n: int, model: str | None = None) -> Ite
         mask = pred.mask.detach().cpu().numpy()[0]
         yield name, build_findings(img, pred.probabilities, masks=[("segmentation_head", mask)],
                                    notes=["no atlas placement: the saliency/atlas stage is not installed"],
-                                   model=predictor.model, file=name)
+                                   model=predictor.model, file=name, familiarity=pred.extra.get("familiarity"))
 
 
 def _words(text: str) -> list[str]:

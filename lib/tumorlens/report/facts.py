@@ -72,6 +72,7 @@ class Facts:
     saliency_percentile: float | None
     notes: list[str]
     patient: PatientContext
+    unfamiliar: bool  # the image is unlike the model's training images (classification.familiarity)
     model_name: str
     numbers: list[float] = field(default_factory=list)
 
@@ -188,6 +189,9 @@ class Facts:
 
     def limitations(self) -> list[str]:
         out = ["Automated research output from a machine-learning model; not a diagnosis."]
+        if self.unfamiliar:
+            out.append("The image is unlike the images the model was trained on, so its classification may not "
+                       "be reliable.")
         if self.kind == "image2d":
             out.append("Single 2D image: structures outside this slice are not assessed.")
             if not self.spacing_known:
@@ -250,6 +254,7 @@ def build_facts(findings: Any) -> Facts:
         saliency_percentile=f.saliency.percentile if f.saliency else None,
         notes=list(f.notes),
         patient=sanitize_patient(f.patient),
+        unfamiliar=bool(cls.familiarity is not None and not cls.familiarity.familiar),
         model_name=f.provenance.model,
     )
     facts.numbers = _allowed_numbers(facts)

@@ -132,7 +132,7 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
                      "threshold": float(th.threshold) if np.isfinite(th.threshold) else 1.0, "rule": RULE}
     mask_list = [("segmentation_head", seg_np)] + [(f"saliency:{m}", masks[m].numpy()[0]) for m in methods]
     findings = build_findings(img, pred.probabilities, masks=mask_list, saliency=saliency_info, atlas=atlas,
-                              notes=notes, patient=patient, model=lm)
+                              notes=notes, patient=patient, model=lm, familiarity=pred.extra.get("familiarity"))
     region_map, region_names = None, None
     if atlas is not None and atlas.get("region_map") is not None:  # per-voxel labels, if the atlas offers them
         region_map, region_names = np.asarray(atlas["region_map"]), list(atlas.get("region_names", []))

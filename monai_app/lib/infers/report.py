@@ -59,7 +59,8 @@ class ReportInfer(TumorlensInfer):
 
         pred = Predictor(model).predict(img)
         return build_findings(img, pred.probabilities, masks=[("segmentation_head", pred.mask.numpy()[0])], model=model,
-                              notes=["saliency pipeline not installed: no saliency map and no atlas regions"])
+                              notes=["saliency pipeline not installed: no saliency map and no atlas regions"],
+                              familiarity=pred.extra.get("familiarity"))
 
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
         from tumorlens.report import generate_report

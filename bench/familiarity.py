@@ -1,0 +1,107 @@
+"""Familiarity of the shipped model on in- and out-of-distribution inputs: the k-NN similarity of the
+grouped validation images (what the threshold was set on) beside real images the model was not trained
+for: CT and MR test slices inside pydicom, scikit-image's photographs and micrographs, and the BraTS
+volumes (T1c: the training sequence from another scanner; FLAIR: a sequence never seen).
+
+    .venv/bin/python bench/familiarity.py [--json OUT]
+
+Prints a table and writes JSON (default ``bench/results/familiarity.json``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+PYDICOM_FILES = ("CT_small.dcm", "liver_1frame.dcm", "MR_small.dcm")
+SKIMAGE_IMAGES = ("camera", "astronaut", "coins", "moon", "brick", "text", "chelsea", "shepp_logan_phantom",
+                  "grass", "page", "clock", "horse", "retina", "cell", "hubble_deep_field", "immunohistochemistry")
+
+
+def _skimage_files(tmp: Path) -> list[tuple[str, Path]]:
+    """scikit-image's bundled images written as PNG, so they go through the same reader as any user file."""
+    import skimage.data
+    from PIL import Image
+
+    out = []
+    for name in SKIMAGE_IMAGES:
+        try:
+            a = np.asarray(getattr(skimage.data, name)(), dtype=np.float64)
+        except Exception as e:  # noqa: BLE001 - an image not bundled in this scikit-image is skipped, and said so
+            print(f"skip skimage/{name}: {e}")
+            continue
+        a = a[..., :3].mean(-1) if a.ndim == 3 else a
+        a = (255 * (a - a.min()) / max(float(np.ptp(a)), 1e-9)).astype(np.uint8)
+        p = tmp / f"{name}.png"
+        Image.fromarray(a).save(p)
+        out.append((f"skimage/{name}", p))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--json", default="bench/results/familiarity.json")
+    args = ap.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    import tempfile
+
+    import torch
+    from pydicom.data import get_testdata_file
+    from tqdm import tqdm
+
+    from tumorlens.alignment.familiarity import knn_similarity
+    from tumorlens.alignment.features import split_features
+    from tumorlens.data import read_image
+    from tumorlens.inference import Predictor
+    from tumorlens.paths import shared_data_dir
+
+    torch.set_num_threads(2)
+    pred = Predictor()
+    cal = pred.familiarity_calibration
+    if cal is None:
+        raise SystemExit("the shipped model has no familiarity calibration: run `tumorlens align`")
+    sf = split_features(pred.model, progress=True)
+    val = knn_similarity(pred.aligned_head.cache, sf["val_f"], cal["k"])
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        inputs = [(f"pydicom/{n}", Path(get_testdata_file(n))) for n in PYDICOM_FILES if get_testdata_file(n)]
+        inputs += _skimage_files(Path(tmp))
+        brats = shared_data_dir() / "brats-3d"
+        for pat in sorted(p for p in brats.iterdir() if p.is_dir()) if brats.is_dir() else []:
+            for seq in ("T1c", "Flair"):
+                inputs += [(f"brats/{pat.name}/{f.name}", f) for f in sorted(pat.glob(f"{seq}*.nii*"))]
+        for name, path in tqdm(inputs, desc="inputs"):
+            r = pred.predict(read_image(path))
+            f = r.extra["familiarity"]
+            rows.append({"input": name, "score": f["score"], "familiar": f["familiar"], "label": r.label,
+                         "p": round(r.probabilities[r.label], 3)})
+    res = {"model": {"name": pred.model.name, "version": pred.model.version}, "calibration": cal,
+           "validation": {"n": int(val.size), "flagged": int((val < cal["threshold"]).sum()),
+                          "flagged_fraction": float((val < cal["threshold"]).mean()),
+                          "median": float(np.median(val)), "min": float(val.min())},
+           "inputs": rows}
+    v = res["validation"]
+    print(f"threshold {cal['threshold']:.3f} (k={cal['k']}, {100 * cal['quantile']:.0f} % quantile of grouped validation)")
+    print(f"validation: {v['flagged']} of {v['n']} flagged ({100 * v['flagged_fraction']:.1f} %), median {v['median']:.3f}")
+    print(f"{'input':52s} {'score':>6s}  {'flag':4s}  prediction")
+    for r in rows:
+        print(f"{r['input']:52s} {r['score']:6.3f}  {'' if r['familiar'] else 'FLAG':4s}  {r['label']} ({r['p']:.2f})")
+    for group in ("pydicom", "skimage", "brats"):
+        g = [r for r in rows if r["input"].startswith(group)]
+        if g:
+            print(f"{group}: {sum(not r['familiar'] for r in g)} of {len(g)} flagged")
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(res, indent=1))
+    print(f"json: {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
