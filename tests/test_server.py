@@ -128,6 +128,8 @@ def test_upload_and_classify_matches_in_process(client, dev2d, base_model):
     ref = clean_reference(src)
     for c in CLASS_NAMES:
         assert abs(probs[c] - ref[c]) < 1e-4, (c, probs[c], ref[c])
+    fam = res["familiarity"]  # a figshare training-source slice: well inside the training distribution
+    assert fam["familiar"] is True and fam["score"] >= fam["threshold"]
     # the same file sent with the request, not through the datastore
     _, res2 = infer_json(client, "classification", "", file=str(src))
     for c in CLASS_NAMES:

@@ -28,6 +28,7 @@ class ClassificationInfer(TumorlensInfer):
             "prediction": [{"idx": i, "label": c, "score": pred.probabilities[c]} for i, c in enumerate(model.labels)],
             "model": {"name": model.name, "version": self.state.model_version()},
         }
+        out.update(pred.extra)  # decision (aligned / plain) and familiarity with the training images
         if pred.slice_probabilities is not None:
             out["slices_used"] = int(np.isfinite(pred.slice_probabilities[:, 0]).sum())
         return None, out
