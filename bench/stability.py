@@ -7,7 +7,11 @@ repeated with the joint text-alignment loss (``alignment.enabled``) and decided 
 (projection + Tip-Adapter, fixed hyper-parameters: no tuning on validation). Every plain run is also
 scored with that head fitted post hoc on its frozen encoder (``posthoc``), which separates what the
 head does from what the training loss does. ``--shift`` adds train-on-some / test-on-the-rest runs over
-figshare views and acquisition batches.
+figshare views and acquisition batches. ``--init-from MODEL`` starts every cell from that trained
+model's weights instead of from scratch (the fine-tuning regime of the TumorCLIP study, whose backbones
+started from ImageNet; here the project's own model is the only pretrained encoder): the grid then asks
+how much optimiser and learning rate matter once the encoder already knows the task. The model must have
+been trained on the same grouped split (the grid's validation subset lies inside its validation part).
 
     .venv/bin/python bench/stability.py --aligned --json bench/results/stability.json
 
@@ -79,7 +83,8 @@ def run_one(cfg: dict, workdir: Path) -> dict:
     return res
 
 
-RESUME_KEYS = ("data", "max_images", "size", "epochs", "precision", "batch_size", "aligned", "aligned_backbones")
+RESUME_KEYS = ("data", "max_images", "size", "epochs", "precision", "batch_size", "aligned", "aligned_backbones",
+               "init_from")
 
 
 def grid(args, protos, base: dict) -> list[dict]:
@@ -281,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shift-backbone", default="densenet121")
     p.add_argument("--shift-max-images", type=int, default=1600)
     p.add_argument("--shift-epochs", type=int, default=4)
+    p.add_argument("--init-from", default=None,
+                   help="start every cell from this trained model (name or folder) instead of from scratch")
     p.add_argument("--json", default="runs/stability.json")
     args = p.parse_args(argv)
     args.backbones = args.backbones.split(",")
@@ -294,6 +301,17 @@ def main(argv: list[str] | None = None) -> int:
         "train": {"epochs": args.epochs, "batch_size": args.batch_size, "patience": 1000,
                   "num_threads": args.threads, "seed": 0, "channels_last": True, "precision": args.precision},
     }
+    if args.init_from:
+        from tumorlens.models.registry import load_model
+
+        init = load_model(args.init_from)
+        other = [b for b in args.backbones if b != init.backbone]
+        if other:
+            raise SystemExit(f"--init-from {args.init_from} is a {init.backbone}: drop {', '.join(other)} from --backbones")
+        dc = init.config.get("data", {})
+        if (float(dc.get("val_fraction", 0.2)), int(dc.get("seed", 0))) != (0.2, 0):
+            raise SystemExit(f"--init-from {args.init_from} was trained on another split: its validation part would leak")
+        base["train"]["init_from"] = args.init_from
     protos = None
     if args.aligned or args.shift:
         from tumorlens.alignment.prompts import load_descriptions

@@ -59,8 +59,8 @@ def familiarity_note(fam: Mapping[str, Any]) -> str | None:
     """The record's note for an image the model finds unlike its training images (None when familiar)."""
     if fam["familiar"]:
         return None
-    return (f"image is unlike the training images (familiarity {fam['score']:.2f} below {fam['threshold']:.2f}, "
-            "which 99% of validation images reach): the classification and masks may be unreliable")
+    return (f"image is unlike the training images (familiarity {fam['score']:.2f} below the threshold "
+            f"{fam['threshold']:.2f} set on validation images): the classification and masks may be unreliable")
 
 
 def classification(probabilities: Mapping[str, float], uncertainty: Mapping[str, Any] | None = None,
