@@ -17,7 +17,7 @@ probability in [0, 1], the skipped channels can change the map by at most 5 % of
 Clustering (Cluster-ScoreCAM, on by default in ``tumorlens.saliency.maps``): the kept channels'
 normalised maps are grouped by k-means and only the centres mask the input; each channel takes
 its centre's score. With the shipped model (512 channels of a 16x16 map, ~380 of them non-zero)
-128 centres give 16-18x the speed of the plain version at a map correlation >= 0.994.
+128 centres give 12-14x the speed of the plain version at a map correlation >= 0.996.
 ``bench/saliency.py`` measures the speed-up and the correlation with the full, one-channel-per-
 pass version.
 

@@ -32,7 +32,7 @@ from tumorlens.saliency.cam import GRAD_METHODS, METHODS, grad_cams, score_cam
 from tumorlens.saliency.threshold import brain_mask
 
 SCORECAM_MASS = None  # every non-zero channel (then clustered); a share like 0.95 ranks channels first
-SCORECAM_CLUSTERS = 128  # Cluster-ScoreCAM masks: 16-18x faster than plain, map corr >= 0.994 (bench/saliency.py)
+SCORECAM_CLUSTERS = 128  # Cluster-ScoreCAM masks: 12-14x faster than plain, map corr >= 0.996 (bench/saliency.py)
 SCORECAM_SLICE_FRACTION = 0.1
 # A CAM is native to its layer's grid (16x16 for the shipped model): bilinear upsampling leaves its
 # maximum on a grid point and its iso-lines blocky. A Gaussian of half a grid cell (sigma = stride / 2)
