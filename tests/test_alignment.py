@@ -290,6 +290,14 @@ def test_stored_aligned_head_becomes_the_default_decision(probed_model, real_sub
     head.save(probed_model.path / "alignment.pt")
     h, kind = text_head(probed_model)
     assert kind == "aligned"
+    # loaded once per file version and shared; a rewritten adapter is loaded afresh
+    from tumorlens.alignment import load_alignment
+
+    assert load_alignment(probed_model) is h
+    head.meta = {**head.meta, "note": "rewritten"}
+    head.save(probed_model.path / "alignment.pt")
+    h2 = load_alignment(probed_model)
+    assert h2 is not h and h2.meta["note"] == "rewritten"
     probs, kind = aligned_probabilities(probed_model, va["x"])
     assert kind == "aligned"
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
