@@ -309,6 +309,21 @@ def test_findings_and_probabilities_parsing():
         tll.probabilities_of({})
 
 
+def test_familiarity_parsing_and_warning():
+    fam = {"score": 0.7446, "threshold": 0.8635, "k": 5, "familiar": False}
+    assert tll.familiarity_of({"familiarity": fam}) == {"score": 0.7446, "threshold": 0.8635, "familiar": False}
+    f = {"schema_version": "1.1", "classification": {"label": "glioma", "familiarity": dict(fam, familiar=True,
+                                                                                             score=0.95)}}
+    assert tll.familiarity_of({"findings": f})["familiar"] is True
+    assert tll.familiarity_of({"findings": {"schema_version": "1.0", "classification": {}}}) is None
+    assert tll.familiarity_of({}) is None
+    warning = tll.familiarity_warning(tll.familiarity_of({"familiarity": json.dumps(fam)}))
+    assert warning and "0.74 below 0.86" in warning
+    assert tll.familiarity_warning({"score": 0.95, "threshold": 0.86, "familiar": True}) is None
+    with pytest.raises(tll.ResponseError, match="familiarity"):
+        tll.familiarity_of({"familiarity": {"score": "high"}})
+
+
 def test_region_names():
     assert tll.readable_region("Left_Insular_Cortex") == ("insular cortex", "left")
     assert tll.readable_region("Right_Lateral_Ventricle") == ("lateral ventricle", "right")

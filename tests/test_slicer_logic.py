@@ -379,9 +379,12 @@ def test_server_saliency_to_region_named_segments(logic, server, t1c, tmp_path):
     assert rep["status"] in Path(rep["markdown_path"]).read_text()
     # a second run does not upload again (same content hash)
     before = len(logic.client.datastore()["objects"])
-    probs = logic.run_model(volume, "classification")["probabilities"]
+    cls = logic.run_model(volume, "classification")
+    probs = cls["probabilities"]
     assert len(logic.client.datastore()["objects"]) == before
     assert list(probs) == list(tll.CLASS_NAMES) and abs(sum(probs.values()) - 1) < 1e-3
+    fam = cls["familiarity"]  # the server's familiarity with the image reaches the Logic's result
+    assert set(fam) == {"score", "threshold", "familiar"} and fam["familiar"] == (fam["score"] >= fam["threshold"])
 
 
 @pytest.mark.server

@@ -270,6 +270,10 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
             out["probabilities"] = tll.probabilities_of(params)
         except tll.ResponseError:
             out["probabilities"] = None
+        try:
+            out["familiarity"] = tll.familiarity_of(params)
+        except tll.ResponseError:
+            out["familiarity"] = None
         if heat:
             out["heatmap_node_id"] = self.load_heatmap(answer.label_path, name=f"TumorLens {model} heatmap").GetID()
         elif answer.label_path:
@@ -627,6 +631,9 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             res = self.logic.apply_answers(answers, volume, model)
             self._last = res
             lines = []
+            warning = tll.familiarity_warning(res.get("familiarity"))
+            if warning and not res.get("findings"):  # with findings the same caution is among the notes
+                lines.append(f"**{warning}**")
             if res.get("probabilities"):
                 lines.append(tll.probabilities_table(res["probabilities"]))
             for s in res.get("segments", []):

@@ -12,6 +12,8 @@ from .results import (
     ModelInfo,
     ResponseError,
     SegmentSpec,
+    familiarity_of,
+    familiarity_warning,
     findings_of,
     label_names_of,
     parse_label_map,
@@ -30,7 +32,8 @@ REQUIREMENTS: dict[str, str] = {}
 
 __all__ = [
     "CLASS_NAMES", "Cancelled", "InferAnswer", "ModelInfo", "MonaiLabelClient", "REQUIREMENTS", "ReportView",
-    "ResponseError", "SegmentSpec", "ServerError", "color_distance", "findings_of", "heat_table",
+    "ResponseError", "SegmentSpec", "ServerError", "color_distance", "familiarity_of", "familiarity_warning",
+    "findings_of", "heat_table",
     "label_names_of", "parse_infer_response", "parse_label_map", "parse_models", "parse_strategies",
     "probabilities_of", "probabilities_table", "readable_region", "region_color", "report_markdown",
     "report_view", "segment_name", "segment_specs", "verification_status",

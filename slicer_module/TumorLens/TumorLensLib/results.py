@@ -98,6 +98,30 @@ def findings_of(params: dict) -> dict | None:
     return f
 
 
+def familiarity_of(params: dict) -> dict | None:
+    """How familiar the model found the image (``score``, ``threshold``, ``familiar``), from a
+    classification/segmentation answer or its findings record; None when the server did not say."""
+    fam = _maybe_json(params.get("familiarity"))
+    if fam is None:
+        f = findings_of(params)
+        if f and isinstance(f.get("classification"), dict):
+            fam = f["classification"].get("familiarity")
+    if fam is None:
+        return None
+    try:
+        return {"score": float(fam["score"]), "threshold": float(fam["threshold"]), "familiar": bool(fam["familiar"])}
+    except (KeyError, TypeError, ValueError):
+        raise ResponseError(f"'familiarity' is not a score/threshold/familiar record: {fam!r}") from None
+
+
+def familiarity_warning(fam: dict | None) -> str | None:
+    """One line for the results panel when the image is unlike the model's training images."""
+    if not fam or fam["familiar"]:
+        return None
+    return (f"Image is unlike the model's training images (familiarity {fam['score']:.2f} below "
+            f"{fam['threshold']:.2f}): the result may be unreliable.")
+
+
 def label_names_of(params: dict) -> dict[str, int]:
     """``label_names`` of an infer answer; background (index 0) dropped."""
     names = parse_label_map(_maybe_json(params.get("label_names")))
