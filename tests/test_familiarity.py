@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tumorlens.alignment.familiarity import Familiarity, calibrate, knn_similarity
+from tumorlens.alignment.familiarity import Familiarity, calibrate, knn_similarity, unfamiliar
 from tumorlens.alignment.tip_adapter import TipAdapter
 from tumorlens.data import read_image
 from tumorlens.errors import InvalidInputError
@@ -36,15 +36,17 @@ def test_familiarity_record_is_consistent():
     f = Familiarity(0.80004, 0.86, 5)
     assert not f.familiar and f.as_dict() == {"score": 0.8, "threshold": 0.86, "k": 5, "familiar": False}
     assert Familiarity(0.86, 0.86, 5).familiar
+    # the per-image flag and the dataset rule agree at the recorded precision, also at the edge
+    assert Familiarity(0.86352, 0.86348, 5).familiar and not unfamiliar(0.86352, 0.86348)
+    assert list(unfamiliar([0.5, 0.86349, 0.9], 0.8635)) == [True, False, False]
 
 
 @pytest.fixture(scope="module")
 def liver_ct():
     from pydicom.data import get_testdata_file
 
-    path = get_testdata_file("liver_1frame.dcm")  # a real abdominal CT slice shipped inside pydicom
-    if path is None:
-        pytest.skip("pydicom's liver_1frame.dcm test file is not installed")
+    path = get_testdata_file("liver_1frame.dcm")  # a real abdominal CT slice inside the pydicom<3 wheel
+    assert path is not None, "pydicom's bundled liver_1frame.dcm is missing: pydicom must stay < 3 (pyproject)"
     return path
 
 

@@ -26,6 +26,12 @@ from tumorlens.alignment.tip_adapter import TipAdapter
 
 K = 5
 QUANTILE = 0.01
+DECIMALS = 4  # scores and thresholds are recorded, and compared, at this precision
+
+
+def unfamiliar(scores, threshold: float) -> np.ndarray:
+    """The one flagging rule (per image and in dataset summaries): score below threshold, as recorded."""
+    return np.round(np.asarray(scores, dtype=np.float64), DECIMALS) < round(float(threshold), DECIMALS)
 
 
 def knn_similarity(cache: TipAdapter, feats, k: int = K) -> np.ndarray:
@@ -53,12 +59,12 @@ class Familiarity:
     k: int
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "score", round(float(self.score), 4))
-        object.__setattr__(self, "threshold", round(float(self.threshold), 4))
+        object.__setattr__(self, "score", round(float(self.score), DECIMALS))
+        object.__setattr__(self, "threshold", round(float(self.threshold), DECIMALS))
 
     @property
     def familiar(self) -> bool:
-        return self.score >= self.threshold
+        return not bool(unfamiliar(self.score, self.threshold))
 
     def as_dict(self) -> dict:
         return {"score": self.score, "threshold": self.threshold, "k": self.k, "familiar": self.familiar}

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from tumorlens.alignment.familiarity import unfamiliar
 from tumorlens.data.manifest import load_manifest
 from tumorlens.data.readers import is_volume, read_image, read_mask
 from tumorlens.evaluation.metrics import classification_metrics, dice_score
@@ -83,16 +84,16 @@ def familiarity_summary(scores: np.ndarray, labels: np.ndarray, probs: np.ndarra
     if calibration is None or np.isnan(scores).all():
         return None
     ok = ~np.isnan(scores)
-    unfamiliar = ok & (scores < calibration["threshold"])
+    flagged = ok & unfamiliar(np.nan_to_num(scores, nan=1.0), calibration["threshold"])
     hit = probs.argmax(1) == labels
 
     def acc(sel: np.ndarray) -> float | None:
         return float(hit[sel].mean()) if sel.any() else None
 
     return {"k": int(calibration["k"]), "threshold": float(calibration["threshold"]),
-            "median": float(np.median(scores[ok])), "unfamiliar_fraction": float(unfamiliar[ok].mean()),
-            "n_unfamiliar": int(unfamiliar.sum()), "accuracy_familiar": acc(ok & ~unfamiliar),
-            "accuracy_unfamiliar": acc(unfamiliar)}
+            "median": float(np.median(scores[ok])), "unfamiliar_fraction": float(flagged[ok].mean()),
+            "n_unfamiliar": int(flagged.sum()), "accuracy_familiar": acc(ok & ~flagged),
+            "accuracy_unfamiliar": acc(flagged)}
 
 
 def confusion_png(metrics: dict, path: str | Path, title: str = "") -> Path:
