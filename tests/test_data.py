@@ -96,6 +96,26 @@ def test_background_survives_a_padding_frame(brats):
     assert (fg & brain).sum() / brain.sum() > 0.9 and (fg & ~brain).sum() < 0.1 * brain.sum()
 
 
+@pytest.mark.parametrize("kind", ["uint8", "int16", "shifted_halves", "float", "nan"])
+def test_most_common_value_counts_like_unique(kind, dev2d, dev_rows):
+    """The linear-time count for integer-valued images gives np.unique's answer (smallest value on
+    ties), on a real JPEG and on arrays that must take the sorting path."""
+    from tumorlens.data.normalize import most_common_value
+
+    rng = np.random.default_rng(0)
+    arrays = {
+        "uint8": read_image(dev2d / dev_rows[0]["image"]).numpy()[0].astype(np.float32).ravel(),
+        "int16": rng.integers(-1000, 3000, 20000).astype(np.int16),
+        "shifted_halves": rng.integers(0, 5, 200).astype(np.float32) - 0.5,
+        "float": rng.normal(size=5000).astype(np.float32),
+        "nan": np.array([np.nan, 2.0, 2.0, 1.0], dtype=np.float32),
+    }
+    a = arrays[kind]
+    values, counts = np.unique(a, return_counts=True)
+    top = int(np.argmax(counts))
+    assert most_common_value(a) == (float(values[top]), int(counts[top]))
+
+
 def test_manifest_and_grouped_split(dev2d):
     m = load_manifest(dev2d)
     assert len(m) == 3448 and {r.label for r in m} == {"glioma", "meningioma", "pituitary", "no_tumor"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from pathlib import Path
@@ -25,8 +26,21 @@ def load_yaml(path: str | Path) -> dict:
     return data
 
 
+_DEFAULTS_CACHE: dict[Path, tuple[int, dict]] = {}
+
+
 def defaults() -> dict:
-    return load_yaml(configs_dir() / "defaults.yaml")
+    """``configs/defaults.yaml``, re-read only when the file changes (the server asks on every request)."""
+    path = configs_dir() / "defaults.yaml"
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        return load_yaml(path)  # raises the typed error naming the file
+    hit = _DEFAULTS_CACHE.get(path)
+    if hit is None or hit[0] != stamp:
+        hit = (stamp, load_yaml(path))
+        _DEFAULTS_CACHE[path] = hit
+    return copy.deepcopy(hit[1])
 
 
 def default_model_name() -> str:

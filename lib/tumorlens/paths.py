@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 from pathlib import Path
 
 
 def project_root() -> Path:
     """The repository root (editable install) or ``TUMORLENS_HOME`` when set."""
-    env = os.environ.get("TUMORLENS_HOME")
+    return _resolved_root(os.environ.get("TUMORLENS_HOME") or None)
+
+
+@lru_cache(maxsize=8)
+def _resolved_root(env: str | None) -> Path:  # resolving walks the file system: once per setting
     if env:
         return Path(env).resolve()
     return Path(__file__).resolve().parents[2]

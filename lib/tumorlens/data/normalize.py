@@ -31,14 +31,34 @@ def background_value(x: np.ndarray) -> float:
     edge = float(np.median(border))
     step = max(1, int(round((x.size / 2_000_000) ** (1 / x.ndim))))  # a subsample is enough for shares
     sample = x[(slice(None, None, step),) * x.ndim].ravel()
-    values, counts = np.unique(sample, return_counts=True)
-    top = int(np.argmax(counts))
-    share = counts[top] / sample.size
-    if share >= 0.2 and counts[top] >= 2 * np.count_nonzero(sample == edge):
+    mode, top_count = most_common_value(sample)
+    share = top_count / sample.size
+    if share >= 0.2 and top_count >= 2 * np.count_nonzero(sample == edge):
         lo, hi = np.percentile(sample, [LOW_PCT, HIGH_PCT])
-        if abs(float(values[top]) - edge) > 0.1 * max(hi - lo, 1e-6):
-            return float(values[top])
+        if abs(mode - edge) > 0.1 * max(hi - lo, 1e-6):
+            return mode
     return edge
+
+
+def most_common_value(a: np.ndarray) -> tuple[float, int]:
+    """The most frequent value of a 1D array (the smallest one on ties) and its count.
+
+    Images stored as integers (JPEG, PNG, most DICOM and NIfTI) are counted with ``bincount`` in
+    linear time; ``np.unique`` sorts, which was two thirds of ``foreground_mask``'s cost and ~13 %
+    of a 2D classification request. Both paths give the same answer.
+    """
+    if a.size and np.issubdtype(a.dtype, np.number):
+        lo, hi = a.min(), a.max()
+        if np.isfinite(lo) and np.isfinite(hi) and hi - lo < 65536:
+            shifted = a - lo
+            as_int = shifted.astype(np.int64)
+            if np.array_equal(as_int, shifted):
+                counts = np.bincount(as_int)
+                top = int(np.argmax(counts))
+                return float(lo) + top, int(counts[top])
+    values, counts = np.unique(a, return_counts=True)
+    top = int(np.argmax(counts))
+    return float(values[top]), int(counts[top])
 
 
 def foreground_mask(x: np.ndarray) -> np.ndarray:
