@@ -86,10 +86,12 @@ class TumorLensApp(MONAILabelApp):
         ds = datastore or self.datastore()
         request = dict(request)
         if isinstance(image, str):
+            if not image:
+                raise bad_request("no image: give a datastore image id, a live session id or send a file")
             if os.sep in image or image.startswith("."):
-                p = Path(image)
-                # only the temporary file the /infer endpoint wrote for an upload may be a path
-                if not (p.is_absolute() and p.parent.resolve() == Path(tempfile.gettempdir()).resolve() and p.is_file()):
+                # only paths MONAI Label itself wrote: the temporary file of an upload, or the image
+                # of a session (PUT /session/, how Slicer sends a volume that is not in the datastore)
+                if not (self._is_upload(image) or self._is_session_image(image, request)):
                     raise bad_request(f"invalid image id {image!r}: use a datastore image id or send a file")
             else:
                 check_id(image)
@@ -97,6 +99,20 @@ class TumorLensApp(MONAILabelApp):
                     raise not_found(f"unknown image id {image!r}")
                 request["image_id"] = image
         return super().infer(request, datastore)
+
+    @staticmethod
+    def _is_upload(image: str) -> bool:
+        p = Path(image)
+        return p.is_absolute() and p.parent.resolve() == Path(tempfile.gettempdir()).resolve() and p.is_file()
+
+    def _is_session_image(self, image: str, request: dict) -> bool:
+        """The image MONAI Label put in the request for ``session_id``: a file or a DICOM folder
+        inside this server's session store."""
+        sessions = self.sessions()
+        if not request.get("session") or sessions is None:
+            return False
+        p, store = Path(image), Path(sessions.store_path).resolve()
+        return p.is_absolute() and p.exists() and store in p.resolve().parents
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"

@@ -270,6 +270,30 @@ def test_dicom_2d_upload_and_segmentation(client, dev2d, tmp_path):
     assert cls["label"] in CLASS_NAMES
 
 
+def test_session_images_are_inferred_like_datastore_images(client, studies):
+    """Slicer's MONAI Label module sends a volume that is not in the datastore as a session
+    (PUT /session/) and then infers with ``session_id``: the answer must be the datastore one's."""
+    for image_id in ("brats_t1c_0001", "mri2d_1941"):
+        src = next(studies.glob(image_id + ".*"))
+        session_id = client.create_session(str(src))["session_id"]
+        try:
+            for model in ("classification", "segmentation"):
+                out_s, res_s = client.infer(model, "", {}, session_id=session_id)
+                res_s = json.loads(res_s) if isinstance(res_s, (bytes, str)) else res_s
+                _, res_d = infer_json(client, model, image_id)
+                assert res_s["label"] == res_d["label"], (image_id, model)
+                for c in CLASS_NAMES:
+                    assert abs(res_s["probabilities"][c] - res_d["probabilities"][c]) < 1e-5
+                if model == "segmentation":
+                    assert res_s["voxels"] == res_d["voxels"] and out_s and os.path.getsize(out_s) > 0
+        finally:
+            client.remove_session(session_id)
+    with pytest.raises(MONAILabelClientException) as e:  # an expired or unknown session: a clear 400
+        client.infer("classification", "", {}, session_id="no-such-session")
+    assert status_of(e.value) == 400 and "session" in str(e.value)
+    alive(client)
+
+
 def test_saliency_tasks(client):
     info = client.info()["models"]
     missing = [m for m in ("saliency_gradcam", "saliency_gradcampp", "saliency_scorecam") if m not in info]
