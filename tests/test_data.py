@@ -72,6 +72,22 @@ def test_dicom_series_and_single_file(brats, tmp_path):
     assert one.meta["modality"] == "MR"
 
 
+@pytest.mark.parametrize("ext", [".nrrd", ".mha"])
+def test_nrrd_and_metaimage_read_like_the_nifti(brats, tmp_path, ext):
+    """3D Slicer saves volumes as NRRD: the same voxels and RAS affine as the NIfTI they came from."""
+    src = brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz"
+    dest = tmp_path / f"vol{ext}"
+    sitk.WriteImage(sitk.ReadImage(str(src)), str(dest))
+    a, b = read_image(src), read_image(dest)
+    assert b.meta["kind"] == "volume" and b.shape == a.shape
+    np.testing.assert_allclose(np.asarray(b.affine), np.asarray(a.affine), atol=1e-4)
+    np.testing.assert_allclose(b.numpy(), a.numpy(), atol=1e-5)
+    rgb = tmp_path / f"rgb{ext}"
+    sitk.WriteImage(sitk.Image([8, 8, 3], sitk.sitkVectorUInt8, 3), str(rgb))
+    with pytest.raises(InvalidInputError, match="values per voxel"):
+        read_image(rgb)
+
+
 def test_one_normalisation_serves_jpeg_and_nifti(dev2d, brats, dev_rows):
     jpg = normalize_intensity(read_image(dev2d / dev_rows[0]["image"]))
     vol = normalize_intensity(read_image(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz"))
@@ -143,10 +159,12 @@ def bad_files(tmp_path, dev2d, dev_rows):
     files["wrong_type"].write_text("hello")
     files["corrupt_nifti"] = tmp_path / "corrupt.nii.gz"
     files["corrupt_nifti"].write_bytes(b"\x1f\x8b" + b"\x00" * 50)
+    files["corrupt_nrrd"] = tmp_path / "corrupt.nrrd"
+    files["corrupt_nrrd"].write_bytes(b"NRRD0004\ntype: float\ndimension: 3\nsizes: 9 9\n\n" + b"\x00" * 20)
     return files
 
 
-@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "wrong_type", "corrupt_nifti"])
+@pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "wrong_type", "corrupt_nifti", "corrupt_nrrd"])
 def test_bad_files_raise_typed_error_naming_file(bad_files, kind):
     with pytest.raises(InvalidInputError) as e:
         read_image(bad_files[kind])

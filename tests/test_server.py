@@ -270,11 +270,16 @@ def test_dicom_2d_upload_and_segmentation(client, dev2d, tmp_path):
     assert cls["label"] in CLASS_NAMES
 
 
-def test_session_images_are_inferred_like_datastore_images(client, studies):
+def test_session_images_are_inferred_like_datastore_images(client, studies, tmp_path):
     """Slicer's MONAI Label module sends a volume that is not in the datastore as a session
-    (PUT /session/) and then infers with ``session_id``: the answer must be the datastore one's."""
-    for image_id in ("brats_t1c_0001", "mri2d_1941"):
-        src = next(studies.glob(image_id + ".*"))
+    (PUT /session/, as NIfTI or as Slicer's own NRRD) and then infers with ``session_id``: the
+    answer must be the datastore one's."""
+    import SimpleITK as sitk
+
+    nrrd = tmp_path / "volume.nrrd"
+    sitk.WriteImage(sitk.ReadImage(str(studies / "brats_t1c_0001.nii.gz")), str(nrrd))
+    for image_id, src in (("brats_t1c_0001", nrrd), ("brats_t1c_0001", None), ("mri2d_1941", None)):
+        src = src or next(studies.glob(image_id + ".*"))
         session_id = client.create_session(str(src))["session_id"]
         try:
             for model in ("classification", "segmentation"):

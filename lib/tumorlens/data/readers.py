@@ -1,11 +1,12 @@
-"""Readers that turn JPEG/PNG, NIfTI (2D/3D) and DICOM (file or series folder) into MONAI MetaTensors.
+"""Readers that turn JPEG/PNG, NIfTI (2D/3D), NRRD/MetaImage and DICOM (file or series folder) into
+MONAI MetaTensors.
 
 Conventions (shared by every stage downstream):
 
 * A **2D image** (JPEG, PNG, single-frame DICOM) is ``(1, H, W)`` in display order (rows top to
   bottom, columns left to right), ``meta["kind"] == "image2d"``. Its affine maps ``(row, col, 0)``
   to world millimetres (RAS). JPEG/PNG carry no geometry: 1 mm pixels, ``meta["spacing_known"]`` False.
-* A **volume** (NIfTI, DICOM series, multi-frame DICOM) is ``(1, X, Y, Z)`` in the file's voxel
+* A **volume** (NIfTI, NRRD, MetaImage, DICOM series, multi-frame DICOM) is ``(1, X, Y, Z)`` in the file's voxel
   order with its RAS affine, ``meta["kind"] == "volume"``. A 2D NIfTI becomes a one-slice volume.
 
 Every failure is an :class:`~tumorlens.errors.InvalidInputError` naming the file.
@@ -26,6 +27,7 @@ from tumorlens.errors import InvalidInputError
 PHOTO_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 NIFTI_EXT = (".nii", ".nii.gz")
 DICOM_EXT = (".dcm", ".dicom", "")
+ITK_EXT = (".nrrd", ".nhdr", ".mha", ".mhd")  # 3D Slicer's and ITK's own formats, read by SimpleITK
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 Expect = Literal["2d", "3d"] | None
@@ -124,6 +126,27 @@ def _sitk_to_volume(path: Path, image) -> MetaTensor:
     return arr, affine, spacing
 
 
+def _read_itk(path: Path) -> MetaTensor:
+    """NRRD / MetaImage volumes (what 3D Slicer saves and its MONAI Label module may send)."""
+    import SimpleITK as sitk
+
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as e:
+        raise InvalidInputError(path, f"corrupt or unreadable {_suffix(path)} file: "
+                                      f"{str(e).strip().splitlines()[-1]}") from e
+    if image.GetNumberOfComponentsPerPixel() > 1:
+        raise InvalidInputError(path, f"{image.GetNumberOfComponentsPerPixel()} values per voxel (colour or vector "
+                                      "image); a grey-level MRI has one")
+    if image.GetDimension() not in (2, 3):
+        raise InvalidInputError(path, f"expected a 2D or 3D image, got {image.GetDimension()}D")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr, affine, spacing = _sitk_to_volume(path, image)
+    meta = _meta(path, "volume", affine, arr.shape, spacing, modality="MR")
+    return MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine), meta=meta)
+
+
 def _read_dicom(path: Path) -> MetaTensor:
     import SimpleITK as sitk
 
@@ -190,11 +213,13 @@ def read_image(path: str | Path, expect: Expect = None, modality: str = "MR") ->
         img = _read_photo(path, modality)
     elif ext in NIFTI_EXT:
         img = _read_nifti(path)
+    elif ext in ITK_EXT:
+        img = _read_itk(path)
     elif ext in DICOM_EXT or _sniff_dicom(path):
         img = _read_dicom(path)
     else:
         raise InvalidInputError(
-            path, f"unsupported file type {ext!r}; expected JPEG/PNG, NIfTI (.nii/.nii.gz) or DICOM"
+            path, f"unsupported file type {ext!r}; expected JPEG/PNG, NIfTI (.nii/.nii.gz), NRRD, MetaImage (.mha) or DICOM"
         )
     if expect == "2d" and is_volume(img) and img.shape[-1] > 1:
         raise InvalidInputError(path, f"expected a 2D image, got a 3D volume of shape {tuple(img.shape[1:])}")
