@@ -16,6 +16,7 @@ from lib.configs import tumorlens as tasks
 from lib.datastore import TumorlensDatastore
 from lib.errors import bad_request, check_id, not_found
 from lib.limits import install_body_limit
+from lib.request_checks import install_request_checks
 from lib.state import AppState, state_dir_for
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -42,6 +43,7 @@ class TumorLensApp(MONAILabelApp):
                 self.state.write_stats(stats)
             mb = float(conf.get("max_upload_mb") or os.environ.get("TUMORLENS_MAX_UPLOAD_MB", 512))
             install_infer_threads(sys.modules["monailabel.app"].app)
+            install_request_checks()
             install_body_limit(sys.modules["monailabel.app"].app, int(mb * 1024 * 1024))
             install_token_check()
 

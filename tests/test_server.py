@@ -401,6 +401,30 @@ def test_bad_input_is_rejected_and_nothing_changes(client, server, studies, tmp_
     r = requests.put(f"{server.url}/datastore/image?image=huge", files={"file": ("huge.nii.gz", big)}, timeout=60)
     assert r.status_code == 413 and "too large" in r.json()["detail"]
     alive(client)
+    # requests MONAI Label 0.8.5 itself answers with a 500 (or starts a doomed training process for)
+    url, jpg = server.url, (sample_studies_dir() / "mri2d_1941.jpg").read_bytes()
+    http_cases = [
+        ("infer params not JSON", "post", "/infer/segmentation?image=mri2d_1941", {"data": {"params": "{oops"}},
+         400, "not valid JSON"),
+        ("infer params a list", "post", "/infer/segmentation?image=mri2d_1941", {"data": {"params": "[1]"}},
+         400, "JSON object"),
+        ("image from a JSON-only task", "post", "/infer/classification?image=mri2d_1941&output=image", {},
+         400, "JSON only"),
+        ("DICOM-SEG output", "post", "/infer/segmentation?image=mri2d_1941&output=dicom_seg", {}, 400, "dicom_seg"),
+        ("upload params not JSON", "put", "/datastore/image?image=params_oops",
+         {"files": {"file": ("params_oops.jpg", jpg)}, "data": {"params": "{oops"}}, 400, "params"),
+        ("label params a list", "put", "/datastore/label?image=mri2d_1941&tag=final",
+         {"files": {"label": ("mri2d_1941.png", jpg)}, "data": {"params": "[1]"}}, 400, "JSON object"),
+        ("image info not JSON", "put", "/datastore/image/info?image=mri2d_1941", {"data": {"info": "{oops"}},
+         400, "info"),
+        ("training setting", "post", "/train/tumorlens", {"json": {"max_epochs": "abc"}}, 400, "max_epochs"),
+        ("unknown trainer", "post", "/train/no_such_trainer", {"json": {}}, 404, "no_such_trainer"),
+    ]
+    for what, method, path, kwargs, code, needle in http_cases:
+        r = getattr(requests, method)(url + path, timeout=120, **kwargs)
+        assert r.status_code == code and needle in r.json()["detail"], (what, r.status_code, r.text[:300])
+    assert requests.get(f"{url}/train/?check_if_running=true", timeout=30).status_code == 404  # none started
+    alive(client)
     assert studies_snapshot(studies) == before
 
 

@@ -77,6 +77,8 @@ def write_label(arr: np.ndarray, img: MetaTensor, ext: str, dtype=np.uint8) -> s
 class TumorlensInfer(InferTask):
     """Subclasses implement ``run(img, request) -> (label array | None, result json)``."""
 
+    returns_label = True  # False: the task never writes a label file (output=image is refused)
+
     def __init__(self, state: AppState, type: InferType | str, labels: dict[str, int], dimension: int,
                  description: str, config: dict[str, Any] | None = None):
         super().__init__(type=type, labels=labels, dimension=dimension, description=description, config=config)

@@ -13,6 +13,8 @@ from tumorlens.labels import CLASS_NAMES
 
 
 class ClassificationInfer(TumorlensInfer):
+    returns_label = False  # JSON only
+
     def __init__(self, state: AppState):
         super().__init__(state, InferType.CLASSIFICATION, {c: i for i, c in enumerate(CLASS_NAMES)}, 3,
                          "Brain MRI tumour class (glioma / meningioma / pituitary / no tumour) with per-class scores; "

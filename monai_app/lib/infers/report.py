@@ -27,6 +27,8 @@ def _has_generate() -> bool:
 
 
 class ReportInfer(TumorlensInfer):
+    returns_label = False  # JSON only
+
     def __init__(self, state: AppState):
         super().__init__(state, InferType.OTHERS, {}, 3,
                          "Structured radiology report from the findings (verified against them); JSON",
