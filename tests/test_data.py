@@ -164,6 +164,32 @@ def bad_files(tmp_path, dev2d, dev_rows):
     return files
 
 
+def test_split_command_writes_the_model_cards_validation_part(dev2d, tmp_path, capsys):
+    """``tumorlens split`` reproduces the folder every README validation figure was measured on:
+    the same manifest bytes as the shipped model's validation.json records, groups disjoint from the
+    train part, links into the data (nothing copied), and it refuses to write over a folder."""
+    import hashlib
+    import json
+
+    from tumorlens.cli import main
+    from tumorlens.paths import models_dir
+
+    assert main(["split", str(dev2d), "--out", str(tmp_path / "val")]) == 0
+    assert main(["split", str(dev2d), "--out", str(tmp_path / "train"), "--part", "train"]) == 0
+    card = json.loads((models_dir() / "tumorlens-densenet121" / "validation.json").read_text())
+    digest = hashlib.sha256((tmp_path / "val" / "manifest.csv").read_bytes()).hexdigest()
+    assert digest == card["data"]["manifest_sha256"] and card["n"] == 722
+    val, train = load_manifest(tmp_path / "val"), load_manifest(tmp_path / "train")
+    assert len(val.records) + len(train.records) == len(load_manifest(dev2d).records)
+    assert not {r.group for r in val.records} & {r.group for r in train.records}
+    first = tmp_path / "val" / val.records[0].image.relative_to(tmp_path / "val")
+    assert first.is_symlink() and read_image(first).shape[0] == 1
+    # the folder exists: a clear error, nothing rewritten
+    assert main(["split", str(dev2d), "--out", str(tmp_path / "val")]) == 2
+    assert "not empty" in capsys.readouterr().err
+    assert hashlib.sha256((tmp_path / "val" / "manifest.csv").read_bytes()).hexdigest() == digest
+
+
 @pytest.mark.parametrize("kind", ["empty", "truncated", "garbage", "wrong_type", "corrupt_nifti", "corrupt_nrrd"])
 def test_bad_files_raise_typed_error_naming_file(bad_files, kind):
     with pytest.raises(InvalidInputError) as e:

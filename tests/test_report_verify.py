@@ -137,6 +137,9 @@ def _reasons(v) -> str:
     ("Glioma, 4.5 cm, left insular cortex.", "number", "4.5 cm"),  # invented size
     ("Glioma (probability 0.95), left insular cortex.", "number", "0.95"),  # wrong probability
     ("Glioma with surrounding oedema in the left insula.", "unmeasured", "oedema"),
+    ("Glioma of the left insular cortex, a rare and aggressive form of brain cancer.", "unmeasured", "aggressive"),
+    ("Glioma of the left insular cortex; a benign course is expected.", "unmeasured", "benign"),
+    ("Glioma of the left insular cortex, best treated with surgery and chemotherapy.", "unmeasured", "surgery"),
 ])
 def test_planted_unsupported_claims_are_caught(impression, kind, what):
     v = _planted(impression=impression)

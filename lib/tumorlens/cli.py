@@ -13,6 +13,7 @@ from tumorlens.errors import TumorlensError
 
 # stage command modules, in the order they appear in --help
 COMMAND_MODULES = (
+    "tumorlens.data.cli",
     "tumorlens.training.cli",
     "tumorlens.evaluation.cli",
     "tumorlens.saliency.cli",

@@ -41,6 +41,16 @@ UNMEASURED = {
     "diffusion": r"restricted diffusion|diffusion restriction|perfusion",
     "grade": r"(?:who )?grade [iv1-4]+\b|high-grade|low-grade|high grade|low grade",
     "dural attachment": r"dural(?:-based| tail| attachment)?|extra-?axial|intra-?axial|meninges|meningeal|parafalcine|falx",
+    # what a small model adds from general knowledge (the local GGUF model called a meningioma "a rare
+    # and aggressive form of brain cancer" and recommended chemotherapy): nothing here assesses it
+    "behaviour or prognosis": (
+        r"aggressive(?:ness)?|benign|malignan\w*|cancer(?:ous|s)?|prognos\w*|survival|life-threatening|fatal|"
+        r"slow-growing|fast-growing|rapidly growing|\brare\b"
+    ),
+    "treatment": (
+        r"surg(?:ery|ical)|resect\w*|neurosurg\w*|radiation|radiotherapy|radiosurgery|chemotherap\w*|"
+        r"biops(?:y|ies)|\btreat(?:ment|ments|ed|ing|s)?\b|therap(?:y|ies)"
+    ),
     "diagnosis outside the classifier's classes": (
         r"glioblastomas?|astrocytomas?|oligodendrogliomas?|ependymomas?|metasta\w*|lymphomas?|abscess(?:es)?|"
         r"schwannomas?|craniopharyngiomas?|medulloblastomas?|ha?emangioblastomas?|infarcts?|stroke|"
