@@ -299,6 +299,27 @@ def test_session_images_are_inferred_like_datastore_images(client, studies, tmp_
     alive(client)
 
 
+def test_ids_with_spaces_and_accents_like_slicer_node_names(client, server, tmp_path):
+    """3D Slicer names uploads after the volume node ("3: T2 FLAIR") and users' datastore folders hold
+    file names with spaces and accents: upload, infer and save a label under such ids; ids that would
+    leave the datastore folder or hide a file stay refused."""
+    src = sample_studies_dir() / "mri2d_1941.jpg"
+    for image_id in ("3: T2 FLAIR", "Fall 07 (ünïcode)+"):
+        assert client.upload_image(str(src), image_id=image_id, params={})["image"] == image_id
+        try:
+            out, res = infer_json(client, "segmentation", image_id)
+            assert res["input"]["file"] == image_id and res["label"] in CLASS_NAMES
+            saved = client.save_label(image_id, out, tag="final", params={"class_name": res["label"]})
+            assert saved["image"] == image_id
+        finally:
+            assert requests.delete(f"{server.url}/datastore/image", params={"id": image_id}, timeout=60).ok
+    for bad in ("../escape", ".hidden", " leading space", "a/b", "a\\b", "x" * 161):
+        with pytest.raises(MONAILabelClientException) as e:
+            client.upload_image(str(src), image_id=bad, params={})
+        assert status_of(e.value) == 400 and "invalid image id" in str(e.value.msg), bad
+    alive(client)
+
+
 def test_saliency_tasks(client):
     info = client.info()["models"]
     missing = [m for m in ("saliency_gradcam", "saliency_gradcampp", "saliency_scorecam") if m not in info]

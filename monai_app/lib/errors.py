@@ -6,7 +6,10 @@ import re
 
 from fastapi import HTTPException
 
-ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,159}$")
+# an id names one file (or label folder) inside the datastore: anything a file name may hold - spaces,
+# accents, brackets, as in 3D Slicer's node names ("3: T2 FLAIR") - but no path separator, no control
+# character and no leading '.' or space (hidden files, '.', '..'; the app's own '.tumorlens' state)
+ID_RE = re.compile(r"^[^./\\ \x00-\x1f\x7f][^/\\\x00-\x1f\x7f]{0,159}$")
 
 
 def bad_request(msg: str) -> HTTPException:
@@ -18,7 +21,9 @@ def not_found(msg: str) -> HTTPException:
 
 
 def check_id(value: str, what: str = "image id") -> str:
-    """Ids name files inside the datastore: letters, digits, ``._-`` only, no ``..``."""
-    if not isinstance(value, str) or not ID_RE.match(value) or ".." in value:
-        raise bad_request(f"invalid {what} {value!r}: use letters, digits, '.', '_' or '-' (no path separators, no '..')")
+    """Ids name files inside the datastore: at most 160 characters, no path separators, control characters,
+    or leading '.' / space."""
+    if not isinstance(value, str) or not ID_RE.match(value):
+        raise bad_request(f"invalid {what} {value!r}: at most 160 characters, no '/' or '\\', no control "
+                          "characters, not starting with '.' or a space")
     return value
