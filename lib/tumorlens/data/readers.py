@@ -53,6 +53,12 @@ def _meta(path: Path, kind: str, affine: np.ndarray, spatial_shape, spacing, spa
     return meta
 
 
+def _image(path: Path, kind: str, arr: np.ndarray, affine: np.ndarray, spacing, **meta) -> MetaTensor:
+    """The reader's result: ``arr`` with a leading channel, its affine, and the shared metadata."""
+    return MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine),
+                      meta=_meta(path, kind, affine, arr.shape, spacing, **meta))
+
+
 def _check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
     if arr.size == 0 or 0 in arr.shape:
         raise InvalidInputError(path, "image has no pixels")
@@ -81,8 +87,7 @@ def _read_photo(path: Path, modality: str) -> MetaTensor:
     arr = _check_pixels(path, arr)
     affine = np.eye(4)
     # (row, col) -> (y, x): rows run posterior->anterior is unknowable; keep a plain scaled identity.
-    meta = _meta(path, "image2d", affine, arr.shape, (1.0, 1.0), spacing_known=False, modality=modality)
-    return MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine), meta=meta)
+    return _image(path, "image2d", arr, affine, (1.0, 1.0), spacing_known=False, modality=modality)
 
 
 def _read_nifti(path: Path) -> MetaTensor:
@@ -100,18 +105,19 @@ def _read_nifti(path: Path) -> MetaTensor:
         raise InvalidInputError(path, f"expected a 2D or 3D NIfTI, got {arr.ndim}D data of shape {arr.shape}")
     arr = _check_pixels(path, arr)
     affine = np.asarray(img.affine, dtype=float)
-    spacing = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    meta = _meta(path, "volume", affine, arr.shape, spacing, modality="MR")
-    return MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine), meta=meta)
+    return _image(path, "volume", arr, affine, np.sqrt((affine[:3, :3] ** 2).sum(0)), modality="MR")
 
 
-def _sitk_to_volume(path: Path, image) -> MetaTensor:
+def _sitk_to_volume(path: Path, image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(voxels ``[X, Y, Z]``, RAS affine, spacing) of a SimpleITK image (LPS in ITK)."""
     import SimpleITK as sitk
 
-    arr = sitk.GetArrayFromImage(image)  # (z, y, x)
-    if arr.ndim == 2:
-        arr = arr[None]
-    arr = _check_pixels(path, np.transpose(arr, (2, 1, 0)))  # -> (x, y, z)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        arr = sitk.GetArrayFromImage(image)  # (z, y, x)
+        if arr.ndim == 2:
+            arr = arr[None]
+        arr = _check_pixels(path, np.transpose(arr, (2, 1, 0)))  # -> (x, y, z)
     dim = image.GetDimension()
     direction = np.eye(3)
     direction[:dim, :dim] = np.asarray(image.GetDirection()).reshape(dim, dim)
@@ -122,8 +128,7 @@ def _sitk_to_volume(path: Path, image) -> MetaTensor:
     lps = np.eye(4)
     lps[:3, :3] = direction * spacing[None, :]
     lps[:3, 3] = origin
-    affine = LPS_TO_RAS @ lps
-    return arr, affine, spacing
+    return arr, LPS_TO_RAS @ lps, spacing
 
 
 def _read_itk(path: Path) -> MetaTensor:
@@ -140,11 +145,8 @@ def _read_itk(path: Path) -> MetaTensor:
                                       "image); a grey-level MRI has one")
     if image.GetDimension() not in (2, 3):
         raise InvalidInputError(path, f"expected a 2D or 3D image, got {image.GetDimension()}D")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        arr, affine, spacing = _sitk_to_volume(path, image)
-    meta = _meta(path, "volume", affine, arr.shape, spacing, modality="MR")
-    return MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine), meta=meta)
+    arr, affine, spacing = _sitk_to_volume(path, image)
+    return _image(path, "volume", arr, affine, spacing, modality="MR")
 
 
 def _read_dicom(path: Path) -> MetaTensor:
@@ -165,9 +167,7 @@ def _read_dicom(path: Path) -> MetaTensor:
         raise
     except RuntimeError as e:
         raise InvalidInputError(path, f"not a readable DICOM: {str(e).strip().splitlines()[-1]}") from e
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        arr, affine, spacing = _sitk_to_volume(path, image)
+    arr, affine, spacing = _sitk_to_volume(path, image)
     modality = "MR"
     try:
         if image.HasMetaDataKey("0008|0060"):
@@ -181,10 +181,8 @@ def _read_dicom(path: Path) -> MetaTensor:
         aff[:, 1] = affine[:, 0]  # col index moves along x
         aff[:, 3] = affine[:, 3]
         aff[:3, 2] = affine[:3, 2]
-        meta = _meta(path, "image2d", aff, img2d.shape, (spacing[1], spacing[0]), modality=modality)
-        return MetaTensor(torch.from_numpy(img2d[None].copy()), affine=torch.as_tensor(aff), meta=meta)
-    meta = _meta(path, "volume", affine, arr.shape, spacing, modality=modality)
-    return MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine), meta=meta)
+        return _image(path, "image2d", img2d, aff, (spacing[1], spacing[0]), modality=modality)
+    return _image(path, "volume", arr, affine, spacing, modality=modality)
 
 
 def _sniff_dicom(path: Path) -> bool:
