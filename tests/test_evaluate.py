@@ -57,6 +57,33 @@ def test_evaluate_cli_on_64_validation_images(val64, subset_factory, tmp_path):
     assert fam["unfamiliar_fraction"] <= 0.1 and fam["accuracy_familiar"] >= ACCURACY_FLOOR
     assert (tmp_path / "metrics.confusion.png").stat().st_size > 5000
     assert "accuracy" in proc.stdout
+    ci = m["ci95"]  # resampled over the subset's patient groups, each interval around its point estimate
+    assert ci["groups"] == len({r["group"] for r in val64}) and ci["level"] == 0.95
+    for key in ("accuracy", "tumour_only_accuracy", "seg_dice"):
+        assert ci[key][0] <= m[key] <= ci[key][1], key
+    assert "95 % interval" in proc.stdout
+
+
+def test_grouped_bootstrap_widens_with_correlated_errors():
+    """Errors clustered in a few patients: the group-level interval is wider than one that treats every
+    image as independent; a perfect classifier gets a zero-width interval."""
+    import numpy as np
+
+    from tumorlens.evaluation.metrics import grouped_bootstrap
+    from tumorlens.labels import CLASS_NAMES
+
+    labels = np.zeros(200, int)
+    groups = np.repeat(np.arange(20), 10)
+    probs = np.zeros((200, len(CLASS_NAMES)))
+    probs[:, 0] = 1.0
+    assert grouped_bootstrap(labels, probs, CLASS_NAMES, groups)["accuracy"] == [1.0, 1.0]
+    probs[groups < 3] = np.roll(probs[groups < 3], 1, axis=1)  # three patients entirely wrong: accuracy 0.85
+    grouped = grouped_bootstrap(labels, probs, CLASS_NAMES, groups)["accuracy"]
+    images = grouped_bootstrap(labels, probs, CLASS_NAMES, np.arange(200))["accuracy"]
+    assert grouped[0] < 0.85 < grouped[1] and images[0] < 0.85 < images[1]
+    assert grouped[1] - grouped[0] > 1.5 * (images[1] - images[0])
+    dice = np.where(np.arange(200) % 2 == 0, 0.7, np.nan)
+    assert grouped_bootstrap(labels, probs, CLASS_NAMES, groups, dice)["seg_dice"] == [0.7, 0.7]
 
 
 def test_evaluate_names_the_bad_manifest(tmp_path):

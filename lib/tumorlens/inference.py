@@ -22,6 +22,22 @@ from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 from tumorlens.models.registry import LoadedModel, load_model
 
 SEG_THRESHOLD = 0.5
+FALLBACK_FRACTION = 0.5  # of the map's peak: the region shown when the classifier finds a tumour the head missed
+
+
+def tumour_mask(seg_prob: np.ndarray, tumour_called: bool) -> np.ndarray:
+    """Binary tumour mask (bool) from the seg head's probability map, 2D or 3D.
+
+    The map is cut at ``SEG_THRESHOLD``. When the classifier calls a tumour but no pixel reaches the
+    threshold, the head's most likely region (probability >= half its peak) is returned instead of an
+    empty mask: an empty mask under a tumour label would leave the viewer, the atlas regions and the
+    report with nothing to point at, and on the grouped validation split that region overlaps the
+    tumour on two of three such images. A tumour-free call never gets a fallback.
+    """
+    mask = seg_prob >= SEG_THRESHOLD
+    if tumour_called and not mask.any() and seg_prob.size and float(seg_prob.max()) > 0:
+        mask = seg_prob >= FALLBACK_FRACTION * float(seg_prob.max())
+    return mask
 
 
 @dataclass
@@ -179,7 +195,7 @@ class Predictor:
         label = max(pdict, key=pdict.get)
         meta = {k: v for k, v in img.meta.items() if k in ("filename_or_obj", "kind", "spatial_shape", "spacing",
                                                              "original_affine", "spacing_known", "modality")}
-        mask_np = (seg >= SEG_THRESHOLD).astype(np.uint8)
+        mask_np = tumour_mask(seg, label != NO_TUMOUR).astype(np.uint8)
         extra = {"decision": self.decision}
         if familiarity is not None:
             extra["familiarity"] = familiarity.as_dict()

@@ -12,13 +12,13 @@ import numpy as np
 from monai.data import MetaTensor
 
 from tumorlens.activelearning.inputs import network_inputs
+from tumorlens.inference import SEG_THRESHOLD
 from tumorlens.labels import NO_TUMOUR
 from tumorlens.models.registry import LoadedModel
 from tumorlens.saliency.cam import grad_cams, normalise
 from tumorlens.saliency.explain import PRIMARY
 
 SALIENCY_LEVEL = 0.5  # Grad-CAM++ maps are min-max normalised per image; keep the upper half
-SEG_THRESHOLD = 0.5
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:

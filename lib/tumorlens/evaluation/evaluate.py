@@ -12,9 +12,9 @@ from tqdm import tqdm
 from tumorlens.alignment.familiarity import unfamiliar
 from tumorlens.data.manifest import load_manifest
 from tumorlens.data.readers import is_volume, read_image, read_mask
-from tumorlens.evaluation.metrics import classification_metrics, dice_score
-from tumorlens.inference import Predictor, prepare_slice, resize_2d
-from tumorlens.labels import class_index
+from tumorlens.evaluation.metrics import classification_metrics, dice_score, grouped_bootstrap
+from tumorlens.inference import Predictor, prepare_slice, resize_2d, tumour_mask
+from tumorlens.labels import NO_TUMOUR, class_index
 
 
 def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: int = 32,
@@ -26,7 +26,7 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     size = pred.size
     labels = np.array([class_index(r.label) for r in records])
     probs = np.zeros((len(records), len(pred.model.labels)), np.float32)
-    dices: list[float] = []
+    dices = np.full(len(records), np.nan)  # per image; NaN where the image has no mask
     fam = np.full(len(records), np.nan, np.float32)
     batch_x, batch_i = [], []
 
@@ -42,8 +42,9 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
             if rec.mask is not None:
                 img = pending[i]
                 truth = read_mask(rec.mask, like=img)[0].numpy() > 0
-                full = resize_2d(seg[j:j + 1], truth.shape)[0, 0].numpy() >= 0.5
-                dices.append(dice_score(full, truth))
+                full = resize_2d(seg[j:j + 1], truth.shape)[0, 0].numpy()
+                called = pred.model.labels[int(probs[i].argmax())] != NO_TUMOUR
+                dices[i] = dice_score(tumour_mask(full, called), truth)
         batch_x.clear()
         batch_i.clear()
         pending.clear()
@@ -58,7 +59,7 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
                 fam[i] = r.extra["familiarity"]["score"]
             if rec.mask is not None:
                 truth = read_mask(rec.mask, like=img)[0].numpy() > 0
-                dices.append(dice_score(r.mask[0].numpy() > 0, truth))
+                dices[i] = dice_score(r.mask[0].numpy() > 0, truth)
             continue
         arr = img[0].numpy() if not is_volume(img) else img[0, :, :, 0].numpy()
         batch_x.append(prepare_slice(arr, size))
@@ -68,8 +69,10 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
             flush()
     flush()
     m = classification_metrics(labels, probs, pred.model.labels)
-    m["seg_dice"] = float(np.mean(dices)) if dices else None
-    m["seg_n"] = len(dices)
+    has = np.isfinite(dices)
+    m["seg_dice"] = float(dices[has].mean()) if has.any() else None
+    m["seg_n"] = int(has.sum())
+    m["ci95"] = grouped_bootstrap(labels, probs, pred.model.labels, [r.group for r in records], dices)
     m["familiarity"] = familiarity_summary(fam, labels, probs, pred.familiarity_calibration)
     m["model"] = {"name": pred.model.name, "version": pred.model.version, "backbone": pred.model.backbone}
     m["data"] = {"folder": Path(data_dir).name, "manifest_sha256": manifest.sha256}
@@ -131,6 +134,11 @@ def format_table(m: dict) -> str:
              f"{'class':<12}{'precision':>10}{'recall':>8}{'f1':>8}{'n':>6}"]
     for c, v in m["per_class"].items():
         lines.append(f"{c:<12}{v['precision']:>10.3f}{v['recall']:>8.3f}{v['f1']:>8.3f}{v['n']:>6}")
+    ci = m.get("ci95") or {}
+    spans = [f"{name} {ci[key][0]:.3f}-{ci[key][1]:.3f}" for key, name in
+             (("accuracy", "accuracy"), ("tumour_only_accuracy", "tumour-only"), ("seg_dice", "seg Dice")) if key in ci]
+    if spans:
+        lines.append(f"95 % interval, {ci['groups']} groups resampled: " + ", ".join(spans))
     f = m.get("familiarity")
     if f:
         acc = {k: "-" if f[k] is None else f"{f[k]:.3f}" for k in ("accuracy_familiar", "accuracy_unfamiliar")}

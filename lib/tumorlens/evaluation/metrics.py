@@ -69,3 +69,44 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -
         "confusion": {"labels": names, "matrix": conf.tolist()},
         "ece": expected_calibration_error(labels, probs),
     }
+
+
+def grouped_bootstrap(labels: np.ndarray, probs: np.ndarray, class_names, groups, dice: np.ndarray | None = None,
+                      resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+    """Percentile confidence intervals of accuracy, tumour-only accuracy and seg Dice, resampling whole
+    groups (patients) with replacement.
+
+    Images of one patient are not independent, so an image-level interval would be too narrow; the
+    cluster bootstrap resamples the unit the split is made of (a manifest without a ``group`` column makes
+    every image its own group). ``dice`` holds each image's seg Dice, NaN where the image has no mask.
+    """
+    labels = np.asarray(labels, int)
+    probs = np.asarray(probs, float)
+    _, gidx = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    n_groups = int(gidx.max()) + 1 if len(gidx) else 0
+    tumour_idx = [i for i, n in enumerate(class_names) if n != NO_TUMOUR]
+    is_tumour = np.isin(labels, tumour_idx)
+    tpred = np.asarray(tumour_idx)[probs[:, tumour_idx].argmax(1)]
+
+    def per_group(values: np.ndarray, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return (np.bincount(gidx[sel], weights=values[sel], minlength=n_groups),
+                np.bincount(gidx[sel], minlength=n_groups).astype(float))
+
+    parts = {"accuracy": per_group((probs.argmax(1) == labels).astype(float), np.ones(len(labels), bool)),
+             "tumour_only_accuracy": per_group((tpred == labels).astype(float), is_tumour)}
+    if dice is not None and np.isfinite(dice).any():
+        ok = np.isfinite(dice)
+        parts["seg_dice"] = per_group(np.nan_to_num(dice), ok)
+    out = {"method": "cluster bootstrap over manifest groups (percentile interval)", "groups": n_groups,
+           "resamples": int(resamples), "level": float(level)}
+    if n_groups < 2:
+        return out
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, n_groups, size=(resamples, n_groups))
+    counts = np.stack([np.bincount(d, minlength=n_groups) for d in draws])  # [R, G] times each group is drawn
+    lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
+    for name, (s, c) in parts.items():
+        den = counts @ c
+        stat = (counts @ s)[den > 0] / den[den > 0]
+        out[name] = [float(np.percentile(stat, lo)), float(np.percentile(stat, hi))]
+    return out
