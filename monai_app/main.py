@@ -14,7 +14,7 @@ from lib.auth import install_token_check
 from lib.concurrency import install_infer_threads
 from lib.configs import tumorlens as tasks
 from lib.datastore import TumorlensDatastore
-from lib.errors import bad_request, check_id, not_found
+from lib.errors import bad_request, check_id, conflict, not_found
 from lib.limits import install_body_limit
 from lib.request_checks import install_request_checks
 from lib.state import AppState, state_dir_for
@@ -100,7 +100,44 @@ class TumorLensApp(MONAILabelApp):
                 if not ds.get_image_uri(image):
                     raise not_found(f"unknown image id {image!r}")
                 request["image_id"] = image
+                self._check_label_kept(ds, image, request)
         return super().infer(request, datastore)
+
+    @staticmethod
+    def _check_label_kept(ds: Datastore, image: str, request: dict) -> None:
+        """A prediction saved under the ``final`` tag (``save_label`` with ``label_tag: final``, as a
+        batch inference can ask) must not replace an annotator's final label."""
+        if not request.get("save_label"):
+            return
+        from monailabel.interfaces.datastore import DefaultLabelTag
+
+        tag = request.get("label_tag") or DefaultLabelTag.ORIGINAL.value
+        check_id(getattr(tag, "value", tag), "label tag")
+        if getattr(tag, "value", tag) == DefaultLabelTag.FINAL.value and ds.get_label_by_image_id(image, tag):
+            raise conflict(f"{image} already has a final label; a model prediction is not saved over it "
+                           "(save it under another label_tag)")
+
+    def batch_infer(self, request, datastore=None):
+        """MONAI Label's batch inference spreads images over CUDA devices by default and divides by
+        their number: on a machine without a GPU it runs on the CPU instead of failing. An image that
+        already has the final label a ``label_tag: final`` run would replace is skipped (and named in
+        the result) instead of ending the run there."""
+        import torch
+        from fastapi import HTTPException
+
+        if not torch.cuda.is_available():
+            request = {**request, "multi_gpu": False, "device": "cpu"}
+
+        def infer_or_skip(req: dict, ds=None) -> dict:
+            try:
+                return self.infer(req, ds)
+            except HTTPException as e:
+                if e.status_code != 409:
+                    raise
+                logger.warning(e.detail)
+                return {"skipped": e.detail}
+
+        return self._batch_infer(request, datastore or self.datastore(), infer_or_skip)
 
     @staticmethod
     def _is_upload(image: str) -> bool:

@@ -440,6 +440,8 @@ def test_bad_input_is_rejected_and_nothing_changes(client, server, studies, tmp_
          400, "info"),
         ("training setting", "post", "/train/tumorlens", {"json": {"max_epochs": "abc"}}, 400, "max_epochs"),
         ("unknown trainer", "post", "/train/no_such_trainer", {"json": {}}, 404, "no_such_trainer"),
+        ("unknown batch model", "post", "/batch/infer/no_such_model", {}, 404, "no_such_model"),
+        ("unknown scoring method", "post", "/scoring/no_such_method", {}, 404, "no_such_method"),
     ]
     for what, method, path, kwargs, code, needle in http_cases:
         r = getattr(requests, method)(url + path, timeout=120, **kwargs)
@@ -616,3 +618,24 @@ def test_relabel_loop_trains_new_version_without_breaking_inference(client, serv
     objects = client.datastore()["objects"]
     unl = [i for i, o in objects.items() if "final" not in o["labels"]]
     assert unl and all(scores[i]["uncertainty"]["model_version"] == stats["version"] for i in unl)
+
+
+def test_batch_inference_on_cpu_keeps_final_labels(client, server, studies):
+    """``POST /batch/infer/{model}`` (MONAI Label's defaults ask for CUDA devices, of which this machine
+    has none) writes the model's masks under ``original`` for every image; a run that asks for the
+    ``final`` tag skips images whose annotators' labels it would replace."""
+    client.save_label("mri2d_2301", str(_mask_of("2301")), tag="final", params={})
+    finals = {p.name: p.read_bytes() for p in (studies / "labels" / "final").iterdir()}
+    r = requests.post(f"{server.url}/batch/infer/segmentation", params={"images": "labeled", "run_sync": "true"},
+                      json={"label_tag": "final"}, timeout=600)
+    assert r.status_code == 200, r.text[-500:]
+    res = r.json()
+    assert "mri2d_2301" in res and all("already has a final label" in v["skipped"] for v in res.values())
+    assert {p.name: p.read_bytes() for p in (studies / "labels" / "final").iterdir()} == finals
+    r = requests.post(f"{server.url}/batch/infer/segmentation", params={"run_sync": "true"}, timeout=600)
+    assert r.status_code == 200, r.text[-500:]
+    objects = client.datastore()["objects"]
+    assert set(r.json()) == set(objects) and all(v.get("tag") == "original" for v in r.json().values())
+    assert all("original" in o["labels"] for o in objects.values())
+    assert {p.name: p.read_bytes() for p in (studies / "labels" / "final").iterdir()} == finals
+    alive(client)

@@ -20,6 +20,10 @@ def not_found(msg: str) -> HTTPException:
     return HTTPException(status_code=404, detail=msg)
 
 
+def conflict(msg: str) -> HTTPException:
+    return HTTPException(status_code=409, detail=msg)
+
+
 def check_id(value: str, what: str = "image id") -> str:
     """Ids name files inside the datastore: at most 160 characters, no path separators, control characters,
     or leading '.' / space."""

@@ -4,7 +4,9 @@ Its endpoints parse the ``params`` / ``info`` form fields with ``json.loads`` an
 a dict (not JSON, or JSON that is not an object: 500); ``/infer`` serves ``output=image`` with the
 task's label file even when the task answers with JSON only, and builds DICOM-SEG with dcmqi, which
 this app does not install; ``/train`` starts a training process before the settings are looked
-at. These become 4xx with a message before any work is done. The endpoints stay MONAI Label's:
+at; ``/batch/infer/{model}`` and ``/scoring/{method}`` answer 200 for a model or method that does
+not exist and fail later in a background process. These become 4xx with a message before any work
+is done. The endpoints stay MONAI Label's:
 each check wraps the module-level function that its route calls.
 """
 
@@ -90,9 +92,36 @@ def _checked(original: Callable, check: Callable[[dict], None]) -> Callable:
     return call
 
 
+def check_batch_infer_endpoint(arguments: dict) -> None:
+    """``POST /batch/infer/{model}``: the model must be one of the app's infer tasks."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    from lib.errors import not_found
+
+    infers = {k for k, v in app_instance()._infers.items() if v.is_valid()}
+    if arguments.get("model") not in infers:
+        raise not_found(f"unknown model {arguments.get('model')!r}; available: {', '.join(sorted(infers))}")
+    json_params = arguments.get("params") or {}
+    if not isinstance(json_params, dict):
+        raise bad_request("params must be a JSON object")
+
+
+def check_scoring_endpoint(arguments: dict) -> None:
+    """``POST /scoring/{method}``: the method must be one of the app's scoring methods."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    from lib.errors import not_found
+
+    methods = app_instance()._scoring_methods
+    if arguments.get("method") not in methods:
+        raise not_found(f"unknown scoring method {arguments.get('method')!r}; available: {', '.join(methods)}")
+
+
 def install_request_checks() -> None:
+    import monailabel.endpoints.batch_infer as batch_infer
     import monailabel.endpoints.datastore as datastore
     import monailabel.endpoints.infer as infer
+    import monailabel.endpoints.scoring as scoring
     import monailabel.endpoints.train as train
 
     def form(field: str, then: Callable[[dict], None] | None = None) -> Callable[[dict], None]:
@@ -105,7 +134,8 @@ def install_request_checks() -> None:
     checks = [(infer, "run_inference", form("params", lambda a: check_infer_output(a.get("model"), a.get("output")))),
               (datastore, "add_image", form("params")), (datastore, "save_label", form("params")),
               (datastore, "update_image_info", form("info")), (datastore, "update_label_info", form("info")),
-              (train, "run", check_train_endpoint), (train, "run_model", check_train_endpoint)]
+              (train, "run", check_train_endpoint), (train, "run_model", check_train_endpoint),
+              (batch_infer, "run", check_batch_infer_endpoint), (scoring, "run_method", check_scoring_endpoint)]
     for module, name, check in checks:
         fn = getattr(module, name)
         if not getattr(fn, "tumorlens_checked", False):  # an app re-init
