@@ -6,12 +6,14 @@ file order: inference, bad input, load, active learning, then the relabel loop t
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import shutil
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -442,6 +444,10 @@ def test_bad_input_is_rejected_and_nothing_changes(client, server, studies, tmp_
         ("unknown trainer", "post", "/train/no_such_trainer", {"json": {}}, 404, "no_such_trainer"),
         ("unknown batch model", "post", "/batch/infer/no_such_model", {}, 404, "no_such_model"),
         ("unknown scoring method", "post", "/scoring/no_such_method", {}, 404, "no_such_method"),
+        ("dataset before any final label", "get", "/datastore/dataset", {}, 404, "final label"),
+        ("info of an unknown image", "get", "/datastore/image/info?image=no_such_image", {}, 404, "no_such_image"),
+        ("model upload", "put", "/model/segmentation", {"files": {"file": ("x.pt", b"junk")}}, 405, "POST /train/"),
+        ("model delete", "delete", "/model/segmentation", {}, 405, "POST /train/"),
     ]
     for what, method, path, kwargs, code, needle in http_cases:
         r = getattr(requests, method)(url + path, timeout=120, **kwargs)
@@ -638,4 +644,17 @@ def test_batch_inference_on_cpu_keeps_final_labels(client, server, studies):
     assert set(r.json()) == set(objects) and all(v.get("tag") == "original" for v in r.json().values())
     assert all("original" in o["labels"] for o in objects.values())
     assert {p.name: p.read_bytes() for p in (studies / "labels" / "final").iterdir()} == finals
+    # the labelled cases as one archive, and the checkpoint the tasks run now (MONAI Label's /model)
+    r = requests.get(f"{server.url}/datastore/dataset", timeout=120)
+    assert r.status_code == 200
+    names = zipfile.ZipFile(io.BytesIO(r.content)).namelist()
+    assert "label/mri2d_2301.png" in names and "image/mri2d_2301.jpg" in names
+    version = client.info()["model_version"]
+    current = studies / ".tumorlens" / "models" / version / "checkpoint.pt"
+    if version.startswith("base:"):
+        from tumorlens.models.registry import resolve
+
+        current = resolve(None) / "checkpoint.pt"
+    r = requests.get(f"{server.url}/model/segmentation", timeout=120)
+    assert r.status_code == 200 and r.content == current.read_bytes()
     alive(client)

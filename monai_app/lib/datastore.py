@@ -148,6 +148,17 @@ class TumorlensDatastore(LocalDatastore):
         check_id(label_tag, "label tag")
         super().remove_label(label_id, label_tag)
 
+    def get_image_info(self, image_id: str) -> dict[str, Any]:
+        if image_id not in self._datastore.objects:  # MONAI Label answers {} with 200
+            raise not_found(f"unknown image id {image_id!r}")
+        return super().get_image_info(image_id)
+
+    def get_dataset_archive(self, limit_cases: int | None) -> str:
+        """``GET /datastore/dataset``: MONAI Label asserts that some image has a final label (a 500)."""
+        if not self.datalist():
+            raise not_found("no image has a final label yet: the dataset archive holds labelled cases only")
+        return super().get_dataset_archive(limit_cases)
+
     def _lock(self):
         from filelock import FileLock
 

@@ -117,10 +117,20 @@ def check_scoring_endpoint(arguments: dict) -> None:
         raise not_found(f"unknown scoring method {arguments.get('method')!r}; available: {', '.join(methods)}")
 
 
+def refuse_model_change(arguments: dict) -> None:
+    """``PUT`` / ``DELETE /model/{model}`` would overwrite or move the checkpoint the tasks run; the
+    model changes only through training, which publishes a new version and keeps the old ones."""
+    from fastapi import HTTPException
+
+    raise HTTPException(status_code=405, detail=f"the model of {arguments.get('model')!r} is not replaced or deleted "
+                        "through /model: POST /train/ publishes a new version and keeps every earlier one")
+
+
 def install_request_checks() -> None:
     import monailabel.endpoints.batch_infer as batch_infer
     import monailabel.endpoints.datastore as datastore
     import monailabel.endpoints.infer as infer
+    import monailabel.endpoints.model as model
     import monailabel.endpoints.scoring as scoring
     import monailabel.endpoints.train as train
 
@@ -135,7 +145,8 @@ def install_request_checks() -> None:
               (datastore, "add_image", form("params")), (datastore, "save_label", form("params")),
               (datastore, "update_image_info", form("info")), (datastore, "update_label_info", form("info")),
               (train, "run", check_train_endpoint), (train, "run_model", check_train_endpoint),
-              (batch_infer, "run", check_batch_infer_endpoint), (scoring, "run_method", check_scoring_endpoint)]
+              (batch_infer, "run", check_batch_infer_endpoint), (scoring, "run_method", check_scoring_endpoint),
+              (model, "update_model", refuse_model_change), (model, "delete_model", refuse_model_change)]
     for module, name, check in checks:
         fn = getattr(module, name)
         if not getattr(fn, "tumorlens_checked", False):  # an app re-init

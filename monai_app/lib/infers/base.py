@@ -92,6 +92,17 @@ class TumorlensInfer(InferTask):
             logger.error(f"model not available: {e}")
             return False
 
+    def get_path(self, validate: bool = True) -> str | None:
+        """The checkpoint this task runs now (``GET /model/{model}`` downloads it, ``/model/info/{model}``
+        gives its checksum); uploading or deleting it through ``/model`` is refused (request_checks)."""
+        from tumorlens.models.registry import CHECKPOINT
+
+        try:
+            path = self.state.versions.current_path() / CHECKPOINT
+        except TumorlensError:
+            return None
+        return str(path) if path.is_file() or not validate else None
+
     @abstractmethod
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
         """The task's own work on one image: (label array or None, JSON params)."""
