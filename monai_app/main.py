@@ -111,9 +111,8 @@ class TumorLensApp(MONAILabelApp):
             return
         from monailabel.interfaces.datastore import DefaultLabelTag
 
-        tag = request.get("label_tag") or DefaultLabelTag.ORIGINAL.value
-        check_id(getattr(tag, "value", tag), "label tag")
-        if getattr(tag, "value", tag) == DefaultLabelTag.FINAL.value and ds.get_label_by_image_id(image, tag):
+        tag = getattr(request.get("label_tag"), "value", request.get("label_tag"))
+        if tag == DefaultLabelTag.FINAL.value and ds.get_label_by_image_id(image, tag):
             raise conflict(f"{image} already has a final label; a model prediction is not saved over it "
                            "(save it under another label_tag)")
 

@@ -40,6 +40,11 @@ def tumour_mask(seg_prob: np.ndarray, tumour_called: bool) -> np.ndarray:
     return mask
 
 
+def seg_on_slice(seg: torch.Tensor, arr: np.ndarray) -> np.ndarray:
+    """The seg head's map [1, 1, S, S] for 2D slice ``arr``, on the slice's grid, zero outside the head."""
+    return resize_2d(seg, arr.shape)[0, 0].numpy() * foreground_mask(arr)
+
+
 @dataclass
 class Prediction:
     probabilities: dict[str, float]
@@ -155,11 +160,8 @@ class Predictor:
         return self._predict_2d(img, arr)
 
     def _predict_2d(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
-        x = prepare_slice(arr, self.size)
-        probs, seg, fam = self.forward_batch(x)
-        seg_full = resize_2d(seg, arr.shape)[0, 0].numpy()
-        seg_full = seg_full * foreground_mask(arr)
-        return self._result(img, probs[0].numpy(), seg_full, None, self._familiarity(fam))
+        probs, seg, fam = self.forward_batch(prepare_slice(arr, self.size))
+        return self._result(img, probs[0].numpy(), seg_on_slice(seg, arr), None, self._familiarity(fam))
 
     def _predict_volume(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         affine = np.asarray(img.affine, dtype=float)

@@ -67,16 +67,20 @@ def check_train_request(request: dict, defaults: dict) -> None:
             raise bad_request(f"{key} must be {kind}, got {request[key]!r}")
 
 
+def _known(what: str, name, available) -> None:
+    from lib.errors import not_found
+
+    if name not in available:
+        raise not_found(f"unknown {what} {name!r}; available: {', '.join(available)}")
+
+
 def check_train_endpoint(arguments: dict) -> None:
     """``POST /train/[{model}]``: MONAI Label starts the training process first and fails in it later."""
     from monailabel.interfaces.utils.app import app_instance
 
-    from lib.errors import not_found
-
     trainers = app_instance()._trainers
     model = arguments.get("model") or next(iter(trainers), None)
-    if model not in trainers:
-        raise not_found(f"unknown trainer {model!r}; available: {', '.join(trainers)}")
+    _known("trainer", model, trainers)
     check_train_request(arguments.get("params") or {}, trainers[model].config())
 
 
@@ -96,25 +100,14 @@ def check_batch_infer_endpoint(arguments: dict) -> None:
     """``POST /batch/infer/{model}``: the model must be one of the app's infer tasks."""
     from monailabel.interfaces.utils.app import app_instance
 
-    from lib.errors import not_found
-
-    infers = {k for k, v in app_instance()._infers.items() if v.is_valid()}
-    if arguments.get("model") not in infers:
-        raise not_found(f"unknown model {arguments.get('model')!r}; available: {', '.join(sorted(infers))}")
-    json_params = arguments.get("params") or {}
-    if not isinstance(json_params, dict):
-        raise bad_request("params must be a JSON object")
+    _known("model", arguments.get("model"), sorted(k for k, v in app_instance()._infers.items() if v.is_valid()))
 
 
 def check_scoring_endpoint(arguments: dict) -> None:
     """``POST /scoring/{method}``: the method must be one of the app's scoring methods."""
     from monailabel.interfaces.utils.app import app_instance
 
-    from lib.errors import not_found
-
-    methods = app_instance()._scoring_methods
-    if arguments.get("method") not in methods:
-        raise not_found(f"unknown scoring method {arguments.get('method')!r}; available: {', '.join(methods)}")
+    _known("scoring method", arguments.get("method"), list(app_instance()._scoring_methods))
 
 
 def refuse_model_change(arguments: dict) -> None:

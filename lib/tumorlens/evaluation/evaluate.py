@@ -13,7 +13,7 @@ from tumorlens.alignment.familiarity import unfamiliar
 from tumorlens.data.manifest import load_manifest
 from tumorlens.data.readers import is_volume, read_image, read_mask
 from tumorlens.evaluation.metrics import classification_metrics, dice_score, grouped_bootstrap
-from tumorlens.inference import Predictor, prepare_slice, resize_2d, tumour_mask
+from tumorlens.inference import Predictor, prepare_slice, seg_on_slice, tumour_mask
 from tumorlens.labels import NO_TUMOUR, class_index
 
 
@@ -42,9 +42,8 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
             if rec.mask is not None:
                 img = pending[i]
                 truth = read_mask(rec.mask, like=img)[0].numpy() > 0
-                full = resize_2d(seg[j:j + 1], truth.shape)[0, 0].numpy()
                 called = pred.model.labels[int(probs[i].argmax())] != NO_TUMOUR
-                dices[i] = dice_score(tumour_mask(full, called), truth)
+                dices[i] = dice_score(tumour_mask(seg_on_slice(seg[j:j + 1], img[0].numpy()), called), truth)
         batch_x.clear()
         batch_i.clear()
         pending.clear()
