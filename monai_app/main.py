@@ -17,6 +17,7 @@ from lib.datastore import TumorlensDatastore
 from lib.errors import bad_request, check_id, conflict, not_found
 from lib.limits import install_body_limit
 from lib.request_checks import install_request_checks
+from lib.sessions import TumorlensSessions
 from lib.state import AppState, state_dir_for
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.datastore import Datastore
@@ -54,6 +55,13 @@ class TumorLensApp(MONAILabelApp):
 
         return TumorlensDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
                                   read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+
+    def _load_sessions(self, load=False):
+        if not load:
+            return None
+        from monailabel.config import settings
+
+        return TumorlensSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY)
 
     def _download_dcmqi_tools(self):
         """MONAI Label fetches dcmqi from GitHub for DICOM-SEG output; offline it cannot, and the
@@ -116,6 +124,11 @@ class TumorLensApp(MONAILabelApp):
             raise conflict(f"{image} already has a final label; a model prediction is not saved over it "
                            "(save it under another label_tag)")
 
+    def infer_wsi(self, request, datastore=None):
+        """tumorlens has no whole-slide tasks: the WSI routes run the same checked inference as
+        ``/infer`` (MONAI Label's path skips the model and image checks above)."""
+        return self.infer(request, datastore)
+
     def batch_infer(self, request, datastore=None):
         """MONAI Label's batch inference spreads images over CUDA devices by default and divides by
         their number: on a machine without a GPU it runs on the CPU instead of failing. An image that
@@ -151,6 +164,19 @@ class TumorLensApp(MONAILabelApp):
             return False
         p, store = Path(image), Path(sessions.store_path).resolve()
         return p.is_absolute() and p.exists() and store in p.resolve().parents
+
+    def async_scoring(self, method, params=None):
+        """MONAI Label re-runs every scoring method (a process each, ~8 s of CPU) after every next-sample
+        request and training run. Automatic runs (``method`` None) start only when some unlabelled
+        image lacks a current score and no scoring run is already queued or running."""
+        if method is None:
+            from lib.scoring.scores import needs_scoring
+            from monailabel.utils.async_tasks.utils import tasks
+
+            busy = any(t.get("status") in ("SUBMITTED", "RUNNING") for t in tasks("scoring") or [])
+            if busy or not needs_scoring(self.state, self.datastore()):
+                return {}
+        return super().async_scoring(method, params)
 
     def next_sample(self, request):
         strategy = request.get("strategy") or "random"

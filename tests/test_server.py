@@ -295,9 +295,9 @@ def test_session_images_are_inferred_like_datastore_images(client, studies, tmp_
                     assert res_s["voxels"] == res_d["voxels"] and out_s and os.path.getsize(out_s) > 0
         finally:
             client.remove_session(session_id)
-    with pytest.raises(MONAILabelClientException) as e:  # an expired or unknown session: a clear 400
+    with pytest.raises(MONAILabelClientException) as e:  # an expired or unknown session: a clear 404
         client.infer("classification", "", {}, session_id="no-such-session")
-    assert status_of(e.value) == 400 and "session" in str(e.value)
+    assert status_of(e.value) == 404 and "session" in str(e.value)
     alive(client)
 
 
@@ -423,6 +423,18 @@ def test_bad_input_is_rejected_and_nothing_changes(client, server, studies, tmp_
     big = b"\0" * (17 * 1024 * 1024)
     r = requests.put(f"{server.url}/datastore/image?image=huge", files={"file": ("huge.nii.gz", big)}, timeout=60)
     assert r.status_code == 413 and "too large" in r.json()["detail"]
+    # the same without a Content-Length (a chunked upload): stopped while it is read, still a 413
+
+    def chunks():
+        yield (b'--B\r\nContent-Disposition: form-data; name="file"; filename="huge.nii.gz"\r\n'
+               b"Content-Type: application/octet-stream\r\n\r\n")
+        for _ in range(17):
+            yield b"\0" * (1024 * 1024)
+        yield b"\r\n--B--\r\n"
+
+    r = requests.put(f"{server.url}/datastore/image?image=huge", data=chunks(), timeout=60,
+                     headers={"Content-Type": "multipart/form-data; boundary=B"})
+    assert r.status_code == 413 and "too large" in r.json()["detail"], r.text[:300]
     alive(client)
     # requests MONAI Label 0.8.5 itself answers with a 500 (or starts a doomed training process for)
     url, jpg = server.url, (sample_studies_dir() / "mri2d_1941.jpg").read_bytes()
@@ -455,6 +467,116 @@ def test_bad_input_is_rejected_and_nothing_changes(client, server, studies, tmp_
     assert requests.get(f"{url}/train/?check_if_running=true", timeout=30).status_code == 404  # none started
     alive(client)
     assert studies_snapshot(studies) == before
+
+
+def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, server, studies, tmp_path):
+    """What a client nobody here wrote can send: archives whose members climb out of the session
+    store, a different image under an existing id, info that would mislabel training data, checksums
+    in every spelling MONAI Label's clients use, and malformed parameters. Each is a 4xx with a
+    message (or the right answer); nothing stored changes; the server keeps serving."""
+    import hashlib
+    import tarfile
+    import tempfile
+
+    from PIL import Image
+
+    url = server.url
+    before = studies_snapshot(studies)
+    jpg = (studies / "mri2d_1941.jpg").read_bytes()
+
+    # a tar member named ../NAME would land beside the unpack folder: refused before anything is written
+    escape = f"tumorlens_escape_{os.getpid()}_{time.time_ns()}.txt"
+    bad_tar = io.BytesIO()
+    with tarfile.open(fileobj=bad_tar, mode="w:gz") as t:
+        for name in (f"../{escape}", "/" + escape):
+            info = tarfile.TarInfo(name)
+            info.size = 4
+            t.addfile(info, io.BytesIO(b"pwnd"))
+    r = requests.put(f"{url}/session/?uncompress=true", files={"files": ("series.tar.gz", bad_tar.getvalue())},
+                     timeout=60)
+    assert r.status_code == 400 and "outside" in r.json()["detail"], r.text[:300]
+    assert not (Path(tempfile.gettempdir()) / escape).exists() and not Path("/" + escape).exists()
+    r = requests.put(f"{url}/session/?uncompress=true", files={"files": ("slice.jpg", jpg)}, timeout=60)
+    assert r.status_code == 400 and "zip or tar" in r.json()["detail"], r.text[:300]
+    # a real archive (a one-slice DICOM series in a wrapper folder, with a note beside it) becomes a
+    # session folder that inference reads
+    arr = np.asarray(Image.open(studies / "mri2d_1941.jpg").convert("L"))
+    _write_mr_dicom(arr, tmp_path / "slice.dcm")
+    z = io.BytesIO()
+    with zipfile.ZipFile(z, "w") as zf:
+        zf.write(tmp_path / "slice.dcm", "series/slice.dcm")
+        zf.writestr("series/README.txt", "exported by a viewer\n")
+    r = requests.put(f"{url}/session/?uncompress=true", files={"files": ("series.zip", z.getvalue())}, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    sid = r.json()["session_id"]
+    _, res = client.infer("classification", "", {}, session_id=sid)
+    assert json.loads(res)["label"] in CLASS_NAMES
+    r = requests.get(f"{url}/session/{sid}?image=true", timeout=30)  # a folder is not one file
+    assert r.status_code == 400 and "folder" in r.json()["detail"]
+    client.remove_session(sid)
+    # an expired session is gone when it is asked for, not at the next sweep
+    r = requests.put(f"{url}/session/?expiry=1", files={"files": ("slice.jpg", jpg)}, timeout=60)
+    sid = r.json()["session_id"]
+    time.sleep(2.2)
+    assert requests.get(f"{url}/session/{sid}", timeout=30).status_code == 404
+
+    # uploads: the same bytes again are a no-op; another image under a taken id is a 409
+    assert client.upload_image(str(studies / "mri2d_1941.jpg"), image_id="mri2d_1941", params={})["image"] == "mri2d_1941"
+    other = tmp_path / "mri2d_1941.jpg"
+    other.write_bytes((studies / "mri2d_3300.jpg").read_bytes())
+    with pytest.raises(MONAILabelClientException) as ei:
+        client.upload_image(str(other), image_id="mri2d_1941", params={})
+    assert status_of(ei.value) == 409 and "already holds another image" in str(ei.value.msg)
+    # a JPEG sent without a file name is named by its content in the error (MONAI Label assumes .nii.gz)
+    r = requests.put(f"{url}/datastore/image?image=nameless", files={"file": ("", jpg)}, timeout=60)
+    assert r.status_code == 400 and "looks like a JPEG" in r.json()["detail"], r.text[:300]
+    bomb = io.BytesIO()
+    Image.new("L", (12000, 12000)).save(bomb, format="PNG")  # ~140 KB declaring 144 megapixels
+    r = requests.put(f"{url}/datastore/image?image=bomb", files={"file": ("bomb.png", bomb.getvalue())}, timeout=60)
+    assert r.status_code == 400 and "larger than" in r.json()["detail"], r.text[:300]
+
+    # checksums: bare, with the algorithm, any case; a wrong digest is a 404, an unknown algorithm a 400
+    digest = hashlib.sha256(jpg).hexdigest()
+    for cs in (digest, f"SHA256:{digest}", f"sha256:{digest}", f"MD5:{hashlib.md5(jpg).hexdigest()}"):
+        assert requests.head(f"{url}/datastore/image?image=mri2d_1941&check_sum={cs}", timeout=30).status_code == 200, cs
+    assert requests.head(f"{url}/datastore/image?image=mri2d_1941&check_sum={'0' * 64}", timeout=30).status_code == 404
+    assert requests.head(f"{url}/datastore/image?image=mri2d_1941&check_sum=FOO:1", timeout=30).status_code == 400
+
+    cases = [
+        ("info of an unknown image", "put", "/datastore/image/info?image=nope", {"data": {"info": "{}"}}, 404, "nope"),
+        ("image info naming the id", "put", "/datastore/image/info?image=mri2d_1941",
+         {"data": {"info": json.dumps({"id": "mri2d_0102"})}}, 400, "id"),
+        ("image info with an unknown class", "put", "/datastore/image/info?image=mri2d_1941",
+         {"data": {"info": json.dumps({"class_name": "astrocytoma"})}}, 400, "astrocytoma"),
+        ("label info of an unknown label", "put", "/datastore/label/info?label=mri2d_1941&tag=final",
+         {"data": {"info": json.dumps({"class_name": "glioma"})}}, 404, "final"),
+        ("deprecated label info route", "put", "/datastore/updatelabelinfo?label=mri2d_1941&tag=final",
+         {"data": {"params": json.dumps({"class_name": "glioma"})}}, 404, "final"),
+        ("read info of an unknown label", "get", "/datastore/label/info?label=mri2d_1941&tag=final", {}, 404, "final"),
+        ("delete an unknown label", "delete", "/datastore/label?id=mri2d_1941&tag=final", {}, 404, "final"),
+        ("infer without an image", "post", "/infer/classification", {}, 400, "no image"),
+        ("WSI route, unknown model", "post", "/infer/wsi_v2/no_such_model?image=mri2d_1941", {}, 404, "no_such_model"),
+        ("ScoreCAM mass not a number", "post", "/infer/saliency_scorecam?image=mri2d_1941",
+         {"data": {"params": json.dumps({"scorecam_mass": "abc"})}}, 400, "scorecam_mass"),
+        ("seed not a number", "post", "/activelearning/random", {"json": {"seed": [1]}}, 400, "seed"),
+        ("max_compute not a number", "post", "/activelearning/uncertainty", {"json": {"max_compute": "abc"}},
+         400, "max_compute"),
+        ("training with nothing labelled", "post", "/train/tumorlens?run_sync=true", {"json": {}}, 400,
+         "nothing to train on"),
+        ("DICOMweb proxy of a local datastore", "get", "/proxy/dicom/studies", {}, 404, "local folder"),
+    ]
+    if shutil.which("nvidia-smi") is None:
+        cases.append(("GPU log without a GPU", "get", "/logs/gpu", {}, 404, "no NVIDIA GPU"))
+    for what, method, path, kwargs, code, needle in cases:
+        r = getattr(requests, method)(url + path, timeout=120, **kwargs)
+        assert r.status_code == code and needle in r.json()["detail"], (what, r.status_code, r.text[:300])
+    alive(client)
+    assert studies_snapshot(studies) == before
+    # a deleted image is gone from the listing at once (not when the folder watcher catches up)
+    client.upload_image(str(other), image_id="to_delete", params={})
+    assert requests.delete(f"{url}/datastore/image?id=to_delete", timeout=60).status_code == 200
+    assert "to_delete" not in client.datastore()["objects"]
+    assert not list(studies.glob("to_delete.*"))
 
 
 # ---- load ----------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.errors import bad_request, check_id, not_found
+from lib.errors import bad_request, check_id, conflict, not_found
 from tumorlens.activelearning.finetune import read_label_like
 from tumorlens.data.readers import read_image
 from tumorlens.errors import InvalidInputError
@@ -43,6 +43,48 @@ def atomic_copy(src: str | Path, dest: str | Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def check_class_name(info: dict, what: str) -> None:
+    """A class stored in image or label info must be one the models know: training reads it."""
+    from tumorlens.labels import CLASS_NAMES
+
+    for key in ("class_name", "class"):
+        if key in info and info[key] not in CLASS_NAMES:
+            raise bad_request(f"{what}: unknown {key} {info[key]!r}; one of {', '.join(CLASS_NAMES)}")
+
+
+MAGIC = [(b"\xff\xd8\xff", "a JPEG"), (b"\x89PNG", "a PNG"), (b"\x1f\x8b", "gzip data (.nii.gz?)"),
+         (b"NRRD", "an NRRD"), (b"\x5c\x01\x00\x00", "a NIfTI-1 (.nii)")]
+
+
+def content_hint(path: str, ext: str) -> str:
+    """What the bytes of an upload look like, when that disagrees with its file name's extension
+    (a client that sends no file name gets MONAI Label's default, .nii.gz)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return ""
+    if head[128:132] == b"DICM":
+        kind = "a DICOM"
+    else:
+        kind = next((k for magic, k in MAGIC if head.startswith(magic)), "")
+    expected = {".jpg": "a JPEG", ".jpeg": "a JPEG", ".png": "a PNG", ".nii.gz": "gzip data (.nii.gz?)",
+                ".nrrd": "an NRRD", ".nii": "a NIfTI-1 (.nii)", ".dcm": "a DICOM"}.get(ext)
+    if kind and kind != expected:
+        return f" (the name says {ext} but the content looks like {kind}: send the file with its own name)"
+    return ""
+
+
+def file_sha256(path: str | Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _ext(name: str) -> str:
@@ -81,22 +123,38 @@ class TumorlensDatastore(LocalDatastore):
         try:
             img = read_image(image_filename)
         except InvalidInputError as e:
-            raise bad_request(f"upload {image_id}{ext}: {e.problem}") from e
+            raise bad_request(f"upload {image_id}{ext}: {e.problem}{content_hint(image_filename, ext)}") from e
         info = dict(image_info or {})
+        check_class_name(info, f"upload {image_id}{ext}")
         info.update(kind=img.meta.get("kind"), dims=[int(s) for s in img.shape[1:]])
         dest = Path(self._datastore.image_path()) / self._filename(image_id, ext)
         with self._lock():
+            if self._same_image_stored(image_id, image_filename):
+                return image_id  # the same bytes again (a client retrying an upload): nothing changes
             atomic_copy(image_filename, dest)
             import time
 
             from monailabel.datastore.local import DataModel, ImageLabelModel
 
             info.update(ts=int(time.time()), name=dest.name)
-            old = self._datastore.objects.get(image_id)
-            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext),
-                                                                labels=old.labels if old and old.image.ext == ext else {})
+            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext), labels={})
             self._update_datastore_file(lock=False)
         return image_id
+
+    def _same_image_stored(self, image_id: str, upload: str) -> bool:
+        """True when ``image_id`` already holds exactly ``upload``; a 409 when it holds another image:
+        replacing it would leave its labels (and their classes) on an image they do not describe."""
+        obj = self._datastore.objects.get(image_id)
+        if obj is None:
+            return False
+        stored = Path(self._datastore.image_path()) / self._filename(image_id, obj.image.ext)
+        if not stored.is_file():  # an index entry whose file is gone: the upload restores it
+            return False
+        if file_sha256(stored) == file_sha256(upload):
+            return True
+        raise conflict(f"image id {image_id!r} already holds another image ({obj.image.info.get('name', stored.name)}, "
+                       f"{len(obj.labels)} label(s)); upload under a new id, or DELETE /datastore/image?id={image_id} "
+                       "first")
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         check_id(image_id)
@@ -113,12 +171,7 @@ class TumorlensDatastore(LocalDatastore):
         except InvalidInputError as e:
             raise bad_request(f"label for {image_id}: {e.problem}") from e
         info = dict(label_info or {})
-        cls = info.get("class_name") or info.get("class")
-        if cls is not None:
-            from tumorlens.labels import CLASS_NAMES
-
-            if cls not in CLASS_NAMES:
-                raise bad_request(f"label for {image_id}: unknown class {cls!r}; one of {', '.join(CLASS_NAMES)}")
+        check_class_name(info, f"label for {image_id}")
         tag = label_tag or DefaultLabelTag.FINAL.value
         label_path = Path(self._datastore.label_path(tag))
         label_path.mkdir(parents=True, exist_ok=True)
@@ -142,11 +195,19 @@ class TumorlensDatastore(LocalDatastore):
         if image_id not in self._datastore.objects:
             raise not_found(f"unknown image id {image_id!r}")
         super().remove_image(image_id)
+        with self._lock():  # listed no more at once, not when the folder watcher catches up
+            self._datastore.objects.pop(image_id, None)
+            self._update_datastore_file(lock=False)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         check_id(label_id)
         check_id(label_tag, "label tag")
         super().remove_label(label_id, label_tag)
+        obj = self._datastore.objects.get(label_id)
+        if obj is not None and label_tag in obj.labels:
+            with self._lock():
+                obj.labels.pop(label_tag, None)
+                self._update_datastore_file(lock=False)
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         if image_id not in self._datastore.objects:  # MONAI Label answers {} with 200
@@ -176,6 +237,7 @@ class TumorlensDatastore(LocalDatastore):
                 f.write(text)
                 f.flush()
                 os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)  # as MONAI Label writes it (mkstemp makes it private)
             os.replace(tmp, path)
             self._config_ts = os.stat(path).st_mtime
 

@@ -37,18 +37,25 @@ class BodyLimit:
             return await self._reject(send, f"{int(length) / 1048576:.1f} MiB")
         seen = 0
         started = False
+        exceeded = False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, exceeded
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.max_bytes:
+                    exceeded = True
                     raise _TooLarge()
             return msg
 
         async def tracking_send(msg):
             nonlocal started
+            if exceeded:  # the form parser turned the stop into its own 400: answer 413 instead
+                if not started:
+                    started = True
+                    await self._reject(send, f"over {seen / 1048576:.1f} MiB")
+                return
             if msg["type"] == "http.response.start":
                 started = True
             await send(msg)

@@ -5,9 +5,12 @@ a dict (not JSON, or JSON that is not an object: 500); ``/infer`` serves ``outpu
 task's label file even when the task answers with JSON only, and builds DICOM-SEG with dcmqi, which
 this app does not install; ``/train`` starts a training process before the settings are looked
 at; ``/batch/infer/{model}`` and ``/scoring/{method}`` answer 200 for a model or method that does
-not exist and fail later in a background process. These become 4xx with a message before any work
-is done. The endpoints stay MONAI Label's:
-each check wraps the module-level function that its route calls.
+not exist and fail later in a background process; ``/infer`` without an image is a 500 and an
+OHIF scribble (``.bin``) of the wrong size one deeper down; info updates and label reads of images
+or labels that do not exist are 500s or empty 200s; an image checksum never matches (MONAI Label
+compares ``"SHA256:<hex>"`` with the bare digest). These become 4xx with a message (or a correct
+answer) before any work is done. The endpoints stay MONAI Label's: each check wraps the
+module-level function that its route calls.
 """
 
 from __future__ import annotations
@@ -15,10 +18,11 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 from collections.abc import Callable
 from functools import wraps
 
-from lib.errors import bad_request
+from lib.errors import bad_request, not_found
 
 
 def json_object(text: str | None, field: str) -> dict:
@@ -68,8 +72,6 @@ def check_train_request(request: dict, defaults: dict) -> None:
 
 
 def _known(what: str, name, available) -> None:
-    from lib.errors import not_found
-
     if name not in available:
         raise not_found(f"unknown {what} {name!r}; available: {', '.join(available)}")
 
@@ -82,6 +84,115 @@ def check_train_endpoint(arguments: dict) -> None:
     model = arguments.get("model") or next(iter(trainers), None)
     _known("trainer", model, trainers)
     check_train_request(arguments.get("params") or {}, trainers[model].config())
+    ready = getattr(trainers[model], "check_ready", None)
+    if ready is not None:
+        ready(app_instance().datastore())
+
+
+def check_infer_input(arguments: dict) -> None:
+    """``/infer`` and the WSI routes: an image id, a file or a live session is needed."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    session_id = arguments.get("session_id")
+    if not (arguments.get("file") or arguments.get("image") or session_id):
+        raise bad_request("no image: give a datastore image id (image=...), a session_id or send a file")
+    if session_id:
+        sessions = app_instance().sessions()
+        if sessions is None or not sessions.get_session(session_id, update_ts=False):
+            raise not_found(f"unknown or expired session {session_id!r}: PUT /session/ again")
+
+
+def _datastore():
+    from monailabel.interfaces.utils.app import app_instance
+
+    return app_instance().datastore()
+
+
+def _image_known(image_id) -> None:
+    if not _datastore().get_image_uri(image_id or ""):
+        raise not_found(f"unknown image id {image_id!r}")
+
+
+def _label_known(image_id, tag) -> None:
+    _image_known(image_id)
+    if tag not in _datastore().get_labels_by_image_id(image_id):
+        raise not_found(f"image {image_id!r} has no label with tag {tag!r}")
+
+
+RESERVED_IMAGE_INFO = ("id", "path", "name", "ext")  # answers and file names the datastore derives itself
+
+
+def check_image_info(arguments: dict) -> None:
+    from lib.datastore import check_class_name
+
+    info = json_object(arguments.get("info"), "info")
+    _image_known(arguments.get("image"))
+    reserved = [k for k in RESERVED_IMAGE_INFO if k in info]
+    if reserved:
+        raise bad_request(f"image info may not set {', '.join(reserved)}: the datastore derives them")
+    check_class_name(info, f"image {arguments.get('image')}")
+
+
+def check_label_info(arguments: dict) -> None:
+    from lib.datastore import check_class_name
+
+    info = json_object(arguments.get("info"), "info")
+    _label_known(arguments.get("label"), arguments.get("tag"))
+    check_class_name(info, f"label of {arguments.get('label')}")
+
+
+def check_checksum(original: Callable) -> Callable:
+    """``HEAD /datastore/image?check_sum=[ALGO:]hex``: 200 when the stored image has that digest."""
+    import hashlib
+
+    @wraps(original)
+    def call(image: str, check_only=False, check_sum=None):
+        if not (check_only and check_sum):
+            return original(image, check_only, check_sum)
+        algo, _, digest = check_sum.rpartition(":")
+        algo = (algo or "SHA256").upper()
+        if algo not in ("SHA256", "SHA512", "MD5"):
+            raise bad_request(f"check_sum algorithm {algo!r}: use SHA256, SHA512 or MD5")
+        uri = _datastore().get_image_uri(image)
+        if not uri or not os.path.isfile(uri):
+            raise not_found(f"unknown image id {image!r}")
+        h = hashlib.new(algo)
+        with open(uri, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        if h.hexdigest() != digest.strip().lower():
+            raise not_found(f"image {image!r} differs from the checksum given")
+        return {}
+
+    call.tumorlens_checked = True
+    return call
+
+
+def checked_binary_to_image(original: Callable) -> Callable:
+    """An OHIF scribble (raw bytes) must hold one byte per voxel of its image."""
+    @wraps(original)
+    def call(reference_image, label, *args, **kwargs):
+        try:
+            return original(reference_image, label, *args, **kwargs)
+        except (ValueError, RuntimeError, OSError) as e:
+            raise bad_request(f"label (.bin) does not fit image {os.path.basename(str(reference_image))}: {e}") from e
+
+    call.tumorlens_checked = True
+    return call
+
+
+def check_session_image(arguments: dict) -> None:
+    """``GET /session/{id}?image=true`` serves one file; a DICOM series or an archive is a folder."""
+    from monailabel.interfaces.utils.app import app_instance
+
+    sessions = app_instance().sessions()
+    if not arguments.get("image") or sessions is None:
+        return
+    info = sessions.get_session(arguments.get("session_id"), update_ts=False)
+    if info and os.path.isdir(info.image):
+        raise bad_request(f"session {arguments.get('session_id')} holds a folder of "
+                          f"{sum(1 for _ in os.scandir(info.image))} files, not one image; "
+                          "GET it without image=true for its information")
 
 
 def _checked(original: Callable, check: Callable[[dict], None]) -> Callable:
@@ -119,13 +230,52 @@ def refuse_model_change(arguments: dict) -> None:
                         "through /model: POST /train/ publishes a new version and keeps every earlier one")
 
 
+class _CheckedSubprocess:
+    """``GET /logs/gpu`` runs ``nvidia-smi`` through its module's ``subprocess``; on a machine without
+    it the missing program was a 500. This stands in for that module: a 404 with a message."""
+
+    tumorlens_checked = True
+
+    def __getattr__(self, name: str):
+        import subprocess
+
+        return getattr(subprocess, name)
+
+    @staticmethod
+    def run(cmd, *args, **kwargs):
+        import shutil
+        import subprocess
+
+        if shutil.which(cmd[0]) is None:
+            raise not_found(f"this server has no NVIDIA GPU ({cmd[0]} not found)")
+        return subprocess.run(cmd, *args, **kwargs)
+
+
+def local_datastore_proxy(original: Callable) -> Callable:
+    """``/proxy/dicom/...`` forwards to a DICOMweb server; a local-folder datastore has none."""
+    from monailabel.config import settings
+
+    @wraps(original)
+    async def call(*args, **kwargs):
+        if not str(settings.MONAI_LABEL_STUDIES).startswith(("http://", "https://")):
+            raise not_found("the datastore is a local folder, not a DICOMweb server: there is nothing to proxy")
+        return await original(*args, **kwargs)
+
+    call.tumorlens_checked = True
+    return call
+
+
 def install_request_checks() -> None:
     import monailabel.endpoints.batch_infer as batch_infer
     import monailabel.endpoints.datastore as datastore
     import monailabel.endpoints.infer as infer
+    import monailabel.endpoints.logs as logs
     import monailabel.endpoints.model as model
+    import monailabel.endpoints.proxy as proxy
     import monailabel.endpoints.scoring as scoring
+    import monailabel.endpoints.session as session
     import monailabel.endpoints.train as train
+    import monailabel.endpoints.wsi_infer as wsi_infer
 
     def form(field: str, then: Callable[[dict], None] | None = None) -> Callable[[dict], None]:
         def check(a: dict) -> None:
@@ -134,9 +284,17 @@ def install_request_checks() -> None:
                 then(a)
         return check
 
-    checks = [(infer, "run_inference", form("params", lambda a: check_infer_output(a.get("model"), a.get("output")))),
+    def infer_check(a: dict) -> None:
+        json_object(a.get("params"), "params")
+        check_infer_input(a)
+        check_infer_output(a.get("model"), a.get("output"))
+
+    checks = [(infer, "run_inference", infer_check), (wsi_infer, "run_wsi_inference", check_infer_input),
               (datastore, "add_image", form("params")), (datastore, "save_label", form("params")),
-              (datastore, "update_image_info", form("info")), (datastore, "update_label_info", form("info")),
+              (datastore, "update_image_info", check_image_info), (datastore, "update_label_info", check_label_info),
+              (datastore, "get_label_info", lambda a: _label_known(a.get("label"), a.get("tag"))),
+              (datastore, "remove_label", lambda a: _label_known(a.get("id"), a.get("tag"))),
+              (session, "get_session", check_session_image),
               (train, "run", check_train_endpoint), (train, "run_model", check_train_endpoint),
               (batch_infer, "run", check_batch_infer_endpoint), (scoring, "run_method", check_scoring_endpoint),
               (model, "update_model", refuse_model_change), (model, "delete_model", refuse_model_change)]
@@ -144,3 +302,11 @@ def install_request_checks() -> None:
         fn = getattr(module, name)
         if not getattr(fn, "tumorlens_checked", False):  # an app re-init
             setattr(module, name, _checked(fn, check))
+    for module, name, wrapper in [(datastore, "download_image", check_checksum),
+                                  (infer, "binary_to_image", checked_binary_to_image),
+                                  (proxy, "proxy_dicom", local_datastore_proxy)]:
+        fn = getattr(module, name)
+        if not getattr(fn, "tumorlens_checked", False):
+            setattr(module, name, wrapper(fn))
+    if not getattr(logs.subprocess, "tumorlens_checked", False):
+        logs.subprocess = _CheckedSubprocess()

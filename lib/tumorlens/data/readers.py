@@ -29,6 +29,8 @@ NIFTI_EXT = (".nii", ".nii.gz")
 DICOM_EXT = (".dcm", ".dicom", "")
 ITK_EXT = (".nrrd", ".nhdr", ".mha", ".mhd")  # 3D Slicer's and ITK's own formats, read by SimpleITK
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+MAX_PIXELS_2D = 64 * 1024 * 1024  # 8192 x 8192: far above any MRI slice or screenshot of one
+MAX_VOXELS = 512 * 1024 * 1024  # 2 GiB as float32: a 0.5 mm whole-body MRI is well below
 
 Expect = Literal["2d", "3d"] | None
 
@@ -69,17 +71,35 @@ def _check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
     return arr
 
 
+def _check_size(path: Path, shape: tuple[int, ...], limit: int) -> None:
+    """Refuse an image whose declared size is beyond any MRI before it is decoded: a few hundred
+    kilobytes of PNG or gzip can declare gigabytes of pixels."""
+    n = int(np.prod([int(s) for s in shape], dtype=np.float64))
+    if n > limit:
+        unit = "voxels" if len(shape) > 2 else "pixels"
+        raise InvalidInputError(path, f"image of {' x '.join(str(int(s)) for s in shape)} = {n:,} {unit} is larger "
+                                      f"than the {limit:,} tumorlens reads (no MRI is this large)")
+
+
 def _read_photo(path: Path, modality: str) -> MetaTensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with warnings.catch_warnings():  # the size is checked here, against a limit of our own
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+        with im:
+            _check_size(path, im.size, MAX_PIXELS_2D)
             im.load()
             if im.mode in ("RGB", "RGBA", "P", "CMYK", "LA"):
                 im = im.convert("L")
             arr = np.asarray(im)
     except UnidentifiedImageError as e:
         raise InvalidInputError(path, "not a readable image (unknown or corrupt format)") from e
+    except InvalidInputError:
+        raise
+    except Image.DecompressionBombError as e:
+        raise InvalidInputError(path, f"image too large: {e}") from e
     except (OSError, SyntaxError, ValueError) as e:
         raise InvalidInputError(path, f"corrupt or truncated image: {e}") from e
     if arr.ndim != 2:
@@ -95,6 +115,10 @@ def _read_nifti(path: Path) -> MetaTensor:
 
     try:
         img = nib.load(str(path))
+    except Exception as e:  # nibabel raises many types for corrupt/truncated files
+        raise InvalidInputError(path, f"corrupt or truncated NIfTI: {type(e).__name__}: {e}") from e
+    _check_size(path, img.shape, MAX_VOXELS)
+    try:
         arr = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for corrupt/truncated files
         raise InvalidInputError(path, f"corrupt or truncated NIfTI: {type(e).__name__}: {e}") from e
@@ -136,7 +160,11 @@ def _read_itk(path: Path) -> MetaTensor:
     import SimpleITK as sitk
 
     try:
-        image = sitk.ReadImage(str(path))
+        reader = sitk.ImageFileReader()
+        reader.SetFileName(str(path))
+        reader.ReadImageInformation()
+        _check_size(path, reader.GetSize(), MAX_VOXELS)
+        image = reader.Execute()
     except RuntimeError as e:
         raise InvalidInputError(path, f"corrupt or unreadable {_suffix(path)} file: "
                                       f"{str(e).strip().splitlines()[-1]}") from e

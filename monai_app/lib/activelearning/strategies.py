@@ -10,8 +10,30 @@ import random
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from lib.errors import bad_request
 from lib.scoring.scores import score_images, unlabelled
 from lib.state import AppState
+
+
+def seed_param(request: dict) -> int | str | None:
+    seed = request.get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | str)):
+        raise bad_request(f"seed must be a whole number or a string, got {seed!r}")
+    return seed
+
+
+def max_compute_param(request: dict, default: int = 32) -> int:
+    value = request.get("max_compute")
+    if value is None:
+        return default
+    try:
+        n = int(value)
+        ok = not isinstance(value, bool) and float(value) == n and n >= 0
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise bad_request(f"max_compute must be a whole number >= 0 (images scored on the spot), got {value!r}")
+    return n
 
 
 class RandomUnlabelled(Strategy):
@@ -22,7 +44,7 @@ class RandomUnlabelled(Strategy):
         ids = unlabelled(datastore)
         if not ids:
             return {}
-        rng = random.Random(request.get("seed"))
+        rng = random.Random(seed_param(request))
         pick = rng.choice(ids)
         return {"id": pick, "strategy": "random", "candidates": len(ids)}
 
@@ -37,7 +59,7 @@ class ScoredStrategy(Strategy):
         ids = unlabelled(datastore)
         if not ids:
             return {}
-        scores = score_images(self.state, datastore, self.kind, ids, limit=int(request.get("max_compute", 32)))
+        scores = score_images(self.state, datastore, self.kind, ids, limit=max_compute_param(request))
         if not scores:
             return {}
         pick = max(scores, key=lambda k: (scores[k]["value"], k))

@@ -67,10 +67,10 @@ class ReportInfer(TumorlensInfer):
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
         from tumorlens.report import generate_report
 
-        findings = self.findings_of(img, request)
-        backend = request.get("backend")
+        backend = request.get("backend")  # checked before the (seconds-long) saliency pipeline runs
         if backend is not None and backend not in ("local", "openai", "ollama", "template"):
             raise bad_request(f"unknown report backend {backend!r}: local, openai, ollama or template")
+        findings = self.findings_of(img, request)
         res = generate_report(findings, backend=backend)
         out = json.loads(json.dumps(res.as_dict(), default=str))
         out.update(markdown=res.to_markdown(), findings=findings.model_dump(mode="json"),

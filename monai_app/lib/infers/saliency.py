@@ -73,7 +73,10 @@ class SaliencyInfer(TumorlensInfer):
         accepted = inspect.signature(explain).parameters
         kw = {}
         if self.method == "scorecam" and request.get("scorecam_mass") is not None and "scorecam_mass" in accepted:
-            mass = float(request["scorecam_mass"])
+            try:
+                mass = float(request["scorecam_mass"])
+            except (TypeError, ValueError) as e:
+                raise bad_request(f"scorecam_mass must be a number in (0, 1], got {request['scorecam_mass']!r}") from e
             if not 0.0 < mass <= 1.0:
                 raise bad_request(f"scorecam_mass {mass} must be in (0, 1]")
             kw["scorecam_mass"] = mass

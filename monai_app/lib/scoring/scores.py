@@ -35,15 +35,12 @@ def unlabelled(datastore: Datastore) -> list[str]:
     return sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))
 
 
-def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str], limit: int | None = None,
-                 progress: bool = False) -> dict[str, dict]:
-    """Score ``ids`` whose entry is missing or stale (at most ``limit`` new ones); returns all
-    current entries for ``ids`` as ``{id: {"value", ...}}``."""
+def _current_and_stale(state: AppState, datastore: Datastore, kind: str, ids: list[str]
+                       ) -> tuple[dict[str, dict], list[tuple[str, str, float | None]]]:
+    """Entries still valid for ``ids`` (same model version, same image file) and the ones to (re)score."""
     version = state.model_version()
-    model = state.model()
     scores = state.read_scores()
     out: dict[str, dict] = {}
-    new: dict[str, dict] = {}
     todo = []
     for image_id in ids:
         uri = datastore.get_image_uri(image_id)
@@ -53,6 +50,23 @@ def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str
             out[image_id] = entry
         else:
             todo.append((image_id, uri, mtime))
+    return out, todo
+
+
+def needs_scoring(state: AppState, datastore: Datastore) -> bool:
+    """Whether some unlabelled image lacks a current score of some kind (a stat per image; no model)."""
+    ids = unlabelled(datastore)
+    return any(_current_and_stale(state, datastore, kind, ids)[1] for kind in KINDS)
+
+
+def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str], limit: int | None = None,
+                 progress: bool = False) -> dict[str, dict]:
+    """Score ``ids`` whose entry is missing or stale (at most ``limit`` new ones); returns all
+    current entries for ``ids`` as ``{id: {"value", ...}}``."""
+    version = state.model_version()
+    model = state.model()
+    out, todo = _current_and_stale(state, datastore, kind, ids)
+    new: dict[str, dict] = {}
     if limit is not None:
         todo = todo[:limit]
     for image_id, uri, mtime in tqdm(todo, desc=f"scoring {kind}", disable=not progress):

@@ -17,6 +17,7 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.errors import bad_request
 from lib.state import AppState
 from tumorlens.activelearning.finetune import finetune, item_arrays
 from tumorlens.config import config_hash
@@ -50,6 +51,14 @@ class FinetuneTrainer(TrainTask):
 
     def stats(self) -> dict:
         return self.state.read_stats()
+
+    def check_ready(self, datastore: Datastore) -> None:
+        """Before a training process starts: a 400 when there is nothing to train on."""
+        items, notes = labelled_items(datastore)
+        if not items:
+            why = f" ({'; '.join(notes[:3])})" if notes else ""
+            raise bad_request("nothing to train on: no image has a final label with a class_name; save labels with "
+                              f"params {{\"class_name\": ...}} first{why}")
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         cfg = dict(self.config())

@@ -1,0 +1,121 @@
+"""MONAI Label's session store with safe archive unpacking and expiry that holds between sweeps.
+
+``PUT /session/?uncompress=true`` hands the upload to ``shutil.unpack_archive`` as it is: a tar
+member named ``../../x`` or ``/x`` is written outside the session store (any client could replace
+datastore files or model versions that way), and a file that is not an archive fails with a 500.
+Here the archive's members are checked first (relative paths inside it, plain files and folders
+only), tar files are unpacked with the ``data`` filter as a second guard, and anything else is a 400.
+MONAI Label also removes expired sessions only on its periodic sweep, so an expired id kept working
+for minutes; here it is gone as soon as it is asked for.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import PurePosixPath
+
+from monailabel.utils.sessions import Sessions
+
+from lib.errors import bad_request
+
+logger = logging.getLogger(__name__)
+
+
+def _unsafe(name: str) -> bool:
+    p = PurePosixPath(name.replace("\\", "/"))
+    return p.is_absolute() or ".." in p.parts or (len(name) > 1 and name[1] == ":")
+
+
+def check_archive(path: str, label: str) -> None:
+    """A 400 unless ``path`` is a zip or tar archive whose members stay inside the folder it is
+    unpacked into and are plain files or folders (no links, devices or absolute names)."""
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as z:
+            bad = [i.filename for i in z.infolist() if _unsafe(i.filename)]
+            # a symlink in a zip is a member whose Unix mode says so
+            bad += [i.filename for i in z.infolist() if (i.external_attr >> 16) & 0o170000 == 0o120000]
+    else:
+        try:
+            with tarfile.open(path) as t:
+                members = t.getmembers()
+        except (tarfile.TarError, OSError) as e:
+            raise bad_request(f"session upload {label}: uncompress=true needs a zip or tar archive "
+                              f"({type(e).__name__}: {e})") from e
+        bad = [m.name for m in members if _unsafe(m.name) or not (m.isfile() or m.isdir())]
+    if bad:
+        raise bad_request(f"session upload {label}: the archive has members that would land outside the "
+                          f"session or are not plain files: {', '.join(bad[:5])}")
+
+
+def _drop_upload(data_file: str) -> None:
+    """The folder MONAI Label received a refused upload into (a fresh one in the temporary folder)."""
+    folder = os.path.dirname(os.path.abspath(data_file))
+    if os.path.dirname(folder) == os.path.abspath(tempfile.gettempdir()):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _content(folder: str) -> str:
+    """What an unpacked archive holds: its one file (a zipped NIfTI), else the innermost folder that
+    is not a lone wrapper folder (``series/`` around a DICOM series), so the readers find the image."""
+    while True:
+        entries = list(os.scandir(folder))
+        if len(entries) != 1:
+            return folder
+        if entries[0].is_file():
+            return entries[0].path
+        folder = entries[0].path
+
+
+class TumorlensSessions(Sessions):
+    def add_session(self, data_file: str, expiry: int = 0, uncompress: bool = False, session_id=None):
+        if uncompress and not os.path.isdir(data_file):
+            try:
+                check_archive(data_file, os.path.basename(data_file))
+            except Exception:
+                _drop_upload(data_file)  # MONAI Label removes it only after a successful add
+                raise
+            folder = tempfile.mkdtemp(prefix="tumorlens-session-")
+            try:
+                kwargs = {} if zipfile.is_zipfile(data_file) else {"filter": "data"}
+                shutil.unpack_archive(data_file, folder, **kwargs)
+            except Exception as e:
+                shutil.rmtree(folder, ignore_errors=True)
+                _drop_upload(data_file)
+                raise bad_request(f"session upload {os.path.basename(data_file)}: cannot unpack: {e}") from e
+            if not any(os.scandir(folder)):
+                shutil.rmtree(folder, ignore_errors=True)
+                _drop_upload(data_file)
+                raise bad_request(f"session upload {os.path.basename(data_file)}: the archive is empty")
+            try:
+                return super().add_session(_content(folder), expiry, False, session_id)
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)
+        return super().add_session(data_file, expiry, False, session_id)
+
+    def get_session(self, session_id: str, update_ts: bool = True, fetch_cache: bool = True):
+        info = super().get_session(session_id, update_ts=False, fetch_cache=fetch_cache)
+        if info and info.expiry > 0 and info.last_access_ts + info.expiry < int(time.time()):
+            logger.info(f"session {session_id} expired; removing it")
+            self.remove_session(session_id)
+            return None
+        if info and update_ts:
+            info.last_access_ts = int(time.time())
+            self._write_meta_info(session_id, info)
+        return info
+
+    def remove_expired(self) -> int:
+        """The periodic sweep (MONAI Label's reads the expiry of a session it has just removed)."""
+        if not os.path.isdir(self.store_path):
+            return 0
+        count = 0
+        for entry in os.scandir(self.store_path):
+            if entry.is_dir() and self.get_session(entry.name, update_ts=False, fetch_cache=False) is None:
+                self.remove_session(entry.name)  # expired, dangling or without meta information
+                count += 1
+        return count
