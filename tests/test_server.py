@@ -522,6 +522,11 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
 
     # uploads: the same bytes again are a no-op; another image under a taken id is a 409
     assert client.upload_image(str(studies / "mri2d_1941.jpg"), image_id="mri2d_1941", params={})["image"] == "mri2d_1941"
+    resaved = tmp_path / "again.nii"  # the same volume written again: other bytes, same voxels and geometry
+    ref = nib.load(studies / "brats_t1c_0001.nii.gz")
+    nib.save(nib.Nifti1Image(np.asanyarray(ref.dataobj), ref.affine, ref.header), resaved)
+    assert resaved.read_bytes() != (studies / "brats_t1c_0001.nii.gz").read_bytes()
+    assert client.upload_image(str(resaved), image_id="brats_t1c_0001", params={})["image"] == "brats_t1c_0001"
     other = tmp_path / "mri2d_1941.jpg"
     other.write_bytes((studies / "mri2d_3300.jpg").read_bytes())
     with pytest.raises(MONAILabelClientException) as ei:

@@ -87,6 +87,18 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _same_voxels(a: str | Path, b: str | Path) -> bool:
+    """Same image content in different bytes (a re-exported NIfTI differs in its gzip header's time)."""
+    try:
+        x, y = read_image(a), read_image(b)
+    except InvalidInputError:
+        return False
+    import numpy as np
+
+    return (x.shape == y.shape and np.array_equal(x.numpy(), y.numpy())
+            and np.allclose(np.asarray(x.affine), np.asarray(y.affine), atol=1e-4))
+
+
 def _ext(name: str) -> str:
     low = name.lower()
     for e in (x.replace("*", "") for x in EXTENSIONS):
@@ -150,7 +162,7 @@ class TumorlensDatastore(LocalDatastore):
         stored = Path(self._datastore.image_path()) / self._filename(image_id, obj.image.ext)
         if not stored.is_file():  # an index entry whose file is gone: the upload restores it
             return False
-        if file_sha256(stored) == file_sha256(upload):
+        if file_sha256(stored) == file_sha256(upload) or _same_voxels(stored, upload):
             return True
         raise conflict(f"image id {image_id!r} already holds another image ({obj.image.info.get('name', stored.name)}, "
                        f"{len(obj.labels)} label(s)); upload under a new id, or DELETE /datastore/image?id={image_id} "
