@@ -229,3 +229,14 @@ def test_manifest_errors(tmp_path, dev2d, dev_rows):
         load_manifest(tmp_path / "nowhere")
     m = load_manifest(_manifest(tmp_path, "image,label", ["a.jpg,glioma"]))
     assert m.records[0].group == "img:a.jpg"  # no group column: each image is its own group
+    # a short row (a value missing) or values beyond the header: the line is named, no bare traceback
+    with pytest.raises(ManifestError, match="line 2: no value for column"):
+        load_manifest(_manifest(tmp_path, "image,label,mask,group", ["a.jpg,glioma"]))
+    with pytest.raises(ManifestError, match="line 2: more values"):
+        load_manifest(_manifest(tmp_path, "image,label", ["a.jpg,glioma,extra"]))
+    # spreadsheet spellings of the same manifest: header case and spaces, semicolons, label aliases
+    for header, row in ((" Image,LABEL", "a.jpg,Glioma"), ("image;label", "a.jpg;glioma"),
+                        ("image,label", "a.jpg,notumor"), ("image,label", "a.jpg,No_Tumour"),
+                        ("image,label", "a.jpg,glioma,")):
+        label = load_manifest(_manifest(tmp_path, header, [row])).records[0].label
+        assert label == ("no_tumor" if "umo" in row.lower() else "glioma"), (header, row)

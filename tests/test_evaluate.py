@@ -92,3 +92,63 @@ def test_evaluate_names_the_bad_manifest(tmp_path):
                           capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120)
     assert proc.returncode == 2
     assert "x.jpg" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_predict_cli_flags_unfamiliar_and_volumes_and_skips_bad_files(dev2d, tumour_rows, tmp_path, capsys):
+    """``tumorlens predict`` carries the same warnings as the findings record: the familiarity of each
+    image, the caveat every volume prediction has; a file it cannot read is reported, the rest run."""
+    import nibabel as nib
+    import numpy as np
+
+    from tumorlens.cli import main
+    from tumorlens.inference import VOLUME_CAVEAT
+    from tumorlens.paths import sample_studies_dir
+
+    good = dev2d / tumour_rows[0]["image"]
+    zeros = tmp_path / "zeros.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 8), np.float32), np.eye(4)), zeros)
+    rng = np.random.default_rng(0)  # a block of noise: nothing like an MRI slice
+    noise = tmp_path / "noise.nii.gz"
+    nib.save(nib.Nifti1Image(rng.random((128, 128, 1)).astype(np.float32), np.eye(4)), noise)
+    vol = sample_studies_dir() / "brats_t1c_0001.nii.gz"
+    out = tmp_path / "p.json"
+    code = main(["predict", str(good), str(zeros), str(noise), str(vol), "--json", str(out)])
+    assert code == 1  # one file failed, the others were classified
+    recs = json.loads(out.read_text())
+    assert [r["file"] for r in recs] == [good.name, "zeros.nii.gz", "noise.nii.gz", vol.name]
+    assert "constant" in recs[1]["error"] and "label" not in recs[1]
+    assert recs[0]["familiarity"]["familiar"] and recs[0]["caveats"] == []
+    assert not recs[2]["familiarity"]["familiar"] and "unlike the training images" in recs[2]["caveats"][0]
+    assert VOLUME_CAVEAT in recs[3]["caveats"]
+    printed = capsys.readouterr()
+    assert "UNFAMILIAR" in printed.out and "zeros.nii.gz" in printed.err
+
+
+def test_a_padded_slice_is_reframed_and_its_mask_lands_on_the_head(dev2d, tumour_rows, predictor):
+    """A slice exported with a wide border (the head fills a third of the frame) is classified like
+    the slice itself, and its seg mask comes back on the padded grid where the head is; a slice framed
+    like the training slices is left as it is."""
+    import numpy as np
+
+    from tumorlens.data import read_image
+    from tumorlens.evaluation.metrics import dice_score
+    from tumorlens.inference import head_frame, prepare_slice
+
+    row = next(r for r in tumour_rows if r["label"] == "pituitary")
+    img = read_image(dev2d / row["image"])
+    arr = img.numpy()[0]
+    assert head_frame(arr) is None  # a training-like frame: untouched
+    h, w = arr.shape
+    padded = np.zeros((3 * h, 3 * w), np.float32)
+    padded[h:2 * h, w:2 * w] = arr
+    assert head_frame(padded) is not None
+    x0, x1 = prepare_slice(arr, 128), prepare_slice(padded, 128)
+    assert float(np.corrcoef(x0.numpy().ravel(), x1.numpy().ravel())[0, 1]) > 0.8  # unframed: a small head, ~0.2
+    from monai.data import MetaTensor
+
+    p0 = predictor.predict(img)
+    p1 = predictor.predict(MetaTensor(padded[None], meta=dict(img.meta)))
+    assert p1.label == p0.label
+    m0, m1 = p0.mask.numpy()[0] > 0, p1.mask.numpy()[0] > 0
+    assert m1.shape == padded.shape and not m1[:h].any() and not m1[2 * h:].any()
+    assert dice_score(m1[h:2 * h, w:2 * w], m0) > 0.7

@@ -35,7 +35,7 @@ def _record() -> dict:
         "regions": [
             {"label": "Left_Insular_Cortex", "name": "insular cortex", "hemisphere": "left",
              "fraction": 0.6, "max_probability": 81.0},
-            {"label": "Unlabelled_White_Matter_Or_Other", "name": "white matter or unlabelled",
+            {"label": "Unlabelled_White_Matter_Or_Other", "name": "white matter / unlabelled",
              "hemisphere": "left", "fraction": 0.4, "max_probability": 0.0},
         ],
         "lesion": {"centroid_mni_mm": [-38.0, 4.0, 2.0], "laterality": "left", "crosses_midline": False,
@@ -114,6 +114,23 @@ def test_rejects_extra_fields_and_unsorted_regions():
     rec = _record()
     rec["regions"].reverse()
     with pytest.raises(InvalidInputError, match="sorted by fraction"):
+        Findings.from_dict(rec)
+
+
+@pytest.mark.parametrize("edit,why", [
+    (lambda r: r["regions"][0].update(label="Right_Banana_Gyrus", name="banana gyrus", hemisphere="right"),
+     "not a Harvard-Oxford atlas label"),
+    (lambda r: r["regions"][0].update(name="thalamus"), "is named 'thalamus'"),
+    (lambda r: r["regions"][0].update(hemisphere="right"), "lies in the left hemisphere"),
+    (lambda r: (r["regions"][0].update(label="Right_Insular_Cortex", hemisphere="right"),
+                r["regions"][1].update(hemisphere="right")), "laterality is 'left'"),
+])
+def test_regions_must_be_the_atlas_own_and_agree_with_the_lesion_side(edit, why):
+    """A hand-edited record cannot invent a region, rename one or move it to the other side: the
+    report would name it and the verifier checks the report against the record."""
+    rec = _record()
+    edit(rec)
+    with pytest.raises(InvalidInputError, match=why):
         Findings.from_dict(rec)
 
 

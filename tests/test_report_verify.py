@@ -139,6 +139,8 @@ def _reasons(v) -> str:
     ("Glioma with surrounding oedema in the left insula.", "unmeasured", "oedema"),
     ("Glioma of the left insular cortex, a rare and aggressive form of brain cancer.", "unmeasured", "aggressive"),
     ("Glioma of the left insular cortex; a benign course is expected.", "unmeasured", "benign"),
+    ("Glioma of the left insular cortex and other non-malignant brain tumours.", "unmeasured", "non-malignant"),
+    ("Glioma of the left insular cortex, a noncancerous growth.", "unmeasured", "noncancerous"),
     ("Glioma of the left insular cortex, best treated with surgery and chemotherapy.", "unmeasured", "surgery"),
 ])
 def test_planted_unsupported_claims_are_caught(impression, kind, what):

@@ -21,7 +21,7 @@ from tumorlens.data.dataset import ArrayDataset, train_transforms
 from tumorlens.data.normalize import foreground_mask, normalize_intensity
 from tumorlens.data.readers import is_volume, read_image
 from tumorlens.errors import InvalidInputError
-from tumorlens.inference import prepare_slice, resize_2d, volume_to_display
+from tumorlens.inference import prepare_mask, prepare_slice, resize_2d, volume_to_display
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR, class_index
 from tumorlens.models.registry import LoadedModel
 from tumorlens.training.train import make_optimizer, validate
@@ -67,7 +67,7 @@ def item_arrays(image: str | Path, label: str | Path | None, class_name: str, si
     arr = img.detach().cpu().numpy()[0]
     if not is_volume(img):
         x = prepare_slice(arr, size)[0, 0].numpy()
-        m = resize_2d(torch.from_numpy(mask.astype(np.float32))[None, None], size)[0, 0].numpy() >= 0.5
+        m = prepare_mask(mask, arr, size)
         return (np.round(x * 255).astype(np.uint8)[None], m.astype(np.uint8)[None],
                 np.array([class_index(class_name)]))
     disp, _ = volume_to_display(arr, np.asarray(img.affine, dtype=float))

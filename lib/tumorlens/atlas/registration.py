@@ -196,6 +196,39 @@ def _linear_stage(name: str, initial: sitk.Transform, fixed: sitk.Image, moving:
         raise RegistrationError(f"{path or 'volume'}: {name} registration failed: {str(e).strip()[-200:]}") from e
 
 
+# Starting rotations (degrees about the patient's inferior-superior axis, then left-right) tried before
+# the rigid stage. The moments initialiser only centres the images: a head turned by 30 degrees in its
+# file then converged to a wrong local optimum (centroid 12 mm off, brain-mask Dice 0.81, so regions
+# were named from it); starting from the best of these on a coarse grid finds the right one.
+START_YAW = (0.0, 30.0, -30.0, 60.0, -60.0)
+START_PITCH = (0.0, 25.0, -25.0)
+
+
+def _best_start(init: sitk.Euler3DTransform, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
+                metric_mask: sitk.Image, seed: int) -> sitk.Euler3DTransform:
+    """The centred initial transform turned by the start rotation with the best (lowest) Mattes MI on
+    a 4x coarser grid: a metric evaluation per start, no optimisation (a fraction of a second each)."""
+    shrink = [4] * 3
+    f, m = sitk.Shrink(fixed, shrink), sitk.Shrink(moving, shrink)
+    fm, mm = sitk.Shrink(fixed_mask, shrink), sitk.Shrink(metric_mask, shrink)
+    reg = _new_method(seed, 0.5)
+    reg.SetMetricFixedMask(fm)
+    reg.SetMetricMovingMask(mm)
+    best, best_value = init, None
+    for yaw in START_YAW:
+        for pitch in START_PITCH:
+            t = sitk.Euler3DTransform(init)
+            t.SetRotation(np.radians(pitch), 0.0, np.radians(yaw))
+            reg.SetInitialTransform(t, inPlace=False)
+            try:
+                value = reg.MetricEvaluate(f, m)
+            except RuntimeError:  # too few overlapping samples at this start
+                continue
+            if best_value is None or value < best_value - 1e-4:
+                best, best_value = t, value
+    return best
+
+
 def _check_volume(volume: MetaTensor) -> tuple[np.ndarray, np.ndarray, str | None]:
     path = volume.meta.get("filename_or_obj") if hasattr(volume, "meta") else None
     arr = np.asarray(volume.detach().cpu().numpy() if hasattr(volume, "detach") else volume, dtype=np.float32)
@@ -273,6 +306,7 @@ def register_to_mni(
     init = sitk.CenteredTransformInitializer(
         fixed_mask, moving_mask, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
+    init = _best_start(init, fixed, moving, fixed_mask, metric_mask, seed)
     rigid, _ = _linear_stage("rigid", init, fixed, moving, fixed_mask, metric_mask, seed, iterations,
                              learning_rate=1.0, min_step=1e-3, shrink=[4, 2, 1], sigmas=[2.0, 1.0, 0.0], path=path)
     rigid = sitk.Euler3DTransform(rigid.GetNthTransform(0) if hasattr(rigid, "GetNthTransform") else rigid)

@@ -19,7 +19,7 @@ from tumorlens.data.manifest import Manifest
 from tumorlens.data.normalize import VERSION as NORMALISATION_VERSION
 from tumorlens.data.readers import read_image, read_mask
 from tumorlens.errors import InvalidInputError
-from tumorlens.inference import prepare_slice, resize_2d
+from tumorlens.inference import prepare_mask, prepare_slice
 from tumorlens.labels import class_index
 from tumorlens.paths import project_root
 
@@ -46,8 +46,8 @@ def load_arrays(manifest: Manifest, size: int, progress: bool = True) -> tuple[n
         x = prepare_slice(img[0].numpy(), size)[0, 0].numpy()
         images[i] = np.round(x * 255).astype(np.uint8)
         if rec.mask is not None:
-            m = read_mask(rec.mask, like=img).float()
-            masks[i] = (resize_2d(m[None], size)[0, 0].numpy() >= 0.5).astype(np.uint8)
+            m = read_mask(rec.mask, like=img).numpy()[0]
+            masks[i] = prepare_mask(m, img[0].numpy(), size).astype(np.uint8)
         labels[i] = class_index(rec.label)
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(cache.stem + ".tmp.npz")

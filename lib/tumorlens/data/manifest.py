@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tumorlens.errors import ManifestError
-from tumorlens.labels import CLASS_NAMES
+from tumorlens.labels import CLASS_NAMES, canonical_label
 
 REQUIRED = ("image", "label")
 BOX_COLUMNS = ("box_xc", "box_yc", "box_w", "box_h")
@@ -48,6 +48,13 @@ class Manifest:
         return Manifest(self.root, [self.records[i] for i in idx], self.sha256)
 
 
+def _delimiter(header: str) -> str:
+    """The header's separator: a comma, or the semicolon / tab that some spreadsheets write."""
+    counts = {d: header.count(d) for d in (",", ";", "\t")}
+    best = max(counts, key=counts.get)
+    return best if counts[best] else ","
+
+
 def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
     """Read and validate ``root/manifest.csv``."""
     root = Path(root)
@@ -61,16 +68,28 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise ManifestError(path, "manifest is not UTF-8 text") from e
-    reader = csv.DictReader(text.splitlines())
-    cols = reader.fieldnames or []
+    lines = text.splitlines()
+    reader = csv.DictReader(lines, delimiter=_delimiter(lines[0] if lines else ""))
+    known = {c.lower(): c for c in (*REQUIRED, "mask", "group", *BOX_COLUMNS)}
+    # header names as written by spreadsheets: " Image", "LABEL" name the same columns
+    reader.fieldnames = [known.get(c.strip().lower(), c.strip()) for c in (reader.fieldnames or [])]
+    cols = reader.fieldnames
     missing = [c for c in REQUIRED if c not in cols]
     if missing:
         raise ManifestError(path, f"missing required column(s): {', '.join(missing)} (found: {', '.join(cols)})")
     records: list[Record] = []
     for line, row in enumerate(reader, start=2):
-        label = (row.get("label") or "").strip()
-        if label not in CLASS_NAMES:
-            raise ManifestError(path, f"line {line}: unknown label {label!r}; expected one of {', '.join(CLASS_NAMES)}")
+        if any(str(v).strip() for v in row.get(None) or []):  # values beyond the header's columns
+            raise ManifestError(path, f"line {line}: more values than the header's {len(cols)} columns")
+        short = [c for c in cols if row.get(c) is None]
+        if short:  # fewer values than columns: csv leaves the rest None
+            raise ManifestError(path, f"line {line}: no value for column(s) {', '.join(short)} "
+                                      f"(the row has fewer values than the header)")
+        raw_label = (row.get("label") or "").strip()
+        label = canonical_label(raw_label)
+        if label is None:
+            raise ManifestError(path, f"line {line}: unknown label {raw_label!r}; expected one of "
+                                      f"{', '.join(CLASS_NAMES)} (any case; aliases such as 'notumor' are accepted)")
         img_rel = (row.get("image") or "").strip()
         if not img_rel:
             raise ManifestError(path, f"line {line}: empty image path")
@@ -83,7 +102,7 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
             if mask is not None and not mask.is_file():
                 raise ManifestError(mask, f"mask listed on line {line} of {path} but missing")
         box = None
-        if all(row.get(c, "").strip() for c in BOX_COLUMNS):
+        if all((row.get(c) or "").strip() for c in BOX_COLUMNS):
             try:
                 box = tuple(float(row[c]) for c in BOX_COLUMNS)
             except ValueError as e:

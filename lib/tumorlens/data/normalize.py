@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 LOW_PCT, HIGH_PCT = 0.5, 99.5
-VERSION = 2  # bump when the normalisation changes: cached training arrays are keyed on it
+VERSION = 3  # bump when the normalisation or framing (inference.head_frame) changes: cached training arrays are keyed on it
 
 
 def background_value(x: np.ndarray) -> float:

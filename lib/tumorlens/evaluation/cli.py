@@ -56,22 +56,40 @@ def _margin(args, m, probs, labels):
 
 
 def run_predict(args) -> int:
+    """Classify each image; a file that cannot be read is reported and skipped (exit status 1)."""
+    import sys
+
     from tumorlens.data.readers import read_image
+    from tumorlens.errors import InvalidInputError
     from tumorlens.inference import Predictor
 
     pred = Predictor(args.model)
-    out = []
+    out, failed = [], 0
     for path in args.images:
-        r = pred.predict(read_image(path))
+        try:
+            r = pred.predict(read_image(path))
+        except InvalidInputError as e:
+            failed += 1
+            out.append({"file": Path(path).name, "error": e.problem})
+            print(f"{Path(path).name:<28} ERROR: {e.problem}", file=sys.stderr)
+            continue
         tumour_px = int(r.mask.sum())
-        out.append({"file": Path(path).name, "label": r.label,
-                    "probabilities": {k: round(v, 4) for k, v in r.probabilities.items()},
-                    "mask_pixels": tumour_px})
+        fam = r.extra.get("familiarity")
+        rec = {"file": Path(path).name, "label": r.label,
+               "probabilities": {k: round(v, 4) for k, v in r.probabilities.items()},
+               "mask_pixels": tumour_px, "familiarity": fam, "caveats": list(r.extra.get("caveats", []))}
+        if fam is not None and not fam["familiar"]:
+            rec["caveats"].insert(0, f"image is unlike the training images (familiarity {fam['score']:.2f} < "
+                                     f"{fam['threshold']:.2f}): the class and mask may be unreliable")
+        out.append(rec)
         probs = "  ".join(f"{k}={v:.3f}" for k, v in r.probabilities.items())
-        print(f"{Path(path).name:<28} {r.label:<11} {probs}  mask={tumour_px}px")
+        flag = "" if fam is None else ("" if fam["familiar"] else "  UNFAMILIAR")
+        print(f"{Path(path).name:<28} {r.label:<11} {probs}  mask={tumour_px}px{flag}")
+        for c in rec["caveats"]:
+            print(f"{'':<28} caveat: {c}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(out, indent=2))
-    return 0
+    return 1 if failed else 0
 
 
 def register_volumes(sub) -> None:

@@ -193,6 +193,31 @@ class Region(_Strict):
     fraction: float = Field(ge=0.0, le=1.0)
     max_probability: float = Field(ge=0.0, le=100.0)
 
+    @model_validator(mode="after")
+    def _an_atlas_region(self) -> Region:
+        """A region is one of the atlas's own, with the name and side its label gives: the report
+        and the viewer name what the record says, so a record may not invent or relabel a region."""
+        from tumorlens.atlas.harvard_oxford import (
+            UNLABELLED,
+            AtlasNotFoundError,
+            hemisphere_of,
+            labels,
+            readable_name,
+        )
+
+        try:
+            known = labels()
+        except AtlasNotFoundError:  # without the atlas files the label set cannot be checked
+            known = None
+        if known is not None and self.label != UNLABELLED and self.label not in known:
+            raise ValueError(f"region {self.label!r} is not a Harvard-Oxford atlas label")
+        if self.name != readable_name(self.label):
+            raise ValueError(f"region {self.label!r} is named {self.name!r}, not {readable_name(self.label)!r}")
+        side = hemisphere_of(self.label)
+        if side in ("left", "right") and self.hemisphere not in (side, "unknown"):
+            raise ValueError(f"region {self.label!r} lies in the {side} hemisphere, not {self.hemisphere!r}")
+        return self
+
 
 class Lesion(_Strict):
     centroid_mni_mm: list[float] | None = Field(default=None, min_length=3, max_length=3)
@@ -290,6 +315,12 @@ class Findings(_Strict):
             raise ValueError("regions must be sorted by fraction, largest first")
         if sum(fr) > 1.0 + 1e-3:
             raise ValueError(f"region fractions sum to {sum(fr):.3f} > 1")
+        side = self.lesion.laterality
+        if side in ("left", "right"):  # a one-sided lesion has < 5 % of itself on the other side
+            other = "right" if side == "left" else "left"
+            share = sum(r.fraction for r in self.regions if r.hemisphere == other)
+            if share > 0.5:
+                raise ValueError(f"lesion laterality is {side!r} but {share:.0%} of it lies in {other} regions")
         if self.placement.low_confidence:
             if self.regions:
                 raise ValueError("placement is low-confidence: regions must be empty")

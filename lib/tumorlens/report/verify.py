@@ -44,6 +44,7 @@ UNMEASURED = {
     # what a small model adds from general knowledge (the local GGUF model called a meningioma "a rare
     # and aggressive form of brain cancer" and recommended chemotherapy): nothing here assesses it
     "behaviour or prognosis": (
+        r"non-?(?:malignan\w*|cancer(?:ous)?|aggressive|benign)|"  # the word starts at "non": one claim
         r"aggressive(?:ness)?|benign|malignan\w*|cancer(?:ous|s)?|prognos\w*|survival|life-threatening|fatal|"
         r"slow-growing|fast-growing|rapidly growing|\brare\b"
     ),

@@ -53,7 +53,12 @@ def run_explain(args) -> int:
     c = f.classification
     print(f"{f.input.file}: {c.label} (p={c.probabilities[c.label]:.2f}, entropy {c.uncertainty.entropy:.2f})")
     for m in f.masks:
-        size = f"{m.area_mm2:.0f} mm2" if m.area_mm2 is not None else f"{(m.volume_mm3 or 0) / 1000:.1f} ml"
+        if m.volume_mm3 is not None:
+            size = f"{m.volume_mm3 / 1000:.1f} ml"
+        elif f.input.spacing_known and m.area_mm2 is not None:
+            size = f"{m.area_mm2:.0f} mm2"
+        else:  # a JPEG/PNG has no pixel size: its area in mm2 would be invented
+            size = f"{m.voxels} px (pixel size unknown)"
         print(f"  mask {m.source}: {'empty' if m.empty else size}")
     for r in f.regions[:5]:
         print(f"  region {r.label} ({r.hemisphere} {r.name}): {r.fraction:.0%}")

@@ -117,6 +117,7 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
         seg_np = np.zeros_like(seg_np)
         notes.append("segmentation head mask suppressed: the classifier predicts no tumour")
     seg_mask = _mask_meta(seg_np, img)
+    notes.extend(pred.extra.get("caveats", []))
     atlas = None
     if not with_regions:
         notes.append("atlas regions not requested")

@@ -25,7 +25,7 @@ from torch.nn import functional as F
 from tumorlens.data.normalize import normalize_intensity
 from tumorlens.data.readers import is_volume
 from tumorlens.errors import InvalidInputError
-from tumorlens.inference import display_to_volume, prepare_slice, resize_2d, volume_to_display
+from tumorlens.inference import display_to_volume, map_on_slice, prepare_slice, resize_2d, volume_to_display
 from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
 from tumorlens.models.registry import LoadedModel, load_model
 from tumorlens.saliency.cam import GRAD_METHODS, METHODS, grad_cams, score_cam
@@ -146,7 +146,7 @@ def _image2d(img, arr, lm: LoadedModel, methods, target, probabilities, layer, m
     brain = brain_mask(arr)
     maps, net_maps = {}, {}
     for m, r in raw.items():
-        full = resize_2d(r[:, None], arr.shape)[0, 0].clamp_min(0).numpy() * brain
+        full = np.clip(map_on_slice(r[:, None], arr), 0, None) * brain
         mx = full.max()
         maps[m] = _to_meta(full / mx if mx > 0 else full, img)
         net_maps[m] = r[0].numpy()
