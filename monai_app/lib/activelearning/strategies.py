@@ -22,7 +22,7 @@ def seed_param(request: dict) -> int | str | None:
     return seed
 
 
-def max_compute_param(request: dict, default: int = 32) -> int:
+def max_compute_param(request: dict, default: int = 8) -> int:
     value = request.get("max_compute")
     if value is None:
         return default
