@@ -715,7 +715,9 @@ def test_relabel_loop_trains_new_version_without_breaking_inference(client, serv
     else:
         label_file = out  # a volume: accept the model's mask as the annotation
     client.save_label(pick, label_file, tag="final", params={"class_name": truth.get(pick, "glioma")})
-    client.save_label("mri2d_0102", str(_mask_of("0102")), tag="final", params={"class_name": "meningioma"})
+    # a class typed by hand in another spelling is stored as the model's own name
+    client.save_label("mri2d_0102", str(_mask_of("0102")), tag="final", params={"class_name": "Meningioma"})
+    assert client.datastore()["objects"]["mri2d_0102"]["labels"]["final"]["info"]["class_name"] == "meningioma"
     labelled = {i for i, o in client.datastore()["objects"].items() if "final" in o["labels"]}
     task = client.train_start("tumorlens", {"max_epochs": 1})
     assert task["status"] in ("SUBMITTED", "RUNNING")

@@ -45,13 +45,18 @@ def atomic_copy(src: str | Path, dest: str | Path) -> None:
         raise
 
 
-def check_class_name(info: dict, what: str) -> None:
-    """A class stored in image or label info must be one the models know: training reads it."""
-    from tumorlens.labels import CLASS_NAMES
+def check_class_name(info: dict, what: str) -> dict:
+    """A class stored in image or label info must be one the models know (training reads it); other
+    spellings of one ("Glioma", "notumor") are stored as the model's own name. Returns the info."""
+    from tumorlens.labels import CLASS_NAMES, canonical_label
 
     for key in ("class_name", "class"):
-        if key in info and info[key] not in CLASS_NAMES:
-            raise bad_request(f"{what}: unknown {key} {info[key]!r}; one of {', '.join(CLASS_NAMES)}")
+        if key in info:
+            name = canonical_label(info[key]) if isinstance(info[key], str) else None
+            if name is None:
+                raise bad_request(f"{what}: unknown {key} {info[key]!r}; one of {', '.join(CLASS_NAMES)}")
+            info[key] = name
+    return info
 
 
 MAGIC = [(b"\xff\xd8\xff", "a JPEG"), (b"\x89PNG", "a PNG"), (b"\x1f\x8b", "gzip data (.nii.gz?)"),
@@ -136,8 +141,7 @@ class TumorlensDatastore(LocalDatastore):
             img = read_image(image_filename)
         except InvalidInputError as e:
             raise bad_request(f"upload {image_id}{ext}: {e.problem}{content_hint(image_filename, ext)}") from e
-        info = dict(image_info or {})
-        check_class_name(info, f"upload {image_id}{ext}")
+        info = check_class_name(dict(image_info or {}), f"upload {image_id}{ext}")
         info.update(kind=img.meta.get("kind"), dims=[int(s) for s in img.shape[1:]])
         dest = Path(self._datastore.image_path()) / self._filename(image_id, ext)
         with self._lock():
@@ -182,8 +186,7 @@ class TumorlensDatastore(LocalDatastore):
             read_label_like(label_filename, img)
         except InvalidInputError as e:
             raise bad_request(f"label for {image_id}: {e.problem}") from e
-        info = dict(label_info or {})
-        check_class_name(info, f"label for {image_id}")
+        info = check_class_name(dict(label_info or {}), f"label for {image_id}")
         tag = label_tag or DefaultLabelTag.FINAL.value
         label_path = Path(self._datastore.label_path(tag))
         label_path.mkdir(parents=True, exist_ok=True)
@@ -201,6 +204,12 @@ class TumorlensDatastore(LocalDatastore):
             obj.labels[tag] = DataModel(info=info, ext=ext)
             self._update_datastore_file(lock=False)
         return image_id
+
+    def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
+        super().update_image_info(image_id, check_class_name(dict(info), f"image {image_id}"))
+
+    def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
+        super().update_label_info(label_id, label_tag, check_class_name(dict(info), f"label of {label_id}"))
 
     def remove_image(self, image_id: str) -> None:
         check_id(image_id)

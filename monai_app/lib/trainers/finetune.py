@@ -22,6 +22,7 @@ from lib.state import AppState
 from tumorlens.activelearning.finetune import finetune, item_arrays
 from tumorlens.config import config_hash
 from tumorlens.errors import InvalidInputError
+from tumorlens.labels import canonical_label
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ def labelled_items(datastore: Datastore) -> tuple[list[dict], list[str]]:
     for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
         info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}
         cls = info.get("class_name") or info.get("class") or (datastore.get_image_info(image_id) or {}).get("class_name")
+        cls = canonical_label(cls) or cls if isinstance(cls, str) else cls  # stored before names were normalised
         if not cls:
             notes.append(f"{image_id}: no class_name in the label info; skipped")
             continue
