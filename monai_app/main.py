@@ -88,6 +88,15 @@ class TumorLensApp(MONAILabelApp):
 
     # ---- request checks MONAI Label leaves to the app ----------------------------------------------
     def infer(self, request, datastore=None):
+        image = request.get("image")
+        try:
+            return self._checked_infer(request, datastore)
+        except Exception:
+            if isinstance(image, str) and self._is_upload(image):  # MONAI Label removes it only on success
+                Path(image).unlink(missing_ok=True)
+            raise
+
+    def _checked_infer(self, request, datastore=None):
         model = request.get("model")
         task = self._infers.get(model)
         if task is None or not task.is_valid():

@@ -155,6 +155,40 @@ def test_segmentation_2d_label_overlays_image(client, base_model):
     assert res["voxels"] == int(lab.sum())
 
 
+def test_2d_labels_land_on_the_jpeg_as_3d_slicer_places_it(client, studies, tmp_path):
+    """3D Slicer (ITK) loads a JPEG with column i, row j at LPS (i, j): the NRRD / NIfTI mask of a 2D
+    image must land on the same pixels there as the PNG answer does on the array, and a label Slicer
+    saves on that geometry must be read back on the same pixels (a square image hid a transposition)."""
+    import SimpleITK as sitk
+    from PIL import Image
+
+    from tumorlens.activelearning.finetune import read_label_like
+    from tumorlens.data import read_image
+
+    png, _ = infer_json(client, "segmentation", "mri2d_1941")
+    ref = np.asarray(Image.open(png)) > 0  # [row, col]
+    assert ref.any()
+    jpg = sitk.ReadImage(str(studies / "mri2d_1941.jpg"), sitk.sitkFloat32)  # Slicer's geometry
+    for ext in (".nrrd", ".nii.gz"):
+        out, _ = infer_json(client, "segmentation", "mri2d_1941", {"result_extension": ext})
+        lab = sitk.ReadImage(out)
+        if lab.GetDimension() == 3 and jpg.GetDimension() == 2:
+            lab = lab[:, :, 0]
+        on_jpg = sitk.Resample(lab, jpg, sitk.Transform(), sitk.sitkNearestNeighbor, 0)
+        got = sitk.GetArrayFromImage(on_jpg) > 0  # numpy of a 2D ITK image: [row, col]
+        assert (got == ref).mean() > 0.999, ext
+    # a label drawn in Slicer on the JPEG: a block at rows 40-59, columns 100-139
+    drawn = np.zeros((jpg.GetSize()[1], jpg.GetSize()[0]), np.uint8)
+    drawn[40:60, 100:140] = 1
+    lab = sitk.GetImageFromArray(drawn)
+    lab.CopyInformation(jpg)
+    for ext in (".nrrd", ".nii.gz"):
+        f = tmp_path / f"drawn{ext}"
+        sitk.WriteImage(lab, str(f))
+        back = read_label_like(f, read_image(studies / "mri2d_1941.jpg"))
+        assert back.shape == drawn.shape and (back == drawn).all(), ext
+
+
 def _oblique_copy(src: Path, dest: Path) -> tuple[np.ndarray, np.ndarray]:
     """A cropped copy of the sample volume stored in another voxel order (axes permuted and flipped,
     origin moved): the same anatomy in world space."""
@@ -506,6 +540,17 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
     with zipfile.ZipFile(z, "w") as zf:
         zf.write(tmp_path / "slice.dcm", "series/slice.dcm")
         zf.writestr("series/README.txt", "exported by a viewer\n")
+    # a CD/PACS export zipped on a Mac: DICOMDIR beside the series, a __MACOSX resource folder
+    z2 = io.BytesIO()
+    with zipfile.ZipFile(z2, "w") as zf:
+        zf.write(tmp_path / "slice.dcm", "export/DICOM/S1/IM0001")
+        zf.writestr("export/DICOMDIR", b"\0" * 132)
+        zf.writestr("__MACOSX/export/._DICOMDIR", b"\0" * 16)
+    r = requests.put(f"{url}/session/?uncompress=true", files={"files": ("cd.zip", z2.getvalue())}, timeout=60)
+    assert r.status_code == 200, r.text[:300]
+    _, res = client.infer("classification", "", {}, session_id=r.json()["session_id"])
+    assert json.loads(res)["label"] in CLASS_NAMES
+    client.remove_session(r.json()["session_id"])
     r = requests.put(f"{url}/session/?uncompress=true", files={"files": ("series.zip", z.getvalue())}, timeout=60)
     assert r.status_code == 200, r.text[:300]
     sid = r.json()["session_id"]
@@ -577,11 +622,35 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
         assert r.status_code == code and needle in r.json()["detail"], (what, r.status_code, r.text[:300])
     alive(client)
     assert studies_snapshot(studies) == before
+    # 3D Slicer's module: an id like a node name, a label saved with its segment list and no class_name
+    # (the class comes from the one class-named segment painted), and a download name it can parse
+    sid = "3: T2 FLAIR"
+    client.upload_image(str(other), image_id=sid, params={})
+    r = requests.get(f"{url}/datastore/image", params={"image": sid}, timeout=60)
+    assert r.status_code == 200 and f'filename="{sid}.jpg"' in r.headers["content-disposition"]
+    painted = tmp_path / "painted.png"
+    seg = np.zeros(np.asarray(Image.open(other)).shape[:2], np.uint8)
+    seg[60:90, 60:90] = 2
+    Image.fromarray(seg).save(painted)
+    segments = [{"name": n, "idx": i} for i, n in enumerate(client.info()["labels"], start=1)]
+    assert segments[1]["name"] == "meningioma"
+    client.save_label(sid, str(painted), tag="final", params={"label_info": segments})
+    assert client.datastore()["objects"][sid]["labels"]["final"]["info"]["class_name"] == "meningioma"
+    r = requests.put(f"{url}/datastore/image/info", params={"image": sid}, data={"info": '{"strategy": "x"}'}, timeout=30)
+    assert r.status_code == 400 and "strategy" in r.json()["detail"]
     # a deleted image is gone from the listing at once (not when the folder watcher catches up)
-    client.upload_image(str(other), image_id="to_delete", params={})
-    assert requests.delete(f"{url}/datastore/image?id=to_delete", timeout=60).status_code == 200
-    assert "to_delete" not in client.datastore()["objects"]
-    assert not list(studies.glob("to_delete.*"))
+    assert requests.delete(f"{url}/datastore/image", params={"id": sid}, timeout=60).status_code == 200
+    assert sid not in client.datastore()["objects"]
+    assert not list(studies.glob("3*")) and not list(studies.glob("labels/final/3*"))
+    # refused uploads leave nothing in the temporary folder (MONAI Label removes them only on success)
+    import glob
+
+    before_tmp = set(glob.glob(os.path.join(tempfile.gettempdir(), "tmp*")))
+    with pytest.raises(MONAILabelClientException):
+        client.upload_image(str(other), image_id="mri2d_1941", params={})
+    requests.post(f"{url}/infer/classification", files={"file": ("", b"not an image at all")}, timeout=60)
+    time.sleep(0.5)
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "tmp*"))) - before_tmp == set()
 
 
 # ---- load ----------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,45 @@ def content_hint(path: str, ext: str) -> str:
     return ""
 
 
+@contextmanager
+def _dropped_if_refused(upload: str):
+    """MONAI Label removes an uploaded temporary file only after a successful answer: a refused upload
+    (patient data, up to the size limit) stayed in the temporary folder for good."""
+    try:
+        yield
+    except BaseException:
+        p = Path(upload)
+        if p.parent.resolve() == Path(tempfile.gettempdir()).resolve():
+            p.unlink(missing_ok=True)
+        raise
+
+
+def class_from_segments(label_file: str, label_info) -> str | None:
+    """The class a label names through its segments, as 3D Slicer's MONAI Label module saves it:
+    ``label_info`` = ``[{"name": ..., "idx": ...}]`` with one segment per label of ``/info/`` (the four
+    classes among them). The class is the one class-named segment painted in the label, if exactly one."""
+    from tumorlens.labels import canonical_label
+
+    if not isinstance(label_info, list):
+        return None
+    names = {}
+    for seg in label_info:
+        if isinstance(seg, dict) and isinstance(seg.get("name"), str):
+            idx = seg.get("idx", seg.get("label", seg.get("value")))
+            if isinstance(idx, int | float) and not isinstance(idx, bool) and canonical_label(seg["name"]):
+                names[int(idx)] = canonical_label(seg["name"])
+    if not names:
+        return None
+    try:
+        import numpy as np
+
+        values = set(np.unique(read_image(label_file).detach().cpu().numpy()).astype(int).tolist())
+    except (InvalidInputError, ValueError):
+        return None
+    found = {names[v] for v in values if v in names}
+    return found.pop() if len(found) == 1 else None
+
+
 def file_sha256(path: str | Path) -> str:
     import hashlib
 
@@ -131,6 +171,14 @@ class TumorlensDatastore(LocalDatastore):
 
     # ---- writes ----------------------------------------------------------------------------------
     def add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
+        with _dropped_if_refused(image_filename):
+            return self._add_image(image_id, image_filename, image_info)
+
+    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+        with _dropped_if_refused(label_filename):
+            return self._save_label(image_id, label_filename, label_tag, label_info)
+
+    def _add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         ext = _ext(image_filename)
         if f"*{ext}" not in EXTENSIONS:
             raise bad_request(f"upload {image_id or ''}{ext}: unsupported file type {ext!r}; "
@@ -172,7 +220,7 @@ class TumorlensDatastore(LocalDatastore):
                        f"{len(obj.labels)} label(s)); upload under a new id, or DELETE /datastore/image?id={image_id} "
                        "first")
 
-    def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
+    def _save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         check_id(image_id)
         check_id(label_tag or DefaultLabelTag.FINAL.value, "label tag")
         obj = self._datastore.objects.get(image_id)
@@ -187,6 +235,10 @@ class TumorlensDatastore(LocalDatastore):
         except InvalidInputError as e:
             raise bad_request(f"label for {image_id}: {e.problem}") from e
         info = check_class_name(dict(label_info or {}), f"label for {image_id}")
+        if not (info.get("class_name") or info.get("class")):
+            cls = class_from_segments(label_filename, info.get("label_info"))
+            if cls:
+                info["class_name"] = cls
         tag = label_tag or DefaultLabelTag.FINAL.value
         label_path = Path(self._datastore.label_path(tag))
         label_path.mkdir(parents=True, exist_ok=True)

@@ -119,7 +119,10 @@ def _label_known(image_id, tag) -> None:
         raise not_found(f"image {image_id!r} has no label with tag {tag!r}")
 
 
-RESERVED_IMAGE_INFO = ("id", "path", "name", "ext")  # answers and file names the datastore derives itself
+# answers and file names the datastore derives itself; ``strategy`` is MONAI Label's own record of
+# next-sample picks (a string there made every later next-sample a 500)
+RESERVED_IMAGE_INFO = ("id", "path", "name", "ext", "strategy")
+RESERVED_LABEL_INFO = ("name", "ext")
 
 
 def check_image_info(arguments: dict) -> None:
@@ -138,6 +141,9 @@ def check_label_info(arguments: dict) -> None:
 
     info = json_object(arguments.get("info"), "info")
     _label_known(arguments.get("label"), arguments.get("tag"))
+    reserved = [k for k in RESERVED_LABEL_INFO if k in info]
+    if reserved:
+        raise bad_request(f"label info may not set {', '.join(reserved)}: the datastore derives them")
     check_class_name(info, f"label of {arguments.get('label')}")
 
 
@@ -163,6 +169,26 @@ def check_checksum(original: Callable) -> Callable:
         if h.hexdigest() != digest.strip().lower():
             raise not_found(f"image {image!r} differs from the checksum given")
         return {}
+
+    call.tumorlens_checked = True
+    return call
+
+
+def plain_filename(original: Callable) -> Callable:
+    """Downloads name their file as ``filename="..."`` too: for a name with a space or a colon (ids
+    like Slicer's "3: T2 FLAIR") Starlette sends only ``filename*=utf-8''...``, which 3D Slicer's
+    MONAI Label module does not read (it then skips the label silently)."""
+    @wraps(original)
+    def call(*args, **kwargs):
+        res = original(*args, **kwargs)
+        cd = getattr(res, "headers", {}).get("content-disposition", "") if res is not None else ""
+        if cd and 'filename="' not in cd and "filename*=" in cd:
+            from urllib.parse import unquote
+
+            name = unquote(cd.split("filename*=", 1)[1].split("''", 1)[-1])
+            safe = "".join(c if " " <= c < "\x7f" and c not in '"\\' else "_" for c in name)
+            res.headers["content-disposition"] = f'attachment; filename="{safe}"; ' + cd.split("; ", 1)[-1]
+        return res
 
     call.tumorlens_checked = True
     return call
@@ -302,7 +328,8 @@ def install_request_checks() -> None:
         fn = getattr(module, name)
         if not getattr(fn, "tumorlens_checked", False):  # an app re-init
             setattr(module, name, _checked(fn, check))
-    for module, name, wrapper in [(datastore, "download_image", check_checksum),
+    for module, name, wrapper in [(datastore, "download_image", lambda fn: check_checksum(plain_filename(fn))),
+                                  (datastore, "download_label", plain_filename),
                                   (infer, "binary_to_image", checked_binary_to_image),
                                   (proxy, "proxy_dicom", local_datastore_proxy)]:
         fn = getattr(module, name)

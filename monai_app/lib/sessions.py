@@ -60,11 +60,16 @@ def _drop_upload(data_file: str) -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
+# what archivers and DICOM media add beside the images: macOS resource forks and folder settings, the
+# DICOMDIR index of a CD/PACS export (the series files it lists sit in the folders beside it)
+IGNORED = {"__MACOSX", ".DS_Store", "DICOMDIR", "Thumbs.db", "desktop.ini"}
+
+
 def _content(folder: str) -> str:
     """What an unpacked archive holds: its one file (a zipped NIfTI), else the innermost folder that
     is not a lone wrapper folder (``series/`` around a DICOM series), so the readers find the image."""
     while True:
-        entries = list(os.scandir(folder))
+        entries = [e for e in os.scandir(folder) if e.name not in IGNORED]
         if len(entries) != 1:
             return folder
         if entries[0].is_file():

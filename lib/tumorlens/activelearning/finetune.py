@@ -27,9 +27,11 @@ from tumorlens.models.registry import LoadedModel
 from tumorlens.training.train import make_optimizer, validate
 
 
-def _read_nrrd_label(path: str | Path) -> np.ndarray:
-    """NRRD labels (3D Slicer's format; ``.seg.nrrd`` layers merged) as ``[X, Y, Z]`` > 0."""
+def _read_nrrd_label(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """NRRD labels (3D Slicer's format; ``.seg.nrrd`` layers merged): ``[X, Y, Z]`` > 0 and the RAS affine."""
     import SimpleITK as sitk
+
+    from tumorlens.data.readers import LPS_TO_RAS
 
     try:
         im = sitk.ReadImage(str(path))
@@ -40,18 +42,36 @@ def _read_nrrd_label(path: str | Path) -> np.ndarray:
         arr = arr.any(-1)
     if arr.ndim == 2:
         arr = arr[None]
-    return np.transpose(arr, (2, 1, 0)) > 0
+    dim = im.GetDimension()
+    lps = np.eye(4)
+    lps[:dim, :dim] = np.asarray(im.GetDirection()).reshape(dim, dim) * np.asarray(im.GetSpacing())[None, :]
+    lps[:dim, 3] = im.GetOrigin()
+    return np.transpose(arr, (2, 1, 0)) > 0, LPS_TO_RAS @ lps
 
 
 def read_label_like(path: str | Path, img) -> np.ndarray:
-    """A label file as a binary array on the image's own grid (2D: rows x cols; volume: X, Y, Z)."""
+    """A label file as a binary array on the image's own grid (2D: rows x cols; volume: X, Y, Z).
+
+    A label that carries geometry (any affine but the identity, e.g. one 3D Slicer saved) is turned
+    into the image's axis order and directions first (by the two affines' orientations): Slicer
+    stores a JPEG's label as column x row, which would otherwise be read transposed - silently so
+    for a square image. A label without geometry is taken in the image's own voxel order.
+    """
     if str(path).lower().endswith(".nrrd"):
-        arr = _read_nrrd_label(path)
+        arr, aff = _read_nrrd_label(path)
     else:
-        arr = read_image(path).detach().cpu().numpy()[0] > 0
+        lab = read_image(path)
+        arr, aff = lab.detach().cpu().numpy()[0] > 0, np.asarray(lab.affine, dtype=float)
     want = tuple(img.shape[1:])
+    img_aff = np.asarray(img.affine, dtype=float)
+    if arr.ndim == 2:
+        arr = arr[..., None]
+    if not np.allclose(aff, np.eye(4)) and not np.allclose(aff[:3, :3], img_aff[:3, :3], atol=1e-3):
+        from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
+
+        arr = apply_orientation(arr, ornt_transform(io_orientation(aff), io_orientation(img_aff)))
     if arr.shape != want and arr.ndim == 3 and arr.shape[-1] == 1 and arr.shape[:2] == want:
-        arr = arr[..., 0]  # a 2D image's label stored as a one-slice NIfTI
+        arr = arr[..., 0]  # a 2D image's label stored as a one-slice volume
     if arr.shape != want:
         raise InvalidInputError(path, f"label shape {arr.shape} does not match image shape {want}")
     return arr.astype(np.uint8)

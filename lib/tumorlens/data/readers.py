@@ -29,6 +29,11 @@ NIFTI_EXT = (".nii", ".nii.gz")
 DICOM_EXT = (".dcm", ".dicom", "")
 ITK_EXT = (".nrrd", ".nhdr", ".mha", ".mhd")  # 3D Slicer's and ITK's own formats, read by SimpleITK
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+# A JPEG/PNG has no geometry; ITK (and so 3D Slicer, and a one-frame DICOM here) puts column i, row j at
+# LPS (i, j, 0), i.e. RAS (-i, -j, 0). Our arrays are [row, col], so the row index runs along -y and the
+# column index along -x: with this affine a mask written for a JPEG lands on the JPEG in Slicer (with a
+# plain identity it came out transposed, and a Slicer label read back transposed too).
+PHOTO_AFFINE = np.array([[0.0, -1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
 MAX_PIXELS_2D = 64 * 1024 * 1024  # 8192 x 8192: far above any MRI slice or screenshot of one
 MAX_VOXELS = 512 * 1024 * 1024  # 2 GiB as float32: a 0.5 mm whole-body MRI is well below
 
@@ -105,9 +110,7 @@ def _read_photo(path: Path, modality: str) -> MetaTensor:
     if arr.ndim != 2:
         raise InvalidInputError(path, f"expected a single-channel 2D image, got array of shape {arr.shape}")
     arr = _check_pixels(path, arr)
-    affine = np.eye(4)
-    # (row, col) -> (y, x): rows run posterior->anterior is unknowable; keep a plain scaled identity.
-    return _image(path, "image2d", arr, affine, (1.0, 1.0), spacing_known=False, modality=modality)
+    return _image(path, "image2d", arr, PHOTO_AFFINE.copy(), (1.0, 1.0), spacing_known=False, modality=modality)
 
 
 def _read_nifti(path: Path) -> MetaTensor:
