@@ -745,7 +745,9 @@ def test_next_sample_each_strategy(client, studies, base_model):
     assert labelled.isdisjoint(unl)
     rnd = client.next_sample("random", {})
     assert rnd["id"] in unl
-    unc = client.next_sample("uncertainty", {})
+    first = client.next_sample("uncertainty", {})  # scores at most 8 missing images on the spot
+    assert first["id"] in unl and first["scored"] == min(len(unl), 8) and len(unl) <= 16
+    unc = client.next_sample("uncertainty", {})  # the rest now; the first ones come from the store
     assert unc["id"] in unl and unc["scored"] == len(unl)
     # the pick is the image of highest entropy, and the score is the core's own number
     ref = image_uncertainty(base_model, read_image(unc["path"]))

@@ -96,6 +96,8 @@ class FinetuneTrainer(TrainTask):
 
         def on_epoch(rec: dict) -> None:
             stats["epochs"].append(rec)
+            # the progress keys 3D Slicer's MONAI Label module reads from /train/ status
+            stats.update(epoch=rec["epoch"], total_epochs=int(cfg["max_epochs"]))
             self.state.write_stats(stats)
             logger.info(f"epoch {rec['epoch']}: loss {rec['loss']:.4f} ({rec['samples']} samples, {rec['seconds']} s)")
 
