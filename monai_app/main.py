@@ -7,13 +7,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-import tempfile
 from pathlib import Path
 
 from lib.auth import install_token_check
 from lib.concurrency import install_infer_threads
 from lib.configs import tumorlens as tasks
-from lib.datastore import TumorlensDatastore
+from lib.datastore import TumorlensDatastore, in_temp_folder
 from lib.errors import bad_request, check_id, conflict, not_found
 from lib.limits import install_body_limit
 from lib.request_checks import install_request_checks
@@ -162,8 +161,7 @@ class TumorLensApp(MONAILabelApp):
 
     @staticmethod
     def _is_upload(image: str) -> bool:
-        p = Path(image)
-        return p.is_absolute() and p.parent.resolve() == Path(tempfile.gettempdir()).resolve() and p.is_file()
+        return Path(image).is_absolute() and in_temp_folder(image) and Path(image).is_file()
 
     def _is_session_image(self, image: str, request: dict) -> bool:
         """The image MONAI Label put in the request for ``session_id``: a file or a DICOM folder

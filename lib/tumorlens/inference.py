@@ -48,7 +48,8 @@ def tumour_mask(seg_prob: np.ndarray, tumour_called: bool) -> np.ndarray:
 
 def seg_on_slice(seg: torch.Tensor, arr: np.ndarray) -> np.ndarray:
     """The seg head's map [1, 1, S, S] for 2D slice ``arr``, on the slice's grid, zero outside the head."""
-    return map_on_slice(seg, arr) * foreground_mask(arr)
+    fg = foreground_mask(arr)
+    return map_on_slice(seg, arr, fg) * fg
 
 
 # ---- field of view of 2D slices --------------------------------------------------------------------
@@ -64,11 +65,11 @@ FRAME_BELOW = 0.7
 FRAME_FILL = 0.96
 
 
-def head_frame(arr: np.ndarray) -> tuple[int, int, int] | None:
+def head_frame(arr: np.ndarray, fg: np.ndarray | None = None) -> tuple[int, int, int] | None:
     """(top, left, side) of the square a slice is re-framed to, or ``None`` when the head already
     fills the frame as training slices do. Rows/columns with only a few foreground pixels (noise,
-    text) do not count as head."""
-    fg = foreground_mask(arr)
+    text) do not count as head. ``fg``: the slice's foreground mask, when the caller has it."""
+    fg = foreground_mask(arr) if fg is None else fg
     rows = np.where(fg.sum(1) >= max(2, 0.01 * arr.shape[1]))[0]
     cols = np.where(fg.sum(0) >= max(2, 0.01 * arr.shape[0]))[0]
     if rows.size == 0 or cols.size == 0:
@@ -96,10 +97,10 @@ def to_frame(a: np.ndarray, frame: tuple[int, int, int] | None) -> np.ndarray:
     return out
 
 
-def map_on_slice(m: torch.Tensor, arr: np.ndarray) -> np.ndarray:
+def map_on_slice(m: torch.Tensor, arr: np.ndarray, fg: np.ndarray | None = None) -> np.ndarray:
     """A network-resolution map [1, 1, S, S] of slice ``arr`` (as ``prepare_slice`` framed it) on the
     slice's own grid."""
-    frame = head_frame(arr)
+    frame = head_frame(arr, fg)
     if frame is None:
         return resize_2d(m, arr.shape)[0, 0].numpy()
     framed = resize_2d(m, (frame[2], frame[2]))[0, 0].numpy()

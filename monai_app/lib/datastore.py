@@ -83,6 +83,11 @@ def content_hint(path: str, ext: str) -> str:
     return ""
 
 
+def in_temp_folder(path: str | Path) -> bool:
+    """Whether ``path`` lies directly in the temporary folder, where MONAI Label puts every upload."""
+    return Path(path).parent.resolve() == Path(tempfile.gettempdir()).resolve()
+
+
 @contextmanager
 def _dropped_if_refused(upload: str):
     """MONAI Label removes an uploaded temporary file only after a successful answer: a refused upload
@@ -90,9 +95,8 @@ def _dropped_if_refused(upload: str):
     try:
         yield
     except BaseException:
-        p = Path(upload)
-        if p.parent.resolve() == Path(tempfile.gettempdir()).resolve():
-            p.unlink(missing_ok=True)
+        if in_temp_folder(upload):
+            Path(upload).unlink(missing_ok=True)
         raise
 
 
@@ -122,10 +126,10 @@ def class_from_segments(label_file: str, label_info) -> str | None:
     return found.pop() if len(found) == 1 else None
 
 
-def file_sha256(path: str | Path) -> str:
+def file_digest(path: str | Path, algo: str = "sha256") -> str:
     import hashlib
 
-    h = hashlib.sha256()
+    h = hashlib.new(algo)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
@@ -214,7 +218,7 @@ class TumorlensDatastore(LocalDatastore):
         stored = Path(self._datastore.image_path()) / self._filename(image_id, obj.image.ext)
         if not stored.is_file():  # an index entry whose file is gone: the upload restores it
             return False
-        if file_sha256(stored) == file_sha256(upload) or _same_voxels(stored, upload):
+        if file_digest(stored) == file_digest(upload) or _same_voxels(stored, upload):
             return True
         raise conflict(f"image id {image_id!r} already holds another image ({obj.image.info.get('name', stored.name)}, "
                        f"{len(obj.labels)} label(s)); upload under a new id, or DELETE /datastore/image?id={image_id} "

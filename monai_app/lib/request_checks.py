@@ -125,31 +125,26 @@ RESERVED_IMAGE_INFO = ("id", "path", "name", "ext", "strategy")
 RESERVED_LABEL_INFO = ("name", "ext")
 
 
-def check_image_info(arguments: dict) -> None:
-    from lib.datastore import check_class_name
+def _refuse_reserved(info: dict, reserved: tuple[str, ...], what: str) -> None:
+    keys = [k for k in reserved if k in info]
+    if keys:
+        raise bad_request(f"{what} info may not set {', '.join(keys)}: the datastore derives them")
 
-    info = json_object(arguments.get("info"), "info")
+
+def check_image_info(arguments: dict) -> None:
+    """Classes are checked (and normalised) by the datastore's own ``update_image_info``."""
+    _refuse_reserved(json_object(arguments.get("info"), "info"), RESERVED_IMAGE_INFO, "image")
     _image_known(arguments.get("image"))
-    reserved = [k for k in RESERVED_IMAGE_INFO if k in info]
-    if reserved:
-        raise bad_request(f"image info may not set {', '.join(reserved)}: the datastore derives them")
-    check_class_name(info, f"image {arguments.get('image')}")
 
 
 def check_label_info(arguments: dict) -> None:
-    from lib.datastore import check_class_name
-
-    info = json_object(arguments.get("info"), "info")
+    _refuse_reserved(json_object(arguments.get("info"), "info"), RESERVED_LABEL_INFO, "label")
     _label_known(arguments.get("label"), arguments.get("tag"))
-    reserved = [k for k in RESERVED_LABEL_INFO if k in info]
-    if reserved:
-        raise bad_request(f"label info may not set {', '.join(reserved)}: the datastore derives them")
-    check_class_name(info, f"label of {arguments.get('label')}")
 
 
 def check_checksum(original: Callable) -> Callable:
     """``HEAD /datastore/image?check_sum=[ALGO:]hex``: 200 when the stored image has that digest."""
-    import hashlib
+    from lib.datastore import file_digest
 
     @wraps(original)
     def call(image: str, check_only=False, check_sum=None):
@@ -162,11 +157,7 @@ def check_checksum(original: Callable) -> Callable:
         uri = _datastore().get_image_uri(image)
         if not uri or not os.path.isfile(uri):
             raise not_found(f"unknown image id {image!r}")
-        h = hashlib.new(algo)
-        with open(uri, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        if h.hexdigest() != digest.strip().lower():
+        if file_digest(uri, algo) != digest.strip().lower():
             raise not_found(f"image {image!r} differs from the checksum given")
         return {}
 

@@ -22,6 +22,7 @@ from pathlib import PurePosixPath
 
 from monailabel.utils.sessions import Sessions
 
+from lib.datastore import in_temp_folder
 from lib.errors import bad_request
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,22 @@ def check_archive(path: str, label: str) -> None:
                           f"session or are not plain files: {', '.join(bad[:5])}")
 
 
+def _unpack(data_file: str, folder: str) -> None:
+    """Check and unpack the archive ``data_file`` into ``folder``; a 400 for anything unusable."""
+    name = os.path.basename(data_file)
+    check_archive(data_file, name)
+    try:
+        shutil.unpack_archive(data_file, folder, **({} if zipfile.is_zipfile(data_file) else {"filter": "data"}))
+    except Exception as e:
+        raise bad_request(f"session upload {name}: cannot unpack: {e}") from e
+    if not any(os.scandir(folder)):
+        raise bad_request(f"session upload {name}: the archive is empty")
+
+
 def _drop_upload(data_file: str) -> None:
     """The folder MONAI Label received a refused upload into (a fresh one in the temporary folder)."""
     folder = os.path.dirname(os.path.abspath(data_file))
-    if os.path.dirname(folder) == os.path.abspath(tempfile.gettempdir()):
+    if in_temp_folder(folder):
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -79,29 +92,17 @@ def _content(folder: str) -> str:
 
 class TumorlensSessions(Sessions):
     def add_session(self, data_file: str, expiry: int = 0, uncompress: bool = False, session_id=None):
-        if uncompress and not os.path.isdir(data_file):
-            try:
-                check_archive(data_file, os.path.basename(data_file))
-            except Exception:
-                _drop_upload(data_file)  # MONAI Label removes it only after a successful add
-                raise
-            folder = tempfile.mkdtemp(prefix="tumorlens-session-")
-            try:
-                kwargs = {} if zipfile.is_zipfile(data_file) else {"filter": "data"}
-                shutil.unpack_archive(data_file, folder, **kwargs)
-            except Exception as e:
-                shutil.rmtree(folder, ignore_errors=True)
-                _drop_upload(data_file)
-                raise bad_request(f"session upload {os.path.basename(data_file)}: cannot unpack: {e}") from e
-            if not any(os.scandir(folder)):
-                shutil.rmtree(folder, ignore_errors=True)
-                _drop_upload(data_file)
-                raise bad_request(f"session upload {os.path.basename(data_file)}: the archive is empty")
-            try:
-                return super().add_session(_content(folder), expiry, False, session_id)
-            finally:
-                shutil.rmtree(folder, ignore_errors=True)
-        return super().add_session(data_file, expiry, False, session_id)
+        if not uncompress or os.path.isdir(data_file):
+            return super().add_session(data_file, expiry, False, session_id)
+        folder = tempfile.mkdtemp(prefix="tumorlens-session-")
+        try:
+            _unpack(data_file, folder)
+            return super().add_session(_content(folder), expiry, False, session_id)
+        except Exception:
+            _drop_upload(data_file)  # MONAI Label removes it only after a successful add
+            raise
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
 
     def get_session(self, session_id: str, update_ts: bool = True, fetch_cache: bool = True):
         info = super().get_session(session_id, update_ts=False, fetch_cache=fetch_cache)

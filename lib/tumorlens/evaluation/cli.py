@@ -61,6 +61,7 @@ def run_predict(args) -> int:
 
     from tumorlens.data.readers import read_image
     from tumorlens.errors import InvalidInputError
+    from tumorlens.findings.build import familiarity_note
     from tumorlens.inference import Predictor
 
     pred = Predictor(args.model)
@@ -78,9 +79,9 @@ def run_predict(args) -> int:
         rec = {"file": Path(path).name, "label": r.label,
                "probabilities": {k: round(v, 4) for k, v in r.probabilities.items()},
                "mask_pixels": tumour_px, "familiarity": fam, "caveats": list(r.extra.get("caveats", []))}
-        if fam is not None and not fam["familiar"]:
-            rec["caveats"].insert(0, f"image is unlike the training images (familiarity {fam['score']:.2f} < "
-                                     f"{fam['threshold']:.2f}): the class and mask may be unreliable")
+        note = familiarity_note(fam) if fam is not None else None
+        if note:
+            rec["caveats"].insert(0, note)
         out.append(rec)
         probs = "  ".join(f"{k}={v:.3f}" for k, v in r.probabilities.items())
         flag = "" if fam is None else ("" if fam["familiar"] else "  UNFAMILIAR")
