@@ -237,6 +237,13 @@ def test_evaluate_saliency_cli(model, tumour_rows, subset_factory, tmp_path):
     for s in res["methods"].values():
         assert 0 <= s["pointing_game"] <= 1 and 0 <= s["dice"] <= 1 and 0 <= s["deletion_auc"] <= 1
     assert 0 <= res["segmentation_head"]["dice"] <= 1 and res["random_deletion_auc"] is not None
+    for m, s in res["methods"].items():  # the tolerant game counts every strict hit; a hit is 0 px away
+        rows = [r[m] for r in res["per_image"]]
+        assert all((r["distance_px"] == 0) == r["hit"] for r in rows)
+        assert s["pointing_game_tolerant"] >= s["pointing_game"]
+        assert s["pointing_game_tolerant"] == np.mean([r["distance_px"] <= res["pointing_tolerance_px"] for r in rows])
+        for c, v in s["pointing_game_per_class"].items():
+            assert v == np.mean([r[m]["hit"] for r in res["per_image"] if r["label"] == c])
     assert "gradcampp_vs_gradcam" in res
     assert len(list((tmp_path / "ov").glob("*.png"))) == 1
     fast = tmp_path / "fast.json"

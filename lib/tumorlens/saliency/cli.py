@@ -82,6 +82,12 @@ def run_evaluate(args) -> int:
         print(f"{m:<11}{s['pointing_game']:>9.3f}{s['dice']:>7.3f}{s['iou']:>7.3f}{d:>10}"
               f"{s['percentile_mean']:>7.1f}{s['seconds_per_image']:>7.2f}")
     print(f"{'seg head':<11}{'':>9}{res['segmentation_head']['dice']:>7.3f}")
+    tol = res["pointing_tolerance_px"]
+    for m, s in res["methods"].items():
+        per_class = ", ".join(f"{c} {v:.3f}" for c, v in s["pointing_game_per_class"].items())
+        miss = s["miss_distance_px_median"]
+        print(f"{m} pointing by class: {per_class}; within {tol} px: {s['pointing_game_tolerant']:.3f}"
+              + (f"; misses' median distance {miss:.0f} px" if miss is not None else ""))
     if res.get("random_deletion_auc") is not None:
         print(f"random-order deletion AUC: {res['random_deletion_auc']:.3f} (lower than this = faithful)")
     if "gradcampp_vs_gradcam" in res:

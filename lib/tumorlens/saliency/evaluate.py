@@ -2,7 +2,10 @@
 
 Per method, over tumour images that have a mask:
 
-* **pointing game**: the map's maximum lies inside the tumour mask (hit rate; no tolerance);
+* **pointing game**: the map's maximum lies inside the tumour mask (hit rate; no tolerance), also
+  per tumour class; beside it, the same game with Zhang et al.'s (2016) 15-pixel tolerance (a peak
+  within 15 image pixels of the mask counts) and the median distance of the misses - a peak on the
+  oedema next to a glioma's drawn border and one on the other hemisphere are both plain misses;
 * **Dice / IoU** of the adaptive binary mask (``threshold.adaptive_mask``) against the tumour mask;
 * **deletion AUC** (Petsiuk et al. 2018): brain pixels of the network input are set to 0 in
   order of decreasing saliency, 5 % at a time; the area under the explained class's probability
@@ -20,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy import ndimage as ndi
 from tqdm import tqdm
 
 from tumorlens.data import read_image, read_mask
@@ -32,6 +36,7 @@ from tumorlens.saliency.maps import check_methods, saliency_maps
 from tumorlens.saliency.threshold import adaptive_mask
 
 DELETION_STEPS = 20
+POINTING_TOLERANCE_PX = 15  # Zhang et al. 2016, "Top-down neural attention by excitation backprop"
 
 
 def spread(items: list, n: int | None) -> list:
@@ -86,13 +91,15 @@ def evaluate_saliency(data_dir: str | Path, methods=METHODS, n: int | None = 40,
     records = spread(records, n)
     predictor = Predictor(lm)
     rng = np.random.default_rng(0)
-    per = {m: {"hit": [], "dice": [], "iou": [], "deletion_auc": [], "percentile": [], "seconds": []} for m in methods}
-    seg_dice, random_auc, rows = [], [], []
+    per = {m: {"hit": [], "distance": [], "dice": [], "iou": [], "deletion_auc": [], "percentile": [], "seconds": []} for m in methods}
+    seg_dice, random_auc, rows, classes = [], [], [], []
     overlays = Path(overlays_dir) if overlays_dir else None
     written = []
     for i, rec in enumerate(tqdm(records, desc="evaluate-saliency", unit="img")):
         img = read_image(rec.image)
         truth = read_mask(rec.mask, like=img).numpy()[0] > 0
+        to_tumour = ndi.distance_transform_edt(~truth) if truth.any() else np.full(truth.shape, np.inf)
+        classes.append(rec.label)
         pred = predictor.predict(img)
         seg_dice.append(dice_score(pred.mask.numpy()[0], truth))
         row = {"index": i, "label": rec.label, "predicted": pred.label, "seg_dice": seg_dice[-1]}
@@ -110,12 +117,13 @@ def evaluate_saliency(data_dir: str | Path, methods=METHODS, n: int | None = 40,
             th = adaptive_mask(heat, sal.brain)
             peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
             hit = bool(truth[peak])
+            per[m]["distance"].append(float(to_tumour[peak]))
             d, j = dice_score(th.mask, truth), iou_score(th.mask, truth)
             per[m]["hit"].append(hit)
             per[m]["dice"].append(d)
             per[m]["iou"].append(j)
             per[m]["percentile"].append(th.percentile)
-            row[m] = {"hit": hit, "dice": d, "iou": j, "percentile": th.percentile}
+            row[m] = {"hit": hit, "distance_px": per[m]["distance"][-1], "dice": d, "iou": j, "percentile": th.percentile}
             if sal.net_input is not None and steps > 0:
                 t = list(lm.labels).index(sal.target)
                 curve = deletion_curve(lm.net, sal.net_input, sal.net_maps[m], t, steps)
@@ -132,8 +140,12 @@ def evaluate_saliency(data_dir: str | Path, methods=METHODS, n: int | None = 40,
     summary = {}
     for m in methods:
         p = per[m]
+        hits, dist = np.array(p["hit"]), np.array(p["distance"])
         summary[m] = {
-            "pointing_game": float(np.mean(p["hit"])),
+            "pointing_game": float(hits.mean()),
+            "pointing_game_per_class": {c: float(hits[np.array(classes) == c].mean()) for c in sorted(set(classes))},
+            "pointing_game_tolerant": float((dist <= POINTING_TOLERANCE_PX).mean()),
+            "miss_distance_px_median": float(np.median(dist[~hits])) if (~hits).any() else None,
             "dice": float(np.mean(p["dice"])),
             "iou": float(np.mean(p["iou"])),
             "deletion_auc": float(np.mean(p["deletion_auc"])) if p["deletion_auc"] else None,
@@ -146,6 +158,7 @@ def evaluate_saliency(data_dir: str | Path, methods=METHODS, n: int | None = 40,
         "model": {"name": lm.name, "version": lm.version},
         "layer": layer or lm.net.cam_layer,
         "n_images": len(records),
+        "pointing_tolerance_px": POINTING_TOLERANCE_PX,
         "methods": summary,
         "segmentation_head": {"dice": float(np.mean(seg_dice))},
         "random_deletion_auc": float(np.mean(random_auc)) if random_auc else None,
