@@ -240,3 +240,27 @@ def test_manifest_errors(tmp_path, dev2d, dev_rows):
                         ("image,label", "a.jpg,glioma,")):
         label = load_manifest(_manifest(tmp_path, header, [row])).records[0].label
         assert label == ("no_tumor" if "umo" in row.lower() else "glioma"), (header, row)
+
+
+def test_colour_nifti_reads_as_the_grey_picture(dev2d, dev_rows, tmp_path):
+    """3D Slicer writes a colour JPEG it loaded as a NIfTI of RGB24 voxels; NIfTI also stores colour as a
+    5th-dimension vector. Both read as the grey picture PIL makes of the same colours (was a bare cast error)."""
+    from PIL import Image
+
+    row = next(r for r in dev_rows if r["mask"])
+    grey = np.asarray(Image.open(dev2d / row["image"]).convert("L"), dtype=np.uint8)
+    rgb = np.stack([grey, (grey * 0.6).astype(np.uint8), 255 - grey], -1)  # a real colour picture of the slice
+    expected = np.asarray(Image.fromarray(rgb, "RGB").convert("L"), dtype=np.float32)
+    xy = np.transpose(rgb, (1, 0, 2))[:, :, None]  # (x, y, 1, 3)
+    structured = np.empty(xy.shape[:3], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    for i, c in enumerate("RGB"):
+        structured[c] = xy[..., i]
+    nib.save(nib.Nifti1Image(structured, np.eye(4)), str(tmp_path / "rgb24.nii.gz"))
+    vec = nib.Nifti1Image(xy[:, :, :, None, :], np.eye(4))
+    vec.header.set_intent("vector")
+    nib.save(vec, str(tmp_path / "vector.nii.gz"))
+    for name in ("rgb24.nii.gz", "vector.nii.gz"):
+        img = read_image(tmp_path / name)
+        assert img.shape[-1] == 1, name  # one slice, not three colour planes
+        got = np.transpose(img.numpy()[0, :, :, 0])
+        assert np.abs(got - expected).max() <= 1.0, name

@@ -318,7 +318,10 @@ def test_familiarity_parsing_and_warning():
     assert tll.familiarity_of({"findings": {"schema_version": "1.0", "classification": {}}}) is None
     assert tll.familiarity_of({}) is None
     warning = tll.familiarity_warning(tll.familiarity_of({"familiarity": json.dumps(fam)}))
-    assert warning and "0.74 below 0.86" in warning
+    assert warning and "0.745 below 0.86" in warning
+    close = tll.familiarity_warning({"score": 0.8592, "threshold": 0.8635, "familiar": False})
+    shown = [float(w) for w in close.split("familiarity ")[1].split(")")[0].split(" below ")]
+    assert shown[0] < shown[1]  # never "0.86 below 0.86"
     assert tll.familiarity_warning({"score": 0.95, "threshold": 0.86, "familiar": True}) is None
     with pytest.raises(tll.ResponseError, match="familiarity"):
         tll.familiarity_of({"familiarity": {"score": "high"}})

@@ -488,3 +488,68 @@ def test_label_and_heatmap_answers_combine(logic, oblique, inprocess_result):
         TumorLens.HEAT_COLOR_NODE
     assert res["findings"] == findings and logic.findings[res["image_id"]] == findings  # not the heatmap's
     assert logic.report_params(res["image_id"]) == {"findings": findings}
+
+
+def test_edited_or_moved_volume_gets_a_new_image_id(logic, oblique):
+    """The id is the content as it is now: voxels edited in place or a moved origin must not reuse the id
+    (and the server copy) of the volume as it was; a downloaded sample keeps the server's id until edited."""
+    volume = logic.load_volume(str(oblique))
+    first = logic.image_id(volume)
+    assert logic.image_id(volume) == first
+    arr = slicer.util.arrayFromVolume(volume)
+    arr[:] = 0
+    slicer.util.arrayFromVolumeModified(volume)
+    blanked = logic.image_id(volume)
+    assert blanked != first
+    volume.SetOrigin(*(np.array(volume.GetOrigin()) + [50.0, 0.0, 0.0]))
+    moved = logic.image_id(volume)
+    assert moved not in (first, blanked)
+    _, path = logic.prepare_upload(volume)
+    assert np.allclose(nib.load(path).affine, ijk_to_ras(volume), atol=1e-4)  # the upload is the moved volume
+    sample = logic.apply_sample({"path": str(oblique), "image_id": "server-id-7"})
+    assert logic.image_id(sample) == "server-id-7"
+    slicer.util.arrayFromVolume(sample)[0, 0, 0] += 1.0
+    slicer.util.arrayFromVolumeModified(sample)
+    assert logic.image_id(sample).startswith("img-")
+
+
+def test_results_follow_the_volume_transform_and_replace_their_earlier_run(logic, oblique, inprocess_result):
+    volume = logic.load_volume(str(oblique), name="T1c study")
+    moved = logic.scene.AddNewNodeByClass("vtkMRMLLinearTransformNode")
+    m = vtk.vtkMatrix4x4()
+    m.SetElement(0, 3, 40.0)
+    m.SetElement(2, 3, -25.0)
+    moved.SetMatrixTransformToParent(m)
+    volume.SetAndObserveTransformNodeID(moved.GetID())
+    answers = [tll.InferAnswer({"label_names": {"tumor": 1}}, str(inprocess_result["mask"])),
+               tll.InferAnswer({"label_names": {"saliency": 1}, "heatmap": True}, str(inprocess_result["heatmap"]))]
+    n_before = logic.scene.GetNumberOfNodes()
+    res = logic.apply_answers(answers, volume, "segmentation")
+    seg, heat = logic.scene.GetNodeByID(res["segmentation_node_id"]), logic.scene.GetNodeByID(res["heatmap_node_id"])
+    for node in (seg, heat):  # drawn where the volume is drawn
+        assert node.GetTransformNodeID() == moved.GetID()
+        assert "T1c study" in node.GetName()
+    n_after = logic.scene.GetNumberOfNodes()
+    again = logic.apply_answers(answers, volume, "segmentation")  # the same run again replaces its nodes
+    assert logic.scene.GetNodeByID(res["segmentation_node_id"]) is None
+    assert logic.scene.GetNodeByID(res["heatmap_node_id"]) is None
+    assert logic.scene.GetNumberOfNodes() == n_after > n_before
+    assert logic.scene.GetNodeByID(again["segmentation_node_id"]).GetTransformNodeID() == moved.GetID()
+    other = logic.load_volume(str(oblique), name="other study")  # another volume's result is its own
+    logic.apply_answers(answers[:1], other, "segmentation")
+    assert logic.scene.GetNodeByID(again["segmentation_node_id"]) is not None
+
+
+def test_missing_or_removed_volume_and_empty_model_are_readable_errors(logic, oblique, inprocess_result):
+    with pytest.raises(ValueError, match="no volume"):
+        logic.prepare_upload(None)
+    volume = logic.load_volume(str(oblique))
+    logic.scene.RemoveNode(volume)  # deleted while its job ran
+    answer = tll.InferAnswer({"label_names": {"tumor": 1}}, str(inprocess_result["mask"]))
+    with pytest.raises(ValueError, match="no longer in the scene"):
+        logic.apply_answer(answer, volume, "segmentation")
+    assert logic.scene.GetNodesByClass("vtkMRMLSegmentationNode").GetNumberOfItems() == 0
+    logic.models = {"segmentation": None}
+    with pytest.raises(tll.ServerError, match="segmentation") as e:
+        logic.remote_infer("", "img-x", None)
+    assert e.value.status == 404

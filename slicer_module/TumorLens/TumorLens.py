@@ -64,6 +64,8 @@ except ImportError:  # Logic stays usable without the application
 log = logging.getLogger("TumorLens")
 
 IMAGE_ID_ATTR = "TumorLens.ImageId"
+IMAGE_HASH_ATTR = "TumorLens.ImageHash"  # content the id was given for: an edited volume gets a new id
+RESULT_OF_ATTR = "TumorLens.ResultOf"  # "<volume node id> <model> <kind>": a re-run replaces its own result
 SOURCE_ATTR = "TumorLens.Source"
 HEAT_COLOR_NODE = "TumorLensHeat"
 
@@ -184,16 +186,35 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         node.GetIJKToRASMatrix(m)
         return slicer.util.arrayFromVTKMatrix(m)
 
-    def image_id(self, volume_node) -> str:
-        """A stable server id from voxel content and geometry (a hash: no name, no identifier)."""
-        existing = volume_node.GetAttribute(IMAGE_ID_ATTR)
-        if existing:
-            return existing
+    def check_volume(self, volume_node) -> None:
+        """A volume node that is still in this scene (a script may pass None or a removed node; the
+        user may delete the volume while its job runs)."""
+        if volume_node is None:
+            raise ValueError("no volume: select or load a volume first")
+        if volume_node.GetScene() is not self.scene or self.scene.GetNodeByID(volume_node.GetID()) is not volume_node:
+            raise ValueError(f"volume {volume_node.GetName()!r} is no longer in the scene")
+        if volume_node.GetImageData() is None:
+            raise ValueError(f"volume {volume_node.GetName()!r} has no voxels")
+
+    def content_hash(self, volume_node) -> str:
+        """SHA-1 of the voxels and their geometry (recomputed on every call: voxels edited in place or
+        a moved origin must not keep an id whose server copy no longer matches)."""
         arr = slicer.util.arrayFromVolume(volume_node)
         h = hashlib.sha1(np.ascontiguousarray(arr).tobytes())
         h.update(np.round(self.ijk_to_ras(volume_node), 4).tobytes())
-        image_id = "img-" + h.hexdigest()[:16]
+        return h.hexdigest()
+
+    def image_id(self, volume_node) -> str:
+        """The server id of the volume as it is now: its content hash (no name, no identifier), or the
+        server's own id for a sample downloaded from it and not changed since."""
+        self.check_volume(volume_node)
+        digest = self.content_hash(volume_node)
+        existing = volume_node.GetAttribute(IMAGE_ID_ATTR)
+        if existing and volume_node.GetAttribute(IMAGE_HASH_ATTR) == digest:
+            return existing
+        image_id = "img-" + digest[:16]
         volume_node.SetAttribute(IMAGE_ID_ATTR, image_id)
+        volume_node.SetAttribute(IMAGE_HASH_ATTR, digest)
         return image_id
 
     def write_volume(self, node, path: str) -> str:
@@ -229,6 +250,8 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         return True
 
     def remote_infer(self, model: str, image_id: str, path: str | None, params: dict | None = None) -> tll.InferAnswer:
+        if not model or (self.models and model not in self.models):
+            raise tll.ServerError(404, f"no model {model!r} on the server (models: {', '.join(sorted(self.models))})")
         self.remote_ensure_image(image_id, path)
         out_dir = tempfile.mkdtemp(prefix=f"{model}-", dir=self.work_dir)
         return self._client().infer(model, image_id, params or {}, out_dir=out_dir)
@@ -256,7 +279,10 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
     # ---- results into the scene -------------------------------------------------------------------
 
     def apply_answer(self, answer: tll.InferAnswer, volume_node, model: str) -> dict:
-        """Turn an infer answer into nodes and plain data for the widget."""
+        """Turn an infer answer into nodes and plain data for the widget. A result replaces the
+        earlier result of the same model and kind on the same volume and sits under the volume's
+        transform, so it overlays the volume wherever the user has moved it."""
+        self.check_volume(volume_node)
         params = answer.params
         findings = tll.findings_of(params)
         heat = bool(answer.label_path) and params.get("heatmap") is True  # saliency asked with {"heatmap": true}
@@ -274,14 +300,34 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
             out["familiarity"] = tll.familiarity_of(params)
         except tll.ResponseError:
             out["familiarity"] = None
+        kind = "heatmap" if heat else "segmentation"
+        name = f"TumorLens {model}{' heatmap' if heat else ''} - {volume_node.GetName()}"
         if heat:
-            out["heatmap_node_id"] = self.load_heatmap(answer.label_path, name=f"TumorLens {model} heatmap").GetID()
+            node = self.load_heatmap(answer.label_path, name=name)
+            out["heatmap_node_id"] = node.GetID()
         elif answer.label_path:
-            seg, segments = self.load_label_as_segmentation(
-                answer.label_path, volume_node, tll.label_names_of(params), findings, name=f"TumorLens {model}")
-            out["segmentation_node_id"] = seg.GetID()
+            node, segments = self.load_label_as_segmentation(
+                answer.label_path, volume_node, tll.label_names_of(params), findings, name=name)
+            out["segmentation_node_id"] = node.GetID()
             out["segments"] = segments
+        else:
+            return out
+        self._replace_result(node, volume_node, f"{volume_node.GetID()} {model} {kind}")
         return out
+
+    def _replace_result(self, node, volume_node, key: str) -> None:
+        """Tag ``node`` as the result ``key``, remove the earlier node of that key, follow the
+        volume's transform."""
+        for old in list(self.scene.GetNodesByClass(node.GetClassName())):
+            if old is not node and old.GetAttribute(RESULT_OF_ATTR) == key:
+                helpers = [old.GetNthDisplayNode(i) for i in range(old.GetNumberOfDisplayNodes())]
+                helpers.append(old.GetStorageNode())
+                self.scene.RemoveNode(old)
+                for h in helpers:
+                    if h is not None and h.GetScene() is self.scene:
+                        self.scene.RemoveNode(h)
+        node.SetAttribute(RESULT_OF_ATTR, key)
+        node.SetAndObserveTransformNodeID(volume_node.GetTransformNodeID())
 
     def remote_run(self, model: str, image_id: str, path: str | None, params: dict | None = None,
                    heatmap: bool = False) -> list[tll.InferAnswer]:
@@ -473,6 +519,7 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         """Load a downloaded sample as a volume that remembers its server id."""
         node = self.load_volume(sample["path"], name=f"sample {sample['image_id']}")
         node.SetAttribute(IMAGE_ID_ATTR, sample["image_id"])
+        node.SetAttribute(IMAGE_HASH_ATTR, self.content_hash(node))
         return node
 
     def next_sample(self, strategy: str = "random"):

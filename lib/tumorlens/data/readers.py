@@ -66,9 +66,25 @@ def _image(path: Path, kind: str, arr: np.ndarray, affine: np.ndarray, spacing, 
                       meta=_meta(path, kind, affine, arr.shape, spacing, **meta))
 
 
+LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, the weights PIL's convert("L") uses for colour photos
+
+
+def _grey(arr: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Colour pixels -> one grey channel, as colour photos are read: a colour volume (3D Slicer
+    writes a colour JPEG it loaded as a NIfTI of RGB24 pixels) is the same picture to the network."""
+    if arr.dtype.names:  # RGB24 / RGBA32 NIfTI: one structured value per voxel
+        return sum(w * arr[c].astype(np.float32) for w, c in zip(LUMA, ("R", "G", "B"), strict=True))
+    rgb = np.moveaxis(arr, axis, -1)[..., :3].astype(np.float32)
+    return rgb @ np.asarray(LUMA, dtype=np.float32)
+
+
 def _check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
     if arr.size == 0 or 0 in arr.shape:
         raise InvalidInputError(path, "image has no pixels")
+    if arr.dtype.names:
+        if not {"R", "G", "B"} <= set(arr.dtype.names):
+            raise InvalidInputError(path, f"pixels of type {arr.dtype} are neither grey nor RGB")
+        arr = _grey(arr)
     arr = np.asarray(arr, dtype=np.float32)
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).sum())
@@ -125,6 +141,8 @@ def _read_nifti(path: Path) -> MetaTensor:
         arr = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for corrupt/truncated files
         raise InvalidInputError(path, f"corrupt or truncated NIfTI: {type(e).__name__}: {e}") from e
+    if arr.ndim == 5 and arr.shape[4] in (3, 4) and img.header.get_intent()[0] in ("vector", "rgb vector"):
+        arr = _grey(arr[:, :, :, 0, :])  # colour stored as a 5th-dimension vector (NIfTI's own convention)
     arr = np.squeeze(arr) if arr.ndim > 3 else arr
     if arr.ndim == 2:
         arr = arr[..., None]

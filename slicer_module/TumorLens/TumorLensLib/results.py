@@ -118,8 +118,8 @@ def familiarity_warning(fam: dict | None) -> str | None:
     """One line for the results panel when the image is unlike the model's training images."""
     if not fam or fam["familiar"]:
         return None
-    return (f"Image is unlike the model's training images (familiarity {fam['score']:.2f} below "
-            f"{fam['threshold']:.2f}): the result may be unreliable.")
+    return (f"Image is unlike the model's training images (familiarity {fam['score']:.3f} below "
+            f"{fam['threshold']:.3f}): the result may be unreliable.")
 
 
 def label_names_of(params: dict) -> dict[str, int]:
