@@ -33,33 +33,11 @@ def test_nifti_3d_keeps_affine(brats):
     np.testing.assert_allclose(img.meta["spacing"], [1, 1, 1])
 
 
-def _write_series(vol: np.ndarray, folder, spacing=(0.9, 0.9, 3.0)):
-    """A real multi-file DICOM series (one MR slice per file) written by SimpleITK/GDCM."""
-    folder.mkdir()
-    img = sitk.GetImageFromArray(vol.astype(np.int16))  # (z, y, x)
-    img.SetSpacing(spacing)
-    img.SetOrigin((-100.0, -120.0, 30.0))
-    writer = sitk.ImageFileWriter()
-    writer.KeepOriginalImageUIDOn()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1.1"
-    for z in range(vol.shape[0]):
-        s = img[:, :, z]
-        s.SetMetaData("0008|0060", "MR")
-        s.SetMetaData("0020|000e", series_uid)
-        s.SetMetaData("0020|0013", str(z + 1))
-        s.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, z)))))
-        s.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
-        s.SetMetaData("0008|0018", f"{series_uid}.{z + 1}")
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
-        writer.Execute(s)
-    return folder
-
-
-def test_dicom_series_and_single_file(brats, tmp_path):
+def test_dicom_series_and_single_file(brats, tmp_path, write_dicom_series):
     vol = nib.load(str(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz")).get_fdata()
     sub = np.transpose(vol[40:200:2, 40:200:2, 60:72], (2, 1, 0))  # (z, y, x)
     sub = (sub - sub.min()) * 100
-    folder = _write_series(sub, tmp_path / "series")
+    folder = write_dicom_series(sub, tmp_path / "series")
     img = read_image(folder, expect="3d")
     assert img.shape == (1, 80, 80, 12) and img.meta["kind"] == "volume"
     np.testing.assert_allclose(img.meta["spacing"], [0.9, 0.9, 3.0], atol=1e-4)

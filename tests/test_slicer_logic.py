@@ -553,3 +553,20 @@ def test_missing_or_removed_volume_and_empty_model_are_readable_errors(logic, ob
     with pytest.raises(tll.ServerError, match="segmentation") as e:
         logic.remote_infer("", "img-x", None)
     assert e.value.status == 404
+
+
+def test_dicom_series_folder_loads_like_the_server_reads_it(logic, brats, tmp_path, write_dicom_series):
+    """A series given as its folder (the probe's "could not read this file as a volume"), named by the folder."""
+    from tumorlens.data import read_image
+
+    vol = nib.load(str(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz")).get_fdata()
+    sub = np.transpose(vol[40:200:2, 40:200:2, 60:72], (2, 1, 0))
+    folder = write_dicom_series((sub - sub.min()) * 100, tmp_path / "series t1c")
+    node = logic.load_volume(str(folder))
+    ref = read_image(folder, expect="3d")
+    assert node.GetName() == "series t1c"
+    assert np.allclose(ijk_to_ras(node), np.asarray(ref.affine), atol=1e-3)
+    assert np.array_equal(np.transpose(slicer.util.arrayFromVolume(node), (2, 1, 0)), ref[0].numpy())
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no file"):
+        logic.load_volume(str(tmp_path / "empty"))

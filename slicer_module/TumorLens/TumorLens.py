@@ -158,9 +158,17 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
     # ---- volumes ----------------------------------------------------------------------------------
 
     def load_volume(self, path: str, name: str | None = None, labelmap: bool = False):
-        """Read NIfTI/NRRD/DICOM into a new volume node (Slicer's own reader, geometry kept)."""
+        """Read NIfTI/NRRD/DICOM into a new volume node (Slicer's own reader, geometry kept). A DICOM
+        series may be given as its folder: the archetype reader takes the series from its first file."""
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: no such file")
+        if os.path.isdir(path):
+            files = sorted(f for f in os.listdir(path) if not f.startswith(".") and f.upper() != "DICOMDIR"
+                           and os.path.isfile(os.path.join(path, f)))
+            if not files:
+                raise ValueError(f"{path}: folder holds no file to read as a volume")
+            name = name or os.path.basename(os.path.normpath(path))
+            path = os.path.join(path, files[0])
         cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
         node = self.scene.AddNewNodeByClass(cls, name or _stem(path))
         storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
