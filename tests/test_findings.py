@@ -91,6 +91,12 @@ def _mutate(path: str, value):
     ("patient", {"age": 54, "date_of_birth": "1970-01-01"}, "identifiers"),
     ("patient.clinical_history", "MRN: 12345, seizures", "identifier"),
     ("patient.clinical_history", "seen on 03/04/2021", "identifier"),
+    # free-form identifiers a probe got through: no ':' after the keyword, month names, bare 7-digit numbers
+    ("patient.clinical_history", "Patient John Smith, ID A1234567, right-sided headache", "identifier"),
+    ("patient.clinical_history", "MRN 00123456, seizures", "identifier"),
+    ("patient.clinical_history", "DOB 1 January 1970. Headache.", "identifier"),
+    ("patient.clinical_history", "Jane Doe, born in Leeds, seizures", "identifier"),
+    ("patient.clinical_history", "hospital number 4471093", "identifier"),
     ("input.file", "/data/smith_john/0001.jpg", "basename"),
     ("masks.0.empty", True, "empty=True"),
     ("masks.0.source", "saliency:lime", "source"),

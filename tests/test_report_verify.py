@@ -217,6 +217,15 @@ def test_identifiers_never_reach_the_prompt():
     for bad in ("Doe", "Jane", "12345", "jane@example.org", "2026-01-02", "Smith"):
         assert bad not in block
     assert any("identifier field" in r for r in ctx.removed)
+    probe = ("Referred by Dr Brown. Patient John Smith, ID A1234567, DOB 1 January 1970. Jane Doe, born 3 March "
+             "1970, hospital number 4471093, MRN 00123456. Right-sided headache for 3 weeks, on dexamethasone 4 mg.")
+    ctx = sanitize_patient({"clinical_history": probe})
+    for bad in ("Brown", "John", "Smith", "A1234567", "January", "1970", "Jane", "Doe", "March", "4471093", "00123456"):
+        assert bad not in ctx.clinical_history, bad
+    assert "Right-sided headache for 3 weeks, on dexamethasone 4 mg" in ctx.clinical_history  # clinical text kept
+    for clinical in ("Patient presented with bitemporal hemianopia; prolactin 1200 mIU/L", "born prematurely",
+                     "Known breast cancer 2019, previous surgery 2015", "Kopfschmerzen seit 3 Wochen"):
+        assert sanitize_patient({"clinical_history": clinical}).clinical_history == clinical
 
 
 def test_injection_is_inert_in_the_rendered_prompt():

@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tumorlens.errors import InvalidInputError
+from tumorlens.findings.identifiers import find_identifiers
 from tumorlens.labels import CLASS_NAMES
 
 SCHEMA_VERSION = "1.1"  # 1.1: classification.familiarity (optional)
@@ -34,10 +35,6 @@ _IDENTIFIER_KEYS = re.compile(
     r"accession|insurance|studyinstanceuid|patientuid)"
 )
 # text that looks like an identifier written into free text: "MRN: 123", "DOB 1970-01-01", "name: ..."
-_IDENTIFIER_TEXT = re.compile(
-    r"\b(mrn|dob|date of birth|patient id|patient name|name|ssn|accession)\s*[:=#]", re.IGNORECASE
-)
-_FULL_DATE = re.compile(r"\b(\d{4}-\d{2}-\d{2}|\d{1,2}[./]\d{1,2}[./]\d{2,4})\b")
 
 
 class _Strict(BaseModel):
@@ -257,8 +254,9 @@ class Patient(_Strict):
     @field_validator("clinical_history")
     @classmethod
     def _no_identifier_text(cls, v: str | None) -> str | None:
-        if v is not None and (_IDENTIFIER_TEXT.search(v) or _FULL_DATE.search(v)):
-            raise ValueError("clinical_history looks like it contains an identifier or a date; remove it")
+        found = find_identifiers(v) if v is not None else []
+        if found:
+            raise ValueError(f"clinical_history looks like it contains identifiers ({', '.join(found)}); remove them")
         return v
 
 

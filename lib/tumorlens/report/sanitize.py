@@ -15,6 +15,8 @@ import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
+from tumorlens.findings.identifiers import redact
+
 MAX_HISTORY_CHARS = 240
 
 _IDENTIFIER_KEY = re.compile(
@@ -31,13 +33,6 @@ _INSTRUCTION = re.compile(
     r"|<\|?im_(start|end)\|?>|\[/?inst\]|###",
     re.IGNORECASE,
 )
-_IDENTIFIER_TEXT = [
-    (re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.]+\b"), "[email]"),
-    (re.compile(r"\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2}[./]\d{1,2}[./]\d{2,4}\b"), "[date]"),
-    (re.compile(r"\b(mrn|dob|id|ssn|accession|patient\s*(id|name)|name)\s*[:=#]\s*\S+", re.IGNORECASE), "[identifier]"),
-    (re.compile(r"\+?\d[\d\s().-]{7,}\d"), "[number]"),
-    (re.compile(r"\b(?i:mr|mrs|ms|miss|dr|prof)\.?\s+[A-Z][a-z]+\b"), "[name]"),
-]
 _MARKUP = re.compile(r"[{}<>`\[\]\\|#*_~^$]")
 _SEX = {"f": "F", "female": "F", "w": "F", "woman": "F", "m": "M", "male": "M", "man": "M", "o": "O", "other": "O"}
 
@@ -80,10 +75,8 @@ def clean_history(text: str, removed: list[str] | None = None) -> str | None:
     removed = removed if removed is not None else []
     t = unicodedata.normalize("NFKC", str(text))
     t = "".join(ch if unicodedata.category(ch)[0] != "C" else " " for ch in t)  # control/format chars
-    for pat, repl in _IDENTIFIER_TEXT:
-        if pat.search(t):
-            removed.append(f"identifier-like text ({repl.strip('[]')})")
-            t = pat.sub(repl, t)
+    t, kinds = redact(t)
+    removed.extend(f"identifier-like text ({k})" for k in kinds)
     t = t.replace('"', "'")
     kept = []
     for sent in re.split(r"(?<=[.!?;\n])\s+|\n+", t):
@@ -95,10 +88,8 @@ def clean_history(text: str, removed: list[str] | None = None) -> str | None:
             continue
         kept.append(s)
     t = " ".join(kept)
-    if _MARKUP.search(t.replace("[date]", "").replace("[email]", "").replace("[identifier]", "")
-                      .replace("[number]", "").replace("[name]", "")):
+    if _MARKUP.search(t):
         removed.append("markup characters")
-    t = re.sub(r"\[(date|email|identifier|number|name)\]", r"(\1 removed)", t)
     t = _MARKUP.sub(" ", t)
     t = re.sub(r"\s+", " ", t).strip()
     if len(t) > MAX_HISTORY_CHARS:

@@ -1,0 +1,52 @@
+"""Identifier-like text in free clinical history: one list of patterns for the findings record (which
+refuses such text) and the report's prompt (which redacts it if it ever gets there).
+
+Clinical history is typed by people or copied from headers, so identifiers come in free form:
+"MRN 00123456", "DOB 1 January 1970", "Patient John Smith", "hospital number 4471093". The patterns
+favour false alarms over leaks: a refused record can be edited; a leaked name cannot be taken back.
+They cannot find every bare name (that needs a name list or a tagger); what they catch is the usual
+shapes: a keyword before a value, a title or "patient"/"referred by" before capitalised words, a
+capitalised name followed by its birth date, any date finer than a year, any long number.
+"""
+
+from __future__ import annotations
+
+import re
+
+_MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|jun(?:e)?|jul(?:y)?|aug(?:ust)?|"
+          r"sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)")
+_NAME = r"[A-Z][a-z]+(?:[-'][A-Z]?[a-z]+)?"
+
+PATTERNS: list[tuple[re.Pattern, str]] = [
+    (re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.]+\b"), "email"),
+    (re.compile(r"\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2}[./-]\d{1,2}[./-]\d{2,4}\b"), "date"),
+    (re.compile(r"\b\d{1,2}(?:st|nd|rd|th)?\s+(?:of\s+)?" + _MONTH + r"\.?,?\s+\d{2,4}\b|\b" + _MONTH
+                + r"\.?\s+\d{1,2}(?:st|nd|rd|th)?,?\s+\d{4}\b|\b" + _MONTH + r"\.?\s+\d{4}\b", re.IGNORECASE), "date"),
+    # names: after a title, "patient", "referred by", "seen by"; or capitalised words before a birth date
+    (re.compile(r"\b(?:(?i:mr|mrs|ms|miss|mx|dr|prof)\.?|(?i:patient|referred\s+by|seen\s+by|named|called))\s+"
+                + _NAME + r"(?:\s+" + _NAME + r")?"), "name"),
+    (re.compile(_NAME + r"\s+" + _NAME + r"(?=,?\s+(?i:born|b\.|dob|aged?)\b)"), "name"),
+    # a keyword naming an identifier, then its value (with or without ':' '=' '#' 'no.' 'number'): a token
+    # holding a digit, or a capitalised name
+    (re.compile(r"\b(?i:mrn|d\.?o\.?b\.?|date\s+of\s+birth|born(?:\s+on)?|patient\s*(?:id|name|number|no\.?)|"
+                r"(?:hospital|nhs|medical\s+record|record|case|chart|insurance|social\s+security)\s*(?:number|no\.?|id|#)|"
+                r"ssn|accession(?:\s+number)?|name|id)\b\s*(?i:[:=#]|no\.?|number)?\s*[:=#]?\s*"
+                r"(?:[\w./-]*\d[\w./-]*|" + _NAME + r"(?:\s+" + _NAME + r")?)"), "identifier"),
+    # long numbers and letter-number codes (record numbers, phone numbers)
+    (re.compile(r"\+?\d[\d\s().-]{7,}\d|\b[A-Za-z]{0,3}-?\d{6,}[A-Za-z0-9]*\b|\b[A-Za-z]{1,3}\d{5,}\b"), "number"),
+]
+
+
+def find_identifiers(text: str) -> list[str]:
+    """Kinds of identifier-like text found (empty when none)."""
+    return list(dict.fromkeys(kind for pat, kind in PATTERNS if pat.search(text)))
+
+
+def redact(text: str) -> tuple[str, list[str]]:
+    """``text`` with each identifier-like span replaced by ``(<kind> removed)``, and the kinds removed."""
+    kinds = []
+    for pat, kind in PATTERNS:
+        if pat.search(text):
+            kinds.append(kind)
+            text = pat.sub(f"({kind} removed)", text)
+    return text, list(dict.fromkeys(kinds))
