@@ -401,3 +401,19 @@ def test_region_specificity(impression, ok):
                            "fraction": 0.6, "max_probability": 70.0}])
     v = _planted(impression=impression, rec=rec)
     assert v["supported"] is ok, _reasons(v)
+
+
+def test_volume_and_non_head_caveats_reach_the_limitations():
+    """The findings say a volume's class and mask are unconfirmed and when an image is not head-shaped;
+    the report's limitations must say so too (a probe found both dropped)."""
+    vol = record(input={"file": "t1c.nii.gz", "modality": "MR", "kind": "volume", "dims": [240, 240, 155],
+                        "spacing_mm": [1.0, 1.0, 1.0], "spacing_known": True},
+                 masks=[{"source": "segmentation_head", "empty": False, "voxels": 812, "area_mm2": None,
+                         "volume_mm3": 812.0, "bbox": {"min": [100, 100, 60], "max": [120, 118, 70]}}],
+                 placement={"method": "mni_registration", "quality": 0.7, "confidence": 0.8, "low_confidence": False,
+                            "details": {}})
+    lims = generate_report(vol, backend="template").report.limitations
+    assert any("slice by slice" in x and "unconfirmed" in x for x in lims)
+    assert not any("slice by slice" in x for x in generate_report(record(), backend="template").report.limitations)
+    odd = record(notes=["placement: the foreground fills 31% of its bounding box: not a head-shaped object"])
+    assert any("does not look like a head" in x for x in generate_report(odd, backend="template").report.limitations)

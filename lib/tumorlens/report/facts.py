@@ -192,6 +192,11 @@ class Facts:
         if self.unfamiliar:
             out.append("The image is unlike the images the model was trained on, so its classification may not "
                        "be reliable.")
+        if self.kind == "volume":  # every volume goes through the 2D network (tumorlens.inference.VOLUME_CAVEAT)
+            out.append("The volume was classified slice by slice by a network trained on 2D slices with the skull "
+                       "in view, so its class and lesion outline are unconfirmed.")
+        if any("not a head-shaped object" in n for n in self.notes):
+            out.append("The image does not look like a head, so nothing in this report may apply to it.")
         if self.kind == "image2d":
             out.append("Single 2D image: structures outside this slice are not assessed.")
             if not self.spacing_known:
