@@ -343,6 +343,12 @@ def test_cli_report_writes_json_and_markdown(tmp_path, capsys, cli_main):
     assert data["report"]["laterality"] == "left"
     assert (tmp_path / "out" / "report.md").read_text().startswith("# TumorLens draft MRI report")
     assert "verified" in capsys.readouterr().out
+    for f in ("report.json", "report.md", "findings.json"):  # readable like any file the user writes
+        assert ((tmp_path / "out" / f) if f != "findings.json" else p).stat().st_mode & 0o777 == 0o644, f
+    (tmp_path / "afile").write_text("x")
+    assert cli_main(["report", str(p), "--backend", "template", "--out", str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "afile" in err and "existing file" in err and "Traceback" not in err
 
 
 def test_cli_bad_findings_names_the_file(tmp_path, capsys, cli_main):

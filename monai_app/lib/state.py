@@ -14,7 +14,8 @@ from pathlib import Path
 
 from filelock import FileLock
 
-from tumorlens.activelearning.versions import ModelVersions, atomic_write_text
+from tumorlens.activelearning.versions import ModelVersions
+from tumorlens.atomic import atomic_write_text
 from tumorlens.models.registry import LoadedModel
 
 logger = logging.getLogger(__name__)

@@ -17,25 +17,11 @@ from pathlib import Path
 
 import torch
 
+from tumorlens.atomic import atomic_write_text
 from tumorlens.models.registry import CARD, CHECKPOINT, LoadedModel, load_model, resolve, save_checkpoint
 
 POINTER = "current.json"
 INCOMING = ".incoming-"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file in the same folder and rename over the target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class ModelVersions:

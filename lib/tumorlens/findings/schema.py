@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from tumorlens.atomic import atomic_write_text
 from tumorlens.errors import InvalidInputError
 from tumorlens.findings.identifiers import find_identifiers
 from tumorlens.labels import CLASS_NAMES
@@ -352,18 +351,7 @@ class Findings(_Strict):
 
     def save(self, path: str | Path) -> Path:
         """Write atomically (temp file in the same folder, then rename): readers never see half a file."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_text(path, self.to_json() + "\n")
 
 
 def _short(e: ValidationError, limit: int = 5) -> str:

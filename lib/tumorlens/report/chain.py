@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -20,6 +18,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from tumorlens.atomic import atomic_write_text, ensure_dir
 from tumorlens.paths import configs_dir
 from tumorlens.report.backends import chat_model, report_config, resolve_backend, structured
 from tumorlens.report.facts import READABLE_CLASS, Facts, build_facts
@@ -111,18 +110,10 @@ class ReportResult:
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """``report.json`` and ``report.md`` in ``out_dir`` (each written atomically)."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+        out = ensure_dir(out_dir)
         paths = {"json": out / "report.json", "markdown": out / "report.md"}
         for key, text in (("json", self.to_json() + "\n"), ("markdown", self.to_markdown())):
-            fd, tmp = tempfile.mkstemp(prefix=f".{paths[key].name}.", suffix=".tmp", dir=out)
-            try:
-                with os.fdopen(fd, "w") as fh:
-                    fh.write(text)
-                os.replace(tmp, paths[key])
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            atomic_write_text(paths[key], text)
         return paths
 
 

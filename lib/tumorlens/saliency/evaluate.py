@@ -187,8 +187,8 @@ def write_eval_overlay(img, truth: np.ndarray, seg: np.ndarray, results: dict, r
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tumorlens.atomic import atomic_write
     from tumorlens.data.normalize import normalize_intensity
-    from tumorlens.saliency.output import _atomic
 
     base = normalize_intensity(img.numpy()[0].astype(np.float32))
     fig, axes = plt.subplots(1, 1 + len(results), figsize=(3.2 * (1 + len(results)), 3.6))
@@ -210,6 +210,6 @@ def write_eval_overlay(img, truth: np.ndarray, seg: np.ndarray, results: dict, r
         ax.axis("off")
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
     return path

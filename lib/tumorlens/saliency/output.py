@@ -6,13 +6,12 @@ server) never sees half a file. PNGs because that is what people open.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
+from tumorlens.atomic import atomic_write, ensure_dir
 from tumorlens.inference import volume_to_display
 from tumorlens.labels import READABLE
 
@@ -22,20 +21,6 @@ if TYPE_CHECKING:
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 LESION_COLOUR = [0.9, 0.15, 0.15]
 SEG_COLOUR = [0.1, 0.8, 0.9]
-
-
-def _atomic(path: Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path`` (same folder, keeps the suffixes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix="-" + path.name, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def _grid(meta_tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -53,7 +38,7 @@ def write_nifti(meta_tensor, path: Path, dtype) -> Path:
     img = nib.Nifti1Image(np.ascontiguousarray(arr.astype(dtype)), affine)
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
-    return _atomic(path, lambda tmp: nib.save(img, tmp))  # the temp name keeps the .nii.gz suffix
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))  # the temp name keeps the .nii.gz suffix
 
 
 def segment_names(expl: Explanation, top: int = 3) -> str:
@@ -85,7 +70,7 @@ def write_seg_nrrd(expl: Explanation, path: Path) -> Path:
                                                       "color": LESION_COLOUR})
     slicerio.add_segment(segmentation, seg > 0, {"id": "segmentation_head", "name": "segmentation head",
                                                  "color": SEG_COLOUR})
-    return _atomic(path, lambda tmp: slicerio.write_segmentation(tmp, segmentation))
+    return atomic_write(path, lambda tmp: slicerio.write_segmentation(tmp, segmentation))
 
 
 def _display(expl: Explanation) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
@@ -133,7 +118,7 @@ def write_overlay(expl: Explanation, path: Path) -> Path:
                         for r in f.regions[:3]) or (f.notes[-1][:110] if f.notes else "no regions")
     fig.suptitle(f"red: saliency mask, cyan dashed: segmentation head\n{regions}", fontsize=9)
     fig.tight_layout()
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
     return path
 
@@ -168,15 +153,14 @@ def write_mni_picture(expl: Explanation, path: Path) -> Path | None:
                               draw_cross=False, annotate=True)
     disp.add_markers([centroid], marker_color="red", marker_size=120)
     fig.text(0.01, 0.02, f"regions: {regions}", fontsize=10, color="white", backgroundcolor="black")
-    _atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     disp.close()
     plt.close(fig)
     return path
 
 
 def write_explanation(expl: Explanation, out_dir: str | Path) -> dict[str, Path]:
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = ensure_dir(out_dir)
     files = {"findings": expl.findings.save(out / "findings.json")}
     files["mask"] = write_nifti(expl.mask, out / "mask.nii.gz", np.uint8)
     files["heatmap"] = write_nifti(expl.heatmap, out / "heatmap.nii.gz", np.float32)
