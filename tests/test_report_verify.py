@@ -142,6 +142,18 @@ def _reasons(v) -> str:
     ("Glioma of the left insular cortex and other non-malignant brain tumours.", "unmeasured", "non-malignant"),
     ("Glioma of the left insular cortex, a noncancerous growth.", "unmeasured", "noncancerous"),
     ("Glioma of the left insular cortex, best treated with surgery and chemotherapy.", "unmeasured", "surgery"),
+    # numbers the findings hold, said in another unit (a probe's drafts passed): p x 100, the age, a coordinate
+    ("The glioma measures 82 mm in diameter, left insular cortex.", "number", "82 mm"),
+    ("The glioma measures 61 mm, left insular cortex.", "number", "61 mm"),
+    ("The glioma measures 36 mm, left insular cortex.", "number", "36 mm"),
+    ("Glioma of the left insular cortex covering 812 mm3.", "number", "812 mm3"),
+    # a hedge elsewhere in the sentence does not license ranking another class first; other probe drafts
+    ("Most consistent with glioma, although a meningioma is more likely.", "class", "meningioma"),
+    ("Most likely a meningioma rather than a glioma, left insular cortex.", "class", "meningioma"),
+    ("Glioma of the left insular cortex compressing the frontal horn.", "unmeasured", "compressing"),
+    ("Left insular GBM.", "unmeasured", "gbm"),
+    ("Heterogeneous, irregular glioma of the left insular cortex.", "unmeasured", "heterogeneous"),
+    ("Two separate foci of glioma in the left insular cortex.", "unmeasured", "two separate foci"),
 ])
 def test_planted_unsupported_claims_are_caught(impression, kind, what):
     v = _planted(impression=impression)
@@ -156,6 +168,8 @@ def test_planted_unsupported_claims_are_caught(impression, kind, what):
     ("Glioma that does not involve the left insular cortex.", "insular"),
     ("Glioma of the left insula; the lesion is not on the left.", "left"),
     ("Normal study.", "normal study"),
+    ("The scan is normal and the left insular cortex is unremarkable.", "scan is normal"),
+    ("The brain appears normal.", "brain appears normal"),
 ])
 def test_flipped_negations_are_conflicts(impression, what):
     v = _planted(impression=impression)
@@ -174,6 +188,11 @@ def test_unmeasured_negations_are_unsupported_not_silently_accepted():
     assert "midline shift" in kinds and not kinds["midline shift"]["conflict"]
     assert "enhancing" in kinds
     assert "mass" in kinds and kinds["mass"]["conflict"]  # "no ... mass" about a glioma
+
+
+def test_sizes_and_positions_in_their_units_pass():
+    v = _planted(impression="Left insular glioma measuring 32 x 31 mm (812 mm2). Its centroid lies at x = -36 mm in MNI space.")
+    assert v["supported"], _reasons(v)
 
 
 def test_correct_paraphrases_pass():

@@ -266,6 +266,38 @@ def build_facts(findings: Any) -> Facts:
     return facts
 
 
+UNIT_KINDS = {"%": "percent", "percent": "percent", "mm": "mm", "cm": "cm", "mm2": "mm2", "mm²": "mm2",
+              "mm^2": "mm2", "cm2": "cm2", "cm²": "cm2", "mm3": "mm3", "mm³": "mm3", "cm3": "cm3", "cm³": "cm3",
+              "ml": "cm3", "year": "years", "years": "years", "-year": "years"}
+
+
+def numbers_for_unit(f: Facts, unit: str, size: bool) -> list[float] | None:
+    """The numbers a value with ``unit`` may take (None: unitless, any supported number). A length
+    said as a size ("measures", "diameter") must be an extent of the mask; an age must be the age or
+    a number of the history: a probability said in millimetres is not supported."""
+    kind = UNIT_KINDS.get(unit)
+    if kind is None:
+        return None
+    context = _numbers_in(f.patient.clinical_history or "") + [x for n in f.notes for x in _numbers_in(n)]
+    if kind == "percent":
+        nums = [100 * p for p in f.probabilities.values()] + [100 * r["fraction"] for r in f.regions]
+        nums += [r["max_probability"] for r in f.regions]
+        nums += [100 * v for v in (f.placement_confidence, f.placement_quality) if v is not None]
+        if f.saliency_percentile is not None:
+            nums += [f.saliency_percentile, 100 - f.saliency_percentile]
+        return nums + context
+    if kind == "years":
+        return ([float(f.patient.age)] if f.patient.age is not None else []) + context
+    if kind in ("mm", "cm"):
+        nums = list(f.extents_mm)
+        if not size:  # positions and voxel sizes are lengths too, but not sizes of the lesion
+            nums += list(f.spacing) + [abs(c) for c in f.centroid or []] + context
+        return nums if kind == "mm" else [v / 10.0 for v in nums]
+    area, vol = f.area_mm2, f.volume_mm3
+    return {"mm2": [area] if area is not None else [], "cm2": [area / 100.0] if area is not None else [],
+            "mm3": [vol] if vol is not None else [], "cm3": [vol / 1000.0] if vol is not None else []}[kind]
+
+
 def _allowed_numbers(f: Facts) -> list[float]:
     """Every number the findings support, in the units a report might use."""
     nums: list[float] = [len(CLASS_NAMES), len(f.regions), MAX_ENTROPY, f.entropy, f.mask_voxels]

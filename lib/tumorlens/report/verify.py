@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
-from tumorlens.report.facts import READABLE_CLASS, Facts
+from tumorlens.report.facts import READABLE_CLASS, Facts, numbers_for_unit
 from tumorlens.report.negation import SentenceScope, split_sentences
 from tumorlens.report.schema import RadiologyReport
 
@@ -27,7 +27,7 @@ from tumorlens.report.schema import RadiologyReport
 # negated, is unsupported
 UNMEASURED = {
     "midline shift": r"midline shift|shift of the midline",
-    "mass effect": r"mass effect|effacement|compression of",
+    "mass effect": r"mass effect|effac\w*|compress\w*|displac\w*|distort\w*|deviat\w*",
     "oedema": r"o?edema|oedematous|edematous|swelling",
     "enhancement": r"(?<!contrast-)(?<!contrast )enhanc(?:ing|ement|es)",
     "necrosis": r"necro(?:sis|tic)",
@@ -37,6 +37,10 @@ UNMEASURED = {
     "herniation": r"herniat\w*",
     "infiltration": r"infiltrat\w*|invasi\w*|invad\w*",
     "cystic change": r"cysts?|cystic",
+    "shape or texture": (r"heterogene\w*|homogene\w*|irregular\w*|well-?circumscribed|well-?defined|ill-?defined|"
+                         r"lobulated|spiculated|ring-?like|rim"),
+    "multiplicity": r"multifocal|multicentric|multiple (?:lesions|foci|masses|tumou?rs)|(?:two|three|four|several) "
+                    r"(?:separate |distinct )?(?:lesions|foci|masses|tumou?rs)|satellite",
     "signal intensity": r"hyper-?intens\w*|hypo-?intens\w*|iso-?intens\w*|signal (?:change|abnormality|intensity)",
     "diffusion": r"restricted diffusion|diffusion restriction|perfusion",
     "grade": r"(?:who )?grade [iv1-4]+\b|high-grade|low-grade|high grade|low grade",
@@ -55,7 +59,8 @@ UNMEASURED = {
     "diagnosis outside the classifier's classes": (
         r"glioblastomas?|astrocytomas?|oligodendrogliomas?|ependymomas?|metasta\w*|lymphomas?|abscess(?:es)?|"
         r"schwannomas?|craniopharyngiomas?|medulloblastomas?|ha?emangioblastomas?|infarcts?|stroke|"
-        r"demyelinat\w*|multiple sclerosis|encephalitis|gliosis"
+        r"demyelinat\w*|multiple sclerosis|encephalitis|gliosis|\bgbm\b|prolactinomas?|neuromas?|"
+        r"(?:somatotroph|corticotroph|gonadotroph)\w*|\bpnet\b|dnet|gangliogliomas?|chordomas?"
     ),
 }
 
@@ -68,7 +73,11 @@ CLASS_PATTERNS = {
 }
 PIPELINE_PHRASES = r"(?:lesion|tumou?r) (?:mask|location|side|class|probability|probabilities)|no-tumou?r"
 TUMOUR_WORDS = r"tumou?rs?|mass(?:es)?|lesions?|neoplasms?|neoplastic|growths?|abnormalit(?:y|ies)|malignan\w*|cancer"
-NORMAL_CLAIM = r"(?:normal|unremarkable) (?:study|scan|examination|exam|mri|brain|appearance|findings)"
+SIZE_WORDS = re.compile(r"\b(?:measur\w*|diameters?|sizes?|sized|long|across|axis|axes|extent|spans?|spanning|wide|"
+                        r"width|length|thick\w*|large|big|small)\b", re.IGNORECASE)
+NORMAL_CLAIM = (r"(?:normal|unremarkable) (?:study|scan|examination|exam|mri|brain|appearance|findings)"
+                r"|(?:study|scan|examination|exam|mri|brain|image|findings?) (?:is|are|appears?|looks?|seems?) "
+                r"(?:entirely |otherwise |essentially |completely )?(?:normal|unremarkable)")
 CROSSING = (r"cross(?:es|ing|ed)? (?:over )?(?:the )?midline|midline[- ]crossing|"
             r"(?:extends?|extending|spreads?) (?:across|over) the midline|across the midline")
 SIDE = r"(left|right)(?:[- ]sided|[- ]hemispher(?:e|ic))?|bilateral(?:ly)?|both hemispheres|midline"
@@ -327,11 +336,24 @@ class Verifier:
                 add("class", m, True, pol=pol)
         elif cls == f.label:
             add("class", m, True, pol=pol)
+        elif self._ranked_first(sent, m.start(), m.end()):  # "although a meningioma is more likely": a hedge
+            add("class", m, False, f"ranks {READABLE_CLASS[cls]} first; the findings favour {READABLE_CLASS[f.label]} "
+                f"(probability {f.top_probability:.2f})", pol=pol)  # word elsewhere does not make this tentative
         elif pol.uncertain or self._own_probability_near(sent, m.end(), cls):
             add("class", m, True, "hedged / listed with its probability", pol=pol)
         else:
             add("class", m, False, f"asserts {READABLE_CLASS[cls]}; the findings favour {READABLE_CLASS[f.label]} "
                 f"(probability {f.top_probability:.2f})", pol=pol)
+
+    @staticmethod
+    def _ranked_first(sent: str, start: int, end: int) -> bool:
+        """The class is called the likeliest right next to its name ("most likely a meningioma",
+        "a meningioma is more likely", "favouring meningioma")."""
+        before, after = sent[max(0, start - 30):start].lower(), sent[end:end + 30].lower()
+        first = r"(?:most|more) (?:likely|probable|consistent with)|favou?r(?:s|ed|ing)?|(?:best|most) fits?|primary diagnosis"
+        return bool(re.search(r"(?:" + first + r")\s+(?:a |an |the )?$", before)
+                    or re.match(r"\s*(?:is|are|seems?|appears?)?\s*(?:the )?(?:" + first + r")(?! than)", after)
+                    or re.match(r"\s*(?:is|are) (?:more|most) likely(?! than)", after))
 
     def _own_probability_near(self, sent: str, end: int, cls: str) -> bool:
         tail = sent[end:end + 40]
@@ -410,9 +432,12 @@ class Verifier:
                 reason = "" if ok else f"gives {READABLE_CLASS[owner]} probability {m.group(0).strip()}; the findings say {f.probabilities[owner]:.2f}"
                 add("number", m, ok, reason)
                 continue
-            pool = [v for v in f.numbers]
+            pool = numbers_for_unit(f, unit, bool(SIZE_WORDS.search(sent[max(0, m.start() - 40):m.start()])))
+            if pool is None:
+                pool = f.numbers
             ok = any(abs(x - v) <= max(_tol(num), 0.01 * abs(v) if abs(v) >= 100 else 0.0) for v in pool)
-            add("number", m, ok, "" if ok else f"the number {m.group(0).strip()} is not in the findings")
+            add("number", m, ok, "" if ok else f"the number {m.group(0).strip()} is not in the findings"
+                + (f" as a {unit} value" if unit else ""))
 
     # ---- whole report -------------------------------------------------------------------------
     def check(self, report: RadiologyReport) -> dict[str, Any]:
