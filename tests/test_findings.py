@@ -98,6 +98,9 @@ def _mutate(path: str, value):
     ("patient.clinical_history", "Jane Doe, born in Leeds, seizures", "identifier"),
     ("patient.clinical_history", "hospital number 4471093", "identifier"),
     ("input.file", "/data/smith_john/0001.jpg", "basename"),
+    ("classification.uncertainty.entropy", 50.0, "exceeds ln(4)"),  # hand-edited records a probe made
+    ("masks.0.voxels", 10 ** 12, "the image has 262144"),
+    ("masks.0.bbox", {"min": [10, 12], "max": [20, 900]}, "outside the image"),
     ("masks.0.empty", True, "empty=True"),
     ("masks.0.source", "saliency:lime", "source"),
     ("saliency.method", "lime", "method"),
