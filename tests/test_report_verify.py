@@ -402,6 +402,7 @@ def test_ollama_backend_unreachable_falls_back_flagged():
     v = res.verification
     assert v["backend"] == "ollama" and v["fell_back"] and v["flagged"] and v["supported"]
     assert all(a.get("error") for a in v["attempts"])
+    assert not v["repaired"] and "gave no draft" in v["flag_reason"]  # not "failed verification after repair"
 
 
 def test_empty_draft_is_refused_by_the_schema():

@@ -229,7 +229,9 @@ def generate_report(findings: Any, backend: str | None = None, *, config: dict |
         else:
             n = len(a.get("unsupported_claims", [])) + len(a.get("negation_conflicts", [])) + len(a.get("missing", []))
             reasons.append(f"{a['stage']}: {n} problem(s)")
-    v.update(backend=name, repaired=len(attempts) > 1, fell_back=True, flagged=True, attempts=attempts,
-             flag_reason="the model's draft failed verification after repair; template report delivered ("
-             + "; ".join(reasons) + ")")
+    drafted = [a for a in attempts if not a.get("error")]
+    why = ("the model's draft failed verification after repair" if drafted else
+           f"the {name} backend gave no draft (unreachable, misconfigured or unparsable output)")
+    v.update(backend=name, repaired=len(attempts) > 1 and bool(drafted), fell_back=True, flagged=True,
+             attempts=attempts, flag_reason=f"{why}; template report delivered (" + "; ".join(reasons) + ")")
     return ReportResult(report, v, f, time.perf_counter() - t0, messages)
