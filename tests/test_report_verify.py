@@ -203,6 +203,13 @@ def test_correct_paraphrases_pass():
     assert v["supported"], _reasons(v)
 
 
+def test_pseudo_negations_and_list_form_negations_are_read_right():
+    v = _planted(impression="There is no doubt that the classifier favours glioma, left insular cortex.")
+    assert v["supported"], _reasons(v)
+    v = _planted(impression="Tumour: none. Mass: absent.", rec=_no_tumour())
+    assert v["supported"], _reasons(v)
+
+
 def test_no_tumour_record_rejects_a_mass():
     v = _planted(impression="A left frontal mass.", rec=_no_tumour())
     assert not v["supported"]

@@ -27,12 +27,13 @@ PRE_NEGATION = (
 POST_NEGATION = (
     "is absent", "are absent", "absent", "not seen", "not identified", "not present", "not detected",
     "not visible", "not demonstrated", "not involved", "is excluded", "are excluded", "excluded",
-    "was ruled out", "is ruled out", "ruled out", "is spared", "are spared", "spared", "unlikely",
+    "was ruled out", "is ruled out", "ruled out", "is spared", "are spared", "spared", "unlikely", "none",
 )
 PSEUDO = (
     "no increase", "no change", "no further", "not only", "not necessarily", "without difficulty",
     "cannot exclude", "cannot be excluded", "can not be excluded", "cannot rule out", "cannot be ruled out",
     "not ruled out", "not excluded", "to rule out", "rule out", "whether or not", "no longer",
+    "no doubt", "without doubt", "without a doubt", "no question",
 )
 HEDGES = (
     "cannot exclude", "cannot be excluded", "can not be excluded", "cannot rule out", "cannot be ruled out",
@@ -130,8 +131,9 @@ class SentenceScope:
         for _a, b in self.pre:
             if b <= ta and len(self._words_between(b, ta)) < WINDOW and not any(i in self.term for i in range(b, ta)):
                 negated = True
-        for a, _b in self.post:
-            if a >= tb and len(self._words_between(tb, a)) < WINDOW and not any(i in self.term for i in range(tb, a)):
+        for a, _b in self.post:  # "Mass: absent." - a colon right before the trigger labels, not terminates
+            ends = [i for i in range(tb, a) if i in self.term and not (self.words[i] == ":" and i == a - 1)]
+            if a >= tb and len(self._words_between(tb, a)) < WINDOW and not ends:
                 negated = True
         return Polarity(negated=negated, uncertain=self.hedged)
 
