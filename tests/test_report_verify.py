@@ -203,6 +203,19 @@ def test_correct_paraphrases_pass():
     assert v["supported"], _reasons(v)
 
 
+def test_mainly_one_side_must_be_the_side_holding_most_of_the_lesion():
+    both = record(regions=[{"label": "Right_Insular_Cortex", "name": "insular cortex", "hemisphere": "right",
+                            "fraction": 0.5, "max_probability": 80.0},
+                           {"label": "Left_Insular_Cortex", "name": "insular cortex", "hemisphere": "left",
+                            "fraction": 0.2, "max_probability": 40.0}],
+                  lesion={"centroid_mni_mm": [18.0, 0.0, 4.0], "laterality": "bilateral", "crosses_midline": True,
+                          "mask_source": "segmentation_head"})
+    v = _planted(impression="The glioma lies mainly in the left hemisphere.", rec=both)
+    assert any(c["kind"] == "side" and "most of the lesion" in c["reason"] for c in v["unsupported_claims"]), _reasons(v)
+    assert _planted(impression="The glioma lies mainly in the right hemisphere and crosses the midline.",
+                    rec=both)["supported"]
+
+
 def test_pseudo_negations_and_list_form_negations_are_read_right():
     v = _planted(impression="There is no doubt that the classifier favours glioma, left insular cortex.")
     assert v["supported"], _reasons(v)

@@ -401,6 +401,14 @@ class Verifier:
                 add("side", m, False, f"negates the {side} side; the findings say {f.laterality}", conflict=True, pol=pol)
             else:
                 add("side", m, True, pol=pol)
+        elif side in ("left", "right") and re.search(r"\b(?:mainly|mostly|predominantly|largely|chiefly|primarily|"
+                                                     r"principally|centred|centered|based)\b[\w\s,-]{0,25}$",
+                                                     scope.sentence[:m.start()], re.IGNORECASE):
+            share = {h: sum(r["fraction"] for r in f.regions if r["hemisphere"] == h) for h in ("left", "right")}
+            main = max(share, key=share.get) if any(share.values()) else f.laterality
+            ok = side == main or (not any(share.values()) and side in allowed)
+            add("side", m, ok, "" if ok else f"says mainly {side}; most of the lesion is on the {main} "
+                f"({share[main]:.0%} against {share[side]:.0%})", pol=pol)
         elif side in allowed:
             add("side", m, True, pol=pol)
         else:
