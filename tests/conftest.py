@@ -87,27 +87,27 @@ def subset_factory(dev2d, tmp_path):
     return _make
 
 
-def _dicom_series(vol, folder, spacing=(0.9, 0.9, 3.0)):
-    """A real multi-file DICOM series (one MR slice per file) written by SimpleITK/GDCM."""
+def _dicom_series(vol, folder, spacing=(0.9, 0.9, 3.0), series_uid="1.2.826.0.1.3680043.2.1125.1.1", prefix="slice",
+                  modality="MR"):
+    """A real multi-file DICOM series (one slice per file) written by SimpleITK/GDCM."""
     import numpy as np
     import SimpleITK as sitk
 
-    folder.mkdir()
+    folder.mkdir(exist_ok=True)
     img = sitk.GetImageFromArray(vol.astype(np.int16))  # (z, y, x)
     img.SetSpacing(spacing)
     img.SetOrigin((-100.0, -120.0, 30.0))
     writer = sitk.ImageFileWriter()
     writer.KeepOriginalImageUIDOn()
-    series_uid = "1.2.826.0.1.3680043.2.1125.1.1"
     for z in range(vol.shape[0]):
         s = img[:, :, z]
-        s.SetMetaData("0008|0060", "MR")
+        s.SetMetaData("0008|0060", modality)
         s.SetMetaData("0020|000e", series_uid)
         s.SetMetaData("0020|0013", str(z + 1))
         s.SetMetaData("0020|0032", "\\".join(map(str, img.TransformIndexToPhysicalPoint((0, 0, z)))))
         s.SetMetaData("0020|0037", "1\\0\\0\\0\\1\\0")
         s.SetMetaData("0008|0018", f"{series_uid}.{z + 1}")
-        writer.SetFileName(str(folder / f"slice{z:03d}.dcm"))
+        writer.SetFileName(str(folder / f"{prefix}{z:03d}.dcm"))
         writer.Execute(s)
     return folder
 

@@ -242,3 +242,52 @@ def test_colour_nifti_reads_as_the_grey_picture(dev2d, dev_rows, tmp_path):
         assert img.shape[-1] == 1, name  # one slice, not three colour planes
         got = np.transpose(img.numpy()[0, :, :, 0])
         assert np.abs(got - expected).max() <= 1.0, name
+
+
+def _t1c_block(brats) -> np.ndarray:
+    vol = nib.load(str(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz")).get_fdata()
+    sub = np.transpose(vol[40:200:2, 40:200:2, 60:72], (2, 1, 0))  # (z, y, x)
+    return (sub - sub.min()) * 100
+
+
+def test_dicom_series_that_would_be_stacked_wrong_are_refused(brats, tmp_path, write_dicom_series):
+    """GDCM stacks a folder's first series whatever else is there, and ITK only warns about gaps: a folder
+    with two series and a series with a missing slice are typed errors, not a silently wrong volume."""
+    sub = _t1c_block(brats)
+    mixed = write_dicom_series(sub, tmp_path / "mixed")
+    write_dicom_series(sub[::-1], mixed, series_uid="1.2.826.0.1.3680043.2.1125.1.2", prefix="other")
+    with pytest.raises(InvalidInputError, match="2 DICOM series"):
+        read_image(mixed)
+    gap = write_dicom_series(sub, tmp_path / "gap")
+    (gap / "slice006.dcm").unlink()
+    with pytest.raises(InvalidInputError, match="not evenly spaced") as e:
+        read_image(gap)
+    assert "gap" in str(e.value)
+    assert read_image(write_dicom_series(sub, tmp_path / "whole"), expect="3d").shape == (1, 80, 80, 12)
+
+
+def test_dicom_colour_spacing_and_non_images(dev2d, dev_rows, brats, tmp_path, write_dicom_series):
+    """Colour secondary captures read as the grey picture (were a bare numpy error); a file without Pixel
+    Spacing says its spacing is unknown (GDCM's 1 mm is a guess); a SEG/RTDOSE object is not an image."""
+    from PIL import Image
+
+    row = next(r for r in dev_rows if r["mask"])
+    grey = np.asarray(Image.open(dev2d / row["image"]).convert("L"), dtype=np.uint8)
+    rgb = np.stack([grey, (grey * 0.6).astype(np.uint8), 255 - grey], -1)
+    colour = sitk.GetImageFromArray(rgb, isVector=True)
+    sitk.WriteImage(colour, str(tmp_path / "sc_rgb.dcm"))
+    img = read_image(tmp_path / "sc_rgb.dcm")
+    assert img.shape == (1, 256, 256) and img.meta["kind"] == "image2d"
+    expected = np.asarray(Image.fromarray(rgb, "RGB").convert("L"), dtype=np.float32)
+    assert np.abs(img[0].numpy() - expected).max() <= 1.0
+    import pydicom
+
+    mr = write_dicom_series(_t1c_block(brats)[:1], tmp_path / "mr") / "slice000.dcm"
+    assert read_image(mr).meta["spacing_known"]
+    ds = pydicom.dcmread(str(mr))
+    del ds.PixelSpacing
+    ds.save_as(str(tmp_path / "no_spacing.dcm"))
+    assert not read_image(tmp_path / "no_spacing.dcm").meta["spacing_known"]
+    seg = write_dicom_series(_t1c_block(brats)[:1] > 500, tmp_path / "seg", modality="SEG")
+    with pytest.raises(InvalidInputError, match="SEG object"):
+        read_image(seg / "slice000.dcm")

@@ -111,11 +111,18 @@ def test_predict_cli_flags_unfamiliar_and_volumes_and_skips_bad_files(dev2d, tum
     noise = tmp_path / "noise.nii.gz"
     nib.save(nib.Nifti1Image(rng.random((128, 128, 1)).astype(np.float32), np.eye(4)), noise)
     vol = sample_studies_dir() / "brats_t1c_0001.nii.gz"
+    import SimpleITK as sitk
+    from PIL import Image
+
+    ct = sitk.GetImageFromArray(np.asarray(Image.open(good).convert("L"), dtype=np.int16))
+    ct.SetMetaData("0008|0060", "CT")  # the same slice, said to be a CT by its header
+    sitk.WriteImage(ct, str(tmp_path / "ct.dcm"))
     out = tmp_path / "p.json"
-    code = main(["predict", str(good), str(zeros), str(noise), str(vol), "--json", str(out)])
+    code = main(["predict", str(good), str(zeros), str(noise), str(vol), str(tmp_path / "ct.dcm"), "--json", str(out)])
     assert code == 1  # one file failed, the others were classified
     recs = json.loads(out.read_text())
-    assert [r["file"] for r in recs] == [good.name, "zeros.nii.gz", "noise.nii.gz", vol.name]
+    assert [r["file"] for r in recs] == [good.name, "zeros.nii.gz", "noise.nii.gz", vol.name, "ct.dcm"]
+    assert any("modality is CT" in c for c in recs[4]["caveats"])
     assert "constant" in recs[1]["error"] and "label" not in recs[1]
     assert recs[0]["familiarity"]["familiar"] and recs[0]["caveats"] == []
     assert not recs[2]["familiarity"]["familiar"] and "unlike the training images" in recs[2]["caveats"][0]

@@ -463,3 +463,9 @@ def test_volume_and_non_head_caveats_reach_the_limitations():
     assert not any("slice by slice" in x for x in generate_report(record(), backend="template").report.limitations)
     odd = record(notes=["placement: the foreground fills 31% of its bounding box: not a head-shaped object"])
     assert any("does not look like a head" in x for x in generate_report(odd, backend="template").report.limitations)
+    from tumorlens.inference import modality_caveat
+
+    rec = record(notes=[modality_caveat("CT")])
+    rec["input"]["modality"] = "CT"
+    assert any("not an MRI (CT)" in x for x in generate_report(rec, backend="template").report.limitations)
+    assert modality_caveat("MR") is None and modality_caveat("OT") is None  # secondary captures of MR slices

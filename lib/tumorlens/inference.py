@@ -29,6 +29,15 @@ FALLBACK_FRACTION = 0.5  # of the map's peak: the region shown when the classifi
 VOLUME_CAVEAT = ("volume classified slice by slice by a network trained on 2D slices: on skull-stripped volumes it "
                  "does not separate tumour from healthy brains (a healthy template scores like a glioma); treat the "
                  "class and the mask as unconfirmed")
+# DICOM Modality values of pictures that may be MRI (secondary captures of MR slices are "OT"/"SC")
+MRI_MODALITIES = frozenset({"MR", "OT", "SC", ""})
+NOT_MRI_CAVEAT = "the file's modality is {modality}, not MR: the model was trained on MRI only, so its class and mask mean little here"
+
+
+def modality_caveat(modality: str | None) -> str | None:
+    """A caveat when the file says it is not MRI (a CT slice is still given one of the four classes)."""
+    m = (modality or "").strip().upper()
+    return None if m in MRI_MODALITIES else NOT_MRI_CAVEAT.format(modality=m)
 
 
 def tumour_mask(seg_prob: np.ndarray, tumour_called: bool) -> np.ndarray:
@@ -262,7 +271,7 @@ class Predictor:
         # a volume's familiarity: the median over its brain slices (edge slices alone look unfamiliar)
         familiarity = self._familiarity(np.concatenate(fams) if fams else None)
         res = self._result(img, probs, seg_vol, slice_probs, familiarity)
-        res.extra["caveats"] = [VOLUME_CAVEAT]
+        res.extra["caveats"].append(VOLUME_CAVEAT)
         return res
 
     def _result(self, img, probs: np.ndarray, seg: np.ndarray, slice_probs,
@@ -273,7 +282,7 @@ class Predictor:
         meta = {k: v for k, v in img.meta.items() if k in ("filename_or_obj", "kind", "spatial_shape", "spacing",
                                                              "original_affine", "spacing_known", "modality")}
         mask_np = tumour_mask(seg, label != NO_TUMOUR).astype(np.uint8)
-        extra = {"decision": self.decision}
+        extra = {"decision": self.decision, "caveats": [c for c in [modality_caveat(meta.get("modality"))] if c]}
         if familiarity is not None:
             extra["familiarity"] = familiarity.as_dict()
         if label == NO_TUMOUR and pdict[NO_TUMOUR] >= 0.5:

@@ -159,7 +159,12 @@ def _sitk_to_volume(path: Path, image) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        arr = sitk.GetArrayFromImage(image)  # (z, y, x)
+        arr = sitk.GetArrayFromImage(image)  # (z, y, x), or (z, y, x, c) for colour
+        ncomp = image.GetNumberOfComponentsPerPixel()
+        if ncomp > 1:  # colour DICOM (secondary captures; GDCM hands YBR over as RGB): the grey picture
+            if ncomp not in (3, 4):
+                raise InvalidInputError(path, f"{ncomp} values per pixel; a grey-level or colour image has 1, 3 or 4")
+            arr = _grey(arr)
         if arr.ndim == 2:
             arr = arr[None]
         arr = _check_pixels(path, np.transpose(arr, (2, 1, 0)))  # -> (x, y, z)
@@ -198,31 +203,100 @@ def _read_itk(path: Path) -> MetaTensor:
     return _image(path, "volume", arr, affine, spacing, modality="MR")
 
 
+NOT_IMAGES = {"SEG", "RTSTRUCT", "RTDOSE", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "RWV", "FID", "DOC"}
+
+
+def _tag(source, key: str, index: int | None = None) -> str | None:
+    """A DICOM tag of a SimpleITK image or (``index``) of one slice of a series reader, or None."""
+    try:
+        if index is None:
+            return source.GetMetaData(key).strip() if source.HasMetaDataKey(key) else None
+        return source.GetMetaData(index, key).strip() if source.HasMetaDataKey(index, key) else None
+    except RuntimeError:
+        return None
+
+
+def _floats(text: str | None) -> np.ndarray | None:
+    try:
+        return np.array([float(v) for v in text.split("\\")]) if text else None
+    except ValueError:
+        return None
+
+
+def _functional_spacing(path: Path) -> bool:
+    """An enhanced (multi-frame) DICOM file keeps Pixel Spacing in its functional groups, out of
+    SimpleITK's tag list."""
+    if path.is_dir():
+        return False
+    try:
+        import pydicom
+
+        ds = pydicom.dcmread(str(path), stop_before_pixels=True, force=True)
+        groups = list(ds.get("SharedFunctionalGroupsSequence", [])) + list(ds.get("PerFrameFunctionalGroupsSequence", [])[:1])
+        return any("PixelSpacing" in m for g in groups for m in g.get("PixelMeasuresSequence", []))
+    except Exception:  # noqa: BLE001 - unreadable here means "not declared"
+        return False
+
+
+def _check_slice_positions(path: Path, reader, n: int, direction: np.ndarray) -> None:
+    """Refuse a series whose slices are not evenly spaced (a missing slice, a mixed acquisition):
+    ITK only warns and stacks them as if they were, which shifts every slice after the gap."""
+    normal = direction[:, 2]
+    pos = [_floats(_tag(reader, "0020|0032", i)) for i in range(n)]
+    if n < 3 or any(p is None or p.size != 3 for p in pos):
+        return
+    along = np.sort([float(p @ normal) for p in pos])
+    gaps = np.diff(along)
+    med = float(np.median(gaps))
+    if med <= 1e-3 or np.any(gaps < 1e-3):
+        raise InvalidInputError(path, "two slices of the series lie at the same position: a series of series, "
+                                      "or duplicated files")
+    if np.any(np.abs(gaps - med) > 0.1 * med + 0.01):
+        raise InvalidInputError(path, f"slices are not evenly spaced ({gaps.min():.2f} to {gaps.max():.2f} mm between "
+                                      "neighbours: a missing slice or a mixed acquisition), so the volume's geometry "
+                                      "would be wrong")
+
+
 def _read_dicom(path: Path) -> MetaTensor:
     import SimpleITK as sitk
 
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)  # ITK's raw warnings; the problems become typed errors
     try:
         if path.is_dir():
             reader = sitk.ImageSeriesReader()
             series = reader.GetGDCMSeriesIDs(str(path))
             if not series:
                 raise InvalidInputError(path, "folder holds no DICOM series")
+            if len(series) > 1:
+                sizes = ", ".join(f"{len(reader.GetGDCMSeriesFileNames(str(path), s))} files" for s in series)
+                raise InvalidInputError(path, f"folder holds {len(series)} DICOM series ({sizes}); put each series in "
+                                              "its own folder and give that folder")
             files = reader.GetGDCMSeriesFileNames(str(path), series[0])
             reader.SetFileNames(files)
+            reader.MetaDataDictionaryArrayUpdateOn()
             image = reader.Execute()
+            first = (reader, 0)
         else:
             image = sitk.ReadImage(str(path))
+            first = (image, None)
     except InvalidInputError:
         raise
     except RuntimeError as e:
-        raise InvalidInputError(path, f"not a readable DICOM: {str(e).strip().splitlines()[-1]}") from e
+        last = str(e).strip().splitlines()[-1]
+        if "Unable to determine ImageIO reader" in last:
+            raise InvalidInputError(path, "no readable image in this file (not DICOM, no pixel data, a non-image "
+                                          "object such as a structured report, or a truncated file)") from e
+        raise InvalidInputError(path, f"not a readable DICOM: {last}") from e
+    src, idx = first
+    modality = _tag(src, "0008|0060", idx) or "MR"
+    if modality.upper() in NOT_IMAGES:
+        raise InvalidInputError(path, f"a DICOM {modality} object, not an image to classify")
+    if path.is_dir():
+        _check_slice_positions(path, reader, len(files), np.asarray(image.GetDirection()).reshape(3, 3))
+    # without Pixel Spacing anywhere GDCM's 1 mm is a guess (areas in mm2 would be invented)
+    spacing_known = (any(_tag(src, k, idx) for k in ("0028|0030", "0018|1164"))
+                     or not np.allclose(image.GetSpacing()[:2], 1.0) or _functional_spacing(path))
     arr, affine, spacing = _sitk_to_volume(path, image)
-    modality = "MR"
-    try:
-        if image.HasMetaDataKey("0008|0060"):
-            modality = image.GetMetaData("0008|0060").strip() or "MR"
-    except RuntimeError:
-        pass
     if arr.shape[2] == 1:  # one frame: a 2D image in (row, col) display order
         img2d = arr[:, :, 0].T  # (x, y) -> (row=y, col=x)
         aff = np.eye(4)
@@ -230,8 +304,9 @@ def _read_dicom(path: Path) -> MetaTensor:
         aff[:, 1] = affine[:, 0]  # col index moves along x
         aff[:, 3] = affine[:, 3]
         aff[:3, 2] = affine[:3, 2]
-        return _image(path, "image2d", img2d, aff, (spacing[1], spacing[0]), modality=modality)
-    return _image(path, "volume", arr, affine, spacing, modality=modality)
+        return _image(path, "image2d", img2d, aff, (spacing[1], spacing[0]), modality=modality,
+                      spacing_known=spacing_known)
+    return _image(path, "volume", arr, affine, spacing, modality=modality, spacing_known=spacing_known)
 
 
 def _sniff_dicom(path: Path) -> bool:

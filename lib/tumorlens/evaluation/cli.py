@@ -69,10 +69,11 @@ def run_predict(args) -> int:
     for path in args.images:
         try:
             r = pred.predict(read_image(path))
-        except InvalidInputError as e:
+        except Exception as e:  # noqa: BLE001 - one bad file must not cost the batch its other results
+            problem = e.problem if isinstance(e, InvalidInputError) else f"could not be read ({type(e).__name__}: {e})"
             failed += 1
-            out.append({"file": Path(path).name, "error": e.problem})
-            print(f"{Path(path).name:<28} ERROR: {e.problem}", file=sys.stderr)
+            out.append({"file": Path(path).name, "error": problem})
+            print(f"{Path(path).name:<28} ERROR: {problem}", file=sys.stderr)
             continue
         tumour_px = int(r.mask.sum())
         fam = r.extra.get("familiarity")

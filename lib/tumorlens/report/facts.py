@@ -195,6 +195,9 @@ class Facts:
         if self.kind == "volume":  # every volume goes through the 2D network (tumorlens.inference.VOLUME_CAVEAT)
             out.append("The volume was classified slice by slice by a network trained on 2D slices with the skull "
                        "in view, so its class and lesion outline are unconfirmed.")
+        if any("the model was trained on MRI only" in n for n in self.notes):
+            out.append(f"The file is not an MRI ({self.modality}); the model was trained on MRI only, so nothing in "
+                       "this report may apply to it.")
         if any("not a head-shaped object" in n for n in self.notes):
             out.append("The image does not look like a head, so nothing in this report may apply to it.")
         if self.kind == "image2d":
