@@ -1,6 +1,6 @@
 """Familiarity of the shipped model on in- and out-of-distribution inputs: the k-NN similarity of the
 grouped validation images (what the threshold was set on) beside real images the model was not trained
-for: CT and MR test slices inside pydicom, scikit-image's photographs and micrographs, and the BraTS
+for: CT and MR test slices inside pydicom (a CT also gets the modality caveat), scikit-image's photographs and micrographs, and the BraTS
 volumes (T1c: the training sequence from another scanner; FLAIR: a sequence never seen).
 
     .venv/bin/python bench/familiarity.py [--json OUT]
@@ -20,7 +20,8 @@ import numpy as np
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-PYDICOM_FILES = ("CT_small.dcm", "liver_1frame.dcm", "MR_small.dcm")
+# two head CT slices and a small body CT (liver_1frame.dcm, once listed here, is a binary DICOM SEG mask)
+PYDICOM_FILES = ("CT_small.dcm", "693_J2KI.dcm", "J2K_pixelrep_mismatch.dcm", "MR_small.dcm")
 SKIMAGE_IMAGES = ("camera", "astronaut", "coins", "moon", "brick", "text", "chelsea", "shepp_logan_phantom",
                   "grass", "page", "clock", "horse", "retina", "cell", "hubble_deep_field", "immunohistochemistry")
 
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             r = pred.predict(read_image(path))
             f = r.extra["familiarity"]
             rows.append({"input": name, "score": f["score"], "familiar": f["familiar"], "label": r.label,
-                         "p": round(r.probabilities[r.label], 3)})
+                         "p": round(r.probabilities[r.label], 3), "caveats": r.extra.get("caveats", [])})
     res = {"model": {"name": pred.model.name, "version": pred.model.version}, "calibration": cal,
            "validation": {"n": int(val.size), "flagged": int((val < cal["threshold"]).sum()),
                           "flagged_fraction": float((val < cal["threshold"]).mean()),
@@ -92,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"validation: {v['flagged']} of {v['n']} flagged ({100 * v['flagged_fraction']:.1f} %), median {v['median']:.3f}")
     print(f"{'input':52s} {'score':>6s}  {'flag':4s}  prediction")
     for r in rows:
-        print(f"{r['input']:52s} {r['score']:6.3f}  {'' if r['familiar'] else 'FLAG':4s}  {r['label']} ({r['p']:.2f})")
+        other = " [modality caveat]" if any("not MR" in c for c in r["caveats"]) else ""
+        print(f"{r['input']:52s} {r['score']:6.3f}  {'' if r['familiar'] else 'FLAG':4s}  {r['label']} ({r['p']:.2f}){other}")
     for group in ("pydicom", "skimage", "brats"):
         g = [r for r in rows if r["input"].startswith(group)]
         if g:

@@ -41,28 +41,45 @@ def test_familiarity_record_is_consistent():
     assert list(unfamiliar([0.5, 0.86349, 0.9], 0.8635)) == [True, False, False]
 
 
-@pytest.fixture(scope="module")
-def liver_ct():
+def _pydicom_file(name: str) -> str:
     from pydicom.data import get_testdata_file
 
-    path = get_testdata_file("liver_1frame.dcm")  # a real abdominal CT slice inside the pydicom<3 wheel
-    assert path is not None, "pydicom's bundled liver_1frame.dcm is missing: pydicom must stay < 3 (pyproject)"
+    path = get_testdata_file(name)
+    assert path is not None, f"pydicom's bundled {name} is missing: pydicom must stay < 3 (pyproject)"
     return path
 
 
-def test_shipped_model_flags_a_liver_ct_but_not_a_bundled_brain_mri(predictor, liver_ct):
+@pytest.fixture(scope="module")
+def head_ct():
+    return _pydicom_file("693_J2KI.dcm")  # a real axial head CT slice (JPEG 2000) inside the pydicom<3 wheel
+
+
+def test_shipped_model_flags_a_head_ct_but_not_a_bundled_brain_mri(predictor, head_ct):
     assert predictor.familiarity_calibration is not None, "the shipped alignment head carries no familiarity calibration"
-    ct = predictor.predict(read_image(liver_ct)).extra["familiarity"]
+    pred = predictor.predict(read_image(head_ct))
+    ct = pred.extra["familiarity"]
     assert ct["familiar"] is False and ct["score"] < ct["threshold"]
-    mri = predictor.predict(read_image(project_root() / "samples/studies/mri2d_0102.jpg")).extra["familiarity"]
-    assert mri["familiar"] is True and mri["score"] > ct["score"] + 0.1
+    assert any("modality is CT" in c for c in pred.extra["caveats"])
+    mri = predictor.predict(read_image(project_root() / "samples/studies/mri2d_0102.jpg"))
+    assert mri.extra["familiarity"]["familiar"] is True and mri.extra["familiarity"]["score"] > ct["score"] + 0.1
+    assert mri.extra["caveats"] == []
 
 
-def test_unfamiliar_image_reaches_findings_and_report(predictor, liver_ct):
+def test_a_ct_the_familiarity_score_misses_still_carries_the_modality_caveat(predictor):
+    """A skull-base CT slice looks familiar to the network (measured 0.97 against 0.86) and is called glioma
+    with p 0.97; the header's Modality is what says the result means little. A DICOM SEG (pydicom's
+    liver_1frame.dcm, a binary liver mask) is not an image at all."""
+    pred = predictor.predict(read_image(_pydicom_file("J2K_pixelrep_mismatch.dcm")))
+    assert any("modality is CT" in c for c in pred.extra["caveats"])
+    with pytest.raises(InvalidInputError, match="SEG object"):
+        read_image(_pydicom_file("liver_1frame.dcm"))
+
+
+def test_unfamiliar_image_reaches_findings_and_report(predictor, head_ct):
     from tumorlens.findings import Findings, build_findings
     from tumorlens.report.facts import build_facts
 
-    img = read_image(liver_ct)
+    img = read_image(head_ct)
     pred = predictor.predict(img)
     f = build_findings(img, pred.probabilities, masks=[("segmentation_head", pred.mask.numpy()[0])],
                        model=predictor.model, familiarity=pred.extra["familiarity"])
