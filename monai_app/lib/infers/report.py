@@ -61,7 +61,8 @@ class ReportInfer(TumorlensInfer):
 
         pred = Predictor(model).predict(img)
         return build_findings(img, pred.probabilities, masks=[("segmentation_head", pred.mask.numpy()[0])], model=model,
-                              notes=["saliency pipeline not installed: no saliency map and no atlas regions"],
+                              notes=["saliency pipeline not installed: no saliency map and no atlas regions",
+                                     *pred.extra.get("caveats", [])],
                               familiarity=pred.extra.get("familiarity"))
 
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
