@@ -182,6 +182,12 @@ def test_build_findings_on_a_real_image(dev2d, tumour_rows, tmp_path):
     ys, xs = np.nonzero(truth)
     assert m.bbox.min == [int(ys.min()), int(xs.min())] and m.bbox.max == [int(ys.max()), int(xs.max())]
     assert Findings.load(f.save(tmp_path / "f.json")) == f
+    import shutil
+
+    named = tmp_path / "Smith_John_1970-01-01.jpg"  # a file named after its patient keeps no name in the record
+    shutil.copy(dev2d / row["image"], named)
+    g = build_findings(read_image(named), probs, masks=[("segmentation_head", truth)], notes=["regions not computed"])
+    assert g.input.file == "image.jpg" and "Smith" not in g.to_json() and "1970" not in g.to_json()
 
 
 def test_mask_info_volume_units():

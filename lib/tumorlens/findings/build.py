@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tumorlens.findings.identifiers import safe_file_name
 from tumorlens.findings.schema import (
     SCHEMA_VERSION,
     BBox,
@@ -40,7 +41,7 @@ def input_info(image: Any, file: str | Path | None = None) -> InputInfo:
     if len(spacing) != len(dims):
         spacing = (spacing + [1.0] * len(dims))[: len(dims)]
     return InputInfo(
-        file=Path(str(src)).name or "image",
+        file=safe_file_name(Path(str(src)).name) or "image",
         modality=str(meta.get("modality", "MR")),
         kind=kind,
         dims=dims,

@@ -12,6 +12,7 @@ capitalised name followed by its birth date, any date finer than a year, any lon
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 _MONTH = (r"(?:jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|jun(?:e)?|jul(?:y)?|aug(?:ust)?|"
           r"sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)")
@@ -50,3 +51,13 @@ def redact(text: str) -> tuple[str, list[str]]:
             kinds.append(kind)
             text = pat.sub(f"({kind} removed)", text)
     return text, list(dict.fromkeys(kinds))
+
+
+def safe_file_name(name: str) -> str:
+    """``name`` (a basename), or ``image`` plus its suffixes when the name looks like it holds an
+    identifier ("Smith_John_1970-01-01.jpg", "MRN-00123456.dcm"): the record keeps no such name."""
+    p = Path(name)
+    suffix = "".join(p.suffixes[-2:]) if p.suffixes else ""
+    stem = name[: len(name) - len(suffix)] if suffix else name
+    readable = re.sub(r"[_.]+", " ", stem)
+    return ("image" + suffix) if find_identifiers(readable) else name
