@@ -286,7 +286,7 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
 
     # ---- results into the scene -------------------------------------------------------------------
 
-    def apply_answer(self, answer: tll.InferAnswer, volume_node, model: str) -> dict:
+    def apply_answer(self, answer: tll.InferAnswer, volume_node, model: str, image_id: str | None = None) -> dict:
         """Turn an infer answer into nodes and plain data for the widget. A result replaces the
         earlier result of the same model and kind on the same volume and sits under the volume's
         transform, so it overlays the volume wherever the user has moved it."""
@@ -296,7 +296,8 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         heat = bool(answer.label_path) and params.get("heatmap") is True  # saliency asked with {"heatmap": true}
         if heat:  # asked without the atlas step: its findings must not replace the full record
             findings = None
-        out: dict[str, Any] = {"model": model, "image_id": self.image_id(volume_node), "findings": findings,
+        image_id = image_id or self.image_id(volume_node)  # hashing a volume costs: callers pass what they have
+        out: dict[str, Any] = {"model": model, "image_id": image_id, "findings": findings,
                                "heatmap_path" if heat else "label_path": answer.label_path}
         if findings:
             self.findings[out["image_id"]] = findings
@@ -347,17 +348,19 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
                                              {**(params or {}), "heatmap": True, "with_regions": False}))
         return answers
 
-    def apply_answers(self, answers: list[tll.InferAnswer], volume_node, model: str) -> dict:
+    def apply_answers(self, answers: list[tll.InferAnswer], volume_node, model: str, image_id: str | None = None) -> dict:
+        self.check_volume(volume_node)
+        image_id = image_id or self.image_id(volume_node)  # one hash for all answers of a run
         out: dict[str, Any] = {}
         for a in answers:  # the label answer first, then the heatmap: each adds its own keys
-            res = self.apply_answer(a, volume_node, model)
+            res = self.apply_answer(a, volume_node, model, image_id)
             out.update({k: v for k, v in res.items() if v is not None or k not in out})
         return out
 
     def run_model(self, volume_node, model: str, params: dict | None = None, heatmap: bool = False) -> dict:
         """Upload if needed, infer, load the result(s): the whole chain on the calling thread."""
         image_id, path = self.prepare_upload(volume_node)
-        return self.apply_answers(self.remote_run(model, image_id, path, params, heatmap), volume_node, model)
+        return self.apply_answers(self.remote_run(model, image_id, path, params, heatmap), volume_node, model, image_id)
 
     def load_label_as_segmentation(self, label_path: str, reference_volume, label_names: dict[str, int] | None = None,
                                    findings: dict | None = None, name: str = "TumorLens"):
@@ -683,7 +686,7 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         image_id, path = self.logic.prepare_upload(volume)
 
         def done(answers):
-            res = self.logic.apply_answers(answers, volume, model)
+            res = self.logic.apply_answers(answers, volume, model, image_id)
             self._last = res
             lines = []
             warning = tll.familiarity_warning(res.get("familiarity"))
