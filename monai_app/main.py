@@ -15,6 +15,7 @@ from lib.configs import tumorlens as tasks
 from lib.datastore import TumorlensDatastore, in_temp_folder
 from lib.errors import bad_request, check_id, conflict, not_found
 from lib.limits import install_body_limit
+from lib.log_redaction import install_log_redaction
 from lib.request_checks import install_request_checks
 from lib.sessions import TumorlensSessions
 from lib.state import AppState, state_dir_for
@@ -38,7 +39,7 @@ class TumorLensApp(MONAILabelApp):
                          version=tumorlens.__version__ if hasattr(tumorlens, "__version__") else "0")
         if "monailabel.app" in sys.modules:  # inside the server (not a train/scoring subprocess)
             stats = self.state.read_stats()
-            if stats.get("status") == "RUNNING":  # the server died while a training run was going on
+            if stats.get("status") in ("STARTING", "RUNNING"):  # the server died while a run was going on
                 stats.update(status="INTERRUPTED", note="the server stopped during this run; nothing was published")
                 self.state.write_stats(stats)
             mb = float(conf.get("max_upload_mb") or os.environ.get("TUMORLENS_MAX_UPLOAD_MB", 512))
@@ -46,6 +47,7 @@ class TumorLensApp(MONAILabelApp):
             install_request_checks()
             install_body_limit(sys.modules["monailabel.app"].app, int(mb * 1024 * 1024))
             install_token_check()
+            install_log_redaction()
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):

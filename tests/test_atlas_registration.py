@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from tumorlens.atlas.harvard_oxford import UNLABELLED, labels
 from tumorlens.atlas.regions import map_regions
 from tumorlens.atlas.synthetic import make_case
+from tumorlens.caveats import HEAD_TEMPLATE_FAILED
 
 
 def _err(out: dict, case) -> float:
@@ -82,3 +84,31 @@ def test_brats_volume_maps_to_plausible_regions(brats):
     share = float((rmap[m] == 1).mean())
     assert abs(share - regs[0]["fraction"]) < 0.1
     assert len(out["region_names"]) == len(regs)
+    assert not any(HEAD_TEMPLATE_FAILED in n for n in out["notes"])
+
+
+def test_a_torso_is_not_placed_and_the_report_says_it_may_not_be_a_head():
+    """A torso-like phantom (body ellipse, dark lungs, bright spine, 3 x 3 x 4 mm): the 2D network
+    still calls it a tumour class, so the atlas stage must say that no head pose fits, and the report's
+    limitations must carry it."""
+    from monai.data import MetaTensor
+
+    from tumorlens.findings.build import build_findings
+    from tumorlens.report.facts import build_facts
+
+    x, y, z = np.mgrid[-1:1:128j, -1:1:96j, -1:1:90j]
+    torso = np.zeros(x.shape, np.float32)
+    torso[(x / 0.95) ** 2 + (y / 0.7) ** 2 < 1] = 400
+    for cx in (0.45, -0.45):
+        torso[((x - cx) / 0.3) ** 2 + ((y + 0.05) / 0.4) ** 2 < 1] = 30
+    torso[(x / 0.1) ** 2 + ((y + 0.55) / 0.1) ** 2 < 1] = 900
+    torso += np.random.default_rng(1).normal(0, 15, torso.shape).astype(np.float32) * (torso > 0)
+    mask = np.zeros(torso.shape, np.uint8)
+    mask[80:90, 40:50, 40:50] = 1
+    img = MetaTensor(torch.from_numpy(torso)[None], affine=torch.diag(torch.tensor([3.0, 3.0, 4.0, 1.0])))
+    out = map_regions(img, mask, deformable=False, working_spacing=3.0)
+    assert out["placement"]["low_confidence"] and out["regions"] == []
+    assert any(HEAD_TEMPLATE_FAILED in n for n in out["notes"]), out["notes"]
+    findings = build_findings(img, {"glioma": 0.1, "meningioma": 0.8, "pituitary": 0.05, "no_tumor": 0.05},
+                              masks=[("segmentation_head", mask)], atlas=out)
+    assert any("may not be a brain MRI" in line for line in build_facts(findings).limitations())

@@ -487,6 +487,17 @@ def test_bad_input_is_rejected_and_nothing_changes(client, server, studies, tmp_
         ("image info not JSON", "put", "/datastore/image/info?image=mri2d_1941", {"data": {"info": "{oops"}},
          400, "info"),
         ("training setting", "post", "/train/tumorlens", {"json": {"max_epochs": "abc"}}, 400, "max_epochs"),
+        # a learning rate that turns the weights to NaN, an endless run, a misspelt setting, an unknown choice
+        ("absurd learning rate", "post", "/train/tumorlens", {"json": {"lr": 1e30}}, 400, "lr must be at most"),
+        ("endless run", "post", "/train/tumorlens", {"json": {"max_epochs": 1e12}}, 400, "max_epochs must be at most"),
+        ("misspelt setting", "post", "/train/tumorlens", {"json": {"max_epoch": 50}}, 400, "did you mean 'max_epochs'"),
+        ("another name for lr", "post", "/train/tumorlens", {"json": {"learning_rate": 0.5}}, 400, "'lr'"),
+        ("unknown trainable part", "post", "/train/tumorlens", {"json": {"trainable": "decoder"}}, 400, "heads, all"),
+        ("patient name and birth date as image id", "put", "/datastore/image?image=Smith_John_19700101",
+         {"files": {"file": ("Smith_John_19700101.jpg", jpg)}}, 400, "patient identifier"),
+        ("no_tumor label with a tumour drawn", "put", "/datastore/label?image=mri2d_1941&tag=final",
+         {"files": {"label": ("mri2d_1941.png", _mask_of("1941").read_bytes())},
+          "data": {"params": json.dumps({"class_name": "no_tumor"})}}, 400, "outlines"),
         ("unknown trainer", "post", "/train/no_such_trainer", {"json": {}}, 404, "no_such_trainer"),
         ("unknown batch model", "post", "/batch/infer/no_such_model", {}, 404, "no_such_model"),
         ("unknown scoring method", "post", "/scoring/no_such_method", {}, 404, "no_such_method"),
@@ -499,6 +510,7 @@ def test_bad_input_is_rejected_and_nothing_changes(client, server, studies, tmp_
         r = getattr(requests, method)(url + path, timeout=120, **kwargs)
         assert r.status_code == code and needle in r.json()["detail"], (what, r.status_code, r.text[:300])
     assert requests.get(f"{url}/train/?check_if_running=true", timeout=30).status_code == 404  # none started
+    assert "19700101" not in (studies.parent / "server.log").read_text()  # the request line is logged redacted
     alive(client)
     assert studies_snapshot(studies) == before
 
@@ -756,7 +768,11 @@ def test_next_sample_each_strategy(client, studies, base_model):
     best = max(unl, key=lambda k: scores[k]["uncertainty"]["value"])
     assert best == unc["id"]
     dis = client.next_sample("saliency_disagreement", {})
-    assert dis["id"] in unl and 0.0 <= dis["score"] <= 1.0
+    assert dis["id"] in unl and 0.0 <= dis["score"] <= 1.0 and dis["score_kind"] == "saliency_disagreement"
+    # MONAI Label's own record of the picks stays a record (a strategy name here clashed with it)
+    again = client.next_sample("random", {"seed": 1})
+    again = client.next_sample("random", {"seed": 1})
+    assert isinstance(again.get("strategy"), dict) and "random" in again["strategy"]
 
 
 def _mask_of(index: str) -> Path:
@@ -810,6 +826,9 @@ def test_relabel_loop_trains_new_version_without_breaking_inference(client, serv
     assert stats["items"] == len(labelled) and stats["epochs"][0]["samples"] >= len(labelled)
     _, after = infer_json(client, "classification", "mri2d_0102")
     assert after["model"]["version"] == stats["version"]
+    # the encoder stayed frozen, so the text-aligned decision and the familiarity check carry over
+    assert stats["heads_carried"] == ["alignment.pt", "text_probe.pt"]
+    assert after["decision"] == "aligned" and after["familiarity"]["familiar"] in (True, False)
     diff = max(abs(after["probabilities"][c] - before["probabilities"][c]) for c in CLASS_NAMES)
     assert diff > 1e-6  # the weights really changed
     # labelled images leave the candidate pool; scores are recomputed under the new version
@@ -824,6 +843,19 @@ def test_relabel_loop_trains_new_version_without_breaking_inference(client, serv
     objects = client.datastore()["objects"]
     unl = [i for i, o in objects.items() if "final" not in o["labels"]]
     assert unl and all(scores[i]["uncertainty"]["model_version"] == stats["version"] for i in unl)
+    # a run stopped with DELETE /train/ is reported stopped (not running forever) and publishes nothing
+    client.train_start("tumorlens", {"max_epochs": 50})
+    t0 = time.time()
+    while client.info()["train_stats"]["tumorlens"].get("status") != "RUNNING" and time.time() - t0 < 180:
+        time.sleep(1)
+    assert client.info()["train_stats"]["tumorlens"]["status"] == "RUNNING"
+    assert requests.delete(f"{server.url}/train/", timeout=60).status_code == 200
+    t0 = time.time()
+    while client.info()["train_stats"]["tumorlens"]["status"] == "RUNNING" and time.time() - t0 < 30:
+        time.sleep(0.5)
+    info2 = client.info()
+    assert info2["train_stats"]["tumorlens"]["status"] == "STOPPED"
+    assert info2["model_version"] == stats["version"]
 
 
 def test_batch_inference_on_cpu_keeps_final_labels(client, server, studies):

@@ -129,3 +129,116 @@ def test_serve_cli_errors_and_sample_copy(tmp_path, capsys):
     prepare_sample_studies(d)  # again: keeps what is there
     assert (d / "labels").is_dir()
     assert {p.name: p.stat().st_mtime for p in sample_studies_dir().iterdir()} == before
+
+
+def _two_items(model, dev2d):
+    xs = [item_arrays(dev2d / "images" / f"{i}.jpg", dev2d / "masks" / f"{i}.png", c, model.image_size)
+          for i, c in (("1941", "glioma"), ("0102", "meningioma"))]
+    return [np.concatenate([t[k] for t in xs]) for k in range(3)]
+
+
+def test_finetune_that_diverges_publishes_nothing(model, dev2d, tmp_path):
+    from tumorlens.errors import TrainingDivergedError
+
+    images, masks, labels = _two_items(model, dev2d)
+    with pytest.raises(TrainingDivergedError, match="smaller lr"):
+        finetune(model, images, masks, labels, epochs=2, lr=1e30, progress=False, trainable="all")
+    bad = finetune(model, images, masks, labels, epochs=1, lr=1e-4, progress=False)[0]
+    with torch.no_grad():
+        next(p for p in bad.decoder.parameters()).fill_(float("nan"))
+    mv = ModelVersions(tmp_path / "models", model.path)
+    with pytest.raises(TrainingDivergedError, match="not finite"):
+        mv.publish(bad, model.config, dict(model.card))
+    assert mv.versions() == [] and mv.current_path() == model.path
+    with pytest.raises(InvalidInputError, match="trainable"):
+        finetune(model, images, masks, labels, progress=False, trainable="decoder")
+
+
+def test_finetune_keeps_text_head_and_familiarity_when_encoder_frozen(model, dev2d, tmp_path):
+    from tumorlens.activelearning.heads import carried_heads, write_heads
+    from tumorlens.alignment.api import ALIGNMENT_FILE, PROBE_FILE, load_alignment
+    from tumorlens.inference import Predictor
+    from tumorlens.models.registry import load_model
+
+    images, masks, labels = _two_items(model, dev2d)
+    has_mask = np.array([True, False])  # the second: a class given without an outline
+    net, _ = finetune(model, images, masks, labels, epochs=1, lr=1e-3, progress=False, has_mask=has_mask)
+    heads = carried_heads(model, net, images, labels)
+    assert set(heads) == {ALIGNMENT_FILE, PROBE_FILE}
+    base_head = load_alignment(model)
+    assert len(heads[ALIGNMENT_FILE].cache.labels) == len(base_head.cache.labels) + len(labels)
+    assert torch.equal(heads[ALIGNMENT_FILE].classifier.weight, net.classifier[-1].weight.detach().float())
+    folder = ModelVersions(tmp_path / "models", model.path).publish(
+        net, model.config, dict(model.card), extra=lambda f, v: write_heads(heads, f, v))
+    p = Predictor(load_model(folder))
+    assert p.decision == "aligned" and p.familiarity_calibration == base_head.meta["familiarity"]
+    res = p.predict(read_image(dev2d / "images" / "1941.jpg"))
+    assert res.extra.get("familiarity") is not None
+    # the encoder fine-tuned too: its features changed, so no head describes them any more
+    net_all, _ = finetune(model, images, masks, labels, epochs=1, lr=1e-3, progress=False, trainable="all")
+    assert carried_heads(model, net_all, images, labels) == {}
+
+
+def test_label_class_must_agree_with_its_outline():
+    from tumorlens.activelearning.finetune import check_label_class
+
+    drawn = np.zeros((8, 8), np.uint8)
+    drawn[2:4, 2:4] = 1
+    with pytest.raises(InvalidInputError, match="outlines 4 voxels"):
+        check_label_class(drawn, "no_tumor", "x.png", volume=False)
+    with pytest.raises(InvalidInputError, match="needs its tumour outlined"):
+        check_label_class(np.zeros((8, 8, 4)), "glioma", "x.nii.gz", volume=True)
+    check_label_class(np.zeros((8, 8)), "glioma", "x.png", volume=False)  # a class without an outline
+    check_label_class(drawn, "glioma", "x.png", volume=False)
+
+
+def test_identifier_like_ids_and_log_lines():
+    import logging
+
+    from tumorlens.findings.identifiers import identifier_kinds_in_name
+
+    assert identifier_kinds_in_name("Smith_John_19700101") == ["date"]
+    assert identifier_kinds_in_name("John.Smith@example.org") == ["email"]
+    # ids people and tools really use: sample names, Slicer's hashed ids, BIDS, BraTS, DICOM UIDs
+    for ok in ("mri2d_0102", "img-19700101abcdef12", "sub-01_T1w", "BraTS2021_00000", "3: T2 FLAIR",
+               "1.2.840.113619.2.55.3.604688119", "202611300311"):
+        assert identifier_kinds_in_name(ok) == [], ok
+    import importlib.util
+    import sys
+
+    from tumorlens.paths import project_root
+
+    spec = importlib.util.spec_from_file_location("log_redaction", project_root() / "monai_app" / "lib"
+                                                  / "log_redaction.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["log_redaction"] = mod
+    spec.loader.exec_module(mod)
+    rec = logging.LogRecord("x", logging.INFO, __file__, 1, "PUT %s 400", ("/datastore/image?image=Smith_John_1970-01-01",),
+                            None)
+    assert mod.RedactIdentifiers().filter(rec) and "1970" not in rec.getMessage() and "400" in rec.getMessage()
+
+
+def test_train_stats_of_a_run_whose_process_is_gone():
+    import importlib.util
+    import subprocess
+    import sys
+    from datetime import UTC, datetime, timedelta
+
+    from tumorlens.paths import project_root
+
+    app = project_root() / "monai_app"
+    sys.path.insert(0, str(app))
+    try:
+        spec = importlib.util.spec_from_file_location("tl_finetune_trainer", app / "lib" / "trainers" / "finetune.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(app))
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    assert mod.run_gone({"status": "RUNNING", "pid": int(done.stdout)})  # killed with DELETE /train/
+    import os
+
+    assert not mod.run_gone({"status": "RUNNING", "pid": os.getpid()})
+    now = datetime.now(UTC)
+    assert not mod.run_gone({"status": "STARTING", "requested_at": now.isoformat()})
+    assert mod.run_gone({"status": "STARTING", "requested_at": (now - timedelta(minutes=5)).isoformat()})

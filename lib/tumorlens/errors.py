@@ -29,3 +29,8 @@ class ModelNotFoundError(TumorlensError, LookupError):
 
 class RegistrationError(TumorlensError):
     """Registration to the template failed or did not converge to a usable result."""
+
+
+class TrainingDivergedError(TumorlensError, ArithmeticError):
+    """A training run's loss or weights stopped being finite numbers (a learning rate far too high):
+    nothing is saved or published from it."""

@@ -22,9 +22,10 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
 from lib.errors import bad_request, check_id, conflict, not_found
-from tumorlens.activelearning.finetune import read_label_like
-from tumorlens.data.readers import read_image
+from tumorlens.activelearning.finetune import check_label_class, read_label_like
+from tumorlens.data.readers import is_volume, read_image
 from tumorlens.errors import InvalidInputError
+from tumorlens.findings.identifiers import identifier_kinds_in_name
 
 EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.jpg", "*.jpeg", "*.png", "*.dcm"]
 PARTIAL = ".partial"
@@ -189,6 +190,10 @@ class TumorlensDatastore(LocalDatastore):
                               "send JPEG/PNG, NIfTI (.nii/.nii.gz), NRRD or DICOM (.dcm)")
         image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
         check_id(image_id)
+        kinds = identifier_kinds_in_name(image_id)
+        if kinds:  # the id is stored, logged and sent back in every answer: it must not name the patient
+            raise bad_request(f"upload{ext}: the image id looks like it holds a patient identifier ({', '.join(kinds)}); "
+                              "upload it under another id (a study or case code)")
         try:
             img = read_image(image_filename)
         except InvalidInputError as e:
@@ -235,7 +240,7 @@ class TumorlensDatastore(LocalDatastore):
             raise bad_request(f"label for {image_id}: unsupported label type {ext!r}; send PNG (2D), NIfTI or NRRD")
         try:
             img = read_image(self.get_image_uri(image_id))
-            read_label_like(label_filename, img)
+            mask = read_label_like(label_filename, img)
         except InvalidInputError as e:
             raise bad_request(f"label for {image_id}: {e.problem}") from e
         info = check_class_name(dict(label_info or {}), f"label for {image_id}")
@@ -243,6 +248,12 @@ class TumorlensDatastore(LocalDatastore):
             cls = class_from_segments(label_filename, info.get("label_info"))
             if cls:
                 info["class_name"] = cls
+        cls = info.get("class_name") or info.get("class")
+        if isinstance(cls, str):
+            try:
+                check_label_class(mask, cls, None, is_volume(img))
+            except InvalidInputError as e:
+                raise bad_request(f"label for {image_id}: {e.problem}") from e
         tag = label_tag or DefaultLabelTag.FINAL.value
         label_path = Path(self._datastore.label_path(tag))
         label_path.mkdir(parents=True, exist_ok=True)

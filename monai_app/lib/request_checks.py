@@ -49,10 +49,38 @@ def check_infer_output(model: str, output) -> None:
             raise bad_request(f"{model} answers with JSON only: ask for output=json (or all)")
 
 
-def check_train_request(request: dict, defaults: dict) -> None:
-    """Numeric training settings must be numbers in range before a training process is started."""
+# keys MONAI Label and its clients put in every training request, whatever the trainer's settings
+MONAI_LABEL_TRAIN_KEYS = {"model", "name", "device", "multi_gpu", "gpus", "bundle_path", "logging", "client_id",
+                          "dataset", "pretrained", "train_batch_size", "val_batch_size", "val_split", "tracking",
+                          "tracking_uri", "tracking_experiment_name", "early_stop_patience", "local_rank", "amp"}
+ALIASES = {"epochs": "max_epochs", "epoch": "max_epochs", "num_epochs": "max_epochs", "n_epochs": "max_epochs",
+           "learning_rate": "lr", "learningrate": "lr", "batch": "batch_size", "batchsize": "batch_size"}
+
+
+def check_train_request(request: dict, defaults: dict, limits: dict | None = None,
+                        choices: dict | None = None) -> None:
+    """Training settings must be in range before a training process is started: numbers between a
+    floor and ``limits``, names from ``choices``; a misspelt setting (ignored silently, it would train
+    with the default) is refused with the right name."""
+    import difflib
+
+    limits, choices = limits or {}, choices or {}
+    for key in request:
+        if key in defaults or key in MONAI_LABEL_TRAIN_KEYS or not isinstance(key, str):
+            continue
+        close = ALIASES.get(key.lower().replace("-", "_")) or next(
+            iter(difflib.get_close_matches(key, list(defaults), n=1, cutoff=0.75)), None)
+        if close:
+            raise bad_request(f"unknown training setting {key!r}: did you mean {close!r}? "
+                              f"settings: {', '.join(defaults)}")
     for key, default in defaults.items():
-        if key not in request or not isinstance(default, int | float) or isinstance(default, bool):
+        if key not in request:
+            continue
+        if key in choices:
+            if request[key] not in choices[key]:
+                raise bad_request(f"{key} must be one of {', '.join(map(str, choices[key]))}, got {request[key]!r}")
+            continue
+        if not isinstance(default, int | float) or isinstance(default, bool):
             continue
         value = request[key]
         if isinstance(value, str):  # form-style clients send "5"; the trainer converts it the same way
@@ -69,6 +97,8 @@ def check_train_request(request: dict, defaults: dict) -> None:
             kind = "a whole number >= 1" if isinstance(default, int) else \
                 "a number >= 0" if key.endswith("weight") else "a number > 0"
             raise bad_request(f"{key} must be {kind}, got {request[key]!r}")
+        if key in limits and value > limits[key]:
+            raise bad_request(f"{key} must be at most {limits[key]:g}, got {request[key]!r}")
 
 
 def _known(what: str, name, available) -> None:
@@ -83,10 +113,20 @@ def check_train_endpoint(arguments: dict) -> None:
     trainers = app_instance()._trainers
     model = arguments.get("model") or next(iter(trainers), None)
     _known("trainer", model, trainers)
-    check_train_request(arguments.get("params") or {}, trainers[model].config())
+    params = arguments.get("params") or {}
+    task = trainers[model]
+    limits, choices = getattr(task, "LIMITS", None), getattr(task, "CHOICES", None)
+    check_train_request(params, task.config(), limits, choices)
+    if isinstance(params.get(model), dict):  # POST /train/ takes {model: {settings}} too
+        check_train_request(params[model], task.config(), limits, choices)
     ready = getattr(trainers[model], "check_ready", None)
     if ready is not None:
         ready(app_instance().datastore())
+    from monailabel.utils.async_tasks.utils import processes
+
+    starting = getattr(trainers[model], "mark_starting", None)
+    if starting is not None and not processes("train"):
+        starting()
 
 
 def check_infer_input(arguments: dict) -> None:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 from tumorlens.data.dataset import ArrayDataset, train_transforms
 from tumorlens.data.normalize import foreground_mask, normalize_intensity
 from tumorlens.data.readers import is_volume, read_image
-from tumorlens.errors import InvalidInputError
+from tumorlens.errors import InvalidInputError, TrainingDivergedError
 from tumorlens.inference import prepare_mask, prepare_slice, resize_2d, volume_to_display
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR, class_index
 from tumorlens.models.registry import LoadedModel
@@ -77,6 +77,19 @@ def read_label_like(path: str | Path, img) -> np.ndarray:
     return arr.astype(np.uint8)
 
 
+def check_label_class(mask: np.ndarray, class_name: str, where, volume: bool) -> None:
+    """A label's outline must agree with its class: ``no_tumor`` with a tumour drawn is a contradiction,
+    and a tumour volume without an outline does not say which slices hold it. (A 2D tumour image with
+    an empty mask is a class given without an outline: it trains the classifier only.)"""
+    drawn = int(np.count_nonzero(mask))
+    if class_name == NO_TUMOUR and drawn:
+        raise InvalidInputError(where, f"class {NO_TUMOUR} but the mask outlines {drawn} voxels: give the tumour's "
+                                "class, or save an empty mask")
+    if volume and class_name != NO_TUMOUR and not drawn:
+        raise InvalidInputError(where, f"a {class_name} volume needs its tumour outlined: with an empty mask the "
+                                "slices that hold it are unknown")
+
+
 def item_arrays(image: str | Path, label: str | Path | None, class_name: str, size: int,
                 max_clear_slices: int = 4, max_lesion_slices: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images uint8 [N, S, S], masks uint8 [N, S, S], labels [N]) of one labelled item."""
@@ -84,6 +97,7 @@ def item_arrays(image: str | Path, label: str | Path | None, class_name: str, si
         raise InvalidInputError(label or image, f"unknown class {class_name!r}: one of {', '.join(CLASS_NAMES)}")
     img = read_image(image)
     mask = read_label_like(label, img) if label else np.zeros(img.shape[1:], np.uint8)
+    check_label_class(mask, class_name, label or image, is_volume(img))
     arr = img.detach().cpu().numpy()[0]
     if not is_volume(img):
         x = prepare_slice(arr, size)[0, 0].numpy()
@@ -96,9 +110,6 @@ def item_arrays(image: str | Path, label: str | Path | None, class_name: str, si
     brain = area >= 0.25 * max(area.max(), 1e-9)
     touched = np.where(mdisp.reshape(len(mdisp), -1).any(1))[0]
     clear = np.where(brain & ~mdisp.reshape(len(mdisp), -1).any(1))[0]
-    if class_name == NO_TUMOUR:
-        touched = np.array([], dtype=int)
-        clear = np.where(brain)[0]
     if touched.size > max_lesion_slices:
         touched = touched[np.linspace(0, touched.size - 1, max_lesion_slices).round().astype(int)]
     if clear.size:
@@ -113,21 +124,52 @@ def item_arrays(image: str | Path, label: str | Path | None, class_name: str, si
     return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8), m.astype(np.uint8), y
 
 
+class _Indexed(torch.utils.data.Dataset):
+    """An item and its position (which items' masks count)."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int):
+        return (*self.ds[i], i)
+
+
+TRAINABLE = ("heads", "all")  # what a fine-tune may change: classifier + seg decoder, or the encoder too
+
+
 def finetune(model: LoadedModel, images: np.ndarray, masks: np.ndarray, labels: np.ndarray, *, epochs: int = 1,
              lr: float = 1e-4, batch_size: int = 8, seg_weight: float = 1.0, seed: int = 0,
              progress: bool = True, on_epoch: Callable[[dict], None] | None = None,
-             val: Sequence[np.ndarray] | None = None) -> tuple[torch.nn.Module, list[dict]]:
-    """Continue training a copy of ``model.net``; the loaded (serving) model is left untouched."""
+             val: Sequence[np.ndarray] | None = None, trainable: str = "heads",
+             has_mask: np.ndarray | None = None) -> tuple[torch.nn.Module, list[dict]]:
+    """Continue training a copy of ``model.net``; the loaded (serving) model is left untouched.
+
+    ``trainable="heads"`` (the default) keeps the encoder frozen: its pooled features, which the text
+    head and the familiarity check were fitted on, stay valid (``carried_heads``). ``"all"`` trains the
+    encoder too. ``has_mask`` (bool [N]) marks items whose mask was drawn; the others (a class given
+    without an outline) train the classifier only. A loss or weight that is not finite raises
+    ``TrainingDivergedError`` (nothing half-trained is returned)."""
     import copy
 
+    if trainable not in TRAINABLE:
+        raise InvalidInputError(None, f"trainable must be one of {', '.join(TRAINABLE)}, not {trainable!r}")
     torch.manual_seed(seed)
     net = copy.deepcopy(model.net).float().train()
-    ds = ArrayDataset(images, masks, labels, train_transforms())
+    if trainable == "heads":
+        for p in net.encoder.parameters():
+            p.requires_grad_(False)
+    keep = np.ones(len(labels), bool) if has_mask is None else np.asarray(has_mask, bool)
+    if keep.shape != (len(labels),):
+        raise InvalidInputError(None, f"has_mask must hold one flag per item ({len(labels)}), got {keep.shape}")
+    ds = _Indexed(ArrayDataset(images, masks, labels, train_transforms()))
     loader = DataLoader(ds, batch_size=min(batch_size, len(ds)), shuffle=True, num_workers=0, drop_last=False)
     ce = torch.nn.CrossEntropyLoss(label_smoothing=0.05)
     dice = DiceLoss(sigmoid=True, batch=True)
     bce = torch.nn.BCEWithLogitsLoss()
-    opt = make_optimizer("adamw", net.parameters(), lr, 1e-4)
+    opt = make_optimizer("adamw", [p for p in net.parameters() if p.requires_grad], lr, 1e-4)
     history = []
     for epoch in range(epochs):
         net.train()
@@ -137,13 +179,24 @@ def finetune(model: LoadedModel, images: np.ndarray, masks: np.ndarray, labels: 
                 mod.eval()
         t0 = time.time()
         losses = []
-        for x, m, y in tqdm(loader, desc=f"fine-tune epoch {epoch + 1}/{epochs}", disable=not progress, leave=False):
+        for x, m, y, i in tqdm(loader, desc=f"fine-tune epoch {epoch + 1}/{epochs}", disable=not progress,
+                               leave=False):
             logits, seg = net(x)
-            loss = ce(logits, y) + seg_weight * (dice(seg, m) + bce(seg, m))
+            loss = ce(logits, y)
+            drawn = torch.as_tensor(keep[i.numpy()])
+            if drawn.any():
+                loss = loss + seg_weight * (dice(seg[drawn], m[drawn]) + bce(seg[drawn], m[drawn]))
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(f"the fine-tune diverged in epoch {epoch + 1} (loss {float(loss)} at "
+                                            f"lr {lr:g}): nothing was published; try a smaller lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(float(loss))
+        bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingDivergedError(f"the fine-tune diverged in epoch {epoch + 1}: {len(bad)} weight tensors "
+                                        f"are not finite (first {bad[0]}) at lr {lr:g}; nothing was published")
         rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - t0, 2),
                "samples": len(ds)}
         if val is not None and len(val[0]):

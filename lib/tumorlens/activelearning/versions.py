@@ -12,12 +12,14 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
 
 from tumorlens.atomic import atomic_write_text
+from tumorlens.errors import TrainingDivergedError
 from tumorlens.models.registry import CARD, CHECKPOINT, LoadedModel, load_model, resolve, save_checkpoint
 
 POINTER = "current.json"
@@ -71,13 +73,21 @@ class ModelVersions:
         n = int(done[-1][1:]) + 1 if done else 1
         return f"v{n:04d}"
 
-    def publish(self, net: torch.nn.Module, cfg: dict, card: dict) -> Path:
-        """Write a new version completely, then make it current."""
+    def publish(self, net: torch.nn.Module, cfg: dict, card: dict,
+                extra: Callable[[Path, str], None] | None = None) -> Path:
+        """Write a new version completely (``extra(folder, version)`` adds files beside the checkpoint,
+        e.g. the carried text heads), then make it current. Weights that are not finite are refused."""
+        bad = [k for k, v in net.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            raise TrainingDivergedError(f"refusing to publish a model whose weights are not finite ({bad[0]}, "
+                                        f"{len(bad)} tensors)")
         name = self.next_name()
         card = dict(card, version=name, published_at=datetime.now(UTC).isoformat(timespec="seconds"))
         tmp = Path(tempfile.mkdtemp(prefix=INCOMING, dir=self.root))
         tmp.chmod(0o755)
         save_checkpoint(net, cfg, card, tmp)
+        if extra is not None:
+            extra(tmp, name)
         final = self.root / name
         os.replace(tmp, final)
         atomic_write_text(self.root / POINTER, json.dumps({"folder": name, "version": name,

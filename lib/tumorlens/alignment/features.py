@@ -17,9 +17,11 @@ from tumorlens.models.registry import CHECKPOINT, LoadedModel
 from tumorlens.paths import project_root
 
 
-def checkpoint_sha(model: LoadedModel) -> str:
+def checkpoint_sha(model: LoadedModel | str | Path) -> str:
+    """Short digest of a model's checkpoint file (a loaded model, or its folder)."""
+    folder = Path(model) if isinstance(model, str | Path) else Path(model.path)
     h = hashlib.sha256()
-    with open(Path(model.path) / CHECKPOINT, "rb") as f:
+    with open(folder / CHECKPOINT, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()[:16]

@@ -22,6 +22,7 @@ from tumorlens.atlas.harvard_oxford import (
     readable_name,
     template,
 )
+from tumorlens.caveats import HEAD_TEMPLATE_FAILED
 from tumorlens.errors import InvalidInputError
 
 MIDLINE_MM = 2.0  # voxels within this distance of x=0 count as midline
@@ -216,6 +217,11 @@ def map_regions(
             working_spacing=working_spacing,
         )
         notes.extend(reg.notes)
+        from tumorlens.atlas.registration import DICE_FLOOR
+
+        if reg.quality_figure <= DICE_FLOOR:  # no pose fits a brain template: likely not a head at all
+            notes.append(f"{HEAD_TEMPLATE_FAILED} (brain-mask Dice {reg.quality_figure:.2f} <= {DICE_FLOOR:.2f}): "
+                         "the volume may not be a head MRI")
         placement = _placement("mni_registration", reg.quality_figure, reg.confidence, min_confidence, reg.summary())
         if not m.any():
             notes.append("lesion mask is empty: no regions to name")

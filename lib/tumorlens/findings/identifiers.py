@@ -20,7 +20,10 @@ _NAME = r"[A-Z][a-z]+(?:[-'][A-Z]?[a-z]+)?"
 
 PATTERNS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.]+\b"), "email"),
-    (re.compile(r"\b\d{4}-\d{2}-\d{2}\b|\b\d{1,2}[./-]\d{1,2}[./-]\d{2,4}\b"), "date"),
+    (re.compile(r"(?<![\dA-Za-z.])(?:\d{4}-\d{2}-\d{2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4})(?![\dA-Za-z]|\.\d)"),
+     "date"),  # not inside a dotted DICOM UID
+    # a compact date (19700101) standing alone: not part of a longer number or of a hex digest
+    (re.compile(r"(?<![\dA-Za-z])(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?![\dA-Za-z])"), "date"),
     (re.compile(r"\b\d{1,2}(?:st|nd|rd|th)?\s+(?:of\s+)?" + _MONTH + r"\.?,?\s+\d{2,4}\b|\b" + _MONTH
                 + r"\.?\s+\d{1,2}(?:st|nd|rd|th)?,?\s+\d{4}\b|\b" + _MONTH + r"\.?\s+\d{4}\b", re.IGNORECASE), "date"),
     # names: after a title, "patient", "referred by", "seen by"; or capitalised words before a birth date
@@ -43,10 +46,18 @@ def find_identifiers(text: str) -> list[str]:
     return list(dict.fromkeys(kind for pat, kind in PATTERNS if pat.search(text)))
 
 
-def redact(text: str) -> tuple[str, list[str]]:
-    """``text`` with each identifier-like span replaced by ``(<kind> removed)``, and the kinds removed."""
+# what can hold a person's identity in an id or a log line; bare long numbers there are mostly
+# version stamps, digests and UIDs, so those places leave the "number" kind out
+PERSONAL = ("email", "date", "name", "identifier")
+
+
+def redact(text: str, kinds_to_find: tuple[str, ...] | None = None) -> tuple[str, list[str]]:
+    """``text`` with each identifier-like span replaced by ``(<kind> removed)``, and the kinds removed
+    (all kinds, or only ``kinds_to_find``)."""
     kinds = []
     for pat, kind in PATTERNS:
+        if kinds_to_find is not None and kind not in kinds_to_find:
+            continue
         if pat.search(text):
             kinds.append(kind)
             text = pat.sub(f"({kind} removed)", text)
@@ -61,3 +72,11 @@ def safe_file_name(name: str) -> str:
     stem = name[: len(name) - len(suffix)] if suffix else name
     readable = re.sub(r"[_.]+", " ", stem)
     return ("image" + suffix) if find_identifiers(readable) else name
+
+
+def identifier_kinds_in_name(name: str) -> list[str]:
+    """Personal identifier kinds (``PERSONAL``) in an id or file name, read with ``_`` and ``.`` as
+    spaces ("Smith_John_19700101" -> ["date"])."""
+    readable = re.sub(r"[_.]+", " ", name)
+    found = find_identifiers(readable) + find_identifiers(name)
+    return [k for k in dict.fromkeys(found) if k in PERSONAL]

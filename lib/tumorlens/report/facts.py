@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tumorlens.caveats import HEAD_TEMPLATE_FAILED
 from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 from tumorlens.report.sanitize import PatientContext, sanitize_patient
@@ -200,6 +201,9 @@ class Facts:
                        "this report may apply to it.")
         if any("not a head-shaped object" in n for n in self.notes):
             out.append("The image does not look like a head, so nothing in this report may apply to it.")
+        if any(HEAD_TEMPLATE_FAILED in n for n in self.notes):
+            out.append("The volume could not be matched to a head template; it may not be a brain MRI, so nothing "
+                       "in this report may apply to it.")
         if self.kind == "image2d":
             out.append("Single 2D image: structures outside this slice are not assessed.")
             if not self.spacing_known:

@@ -10,7 +10,7 @@ import random
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from lib.errors import bad_request
+from lib.errors import bad_request, conflict
 from lib.scoring.scores import score_images, unlabelled
 from lib.state import AppState
 
@@ -46,7 +46,8 @@ class RandomUnlabelled(Strategy):
             return {}
         rng = random.Random(seed_param(request))
         pick = rng.choice(ids)
-        return {"id": pick, "strategy": "random", "candidates": len(ids)}
+        # no "strategy" key: MONAI Label adds its own record of past picks under that name to the answer
+        return {"id": pick, "candidates": len(ids)}
 
 
 class ScoredStrategy(Strategy):
@@ -59,9 +60,12 @@ class ScoredStrategy(Strategy):
         ids = unlabelled(datastore)
         if not ids:
             return {}
-        scores = score_images(self.state, datastore, self.kind, ids, limit=max_compute_param(request))
-        if not scores:
-            return {}
+        limit = max_compute_param(request)
+        scores = score_images(self.state, datastore, self.kind, ids, limit=limit)
+        if not scores:  # not "nothing left to label" ({}): there are unlabelled images, none scored yet
+            raise conflict(f"none of the {len(ids)} unlabelled images has a {self.kind} score under the current "
+                           f"model and max_compute={limit} allows none to be scored now: POST /scoring/{self.kind} "
+                           "first, or ask with max_compute >= 1")
         pick = max(scores, key=lambda k: (scores[k]["value"], k))
-        return {"id": pick, "strategy": self.kind, "score": scores[pick]["value"],
+        return {"id": pick, "score_kind": self.kind, "score": scores[pick]["value"],
                 "model_version": scores[pick]["model_version"], "candidates": len(ids), "scored": len(scores)}

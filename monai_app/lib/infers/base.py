@@ -37,6 +37,17 @@ def describe_source(request: dict) -> str:
     return request.get("image_id") or "uploaded file"
 
 
+def public_problem(err: InvalidInputError, path: str, request: dict) -> str:
+    """``err``'s problem as the client may see it: a reader's message can quote the file's path (nibabel's
+    "Cannot work out file type of ..."), and for an upload that is the server's temporary file, which
+    tells the client nothing and shows the server's file system. The path becomes the image's name."""
+    name = request.get("image_id") or "the uploaded file"
+    problem = err.problem
+    for p in sorted({str(path), str(Path(path).resolve()), err.path or ""} - {""}, key=len, reverse=True):
+        problem = problem.replace(p, name)
+    return problem
+
+
 def default_extension(img: MetaTensor) -> str:
     src = str(img.meta.get("filename_or_obj", "")).lower()
     if not is_volume(img) and src.endswith(PHOTO_EXT):
@@ -121,7 +132,7 @@ class TumorlensInfer(InferTask):
         try:
             img = read_image(path)
         except InvalidInputError as e:
-            raise bad_request(f"{src}: {e.problem}") from e
+            raise bad_request(f"{src}: {public_problem(e, path, req)}") from e
         ext = req.get("result_extension") or default_extension(img)
         if ext not in LABEL_EXTENSIONS:
             raise bad_request(f"result_extension {ext!r} not supported: one of {', '.join(LABEL_EXTENSIONS)}")
@@ -129,7 +140,7 @@ class TumorlensInfer(InferTask):
         try:
             arr, result = self.run(img, req)
         except InvalidInputError as e:
-            raise bad_request(f"{src}: {e.problem}") from e
+            raise bad_request(f"{src}: {public_problem(e, path, req)}") from e
         t2 = time.time()
         out = None
         if arr is not None:

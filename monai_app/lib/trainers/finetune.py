@@ -10,6 +10,7 @@ the label), masks from the label files of the ``final`` tag.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from datetime import UTC, datetime
 
@@ -19,10 +20,11 @@ from monailabel.interfaces.tasks.train import TrainTask
 
 from lib.errors import bad_request
 from lib.state import AppState
-from tumorlens.activelearning.finetune import finetune, item_arrays
+from tumorlens.activelearning.finetune import TRAINABLE, finetune, item_arrays
+from tumorlens.activelearning.heads import carried_heads, write_heads
 from tumorlens.config import config_hash
-from tumorlens.errors import InvalidInputError
-from tumorlens.labels import canonical_label
+from tumorlens.errors import InvalidInputError, TrainingDivergedError
+from tumorlens.labels import NO_TUMOUR, canonical_label, class_index
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,24 @@ def labelled_items(datastore: Datastore) -> tuple[list[dict], list[str]]:
     return items, notes
 
 
+def run_gone(stats: dict, grace_s: float = 60.0) -> bool:
+    """True when the run these stats describe has no live process: its recorded pid is dead (killed
+    by ``DELETE /train/``), or it was requested over ``grace_s`` ago and never started."""
+    import psutil
+
+    pid = stats.get("pid")
+    if pid:
+        try:
+            return psutil.Process(int(pid)).status() == psutil.STATUS_ZOMBIE
+        except (psutil.Error, ValueError):
+            return True
+    try:
+        asked = datetime.fromisoformat(stats.get("requested_at") or "")
+    except ValueError:
+        return False
+    return (datetime.now(UTC) - asked).total_seconds() > grace_s
+
+
 class FinetuneTrainer(TrainTask):
     def __init__(self, state: AppState):
         super().__init__("Fine-tune the current dual-head model (classifier + segmentation head) on the "
@@ -49,10 +69,26 @@ class FinetuneTrainer(TrainTask):
         self.state = state
 
     def config(self) -> dict:
-        return {"max_epochs": 1, "lr": 1e-4, "batch_size": 8, "seg_weight": 1.0, "max_items": 500}
+        return {"max_epochs": 1, "lr": 1e-4, "batch_size": 8, "seg_weight": 1.0, "max_items": 500,
+                "trainable": "heads"}
+
+    # the largest values a request may set (a 1e30 learning rate or 1e12 epochs is a typo, not a plan)
+    LIMITS = {"max_epochs": 1000, "lr": 1.0, "batch_size": 256, "seg_weight": 100.0, "max_items": 100_000}
+    CHOICES = {"trainable": TRAINABLE}
 
     def stats(self) -> dict:
-        return self.state.read_stats()
+        """The last run's stats; in the server, a run recorded as going whose process is gone (stopped
+        with ``DELETE /train/``, or it failed to start) is reported as such, not as still running."""
+        stats = self.state.read_stats()
+        if stats.get("status") in ("STARTING", "RUNNING") and run_gone(stats):
+            stats = dict(stats, status="STOPPED", note="the training process is no longer running; "
+                         "nothing was published by this run")
+        return stats
+
+    def mark_starting(self) -> None:
+        """Before a training process starts: the previous run's epoch counts are not this run's."""
+        self.state.write_stats({"status": "STARTING", "requested_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                                "from_version": self.state.model_version()})
 
     def check_ready(self, datastore: Datastore) -> None:
         """Before a training process starts: a 400 when there is nothing to train on."""
@@ -71,7 +107,7 @@ class FinetuneTrainer(TrainTask):
         base_version = self.state.model_version()
         items, notes = labelled_items(datastore)
         items = items[: int(cfg["max_items"])]
-        stats = {"status": "RUNNING", "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        stats = {"status": "RUNNING", "pid": os.getpid(), "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
                  "from_version": base_version, "items": len(items), "notes": notes, "epochs": []}
         self.state.write_stats(stats)
         if not items:
@@ -93,6 +129,10 @@ class FinetuneTrainer(TrainTask):
             self.state.write_stats(stats)
             raise InvalidInputError(None, stats["error"])
         images, masks, labels = np.concatenate(xs), np.concatenate(ms), np.concatenate(ys)
+        # a tumour class without an outline trains the classifier only
+        has_mask = (labels == class_index(NO_TUMOUR)) | masks.reshape(len(masks), -1).any(1)
+        if not has_mask.all():
+            notes.append(f"{int((~has_mask).sum())} tumour image(s) without an outline: class only, no mask loss")
 
         def on_epoch(rec: dict) -> None:
             stats["epochs"].append(rec)
@@ -101,18 +141,30 @@ class FinetuneTrainer(TrainTask):
             self.state.write_stats(stats)
             logger.info(f"epoch {rec['epoch']}: loss {rec['loss']:.4f} ({rec['samples']} samples, {rec['seconds']} s)")
 
-        net, history = finetune(base, images, masks, labels, epochs=int(cfg["max_epochs"]), lr=float(cfg["lr"]),
-                                batch_size=int(cfg["batch_size"]), seg_weight=float(cfg["seg_weight"]),
-                                on_epoch=on_epoch, progress=True)
+        try:
+            net, history = finetune(base, images, masks, labels, epochs=int(cfg["max_epochs"]), lr=float(cfg["lr"]),
+                                    batch_size=int(cfg["batch_size"]), seg_weight=float(cfg["seg_weight"]),
+                                    on_epoch=on_epoch, progress=True, trainable=str(cfg["trainable"]),
+                                    has_mask=has_mask)
+        except TrainingDivergedError as e:
+            stats.update(status="ERROR", error=str(e), finished_at=datetime.now(UTC).isoformat(timespec="seconds"))
+            self.state.write_stats(stats)
+            raise
+        heads = carried_heads(base, net, images, labels)
+        if not heads:
+            notes.append("the text-aligned head and the familiarity check were not carried over (the encoder was "
+                         "fine-tuned, or the base model has none): the plain classifier decides in this version")
         card = dict(base.card)
         card.update(name=base.name, parent_version=base_version,
                     finetune={"items": len(xs), "samples": int(len(labels)), "config": cfg, "history": history,
                               "class_counts": np.bincount(labels, minlength=len(base.labels)).tolist(),
-                              "config_hash": config_hash(cfg)},
+                              "config_hash": config_hash(cfg), "heads_carried": sorted(heads),
+                              "tip_adapter_keys_added": int(len(labels)) if heads else 0},
                     trained_at=datetime.now(UTC).isoformat(timespec="seconds"))
-        folder = self.state.versions.publish(net, base.config, card)
+        folder = self.state.versions.publish(net, base.config, card,
+                                             extra=lambda f, version: write_heads(heads, f, version))
         stats.update(status="DONE", version=folder.name, samples=int(len(labels)), notes=notes,
                      duration_s=round(time.time() - t0, 2), finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                     best_loss=float(min(h["loss"] for h in history)))
+                     best_loss=float(min(h["loss"] for h in history)), heads_carried=sorted(heads))
         self.state.write_stats(stats)
         return stats
