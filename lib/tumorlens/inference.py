@@ -1,4 +1,5 @@
-"""Run a dual-head model on one image: 2D slices directly, volumes slice-wise over axial slices.
+"""Run a dual-head model on one image: 2D slices directly, volumes slice-wise over axial slices (a
+single coronal or sagittal slice as one picture in its own plane).
 
 Outputs always come back on the input's own grid and affine, so a mask lands where the image is.
 """
@@ -153,21 +154,44 @@ def prepare_slice(arr: np.ndarray, size: int) -> torch.Tensor:
 
 # ---- volume <-> display slices -------------------------------------------------------------------
 
+# Axes of the RAS-reoriented volume that become (slice, row, col) of the display; rows and cols are
+# then flipped so that anterior/superior is on top and the patient's right on the left (radiological).
+DISPLAY_AXES = {"axial": (2, 1, 0), "coronal": (1, 2, 0), "sagittal": (0, 2, 1)}
+
+
+def display_plane(ras_shape: tuple[int, ...]) -> str:
+    """The plane a [X, Y, Z] RAS volume is shown in: axial slices, except for a single coronal
+    (Y == 1) or sagittal (X == 1) slice, which is one picture in its own plane. Cut into axial
+    slices it would be a stack of 1-pixel-wide strips, each stretched to the network's square input."""
+    x, y, z = (int(n) for n in ras_shape)
+    if z > 1 and y == 1 and x > 1:
+        return "coronal"
+    if z > 1 and x == 1 and y > 1:
+        return "sagittal"
+    return "axial"
+
+
 def volume_to_display(vol: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, dict]:
-    """Reorient a [X, Y, Z] volume to RAS and return axial slices in radiological display order
-    [Z, rows (anterior->posterior), cols (patient right->left)], plus what is needed to go back."""
+    """Reorient a [X, Y, Z] volume to RAS and return its slices in radiological display order, plus
+    what is needed to go back: axial slices [Z, rows (anterior->posterior), cols (patient right->left)],
+    or, for a one-slice coronal / sagittal volume, that slice in its own plane [1, rows (superior->
+    inferior), cols (patient right->left / anterior->posterior)] (see ``display_plane``)."""
     ornt = nib.orientations.io_orientation(affine)
     ras = nib.orientations.apply_orientation(vol, ornt)
-    disp = np.transpose(ras, (2, 1, 0))[:, ::-1, ::-1]  # z, y(flipped: anterior on top), x(flipped)
-    return np.ascontiguousarray(disp), {"ornt": ornt, "shape": vol.shape}
+    plane = display_plane(ras.shape)
+    disp = np.transpose(ras, DISPLAY_AXES[plane])[:, ::-1, ::-1]
+    return np.ascontiguousarray(disp), {"ornt": ornt, "shape": vol.shape, "plane": plane}
 
 
 def display_to_volume(disp: np.ndarray, back: dict) -> np.ndarray:
-    ras = np.transpose(disp[:, ::-1, ::-1], (2, 1, 0))
+    """Display slices (as ``volume_to_display`` made them) back onto the volume's own grid."""
+    axes = DISPLAY_AXES[back.get("plane", "axial")]
+    ras = np.transpose(disp[:, ::-1, ::-1], np.argsort(axes))
     inv = nib.orientations.orientation_inverse(back["ornt"]) if hasattr(nib.orientations, "orientation_inverse") \
         else _inverse_ornt(back["ornt"])
     vol = nib.orientations.apply_orientation(ras, inv)
-    assert vol.shape == tuple(back["shape"]), (vol.shape, back["shape"])
+    if vol.shape != tuple(back["shape"]):
+        raise ValueError(f"display slices of shape {disp.shape} do not map back onto a volume of {back['shape']}")
     return np.ascontiguousarray(vol)
 
 

@@ -179,6 +179,7 @@ def semantic_margin_for_folder(data_dir, model=None, limit: int | None = None, *
 
     from tumorlens.data.manifest import load_manifest
     from tumorlens.data.readers import is_volume, read_image
+    from tumorlens.evaluation.evaluate import single_slice_input
     from tumorlens.inference import prepare_slice
 
     m = _model(model)
@@ -199,8 +200,9 @@ def semantic_margin_for_folder(data_dir, model=None, limit: int | None = None, *
         img = read_image(rec.image)
         if is_volume(img) and img.shape[-1] > 1:
             continue
-        arr = img[0].numpy() if not is_volume(img) else img[0, :, :, 0].numpy()
-        batch.append(prepare_slice(arr, m.image_size))
+        # a one-slice volume is prepared as ``predict`` prepares it (display orientation), not in raw voxel order
+        batch.append(single_slice_input(img, m.image_size) if is_volume(img)
+                     else prepare_slice(img[0].numpy(), m.image_size))
         batch_y.append(CLASS_NAMES.index(rec.label))
         if len(batch) == 32:
             flush()

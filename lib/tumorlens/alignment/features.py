@@ -61,7 +61,7 @@ def split_features(model: LoadedModel, *, max_images: int | None = None, progres
     Returns ``train_f, train_y, train_logits, val_f, val_y, val_logits, val_idx, train_idx,
     val_groups, manifest``.
     """
-    from tumorlens.data.dataset import load_arrays
+    from tumorlens.data.dataset import cache_key, load_arrays
     from tumorlens.data.manifest import load_manifest
     from tumorlens.data.splits import grouped_split
 
@@ -76,7 +76,8 @@ def split_features(model: LoadedModel, *, max_images: int | None = None, progres
         train_idx = sorted(rng.choice(train_idx, min(max_images, len(train_idx)), replace=False).tolist())
         val_idx = sorted(rng.choice(val_idx, min(max(max_images // 4, 64), len(val_idx)), replace=False).tolist())
     size = model.image_size
-    key = f"{checkpoint_sha(model)}-{manifest.sha256[:12]}-{size}-{max_images or 'all'}"
+    # the arrays' key (manifest, folder, each file's size and time), not the manifest bytes alone
+    key = f"{checkpoint_sha(model)}-{cache_key(manifest, size)}-{max_images or 'all'}"
     path = cache_dir() / f"features-{key}.npz"
     if path.is_file():
         z = np.load(path)

@@ -3,6 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from tumorlens.errors import InvalidInputError
+
+if TYPE_CHECKING:  # torch / MONAI load only when a command runs, not when the CLI parser is built
+    from monai.data import MetaTensor
 
 
 def register(sub) -> None:
@@ -25,20 +34,60 @@ def register(sub) -> None:
     v.set_defaults(func=run_train_view)
 
 
+def mask_on_image_grid(mask: MetaTensor, img: MetaTensor, where: str | Path) -> MetaTensor:
+    """``mask`` (as ``read_mask`` reads it) on ``img``'s voxel grid, or a typed error naming ``where``.
+
+    Equal shapes are not enough: the same lesion stored with its x axis flipped (and a matching affine)
+    has the image's shape, and taken in the image's voxel order it would land in the other hemisphere.
+    A mask with its own geometry is turned into the image's axis order and directions by the two
+    affines' orientations (as ``read_label_like`` does for training labels), and must then lie on the
+    image's grid exactly; one without geometry (identity affine) is taken in the image's voxel order.
+    Anything else (another spacing, field of view or obliquity) would need resampling: refused.
+    """
+    import torch
+    from monai.data import MetaTensor
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    arr = mask.detach().cpu().numpy()[0]
+    want = tuple(int(n) for n in img.shape[1:])
+    m_aff = np.asarray(mask.affine, dtype=float)
+    i_aff = np.asarray(img.affine, dtype=float)
+    spacing = np.sqrt((i_aff[:3, :3] ** 2).sum(0))
+    tol = max(1e-4, 0.01 * float(spacing.min()))  # 1 % of a voxel: float32 header rounding, not a shift
+    if arr.ndim == len(want) and (np.allclose(m_aff, i_aff, rtol=0, atol=tol) or np.allclose(m_aff, np.eye(4))):
+        if arr.shape != want:
+            raise InvalidInputError(where, f"mask shape {arr.shape} does not match image shape {want}")
+        return mask
+    a3 = arr if arr.ndim == 3 else arr.reshape(arr.shape + (1,) * (3 - arr.ndim))
+    ornt = ornt_transform(io_orientation(m_aff), io_orientation(i_aff))
+    moved = apply_orientation(a3, ornt)
+    moved_aff = m_aff @ inv_ornt_aff(ornt, a3.shape)
+    want3 = want + (1,) * (3 - len(want))
+    if moved.shape != want3 or not np.allclose(moved_aff, i_aff, rtol=0, atol=tol):
+        raise InvalidInputError(
+            where, f"mask grid (shape {arr.shape}, axes {''.join(_axcodes(m_aff))}) does not lie on the image's grid "
+                   f"(shape {want}, axes {''.join(_axcodes(i_aff))}) even after reordering its axes: a different "
+                   "spacing, field of view or obliquity; resample the mask onto the image first")
+    out = np.ascontiguousarray(moved.reshape(want)).astype(np.uint8)
+    return MetaTensor(torch.from_numpy(out[None]), affine=img.affine.clone(),
+                      meta={**{k: v for k, v in mask.meta.items() if k != "affine"}, "original_affine": i_aff.copy(), "spatial_shape": np.asarray(want)})
+
+
+def _axcodes(affine: np.ndarray) -> tuple[str, ...]:
+    from nibabel.orientations import aff2axcodes
+
+    return tuple(c or "?" for c in aff2axcodes(affine))
+
+
 def run_locate(args) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from tumorlens.atlas.regions import map_regions
     from tumorlens.data import read_image
     from tumorlens.data.readers import read_mask
-    from tumorlens.errors import InvalidInputError
 
     img = read_image(args.image)
-    mask = read_mask(args.mask)
-    if tuple(mask.shape[1:]) != tuple(img.shape[1:]):
-        raise InvalidInputError(
-            args.mask, f"mask shape {tuple(mask.shape[1:])} does not match image shape {tuple(img.shape[1:])}"
-        )
+    mask = mask_on_image_grid(read_mask(args.mask), img, args.mask)
     what = "registering to MNI152" if img.meta.get("kind") == "volume" and min(img.shape[1:]) > 1 else "placing slice"
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=True) as prog:
         prog.add_task(f"{what} ...", total=None)
@@ -63,8 +112,6 @@ def run_locate(args) -> int:
     for n in out["notes"]:
         print(f"note: {n}")
     if args.json_out:
-        from pathlib import Path
-
         path = Path(args.json_out)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(path.suffix + ".tmp")

@@ -32,7 +32,7 @@ def register(sub) -> None:
 def write_split(data_dir: str | Path, out: str | Path, part: str = "val", val_fraction: float = 0.2,
                 seed: int = 0, copy: bool = False) -> tuple[Path, int]:
     """Write ``part`` of the grouped split of ``data_dir`` to ``out``; returns (manifest path, rows)."""
-    from tumorlens.data.manifest import load_manifest
+    from tumorlens.data.manifest import load_manifest, read_rows
     from tumorlens.data.splits import training_split
 
     src, dest = Path(data_dir).resolve(), Path(out)
@@ -44,12 +44,19 @@ def write_split(data_dir: str | Path, out: str | Path, part: str = "val", val_fr
         raise InvalidInputError(dest, "output folder exists and is not empty: nothing was written")
     manifest = load_manifest(src)
     train, val = training_split(manifest, val_fraction, seed)
-    with open(src / "manifest.csv", newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        fields, rows = list(reader.fieldnames or []), list(reader)
+    # the rows exactly as load_manifest parsed them (any separator, header case): re-reading the file
+    # with a plain comma reader wrote a manifest whose paths named nothing
+    _path, _raw, cols, parsed = read_rows(src)
+    fields = [c for c in cols if c]
+    rows = [{c: row.get(c) or "" for c in fields} for _line, row in parsed]
     if len(rows) != len(manifest.records):
-        raise InvalidInputError(src / "manifest.csv", "rows and records disagree (blank lines?)")
-    chosen = [rows[i] for i in (val if part == "val" else train)]
+        raise InvalidInputError(src / "manifest.csv", "rows and records disagree")
+    idx = val if part == "val" else train
+    if not idx:
+        raise InvalidInputError(src / "manifest.csv", f"the {part} part of this split has no images "
+                                f"({len(rows)} rows in {len({r.group for r in manifest.records})} group(s), "
+                                f"val fraction {val_fraction}): nothing was written")
+    chosen = [rows[i] for i in idx]
     dest.mkdir(parents=True, exist_ok=True)
     for r in chosen:
         for col in ("image", "mask"):

@@ -6,6 +6,7 @@ once per (manifest, size) and cached under ``.cache/`` (``TUMORLENS_CACHE`` over
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -23,14 +24,39 @@ from tumorlens.inference import prepare_mask, prepare_slice
 from tumorlens.labels import class_index
 from tumorlens.paths import project_root
 
+MASK_READING = 2  # 2: picture masks cut at half their maximum (read_mask), not > 0
+
 
 def cache_dir() -> Path:
     return Path(os.environ.get("TUMORLENS_CACHE", project_root() / ".cache"))
 
 
+def cache_key(manifest: Manifest, size: int) -> str:
+    """What the cached arrays depend on: the manifest's bytes, the folder it lives in, and each listed
+    file's size and modification time (one ``stat`` each, no reading).
+
+    Keyed on the manifest alone, two folders with the same ``manifest.csv`` but different images (a
+    re-export, a cleaned copy) shared one cache and the second trained on the first one's pixels.
+    """
+    h = hashlib.sha256()
+    h.update(manifest.sha256.encode())
+    h.update(str(Path(manifest.root).resolve()).encode())
+    for rec in manifest.records:
+        for p in (rec.image, rec.mask):
+            if p is None:
+                h.update(b"\0-")
+                continue
+            try:
+                st = Path(p).stat()
+                h.update(f"\0{st.st_size}:{st.st_mtime_ns}".encode())
+            except OSError:
+                h.update(b"\0?")  # reading it fails below, with the file's name
+    return f"{h.hexdigest()[:24]}-{len(manifest)}-{size}-n{NORMALISATION_VERSION}-m{MASK_READING}"
+
+
 def load_arrays(manifest: Manifest, size: int, progress: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(images uint8 [N, S, S], masks uint8 [N, S, S], labels int64 [N]) for a 2D manifest."""
-    key = f"{manifest.sha256[:16]}-{len(manifest)}-{size}-n{NORMALISATION_VERSION}"
+    key = cache_key(manifest, size)
     cache = cache_dir() / f"arrays-{key}.npz"
     if cache.is_file():
         z = np.load(cache)

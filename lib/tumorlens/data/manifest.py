@@ -55,8 +55,14 @@ def _delimiter(header: str) -> str:
     return best if counts[best] else ","
 
 
-def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
-    """Read and validate ``root/manifest.csv``."""
+def read_rows(root: str | Path) -> tuple[Path, bytes, list[str], list[tuple[int, dict]]]:
+    """Parse ``root/manifest.csv`` as every command reads it: (path, raw bytes, column names,
+    [(line number, row)]).
+
+    UTF-8 with or without BOM, comma / semicolon / tab separated, header names in any case or with
+    spaces (" Image", "LABEL") mapped to the canonical columns. ``load_manifest`` validates these rows;
+    ``tumorlens split`` writes them back, so both see the same columns whatever the spreadsheet wrote.
+    """
     root = Path(root)
     path = root / "manifest.csv"
     if not path.is_file():
@@ -73,11 +79,16 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
     known = {c.lower(): c for c in (*REQUIRED, "mask", "group", *BOX_COLUMNS)}
     # header names as written by spreadsheets: " Image", "LABEL" name the same columns
     reader.fieldnames = [known.get(c.strip().lower(), c.strip()) for c in (reader.fieldnames or [])]
-    cols = reader.fieldnames
+    cols = list(reader.fieldnames)
+    # a repeated column would silently take its last value (csv.DictReader keeps one key per name)
+    repeated = sorted({c for c in cols if c and cols.count(c) > 1})
+    if repeated:
+        raise ManifestError(path, f"column(s) {', '.join(repr(c) for c in repeated)} appear more than once in the "
+                                  f"header: keep one")
     missing = [c for c in REQUIRED if c not in cols]
     if missing:
         raise ManifestError(path, f"missing required column(s): {', '.join(missing)} (found: {', '.join(cols)})")
-    records: list[Record] = []
+    rows = []
     for line, row in enumerate(reader, start=2):
         if any(str(v).strip() for v in row.get(None) or []):  # values beyond the header's columns
             raise ManifestError(path, f"line {line}: more values than the header's {len(cols)} columns")
@@ -85,6 +96,17 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
         if short:  # fewer values than columns: csv leaves the rest None
             raise ManifestError(path, f"line {line}: no value for column(s) {', '.join(short)} "
                                       f"(the row has fewer values than the header)")
+        row.pop(None, None)
+        rows.append((line, row))
+    return path, raw, cols, rows
+
+
+def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
+    """Read and validate ``root/manifest.csv``."""
+    root = Path(root)
+    path, raw, _cols, rows = read_rows(root)
+    records: list[Record] = []
+    for line, row in rows:
         raw_label = (row.get("label") or "").strip()
         label = canonical_label(raw_label)
         if label is None:

@@ -129,6 +129,24 @@ def _read_photo(path: Path, modality: str) -> MetaTensor:
     return _image(path, "image2d", arr, PHOTO_AFFINE.copy(), (1.0, 1.0), spacing_known=False, modality=modality)
 
 
+def _spatial_only(path: Path, arr: np.ndarray) -> np.ndarray:
+    """NIfTI voxels as ``(X, Y, Z)``, the three axes the affine maps.
+
+    Only the non-spatial axes (4th: time/volumes, 5th+: vectors) may be dropped, and only when they have
+    length 1: squeezing a spatial axis of length 1 as well (a coronal slice stored ``(x, 1, z, 1)``)
+    would shift the remaining axes under the file's affine and put every voxel at a wrong position.
+    """
+    if arr.ndim > 3:
+        extra = arr.shape[3:]
+        if any(n != 1 for n in extra):
+            raise InvalidInputError(path, f"expected a 2D or 3D NIfTI, got {arr.ndim}D data of shape {arr.shape} "
+                                          f"({int(np.prod(extra))} volumes or values per voxel)")
+        arr = arr.reshape(arr.shape[:3])
+    while arr.ndim < 3:  # a 2D NIfTI (or a 1D one): the missing axes have length 1
+        arr = arr[..., None]
+    return arr
+
+
 def _read_nifti(path: Path) -> MetaTensor:
     import nibabel as nib
 
@@ -143,11 +161,7 @@ def _read_nifti(path: Path) -> MetaTensor:
         raise InvalidInputError(path, f"corrupt or truncated NIfTI: {type(e).__name__}: {e}") from e
     if arr.ndim == 5 and arr.shape[4] in (3, 4) and img.header.get_intent()[0] in ("vector", "rgb vector"):
         arr = _grey(arr[:, :, :, 0, :])  # colour stored as a 5th-dimension vector (NIfTI's own convention)
-    arr = np.squeeze(arr) if arr.ndim > 3 else arr
-    if arr.ndim == 2:
-        arr = arr[..., None]
-    if arr.ndim != 3:
-        raise InvalidInputError(path, f"expected a 2D or 3D NIfTI, got {arr.ndim}D data of shape {arr.shape}")
+    arr = _spatial_only(path, arr)
     arr = _check_pixels(path, arr)
     affine = np.asarray(img.affine, dtype=float)
     return _image(path, "volume", arr, affine, np.sqrt((affine[:3, :3] ** 2).sum(0)), modality="MR")
@@ -355,12 +369,21 @@ def is_volume(img: MetaTensor) -> bool:
 
 
 def read_mask(path: str | Path, like: MetaTensor | None = None) -> MetaTensor:
-    """Read a binary/label mask (PNG 0/255, NIfTI labels); values > 0 are tumour.
+    """Read a binary/label mask (PNG 0/255, NIfTI labels) as uint8 0/1.
+
+    A picture mask (JPEG/PNG/...) is tumour above half its maximum value: JPEG compression leaves
+    faint non-zero pixels around every outline, and counting them (> 0) inflated masks by 20-40 %;
+    0/1, 0/255 and boolean pictures come out the same either way. A label volume (NIfTI, NRRD, DICOM)
+    keeps values > 0 as tumour, so every label of a multi-label map (BraTS 1, 2, 4) counts.
 
     With ``like``, the mask must have the same spatial shape, otherwise a typed error.
     """
     m = read_image(path)
-    out = (m > 0).to(torch.uint8)
+    cut = 0.0
+    if _suffix(Path(path)) in PHOTO_EXT:
+        peak = float(m.max()) if m.numel() else 0.0
+        cut = peak / 2 if peak > 0 else 0.0
+    out = (m > cut).to(torch.uint8)
     out = MetaTensor(out, meta=dict(m.meta))
     if like is not None and tuple(out.shape[1:]) != tuple(like.shape[1:]):
         raise InvalidInputError(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 
@@ -24,15 +23,38 @@ def register(sub) -> None:
     register_volumes(sub)
 
 
+def check_output(path: str | Path) -> Path:
+    """Refuse an output file that cannot be written before any work is done: a run of minutes must not
+    end in a traceback because ``--json`` points below a regular file or at a folder."""
+    import os
+
+    from tumorlens.errors import InvalidInputError
+
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidInputError(path, "output path is a folder, not a file name")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InvalidInputError(path, f"cannot write here: {parent} is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise InvalidInputError(path, f"cannot write here: folder {parent} is not writable")
+            break
+    return path
+
+
 def run_evaluate(args) -> int:
     from tumorlens.evaluation.evaluate import confusion_png, evaluate_folder, format_table
+    from tumorlens.evaluation.jsonio import write_json
 
+    png = Path(args.png) if args.png else (Path(args.json_out).with_suffix(".confusion.png") if args.json_out
+                                            else Path("confusion.png"))
+    for out in ([args.json_out] if args.json_out else []) + [png]:
+        check_output(out)
     m = evaluate_folder(args.data_dir, model=args.model, limit=args.limit)
     probs, labels = m.pop("_probs"), m.pop("_labels")
     if not args.no_margin:
         m["semantic_margin_rate"] = _margin(args, m, probs, labels)
-    png = Path(args.png) if args.png else (Path(args.json_out).with_suffix(".confusion.png") if args.json_out
-                                            else Path("confusion.png"))
     confusion_png(m, png)
     m["confusion_png"] = str(png)
     print(format_table(m))
@@ -40,8 +62,7 @@ def run_evaluate(args) -> int:
         print(f"semantic margin rate {m['semantic_margin_rate']:.4f}")
     print(f"confusion matrix: {png}")
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(m, indent=2))
+        write_json(m, args.json_out)
         print(f"metrics: {args.json_out}")
     return 0
 
@@ -90,7 +111,9 @@ def run_predict(args) -> int:
         for c in rec["caveats"]:
             print(f"{'':<28} caveat: {c}")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(out, indent=2))
+        from tumorlens.evaluation.jsonio import write_json
+
+        write_json(out, args.json_out)
     return 1 if failed else 0
 
 
@@ -119,5 +142,7 @@ def run_volumes(args) -> int:
     if core:
         print(f"mean tumour-core Dice {res['mean_core_dice']:.3f} (labels {args.core})")
     if args.json_out:
-        Path(args.json_out).write_text(json.dumps(res, indent=2))
+        from tumorlens.evaluation.jsonio import write_json
+
+        write_json(res, args.json_out)
     return 0

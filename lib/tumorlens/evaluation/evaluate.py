@@ -3,34 +3,117 @@ confusion-matrix PNG."""
 
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from tqdm import tqdm
 
 from tumorlens.alignment.familiarity import unfamiliar
-from tumorlens.data.manifest import load_manifest
-from tumorlens.data.readers import is_volume, read_image, read_mask
+from tumorlens.data.manifest import Record, load_manifest
+from tumorlens.data.readers import PHOTO_EXT, is_volume, read_image, read_mask
+from tumorlens.errors import InvalidInputError
+from tumorlens.evaluation.jsonio import json_ready
 from tumorlens.evaluation.metrics import classification_metrics, dice_score, grouped_bootstrap
-from tumorlens.inference import Predictor, prepare_slice, seg_on_slice, tumour_mask
+from tumorlens.inference import (
+    Predictor,
+    prepare_slice,
+    resize_2d,
+    seg_on_slice,
+    tumour_mask,
+    volume_to_display,
+)
 from tumorlens.labels import NO_TUMOUR, class_index
+
+log = logging.getLogger(__name__)
+
+CONSTANT_IMAGE = "image is constant (blank): tumorlens predict refuses it"
+
+
+def is_constant(img: MetaTensor) -> bool:
+    """The check ``Predictor.predict`` makes: a constant image carries nothing to classify."""
+    arr = img.detach().cpu().numpy()[0]
+    return arr.size == 0 or not np.any(arr != arr.flat[0])
+
+
+def truth_mask(path: Path, img: MetaTensor) -> np.ndarray:
+    """A manifest mask as bool on ``img``'s own grid (2D: rows x cols; volume: X, Y, Z).
+
+    A JPEG/PNG mask of a 2D image is read by ``read_mask`` (which tolerates compression noise); any
+    other combination (a NIfTI/NRRD mask, a mask of a volume) goes through ``read_label_like``, which
+    puts a label that carries geometry into the image's axis order: compared in raw voxel order, a
+    mask 3D Slicer saved for a slice would be transposed.
+    """
+    if not is_volume(img) and path.name.lower().endswith(PHOTO_EXT):
+        return read_mask(path, like=img)[0].numpy() > 0
+    from tumorlens.activelearning.finetune import read_label_like
+
+    return read_label_like(path, img) > 0
+
+
+def single_slice_input(img: MetaTensor, size: int) -> torch.Tensor:
+    """The network input ``Predictor.predict`` makes of a one-slice volume ([1, 1, size, size]): the
+    slice in display orientation (RAS, radiological), normalised and resized. For callers that need the
+    input itself (features) rather than a prediction; ``evaluate_folder`` calls ``predict``."""
+    arr = img.detach().cpu().numpy()[0]
+    if arr.ndim != 3 or arr.shape[-1] != 1:
+        raise InvalidInputError(img.meta.get("filename_or_obj"), f"expected a one-slice volume, got {arr.shape}")
+    from tumorlens.data.normalize import normalize_intensity
+
+    disp, _ = volume_to_display(arr, np.asarray(img.affine, dtype=float))
+    return resize_2d(torch.from_numpy(np.ascontiguousarray(normalize_intensity(disp)))[:, None], size)
+
+
+def warn_duplicates(records: list[Record], manifest_path: Path) -> None:
+    """Warn about images listed more than once: each copy counts again in every metric."""
+    counts = Counter(r.image for r in records)
+    dups = {p: n for p, n in counts.items() if n > 1}
+    if dups:
+        shown = ", ".join(f"{p.name} ({n}x)" for p, n in list(dups.items())[:5])
+        log.warning("%s: %d image(s) listed more than once, each copy counted in the metrics: %s%s", manifest_path,
+                    len(dups), shown, " ..." if len(dups) > 5 else "")
 
 
 def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: int = 32,
                     progress: bool = True, limit: int | None = None) -> dict:
-    """Classify every manifest image and segment those with masks; metrics as a dict."""
+    """Classify every manifest image and segment those with masks; metrics as a JSON-ready dict
+    (an undefined metric is None).
+
+    2D images are batched through the same preparation ``Predictor.predict`` applies to one image;
+    volumes (one slice or many) go through ``Predictor.predict`` itself, so evaluate and predict give
+    the same probabilities for the same file. seg Dice is over tumour-labelled images with a mask (the
+    README's definition); a ``no_tumor`` mask that outlines something is warned about and ignored. An
+    unreadable image is a typed error naming the file; a blank 2D image is warned about and scored.
+    """
     manifest = load_manifest(data_dir)
     records = manifest.records[:limit] if limit else manifest.records
+    warn_duplicates(records, manifest.root / "manifest.csv")
     pred = Predictor(model)
     size = pred.size
-    labels = np.array([class_index(r.label) for r in records])
+    labels = np.array([class_index(r.label) for r in records], dtype=int)
     probs = np.zeros((len(records), len(pred.model.labels)), np.float32)
-    dices = np.full(len(records), np.nan)  # per image; NaN where the image has no mask
+    dices = np.full(len(records), np.nan)  # per image; NaN where it does not count (no mask, or no_tumor)
     fam = np.full(len(records), np.nan, np.float32)
-    batch_x, batch_i = [], []
+    batch_x: list[torch.Tensor] = []
+    batch_i: list[int] = []
+    pending: dict[int, MetaTensor] = {}
 
-    def flush():
+    def truth_for(rec: Record, img: MetaTensor) -> np.ndarray | None:
+        """The mask that counts towards seg Dice, or None."""
+        if rec.mask is None:
+            return None
+        truth = truth_mask(rec.mask, img)
+        if rec.label == NO_TUMOUR:
+            if truth.any():
+                log.warning("%s: mask of a %s image outlines %d pixels; ignored (seg Dice is over tumour images)",
+                            rec.mask, NO_TUMOUR, int(truth.sum()))
+            return None
+        return truth
+
+    def flush() -> None:
         if not batch_x:
             return
         p, seg, f = pred.forward_batch(torch.cat(batch_x))
@@ -38,32 +121,31 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
             probs[i] = p[j].numpy()
             if f is not None:
                 fam[i] = f[j]
-            rec = records[i]
-            if rec.mask is not None:
-                img = pending[i]
-                truth = read_mask(rec.mask, like=img)[0].numpy() > 0
+            img = pending[i]
+            truth = truth_for(records[i], img)
+            if truth is not None:
                 called = pred.model.labels[int(probs[i].argmax())] != NO_TUMOUR
                 dices[i] = dice_score(tumour_mask(seg_on_slice(seg[j:j + 1], img[0].numpy()), called), truth)
         batch_x.clear()
         batch_i.clear()
         pending.clear()
 
-    pending: dict[int, object] = {}
     for i, rec in enumerate(tqdm(records, desc="evaluating", disable=not progress)):
         img = read_image(rec.image)
-        if is_volume(img) and img.shape[-1] > 1:
-            r = pred.predict(img)
+        if is_volume(img):
+            r = pred.predict(img)  # refuses a constant volume itself, naming the file
             probs[i] = [r.probabilities[c] for c in pred.model.labels]
             if "familiarity" in r.extra:
                 fam[i] = r.extra["familiarity"]["score"]
-            if rec.mask is not None:
-                truth = read_mask(rec.mask, like=img)[0].numpy() > 0
+            truth = truth_for(rec, img)
+            if truth is not None:
                 dices[i] = dice_score(r.mask[0].numpy() > 0, truth)
             continue
-        arr = img[0].numpy() if not is_volume(img) else img[0, :, :, 0].numpy()
-        batch_x.append(prepare_slice(arr, size))
+        if is_constant(img):  # still scored: one blank slice must not stop a whole evaluation
+            log.warning("%s: %s; it is scored anyway, as listed", rec.image, CONSTANT_IMAGE)
+        batch_x.append(prepare_slice(img[0].numpy(), size))
         batch_i.append(i)
-        pending[i] = img if not is_volume(img) else img[..., 0]
+        pending[i] = img
         if len(batch_x) >= batch_size:
             flush()
     flush()
@@ -75,6 +157,7 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     m["familiarity"] = familiarity_summary(fam, labels, probs, pred.familiarity_calibration)
     m["model"] = {"name": pred.model.name, "version": pred.model.version, "backbone": pred.model.backbone}
     m["data"] = {"folder": Path(data_dir).name, "manifest_sha256": manifest.sha256}
+    m = json_ready(m)
     m["_probs"] = probs
     m["_labels"] = labels
     return m
@@ -126,9 +209,12 @@ def confusion_png(metrics: dict, path: str | Path, title: str = "") -> Path:
 
 
 def format_table(m: dict) -> str:
+    def num(v: float | None) -> str:
+        return "-" if v is None or not np.isfinite(v) else f"{v:.4f}"
+
     lines = [f"model {m['model']['name']} v{m['model']['version']}  n={m['n']}",
-             f"accuracy {m['accuracy']:.4f}  tumour-only {m['tumour_only_accuracy']:.4f}  "
-             f"balanced {m['balanced_accuracy']:.4f}  ECE {m['ece']:.4f}  "
+             f"accuracy {num(m['accuracy'])}  tumour-only {num(m['tumour_only_accuracy'])}  "
+             f"balanced {num(m['balanced_accuracy'])}  ECE {num(m['ece'])}  "
              + (f"seg Dice {m['seg_dice']:.4f} (n={m['seg_n']})" if m.get("seg_dice") is not None else "seg Dice -"),
              f"{'class':<12}{'precision':>10}{'recall':>8}{'f1':>8}{'n':>6}"]
     for c, v in m["per_class"].items():

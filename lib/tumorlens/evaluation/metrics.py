@@ -74,7 +74,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -
 def grouped_bootstrap(labels: np.ndarray, probs: np.ndarray, class_names, groups, dice: np.ndarray | None = None,
                       resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
     """Percentile confidence intervals of accuracy, tumour-only accuracy and seg Dice, resampling whole
-    groups (patients) with replacement.
+    groups (patients) with replacement. A statistic with no image to measure it on (tumour-only accuracy
+    of a folder without tumour images) gets no interval.
 
     Images of one patient are not independent, so an image-level interval would be too narrow; the
     cluster bootstrap resamples the unit the split is made of (a manifest without a ``group`` column makes
@@ -106,6 +107,8 @@ def grouped_bootstrap(labels: np.ndarray, probs: np.ndarray, class_names, groups
     counts = np.stack([np.bincount(d, minlength=n_groups) for d in draws])  # [R, G] times each group is drawn
     lo, hi = 100 * (1 - level) / 2, 100 * (1 + level) / 2
     for name, (s, c) in parts.items():
+        if not c.any():  # nothing to measure (e.g. no tumour image): no interval, not an empty percentile
+            continue
         den = counts @ c
         stat = (counts @ s)[den > 0] / den[den > 0]
         out[name] = [float(np.percentile(stat, lo)), float(np.percentile(stat, hi))]

@@ -74,7 +74,11 @@ def run(args: argparse.Namespace) -> int:
     print(" ".join(cmd), file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execvpe(cmd[0], cmd, env)  # the server replaces this process: signals reach it directly
+    # The server replaces this process, and the ``monailabel`` launcher (a bash script) ``exec``s
+    # ``python -m monailabel.main`` in turn: the server keeps this PID, so a SIGTERM/SIGINT sent to
+    # ``tumorlens serve`` reaches uvicorn itself and it shuts down (tests/test_volume_edges.py checks it).
+    # A wrapper that forks (``(cd X && tumorlens serve) &``) holds a PID of its own: signal the server's.
+    os.execvpe(cmd[0], cmd, env)
     return 0  # pragma: no cover
 
 

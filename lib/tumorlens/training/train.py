@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import math
 import os
 import subprocess
@@ -26,6 +25,7 @@ from tumorlens.data.dataset import ArrayDataset, load_arrays, train_transforms
 from tumorlens.data.manifest import load_manifest
 from tumorlens.data.splits import training_split
 from tumorlens.errors import InvalidInputError
+from tumorlens.evaluation.jsonio import dumps, json_ready
 from tumorlens.evaluation.metrics import classification_metrics, dice_score
 from tumorlens.labels import CLASS_NAMES
 from tumorlens.models.dualhead import build_model
@@ -108,6 +108,30 @@ def predict_arrays(net, images: np.ndarray, device, batch: int = 64, channels_la
     return torch.cat(probs).numpy(), torch.cat(segs).numpy()
 
 
+def make_loader(ds: ArrayDataset, batch_size: int, where: Path) -> DataLoader:
+    """Shuffled training batches that always give at least one step per epoch.
+
+    Dropping the last partial batch keeps batch statistics steady, but with fewer images than one
+    batch it left no batch at all (and OneCycleLR refuses 0 steps): then the whole part is one batch.
+    """
+    n = len(ds)
+    if n < 2:
+        raise InvalidInputError(where, f"the training part of the split has {n} image(s): training needs at least 2 "
+                                       "(add images, or lower data.val_fraction)")
+    bs = max(2, min(int(batch_size), n))
+    return DataLoader(ds, batch_size=bs, shuffle=True, num_workers=0, drop_last=n > bs)
+
+
+def selection_score(vm: dict) -> float:
+    """What picks the best epoch: validation accuracy plus half the seg Dice. A validation part without
+    masks has no seg Dice (NaN); it then counts as nothing rather than making every score NaN (no epoch
+    would ever be kept)."""
+    acc = vm.get("accuracy")
+    dice = vm.get("seg_dice")
+    acc = float(acc) if acc is not None and math.isfinite(acc) else 0.0
+    return acc + (0.5 * float(dice) if dice is not None and math.isfinite(dice) else 0.0)
+
+
 def validate(net, images, masks, labels, device, channels_last=False) -> dict:
     probs, seg = predict_arrays(net, images, device, channels_last=channels_last)
     m = classification_metrics(labels, probs, CLASS_NAMES)
@@ -152,7 +176,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
 
     ds = ArrayDataset(images[train_idx], masks[train_idx], labels[train_idx],
                       train_transforms() if tc.get("augment", True) else None)
-    loader = DataLoader(ds, batch_size=int(tc["batch_size"]), shuffle=True, num_workers=0, drop_last=True)
+    loader = make_loader(ds, int(tc["batch_size"]), manifest.root / "manifest.csv")
     loc_cfg = tc.get("localisation") or {}
     if float(loc_cfg.get("weight") or 0) > 0 and loc_cfg.get("layer"):
         cfg["model"]["cam_layer"] = loc_cfg["layer"]  # the trained explanation layer is the model's CAM layer
@@ -241,7 +265,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
             losses.append(loss.item())
             bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
         vm = validate(net, images[val_idx], masks[val_idx], labels[val_idx], device, cl)
-        score = vm["accuracy"] + 0.5 * vm["seg_dice"]
+        score = selection_score(vm)
         rec = {"epoch": epoch + 1, "loss": float(np.mean(losses)), "seconds": round(time.time() - te, 1),
                "val_accuracy": vm["accuracy"], "val_tumour_only_accuracy": vm["tumour_only_accuracy"],
                "val_balanced_accuracy": vm["balanced_accuracy"], "val_seg_dice": vm["seg_dice"]}
@@ -253,8 +277,8 @@ def train(cfg: dict, progress: bool = True) -> dict:
             rec["distill_loss"] = float(np.mean(dist_losses))
         history.append(rec)
         if progress:
-            tqdm.write(json.dumps(rec))
-        if score > best:
+            tqdm.write(dumps(rec, indent=None))
+        if best_state is None or score > best:
             best, best_epoch, stale = score, epoch + 1, 0
             best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
         else:
@@ -298,5 +322,6 @@ def train(cfg: dict, progress: bool = True) -> dict:
     }
     out = Path(oc.get("dir") or (Path(os.environ.get("TUMORLENS_MODELS_DIR", project_root() / "models")) / name))
     net = net.to(memory_format=torch.contiguous_format).cpu()
+    card = json_ready(card)  # strict JSON: an undefined metric (no tumour or no mask in validation) is null
     save_checkpoint(net, cfg, card, out)
     return {"path": str(out), "card": card, "net": net}

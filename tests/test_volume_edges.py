@@ -1,0 +1,253 @@
+"""Edge geometries of volumes: singleton spatial axes (NIfTI 4D storage, single coronal/sagittal
+slices), masks stored with another axis order than their image, and how the server reports and stops."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from tumorlens.data import read_image
+from tumorlens.errors import InvalidInputError
+from tumorlens.inference import display_to_volume, volume_to_display
+from tumorlens.paths import project_root
+
+# anisotropic, with distinct spacings per axis: dropping or shifting an axis changes the geometry visibly
+AFFINE = np.array([[0.5, 0, 0, -40.0], [0, 6.0, 0, 10.0], [0, 0, 2.0, -30.0], [0, 0, 0, 1]])
+
+
+def _save(path: Path, arr: np.ndarray, affine: np.ndarray) -> Path:
+    img = nib.Nifti1Image(arr, affine)
+    img.set_qform(affine, 1)
+    img.set_sform(affine, 1)
+    nib.save(img, str(path))
+    return path
+
+
+# ---- 1. NIfTI 4D storage with a singleton spatial axis ------------------------------------------
+
+@pytest.mark.parametrize("shape3", [(64, 1, 48), (1, 64, 48), (64, 48, 1)])
+def test_4d_nifti_with_singleton_spatial_axis_keeps_its_geometry(tmp_path, shape3):
+    """(x, 1, z, 1) must read exactly as the 3D (x, 1, z) file: squeezing the spatial 1 as well moved
+    every voxel under the file's affine (and applied the 6 mm spacing to the wrong axis)."""
+    sl = np.random.RandomState(0).rand(*shape3).astype(np.float32)
+    a3 = read_image(_save(tmp_path / "s3.nii.gz", sl, AFFINE))
+    a4 = read_image(_save(tmp_path / "s4.nii.gz", sl[..., None], AFFINE))
+    a5 = read_image(_save(tmp_path / "s5.nii.gz", sl[..., None, None], AFFINE))
+    for im in (a3, a4, a5):
+        assert tuple(im.shape[1:]) == shape3
+        np.testing.assert_allclose(np.asarray(im.affine), AFFINE)
+        np.testing.assert_allclose(im.meta["spacing"], [0.5, 6.0, 2.0])
+        np.testing.assert_array_equal(im.numpy()[0], sl)
+
+
+def test_4d_nifti_with_several_volumes_is_refused(tmp_path):
+    """Three volumes of one slice are not a three-slice volume (a squeeze made them one)."""
+    p = _save(tmp_path / "t3.nii.gz", np.random.RandomState(1).rand(20, 16, 1, 3).astype(np.float32), AFFINE)
+    with pytest.raises(InvalidInputError, match="t3.nii.gz.*3 volumes"):
+        read_image(p)
+
+
+# ---- 2. a single coronal / sagittal slice is one picture in its own plane -----------------------
+
+def _slice(dev2d: Path, dev_rows: list[dict]) -> np.ndarray:
+    from PIL import Image
+
+    row = next(r for r in dev_rows if r["mask"] and r["label"] != "no_tumor")
+    return np.asarray(Image.open(dev2d / row["image"]).convert("L"), dtype=np.float32)
+
+
+@pytest.mark.parametrize("shape", [(30, 1, 20), (1, 30, 20), (30, 20, 1), (1, 1, 5)])
+def test_display_round_trip_of_one_slice_volumes(shape):
+    rng = np.random.RandomState(2)
+    vol = rng.rand(*shape).astype(np.float32)
+    # stored LPI-like (x and z flipped, y/z swapped for some): the display comes from the affine
+    for aff in (np.eye(4), np.diag([-1.0, 1.0, -1.0, 1.0]), np.array([[0, 1.0, 0, 0], [-1.0, 0, 0, 0],
+                                                                     [0, 0, 1.0, 0], [0, 0, 0, 1]])):
+        disp, back = volume_to_display(vol, aff)
+        np.testing.assert_array_equal(display_to_volume(disp, back), vol)
+    disp, back = volume_to_display(vol, np.eye(4))
+    if shape in ((30, 1, 20), (1, 30, 20)):  # one picture, superior on top
+        assert disp.shape == (1, 20, 30)
+        assert back["plane"] == ("coronal" if shape[1] == 1 else "sagittal")
+
+
+def test_single_coronal_and_sagittal_slices_predict_like_the_axial_one(predictor, dev2d, dev_rows, tmp_path):
+    """The same picture stored as an axial (x, y, 1), a coronal (x, 1, z), a sagittal (1, y, z) slice or
+    a coronal slice stored x-flipped with a matching affine is one image to the network: the same
+    probabilities, and a mask on each input's own grid showing the same pixels. (A coronal slice used to
+    be cut into 1-pixel axial strips, each stretched to the network's square input.)"""
+    pic = _slice(dev2d, dev_rows)  # rows x cols as displayed
+    ras = np.ascontiguousarray(pic[::-1, ::-1].T)  # display (row, col) -> RAS (x, y): radiological order
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = ras.shape[0] - 1
+    files = {
+        "axial": _save(tmp_path / "axial.nii.gz", ras[:, :, None], np.eye(4)),
+        "coronal": _save(tmp_path / "coronal.nii.gz", ras[:, None, :], np.eye(4)),
+        "sagittal": _save(tmp_path / "sagittal.nii.gz", ras[None, :, :], np.eye(4)),
+        "coronal_las": _save(tmp_path / "coronal_las.nii.gz", ras[::-1, None, :].copy(), flip),
+    }
+    preds = {k: predictor.predict(read_image(p)) for k, p in files.items()}
+    ref = preds["axial"]
+    assert ref.mask.numpy().any(), "the tumour slice should give a mask to compare"
+    for k, p in preds.items():
+        for c, v in ref.probabilities.items():
+            assert abs(p.probabilities[c] - v) < 1e-5, (k, c, p.probabilities, ref.probabilities)
+        assert tuple(p.mask.shape) == tuple(read_image(files[k]).shape), k
+        np.testing.assert_allclose(np.asarray(p.mask.affine), np.asarray(read_image(files[k]).affine))
+    m = ref.mask.numpy()[0, :, :, 0]
+    np.testing.assert_array_equal(preds["coronal"].mask.numpy()[0, :, 0, :], m)
+    np.testing.assert_array_equal(preds["sagittal"].mask.numpy()[0, 0], m)
+    np.testing.assert_array_equal(preds["coronal_las"].mask.numpy()[0, ::-1, 0, :], m)
+
+
+# ---- 3. locate: a mask stored with another axis order -------------------------------------------
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """ICBM152 (nilearn, offline) with a lesion planted in the right putamen, saved as NIfTI with its
+    mask; the same mask stored x-flipped with a matching affine; and its mirror image (data flipped,
+    affine kept: a lesion in the left hemisphere)."""
+    from tumorlens.atlas.synthetic import make_case
+
+    d = tmp_path_factory.mktemp("planted")
+    case = make_case("Right_Putamen", spacing_mm=2.0, radius_mm=6.0)
+    aff = np.asarray(case.volume.affine, dtype=float)
+    vol = case.volume.numpy()[0].astype(np.float32)
+    mask = (case.mask.numpy()[0] > 0).astype(np.uint8)
+    flip = np.diag([-1.0, 1.0, 1.0, 1.0])
+    flip[0, 3] = vol.shape[0] - 1
+    return {
+        "image": _save(d / "image.nii.gz", vol, aff),
+        "mask": _save(d / "mask.nii.gz", mask, aff),
+        "mask_flipx": _save(d / "mask_flipx.nii.gz", mask[::-1].copy(), aff @ flip),
+        "mask_mirror": _save(d / "mask_mirror.nii.gz", mask[::-1].copy(), aff),
+        "mask_shifted": _save(d / "mask_shifted.nii.gz", mask, aff @ np.array(
+            [[1, 0, 0, 3.0], [0, 1, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])),
+        "array": mask,
+    }
+
+
+def test_mask_with_another_axis_order_is_brought_onto_the_image_grid(planted):
+    from tumorlens.atlas.cli import mask_on_image_grid
+    from tumorlens.data.readers import read_mask
+
+    img = read_image(planted["image"])
+    same = mask_on_image_grid(read_mask(planted["mask"]), img, planted["mask"])
+    flipped = mask_on_image_grid(read_mask(planted["mask_flipx"]), img, planted["mask_flipx"])
+    mirror = mask_on_image_grid(read_mask(planted["mask_mirror"]), img, planted["mask_mirror"])
+    np.testing.assert_array_equal(same.numpy()[0], planted["array"])
+    np.testing.assert_array_equal(flipped.numpy()[0], planted["array"])  # the same lesion
+    np.testing.assert_allclose(np.asarray(flipped.affine), np.asarray(img.affine))
+    np.testing.assert_array_equal(mirror.numpy()[0], planted["array"][::-1])  # another lesion: kept as stored
+    with pytest.raises(InvalidInputError, match="mask_shifted.nii.gz.*does not lie on the image's grid"):
+        mask_on_image_grid(read_mask(planted["mask_shifted"]), img, planted["mask_shifted"])
+    # a mask without geometry (identity affine) is taken in the image's voxel order
+    bare = MetaTensor(torch.from_numpy(planted["array"][None]), affine=torch.eye(4))
+    np.testing.assert_array_equal(mask_on_image_grid(bare, img, "bare").numpy()[0], planted["array"])
+
+
+def test_locate_with_flipped_stored_mask_keeps_the_laterality(planted, tmp_path, capsys):
+    """`tumorlens locate` compared shapes only: the x-flipped mask put the right-putamen lesion on the left."""
+    from tumorlens.cli import main
+
+    out = tmp_path / "loc.json"
+    rc = main(["locate", str(planted["image"]), "--mask", str(planted["mask_flipx"]), "--no-deformable",
+               "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    res = json.loads(out.read_text())
+    assert res["lesion"]["laterality"] == "right"
+    assert res["regions"][0]["label"] == "Right_Putamen"
+    assert main(["locate", str(planted["image"]), "--mask", str(planted["mask_shifted"])]) == 2
+    assert "mask_shifted.nii.gz" in capsys.readouterr().err
+
+
+# ---- 4. the server's error message names no server path -----------------------------------------
+
+def test_infer_error_names_the_upload_not_the_servers_temp_file(tmp_path):
+    """A JPEG renamed .nii: nibabel's message quotes the file's path, on the server a temporary file."""
+    pytest.importorskip("monailabel")
+    sys.path.insert(0, str(project_root() / "monai_app"))
+    try:
+        from lib.infers.base import public_problem
+    finally:
+        sys.path.pop(0)
+    fake = tmp_path / "tmpab12cd.nii"
+    fake.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 400)  # a JPEG's first bytes
+    with pytest.raises(InvalidInputError) as e:
+        read_image(fake)
+    assert str(fake) in e.value.problem  # what nibabel says, path included
+    uploaded = public_problem(e.value, str(fake), {})
+    assert str(tmp_path) not in uploaded and "tmpab12cd" not in uploaded and "the uploaded file" in uploaded
+    named = public_problem(e.value, str(fake), {"image_id": "case7"})
+    assert str(tmp_path) not in named and "case7" in named
+
+
+# ---- 5. SIGTERM to `tumorlens serve` ends the server -----------------------------------------------
+
+def test_sigterm_to_serve_stops_the_server(tmp_path):
+    """Stopping `tumorlens serve` (SIGTERM, what a service manager or `kill` sends) must not leave the
+    MONAI Label server (`python -m monailabel.main`) running on its port."""
+    pytest.importorskip("monailabel")
+    psutil = pytest.importorskip("psutil")
+    import shutil
+    import urllib.request
+
+    from tumorlens.paths import sample_studies_dir
+    from tumorlens.serving.process import free_port
+
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for f in sorted(sample_studies_dir().glob("*.jpg"))[:1]:
+        shutil.copy(f, studies / f.name)
+    port = free_port()
+    env = dict(os.environ, MONAI_LABEL_AUTO_UPDATE_SCORING="false", OMP_WAIT_POLICY="PASSIVE",
+               MONAI_LABEL_SESSION_PATH=str(tmp_path / "sessions"))
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([str(Path(sys.executable).parent / "tumorlens"), "serve", "--studies", str(studies),
+                             "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True, cwd=str(tmp_path))
+
+    def servers() -> list:
+        found = []
+        for p in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(p.info["cmdline"] or [])
+            if "monailabel.main" in cmd and str(port) in cmd:
+                found.append(p)
+        return found
+
+    try:
+        deadline = time.time() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "server did not answer /info/ in 180 s"
+            time.sleep(0.5)
+        running = servers()
+        assert running, "no monailabel.main process found for the port"
+        os.kill(proc.pid, signal.SIGTERM)
+        gone, alive = psutil.wait_procs(running, timeout=20)
+        assert not alive, [p.pid for p in alive]
+        assert proc.wait(timeout=10) is not None
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        proc.wait(timeout=30)
+        log.close()
