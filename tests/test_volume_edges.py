@@ -111,6 +111,28 @@ def test_single_coronal_and_sagittal_slices_predict_like_the_axial_one(predictor
     np.testing.assert_array_equal(preds["coronal_las"].mask.numpy()[0, ::-1, 0, :], m)
 
 
+
+def test_a_volume_with_a_wide_empty_border_is_seen_like_the_tight_one(predictor, brats):
+    """The same BraTS volume with a 100-voxel empty margin in x and y: its slices are framed around
+    the head as training slices are (one frame for the whole volume). Without the frame the padded
+    copy's mask shared 0.4 % with the tight one's and 0.0002 Dice with the expert label."""
+    from tumorlens.data import read_mask
+
+    img = read_image(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz")
+    arr = img[0].numpy()
+    pad = np.pad(arr, ((100, 100), (100, 100), (0, 0)), constant_values=float(arr.min()))
+    aff = img.affine.clone()
+    aff[:3, 3] -= aff[:3, :3] @ torch.tensor([100.0, 100.0, 0.0], dtype=aff.dtype)
+    tight = predictor.predict(img)
+    wide = predictor.predict(MetaTensor(torch.from_numpy(pad)[None], affine=aff))
+    assert wide.label == tight.label == "glioma"
+    m0, m1 = tight.mask[0].numpy() > 0, wide.mask[0].numpy()[100:-100, 100:-100] > 0
+    assert wide.mask.shape == (1, *pad.shape) and not wide.mask[0].numpy()[:100].any()
+    assert 2 * (m0 & m1).sum() / (m0.sum() + m1.sum()) > 0.2  # measured 0.30 (unframed: 0.004)
+    truth = read_mask(brats / "pat0001" / "OTMultiClass.nii.gz", like=img)[0].numpy() > 0
+    dice = 2 * (truth & m1).sum() / (truth.sum() + m1.sum())
+    assert dice > 0.5 * 2 * (truth & m0).sum() / (truth.sum() + m0.sum())  # measured 0.079 vs 0.068
+
 # ---- 3. locate: a mask stored with another axis order -------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,14 @@ from tumorlens.data.dataset import ArrayDataset, train_transforms
 from tumorlens.data.normalize import foreground_mask, normalize_intensity
 from tumorlens.data.readers import is_volume, read_image
 from tumorlens.errors import InvalidInputError, TrainingDivergedError
-from tumorlens.inference import prepare_mask, prepare_slice, resize_2d, volume_to_display
+from tumorlens.inference import (
+    display_foreground,
+    framed_inputs,
+    prepare_mask,
+    prepare_slice,
+    volume_frame,
+    volume_to_display,
+)
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR, class_index
 from tumorlens.models.registry import LoadedModel
 from tumorlens.training.train import make_optimizer, validate
@@ -118,8 +125,10 @@ def item_arrays(image: str | Path, label: str | Path | None, class_name: str, si
     if idx.size == 0:
         raise InvalidInputError(image, "volume has no usable slices for training")
     vnorm = normalize_intensity(disp)
-    x = resize_2d(torch.from_numpy(vnorm[idx].copy())[:, None], size)[:, 0].numpy()
-    m = resize_2d(torch.from_numpy(mdisp[idx].astype(np.float32))[:, None], size)[:, 0].numpy() >= 0.5
+    fg, brain_slices = display_foreground(disp)
+    frame = volume_frame(fg[brain_slices])  # the frame Predictor.predict sees this volume through
+    x = framed_inputs(vnorm[idx], frame, size)[:, 0].numpy()
+    m = framed_inputs(mdisp[idx].astype(np.float32), frame, size)[:, 0].numpy() >= 0.5
     y = np.array([class_index(class_name)] * touched.size + [class_index(NO_TUMOUR)] * (idx.size - touched.size))
     return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8), m.astype(np.uint8), y
 

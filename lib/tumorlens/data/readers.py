@@ -365,7 +365,9 @@ def read_image(path: str | Path, expect: Expect = None, modality: str = "MR") ->
 
 
 def is_volume(img: MetaTensor) -> bool:
-    return img.meta.get("kind") == "volume"
+    """As the reader recorded it; a MetaTensor built elsewhere ([C, X, Y, Z], no ``kind``) by its shape."""
+    kind = img.meta.get("kind") if hasattr(img, "meta") else None
+    return kind == "volume" if kind else img.ndim == 4
 
 
 def read_mask(path: str | Path, like: MetaTensor | None = None) -> MetaTensor:

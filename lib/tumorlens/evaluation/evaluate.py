@@ -21,7 +21,6 @@ from tumorlens.evaluation.metrics import classification_metrics, dice_score, gro
 from tumorlens.inference import (
     Predictor,
     prepare_slice,
-    resize_2d,
     seg_on_slice,
     tumour_mask,
     volume_to_display,
@@ -61,10 +60,8 @@ def single_slice_input(img: MetaTensor, size: int) -> torch.Tensor:
     arr = img.detach().cpu().numpy()[0]
     if arr.ndim != 3 or arr.shape[-1] != 1:
         raise InvalidInputError(img.meta.get("filename_or_obj"), f"expected a one-slice volume, got {arr.shape}")
-    from tumorlens.data.normalize import normalize_intensity
-
     disp, _ = volume_to_display(arr, np.asarray(img.affine, dtype=float))
-    return resize_2d(torch.from_numpy(np.ascontiguousarray(normalize_intensity(disp)))[:, None], size)
+    return prepare_slice(disp[0], size)
 
 
 def warn_duplicates(records: list[Record], manifest_path: Path) -> None:

@@ -25,7 +25,16 @@ from torch.nn import functional as F
 from tumorlens.data.normalize import normalize_intensity
 from tumorlens.data.readers import is_volume
 from tumorlens.errors import InvalidInputError
-from tumorlens.inference import display_to_volume, map_on_slice, prepare_slice, resize_2d, volume_to_display
+from tumorlens.inference import (
+    display_foreground,
+    display_to_volume,
+    framed_inputs,
+    map_on_slice,
+    maps_from_frame,
+    prepare_slice,
+    volume_frame,
+    volume_to_display,
+)
 from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
 from tumorlens.models.registry import LoadedModel, load_model
 from tumorlens.saliency.cam import GRAD_METHODS, METHODS, grad_cams, score_cam
@@ -164,11 +173,13 @@ def _volume(img, arr, lm: LoadedModel, methods, target, probabilities, layer, ma
         raise InvalidInputError(img.meta.get("filename_or_obj"), "volume has no brain-like foreground")
     vnorm = normalize_intensity(disp)
     size = lm.image_size
-    slices = torch.from_numpy(vnorm[use].copy())[:, None]
+    fg, brain_slices = display_foreground(disp)
+    frame = volume_frame(fg[brain_slices])  # the frame predict uses for this volume
+    slices = framed_inputs(vnorm[use], frame, size)
     notes: list[str] = []
     # per-slice probabilities: needed for the target and for choosing ScoreCAM's slices
     with torch.no_grad():
-        sp = torch.cat([lm.net(resize_2d(slices[i:i + batch_size], size))[0].softmax(1)
+        sp = torch.cat([lm.net(slices[i:i + batch_size])[0].softmax(1)
                         for i in range(0, len(use), batch_size)]).numpy()
     if target is None:
         if probabilities is None:
@@ -181,17 +192,17 @@ def _volume(img, arr, lm: LoadedModel, methods, target, probabilities, layer, ma
     grad = tuple(m for m in methods if m in GRAD_METHODS)
     for i in range(0, len(use), batch_size):
         idx = use[i:i + batch_size]
-        x = resize_2d(slices[i:i + batch_size], size)
+        x = slices[i:i + batch_size]
         if grad:
             for m, r in _run(lm.net, x, t, grad, mass, layer).items():
-                out[m][idx] = resize_2d(r[:, None], disp.shape[1:])[:, 0].clamp_min(0).numpy()
+                out[m][idx] = np.clip(maps_from_frame(r[:, None], frame, disp.shape[1:]), 0, None)
     if "scorecam" in methods:
         k = min(len(use), max(3, int(round(SCORECAM_SLICE_FRACTION * len(use)))))
         top = np.argsort(-(1.0 - sp[:, -1]))[:k]
         for j in top:
-            x = resize_2d(slices[j:j + 1], size)
+            x = slices[j:j + 1]
             r = _run(lm.net, x, t, ("scorecam",), mass, layer)["scorecam"]
-            out["scorecam"][use[j]] = resize_2d(r[:, None], disp.shape[1:])[0, 0].clamp_min(0).numpy()
+            out["scorecam"][use[j]] = np.clip(maps_from_frame(r[:, None], frame, disp.shape[1:])[0], 0, None)
         notes.append(f"ScoreCAM computed on the {k} axial slices with the highest tumour probability; other slices are 0")
     maps = {}
     for m, d in out.items():
