@@ -18,7 +18,7 @@ from tumorlens.alignment.retrieval import negation_retrieval, strip_negation
 from tumorlens.alignment.text import build_prototypes
 from tumorlens.alignment.tip_adapter import TipAdapter
 from tumorlens.errors import InvalidInputError
-from tumorlens.labels import CLASS_NAMES
+from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
 
 PER_CLASS_TRAIN, PER_CLASS_VAL = 24, 10
 
@@ -176,7 +176,7 @@ def test_negation_retrieval_json(protos):
     assert set(res) >= {"k", "queries", "affirmative", "negated"}
     assert set(res["negated"]) == {"direct", "negation_aware"}
     for part in (res["affirmative"], res["negated"]["direct"], res["negated"]["negation_aware"]):
-        assert set(part) == {"n_queries", "precision_at_k", "map"} and 0 <= part["precision_at_k"] <= 1
+        assert set(part) == {"n_queries", "n_scored", "precision_at_k", "map"} and 0 <= part["precision_at_k"] <= 1
     assert res["affirmative"]["n_queries"] >= 3 and res["negated"]["direct"]["n_queries"] >= 3
     q = {r["query"]: r for r in res["queries"]}
     # contrastive negation scoring beats embedding the negated sentence as it is
@@ -317,3 +317,56 @@ def test_semantic_margin_for_folder_matches_tensor_api(probed_model, dev_rows, s
                    for r in rows[:6]])
     assert rate == pytest.approx(semantic_margin_rate(probed_model, x, [r["label"] for r in rows[:6]],
                                                       head="probe"), abs=1e-6)
+
+
+def test_a_stored_head_says_when_the_prompt_file_changed_after_it_was_fitted(model, tmp_path, monkeypatch):
+    """Editing configs/prompts does not silently half-change the validated head: it keeps its fitted
+    descriptions and says so until `tumorlens align` refits it."""
+    import shutil
+
+    import yaml
+
+    from tumorlens.alignment.api import load_alignment, stale_texts
+    from tumorlens.paths import configs_dir, models_dir
+
+    head = load_alignment(model)
+    assert head is not None and stale_texts(head) is None
+    home = tmp_path / "home"
+    shutil.copytree(configs_dir(), home / "configs")
+    monkeypatch.setenv("TUMORLENS_MODELS_DIR", str(models_dir()))
+    monkeypatch.setenv("TUMORLENS_HOME", str(home))
+    prompts = home / "configs" / "prompts" / "classes.yaml"
+    data = yaml.safe_load(prompts.read_text())
+    data["classes"]["glioma"][0] = "an infiltrative intra-axial mass (edited)"
+    prompts.write_text(yaml.safe_dump(data))
+    assert "changed after the text head was fitted" in (stale_texts(head) or "")
+
+
+def test_text_queries_on_real_images_assert_what_they_say_and_negate_what_they_negate(model, dev2d, dev_rows):
+    """The first 6 images per class of the dev manifest, in the shipped head's text space. Before the baseline and
+    the parser, "MRI with a glioma" put tumour-free images first, "glioma ruled out" returned gliomas,
+    "pituitary adenoma with no oedema" returned no pituitary image and "not without tumour" only
+    tumour-free ones."""
+    from tumorlens.alignment.api import text_head
+    from tumorlens.alignment.features import extract_features
+    from tumorlens.alignment.retrieval import parse_negation, query_scores
+    from tumorlens.data import read_image
+    from tumorlens.inference import prepare_slice
+
+    assert parse_negation("glioma ruled out") == ("", "glioma")
+    assert parse_negation("Pituitary adenoma with no oedema.") == ("pituitary adenoma", "oedema")
+    assert parse_negation("not without tumour") == ("tumour", None)
+    assert parse_negation("MRI with a glioma") == ("mri with a glioma", None)
+    rows = [r for c in CLASS_NAMES for r in [x for x in dev_rows if x["label"] == c][:6]]
+    x = torch.cat([prepare_slice(read_image(dev2d / r["image"])[0].numpy(), model.image_size) for r in rows])
+    head, _ = text_head(model)
+    t = head.text_vectors(extract_features(model.net, x)[0]).numpy()
+    y = np.array([r["label"] for r in rows])
+    cases = [("MRI with a glioma", {"glioma"}), ("glioma ruled out", set(CLASS_NAMES) - {"glioma"}),
+             ("pituitary adenoma with no oedema", {"pituitary"}), ("not without tumour", set(TUMOUR_CLASSES)),
+             ("no evidence of a brain tumour", {"no_tumor"}), ("normal brain MRI", {"no_tumor"})]
+    for q, rel in cases:
+        top = np.argsort(-query_scores(t, q))[:4]
+        assert np.isin(y[top], list(rel)).mean() >= 0.75, (q, y[top])
+    with pytest.raises(InvalidInputError, match="empty"):
+        query_scores(t, "  ")

@@ -192,6 +192,28 @@ def test_explain_writes_all_files(model, tumour_images, tmp_path):
     vox = slicerio.extract_segments(seg, [(lesion[0], 1)])["voxels"]
     assert int((vox > 0).sum()) == int(expl.mask.numpy().sum())
     assert (tmp_path / "out" / "overlay.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the clinical descriptions the image matched (issue 8), from the active prompt file
+    from tumorlens.alignment.prompts import load_descriptions
+
+    desc = load_descriptions()
+    assert len(f.text_matches) == 3
+    sims = [t.similarity for t in f.text_matches]
+    assert sims == sorted(sims, reverse=True) and all(-1 <= v <= 1 for v in sims)
+    assert all(t.description in desc[t.class_name] for t in f.text_matches)
+    assert f.text_matches[0].class_name == f.classification.label == row["label"]
+
+
+def test_volume_findings_match_descriptions_through_the_most_tumour_like_slice(model, brats):
+    from tumorlens.alignment.api import text_matches
+    from tumorlens.data import read_image
+    from tumorlens.inference import Predictor
+
+    img = read_image(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz")
+    pred = Predictor(model).predict(img)
+    matches, why = text_matches(model, img, pred.slice_probabilities)
+    assert why is None and len(matches) == 3 and matches[0]["class_name"] in ("glioma", "meningioma")
+    with pytest.raises(InvalidInputError, match="k must be"):
+        text_matches(model, img, pred.slice_probabilities, k=0)
 
 
 def test_bad_input_typed_errors(model, tmp_path, dev2d, tumour_rows):

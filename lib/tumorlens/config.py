@@ -18,7 +18,9 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise InvalidInputError(path, "config file does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as e:
+        raise InvalidInputError(path, f"not UTF-8 text (byte {e.start}): save the file as UTF-8") from e
     except yaml.YAMLError as e:
         raise InvalidInputError(path, f"invalid YAML: {e}") from e
     if not isinstance(data, dict):

@@ -188,6 +188,28 @@ def maps_from_frame(m: torch.Tensor, frame: tuple[int, int, int] | None, shape: 
     return out
 
 
+def representative_input(img: MetaTensor, size: int, slice_probabilities: np.ndarray | None = None) -> torch.Tensor:
+    """One network input [1, 1, size, size] that stands for the image, prepared as ``Predictor.predict``
+    prepares it: a 2D image itself; of a volume, the brain slice with the highest tumour probability
+    (``slice_probabilities`` [Z, C] from the prediction; without them the middle brain slice)."""
+    from tumorlens.data.readers import is_volume
+
+    arr = img.detach().cpu().numpy()[0]
+    if not is_volume(img):
+        return prepare_slice(arr, size)
+    disp, _ = volume_to_display(arr, np.asarray(img.affine, dtype=float))
+    if len(disp) == 1:
+        return prepare_slice(disp[0], size)
+    fg, use = display_foreground(disp)
+    if use.size == 0:
+        raise InvalidInputError(img.meta.get("filename_or_obj"), "volume has no brain-like foreground")
+    k = int(use[len(use) // 2])
+    if slice_probabilities is not None and len(slice_probabilities) == len(disp):
+        tumour = 1.0 - np.nan_to_num(np.asarray(slice_probabilities)[use, -1], nan=1.0)
+        k = int(use[int(np.argmax(tumour))])
+    return framed_inputs(normalize_intensity(disp)[[k]], volume_frame(fg[use]), size)
+
+
 # ---- volume <-> display slices -------------------------------------------------------------------
 
 # Axes of the RAS-reoriented volume that become (slice, row, col) of the display; rows and cols are

@@ -36,7 +36,30 @@ def _load_checked(path: Path, model: LoadedModel) -> AlignedHead | None:
         log.warning("%s was fitted for another checkpoint (%s, now %s): ignored", path,
                     head.meta.get("checkpoint_sha"), want)
         return None
+    stale = stale_texts(head)
+    if stale:
+        log.warning("%s: %s", path, stale)
     return head
+
+
+def stale_texts(head: AlignedHead) -> str | None:
+    """Why the head's descriptions are not the active ones (``configs/prompts``), or None.
+
+    A stored head keeps the descriptions it was fitted and validated with: its projection, prototypes
+    and tuned weights belong together, so an edited prompt file takes effect when ``tumorlens align``
+    refits (and re-validates) the head, not silently half-way."""
+    from tumorlens.alignment.prompts import descriptions_hash, load_descriptions
+    from tumorlens.alignment.text import encoder_id
+
+    fitted = head.texts.get("key")
+    try:
+        active = f"{descriptions_hash(load_descriptions())}-{encoder_id()}"
+    except InvalidInputError as e:
+        return f"the class descriptions cannot be read ({e}); the text head keeps the ones it was fitted with"
+    if fitted and fitted != active:
+        return (f"the class descriptions changed after the text head was fitted ({fitted[:16]} -> {active[:16]}): "
+                "decisions and matched descriptions use the fitted ones until `tumorlens align` refits the head")
+    return None
 
 
 _HEADS: dict[tuple, AlignedHead | None] = {}
@@ -124,6 +147,9 @@ def _labels(labels) -> np.ndarray:
                 raise InvalidInputError(None, f"unknown label {v!r}; expected one of {', '.join(CLASS_NAMES)}")
             out.append(CLASS_NAMES.index(v))
         else:
+            if isinstance(v, bool) or not float(v).is_integer() or not 0 <= int(v) < len(CLASS_NAMES):
+                raise InvalidInputError(None, f"label {v!r} is not a class index 0-{len(CLASS_NAMES) - 1} "
+                                              f"or one of {', '.join(CLASS_NAMES)}")
             out.append(int(v))
     return np.asarray(out, np.int64)
 
@@ -148,6 +174,8 @@ def semantic_margin_rate(model, images, labels, *, head: str = "auto", min_margi
 def nearest_descriptions(model, image_tensor, k: int = 3, *, head: str = "auto") -> list[dict]:
     """The ``k`` class descriptions nearest to one image in text space:
     ``[{class_name, description, similarity}]`` (for the findings record's ``text_matches``)."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InvalidInputError(None, f"k must be a whole number >= 1, got {k!r}")
     m = _model(model)
     x = _as_batch(image_tensor)
     if len(x) != 1:
@@ -155,6 +183,26 @@ def nearest_descriptions(model, image_tensor, k: int = 3, *, head: str = "auto")
     h, _kind = text_head(m, head)
     feats, _ = extract_features(m.net, x)
     return h.nearest_descriptions(feats, k)[0]
+
+
+def text_matches(model, img, slice_probabilities=None, k: int = 3) -> tuple[list[dict], str | None]:
+    """The findings record's ``text_matches`` for an image as read (2D, or a volume through its most
+    tumour-like slice), and a note when there are none or the descriptions are stale.
+
+    Uses the stored heads only (the aligned head, else the stored plain-model probe): fitting a probe
+    here would need the training images, which a server does not have."""
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InvalidInputError(None, f"k must be a whole number >= 1, got {k!r}")
+    from tumorlens.inference import representative_input
+
+    m = _model(model)
+    head = load_alignment(m) or load_probe(m, fit_if_missing=False)
+    if head is None:
+        return [], f"model {m.name} has no stored text head: no class descriptions matched"
+    feats, _ = extract_features(m.net, representative_input(img, m.image_size, slice_probabilities))
+    if not np.isfinite(feats).all():
+        return [], "the image's features are not finite numbers: no class descriptions matched"
+    return head.nearest_descriptions(feats, k)[0], stale_texts(head)
 
 
 @torch.no_grad()

@@ -21,31 +21,57 @@ def register(sub) -> None:
     p.add_argument("queries", nargs="*", help="free-text queries, e.g. 'MRI without any tumour' (negations scored contrastively)")
     p.add_argument("--data", help="dataset folder (manifest.csv) to search; default: the model's validation split")
     p.add_argument("--model", help="model name or path (default: configs/defaults.yaml)")
-    p.add_argument("--k", type=int, default=5, help="results per query")
+    p.add_argument("--k", type=_positive, default=5, help="results per query")
     p.add_argument("--head", choices=("auto", "aligned", "probe"), default="auto")
     p.add_argument("--json", help="write the results here")
-    p.add_argument("--max-images", type=int, help="cap the split (quick runs)")
+    p.add_argument("--max-images", type=_positive, help="cap the split (quick runs)")
     p.set_defaults(func=run_retrieve)
 
 
 def _common(p) -> None:
     p.add_argument("--model", help="model name or path (default: configs/defaults.yaml)")
     p.add_argument("--prompts", help="class descriptions YAML (default: configs/prompts/classes.yaml)")
-    p.add_argument("--max-images", type=int, help="cap the training split (quick development runs; never saves)")
+    p.add_argument("--max-images", type=_positive, help="cap the training split (quick development runs; never saves)")
     p.add_argument("--json", help="write the full results here (default: runs/alignment/<command>-<model>.json)")
 
 
+def _positive(text: str) -> int:
+    import argparse
+
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {text!r}")
+    return n
+
+
 def _write(obj: dict, path: str | None, default_name: str) -> Path:
+    """Strict JSON (an undefined metric is null) at ``path`` or ``runs/alignment/<default_name>``."""
+    from tumorlens.evaluation.jsonio import json_ready, write_json
     from tumorlens.paths import project_root
 
     out = Path(path) if path else project_root() / "runs" / "alignment" / default_name
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(obj, indent=2, default=str))
-    return out
+    return write_json(json_ready(json.loads(json.dumps(obj, default=str))), out)
+
+
+def _check_outputs(args) -> None:
+    """Before minutes of feature extraction: the --json path and the prompt file must be usable."""
+    from tumorlens.evaluation.cli import check_output
+
+    if getattr(args, "json", None):
+        check_output(args.json)
+    if getattr(args, "prompts", None):
+        from tumorlens.alignment.prompts import load_descriptions
+
+        load_descriptions(args.prompts)
 
 
 def run_align(args) -> int:
     from tumorlens.alignment.experiment import run_alignment
+
+    _check_outputs(args)
 
     r = run_alignment(args.model, prompts=args.prompts, max_images=args.max_images, save=not args.no_save,
                       ablation=not args.no_ablation)
@@ -61,7 +87,8 @@ def run_align(args) -> int:
     if r["prompt_ablation"]:
         _print_ablation(r["prompt_ablation"])
     for head, nr in r["negation_retrieval"].items():
-        print(f"retrieval {head:12s} affirmative P@k {nr['affirmative']['precision_at_k']:.3f}  negated P@k "
+        print(f"retrieval {head:12s} affirmative P@k {nr['affirmative']['precision_at_k']:.3f} (baselined "
+              f"{nr['affirmative_baselined']['precision_at_k']:.3f})  negated P@k "
               f"{nr['negated']['direct']['precision_at_k']:.3f} (negation-aware "
               f"{nr['negated']['negation_aware']['precision_at_k']:.3f})")
     d = r["decision"]
@@ -90,6 +117,8 @@ def run_ablate(args) -> int:
     from tumorlens.alignment.prompts import load_descriptions
     from tumorlens.models import load_model
 
+    _check_outputs(args)
+
     m = load_model(args.model)
     split = split_features(m, max_images=args.max_images)
     abl = prompt_ablation(split, classifier_layer(m.net), load_descriptions(args.prompts))
@@ -101,11 +130,18 @@ def run_ablate(args) -> int:
 def run_retrieve(args) -> int:
     import numpy as np
 
+    _check_outputs(args)
+
     from tumorlens.alignment.api import text_head
     from tumorlens.alignment.features import extract_features, split_features
     from tumorlens.alignment.retrieval import negation_retrieval, query_scores
     from tumorlens.models import load_model
 
+    empty = [q for q in args.queries if not q.strip()]
+    if empty:
+        from tumorlens.errors import InvalidInputError
+
+        raise InvalidInputError(None, "a query is empty: give the words to search for")
     m = load_model(args.model)
     head, kind = text_head(m, args.head)
     if args.data:
@@ -124,7 +160,8 @@ def run_retrieve(args) -> int:
     if not args.queries:
         res = negation_retrieval(t, labels)
         res["head"] = kind
-        print(f"head {kind}: affirmative P@k {res['affirmative']['precision_at_k']:.3f}, negated P@k "
+        print(f"head {kind}: affirmative P@k {res['affirmative']['precision_at_k']:.3f} (against the brain-MRI "
+              f"baseline {res['affirmative_baselined']['precision_at_k']:.3f}), negated P@k "
               f"{res['negated']['direct']['precision_at_k']:.3f} (negation-aware "
               f"{res['negated']['negation_aware']['precision_at_k']:.3f})")
         for q in res["queries"]:

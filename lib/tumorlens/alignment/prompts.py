@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 from tumorlens.config import load_yaml
@@ -13,7 +14,11 @@ from tumorlens.labels import CLASS_NAMES, READABLE
 from tumorlens.paths import configs_dir
 
 DEFAULT_PROMPTS = "classes.yaml"
-NEGATION_WORDS = ("no ", "not ", "without", "none", "absent", "negative for")
+# negation cues, shared with retrieval: before the negated words ("no mass") or after them ("glioma ruled out")
+PRE_CUES = (r"without any|without a|without evidence of|without|no evidence of|no signs? of|absence of|"
+            r"negative for|free of|shows no|with no|not an?|not|no")
+POST_CUES = r"ruled out|excluded|absent|not seen|not identified|not present|none"
+NEGATION = re.compile(rf"\b(?:{POST_CUES}|{PRE_CUES})\b", re.I)
 
 # One generic sentence set, given to every class by the "neutral" ablation: no class information left.
 NEUTRAL = (
@@ -39,7 +44,7 @@ def load_descriptions(path: str | Path | None = None) -> Descriptions:
     classes = data.get("classes")
     if not isinstance(classes, dict):
         raise InvalidInputError(p, "expected a 'classes' mapping of class name -> list of descriptions")
-    unknown = sorted(set(classes) - set(CLASS_NAMES))
+    unknown = sorted(str(c) for c in set(classes) - set(CLASS_NAMES))
     missing = [c for c in CLASS_NAMES if c not in classes]
     if unknown or missing:
         raise InvalidInputError(p, f"classes must be exactly {', '.join(CLASS_NAMES)}"
@@ -54,8 +59,7 @@ def load_descriptions(path: str | Path | None = None) -> Descriptions:
 
 
 def is_negated(text: str) -> bool:
-    t = f" {text.lower()}"
-    return any(f" {w}" in t or t.startswith(w) for w in NEGATION_WORDS)
+    return NEGATION.search(text) is not None
 
 
 def descriptions_hash(desc: Descriptions) -> str:

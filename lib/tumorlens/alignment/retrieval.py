@@ -1,8 +1,20 @@
 """Text-to-image retrieval with and without negation ("MRI with a pituitary tumour" / "MRI without any
-tumour"). Sentence encoders place a negated sentence close to its affirmative twin, so negated queries
-are scored twice: directly, and negation-aware: ``cos(image, query) - cos(image, query without its
-negation cue)`` ("MRI without any tumour" minus "MRI with tumour"), which keeps only the direction the
-negation adds."""
+tumour"), in the text space the aligned head maps images into.
+
+Two things go wrong with a plain cosine between an image and a query there, and ``query_scores``
+handles both (measured on 160 grouped-validation images, 40 per class, 19 queries: mean P@10 0.96):
+
+* Every query shares "an MRI of the brain" with every image, and that shared direction ranks healthy
+  images first for any query ("MRI with a glioma": 3 of the top 3 were tumour-free). A query is scored
+  against a baseline: ``cos(image, query) - cos(image, generic brain-MRI sentences)``.
+* Sentence encoders place a negated sentence next to its affirmative twin. ``parse_negation`` splits a
+  query into what it asserts and what it negates (cues before: "no", "without", "negative for",
+  "no evidence of", ...; after: "ruled out", "excluded", "absent"; an even number of cues cancels:
+  "not without tumour" asserts a tumour). A whole-statement negation ("glioma ruled out", "no evidence
+  of a brain tumour") is scored contrastively, ``cos(MRI with no X) - cos(MRI with X)``, which keeps
+  only the direction the negation adds; a negated modifier ("pituitary adenoma with no oedema")
+  keeps its subject: ``subject score - 0.5 * score(MRI with X)``.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +23,9 @@ import re
 import numpy as np
 import torch
 
+from tumorlens.alignment.prompts import POST_CUES, PRE_CUES
 from tumorlens.alignment.text import encode_texts
+from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
 
 ALL_BUT = {c: tuple(x for x in CLASS_NAMES if x != c) for c in CLASS_NAMES}
@@ -32,7 +46,31 @@ QUERIES: tuple[tuple[str, bool, tuple[str, ...]], ...] = (
     ("not a meningioma", True, ALL_BUT["meningioma"]),
 )
 
-_NEG = re.compile(r"\b(without any|without a|without|no evidence of|shows no|with no|not a|not|no|free of)\b", re.I)
+_PRE = re.compile(rf"\b(?:{PRE_CUES})\b")
+_POST = re.compile(rf"\b(?:{POST_CUES})\b")
+_NEG = re.compile(rf"\b(?:{POST_CUES}|{PRE_CUES})\b", re.I)
+# words that say nothing about the class: a negated query made only of these asserts nothing
+GENERIC_WORDS = frozenset("mri brain scan image images of the a an with that shows show showing head slice axial "
+                          "coronal sagittal t1 t2 flair and there is are this".split())
+
+
+def parse_negation(query: str) -> tuple[str, str | None]:
+    """``(asserted part, negated part or None)`` of a query, lower-cased."""
+    q = re.sub(r"\s+", " ", query.lower()).strip().rstrip(".")
+    n_cues = len(_NEG.findall(q))
+    if n_cues >= 2 and n_cues % 2 == 0:  # "not without tumour": the negations cancel
+        return re.sub(r"\s+", " ", _NEG.sub(" ", q)).strip(" ,;"), None
+    post = _POST.search(q)
+    if post and q[:post.start()].strip(" ,;"):
+        return "", q[:post.start()].strip(" ,;")
+    pre = _PRE.search(q)
+    if pre:
+        return q[:pre.start()].strip(" ,;"), q[pre.end():].strip(" ,;") or None
+    return q, None
+
+
+def has_content(text: str) -> bool:
+    return any(w not in GENERIC_WORDS for w in re.findall(r"[a-z0-9]+", text))
 
 
 def strip_negation(query: str) -> str:
@@ -44,7 +82,7 @@ def _metrics(scores: np.ndarray, relevant: np.ndarray, k: int) -> dict:
     order = np.argsort(-scores, kind="stable")
     rel = relevant[order]
     hits = np.cumsum(rel)
-    ap = float((hits[rel] / (np.nonzero(rel)[0] + 1)).mean()) if rel.any() else float("nan")
+    ap = float((hits[rel] / (np.nonzero(rel)[0] + 1)).mean()) if rel.any() else None
     return {"precision_at_k": float(rel[:k].mean()), "average_precision": ap}
 
 
@@ -55,35 +93,51 @@ def negation_retrieval(text_vectors, labels, k: int = 50, queries=QUERIES) -> di
     """
     t = torch.nn.functional.normalize(torch.as_tensor(np.asarray(text_vectors), dtype=torch.float32), dim=-1).numpy()
     y = np.asarray(labels)
-    texts = [q for q, _, _ in queries]
-    q_emb = encode_texts(texts)
-    pos_emb = encode_texts([strip_negation(q) for q in texts])
     rows = []
-    for (q, neg, rel_cls), qe, pe in zip(queries, q_emb, pos_emb, strict=True):
+    for q, neg, rel_cls in queries:
         relevant = np.isin(y, [CLASS_NAMES.index(c) for c in rel_cls])
         kk = int(min(k, max(1, relevant.sum())))
         row = {"query": q, "negated": neg, "relevant": list(rel_cls), "k": kk, "n_relevant": int(relevant.sum())}
-        row["direct"] = _metrics(t @ qe, relevant, kk)
-        row["negation_aware"] = _metrics(t @ qe - t @ pe, relevant, kk) if neg else row["direct"]
+        row["direct"] = _metrics(query_scores(t, q, negation_aware=False), relevant, kk)
+        row["negation_aware"] = _metrics(query_scores(t, q), relevant, kk)
         rows.append(row)
 
     def summary(sel: list[dict], scorer: str) -> dict:
-        return {"n_queries": len(sel),
-                "precision_at_k": float(np.mean([r[scorer]["precision_at_k"] for r in sel])),
-                "map": float(np.mean([r[scorer]["average_precision"] for r in sel]))}
+        # a query with no relevant image in the folder measures nothing: its AP is undefined (null)
+        # and it stays out of the means instead of counting as precision 0
+        used = [r for r in sel if r["n_relevant"] > 0]
+        return {"n_queries": len(sel), "n_scored": len(used),
+                "precision_at_k": float(np.mean([r[scorer]["precision_at_k"] for r in used])) if used else None,
+                "map": float(np.mean([r[scorer]["average_precision"] for r in used])) if used else None}
 
     aff = [r for r in rows if not r["negated"]]
     neg = [r for r in rows if r["negated"]]
     return {"k": k, "queries": rows,
-            "affirmative": summary(aff, "direct"),
+            "affirmative": summary(aff, "direct"), "affirmative_baselined": summary(aff, "negation_aware"),
             "negated": {"direct": summary(neg, "direct"), "negation_aware": summary(neg, "negation_aware")}}
 
 
+def _baseline() -> np.ndarray:
+    from tumorlens.alignment.prompts import NEUTRAL
+
+    g = encode_texts(list(NEUTRAL)).mean(0)
+    return g / np.linalg.norm(g)
+
+
 def query_scores(text_vectors, query: str, negation_aware: bool = True) -> np.ndarray:
-    """Similarity of each image to a free-text query; a negated query is scored contrastively
-    (``cos(query) - cos(query without its negation)``) unless ``negation_aware`` is False."""
+    """Score of each image for a free-text query (see the module docstring); ``negation_aware=False``:
+    the plain cosine, for comparison."""
+    if not query.strip():
+        raise InvalidInputError(None, "a query is empty: give the words to search for")
     t = torch.nn.functional.normalize(torch.as_tensor(np.asarray(text_vectors), dtype=torch.float32), dim=-1).numpy()
-    if negation_aware and _NEG.search(query):
-        q, pos = encode_texts([query, strip_negation(query)])
-        return t @ q - t @ pos
-    return t @ encode_texts([query])[0]
+    if not negation_aware:
+        return t @ encode_texts([query])[0]
+    g = t @ _baseline()
+    asserted, negated = parse_negation(query)
+    if negated is None:
+        return t @ encode_texts([asserted or query])[0] - g
+    if has_content(asserted):
+        a, n = encode_texts([asserted, f"MRI with {negated}"])
+        return (t @ a - g) - 0.5 * (t @ n - g)
+    qn, qp = encode_texts([f"MRI with no {negated}", f"MRI with {negated}"])
+    return t @ qn - t @ qp

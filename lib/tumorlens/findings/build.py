@@ -142,13 +142,15 @@ def build_findings(
     uncertainty: Mapping[str, Any] | None = None,
     familiarity: Mapping[str, Any] | None = None,
     file: str | Path | None = None,
+    text_matches: Sequence[Mapping[str, Any]] = (),
 ) -> Findings:
     """One validated record from the pieces.
 
     ``masks`` are ``(source, binary array on the input grid)`` pairs (or ready ``MaskInfo``);
     ``atlas`` is the dict of ``tumorlens.atlas.map_regions`` (``regions``, ``lesion``, ``placement``,
     ``notes``); ``familiarity`` is ``Prediction.extra["familiarity"]`` (an unfamiliar image also gets a
-    note, which the report carries). Invalid pieces raise ``InvalidInputError`` from :meth:`Findings.from_dict`.
+    note, which the report carries); ``text_matches`` the nearest class descriptions
+    (``tumorlens.alignment.api.text_matches``). Invalid pieces raise ``InvalidInputError`` from :meth:`Findings.from_dict`.
     """
     info = input_info(image, file)
     mask_list = []
@@ -183,6 +185,7 @@ def build_findings(
         "placement": placement,
         "notes": all_notes,
         "patient": patient,
+        "text_matches": [dict(t) for t in text_matches],
         "provenance": provenance(model),
     }
     # dump pydantic parts so that a single validation pass reports every problem together

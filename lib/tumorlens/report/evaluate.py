@@ -72,9 +72,14 @@ def iter_findings(data_dir: str | Path, n: int, model: str | None = None) -> Ite
         img = read_image(rec.image)
         pred = predictor.predict(img)
         mask = pred.mask.detach().cpu().numpy()[0]
+        from tumorlens.alignment.api import text_matches
+
+        matches, why = text_matches(predictor.model, img, pred.slice_probabilities)
         yield name, build_findings(img, pred.probabilities, masks=[("segmentation_head", mask)],
-                                   notes=["no atlas placement: the saliency/atlas stage is not installed"],
-                                   model=predictor.model, file=name, familiarity=pred.extra.get("familiarity"))
+                                   notes=["no atlas placement: the saliency/atlas stage is not installed",
+                                          *([why] if why else [])],
+                                   model=predictor.model, file=name, familiarity=pred.extra.get("familiarity"),
+                                   text_matches=matches)
 
 
 def _words(text: str) -> list[str]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 METHOD_CHOICES = ("gradcam", "gradcampp", "scorecam")
 
@@ -92,9 +91,12 @@ def run_evaluate(args) -> int:
         print(f"random-order deletion AUC: {res['random_deletion_auc']:.3f} (lower than this = faithful)")
     if "gradcampp_vs_gradcam" in res:
         g = res["gradcampp_vs_gradcam"]
+        d = round(g["dice_difference"], 3)
+        verdict = "ties with" if d == 0 else "beats" if d > 0 else "does not beat"
         print(f"Grad-CAM++ vs Grad-CAM: Dice {g['dice_difference']:+.3f}, pointing {g['pointing_difference']:+.3f} "
-              f"-> Grad-CAM++ {'beats' if g['gradcampp_better_overlap'] else 'does not beat'} Grad-CAM on overlap")
+              f"-> Grad-CAM++ {verdict} Grad-CAM on overlap")
     if args.json_out:
-        Path(args.json_out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json_out).write_text(json.dumps(res, indent=2))
+        from tumorlens.evaluation.jsonio import write_json
+
+        write_json(res, args.json_out)
     return 0

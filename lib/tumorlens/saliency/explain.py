@@ -132,8 +132,14 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
     saliency_info = {"method": primary, "percentile": round(th.percentile, 3),
                      "threshold": float(th.threshold) if np.isfinite(th.threshold) else 1.0, "rule": RULE}
     mask_list = [("segmentation_head", seg_np)] + [(f"saliency:{m}", masks[m].numpy()[0]) for m in methods]
+    from tumorlens.alignment.api import text_matches
+
+    matches, why = text_matches(lm, img, pred.slice_probabilities)
+    if why:
+        notes.append(why)
     findings = build_findings(img, pred.probabilities, masks=mask_list, saliency=saliency_info, atlas=atlas,
-                              notes=notes, patient=patient, model=lm, familiarity=pred.extra.get("familiarity"))
+                              notes=notes, patient=patient, model=lm, familiarity=pred.extra.get("familiarity"),
+                              text_matches=matches)
     region_map, region_names = None, None
     if atlas is not None and atlas.get("region_map") is not None:  # per-voxel labels, if the atlas offers them
         region_map, region_names = np.asarray(atlas["region_map"]), list(atlas.get("region_names", []))

@@ -56,14 +56,16 @@ class ReportInfer(TumorlensInfer):
             from tumorlens.saliency import explain
 
             return explain(img, method=method, model=model).findings
+        from tumorlens.alignment.api import text_matches
         from tumorlens.findings import build_findings
         from tumorlens.inference import Predictor
 
         pred = Predictor(model).predict(img)
+        matches, why = text_matches(model, img, pred.slice_probabilities)
         return build_findings(img, pred.probabilities, masks=[("segmentation_head", pred.mask.numpy()[0])], model=model,
                               notes=["saliency pipeline not installed: no saliency map and no atlas regions",
-                                     *pred.extra.get("caveats", [])],
-                              familiarity=pred.extra.get("familiarity"))
+                                     *pred.extra.get("caveats", []), *([why] if why else [])],
+                              familiarity=pred.extra.get("familiarity"), text_matches=matches)
 
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
         from tumorlens.report import generate_report
