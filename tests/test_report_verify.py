@@ -104,6 +104,20 @@ def test_template_report_always_verifies(name):
     assert res.report.laterality == Findings.from_dict(RECORDS[name]()).lesion.laterality
 
 
+def test_report_lists_the_descriptions_the_image_matched():
+    matches = [{"class_name": "glioma", "description": "an infiltrative intra-axial mass with surrounding oedema",
+                "similarity": 0.6213},
+               {"class_name": "meningioma", "description": "an extra-axial dural-based mass", "similarity": 0.41}]
+    res = generate_report(record(text_matches=matches), backend="template")
+    assert res.verification["supported"]
+    assert res.report.matched_descriptions == [
+        "an infiltrative intra-axial mass with surrounding oedema (glioma, similarity 0.62)",
+        "an extra-axial dural-based mass (meningioma, similarity 0.41)"]
+    md = res.to_markdown()
+    assert "## Closest clinical descriptions" in md and "dural-based mass (meningioma" in md
+    assert "Closest clinical" not in generate_report(record(), backend="template").to_markdown()
+
+
 def test_template_is_fast():
     f = record()
     generate_report(f, backend="template")  # warm the lexicons

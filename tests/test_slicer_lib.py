@@ -323,6 +323,19 @@ def test_familiarity_parsing_and_warning():
     shown = [float(w) for w in close.split("familiarity ")[1].split(")")[0].split(" below ")]
     assert shown[0] < shown[1]  # never "0.86 below 0.86"
     assert tll.familiarity_warning({"score": 0.95, "threshold": 0.86, "familiar": True}) is None
+
+
+def test_matched_descriptions_lines():
+    findings = {"text_matches": [
+        {"class_name": "glioma", "description": "an infiltrative intra-axial mass", "similarity": 0.6231},
+        {"class_name": "glioma", "description": "a heterogeneous lesion with oedema", "similarity": 0.5},
+        {"class_name": "meningioma", "description": "an extra-axial dural-based mass", "similarity": 0.41}]}
+    lines = tll.matched_descriptions(findings)
+    assert lines == ['matches "an infiltrative intra-axial mass" (glioma, similarity 0.62)',
+                     'matches "a heterogeneous lesion with oedema" (glioma, similarity 0.50)']
+    assert tll.matched_descriptions({"text_matches": []}) == [] and tll.matched_descriptions(None) == []
+    with pytest.raises(tll.ResponseError, match="text_matches"):
+        tll.matched_descriptions({"text_matches": [{"class_name": "glioma"}]})
     with pytest.raises(tll.ResponseError, match="familiarity"):
         tll.familiarity_of({"familiarity": {"score": "high"}})
 

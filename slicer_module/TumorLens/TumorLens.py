@@ -700,6 +700,8 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 if s.get("regions"):
                     lines.append(f"  - regions: {s['regions']}")
             if res.get("findings"):
+                for line in tll.matched_descriptions(res["findings"]):
+                    lines.append(f"- {line}")
                 for note in res["findings"].get("notes", []):
                     lines.append(f"- note: {note}")
             self.ui.resultsText.setMarkdown("\n".join(lines) or "(no result)")

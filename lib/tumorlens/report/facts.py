@@ -76,6 +76,8 @@ class Facts:
     unfamiliar: bool  # the image is unlike the model's training images (classification.familiarity)
     model_name: str
     numbers: list[float] = field(default_factory=list)
+    # the clinical descriptions the image matched in the model's text space (findings.text_matches)
+    text_matches: list[dict] = field(default_factory=list)
 
     # ---- derived ---------------------------------------------------------------------------------
     @property
@@ -268,6 +270,7 @@ def build_facts(findings: Any) -> Facts:
         patient=sanitize_patient(f.patient),
         unfamiliar=bool(cls.familiarity is not None and not cls.familiarity.familiar),
         model_name=f.provenance.model,
+        text_matches=[t.model_dump() for t in f.text_matches],
     )
     facts.numbers = _allowed_numbers(facts)
     return facts

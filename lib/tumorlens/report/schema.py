@@ -41,6 +41,9 @@ class RadiologyReport(BaseModel):
     differential: list[DifferentialItem] = Field(default_factory=list)
     recommendations: list[str] = Field(default_factory=list)
     limitations: list[str] = Field(default_factory=list)
+    matched_descriptions: list[str] = Field(
+        default_factory=list, description="the class descriptions the image matched in the model's text space, "
+                                          "copied from the findings (nearest first)")
 
     def text_fields(self) -> dict[str, str]:
         """Every free-text part, by field name (what the verifier reads)."""

@@ -50,6 +50,8 @@ def assemble(f: Facts, draft: ReportDraft) -> RadiologyReport:
         differential=[DifferentialItem(diagnosis=c, probability=round(p, 4)) for c, p in f.ranked],
         recommendations=recs,
         limitations=f.limitations(),
+        matched_descriptions=[f"{t['description']} ({t['class_name']}, similarity {t['similarity']:.2f})"
+                              for t in f.text_matches[:3]],
     )
 
 

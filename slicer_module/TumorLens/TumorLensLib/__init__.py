@@ -16,6 +16,7 @@ from .results import (
     familiarity_warning,
     findings_of,
     label_names_of,
+    matched_descriptions,
     parse_label_map,
     parse_models,
     parse_strategies,
@@ -34,7 +35,7 @@ __all__ = [
     "CLASS_NAMES", "Cancelled", "InferAnswer", "ModelInfo", "MonaiLabelClient", "REQUIREMENTS", "ReportView",
     "ResponseError", "SegmentSpec", "ServerError", "color_distance", "familiarity_of", "familiarity_warning",
     "findings_of", "heat_table",
-    "label_names_of", "parse_infer_response", "parse_label_map", "parse_models", "parse_strategies",
+    "label_names_of", "matched_descriptions", "parse_infer_response", "parse_label_map", "parse_models", "parse_strategies",
     "probabilities_of", "probabilities_table", "readable_region", "region_color", "report_markdown",
     "report_view", "segment_name", "segment_specs", "verification_status",
 ]

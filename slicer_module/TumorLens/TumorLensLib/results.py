@@ -122,6 +122,18 @@ def familiarity_warning(fam: dict | None) -> str | None:
             f"{fam['threshold']:.3f}): the result may be unreliable.")
 
 
+def matched_descriptions(findings: dict | None, n: int = 2) -> list[str]:
+    """Lines for the results panel: the clinical descriptions the image matched in the model's text
+    space (the findings record's ``text_matches``), nearest first."""
+    out = []
+    for t in ((findings or {}).get("text_matches") or [])[:n]:
+        try:
+            out.append(f"matches \"{t['description']}\" ({t['class_name']}, similarity {float(t['similarity']):.2f})")
+        except (KeyError, TypeError, ValueError):
+            raise ResponseError(f"'text_matches' entry is not a description/class_name/similarity record: {t!r}") from None
+    return out
+
+
 def label_names_of(params: dict) -> dict[str, int]:
     """``label_names`` of an infer answer; background (index 0) dropped."""
     names = parse_label_map(_maybe_json(params.get("label_names")))
