@@ -116,3 +116,23 @@ def _dicom_series(vol, folder, spacing=(0.9, 0.9, 3.0), series_uid="1.2.826.0.1.
 def write_dicom_series():
     """``(vol [z, y, x], folder, spacing=...) -> folder``: a real DICOM series written by SimpleITK/GDCM."""
     return _dicom_series
+
+
+def wait_until_answering(url: str, proc, log: Path, timeout_s: float, what: str) -> None:
+    """Poll ``url`` until it answers 200; fail with the log's tail if ``proc`` exits or time runs out."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            pytest.fail(f"{what} exited ({proc.returncode}): {Path(log).read_text(errors='replace')[-2000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not answer in {timeout_s:.0f} s: {Path(log).read_text(errors='replace')[-2000:]}")
+        time.sleep(0.5)

@@ -13,9 +13,9 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import pytest
+from conftest import wait_until_answering
 
 from tumorlens.report import generate_report
 from tumorlens.report.backends import report_config, smollm2_gguf
@@ -110,19 +110,7 @@ def openai_server(tmp_path_factory):
             stdout=fh, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"llama server exited ({proc.returncode}): {log.read_text()[-2000:]}")
-            try:
-                with urllib.request.urlopen(f"{base}/models", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"llama server did not answer in 90 s: {log.read_text()[-2000:]}")
-            time.sleep(0.5)
+        wait_until_answering(f"{base}/models", proc, log, 90, "llama server")
         yield base
     finally:
         proc.terminate()

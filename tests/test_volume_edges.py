@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from conftest import wait_until_answering
 from monai.data import MetaTensor
 
 from tumorlens.data import read_image
@@ -223,7 +223,6 @@ def test_sigterm_to_serve_stops_the_server(tmp_path):
     pytest.importorskip("monailabel")
     psutil = pytest.importorskip("psutil")
     import shutil
-    import urllib.request
 
     from tumorlens.paths import sample_studies_dir
     from tumorlens.serving.process import free_port
@@ -249,17 +248,7 @@ def test_sigterm_to_serve_stops_the_server(tmp_path):
         return found
 
     try:
-        deadline = time.time() + 180
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text(errors="replace")[-3000:]
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/info/", timeout=5) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "server did not answer /info/ in 180 s"
-            time.sleep(0.5)
+        wait_until_answering(f"http://127.0.0.1:{port}/info/", proc, tmp_path / "serve.log", 180, "tumorlens serve")
         running = servers()
         assert running, "no monailabel.main process found for the port"
         os.kill(proc.pid, signal.SIGTERM)

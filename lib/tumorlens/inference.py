@@ -188,10 +188,10 @@ def maps_from_frame(m: torch.Tensor, frame: tuple[int, int, int] | None, shape: 
     return out
 
 
-def representative_input(img: MetaTensor, size: int, slice_probabilities: np.ndarray | None = None) -> torch.Tensor:
-    """One network input [1, 1, size, size] that stands for the image, prepared as ``Predictor.predict``
-    prepares it: a 2D image itself; of a volume, the brain slice with the highest tumour probability
-    (``slice_probabilities`` [Z, C] from the prediction; without them the middle brain slice)."""
+def slice_inputs(img: MetaTensor, size: int, choose) -> torch.Tensor:
+    """Network inputs [N, 1, size, size] of an image as read, prepared as ``Predictor.predict`` prepares
+    them: a 2D image (or a one-slice volume) itself; of a volume, the display slices that
+    ``choose(foreground [Z, H, W], brain slice indices)`` returns, in the volume's one frame."""
     from tumorlens.data.readers import is_volume
 
     arr = img.detach().cpu().numpy()[0]
@@ -201,13 +201,23 @@ def representative_input(img: MetaTensor, size: int, slice_probabilities: np.nda
     if len(disp) == 1:
         return prepare_slice(disp[0], size)
     fg, use = display_foreground(disp)
-    if use.size == 0:
+    idx = np.asarray(choose(fg, use), dtype=int) if use.size else np.zeros(0, int)
+    if idx.size == 0:
         raise InvalidInputError(img.meta.get("filename_or_obj"), "volume has no brain-like foreground")
-    k = int(use[len(use) // 2])
-    if slice_probabilities is not None and len(slice_probabilities) == len(disp):
-        tumour = 1.0 - np.nan_to_num(np.asarray(slice_probabilities)[use, -1], nan=1.0)
-        k = int(use[int(np.argmax(tumour))])
-    return framed_inputs(normalize_intensity(disp)[[k]], volume_frame(fg[use]), size)
+    return framed_inputs(normalize_intensity(disp)[idx], volume_frame(fg[use]), size)
+
+
+def representative_input(img: MetaTensor, size: int, slice_probabilities: np.ndarray | None = None) -> torch.Tensor:
+    """One input [1, 1, size, size] that stands for the image: a 2D image itself; of a volume, the brain
+    slice with the highest tumour probability (``slice_probabilities`` [Z, C] from the prediction;
+    without them the middle brain slice)."""
+    def most_tumour_like(fg: np.ndarray, use: np.ndarray) -> list[int]:
+        if slice_probabilities is not None and len(slice_probabilities) == len(fg):
+            tumour = 1.0 - np.nan_to_num(np.asarray(slice_probabilities)[use, -1], nan=1.0)
+            return [int(use[int(np.argmax(tumour))])]
+        return [int(use[len(use) // 2])]
+
+    return slice_inputs(img, size, most_tumour_like)
 
 
 # ---- volume <-> display slices -------------------------------------------------------------------
