@@ -353,6 +353,12 @@ def test_ids_with_spaces_and_accents_like_slicer_node_names(client, server, tmp_
         with pytest.raises(MONAILabelClientException) as e:
             client.upload_image(str(src), image_id=bad, params={})
         assert status_of(e.value) == 400 and "invalid image id" in str(e.value.msg), bad
+    # without image=, the id is the file name less its image extension: MONAI Label cut at the first dot,
+    # so every DICOM-UID-named file became image "1"
+    for uid in ("1.2.840.113619.2.55.3.604688119.868", "1.2.840.113619.2.55.3.604688119.869"):
+        r = requests.put(f"{server.url}/datastore/image", files={"file": (f"{uid}.jpg", src.read_bytes())}, timeout=60)
+        assert r.status_code == 200 and r.json()["image"] == uid, r.text[:300]
+        assert requests.delete(f"{server.url}/datastore/image", params={"id": uid}, timeout=60).ok
     alive(client)
 
 
@@ -856,6 +862,13 @@ def test_relabel_loop_trains_new_version_without_breaking_inference(client, serv
     info2 = client.info()
     assert info2["train_stats"]["tumorlens"]["status"] == "STOPPED"
     assert info2["model_version"] == stats["version"]
+    # stopped before its process wrote anything: STOPPED at once, not STARTING for the start grace
+    client.train_start("tumorlens", {"max_epochs": 50})
+    t0 = time.time()  # MONAI Label starts the process from a worker thread: wait until it exists
+    while client.train_status().get("status") != "RUNNING" and time.time() - t0 < 30:
+        time.sleep(0.1)
+    assert requests.delete(f"{server.url}/train/", timeout=60).status_code == 200
+    assert client.info()["train_stats"]["tumorlens"]["status"] == "STOPPED"
 
 
 def test_batch_inference_on_cpu_keeps_final_labels(client, server, studies):

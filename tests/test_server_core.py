@@ -166,14 +166,22 @@ def test_finetune_keeps_text_head_and_familiarity_when_encoder_frozen(model, dev
     heads = carried_heads(model, net, images, labels)
     assert set(heads) == {ALIGNMENT_FILE, PROBE_FILE}
     base_head = load_alignment(model)
-    assert len(heads[ALIGNMENT_FILE].cache.labels) == len(base_head.cache.labels) + len(labels)
+    n0, n1 = len(base_head.cache.labels), len(heads[ALIGNMENT_FILE].cache.labels)
+    # a labelled image that is already a key (here one of the two is a training image) is not added again
+    assert n0 < n1 <= n0 + len(labels) and heads[ALIGNMENT_FILE].meta["cache_added"] == n1 - n0
     assert torch.equal(heads[ALIGNMENT_FILE].classifier.weight, net.classifier[-1].weight.detach().float())
     folder = ModelVersions(tmp_path / "models", model.path).publish(
         net, model.config, dict(model.card), extra=lambda f, v: write_heads(heads, f, v))
-    p = Predictor(load_model(folder))
+    v1 = load_model(folder)
+    p = Predictor(v1)
     assert p.decision == "aligned" and p.familiarity_calibration == base_head.meta["familiarity"]
     res = p.predict(read_image(dev2d / "images" / "1941.jpg"))
     assert res.extra.get("familiarity") is not None
+    # the next relabel cycle from that version: the same images keep one key each; a new class relabels it
+    again = carried_heads(v1, v1.net, images, labels)
+    assert len(again[ALIGNMENT_FILE].cache.labels) == n1 and again[ALIGNMENT_FILE].meta["cache_added"] == 0
+    swapped = carried_heads(v1, v1.net, images, labels[::-1].copy())
+    assert swapped[ALIGNMENT_FILE].meta["cache_relabelled"] == 2
     # the encoder fine-tuned too: its features changed, so no head describes them any more
     net_all, _ = finetune(model, images, masks, labels, epochs=1, lr=1e-3, progress=False, trainable="all")
     assert carried_heads(model, net_all, images, labels) == {}
@@ -198,10 +206,14 @@ def test_identifier_like_ids_and_log_lines():
     from tumorlens.findings.identifiers import identifier_kinds_in_name
 
     assert identifier_kinds_in_name("Smith_John_19700101") == ["date"]
+    assert identifier_kinds_in_name("Smith_John_1970_01_01") == ["date"]
     assert identifier_kinds_in_name("John.Smith@example.org") == ["email"]
-    # ids people and tools really use: sample names, Slicer's hashed ids, BIDS, BraTS, DICOM UIDs
+    assert identifier_kinds_in_name("mrn1234567") == identifier_kinds_in_name("MRN_1234567") == ["identifier"]
+    assert identifier_kinds_in_name("Patient_John_Smith") == ["name"]
+    # ids people and tools really use: sample names, Slicer's hashed ids, BIDS, BraTS, DICOM UIDs, study codes
     for ok in ("mri2d_0102", "img-19700101abcdef12", "sub-01_T1w", "BraTS2021_00000", "3: T2 FLAIR",
-               "1.2.840.113619.2.55.3.604688119", "202611300311"):
+               "1.2.840.113619.2.55.3.604688119", "202611300311", "ID_0001", "case_id_12", "Subject ID 7",
+               "Accession_7", "Patient_Anon", "patient001", "scan_2024", "TCGA-02-0003"):
         assert identifier_kinds_in_name(ok) == [], ok
     import importlib.util
     import sys
@@ -216,6 +228,12 @@ def test_identifier_like_ids_and_log_lines():
     rec = logging.LogRecord("x", logging.INFO, __file__, 1, "PUT %s 400", ("/datastore/image?image=Smith_John_1970-01-01",),
                             None)
     assert mod.RedactIdentifiers().filter(rec) and "1970" not in rec.getMessage() and "400" in rec.getMessage()
+    for line, gone in (("Image: MRN_1234567; File: x", "1234567"), ("Image: Patient_John_Smith", "John")):
+        rec = logging.LogRecord("x", logging.INFO, __file__, 1, line, (), None)
+        assert mod.RedactIdentifiers().filter(rec) and gone not in rec.getMessage(), rec.getMessage()
+    stamp = "[2026-11-30 10:49:36,679] scoring done for mri2d_0102"  # a log's own timestamp stays
+    rec = logging.LogRecord("x", logging.INFO, __file__, 1, stamp, (), None)
+    assert mod.RedactIdentifiers().filter(rec) and rec.getMessage() == stamp
 
 
 def test_train_stats_of_a_run_whose_process_is_gone():

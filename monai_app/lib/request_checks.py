@@ -252,6 +252,44 @@ def check_session_image(arguments: dict) -> None:
                           "GET it without image=true for its information")
 
 
+def mark_stopped(original: Callable) -> Callable:
+    """``DELETE /train/``: the run's stats say STOPPED at once, also when it is stopped before its
+    process wrote anything (it would otherwise read STARTING until the start grace ran out)."""
+    @wraps(original)
+    def call(*args, **kwargs):
+        res = original(*args, **kwargs)
+        from monailabel.interfaces.utils.app import app_instance
+
+        state = getattr(app_instance(), "state", None)
+        if res is not None and state is not None:
+            stats = state.read_stats()
+            if stats.get("status") in ("STARTING", "RUNNING"):
+                stats.update(status="STOPPED", note="stopped with DELETE /train/ before it published anything")
+                state.write_stats(stats)
+        return res
+
+    call.tumorlens_checked = True
+    return call
+
+
+def upload_id_from_name(original: Callable) -> Callable:
+    """``PUT /datastore/image`` without ``image=``: MONAI Label takes the id as the file name up to its
+    first dot, so every DICOM-UID-named file ("1.2.840.113619....jpg") became image "1" (and clashed);
+    the id is the name without its image extension."""
+    @wraps(original)
+    def call(background_tasks, image=None, params="{}", file=None, user=None):
+        if not image and file is not None and getattr(file, "filename", None):
+            from lib.datastore import _ext
+
+            name = os.path.basename(file.filename)
+            ext = _ext(name)
+            image = name[: len(name) - len(ext)] if ext and name.lower().endswith(ext) else name
+        return original(background_tasks, image, params, file, user)
+
+    call.tumorlens_checked = True
+    return call
+
+
 def _checked(original: Callable, check: Callable[[dict], None]) -> Callable:
     sig = inspect.signature(original)
 
@@ -362,9 +400,13 @@ def install_request_checks() -> None:
     for module, name, wrapper in [(datastore, "download_image", lambda fn: check_checksum(plain_filename(fn))),
                                   (datastore, "download_label", plain_filename),
                                   (infer, "binary_to_image", checked_binary_to_image),
+                                  (train, "stop", mark_stopped),
                                   (proxy, "proxy_dicom", local_datastore_proxy)]:
         fn = getattr(module, name)
         if not getattr(fn, "tumorlens_checked", False):
             setattr(module, name, wrapper(fn))
+    if not getattr(datastore.add_image, "tumorlens_id_from_name", False):
+        datastore.add_image = upload_id_from_name(datastore.add_image)
+        datastore.add_image.tumorlens_id_from_name = True
     if not getattr(logs.subprocess, "tumorlens_checked", False):
         logs.subprocess = _CheckedSubprocess()

@@ -22,6 +22,9 @@ from tumorlens.alignment.features import checkpoint_sha, extract_features
 from tumorlens.alignment.head import AlignedHead, classifier_layer
 from tumorlens.models.registry import LoadedModel
 
+# keys are stored in fp16: the same image's features come back at cosine > 0.9999, distinct slices < 0.999
+SAME_IMAGE_COSINE = 0.9995
+
 
 def same_encoder(a: nn.Module, b: nn.Module) -> bool:
     sa, sb = a.encoder.state_dict(), b.encoder.state_dict()
@@ -32,15 +35,33 @@ def _updated(head: AlignedHead, net: nn.Module, feats: np.ndarray | None, labels
     st = head.state()  # a private copy: the serving model's head is shared and read-only
     lin = classifier_layer(net)
     st["classifier"] = {"weight": lin.weight.detach().float().clone(), "bias": lin.bias.detach().float().clone()}
-    added = 0
+    added = relabelled = 0
     if st.get("cache") and feats is not None and len(feats):
         c = st["cache"]
+        keys, ys = c["keys"].float(), c["labels"].long().clone()
         new = torch.nn.functional.normalize(torch.as_tensor(feats, dtype=torch.float32) - c["mean"].float(), dim=-1)
-        c["keys"] = torch.cat([c["keys"].float(), new]).half()
-        c["labels"] = torch.cat([c["labels"].long(), torch.as_tensor(labels, dtype=torch.long)])
-        added = len(new)
-    st["meta"] = dict(st.get("meta") or {}, carried_from=st.get("meta", {}).get("checkpoint_sha"), cache_added=added)
+        fresh = []
+        for f, y in zip(new, torch.as_tensor(np.asarray(labels), dtype=torch.long), strict=True):
+            # the same image again (a later relabel cycle, or a training image): its key gets the new label
+            sim = keys @ f if len(keys) else torch.zeros(0)
+            j = int(sim.argmax()) if len(sim) else -1
+            if j >= 0 and float(sim[j]) >= SAME_IMAGE_COSINE:
+                relabelled += int(ys[j] != y)
+                ys[j] = y
+            else:
+                fresh.append((f, y))
+                keys = torch.cat([keys, f[None]])
+                ys = torch.cat([ys, y[None]])
+        c["keys"], c["labels"] = keys.half(), ys
+        added = len(fresh)
+    st["meta"] = dict(st.get("meta") or {}, carried_from=st.get("meta", {}).get("checkpoint_sha"), cache_added=added,
+                      cache_relabelled=relabelled)
     return AlignedHead.from_state(st)
+
+
+def cache_keys_added(heads: dict[str, AlignedHead]) -> int:
+    h = heads.get(ALIGNMENT_FILE)
+    return int(h.meta.get("cache_added", 0)) if h is not None else 0
 
 
 def carried_heads(base: LoadedModel, net: nn.Module, images: np.ndarray, labels: np.ndarray) -> dict[str, AlignedHead]:

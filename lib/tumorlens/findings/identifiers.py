@@ -22,6 +22,8 @@ PATTERNS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\b[\w.+-]+@[\w-]+\.[\w.]+\b"), "email"),
     (re.compile(r"(?<![\dA-Za-z.])(?:\d{4}-\d{2}-\d{2}|\d{1,2}[./-]\d{1,2}[./-]\d{2,4})(?![\dA-Za-z]|\.\d)"),
      "date"),  # not inside a dotted DICOM UID
+    # a date written with spaces or underscores between its parts (1970 01 01, 1970_01_01)
+    (re.compile(r"(?<![\dA-Za-z])(?:19|20)\d{2}[ _](?:0[1-9]|1[0-2])[ _](?:0[1-9]|[12]\d|3[01])(?![\dA-Za-z])"), "date"),
     # a compact date (19700101) standing alone: not part of a longer number or of a hex digest
     (re.compile(r"(?<![\dA-Za-z])(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?![\dA-Za-z])"), "date"),
     (re.compile(r"\b\d{1,2}(?:st|nd|rd|th)?\s+(?:of\s+)?" + _MONTH + r"\.?,?\s+\d{2,4}\b|\b" + _MONTH
@@ -74,9 +76,53 @@ def safe_file_name(name: str) -> str:
     return ("image" + suffix) if find_identifiers(readable) else name
 
 
+# in ids, a record-number keyword glued to its digits ("mrn1234567", "NHS_4471093") names a patient;
+# a generic "id"/"case"/"subject"/"accession" with a number ("ID_0001", "case_id_12") is a study code
+_RECORD_NUMBER = re.compile(r"(?i)(?<![a-z])(?:mrn|nhs|ssn|hospital[ _-]?(?:no|number)|medical[ _-]?record)"
+                            r"[ _:#-]*(?:no\.?|number)?[ _:#-]*\d{4,}")
+# words after "patient" that say the name was removed ("Patient_Anon"): not a name
+_ANON = re.compile(r"(?i)\bpatient\s+(?:anon\w*|unknown|test|x+|\d+)\b")
+
+
 def identifier_kinds_in_name(name: str) -> list[str]:
-    """Personal identifier kinds (``PERSONAL``) in an id or file name, read with ``_`` and ``.`` as
-    spaces ("Smith_John_19700101" -> ["date"])."""
+    """Personal identifier kinds in an id or file name, read with ``_`` and ``.`` as spaces
+    ("Smith_John_19700101" -> ["date"]): e-mails, dates, names after a title or "patient", and record
+    numbers. Generic study codes ("ID_0001", "case_id_12", "Accession_7") are not identifiers here."""
     readable = re.sub(r"[_.]+", " ", name)
-    found = find_identifiers(readable) + find_identifiers(name)
-    return [k for k in dict.fromkeys(found) if k in PERSONAL]
+    kinds: list[str] = []
+    for text in (readable, name):
+        for pat, kind in PATTERNS:
+            if kind not in ("email", "date", "name"):
+                continue
+            for m in pat.finditer(text):
+                if kind == "name" and _ANON.search(m.group(0)):
+                    continue
+                kinds.append(kind)
+    if _RECORD_NUMBER.search(readable) or _RECORD_NUMBER.search(name):
+        kinds.append("identifier")
+    return list(dict.fromkeys(kinds))
+
+
+def redact_log_line(text: str) -> tuple[str, list[str]]:
+    """A log line without personal identifiers. Ids in request lines and messages come with ``_`` and
+    ``.`` between words ("image=MRN_1234567"): a line whose readable form holds one is logged in that
+    readable form, redacted. Timestamps (a date followed by a time) are a log's own, not a birth date."""
+    stamps: list[str] = []
+
+    def keep(m: re.Match) -> str:
+        stamps.append(m.group(0))
+        return f"\x00{len(stamps) - 1}\x00"
+
+    held = _TIMESTAMP.sub(keep, text)
+    clean, kinds = redact(held, PERSONAL)
+    readable = re.sub(r"(?<=\w)[_.](?=\w)", " ", held)
+    rkinds = identifier_kinds_in_name(held)
+    if rkinds or (find_identifiers(readable) and set(find_identifiers(readable)) & set(PERSONAL)
+                  and not kinds):
+        clean, more = redact(readable, PERSONAL)
+        clean = _RECORD_NUMBER.sub("(identifier removed)", clean)
+        kinds = list(dict.fromkeys(kinds + more + rkinds))
+    return re.sub("\x00(\\d+)\x00", lambda m: stamps[int(m.group(1))], clean), kinds
+
+
+_TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?")

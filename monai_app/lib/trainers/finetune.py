@@ -21,7 +21,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.errors import bad_request
 from lib.state import AppState
 from tumorlens.activelearning.finetune import TRAINABLE, finetune, item_arrays
-from tumorlens.activelearning.heads import carried_heads, write_heads
+from tumorlens.activelearning.heads import cache_keys_added, carried_heads, write_heads
 from tumorlens.config import config_hash
 from tumorlens.errors import InvalidInputError, TrainingDivergedError
 from tumorlens.labels import NO_TUMOUR, canonical_label, class_index
@@ -42,6 +42,11 @@ def labelled_items(datastore: Datastore) -> tuple[list[dict], list[str]]:
         items.append({"id": image_id, "image": datastore.get_image_uri(image_id),
                       "label": datastore.get_label_uri(image_id, DefaultLabelTag.FINAL), "class_name": cls})
     return items, notes
+
+
+HEADS_DROPPED = ("the text-aligned head and the familiarity check were not carried over (the encoder was fine-tuned, "
+                 "or the version trained from has none): the plain classifier decides in this version and in every "
+                 "version trained from it; train from a version that has them, or refit with `tumorlens align`")
 
 
 def run_gone(stats: dict, grace_s: float = 60.0) -> bool:
@@ -152,14 +157,16 @@ class FinetuneTrainer(TrainTask):
             raise
         heads = carried_heads(base, net, images, labels)
         if not heads:
-            notes.append("the text-aligned head and the familiarity check were not carried over (the encoder was "
-                         "fine-tuned, or the base model has none): the plain classifier decides in this version")
+            notes.append(HEADS_DROPPED)
         card = dict(base.card)
+        if "metrics" in card:  # measured on the version trained from, not on this one
+            card["parent_metrics"] = card.pop("metrics")
         card.update(name=base.name, parent_version=base_version,
                     finetune={"items": len(xs), "samples": int(len(labels)), "config": cfg, "history": history,
                               "class_counts": np.bincount(labels, minlength=len(base.labels)).tolist(),
                               "config_hash": config_hash(cfg), "heads_carried": sorted(heads),
-                              "tip_adapter_keys_added": int(len(labels)) if heads else 0},
+                              "tip_adapter_keys_added": cache_keys_added(heads),
+                              **({} if heads else {"heads_note": HEADS_DROPPED})},
                     trained_at=datetime.now(UTC).isoformat(timespec="seconds"))
         folder = self.state.versions.publish(net, base.config, card,
                                              extra=lambda f, version: write_heads(heads, f, version))
