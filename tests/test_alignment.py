@@ -357,6 +357,9 @@ def test_text_queries_on_real_images_assert_what_they_say_and_negate_what_they_n
     assert parse_negation("Pituitary adenoma with no oedema.") == ("pituitary adenoma", "oedema")
     assert parse_negation("not without tumour") == ("tumour", None)
     assert parse_negation("MRI with a glioma") == ("mri with a glioma", None)
+    assert parse_negation("tumour-free brain") == ("", "tumour brain")
+    assert parse_negation("meningioma cannot be excluded") == ("meningioma", None)
+    assert parse_negation("not a normal scan") == parse_negation("abnormal scan") == ("brain mri with a tumour", None)
     rows = [r for c in CLASS_NAMES for r in [x for x in dev_rows if x["label"] == c][:6]]
     x = torch.cat([prepare_slice(read_image(dev2d / r["image"])[0].numpy(), model.image_size) for r in rows])
     head, _ = text_head(model)
@@ -364,7 +367,9 @@ def test_text_queries_on_real_images_assert_what_they_say_and_negate_what_they_n
     y = np.array([r["label"] for r in rows])
     cases = [("MRI with a glioma", {"glioma"}), ("glioma ruled out", set(CLASS_NAMES) - {"glioma"}),
              ("pituitary adenoma with no oedema", {"pituitary"}), ("not without tumour", set(TUMOUR_CLASSES)),
-             ("no evidence of a brain tumour", {"no_tumor"}), ("normal brain MRI", {"no_tumor"})]
+             ("no evidence of a brain tumour", {"no_tumor"}), ("normal brain MRI", {"no_tumor"}),
+             ("tumour-free brain", {"no_tumor"}), ("meningioma cannot be excluded", {"meningioma"}),
+             ("not a normal scan", set(TUMOUR_CLASSES)), ("normal study", {"no_tumor"})]
     for q, rel in cases:
         top = np.argsort(-query_scores(t, q))[:4]
         assert np.isin(y[top], list(rel)).mean() >= 0.75, (q, y[top])

@@ -54,9 +54,28 @@ GENERIC_WORDS = frozenset("mri brain scan image images of the a an with that sho
                           "coronal sagittal t1 t2 flair and there is are this".split())
 
 
+# rewrites before parsing: "tumour-free" is "no tumour"; "cannot be excluded" / "not ruled out" assert
+# what they qualify; "study", "scan", "exam" are the brain MRI itself
+_REWRITES = (
+    (re.compile(r"\b([a-z]+)-free\b"), r"no \1"),
+    (re.compile(r"\b(?:cannot|can ?not|can't|could not|is not|are not|not)\s+(?:be\s+)?(?:excluded|ruled out)\b"), ""),
+    (re.compile(r"\b(?:brain\s+)?(?:study|scan|exam|examination)\b"), "brain mri"),
+    # the encoder puts "abnormal brain MRI" next to "normal brain MRI": say what is abnormal here
+    (re.compile(r"\babnormal(?:\s+brain)?(?:\s+mri)?\b"), "brain mri with a tumour"),
+)
+NORMAL_WORDS = frozenset({"normal", "unremarkable", "healthy"})
+
+
+def _rewrite(q: str) -> str:
+    for pat, rep in _REWRITES:
+        q = pat.sub(rep, q)
+    return re.sub(r"\s+", " ", q).strip(" ,;")
+
+
 def parse_negation(query: str) -> tuple[str, str | None]:
-    """``(asserted part, negated part or None)`` of a query, lower-cased."""
-    q = re.sub(r"\s+", " ", query.lower()).strip().rstrip(".")
+    """``(asserted part, negated part or None)`` of a query, lower-cased. A negated "normal" ("not a
+    normal scan") asserts a brain MRI with a tumour, as "abnormal" does."""
+    q = _rewrite(re.sub(r"\s+", " ", query.lower()).strip().rstrip("."))
     n_cues = len(_NEG.findall(q))
     if n_cues >= 2 and n_cues % 2 == 0:  # "not without tumour": the negations cancel
         return re.sub(r"\s+", " ", _NEG.sub(" ", q)).strip(" ,;"), None
@@ -65,7 +84,11 @@ def parse_negation(query: str) -> tuple[str, str | None]:
         return "", q[:post.start()].strip(" ,;")
     pre = _PRE.search(q)
     if pre:
-        return q[:pre.start()].strip(" ,;"), q[pre.end():].strip(" ,;") or None
+        asserted, negated = q[:pre.start()].strip(" ,;"), q[pre.end():].strip(" ,;") or None
+        words = set(re.findall(r"[a-z0-9]+", negated or ""))
+        if negated and words & NORMAL_WORDS and not (words - NORMAL_WORDS - GENERIC_WORDS) and not has_content(asserted):
+            return "brain mri with a tumour", None
+        return asserted, negated
     return q, None
 
 
@@ -135,7 +158,10 @@ def query_scores(text_vectors, query: str, negation_aware: bool = True) -> np.nd
     g = t @ _baseline()
     asserted, negated = parse_negation(query)
     if negated is None:
-        return t @ encode_texts([asserted or query])[0] - g
+        text = asserted or query
+        if len(text.split()) == 1:
+            text = f"MRI with a {text}"  # a bare word ("meningioma") in the sentence it lives in
+        return t @ encode_texts([text])[0] - g
     if has_content(asserted):
         a, n = encode_texts([asserted, f"MRI with {negated}"])
         return (t @ a - g) - 0.5 * (t @ n - g)
