@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tumorlens.data.dataset import ArrayDataset, train_transforms
 from tumorlens.data.normalize import foreground_mask, normalize_intensity
-from tumorlens.data.readers import is_volume, read_image
+from tumorlens.data.readers import is_volume, read_image, reorient_like
 from tumorlens.errors import InvalidInputError, TrainingDivergedError
 from tumorlens.inference import (
     display_foreground,
@@ -74,9 +74,7 @@ def read_label_like(path: str | Path, img) -> np.ndarray:
     if arr.ndim == 2:
         arr = arr[..., None]
     if not np.allclose(aff, np.eye(4)) and not np.allclose(aff[:3, :3], img_aff[:3, :3], atol=1e-3):
-        from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
-
-        arr = apply_orientation(arr, ornt_transform(io_orientation(aff), io_orientation(img_aff)))
+        arr = reorient_like(arr, aff, img_aff)[0]
     if arr.shape != want and arr.ndim == 3 and arr.shape[-1] == 1 and arr.shape[:2] == want:
         arr = arr[..., 0]  # a 2D image's label stored as a one-slice volume
     if arr.shape != want:

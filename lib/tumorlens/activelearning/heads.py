@@ -40,20 +40,15 @@ def _updated(head: AlignedHead, net: nn.Module, feats: np.ndarray | None, labels
         c = st["cache"]
         keys, ys = c["keys"].float(), c["labels"].long().clone()
         new = torch.nn.functional.normalize(torch.as_tensor(feats, dtype=torch.float32) - c["mean"].float(), dim=-1)
-        fresh = []
-        for f, y in zip(new, torch.as_tensor(np.asarray(labels), dtype=torch.long), strict=True):
-            # the same image again (a later relabel cycle, or a training image): its key gets the new label
-            sim = keys @ f if len(keys) else torch.zeros(0)
-            j = int(sim.argmax()) if len(sim) else -1
-            if j >= 0 and float(sim[j]) >= SAME_IMAGE_COSINE:
-                relabelled += int(ys[j] != y)
-                ys[j] = y
-            else:
-                fresh.append((f, y))
-                keys = torch.cat([keys, f[None]])
-                ys = torch.cat([ys, y[None]])
-        c["keys"], c["labels"] = keys.half(), ys
-        added = len(fresh)
+        y_new = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+        # an image that is already a key (an earlier relabel cycle, or a training image) takes the new label
+        best, j = (new @ keys.T).max(1)
+        same = best >= SAME_IMAGE_COSINE
+        relabelled = int((ys[j[same]] != y_new[same]).sum())
+        ys[j[same]] = y_new[same]
+        c["keys"] = torch.cat([keys, new[~same]]).half()
+        c["labels"] = torch.cat([ys, y_new[~same]])
+        added = int((~same).sum())
     st["meta"] = dict(st.get("meta") or {}, carried_from=st.get("meta", {}).get("checkpoint_sha"), cache_added=added,
                       cache_relabelled=relabelled)
     return AlignedHead.from_state(st)

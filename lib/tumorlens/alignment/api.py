@@ -174,8 +174,7 @@ def semantic_margin_rate(model, images, labels, *, head: str = "auto", min_margi
 def nearest_descriptions(model, image_tensor, k: int = 3, *, head: str = "auto") -> list[dict]:
     """The ``k`` class descriptions nearest to one image in text space:
     ``[{class_name, description, similarity}]`` (for the findings record's ``text_matches``)."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise InvalidInputError(None, f"k must be a whole number >= 1, got {k!r}")
+    _check_k(k)
     m = _model(model)
     x = _as_batch(image_tensor)
     if len(x) != 1:
@@ -185,14 +184,18 @@ def nearest_descriptions(model, image_tensor, k: int = 3, *, head: str = "auto")
     return h.nearest_descriptions(feats, k)[0]
 
 
+def _check_k(k) -> None:
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise InvalidInputError(None, f"k must be a whole number >= 1, got {k!r}")
+
+
 def text_matches(model, img, slice_probabilities=None, k: int = 3) -> tuple[list[dict], str | None]:
     """The findings record's ``text_matches`` for an image as read (2D, or a volume through its most
     tumour-like slice), and a note when there are none or the descriptions are stale.
 
     Uses the stored heads only (the aligned head, else the stored plain-model probe): fitting a probe
     here would need the training images, which a server does not have."""
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise InvalidInputError(None, f"k must be a whole number >= 1, got {k!r}")
+    _check_k(k)
     from tumorlens.inference import representative_input
 
     m = _model(model)
@@ -227,8 +230,7 @@ def semantic_margin_for_folder(data_dir, model=None, limit: int | None = None, *
 
     from tumorlens.data.manifest import load_manifest
     from tumorlens.data.readers import is_volume, read_image
-    from tumorlens.evaluation.evaluate import single_slice_input
-    from tumorlens.inference import prepare_slice
+    from tumorlens.inference import representative_input
 
     m = _model(model)
     man = load_manifest(data_dir)
@@ -246,11 +248,10 @@ def semantic_margin_for_folder(data_dir, model=None, limit: int | None = None, *
 
     for rec in tqdm(records, desc="semantic margin", disable=not progress, leave=False):
         img = read_image(rec.image)
-        if is_volume(img) and img.shape[-1] > 1:
-            continue
-        # a one-slice volume is prepared as ``predict`` prepares it (display orientation), not in raw voxel order
-        batch.append(single_slice_input(img, m.image_size) if is_volume(img)
-                     else prepare_slice(img[0].numpy(), m.image_size))
+        if is_volume(img) and sum(n > 1 for n in img.shape[1:]) > 2:
+            continue  # a multi-slice volume
+        # a one-slice volume (axial, coronal or sagittal) is prepared as ``predict`` prepares it
+        batch.append(representative_input(img, m.image_size))
         batch_y.append(CLASS_NAMES.index(rec.label))
         if len(batch) == 32:
             flush()

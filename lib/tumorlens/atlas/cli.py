@@ -46,7 +46,8 @@ def mask_on_image_grid(mask: MetaTensor, img: MetaTensor, where: str | Path) -> 
     """
     import torch
     from monai.data import MetaTensor
-    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    from tumorlens.data.readers import reorient_like
 
     arr = mask.detach().cpu().numpy()[0]
     want = tuple(int(n) for n in img.shape[1:])
@@ -59,9 +60,7 @@ def mask_on_image_grid(mask: MetaTensor, img: MetaTensor, where: str | Path) -> 
             raise InvalidInputError(where, f"mask shape {arr.shape} does not match image shape {want}")
         return mask
     a3 = arr if arr.ndim == 3 else arr.reshape(arr.shape + (1,) * (3 - arr.ndim))
-    ornt = ornt_transform(io_orientation(m_aff), io_orientation(i_aff))
-    moved = apply_orientation(a3, ornt)
-    moved_aff = m_aff @ inv_ornt_aff(ornt, a3.shape)
+    moved, moved_aff = reorient_like(a3, m_aff, i_aff)
     want3 = want + (1,) * (3 - len(want))
     if moved.shape != want3 or not np.allclose(moved_aff, i_aff, rtol=0, atol=tol):
         raise InvalidInputError(

@@ -364,6 +364,16 @@ def read_image(path: str | Path, expect: Expect = None, modality: str = "MR") ->
     return img
 
 
+def reorient_like(arr: np.ndarray, affine: np.ndarray, target_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``arr`` [X, Y, Z] (stored under ``affine``) in the axis order and directions of
+    ``target_affine``, and its affine after that: the same voxels, so a mask saved with flipped or
+    permuted axes lands on the same anatomy. Only axis permutations and flips, no resampling."""
+    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+
+    ornt = ornt_transform(io_orientation(affine), io_orientation(target_affine))
+    return apply_orientation(arr, ornt), np.asarray(affine, dtype=float) @ inv_ornt_aff(ornt, arr.shape)
+
+
 def is_volume(img: MetaTensor) -> bool:
     """As the reader recorded it; a MetaTensor built elsewhere ([C, X, Y, Z], no ``kind``) by its shape."""
     kind = img.meta.get("kind") if hasattr(img, "meta") else None

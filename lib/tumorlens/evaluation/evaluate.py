@@ -15,7 +15,6 @@ from tqdm import tqdm
 from tumorlens.alignment.familiarity import unfamiliar
 from tumorlens.data.manifest import Record, load_manifest
 from tumorlens.data.readers import PHOTO_EXT, is_volume, read_image, read_mask
-from tumorlens.errors import InvalidInputError
 from tumorlens.evaluation.jsonio import json_ready
 from tumorlens.evaluation.metrics import classification_metrics, dice_score, grouped_bootstrap
 from tumorlens.inference import (
@@ -23,7 +22,6 @@ from tumorlens.inference import (
     prepare_slice,
     seg_on_slice,
     tumour_mask,
-    volume_to_display,
 )
 from tumorlens.labels import NO_TUMOUR, class_index
 
@@ -51,17 +49,6 @@ def truth_mask(path: Path, img: MetaTensor) -> np.ndarray:
     from tumorlens.activelearning.finetune import read_label_like
 
     return read_label_like(path, img) > 0
-
-
-def single_slice_input(img: MetaTensor, size: int) -> torch.Tensor:
-    """The network input ``Predictor.predict`` makes of a one-slice volume ([1, 1, size, size]): the
-    slice in display orientation (RAS, radiological), normalised and resized. For callers that need the
-    input itself (features) rather than a prediction; ``evaluate_folder`` calls ``predict``."""
-    arr = img.detach().cpu().numpy()[0]
-    if arr.ndim != 3 or arr.shape[-1] != 1:
-        raise InvalidInputError(img.meta.get("filename_or_obj"), f"expected a one-slice volume, got {arr.shape}")
-    disp, _ = volume_to_display(arr, np.asarray(img.affine, dtype=float))
-    return prepare_slice(disp[0], size)
 
 
 def warn_duplicates(records: list[Record], manifest_path: Path) -> None:
