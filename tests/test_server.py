@@ -842,6 +842,9 @@ def test_relabel_loop_trains_new_version_without_breaking_inference(client, serv
     assert nxt["id"] not in {pick, "mri2d_0102", "mri2d_1941"} and nxt["model_version"] == stats["version"]
     card = json.loads((studies / ".tumorlens" / "models" / stats["version"] / "model_card.json").read_text())
     assert card["parent_version"] == v0 and card["finetune"]["items"] == stats["items"]
+    # the lesion refiner (independent of the fine-tuned weights) goes along to the new version
+    assert stats["refiner_carried"] is True and card["finetune"]["refiner_carried"] is True
+    assert (studies / ".tumorlens" / "models" / stats["version"] / "refiner.pt").is_file()
     # the scoring method (MONAI Label runs it as a subprocess) scores every unlabelled image anew
     r = requests.post(f"{server.url}/scoring/uncertainty", params={"run_sync": "true"}, timeout=600)
     assert r.status_code == 200, r.text

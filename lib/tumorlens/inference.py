@@ -20,6 +20,7 @@ from tumorlens.data.normalize import foreground_mask, normalize_intensity
 from tumorlens.data.readers import is_volume
 from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
+from tumorlens.models.refiner import load_refiner
 from tumorlens.models.registry import LoadedModel, load_model
 
 SEG_THRESHOLD = 0.5
@@ -274,10 +275,13 @@ class Predictor:
     """Class probabilities + tumour mask for 2D images and volumes, on the input's geometry."""
 
     def __init__(self, model: LoadedModel | str | None = None, device: str = "cpu", batch_size: int = 16,
-                 aligned: bool = True):
+                 aligned: bool = True, refine: bool = True):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.device = device
         self.batch_size = batch_size
+        # the lesion refiner (models/refiner.py) redraws the seg head's lesion at native resolution; it
+        # is only stored next to a model when it raised seg Dice on that model's grouped validation part
+        self.refiner = load_refiner(self.model.path, device) if refine else None
         # The text-aligned head (issue 8) decides the class when it is stored next to the model: it is
         # only stored when it was at least as accurate as the plain classifier on grouped validation.
         self.aligned_head = None
@@ -333,9 +337,20 @@ class Predictor:
             return self._predict_volume(img, arr)
         return self._predict_2d(img, arr)
 
+    def lesion_probability(self, seg: torch.Tensor, arr: np.ndarray, called: bool) -> np.ndarray:
+        """The seg head's map [1, 1, S, S] of 2D slice ``arr`` on the slice's grid (zero outside the head),
+        its lesion redrawn at the slice's resolution when a refiner is stored. ``called``: the classifier
+        calls a tumour (the coarse mask then falls back to the head's likeliest region)."""
+        prob = seg_on_slice(seg, arr)
+        if self.refiner is None:
+            return prob
+        return self.refiner.refine(arr, prob, tumour_mask(prob, called)) * foreground_mask(arr)
+
     def _predict_2d(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         probs, seg, fam = self.forward_batch(prepare_slice(arr, self.size))
-        return self._result(img, probs[0].numpy(), seg_on_slice(seg, arr), None, self._familiarity(fam))
+        p = probs[0].numpy()
+        called = self.model.labels[int(p.argmax())] != NO_TUMOUR
+        return self._result(img, p, self.lesion_probability(seg, arr, called), None, self._familiarity(fam))
 
     def _predict_volume(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         affine = np.asarray(img.affine, dtype=float)
@@ -358,6 +373,11 @@ class Predictor:
             if fam is not None:
                 fams.append(fam)
         probs = aggregate_slice_probabilities(slice_probs[use])
+        if self.refiner is not None:  # slice by slice, where the head drew something
+            for i in use:
+                coarse = seg_disp[i] >= SEG_THRESHOLD
+                if coarse.any():
+                    seg_disp[i] = self.refiner.refine(disp[i], seg_disp[i], coarse) * fg[i]
         seg_vol = display_to_volume(seg_disp, back)
         # a volume's familiarity: the median over its brain slices (edge slices alone look unfamiliar)
         familiarity = self._familiarity(np.concatenate(fams) if fams else None)
@@ -373,7 +393,8 @@ class Predictor:
         meta = {k: v for k, v in img.meta.items() if k in ("filename_or_obj", "kind", "spatial_shape", "spacing",
                                                              "original_affine", "spacing_known", "modality")}
         mask_np = tumour_mask(seg, label != NO_TUMOUR).astype(np.uint8)
-        extra = {"decision": self.decision, "caveats": [c for c in [modality_caveat(meta.get("modality"))] if c]}
+        extra = {"decision": self.decision, "lesion_refiner": self.refiner is not None,
+                 "caveats": [c for c in [modality_caveat(meta.get("modality"))] if c]}
         if familiarity is not None:
             extra["familiarity"] = familiarity.as_dict()
         if label == NO_TUMOUR and pdict[NO_TUMOUR] >= 0.5:

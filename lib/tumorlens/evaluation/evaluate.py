@@ -20,7 +20,6 @@ from tumorlens.evaluation.metrics import classification_metrics, dice_score, gro
 from tumorlens.inference import (
     Predictor,
     prepare_slice,
-    seg_on_slice,
     tumour_mask,
 )
 from tumorlens.labels import NO_TUMOUR, class_index
@@ -109,7 +108,8 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
             truth = truth_for(records[i], img)
             if truth is not None:
                 called = pred.model.labels[int(probs[i].argmax())] != NO_TUMOUR
-                dices[i] = dice_score(tumour_mask(seg_on_slice(seg[j:j + 1], img[0].numpy()), called), truth)
+                dices[i] = dice_score(tumour_mask(pred.lesion_probability(seg[j:j + 1], img[0].numpy(), called), called),
+                                      truth)
         batch_x.clear()
         batch_i.clear()
         pending.clear()
@@ -139,7 +139,8 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     m["seg_n"] = int(has.sum())
     m["ci95"] = grouped_bootstrap(labels, probs, pred.model.labels, [r.group for r in records], dices)
     m["familiarity"] = familiarity_summary(fam, labels, probs, pred.familiarity_calibration)
-    m["model"] = {"name": pred.model.name, "version": pred.model.version, "backbone": pred.model.backbone}
+    m["model"] = {"name": pred.model.name, "version": pred.model.version, "backbone": pred.model.backbone,
+                  "lesion_refiner": pred.refiner is not None}
     m["data"] = {"folder": Path(data_dir).name, "manifest_sha256": manifest.sha256}
     m = json_ready(m)
     m["_probs"] = probs

@@ -1,4 +1,4 @@
-"""``tumorlens train --config configs/train/<name>.yaml``."""
+"""``tumorlens train --config configs/train/<name>.yaml`` and ``tumorlens train-refiner``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,16 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--out", help="override the output model folder")
     p.set_defaults(func=run)
+    r = sub.add_parser("train-refiner", help="train the lesion refiner of a trained model (redraws the seg head's "
+                                             "lesion at the slice's resolution; stored only if it raises seg Dice)")
+    r.add_argument("--model", help="model name or folder (default: the shipped model)")
+    r.add_argument("--data", help="manifest folder (default: ../shared/data/brain-mri-2d); the model's grouped "
+                                  "split of it is used")
+    r.add_argument("--epochs", type=int, default=24)
+    r.add_argument("--max-images", type=int, help="a fixed subset of each part (smoke runs)")
+    r.add_argument("--no-save", action="store_true", help="measure only; never write refiner.pt")
+    r.add_argument("--json", help="write the training and validation record here")
+    r.set_defaults(func=run_refiner)
 
 
 def run(args) -> int:
@@ -27,4 +37,20 @@ def run(args) -> int:
     print(json.dumps({"model": res["path"], "validation": {k: v for k, v in card["metrics"]["validation"].items()
                                                            if k != "per_class"},
                       "duration_s": card["training"]["duration_s"]}, indent=2))
+    return 0
+
+
+def run_refiner(args) -> int:
+    from tumorlens.evaluation.cli import check_output
+    from tumorlens.evaluation.jsonio import dumps
+    from tumorlens.training.refiner import train_refiner
+
+    if args.epochs < 1:
+        raise SystemExit("--epochs must be at least 1")
+    if args.json:
+        check_output(args.json)
+    rec = train_refiner(args.model, args.data, epochs=args.epochs, max_images=args.max_images, save=not args.no_save,
+                        json_out=args.json)
+    print(dumps({"validation": rec["validation"], "stored": rec["stored"],
+                 "duration_s": rec["training"]["duration_s"]}))
     return 0

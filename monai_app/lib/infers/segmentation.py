@@ -16,8 +16,9 @@ TUMOUR_LABEL = {"tumor": 1}
 class SegmentationInfer(TumorlensInfer):
     def __init__(self, state: AppState):
         super().__init__(state, InferType.SEGMENTATION, dict(TUMOUR_LABEL), 3,
-                         "Tumour mask of the dual-head model's segmentation head (label 1 = tumour); "
-                         "2D slices and volumes (slice-wise), on the input's grid")
+                         "Tumour mask of the dual-head model's segmentation head, its lesion redrawn at the "
+                         "image's own resolution by the lesion refiner (label 1 = tumour); 2D slices and volumes "
+                         "(slice-wise), on the input's grid")
 
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
         model = self.state.model()

@@ -25,6 +25,7 @@ from tumorlens.activelearning.heads import cache_keys_added, carried_heads, writ
 from tumorlens.config import config_hash
 from tumorlens.errors import InvalidInputError, TrainingDivergedError
 from tumorlens.labels import NO_TUMOUR, canonical_label, class_index
+from tumorlens.models.refiner import REFINER_FILE, carry_refiner
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +159,7 @@ class FinetuneTrainer(TrainTask):
         heads = carried_heads(base, net, images, labels)
         if not heads:
             notes.append(HEADS_DROPPED)
+        refiner = (base.path / REFINER_FILE).is_file()  # the lesion refiner goes along unchanged
         card = dict(base.card)
         if "metrics" in card:  # measured on the version trained from, not on this one
             card["parent_metrics"] = card.pop("metrics")
@@ -165,13 +167,19 @@ class FinetuneTrainer(TrainTask):
                     finetune={"items": len(xs), "samples": int(len(labels)), "config": cfg, "history": history,
                               "class_counts": np.bincount(labels, minlength=len(base.labels)).tolist(),
                               "config_hash": config_hash(cfg), "heads_carried": sorted(heads),
+                              "refiner_carried": refiner,
                               "tip_adapter_keys_added": cache_keys_added(heads),
                               **({} if heads else {"heads_note": HEADS_DROPPED})},
                     trained_at=datetime.now(UTC).isoformat(timespec="seconds"))
-        folder = self.state.versions.publish(net, base.config, card,
-                                             extra=lambda f, version: write_heads(heads, f, version))
+
+        def extra(f, version) -> None:
+            write_heads(heads, f, version)
+            carry_refiner(base.path, f)
+
+        folder = self.state.versions.publish(net, base.config, card, extra=extra)
         stats.update(status="DONE", version=folder.name, samples=int(len(labels)), notes=notes,
                      duration_s=round(time.time() - t0, 2), finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
-                     best_loss=float(min(h["loss"] for h in history)), heads_carried=sorted(heads))
+                     best_loss=float(min(h["loss"] for h in history)), heads_carried=sorted(heads),
+                     refiner_carried=refiner)
         self.state.write_stats(stats)
         return stats
