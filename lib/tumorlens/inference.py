@@ -57,9 +57,10 @@ def tumour_mask(seg_prob: np.ndarray, tumour_called: bool) -> np.ndarray:
     return mask
 
 
-def seg_on_slice(seg: torch.Tensor, arr: np.ndarray) -> np.ndarray:
-    """The seg head's map [1, 1, S, S] for 2D slice ``arr``, on the slice's grid, zero outside the head."""
-    fg = foreground_mask(arr)
+def seg_on_slice(seg: torch.Tensor, arr: np.ndarray, fg: np.ndarray | None = None) -> np.ndarray:
+    """The seg head's map [1, 1, S, S] for 2D slice ``arr``, on the slice's grid, zero outside the head
+    (``fg``: the slice's foreground mask, when the caller has it)."""
+    fg = foreground_mask(arr) if fg is None else fg
     return map_on_slice(seg, arr, fg) * fg
 
 
@@ -341,10 +342,11 @@ class Predictor:
         """The seg head's map [1, 1, S, S] of 2D slice ``arr`` on the slice's grid (zero outside the head),
         its lesion redrawn at the slice's resolution when a refiner is stored. ``called``: the classifier
         calls a tumour (the coarse mask then falls back to the head's likeliest region)."""
-        prob = seg_on_slice(seg, arr)
+        fg = foreground_mask(arr)
+        prob = seg_on_slice(seg, arr, fg)
         if self.refiner is None:
             return prob
-        return self.refiner.refine(arr, prob, tumour_mask(prob, called)) * foreground_mask(arr)
+        return self.refiner.refine(arr, prob, tumour_mask(prob, called)) * fg
 
     def _predict_2d(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         probs, seg, fam = self.forward_batch(prepare_slice(arr, self.size))

@@ -22,7 +22,7 @@ from scipy import ndimage
 
 from tumorlens.atlas.harvard_oxford import template
 from tumorlens.atlas.view import PLANES, predict_view
-from tumorlens.data.normalize import normalize_intensity
+from tumorlens.data.normalize import largest_component, normalize_intensity
 from tumorlens.errors import InvalidInputError
 
 N = 64  # side of the normalised frame (pixels)
@@ -105,18 +105,10 @@ def _zscore(a: np.ndarray) -> np.ndarray:
     return a / s if s > 0 else a
 
 
-def _largest_component(m: np.ndarray) -> np.ndarray:
-    lab, n = ndimage.label(m)
-    if n <= 1:
-        return m
-    sizes = ndimage.sum(m, lab, index=np.arange(1, n + 1))
-    return lab == (1 + int(np.argmax(sizes)))
-
-
 def head_of_slice(img: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict]:
     """Normalised slice and its head mask (largest foreground component, holes filled)."""
     x = np.asarray(normalize_intensity(img.astype(np.float32)), dtype=np.float32)
-    head = ndimage.binary_fill_holes(_largest_component(ndimage.binary_opening(x > 0.05, iterations=2)))
+    head = ndimage.binary_fill_holes(largest_component(ndimage.binary_opening(x > 0.05, iterations=2)))
     info = {"head_fraction": float(head.mean())}
     if head.sum() < 64:
         return x, head, info

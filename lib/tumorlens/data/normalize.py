@@ -69,6 +69,17 @@ def foreground_mask(x: np.ndarray) -> np.ndarray:
     return np.abs(x - bg) > tol
 
 
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected part of a binary mask (the mask itself when it has at most one part)."""
+    from scipy import ndimage
+
+    lab, n = ndimage.label(mask)
+    if n <= 1:
+        return mask
+    sizes = ndimage.sum(mask, lab, index=np.arange(1, n + 1))
+    return lab == (1 + int(np.argmax(sizes)))
+
+
 def normalize_intensity(x: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
     """Map the foreground's [0.5, 99.5] percentiles to [0, 1], clip, and set background to 0.
 

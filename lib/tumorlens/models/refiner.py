@@ -25,8 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import UNet
-from scipy import ndimage
 
+from tumorlens.atomic import atomic_write
+from tumorlens.data.normalize import largest_component
 from tumorlens.errors import ModelNotFoundError
 
 REFINER_FILE = "refiner.pt"
@@ -49,11 +50,9 @@ def lesion_window(side_px: float) -> float:
 
 def lesion_box(mask: np.ndarray) -> tuple[float, float, float] | None:
     """(centre row, centre col, side) of the bounding square of the largest connected part of ``mask``."""
-    lab, n = ndimage.label(mask)
-    if n == 0:
+    if not mask.any():
         return None
-    sizes = ndimage.sum(mask, lab, range(1, n + 1))
-    part = lab == 1 + int(np.argmax(sizes))
+    part = largest_component(mask)
     rows, cols = np.where(part.any(1))[0], np.where(part.any(0))[0]
     side = max(rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1)
     return (rows[0] + rows[-1]) / 2, (cols[0] + cols[-1]) / 2, float(side)
@@ -85,15 +84,23 @@ def normalise_crop(x: np.ndarray) -> np.ndarray:
 
 
 def paste(p: np.ndarray, shape: tuple[int, int], cy: float, cx: float, w: float) -> tuple[np.ndarray, np.ndarray]:
-    """A crop's map ``p`` [out, out] (unrotated window) back on the image grid: (map, inside-window mask)."""
+    """A crop's map ``p`` [out, out] (unrotated window) back on the image grid: (map, inside-window mask).
+    Only the window's rows and columns are sampled (volumes call this once per lesion slice)."""
     out = p.shape[0]
-    yy, xx = np.meshgrid(np.arange(shape[0]), np.arange(shape[1]), indexing="ij")
-    a = (yy - cy + w / 2) / (w / out) - 0.5
-    b = (xx - cx + w / 2) / (w / out) - 0.5
-    inside = (a >= -0.5) & (a <= out - 0.5) & (b >= -0.5) & (b <= out - 0.5)
-    g = torch.from_numpy(np.stack([(2 * b + 1) / out - 1, (2 * a + 1) / out - 1], -1)[None]).float()
+    full, inside = np.zeros(shape, np.float32), np.zeros(shape, bool)
+    y0, y1 = max(0, int(np.ceil(cy - w / 2))), min(shape[0], int(np.floor(cy + w / 2)) + 1)
+    x0, x1 = max(0, int(np.ceil(cx - w / 2))), min(shape[1], int(np.floor(cx + w / 2)) + 1)
+    if y0 >= y1 or x0 >= x1:
+        return full, inside
+    a = (np.arange(y0, y1) - cy + w / 2) / (w / out) - 0.5  # crop-pixel coordinates of the rows
+    b = (np.arange(x0, x1) - cx + w / 2) / (w / out) - 0.5
+    ok_a, ok_b = (a >= -0.5) & (a <= out - 0.5), (b >= -0.5) & (b <= out - 0.5)
+    aa, bb = np.meshgrid(a, b, indexing="ij")
+    g = torch.from_numpy(np.stack([(2 * bb + 1) / out - 1, (2 * aa + 1) / out - 1], -1)[None]).float()
     t = torch.from_numpy(np.ascontiguousarray(p, dtype=np.float32))[None, None]
-    return F.grid_sample(t, g, mode="bilinear", align_corners=False)[0, 0].numpy(), inside
+    full[y0:y1, x0:x1] = F.grid_sample(t, g, mode="bilinear", align_corners=False)[0, 0].numpy()
+    inside[y0:y1, x0:x1] = ok_a[:, None] & ok_b[None, :]
+    return full * inside, inside
 
 
 @dataclass
@@ -119,12 +126,8 @@ class LesionRefiner:
         return np.where(inside, fine, prob).astype(np.float32)
 
     def save(self, path: str | Path) -> Path:
-        path = Path(path)
-        tmp = path.with_suffix(path.suffix + ".tmp")
         state = {k: v.half().cpu() if v.is_floating_point() else v.cpu() for k, v in self.net.state_dict().items()}
-        torch.save({"state_dict": state, "crop": self.crop, "meta": self.meta}, tmp)
-        tmp.replace(path)
-        return path
+        return atomic_write(path, lambda tmp: torch.save({"state_dict": state, "crop": self.crop, "meta": self.meta}, tmp))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> LesionRefiner:
@@ -159,8 +162,5 @@ def carry_refiner(src_folder: str | Path, dst_folder: str | Path) -> bool:
     src = Path(src_folder) / REFINER_FILE
     if not src.is_file():
         return False
-    dst = Path(dst_folder) / REFINER_FILE
-    tmp = dst.with_suffix(dst.suffix + ".tmp")
-    shutil.copyfile(src, tmp)
-    tmp.replace(dst)
+    atomic_write(Path(dst_folder) / REFINER_FILE, lambda tmp: shutil.copyfile(src, tmp))
     return True

@@ -19,10 +19,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from tumorlens.atomic import atomic_write_text
 from tumorlens.data.manifest import load_manifest
-from tumorlens.data.normalize import foreground_mask
 from tumorlens.data.readers import is_volume, read_image
 from tumorlens.data.splits import training_split
+from tumorlens.errors import InvalidInputError, TrainingDivergedError
 from tumorlens.evaluation.jsonio import write_json
 from tumorlens.evaluation.metrics import dice_score
 from tumorlens.labels import NO_TUMOUR
@@ -89,20 +90,21 @@ def refiner_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 def validation_dice(predictor, refiner: LesionRefiner, items: list[tuple[np.ndarray, np.ndarray]],
                     progress: bool = True) -> dict:
-    """seg Dice of the seg head alone and with the refiner, as ``tumorlens evaluate`` computes it."""
-    from tumorlens.inference import prepare_slice, seg_on_slice, tumour_mask
+    """seg Dice of the seg head alone and with the refiner, through ``Predictor.lesion_probability`` as
+    ``tumorlens evaluate`` computes it (``predictor`` is one without a refiner)."""
+    from tumorlens.inference import Predictor, prepare_slice, tumour_mask
 
+    with_refiner = Predictor(predictor.model, aligned=False, refine=False)
+    with_refiner.refiner = refiner
     coarse, refined, t_head, t_refine = [], [], 0.0, 0.0
     for arr, truth in tqdm(items, desc="validating", disable=not progress):
         t = time.perf_counter()
         probs, seg, _ = predictor.forward_batch(prepare_slice(arr, predictor.size))
         called = predictor.model.labels[int(probs[0].argmax())] != NO_TUMOUR
-        prob = seg_on_slice(seg, arr)
-        mask = tumour_mask(prob, called)
+        coarse.append(dice_score(tumour_mask(predictor.lesion_probability(seg, arr, called), called), truth))
         t_head += time.perf_counter() - t
-        coarse.append(dice_score(mask, truth))
         t = time.perf_counter()
-        better = refiner.refine(arr, prob, mask) * foreground_mask(arr)
+        better = with_refiner.lesion_probability(seg, arr, called)
         t_refine += time.perf_counter() - t
         refined.append(dice_score(tumour_mask(better, called), truth))
     n = len(items)
@@ -134,8 +136,6 @@ def train_refiner(model: str | None = None, data_dir: str | Path | None = None, 
     train_items = lesion_slices(manifest, train_idx, progress)
     val_items = lesion_slices(manifest, val_idx, progress)
     if not train_items:
-        from tumorlens.errors import InvalidInputError
-
         raise InvalidInputError(root, "no 2D tumour image with an outline in the training part: nothing to learn from")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(DEFAULTS["seed"])
@@ -156,8 +156,6 @@ def train_refiner(model: str | None = None, data_dir: str | Path | None = None, 
             x, y = augmented_batch([train_items[i] for i in order[k * bs:(k + 1) * bs]], rng)
             loss = refiner_loss(net(x.to(device)), y.to(device))
             if not torch.isfinite(loss):
-                from tumorlens.errors import TrainingDivergedError
-
                 raise TrainingDivergedError(f"refiner loss became {loss.item()} in epoch {epoch + 1}")
             opt.zero_grad()
             loss.backward()
@@ -198,6 +196,4 @@ def _record_in_card(folder: Path, record: dict) -> None:
     path = folder / CARD
     card = json.loads(path.read_text()) if path.is_file() else {}
     card["refiner"] = {k: v for k, v in record.items() if k != "stored"}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(card, indent=2, default=str))
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(card, indent=2, default=str))
