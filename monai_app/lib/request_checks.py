@@ -303,10 +303,18 @@ def _checked(original: Callable, check: Callable[[dict], None]) -> Callable:
 
 
 def check_batch_infer_endpoint(arguments: dict) -> None:
-    """``POST /batch/infer/{model}``: the model must be one of the app's infer tasks."""
+    """``POST /batch/infer/{model}``: the model must be one of the app's infer tasks, and ``images``
+    in the params (which overrides the query's) one of MONAI Label's three sets or a list of ids: any
+    other word (``"unlabelled"``) ran over every image of the datastore."""
+    from monailabel.interfaces.tasks.batch_infer import BatchInferImageType
     from monailabel.interfaces.utils.app import app_instance
 
     _known("model", arguments.get("model"), sorted(k for k, v in app_instance()._infers.items() if v.is_valid()))
+    images = (arguments.get("params") or {}).get("images")
+    sets = [t.value for t in BatchInferImageType]
+    if images is not None and images not in sets and not (
+            isinstance(images, list) and all(isinstance(i, str) for i in images)):
+        raise bad_request(f"images must be one of {', '.join(sets)} or a list of image ids, got {images!r}"[:300])
 
 
 def check_scoring_endpoint(arguments: dict) -> None:
@@ -323,6 +331,32 @@ def refuse_model_change(arguments: dict) -> None:
 
     raise HTTPException(status_code=405, detail=f"the model of {arguments.get('model')!r} is not replaced or deleted "
                         "through /model: POST /train/ publishes a new version and keeps every earlier one")
+
+
+class _CheckedWsiJson:
+    """``POST /infer/wsi_v2/{model}`` parses its ``wsi`` form field in the route itself
+    (``WSIInput.parse_obj(json.loads(wsi))``), before any module function a check could wrap: a
+    malformed field was a 500. This stands in for that module's ``json``: its ``loads`` also checks the
+    object against ``WSIInput`` and answers a 400 naming the field."""
+
+    tumorlens_checked = True
+
+    def __getattr__(self, name: str):
+        return getattr(json, name)
+
+    @staticmethod
+    def loads(text, *args, **kwargs):
+        from monailabel.endpoints.wsi_infer import WSIInput
+        from pydantic import ValidationError
+
+        value = json_object(text, "wsi")
+        try:
+            WSIInput.model_validate(value)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(p) for p in first.get("loc", ())) or "value"
+            raise bad_request(f"wsi.{where}: {first.get('msg')}") from e
+        return value
 
 
 class _CheckedSubprocess:
@@ -410,3 +444,5 @@ def install_request_checks() -> None:
         datastore.add_image.tumorlens_id_from_name = True
     if not getattr(logs.subprocess, "tumorlens_checked", False):
         logs.subprocess = _CheckedSubprocess()
+    if not getattr(wsi_infer.json, "tumorlens_checked", False):
+        wsi_infer.json = _CheckedWsiJson()
