@@ -757,7 +757,7 @@ def test_concurrent_clients_no_errors_bounded_memory(server, tmp_path):
 
 # ---- active learning -----------------------------------------------------------------------------
 
-def test_next_sample_each_strategy(client, studies, base_model):
+def test_next_sample_each_strategy(client, server, studies, base_model, tmp_path):
     from tumorlens.activelearning import image_uncertainty
     from tumorlens.data import read_image
 
@@ -785,6 +785,23 @@ def test_next_sample_each_strategy(client, studies, base_model):
     again = client.next_sample("random", {"seed": 1})
     again = client.next_sample("random", {"seed": 1})
     assert isinstance(again.get("strategy"), dict) and "random" in again["strategy"]
+    # a final label that names no class (a mask alone) cannot train the classifier: the image stays a
+    # candidate and the pick says what it needs; once the class is set it leaves the pool
+    import random
+
+    from PIL import Image
+
+    zero = tmp_path / "classless.png"
+    Image.fromarray(np.zeros(Image.open(studies / "mri2d_3300.jpg").size[::-1], np.uint8)).save(zero)
+    client.save_label("mri2d_3300", str(zero), tag="final", params={})
+    pool = sorted(unl | {"mri2d_3300"})
+    seed = next(s for s in range(1000) if random.Random(s).choice(pool) == "mri2d_3300")
+    pick = client.next_sample("random", {"seed": seed})
+    assert pick["id"] == "mri2d_3300" and pick["needs"] == "class_name" and pick["candidates"] == len(pool)
+    r = requests.put(f"{server.url}/datastore/label/info", params={"label": "mri2d_3300", "tag": "final"},
+                     data={"info": json.dumps({"class_name": "no_tumor"})}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert client.next_sample("random", {"seed": seed})["candidates"] == len(pool) - 1
 
 
 def _mask_of(index: str) -> Path:

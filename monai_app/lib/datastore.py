@@ -26,6 +26,7 @@ from tumorlens.activelearning.finetune import check_label_class, read_label_like
 from tumorlens.data.readers import is_volume, read_image
 from tumorlens.errors import InvalidInputError
 from tumorlens.findings.identifiers import identifier_kinds_in_name
+from tumorlens.labels import canonical_label
 
 EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.jpg", "*.jpeg", "*.png", "*.dcm"]
 PARTIAL = ".partial"
@@ -125,6 +126,25 @@ def class_from_segments(label_file: str, label_info) -> str | None:
         return None
     found = {names[v] for v in values if v in names}
     return found.pop() if len(found) == 1 else None
+
+
+def final_label_class(datastore, image_id: str) -> str | None:
+    """The class an image's final label trains the classifier with: the label's ``class_name`` (or
+    ``class``), else the image's own ``class_name``; None when neither names one (a mask alone)."""
+    info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}
+    cls = info.get("class_name") or info.get("class") or (datastore.get_image_info(image_id) or {}).get("class_name")
+    return (canonical_label(cls) or cls) if isinstance(cls, str) else cls  # stored before names were normalised
+
+
+def training_gaps(datastore) -> dict[str, str]:
+    """Images the classifier cannot train on yet, each with what it lacks: ``label`` (no final label)
+    or ``class_name`` (a final label that names no class). The second kind stays a candidate for the
+    active-learning strategies: fine-tuning skips it, so leaving the pool would lose it for good."""
+    gaps = {image_id: "label" for image_id in datastore.get_unlabeled_images(DefaultLabelTag.FINAL)}
+    for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
+        if not final_label_class(datastore, image_id):
+            gaps[image_id] = "class_name"
+    return gaps
 
 
 def file_digest(path: str | Path, algo: str = "sha256") -> str:

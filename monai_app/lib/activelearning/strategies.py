@@ -1,4 +1,5 @@
-"""Next-sample strategies over the datastore's unlabelled images: ``random``, ``uncertainty``
+"""Next-sample strategies over the datastore's images that cannot train the classifier yet (no final
+label, or one that names no class): ``random``, ``uncertainty``
 (highest MC-dropout predictive entropy) and ``saliency_disagreement`` (where Grad-CAM++ and the
 segmentation head disagree most). Scores come from the scoring methods' store; images not scored
 yet under the current model are scored on the spot (at most ``max_compute`` per request)."""
@@ -10,8 +11,9 @@ import random
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
 
+from lib.datastore import training_gaps
 from lib.errors import bad_request, conflict
-from lib.scoring.scores import score_images, unlabelled
+from lib.scoring.scores import score_images
 from lib.state import AppState
 
 
@@ -41,13 +43,14 @@ class RandomUnlabelled(Strategy):
         super().__init__("A random unlabelled image (optional 'seed' for a reproducible pick)")
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
-        ids = unlabelled(datastore)
+        gaps = training_gaps(datastore)
+        ids = sorted(gaps)
         if not ids:
             return {}
         rng = random.Random(seed_param(request))
         pick = rng.choice(ids)
         # no "strategy" key: MONAI Label adds its own record of past picks under that name to the answer
-        return {"id": pick, "candidates": len(ids)}
+        return {"id": pick, "needs": gaps[pick], "candidates": len(ids)}
 
 
 class ScoredStrategy(Strategy):
@@ -57,7 +60,8 @@ class ScoredStrategy(Strategy):
         self.kind = kind
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
-        ids = unlabelled(datastore)
+        gaps = training_gaps(datastore)
+        ids = sorted(gaps)
         if not ids:
             return {}
         limit = max_compute_param(request)
@@ -67,5 +71,5 @@ class ScoredStrategy(Strategy):
                            f"model and max_compute={limit} allows none to be scored now: POST /scoring/{self.kind} "
                            "first, or ask with max_compute >= 1")
         pick = max(scores, key=lambda k: (scores[k]["value"], k))
-        return {"id": pick, "score_kind": self.kind, "score": scores[pick]["value"],
+        return {"id": pick, "needs": gaps[pick], "score_kind": self.kind, "score": scores[pick]["value"],
                 "model_version": scores[pick]["model_version"], "candidates": len(ids), "scored": len(scores)}

@@ -12,10 +12,11 @@ import logging
 import os
 from collections.abc import Callable
 
-from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
+from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from tqdm import tqdm
 
+from lib.datastore import training_gaps
 from lib.state import AppState
 from tumorlens.activelearning.disagreement import saliency_seg_disagreement
 from tumorlens.activelearning.uncertainty import image_uncertainty
@@ -32,7 +33,8 @@ VALUE = {"uncertainty": "entropy_normalised", "saliency_disagreement": "score"}
 
 
 def unlabelled(datastore: Datastore) -> list[str]:
-    return sorted(datastore.get_unlabeled_images(DefaultLabelTag.FINAL))
+    """Images without a final label that names a class (``lib.datastore.training_gaps``)."""
+    return sorted(training_gaps(datastore))
 
 
 def _current_and_stale(state: AppState, datastore: Datastore, kind: str, ids: list[str]

@@ -18,13 +18,14 @@ import numpy as np
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
+from lib.datastore import final_label_class
 from lib.errors import bad_request
 from lib.state import AppState
 from tumorlens.activelearning.finetune import TRAINABLE, finetune, item_arrays
 from tumorlens.activelearning.heads import cache_keys_added, carried_heads, write_heads
 from tumorlens.config import config_hash
 from tumorlens.errors import InvalidInputError, TrainingDivergedError
-from tumorlens.labels import NO_TUMOUR, canonical_label, class_index
+from tumorlens.labels import NO_TUMOUR, class_index
 from tumorlens.models.refiner import REFINER_FILE, carry_refiner
 
 logger = logging.getLogger(__name__)
@@ -34,11 +35,9 @@ def labelled_items(datastore: Datastore) -> tuple[list[dict], list[str]]:
     """(items with image, label file and class, notes about skipped ones)."""
     items, notes = [], []
     for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
-        info = datastore.get_label_info(image_id, DefaultLabelTag.FINAL) or {}
-        cls = info.get("class_name") or info.get("class") or (datastore.get_image_info(image_id) or {}).get("class_name")
-        cls = canonical_label(cls) or cls if isinstance(cls, str) else cls  # stored before names were normalised
+        cls = final_label_class(datastore, image_id)
         if not cls:
-            notes.append(f"{image_id}: no class_name in the label info; skipped")
+            notes.append(f"{image_id}: no class_name in the label info; skipped (it stays an active-learning candidate)")
             continue
         items.append({"id": image_id, "image": datastore.get_image_uri(image_id),
                       "label": datastore.get_label_uri(image_id, DefaultLabelTag.FINAL), "class_name": cls})
