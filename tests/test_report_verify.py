@@ -118,6 +118,25 @@ def test_report_lists_the_descriptions_the_image_matched():
     assert "Closest clinical" not in generate_report(record(), backend="template").to_markdown()
 
 
+def test_report_lists_the_regions_that_hold_the_lesion_not_every_sliver():
+    """A large mask touches dozens of atlas regions, most by a sliver: the report lists those holding
+    at least 1 % of the lesion, one per line (atlas names hold commas), and counts the rest."""
+    regions = [{"label": "Left_Insular_Cortex", "name": "insular cortex", "hemisphere": "left", "fraction": 0.6,
+                "max_probability": 88.0},
+               {"label": "Left_Cingulate_Gyrus_posterior_division", "name": "cingulate gyrus, posterior division",
+                "hemisphere": "left", "fraction": 0.385, "max_probability": 70.0}]
+    slivers = ["Thalamus", "Caudate", "Putamen", "Pallidum", "Hippocampus"]
+    regions += [{"label": f"Left_{s}", "name": s.lower(), "hemisphere": "left", "fraction": 0.003,
+                 "max_probability": 5.0} for s in slivers]
+    res = generate_report(record(regions=regions), backend="template")
+    assert res.verification["supported"]
+    assert res.report.regions == ["left insular cortex", "left cingulate gyrus, posterior division"]
+    assert res.report.regions_not_listed == 5
+    md = res.to_markdown()
+    assert "- left cingulate gyrus, posterior division\n" in md and not any(s.lower() in md for s in slivers)
+    assert "and 5 more, each under 1 % of the lesion" in md
+
+
 def test_template_is_fast():
     f = record()
     generate_report(f, backend="template")  # warm the lexicons

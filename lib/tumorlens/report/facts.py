@@ -24,6 +24,9 @@ SALIENCY_NAMES = {"gradcam": "Grad-CAM", "gradcampp": "Grad-CAM++", "scorecam": 
 PLACEMENT_NAMES = {"mni_registration": "registration to the MNI152 template",
                    "template_slice": "matching to an MNI152 template slice", "none": "none"}
 MAX_ENTROPY = math.log(len(CLASS_NAMES))
+# a region holding less of the lesion is not named in the report (a 160 ml mask touched 70 regions, 60 of
+# them by a sliver); the findings record keeps them all
+LISTED_REGION_FRACTION = 0.01
 
 
 def load_findings(findings: Any, source: str | Path | None = None):
@@ -93,6 +96,11 @@ class Facts:
         return sorted(self.probabilities.items(), key=lambda kv: -kv[1])
 
     @property
+    def listed_regions(self) -> list[dict]:
+        """The regions a report names: those holding at least ``LISTED_REGION_FRACTION`` of the lesion."""
+        return [r for r in self.regions if r["fraction"] >= LISTED_REGION_FRACTION]
+
+    @property
     def region_names(self) -> list[str]:
         return [r["name"] for r in self.regions]
 
@@ -157,7 +165,7 @@ class Facts:
             side = f" The lesion lies on the {self.laterality} side." if self.laterality in ("left", "right") else ""
             return f"No atlas regions are named because {why}.{side}"
         regs = ", ".join(f"{r['hemisphere'] + ' ' if r['hemisphere'] in ('left', 'right') else ''}{r['name']} "
-                         f"({100 * r['fraction']:.0f}% of the lesion)" for r in self.regions[:4])
+                         f"({100 * r['fraction']:.0f}% of the lesion)" for r in self.listed_regions[:4])
         if self.laterality in ("left", "right"):
             side = f"The lesion lies in the {self.laterality} hemisphere"
         elif self.laterality == "bilateral":

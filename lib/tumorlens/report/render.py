@@ -29,7 +29,11 @@ def to_markdown(result: ReportResult) -> str:
     if v.get("flag_reason"):
         lines += [f"> {v['flag_reason']}", ""]
     lines += ["## Technique", r.technique, "", "## Findings", r.findings, "", "## Impression", r.impression, ""]
-    lines += ["## Regions", ", ".join(r.regions) if r.regions else "none named", "",
+    # one per line: atlas names hold commas ("cingulate gyrus, posterior division")
+    regions = [f"- {x}" for x in r.regions]
+    if r.regions_not_listed:
+        regions.append(f"- and {r.regions_not_listed} more, each under 1 % of the lesion (listed in the findings)")
+    lines += ["## Regions (largest share of the lesion first)", *(regions or ["none named"]), "",
               f"**Laterality:** {r.laterality}", ""]
     lines += ["## Differential (classifier probabilities)", "", "| class | probability |", "|---|---|"]
     lines += [f"| {READABLE_CLASS.get(d.diagnosis, d.diagnosis)} | {d.probability:.2f} |" for d in r.differential]

@@ -36,7 +36,10 @@ class RadiologyReport(BaseModel):
     technique: str
     findings: str
     impression: str
-    regions: list[str] = Field(default_factory=list, description="atlas regions named, from the findings")
+    regions: list[str] = Field(default_factory=list, description="atlas regions holding at least 1 % of the lesion, "
+                                                                "largest share first, from the findings")
+    regions_not_listed: int = Field(0, ge=0, description="regions of the findings holding under 1 % of the lesion "
+                                                         "each, left out of `regions` (the findings list them all)")
     laterality: str = "unknown"
     differential: list[DifferentialItem] = Field(default_factory=list)
     recommendations: list[str] = Field(default_factory=list)

@@ -45,7 +45,8 @@ def assemble(f: Facts, draft: ReportDraft) -> RadiologyReport:
         findings=draft.findings.strip(),
         impression=draft.impression.strip(),
         regions=[f"{r['hemisphere']} {r['name']}" if r["hemisphere"] in ("left", "right") else r["name"]
-                 for r in f.regions],
+                 for r in f.listed_regions],
+        regions_not_listed=len(f.regions) - len(f.listed_regions),
         laterality=f.laterality,
         differential=[DifferentialItem(diagnosis=c, probability=round(p, 4)) for c, p in f.ranked],
         recommendations=recs,
