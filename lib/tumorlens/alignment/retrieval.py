@@ -62,6 +62,10 @@ _REWRITES = (
     (re.compile(r"\b(?:brain\s+)?(?:study|scan|exam|examination)\b"), "brain mri"),
     # the encoder puts "abnormal brain MRI" next to "normal brain MRI": say what is abnormal here
     (re.compile(r"\babnormal(?:\s+brain)?(?:\s+mri)?\b"), "brain mri with a tumour"),
+    # the encoder cannot tell "intra-axial" from "extra-axial": both sit next to the meningioma descriptions
+    # ("intra-axial mass" 0.65 to them, 0.41 to the glioma ones). Said in plain words, 8 intra-axial
+    # phrasings over 160 validation images: P@10 0.59 -> 1.00 ("parenchymal" 0.76, "inside the brain" 0.93)
+    (re.compile(r"\bintra-?axial\b"), "within the brain tissue"),
 )
 NORMAL_WORDS = frozenset({"normal", "unremarkable", "healthy"})
 
