@@ -407,6 +407,12 @@ def test_report_view_verified_and_not():
     assert '- negation conflict: "no mass effect": findings say X' in claims.markdown
     none = tll.report_view({"report": report})
     assert not none.verified and "no verification" in none.status
+    # the count of regions left out of the list goes under the regions, never a section of its own
+    listed = tll.report_view({"report": {**report, "regions": ["right insular cortex"], "regions_not_listed": 3}})
+    assert "- right insular cortex\n- and 3 more, each under 1 % of the lesion" in listed.markdown
+    assert "not listed" not in listed.markdown.lower().replace("(listed in the findings)", "")
+    zero = tll.report_view({"report": {**report, "regions": ["right insular cortex"], "regions_not_listed": 0}})
+    assert "more, each under" not in zero.markdown and "Regions not listed" not in zero.markdown
     given = tll.report_view({"report": report, "markdown": "# R\n\ntext", "verification": {"supported": True}})
     assert given.markdown.startswith("> **VERIFIED")
     with pytest.raises(tll.ResponseError):

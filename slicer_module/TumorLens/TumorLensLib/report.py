@@ -111,8 +111,13 @@ def report_markdown(report: dict, verification: dict, title: str = "TumorLens re
     status, ok = verification_status(verification)
     lines = [f"# {title}", "", f"> **{status}**", ""]
     keys = [k for k in _SECTION_ORDER if k in report] + [k for k in report if k not in _SECTION_ORDER]
+    not_listed = report.get("regions_not_listed") or 0  # a count that belongs under the regions, not a section
     for k in keys:
+        if k == "regions_not_listed":
+            continue
         body = _render_value(report[k])
+        if k == "regions" and not_listed:
+            body.append(f"- and {not_listed} more, each under 1 % of the lesion (listed in the findings)")
         if not body:
             continue
         lines += [f"## {k.replace('_', ' ').capitalize()}", "", *body, ""]
