@@ -115,7 +115,7 @@ def test_a_torso_is_not_placed_and_the_report_says_it_may_not_be_a_head():
 
 
 def test_quality_figure_does_not_depend_on_the_voxel_size(brats):
-    """The same brain at 1 mm and sampled to 3 mm: both fits are usable (the transforms were measured
+    """The same brain at 1 mm, sampled to 3 mm and cut in 5 mm slices: all fits are usable (the transforms were measured
     1.5 mm apart) and the brain-mask Dice must say so. Masks thresholded after resampling scored the
     coarse copy 0.78 against 0.89 and refused it its regions."""
     from monai.data import MetaTensor
@@ -127,10 +127,14 @@ def test_quality_figure_does_not_depend_on_the_voxel_size(brats):
     affine = img.affine.clone()
     affine[:3, :3] *= 3
     coarse = MetaTensor(img[:, ::3, ::3, ::3].contiguous(), affine=affine)
+    affine = img.affine.clone()
+    affine[:3, 2] *= 5
+    thick = MetaTensor(img[:, :, :, ::5].contiguous(), affine=affine)  # 1 x 1 x 5 mm: finer and coarser than the grid
     fine_fit = register_to_mni(img, deformable=False, working_spacing=3.0)
-    coarse_fit = register_to_mni(coarse, deformable=False, working_spacing=3.0)
-    assert fine_fit.confidence >= 0.5 and coarse_fit.confidence >= 0.5
-    assert abs(fine_fit.quality_figure - coarse_fit.quality_figure) < 0.06
+    for other in (coarse, thick):
+        fit = register_to_mni(other, deformable=False, working_spacing=3.0)
+        assert fine_fit.confidence >= 0.5 and fit.confidence >= 0.5
+        assert abs(fine_fit.quality_figure - fit.quality_figure) < 0.06
 
 
 def test_the_deformable_stage_never_makes_the_fit_worse(brats):

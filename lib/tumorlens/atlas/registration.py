@@ -147,9 +147,10 @@ def _foreground_on(arr: np.ndarray, affine: np.ndarray, grid: sitk.Image) -> sit
     from tumorlens.data.normalize import foreground_mask
 
     fg = to_sitk(foreground_mask(arr).astype(np.float32), affine)
-    if np.any(np.array(fg.GetSpacing()) < grid.GetSpacing()[0]):  # shrinking: average, then cut at half
-        fg = sitk.SmoothingRecursiveGaussian(fg, [float(max((grid.GetSpacing()[0] ** 2 - s ** 2) ** 0.5 / 2.355, 1e-3))
-                                                  for s in fg.GetSpacing()])
+    # axes finer than the grid are averaged first (a Gaussian of the grid's FWHM); coarser ones are not
+    sigma = np.sqrt(np.maximum(grid.GetSpacing()[0] ** 2 - np.array(fg.GetSpacing()) ** 2, 0.0)) / 2.355
+    if np.any(sigma > 0):
+        fg = sitk.SmoothingRecursiveGaussian(fg, [float(max(v, 1e-3)) for v in sigma])
     m = sitk.Resample(fg, grid, sitk.Transform(), sitk.sitkLinear, 0.0) > 0.5
     m = sitk.BinaryMorphologicalOpening(sitk.Cast(m, sitk.sitkUInt8), [1, 1, 1])
     cc = sitk.RelabelComponent(sitk.ConnectedComponent(m), sortByObjectSize=True)
