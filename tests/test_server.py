@@ -550,6 +550,13 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
     assert not (Path(tempfile.gettempdir()) / escape).exists() and not Path("/" + escape).exists()
     r = requests.put(f"{url}/session/?uncompress=true", files={"files": ("slice.jpg", jpg)}, timeout=60)
     assert r.status_code == 400 and "zip or tar" in r.json()["detail"], r.text[:300]
+    # a session must hold an image: a file the readers cannot open is refused at upload, and not kept
+    store = studies.parent / "sessions"
+    kept = set(os.listdir(store)) if store.is_dir() else set()
+    for name, data in (("notes.nii.gz", b"not an image at all"), ("cut.jpg", jpg[: len(jpg) // 3])):
+        r = requests.put(f"{url}/session/", files={"files": (name, data)}, timeout=60)
+        assert r.status_code == 400 and f"session upload {name}" in r.json()["detail"], r.text[:300]
+    assert (set(os.listdir(store)) if store.is_dir() else set()) == kept
     # a real archive (a one-slice DICOM series in a wrapper folder, with a note beside it) becomes a
     # session folder that inference reads
     arr = np.asarray(Image.open(studies / "mri2d_1941.jpg").convert("L"))

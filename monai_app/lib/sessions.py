@@ -93,16 +93,31 @@ def _content(folder: str) -> str:
 class TumorlensSessions(Sessions):
     def add_session(self, data_file: str, expiry: int = 0, uncompress: bool = False, session_id=None):
         if not uncompress or os.path.isdir(data_file):
-            return super().add_session(data_file, expiry, False, session_id)
+            return self._readable(data_file, *super().add_session(data_file, expiry, False, session_id))
         folder = tempfile.mkdtemp(prefix="tumorlens-session-")
         try:
             _unpack(data_file, folder)
-            return super().add_session(_content(folder), expiry, False, session_id)
+            return self._readable(data_file, *super().add_session(_content(folder), expiry, False, session_id))
         except Exception:
             _drop_upload(data_file)  # MONAI Label removes it only after a successful add
             raise
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+
+    def _readable(self, data_file: str, session_id: str, info):
+        """A session must hold an image the readers can open: a file that is not one (a text file, a
+        truncated volume) was accepted and failed only at the first inference. Refused here with the
+        readers' reason, and nothing is kept."""
+        from tumorlens.data.readers import read_image
+        from tumorlens.errors import InvalidInputError
+
+        try:
+            read_image(info.image)
+        except InvalidInputError as e:
+            self.remove_session(session_id)
+            _drop_upload(data_file)
+            raise bad_request(f"session upload {os.path.basename(data_file)}: {e.problem}") from e
+        return session_id, info
 
     def get_session(self, session_id: str, update_ts: bool = True, fetch_cache: bool = True):
         info = super().get_session(session_id, update_ts=False, fetch_cache=fetch_cache)
