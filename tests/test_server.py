@@ -526,6 +526,7 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
     store, a different image under an existing id, info that would mislabel training data, checksums
     in every spelling MONAI Label's clients use, and malformed parameters. Each is a 4xx with a
     message (or the right answer); nothing stored changes; the server keeps serving."""
+    import glob
     import hashlib
     import tarfile
     import tempfile
@@ -553,10 +554,14 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
     # a session must hold an image: a file the readers cannot open is refused at upload, and not kept
     store = studies.parent / "sessions"
     kept = set(os.listdir(store)) if store.is_dir() else set()
+    received = set(glob.glob(os.path.join(tempfile.gettempdir(), "tmp*")))
     for name, data in (("notes.nii.gz", b"not an image at all"), ("cut.jpg", jpg[: len(jpg) // 3])):
         r = requests.put(f"{url}/session/", files={"files": (name, data)}, timeout=60)
         assert r.status_code == 400 and f"session upload {name}" in r.json()["detail"], r.text[:300]
+    r = requests.put(f"{url}/session/", files=[("files", ("a.txt", b"x")), ("files", ("b.txt", b"y"))], timeout=60)
+    assert r.status_code == 400 and "session upload" in r.json()["detail"], r.text[:300]
     assert (set(os.listdir(store)) if store.is_dir() else set()) == kept
+    assert set(glob.glob(os.path.join(tempfile.gettempdir(), "tmp*"))) <= received  # nothing left behind
     # a real archive (a one-slice DICOM series in a wrapper folder, with a note beside it) becomes a
     # session folder that inference reads
     arr = np.asarray(Image.open(studies / "mri2d_1941.jpg").convert("L"))
@@ -674,8 +679,6 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
     assert sid not in client.datastore()["objects"]
     assert not list(studies.glob("3*")) and not list(studies.glob("labels/final/3*"))
     # refused uploads leave nothing in the temporary folder (MONAI Label removes them only on success)
-    import glob
-
     before_tmp = set(glob.glob(os.path.join(tempfile.gettempdir(), "tmp*")))
     with pytest.raises(MONAILabelClientException):
         client.upload_image(str(other), image_id="mri2d_1941", params={})

@@ -169,7 +169,8 @@ def _same_voxels(a: str | Path, b: str | Path) -> bool:
             and np.allclose(np.asarray(x.affine), np.asarray(y.affine), atol=1e-4))
 
 
-def _ext(name: str) -> str:
+def file_ext(name: str) -> str:
+    """The extension the datastore files a name under (``.nii.gz`` whole, not ``.gz``)."""
     low = name.lower()
     for e in (x.replace("*", "") for x in EXTENSIONS):
         if low.endswith(e):
@@ -204,7 +205,7 @@ class TumorlensDatastore(LocalDatastore):
             return self._save_label(image_id, label_filename, label_tag, label_info)
 
     def _add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
-        ext = _ext(image_filename)
+        ext = file_ext(image_filename)
         if f"*{ext}" not in EXTENSIONS:
             raise bad_request(f"upload {image_id or ''}{ext}: unsupported file type {ext!r}; "
                               "send JPEG/PNG, NIfTI (.nii/.nii.gz), NRRD or DICOM (.dcm)")
@@ -255,7 +256,7 @@ class TumorlensDatastore(LocalDatastore):
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise not_found(f"unknown image id {image_id!r}: upload the image first")
-        ext = _ext(label_filename)
+        ext = file_ext(label_filename)
         if ext not in (".nii.gz", ".nii", ".nrrd", ".png"):
             raise bad_request(f"label for {image_id}: unsupported label type {ext!r}; send PNG (2D), NIfTI or NRRD")
         try:
@@ -283,7 +284,7 @@ class TumorlensDatastore(LocalDatastore):
 
         with self._lock():
             for stale in label_path.glob(f"{image_id}.*"):  # a label saved before in another format
-                if _ext(stale.name) != ext and self._to_id(stale.name)[0] == image_id:
+                if file_ext(stale.name) != ext and self._to_id(stale.name)[0] == image_id:
                     stale.unlink()
             dest = label_path / self._filename(image_id, ext)
             atomic_copy(label_filename, dest)

@@ -279,10 +279,10 @@ def upload_id_from_name(original: Callable) -> Callable:
     @wraps(original)
     def call(background_tasks, image=None, params="{}", file=None, user=None):
         if not image and file is not None and getattr(file, "filename", None):
-            from lib.datastore import _ext
+            from lib.datastore import file_ext
 
             name = os.path.basename(file.filename)
-            ext = _ext(name)
+            ext = file_ext(name)
             image = name[: len(name) - len(ext)] if ext and name.lower().endswith(ext) else name
         return original(background_tasks, image, params, file, user)
 

@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 
 from monailabel.utils.sessions import Sessions
 
-from lib.datastore import in_temp_folder
+from lib.datastore import content_hint, file_ext, in_temp_folder
 from lib.errors import bad_request
 
 logger = logging.getLogger(__name__)
@@ -116,7 +116,9 @@ class TumorlensSessions(Sessions):
         except InvalidInputError as e:
             self.remove_session(session_id)
             _drop_upload(data_file)
-            raise bad_request(f"session upload {os.path.basename(data_file)}: {e.problem}") from e
+            name = os.path.basename(data_file)
+            hint = content_hint(info.image, file_ext(name)) if os.path.isfile(info.image) else ""
+            raise bad_request(f"session upload {name}: {e.problem}{hint}") from e
         return session_id, info
 
     def get_session(self, session_id: str, update_ts: bool = True, fetch_cache: bool = True):

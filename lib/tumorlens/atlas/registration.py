@@ -128,12 +128,14 @@ def _normalise(arr: np.ndarray) -> np.ndarray:
 
 def _mask_of(img: sitk.Image) -> sitk.Image:
     """Foreground (>0 after normalisation), largest component, holes filled: a brain/head mask."""
-    m = sitk.Cast(img > 0.02, sitk.sitkUInt8)
-    m = sitk.BinaryMorphologicalOpening(m, [1, 1, 1])
+    return _largest_filled(img > 0.02)
+
+
+def _largest_filled(m: sitk.Image) -> sitk.Image:
+    """Opened (no stray voxels), largest component, holes filled."""
+    m = sitk.BinaryMorphologicalOpening(sitk.Cast(m, sitk.sitkUInt8), [1, 1, 1])
     cc = sitk.RelabelComponent(sitk.ConnectedComponent(m), sortByObjectSize=True)
-    m = sitk.Cast(cc == 1, sitk.sitkUInt8)
-    m = sitk.BinaryFillhole(m)
-    return m
+    return sitk.BinaryFillhole(sitk.Cast(cc == 1, sitk.sitkUInt8))
 
 
 def _foreground_on(arr: np.ndarray, affine: np.ndarray, grid: sitk.Image) -> sitk.Image:
@@ -151,10 +153,7 @@ def _foreground_on(arr: np.ndarray, affine: np.ndarray, grid: sitk.Image) -> sit
     sigma = np.sqrt(np.maximum(grid.GetSpacing()[0] ** 2 - np.array(fg.GetSpacing()) ** 2, 0.0)) / 2.355
     if np.any(sigma > 0):
         fg = sitk.SmoothingRecursiveGaussian(fg, [float(max(v, 1e-3)) for v in sigma])
-    m = sitk.Resample(fg, grid, sitk.Transform(), sitk.sitkLinear, 0.0) > 0.5
-    m = sitk.BinaryMorphologicalOpening(sitk.Cast(m, sitk.sitkUInt8), [1, 1, 1])
-    cc = sitk.RelabelComponent(sitk.ConnectedComponent(m), sortByObjectSize=True)
-    return sitk.BinaryFillhole(sitk.Cast(cc == 1, sitk.sitkUInt8))
+    return _largest_filled(sitk.Resample(fg, grid, sitk.Transform(), sitk.sitkLinear, 0.0) > 0.5)
 
 
 @lru_cache(maxsize=4)
@@ -357,6 +356,7 @@ def register_to_mni(
     if not (0.3 < det < 3.0):
         raise RegistrationError(f"{path or 'volume'}: affine registration diverged (volume scale {det:.2f})")
     total: sitk.Transform = affine_tx
+    dice: float | None = None  # of ``total``, once known
     # the quality figure's masks: found at each image's own resolution (the metric's masks are not: they
     # grow with smoothing, which suits the metric but made the figure depend on the voxel size)
     t = time.perf_counter()
@@ -396,13 +396,13 @@ def register_to_mni(
             # excluded lesion, noise): the affine result is the better fit then
             before, after = mask_dice(affine_tx), mask_dice(comp)
             if after >= before - BSPLINE_DICE_SLACK:
-                total = comp
+                total, dice = comp, after
                 final_metric = float(reg.GetMetricValue())
                 stop = reg.GetOptimizerStopConditionDescription()
             else:
                 notes.append(f"deformable stage lowered the brain-mask Dice ({before:.3f} -> {after:.3f}); "
                              "affine result kept")
-                deformable = False
+                dice, deformable = before, False
         except RuntimeError as e:  # keep the affine result, say so
             notes.append(f"deformable stage failed ({str(e).strip()[-120:]}); affine result kept")
             deformable = False
@@ -411,7 +411,8 @@ def register_to_mni(
     # quality: warped brain mask vs template brain mask, intensity NCC inside the template brain
     t = time.perf_counter()
     warped = sitk.Resample(moving, fixed, total, sitk.sitkLinear, 0.0)
-    dice = mask_dice(total)
+    if dice is None:
+        dice = mask_dice(total)
     # intensity agreement on a fixed 4 mm grid, so the figures do not depend on the working grid
     q_f, q_w = (resample_iso(im, QUALITY_SPACING) if working_spacing < QUALITY_SPACING else im for im in (fixed, warped))
     q_m = sitk.GetArrayViewFromImage(resample_iso(fixed_mask, q_f.GetSpacing()[0], sitk.sitkNearestNeighbor)) > 0
