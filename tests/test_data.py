@@ -8,6 +8,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
 from tumorlens.data import grouped_split, load_manifest, normalize_intensity, read_image, read_mask
 from tumorlens.errors import InvalidInputError, ManifestError
@@ -173,6 +174,29 @@ def test_bad_files_raise_typed_error_naming_file(bad_files, kind):
     with pytest.raises(InvalidInputError) as e:
         read_image(bad_files[kind])
     assert bad_files[kind].name in str(e.value) and e.value.path == str(bad_files[kind])
+
+
+def test_other_picture_formats_read_like_the_jpeg_and_multi_page_files_are_refused(dev2d, dev_rows, tmp_path):
+    """16-bit PNG, 32-bit float TIFF, BMP and grey+alpha PNG hold the same picture as the JPEG: the network
+    input is the same. A multi-page TIFF is a stack of slices: reading page 0 alone would silently drop
+    the others, so it is refused with a message saying what to do."""
+    from PIL import Image
+
+    from tumorlens.inference import prepare_slice
+
+    jpeg = read_image(dev2d / dev_rows[0]["image"])
+    a = jpeg.numpy()[0].astype(np.uint8)
+    files = {"i16.png": Image.fromarray(a.astype(np.uint16) * 257), "f32.tif": Image.fromarray(a.astype(np.float32) / 255),
+             "plain.bmp": Image.fromarray(a), "la.png": Image.fromarray(a).convert("LA")}
+    want = prepare_slice(a, 128)
+    for name, im in files.items():
+        im.save(tmp_path / name)
+        got = prepare_slice(read_image(tmp_path / name).numpy()[0], 128)
+        assert torch.allclose(got, want, atol=2e-3), name
+    Image.fromarray(a).save(tmp_path / "stack.tif", save_all=True, append_images=[Image.fromarray(a[::-1].copy())])
+    with pytest.raises(InvalidInputError, match="2 frames in one file") as e:
+        read_image(tmp_path / "stack.tif")
+    assert "stack.tif" in str(e.value)
 
 
 def test_missing_file_and_3d_where_2d_expected(brats, tmp_path):

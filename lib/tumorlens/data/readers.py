@@ -111,6 +111,11 @@ def _read_photo(path: Path, modality: str) -> MetaTensor:
             im = Image.open(path)
         with im:
             _check_size(path, im.size, MAX_PIXELS_2D)
+            frames = int(getattr(im, "n_frames", 1) or 1)
+            if frames > 1:  # reading frame 0 alone would silently drop the rest of the series
+                raise InvalidInputError(path, f"{frames} frames in one file (a multi-page or animated image): tumorlens "
+                                              "reads one slice per JPEG/PNG/TIFF file; save the slices as separate files "
+                                              "or the stack as a NIfTI volume")
             im.load()
             if im.mode in ("RGB", "RGBA", "P", "CMYK", "LA"):
                 im = im.convert("L")
@@ -355,7 +360,7 @@ def read_image(path: str | Path, expect: Expect = None, modality: str = "MR") ->
         img = _read_dicom(path)
     else:
         raise InvalidInputError(
-            path, f"unsupported file type {ext!r}; expected JPEG/PNG, NIfTI (.nii/.nii.gz), NRRD, MetaImage (.mha) or DICOM"
+            path, f"unsupported file type {ext!r}; expected JPEG/PNG/BMP/TIFF, NIfTI (.nii/.nii.gz), NRRD, MetaImage (.mha) or DICOM"
         )
     if expect == "2d" and is_volume(img) and img.shape[-1] > 1:
         raise InvalidInputError(path, f"expected a 2D image, got a 3D volume of shape {tuple(img.shape[1:])}")
