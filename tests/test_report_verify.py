@@ -502,3 +502,26 @@ def test_volume_and_non_head_caveats_reach_the_limitations():
     rec["input"]["modality"] = "CT"
     assert any("not an MRI (CT)" in x for x in generate_report(rec, backend="template").report.limitations)
     assert modality_caveat("MR") is None and modality_caveat("OT") is None  # secondary captures of MR slices
+
+
+def test_an_input_that_may_not_be_a_brain_mri_is_said_first_in_the_impression():
+    """A knee-like volume that no head pose fits was reported 'Most consistent with meningioma (0.87)' with the
+    caveat only among the limitations: a reader of the impression alone took a class for a finding. The
+    impression now opens with the reason and still names the class (so completeness and verification hold);
+    an ordinary brain image gets no caution."""
+    from tumorlens.caveats import HEAD_TEMPLATE_FAILED
+    from tumorlens.inference import modality_caveat
+
+    for notes, reason in ((["atlas: " + HEAD_TEMPLATE_FAILED + " (brain-mask Dice 0.59 <= 0.70)"], "head template"),
+                          (["placement: the foreground fills 31% of its bounding box: not a head-shaped object"],
+                           "does not look like a head"),
+                          ([modality_caveat("CT")], "not an MRI (CT)")):
+        rec = record(notes=notes)
+        if reason.startswith("not an MRI"):
+            rec["input"]["modality"] = "CT"
+        res = generate_report(rec, backend="template")
+        imp = res.report.impression
+        assert imp.startswith("Caution:") and reason in imp and "may not apply" in imp, imp
+        assert "glioma" in imp.lower() and res.verification["supported"], res.verification
+    plain = generate_report(record(), backend="template")
+    assert "Caution" not in plain.report.impression and plain.verification["supported"]

@@ -115,6 +115,27 @@ class Facts:
             sides |= {"bilateral", "midline"}
         return sides
 
+    def out_of_scope(self) -> list[str]:
+        """Why the input may not be what the model reads at all (not an MRI, not a head), from the findings'
+        notes: each reason, without a final full stop."""
+        out = []
+        if any("the model was trained on MRI only" in n for n in self.notes):
+            out.append(f"The file is not an MRI ({self.modality}); the model was trained on MRI only")
+        if any("not a head-shaped object" in n for n in self.notes):
+            out.append("The image does not look like a head")
+        if any(HEAD_TEMPLATE_FAILED in n for n in self.notes):
+            out.append("The volume could not be matched to a head template; it may not be a brain MRI")
+        return out
+
+    def scope_caution(self) -> str | None:
+        """The sentence that leads the impression when the input may be out of scope: the class that follows
+        is the network's answer to an input it was not made for, and a reader of the impression alone (the
+        part people read) must not take it as a finding."""
+        reasons = self.out_of_scope()
+        if not reasons:
+            return None
+        return f"Caution: {'; '.join(r[0].lower() + r[1:] for r in reasons)}, so the classification may not apply."
+
     # ---- fact sentences ----------------------------------------------------------------------------
     def sentence_image(self) -> str:
         dims = " x ".join(str(d) for d in self.dims)
@@ -206,14 +227,7 @@ class Facts:
         if self.kind == "volume":  # every volume goes through the 2D network (tumorlens.inference.VOLUME_CAVEAT)
             out.append("The volume was classified slice by slice by a network trained on 2D slices with the skull "
                        "in view, so its class and lesion outline are unconfirmed.")
-        if any("the model was trained on MRI only" in n for n in self.notes):
-            out.append(f"The file is not an MRI ({self.modality}); the model was trained on MRI only, so nothing in "
-                       "this report may apply to it.")
-        if any("not a head-shaped object" in n for n in self.notes):
-            out.append("The image does not look like a head, so nothing in this report may apply to it.")
-        if any(HEAD_TEMPLATE_FAILED in n for n in self.notes):
-            out.append("The volume could not be matched to a head template; it may not be a brain MRI, so nothing "
-                       "in this report may apply to it.")
+        out += [f"{s}, so nothing in this report may apply to it." for s in self.out_of_scope()]
         if self.kind == "image2d":
             out.append("Single 2D image: structures outside this slice are not assessed.")
             if not self.spacing_known:

@@ -43,7 +43,7 @@ def assemble(f: Facts, draft: ReportDraft) -> RadiologyReport:
     return RadiologyReport(
         technique=technique,
         findings=draft.findings.strip(),
-        impression=draft.impression.strip(),
+        impression=" ".join(x for x in (f.scope_caution(), draft.impression.strip()) if x),
         regions=[f"{r['hemisphere']} {r['name']}" if r["hemisphere"] in ("left", "right") else r["name"]
                  for r in f.listed_regions],
         regions_not_listed=len(f.regions) - len(f.listed_regions),
