@@ -14,6 +14,7 @@ import pytest
 from PIL import Image
 
 from tumorlens.cli import main
+from tumorlens.data.manifest import load_manifest, write_class_folder_manifest
 from tumorlens.errors import InvalidInputError, ManifestError
 
 
@@ -270,3 +271,39 @@ def test_train_on_a_small_folder_without_masks(dev_rows, subset_factory, tmp_pat
     assert card["metrics"]["validation"]["seg_dice"] is None
     assert res["card"]["history"][0]["val_seg_dice"] is None
     assert (out / "checkpoint.pt").is_file()
+
+
+def test_a_folder_of_class_subfolders_gets_a_manifest_and_evaluates(dev2d, dev_rows, tmp_path, capsys):
+    """The Kaggle layout (one subfolder per class, spelt as Kaggle spells them, images nested, no manifest):
+    `evaluate` names the fix, `tumorlens manifest` lists the folder once, then `evaluate` reads it. A second
+    `manifest` replaces nothing; a subfolder that names no class is an error, not images left out."""
+    data = tmp_path / "Testing"
+    picked = {"glioma_tumor": _rows(dev_rows, "glioma", 2), "notumor": _rows(dev_rows, "no_tumor", 2),
+              "pituitary": _rows(dev_rows, "pituitary", 2)}
+    for folder, rows in picked.items():
+        for i, r in enumerate(rows):
+            dest = data / folder / ("nested" if i else "") / f"{folder}_{i}.jpg"
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(dev2d / r["image"], dest)
+    assert main(["evaluate", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "glioma_tumor/, notumor/, pituitary/" in err and "tumorlens manifest" in err
+    assert main(["manifest", str(data)]) == 0
+    assert "6 images (glioma 2, pituitary 2, no_tumor 2)" in capsys.readouterr().out
+    m = load_manifest(data)
+    assert sorted(r.label for r in m.records) == ["glioma"] * 2 + ["no_tumor"] * 2 + ["pituitary"] * 2
+    assert any("nested" in str(r.image) for r in m.records)
+    before = (data / "manifest.csv").read_bytes()
+    assert main(["manifest", str(data)]) == 2 and "already exists" in capsys.readouterr().err
+    assert (data / "manifest.csv").read_bytes() == before
+    out = tmp_path / "m.json"
+    assert main(["evaluate", str(data), "--json", str(out)]) == 0
+    metrics = _strict_json(out)
+    assert metrics["n"] == 6 and sum(map(sum, metrics["confusion"]["matrix"])) == 6
+    other = tmp_path / "Mixed"
+    (other / "glioma").mkdir(parents=True)
+    shutil.copy(dev2d / picked["glioma_tumor"][0]["image"], other / "glioma" / "a.jpg")
+    (other / "unsorted").mkdir()
+    with pytest.raises(ManifestError, match="unsorted name no class"):
+        write_class_folder_manifest(other)
+    assert not (other / "manifest.csv").exists()

@@ -1,4 +1,5 @@
-"""``tumorlens split DATA_DIR --out DIR``: one part of the grouped split as a manifest folder.
+"""``tumorlens split DATA_DIR --out DIR``: one part of the grouped split as a manifest folder; ``tumorlens
+manifest DATA_DIR``: a manifest for a folder of class subfolders.
 
 Every validation figure in the README and the model card is measured on the grouped validation part
 of ``brain-mri-2d`` (20 % of the groups, seed 0: the split ``tumorlens train`` uses). This command
@@ -27,6 +28,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="split seed (0: the shipped model's split)")
     p.add_argument("--copy", action="store_true", help="copy the files instead of linking them")
     p.set_defaults(func=run_split)
+    m = sub.add_parser("manifest", help="write manifest.csv for a folder with one subfolder per class "
+                                        "(glioma/, notumor/, ...: the Kaggle layout)")
+    m.add_argument("data_dir", help="the folder holding the class subfolders")
+    m.set_defaults(func=run_manifest)
 
 
 def write_split(data_dir: str | Path, out: str | Path, part: str = "val", val_fraction: float = 0.2,
@@ -82,4 +87,14 @@ def write_split(data_dir: str | Path, out: str | Path, part: str = "val", val_fr
 def run_split(args) -> int:
     path, n = write_split(args.data_dir, args.out, args.part, args.val_fraction, args.seed, args.copy)
     print(f"{args.part} part: {n} images -> {path}")
+    return 0
+
+
+def run_manifest(args) -> int:
+    from tumorlens.data.manifest import write_class_folder_manifest
+
+    path, counts = write_class_folder_manifest(args.data_dir)
+    print(f"{sum(counts.values())} images ({', '.join(f'{c} {n}' for c, n in counts.items())}) -> {path}")
+    print("no patient groups are known (no `group` column): every image is its own group, so a split of this "
+          "folder is not patient-disjoint; add a `group` column if the patients are known")
     return 0

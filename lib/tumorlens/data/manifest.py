@@ -66,7 +66,10 @@ def read_rows(root: str | Path) -> tuple[Path, bytes, list[str], list[tuple[int,
     root = Path(root)
     path = root / "manifest.csv"
     if not path.is_file():
-        raise ManifestError(path, "no manifest.csv in the data folder")
+        classes = _class_subfolders(root) if root.is_dir() else {}
+        hint = (f"; its class subfolders ({', '.join(sorted(f.name + '/' for f in classes))}) can be listed in one "
+                f"with `tumorlens manifest {root}`") if classes else ""
+        raise ManifestError(path, f"no manifest.csv in the data folder{hint}")
     raw = path.read_bytes()
     if not raw.strip():
         raise ManifestError(path, "manifest is empty")
@@ -135,3 +138,75 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
     if not records:
         raise ManifestError(path, "manifest has a header but no rows")
     return Manifest(root=root, records=records, sha256=hashlib.sha256(raw).hexdigest())
+
+
+# ---- a manifest from class subfolders -------------------------------------------------------------
+# The public brain-tumour MRI sets on Kaggle come as one folder per class (``glioma/``, ``notumor/``,
+# ``pituitary_tumor/`` ...) and no manifest: ``tumorlens manifest`` lists such a folder once, so that every
+# command reads it the one way they read any dataset.
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".dcm", ".nrrd", ".mha")
+
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def _class_subfolders(root: Path) -> dict[Path, str]:
+    """Subfolders of ``root`` whose name is a class (or an alias of one) -> that class."""
+    out = {}
+    for d in sorted(root.iterdir()):
+        if d.is_dir() and not d.name.startswith("."):
+            label = canonical_label(d.name)
+            if label is not None:
+                out[d] = label
+    return out
+
+
+def class_folder_rows(root: str | Path) -> list[dict[str, str]]:
+    """``[{"image": relative path, "label": class}]`` for every image under ``root``'s class subfolders
+    (searched recursively, sorted). Raises :class:`ManifestError` naming what is wrong with the layout."""
+    root = Path(root)
+    if not root.is_dir():
+        raise ManifestError(root, "not a folder")
+    classes = _class_subfolders(root)
+    others = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d not in classes)
+    if not classes:
+        raise ManifestError(root, "no class subfolders: expected folders named after the classes "
+                                  f"({', '.join(CLASS_NAMES)}, or aliases such as notumor, pituitary_tumor)"
+                                  + (f"; found {', '.join(others)}: give one of those folders if it holds the "
+                                     "class subfolders" if others else ""))
+    if others:
+        raise ManifestError(root, f"subfolder(s) {', '.join(others)} name no class: move or rename them "
+                                  f"(classes: {', '.join(CLASS_NAMES)}) so that no image is left out unnoticed")
+    labels = [lab for lab in classes.values()]
+    twice = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if twice:
+        raise ManifestError(root, f"more than one subfolder names the class(es) {', '.join(twice)}: merge them")
+    rows = []
+    for d, label in classes.items():
+        files = sorted(p for p in d.rglob("*") if _is_image(p))
+        rows += [{"image": p.relative_to(root).as_posix(), "label": label} for p in files]
+    if not rows:
+        raise ManifestError(root, "the class subfolders hold no images (JPEG/PNG/BMP/TIFF, NIfTI, DICOM, NRRD)")
+    return rows
+
+
+def write_class_folder_manifest(root: str | Path) -> tuple[Path, dict[str, int]]:
+    """Write ``root/manifest.csv`` (columns ``image,label``) from its class subfolders; an existing manifest
+    is never replaced. Returns (path, images per class)."""
+    from tumorlens.atomic import atomic_write_text
+
+    root = Path(root)
+    path = root / "manifest.csv"
+    if path.exists():
+        raise ManifestError(path, "a manifest already exists: nothing was written")
+    rows = class_folder_rows(root)
+    lines = ["image,label"] + [f"{_csv_field(r['image'])},{r['label']}" for r in rows]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    counts = {c: sum(r["label"] == c for r in rows) for c in CLASS_NAMES}
+    return path, {c: n for c, n in counts.items() if n}
+
+
+def _csv_field(text: str) -> str:
+    return '"' + text.replace('"', '""') + '"' if any(ch in text for ch in ',"\n') else text
