@@ -1,5 +1,6 @@
 """Edge geometries of volumes: singleton spatial axes (NIfTI 4D storage, single coronal/sagittal
-slices), masks stored with another axis order than their image, and how the server reports and stops."""
+slices), masks stored with another axis order than their image, how the server reports and stops, and a
+studies folder whose images lie in subfolders.
 
 from __future__ import annotations
 
@@ -262,3 +263,36 @@ def test_sigterm_to_serve_stops_the_server(tmp_path):
             pass
         proc.wait(timeout=30)
         log.close()
+
+
+# ---- 6. a studies folder whose images lie in subfolders --------------------------------------------
+
+def test_a_studies_folder_of_class_subfolders_is_not_served_empty_without_a_word(dev2d, dev_rows, tmp_path, caplog):
+    """MONAI Label's datastore lists the studies folder's top level only: a Kaggle-style folder (one subfolder
+    per class) gave a server with no image and no message. The datastore now logs why and what to do; a flat
+    folder lists its images and says nothing."""
+    import logging
+    import shutil
+
+    pytest.importorskip("monailabel")
+    sys.path.insert(0, str(project_root() / "monai_app"))
+    try:
+        from lib.datastore import TumorlensDatastore
+    finally:
+        sys.path.pop(0)
+    nested = tmp_path / "kaggle"
+    for i, (folder, row) in enumerate((("glioma", dev_rows[0]), ("notumor", dev_rows[-1]), ("glioma", dev_rows[5]))):
+        (nested / folder).mkdir(parents=True, exist_ok=True)
+        shutil.copy(dev2d / row["image"], nested / folder / f"img{i}.jpg")
+    with caplog.at_level(logging.WARNING):
+        ds = TumorlensDatastore(str(nested))
+    assert ds.list_images() == []
+    said = " ".join(r.getMessage() for r in caplog.records)
+    assert "3 image files lie in its subfolders: glioma/ (2), notumor/ (1)" in said and "top level only" in said
+    caplog.clear()
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    shutil.copy(dev2d / dev_rows[0]["image"], flat / "a.jpg")
+    with caplog.at_level(logging.WARNING):
+        assert len(TumorlensDatastore(str(flat)).list_images()) == 1
+    assert "subfolders" not in " ".join(r.getMessage() for r in caplog.records)

@@ -15,6 +15,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
+from fnmatch import fnmatch
 from pathlib import Path
 from typing import Any
 
@@ -178,12 +179,34 @@ def file_ext(name: str) -> str:
     return Path(name).suffix.lower()
 
 
+def nested_images_hint(root: Path, listed: int) -> str | None:
+    """Why an empty datastore is empty, when its images lie in subfolders (a Kaggle-style folder of class
+    subfolders): MONAI Label lists the studies folder's top level only, so the server would start with no
+    image and say nothing."""
+    if listed or not root.is_dir():
+        return None
+    where: dict[str, int] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name != "labels"):
+        n = sum(1 for f in d.rglob("*") if f.is_file() and any(fnmatch(f.name.lower(), e) for e in EXTENSIONS))
+        if n:
+            where[d.name] = n
+    if not where:
+        return None
+    folders = ", ".join(f"{name}/ ({n})" for name, n in list(where.items())[:6]) + (" ..." if len(where) > 6 else "")
+    return (f"the studies folder lists no image at its top level, but {sum(where.values())} image files lie in its "
+            f"subfolders: {folders}. MONAI Label reads the top level only: start the server on the folder that "
+            "holds the images, or put them in one folder (an image's class can go in its info as class_name)")
+
+
 class TumorlensDatastore(LocalDatastore):
     """``LocalDatastore`` + validation + atomic writes (see the module docstring)."""
 
     def __init__(self, datastore_path: str, **kwargs):
         self._sweep(Path(datastore_path))
         super().__init__(datastore_path, extensions=EXTENSIONS, **kwargs)
+        hint = nested_images_hint(Path(datastore_path), len(self.list_images()))
+        if hint:
+            logger.warning(hint)
 
     @staticmethod
     def _sweep(root: Path) -> None:
