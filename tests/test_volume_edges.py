@@ -1,6 +1,6 @@
 """Edge geometries of volumes: singleton spatial axes (NIfTI 4D storage, single coronal/sagittal
 slices), masks stored with another axis order than their image, how the server reports and stops, and a
-studies folder whose images lie in subfolders.
+studies folder whose images lie in subfolders."""
 
 from __future__ import annotations
 
