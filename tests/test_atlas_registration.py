@@ -87,14 +87,9 @@ def test_brats_volume_maps_to_plausible_regions(brats):
     assert not any(HEAD_TEMPLATE_FAILED in n for n in out["notes"])
 
 
-def test_a_torso_is_not_placed_and_the_report_says_it_may_not_be_a_head():
-    """A torso-like phantom (body ellipse, dark lungs, bright spine, 3 x 3 x 4 mm): the 2D network
-    still calls it a tumour class, so the atlas stage must say that no head pose fits, and the report's
-    limitations must carry it."""
+def _torso():
+    """A torso-like phantom: body ellipse, dark lungs, bright spine; 3 x 3 x 4 mm voxels."""
     from monai.data import MetaTensor
-
-    from tumorlens.findings.build import build_findings
-    from tumorlens.report.facts import build_facts
 
     x, y, z = np.mgrid[-1:1:128j, -1:1:96j, -1:1:90j]
     torso = np.zeros(x.shape, np.float32)
@@ -103,9 +98,20 @@ def test_a_torso_is_not_placed_and_the_report_says_it_may_not_be_a_head():
         torso[((x - cx) / 0.3) ** 2 + ((y + 0.05) / 0.4) ** 2 < 1] = 30
     torso[(x / 0.1) ** 2 + ((y + 0.55) / 0.1) ** 2 < 1] = 900
     torso += np.random.default_rng(1).normal(0, 15, torso.shape).astype(np.float32) * (torso > 0)
-    mask = np.zeros(torso.shape, np.uint8)
+    return MetaTensor(torch.from_numpy(torso)[None], affine=torch.diag(torch.tensor([3.0, 3.0, 4.0, 1.0])))
+
+
+def test_a_torso_is_not_placed_and_the_report_says_it_may_not_be_a_head():
+    """A torso-like phantom (body ellipse, dark lungs, bright spine, 3 x 3 x 4 mm): the 2D network
+    still calls it a tumour class, so the atlas stage must say that no head pose fits, and the report's
+    limitations must carry it."""
+
+    from tumorlens.findings.build import build_findings
+    from tumorlens.report.facts import build_facts
+
+    img = _torso()
+    mask = np.zeros(img.shape[1:], np.uint8)
     mask[80:90, 40:50, 40:50] = 1
-    img = MetaTensor(torch.from_numpy(torso)[None], affine=torch.diag(torch.tensor([3.0, 3.0, 4.0, 1.0])))
     out = map_regions(img, mask, deformable=False, working_spacing=3.0)
     assert out["placement"]["low_confidence"] and out["regions"] == []
     assert any(HEAD_TEMPLATE_FAILED in n for n in out["notes"]), out["notes"]
@@ -157,3 +163,21 @@ def test_the_deformable_stage_never_makes_the_fit_worse(brats):
     assert affine_fit.confidence >= 0.5
     assert full_fit.quality_figure >= affine_fit.quality_figure - 0.005
     assert full_fit.deformable or any("affine result kept" in n for n in full_fit.notes)
+
+
+def test_predict_says_when_a_volume_is_probably_not_a_head(predictor, brats):
+    """`predict` and the MONAI Label classification task do not register, so a torso was called a tumour
+    class with the volume caveat alone. A coarse affine fit to the head template (about a second) now
+    adds the head-template caveat; a BraTS brain passes it. `explain`, which registers fully, keeps one
+    such note: its own registration's."""
+    from tumorlens.atlas.registration import DICE_FLOOR, head_template_check
+    from tumorlens.data import read_image
+    from tumorlens.saliency import explain
+
+    pred = predictor.predict(_torso())
+    assert pred.extra["head_template_dice"] < DICE_FLOOR
+    assert any(HEAD_TEMPLATE_FAILED in c and "coarse affine" in c for c in pred.extra["caveats"]), pred.extra
+    dice, caveat = head_template_check(read_image(brats / "pat0002" / "T1c_subtrMeanDivStd.nii.gz"))
+    assert dice > 0.85 and caveat is None
+    notes = explain(_torso(), method="gradcam", model=predictor.model).findings.notes
+    assert sum(HEAD_TEMPLATE_FAILED in n for n in notes) == 1, notes

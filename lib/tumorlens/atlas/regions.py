@@ -22,7 +22,7 @@ from tumorlens.atlas.harvard_oxford import (
     readable_name,
     template,
 )
-from tumorlens.caveats import HEAD_TEMPLATE_FAILED
+from tumorlens.caveats import not_a_head_note
 from tumorlens.errors import InvalidInputError
 
 MIDLINE_MM = 2.0  # voxels within this distance of x=0 count as midline
@@ -220,8 +220,7 @@ def map_regions(
         from tumorlens.atlas.registration import DICE_FLOOR
 
         if reg.quality_figure <= DICE_FLOOR:  # no pose fits a brain template: likely not a head at all
-            notes.append(f"{HEAD_TEMPLATE_FAILED} (brain-mask Dice {reg.quality_figure:.2f} <= {DICE_FLOOR:.2f}): "
-                         "the volume may not be a head MRI")
+            notes.append(not_a_head_note(f"brain-mask Dice {reg.quality_figure:.2f} <= {DICE_FLOOR:.2f}"))
         placement = _placement("mni_registration", reg.quality_figure, reg.confidence, min_confidence, reg.summary())
         if not m.any():
             notes.append("lesion mask is empty: no regions to name")

@@ -124,7 +124,8 @@ class Facts:
         if any("not a head-shaped object" in n for n in self.notes):
             out.append("The image does not look like a head")
         if any(HEAD_TEMPLATE_FAILED in n for n in self.notes):
-            out.append("The volume could not be matched to a head template; it may not be a brain MRI")
+            out.append("The volume could not be matched to a head template; it may not be a brain MRI, or may "
+                       "cover only part of the head")
         return out
 
     def scope_caution(self) -> str | None:

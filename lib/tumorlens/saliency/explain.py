@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from tumorlens.caveats import HEAD_TEMPLATE_FAILED
 from tumorlens.data import read_image
 from tumorlens.errors import InvalidInputError, TumorlensError
 from tumorlens.findings import Findings, build_findings
@@ -125,6 +126,8 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
         notes.append("saliency mask is empty: no atlas regions")
     else:
         atlas, extra = _atlas_regions(img, mask)
+        if atlas is not None:  # the full registration's verdict on "is this a head" replaces the coarse check's
+            notes = [n for n in notes if HEAD_TEMPLATE_FAILED not in n]
         notes.extend(extra)
         if atlas is not None:
             atlas.setdefault("lesion", {})["mask_source"] = f"saliency:{primary}"
