@@ -197,14 +197,21 @@ def test_locate_with_flipped_stored_mask_keeps_the_laterality(planted, tmp_path,
 
 # ---- 4. the server's error message names no server path -----------------------------------------
 
-def test_infer_error_names_the_upload_not_the_servers_temp_file(tmp_path):
-    """A JPEG renamed .nii: nibabel's message quotes the file's path, on the server a temporary file."""
+def _app_module(name: str):
+    """A module of the MONAI Label app (``monai_app/lib/...``), imported as the server imports it."""
+    import importlib
+
     pytest.importorskip("monailabel")
     sys.path.insert(0, str(project_root() / "monai_app"))
     try:
-        from lib.infers.base import public_problem
+        return importlib.import_module(name)
     finally:
         sys.path.pop(0)
+
+
+def test_infer_error_names_the_upload_not_the_servers_temp_file(tmp_path):
+    """A JPEG renamed .nii: nibabel's message quotes the file's path, on the server a temporary file."""
+    public_problem = _app_module("lib.infers.base").public_problem
     fake = tmp_path / "tmpab12cd.nii"
     fake.write_bytes(b"\xff\xd8\xff\xe0" + b"\0" * 400)  # a JPEG's first bytes
     with pytest.raises(InvalidInputError) as e:
@@ -274,12 +281,7 @@ def test_a_studies_folder_of_class_subfolders_is_not_served_empty_without_a_word
     import logging
     import shutil
 
-    pytest.importorskip("monailabel")
-    sys.path.insert(0, str(project_root() / "monai_app"))
-    try:
-        from lib.datastore import TumorlensDatastore
-    finally:
-        sys.path.pop(0)
+    TumorlensDatastore = _app_module("lib.datastore").TumorlensDatastore
     nested = tmp_path / "kaggle"
     for i, (folder, row) in enumerate((("glioma", dev_rows[0]), ("notumor", dev_rows[-1]), ("glioma", dev_rows[5]))):
         (nested / folder).mkdir(parents=True, exist_ok=True)
