@@ -525,3 +525,9 @@ def test_an_input_that_may_not_be_a_brain_mri_is_said_first_in_the_impression():
         assert "glioma" in imp.lower() and res.verification["supported"], res.verification
     plain = generate_report(record(), backend="template")
     assert "Caution" not in plain.report.impression and plain.verification["supported"]
+    unfamiliar = record()
+    unfamiliar["classification"]["familiarity"] = {"score": 0.68, "threshold": 0.86, "k": 5, "familiar": False}
+    res = generate_report(unfamiliar, backend="template")
+    assert res.report.impression.startswith("Caution: the image is unlike the images the model was trained on, "
+                                            "so the classification may not be reliable."), res.report.impression
+    assert res.verification["supported"], res.verification

@@ -27,6 +27,7 @@ MAX_ENTROPY = math.log(len(CLASS_NAMES))
 # a region holding less of the lesion is not named in the report (a 160 ml mask touched 70 regions, 60 of
 # them by a sliver); the findings record keeps them all
 LISTED_REGION_FRACTION = 0.01
+UNFAMILIAR_REASON = "The image is unlike the images the model was trained on"
 
 
 def load_findings(findings: Any, source: str | Path | None = None):
@@ -129,13 +130,16 @@ class Facts:
         return out
 
     def scope_caution(self) -> str | None:
-        """The sentence that leads the impression when the input may be out of scope: the class that follows
-        is the network's answer to an input it was not made for, and a reader of the impression alone (the
-        part people read) must not take it as a finding."""
-        reasons = self.out_of_scope()
+        """The sentence that leads the impression when the input may be out of scope, or is unlike the
+        training images (1 % of the validation images; a knee slice; the bundled skull-stripped volume): the
+        class that follows is the network's answer to an input it may not be made for, and a reader of the
+        impression alone (the part people read) must not take it as a finding."""
+        scope = self.out_of_scope()
+        reasons = scope + ([UNFAMILIAR_REASON] if self.unfamiliar else [])
         if not reasons:
             return None
-        return f"Caution: {'; '.join(r[0].lower() + r[1:] for r in reasons)}, so the classification may not apply."
+        consequence = "may not apply" if scope else "may not be reliable"
+        return f"Caution: {'; '.join(r[0].lower() + r[1:] for r in reasons)}, so the classification {consequence}."
 
     # ---- fact sentences ----------------------------------------------------------------------------
     def sentence_image(self) -> str:
@@ -223,8 +227,7 @@ class Facts:
     def limitations(self) -> list[str]:
         out = ["Automated research output from a machine-learning model; not a diagnosis."]
         if self.unfamiliar:
-            out.append("The image is unlike the images the model was trained on, so its classification may not "
-                       "be reliable.")
+            out.append(f"{UNFAMILIAR_REASON}, so its classification may not be reliable.")
         if self.kind == "volume":  # every volume goes through the 2D network (tumorlens.inference.VOLUME_CAVEAT)
             out.append("The volume was classified slice by slice by a network trained on 2D slices with the skull "
                        "in view, so its class and lesion outline are unconfirmed.")
