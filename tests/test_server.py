@@ -327,6 +327,14 @@ def test_session_images_are_inferred_like_datastore_images(client, studies, tmp_
                     assert abs(res_s["probabilities"][c] - res_d["probabilities"][c]) < 1e-5
                 if model == "segmentation":
                     assert res_s["voxels"] == res_d["voxels"] and out_s and os.path.getsize(out_s) > 0
+                # the caveats a client reads: the familiarity note too (the bundled volume is unfamiliar),
+                # and a volume that fits the head template gets no head caveat
+                assert res_s["caveats"] == res_d["caveats"]
+                if image_id == "brats_t1c_0001":
+                    assert not res_d["familiarity"]["familiar"]
+                    assert res_d["caveats"][0].startswith("image is unlike the training images")
+                    assert res_d["head_template_dice"] > 0.8
+                    assert not any("head template" in c for c in res_d["caveats"])
         finally:
             client.remove_session(session_id)
     with pytest.raises(MONAILabelClientException) as e:  # an expired or unknown session: a clear 404

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from tumorlens.alignment.familiarity import Familiarity
 from tumorlens.alignment.familiarity import assess as assess_familiarity
+from tumorlens.caveats import familiarity_note
 from tumorlens.data.normalize import foreground_mask, normalize_intensity
 from tumorlens.data.readers import is_volume
 from tumorlens.errors import InvalidInputError
@@ -136,6 +137,14 @@ class Prediction:
     seg_prob: MetaTensor  # float32 tumour probability, same grid
     slice_probabilities: np.ndarray | None = None  # volumes: [Z, C]
     extra: dict = field(default_factory=dict)
+
+    @property
+    def caveats(self) -> list[str]:
+        """Everything a reader of this prediction must be told, the familiarity note first: what ``predict``
+        prints and what the MONAI Label answers carry under ``caveats``."""
+        fam = self.extra.get("familiarity")
+        note = familiarity_note(fam) if fam else None
+        return ([note] if note else []) + list(self.extra.get("caveats", []))
 
 
 def resize_2d(x: torch.Tensor, size: int | tuple[int, int], mode: str = "bilinear") -> torch.Tensor:

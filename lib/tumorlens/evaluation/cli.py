@@ -82,7 +82,6 @@ def run_predict(args) -> int:
 
     from tumorlens.data.readers import read_image
     from tumorlens.errors import InvalidInputError
-    from tumorlens.findings.build import familiarity_note
     from tumorlens.inference import Predictor
 
     pred = Predictor(args.model)
@@ -100,10 +99,7 @@ def run_predict(args) -> int:
         fam = r.extra.get("familiarity")
         rec = {"file": Path(path).name, "label": r.label,
                "probabilities": {k: round(v, 4) for k, v in r.probabilities.items()},
-               "mask_pixels": tumour_px, "familiarity": fam, "caveats": list(r.extra.get("caveats", []))}
-        note = familiarity_note(fam) if fam is not None else None
-        if note:
-            rec["caveats"].insert(0, note)
+               "mask_pixels": tumour_px, "familiarity": fam, "caveats": r.caveats}
         out.append(rec)
         probs = "  ".join(f"{k}={v:.3f}" for k, v in r.probabilities.items())
         flag = "" if fam is None else ("" if fam["familiar"] else "  UNFAMILIAR")

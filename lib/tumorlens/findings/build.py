@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from tumorlens.caveats import familiarity_note
 from tumorlens.findings.identifiers import safe_file_name
 from tumorlens.findings.schema import (
     SCHEMA_VERSION,
@@ -54,14 +55,6 @@ def entropy(probabilities: Mapping[str, float]) -> float:
     """Shannon entropy (nats) of the class distribution: 0 = certain, ln(4) ~ 1.386 = uniform."""
     p = np.clip(np.asarray([probabilities[c] for c in CLASS_NAMES], dtype=float), 1e-12, 1.0)
     return float(-(p * np.log(p)).sum())
-
-
-def familiarity_note(fam: Mapping[str, Any]) -> str | None:
-    """The record's note for an image the model finds unlike its training images (None when familiar)."""
-    if fam["familiar"]:
-        return None
-    return (f"image is unlike the training images (familiarity {fam['score']:.2f} below the threshold "
-            f"{fam['threshold']:.2f} set on validation images): the classification and masks may be unreliable")
 
 
 def classification(probabilities: Mapping[str, float], uncertainty: Mapping[str, Any] | None = None,

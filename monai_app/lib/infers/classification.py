@@ -31,6 +31,7 @@ class ClassificationInfer(TumorlensInfer):
             "model": {"name": model.name, "version": self.state.model_version()},
         }
         out.update(pred.extra)  # decision (aligned / plain) and familiarity with the training images
+        out["caveats"] = pred.caveats  # the familiarity note too, as `tumorlens predict` prints them
         if pred.slice_probabilities is not None:
             out["slices_used"] = int(np.isfinite(pred.slice_probabilities[:, 0]).sum())
         return None, out

@@ -31,4 +31,5 @@ class SegmentationInfer(TumorlensInfer):
             "model": {"name": model.name, "version": self.state.model_version()},
         }
         out.update(pred.extra)
+        out["caveats"] = pred.caveats  # the familiarity note too, as `tumorlens predict` prints them
         return mask, out
