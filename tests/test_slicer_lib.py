@@ -325,6 +325,19 @@ def test_familiarity_parsing_and_warning():
     assert tll.familiarity_warning({"score": 0.95, "threshold": 0.86, "familiar": True}) is None
 
 
+def test_caveats_parsing():
+    """The caveats of a classification/segmentation answer (a list, or the JSON of one in a multipart form
+    field) reach the results panel; anything else is a clear ResponseError, not a crash in the widget."""
+    cav = ["image is unlike the training images (familiarity 0.80 below the threshold 0.86 ...)",
+           "no pose matches the MNI152 head template (...): the volume may not be a head MRI"]
+    assert tll.caveats_of({"caveats": cav}) == cav
+    assert tll.caveats_of({"caveats": json.dumps(cav)}) == cav
+    assert tll.caveats_of({}) == [] and tll.caveats_of({"caveats": ["", " "]}) == []
+    for bad in ({"caveats": "not a list"}, {"caveats": [1, 2]}, {"caveats": {"a": 1}}):
+        with pytest.raises(tll.ResponseError, match="caveats"):
+            tll.caveats_of(bad)
+
+
 def test_matched_descriptions_lines():
     findings = {"text_matches": [
         {"class_name": "glioma", "description": "an infiltrative intra-axial mass", "similarity": 0.6231},

@@ -385,6 +385,9 @@ def test_server_saliency_to_region_named_segments(logic, server, t1c, tmp_path):
     assert list(probs) == list(tll.CLASS_NAMES) and abs(sum(probs.values()) - 1) < 1e-3
     fam = cls["familiarity"]  # the server's familiarity with the image reaches the Logic's result
     assert set(fam) == {"score", "threshold", "familiar"} and fam["familiar"] == (fam["score"] >= fam["threshold"])
+    # and so do its caveats (a volume: classified slice by slice), the familiarity note among them when unfamiliar
+    assert any("slice by slice" in c for c in cls["caveats"])
+    assert any("unlike the training images" in c for c in cls["caveats"]) == (not fam["familiar"])
 
 
 @pytest.mark.server

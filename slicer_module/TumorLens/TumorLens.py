@@ -309,6 +309,10 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
             out["familiarity"] = tll.familiarity_of(params)
         except tll.ResponseError:
             out["familiarity"] = None
+        try:
+            out["caveats"] = tll.caveats_of(params)
+        except tll.ResponseError:
+            out["caveats"] = []
         kind = "heatmap" if heat else "segmentation"
         name = f"TumorLens {model}{' heatmap' if heat else ''} - {volume_node.GetName()}"
         if heat:
@@ -689,9 +693,10 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             res = self.logic.apply_answers(answers, volume, model, image_id)
             self._last = res
             lines = []
-            warning = tll.familiarity_warning(res.get("familiarity"))
-            if warning and not res.get("findings"):  # with findings the same caution is among the notes
-                lines.append(f"**{warning}**")
+            if not res.get("findings"):  # with findings the same cautions are among its notes
+                warning = tll.familiarity_warning(res.get("familiarity"))
+                # the server's caveats include the familiarity note; an older server sent the score alone
+                lines += [f"**Caution:** {c}" for c in res.get("caveats", [])] or ([f"**{warning}**"] if warning else [])
             if res.get("probabilities"):
                 lines.append(tll.probabilities_table(res["probabilities"]))
             for s in res.get("segments", []):

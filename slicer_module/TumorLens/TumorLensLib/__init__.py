@@ -12,6 +12,7 @@ from .results import (
     ModelInfo,
     ResponseError,
     SegmentSpec,
+    caveats_of,
     familiarity_of,
     familiarity_warning,
     findings_of,
@@ -33,7 +34,7 @@ REQUIREMENTS: dict[str, str] = {}
 
 __all__ = [
     "CLASS_NAMES", "Cancelled", "InferAnswer", "ModelInfo", "MonaiLabelClient", "REQUIREMENTS", "ReportView",
-    "ResponseError", "SegmentSpec", "ServerError", "color_distance", "familiarity_of", "familiarity_warning",
+    "ResponseError", "SegmentSpec", "ServerError", "caveats_of", "color_distance", "familiarity_of", "familiarity_warning",
     "findings_of", "heat_table",
     "label_names_of", "matched_descriptions", "parse_infer_response", "parse_label_map", "parse_models", "parse_strategies",
     "probabilities_of", "probabilities_table", "readable_region", "region_color", "report_markdown",

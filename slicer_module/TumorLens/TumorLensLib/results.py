@@ -114,6 +114,17 @@ def familiarity_of(params: dict) -> dict | None:
         raise ResponseError(f"'familiarity' is not a score/threshold/familiar record: {fam!r}") from None
 
 
+def caveats_of(params: dict) -> list[str]:
+    """What the answer must be read with (``caveats`` of a classification/segmentation answer: an unfamiliar
+    image, a volume classified slice by slice, a volume no head pose fits); [] when the server said none."""
+    cav = _maybe_json(params.get("caveats"))
+    if cav is None:
+        return []
+    if not isinstance(cav, list) or not all(isinstance(c, str) for c in cav):
+        raise ResponseError(f"'caveats' is not a list of sentences: {cav!r}")
+    return [c for c in cav if c.strip()]
+
+
 def familiarity_warning(fam: dict | None) -> str | None:
     """One line for the results panel when the image is unlike the model's training images."""
     if not fam or fam["familiar"]:
