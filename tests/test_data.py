@@ -197,6 +197,12 @@ def test_other_picture_formats_read_like_the_jpeg_and_multi_page_files_are_refus
     with pytest.raises(InvalidInputError, match="2 frames in one file") as e:
         read_image(tmp_path / "stack.tif")
     assert "stack.tif" in str(e.value)
+    # a folder is read as a DICOM series: one of pictures says which files to give instead
+    with pytest.raises(InvalidInputError, match=r"no DICOM series; it holds 5 other image file\(s\)"):
+        read_image(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInputError, match="no DICOM series$"):
+        read_image(tmp_path / "empty")
 
 
 def test_missing_file_and_3d_where_2d_expected(brats, tmp_path):

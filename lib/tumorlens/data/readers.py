@@ -285,7 +285,12 @@ def _read_dicom(path: Path) -> MetaTensor:
             reader = sitk.ImageSeriesReader()
             series = reader.GetGDCMSeriesIDs(str(path))
             if not series:
-                raise InvalidInputError(path, "folder holds no DICOM series")
+                others = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(
+                    PHOTO_EXT + NIFTI_EXT + ITK_EXT))
+                hint = (f"; it holds {len(others)} other image file(s) ({', '.join(others[:3])}"
+                        f"{', ...' if len(others) > 3 else ''}): give those files themselves, one path each"
+                        if others else "")
+                raise InvalidInputError(path, f"folder holds no DICOM series{hint}")
             if len(series) > 1:
                 sizes = ", ".join(f"{len(reader.GetGDCMSeriesFileNames(str(path), s))} files" for s in series)
                 raise InvalidInputError(path, f"folder holds {len(series)} DICOM series ({sizes}); put each series in "
