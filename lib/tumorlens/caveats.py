@@ -9,7 +9,6 @@ from typing import Any
 HEAD_TEMPLATE_FAILED = "no pose matches the MNI152 head template"
 
 
-
 def not_a_head_note(why: str) -> str:
     """The findings note for a volume that no pose fits to the head template (``why``: the evidence)."""
     return f"{HEAD_TEMPLATE_FAILED} ({why}): the volume may not be a head MRI, or may cover only part of the head"

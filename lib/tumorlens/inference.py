@@ -285,13 +285,10 @@ class Predictor:
     """Class probabilities + tumour mask for 2D images and volumes, on the input's geometry."""
 
     def __init__(self, model: LoadedModel | str | None = None, device: str = "cpu", batch_size: int = 16,
-                 aligned: bool = True, refine: bool = True, head_check: bool = True):
+                 aligned: bool = True, refine: bool = True):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.device = device
         self.batch_size = batch_size
-        # volumes only: a coarse affine fit to the MNI152 head template says when a volume is probably not a
-        # head (a torso phantom passed the familiarity check and was called meningioma p = 0.98); ~1 s
-        self.head_check = head_check
         # the lesion refiner (models/refiner.py) redraws the seg head's lesion at native resolution; it
         # is only stored next to a model when it raised seg Dice on that model's grouped validation part
         self.refiner = load_refiner(self.model.path, device) if refine else None
@@ -397,13 +394,14 @@ class Predictor:
         familiarity = self._familiarity(np.concatenate(fams) if fams else None)
         res = self._result(img, probs, seg_vol, slice_probs, familiarity)
         res.extra["caveats"].append(VOLUME_CAVEAT)
-        if self.head_check:
-            from tumorlens.atlas.registration import head_template_check
+        # a coarse affine fit to the MNI152 head template (~1 s) says when a volume is probably not a head:
+        # a torso phantom passed the familiarity check and was called meningioma p = 0.98
+        from tumorlens.atlas.registration import head_template_check
 
-            dice, caveat = head_template_check(img)
-            res.extra["head_template_dice"] = None if dice is None else round(float(dice), 3)
-            if caveat:
-                res.extra["caveats"].append(caveat)
+        dice, caveat = head_template_check(img)
+        res.extra["head_template_dice"] = None if dice is None else round(float(dice), 3)
+        if caveat:
+            res.extra["caveats"].append(caveat)
         return res
 
     def _result(self, img, probs: np.ndarray, seg: np.ndarray, slice_probs,

@@ -145,11 +145,12 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
 # ``pituitary_tumor/`` ...) and no manifest: ``tumorlens manifest`` lists such a folder once, so that every
 # command reads it the one way they read any dataset.
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".nii", ".nii.gz", ".dcm", ".nrrd", ".mha")
-
-
 def _is_image(p: Path) -> bool:
-    return p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES)
+    """A file the readers take by its name (DICOM files by ``.dcm``: a folder listing is no series check)."""
+    from tumorlens.data.readers import ITK_EXT, NIFTI_EXT, PHOTO_EXT
+
+    suffixes = PHOTO_EXT + NIFTI_EXT + ITK_EXT + (".dcm",)
+    return p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(suffixes)
 
 
 def _class_subfolders(root: Path) -> dict[Path, str]:
@@ -179,7 +180,7 @@ def class_folder_rows(root: str | Path) -> list[dict[str, str]]:
     if others:
         raise ManifestError(root, f"subfolder(s) {', '.join(others)} name no class: move or rename them "
                                   f"(classes: {', '.join(CLASS_NAMES)}) so that no image is left out unnoticed")
-    labels = [lab for lab in classes.values()]
+    labels = list(classes.values())
     twice = sorted({lab for lab in labels if labels.count(lab) > 1})
     if twice:
         raise ManifestError(root, f"more than one subfolder names the class(es) {', '.join(twice)}: merge them")
