@@ -273,7 +273,8 @@ def test_train_on_a_small_folder_without_masks(dev_rows, subset_factory, tmp_pat
     assert (out / "checkpoint.pt").is_file()
 
 
-def test_a_folder_of_class_subfolders_gets_a_manifest_and_evaluates(dev2d, dev_rows, tmp_path, capsys):
+def test_a_folder_of_class_subfolders_gets_a_manifest_and_evaluates(dev2d, dev_rows, tmp_path, capsys,
+                                                                    monkeypatch):
     """The Kaggle layout (one subfolder per class, spelt as Kaggle spells them, images nested, no manifest):
     `evaluate` names the fix, `tumorlens manifest` lists the folder once, then `evaluate` reads it. A second
     `manifest` replaces nothing; a subfolder that names no class is an error, not images left out."""
@@ -307,3 +308,13 @@ def test_a_folder_of_class_subfolders_gets_a_manifest_and_evaluates(dev2d, dev_r
     with pytest.raises(ManifestError, match="unsorted name no class"):
         write_class_folder_manifest(other)
     assert not (other / "manifest.csv").exists()
+    # a folder that cannot be written: the command names the file and the reason (no traceback)
+    shutil.rmtree(other / "unsorted")
+    import tumorlens.atomic
+
+    def refuse(path, _text):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(tumorlens.atomic, "atomic_write_text", refuse)
+    assert main(["manifest", str(other)]) == 2
+    assert f"{other / 'manifest.csv'}: Permission denied" in capsys.readouterr().err

@@ -48,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     except TumorlensError as e:
         print(f"tumorlens {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a folder that cannot be written, a full disk: the file and the reason, no traceback
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"tumorlens {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 
