@@ -445,8 +445,9 @@ def register_to_mni(
 
 # A coarse affine fit (4 mm grid, 50 iterations, no B-spline) as a check that a volume is a head at all,
 # for the paths that do not register (predict, classification): 0.6-1.8 s per volume on 2 threads. Measured
-# (session 23): BraTS T1c 1 mm 0.93, FLAIR 0.85, the bundled 2 mm volume 0.90, nilearn's ICBM152 2009 0.97;
-# a torso phantom 0.45 and a knee phantom 0.58, against the 0.70 floor the full registration uses. A slab
+# (session 23): BraTS T1c 1 mm 0.93, FLAIR 0.85, the bundled 2 mm volume 0.90, nilearn's ICBM152 2009 0.97,
+# its 2009a T1 with skull 0.97 (+ 80 mm of neck: 0.94); a torso phantom 0.45 and a knee phantom 0.58, against
+# the 0.70 floor the full registration uses. A slab
 # holding only the top 70 mm of a head scores 0.50 as well (the whole template brain is compared), which
 # is why the caveat says the volume may also cover only part of a head.
 HEAD_CHECK_SPACING, HEAD_CHECK_ITERATIONS = 4.0, 50
