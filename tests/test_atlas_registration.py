@@ -4,6 +4,8 @@ BraTS volume must map to plausible regions with a good quality figure."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -178,6 +180,12 @@ def test_predict_says_when_a_volume_is_probably_not_a_head(predictor, brats):
     assert pred.extra["head_template_dice"] < DICE_FLOOR
     assert any(HEAD_TEMPLATE_FAILED in c and "coarse affine" in c for c in pred.extra["caveats"]), pred.extra
     dice, caveat = head_template_check(read_image(brats / "pat0002" / "T1c_subtrMeanDivStd.nii.gz"))
+    assert dice > 0.85 and caveat is None
+    # a head with its skull and scalp (nilearn's ICBM152 2009a T1, shipped in its package) is a head too
+    import nilearn
+
+    with_skull = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
+    dice, caveat = head_template_check(read_image(with_skull))
     assert dice > 0.85 and caveat is None
     notes = explain(_torso(), method="gradcam", model=predictor.model).findings.notes
     assert sum(HEAD_TEMPLATE_FAILED in n for n in notes) == 1, notes
