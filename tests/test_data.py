@@ -230,6 +230,8 @@ def test_manifest_errors(tmp_path, dev2d, dev_rows):
         load_manifest(_manifest(tmp_path, "image,group", ["a.jpg,g1"]))
     with pytest.raises(ManifestError, match="unknown label 'astrocytoma'"):
         load_manifest(_manifest(tmp_path, "image,label", ["a.jpg,astrocytoma"]))
+    with pytest.raises(ManifestError, match="unknown label '2'.*numeric codes mean different classes"):
+        load_manifest(_manifest(tmp_path, "image,label", ["a.jpg,2"]))
     with pytest.raises(ManifestError, match="missing") as e:
         load_manifest(_manifest(tmp_path, "image,label", ["b.jpg,glioma"]))
     assert "b.jpg" in str(e.value)

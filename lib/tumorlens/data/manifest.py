@@ -113,8 +113,11 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
         raw_label = (row.get("label") or "").strip()
         label = canonical_label(raw_label)
         if label is None:
+            numeric = ("; numeric codes mean different classes in different datasets (figshare: 1 meningioma, "
+                       "2 glioma, 3 pituitary), so write the class names") if raw_label.isdigit() else ""
             raise ManifestError(path, f"line {line}: unknown label {raw_label!r}; expected one of "
-                                      f"{', '.join(CLASS_NAMES)} (any case; aliases such as 'notumor' are accepted)")
+                                      f"{', '.join(CLASS_NAMES)} (any case; aliases such as 'notumor' are accepted)"
+                                      f"{numeric}")
         img_rel = (row.get("image") or "").strip()
         if not img_rel:
             raise ManifestError(path, f"line {line}: empty image path")
