@@ -170,8 +170,8 @@ def test_the_deformable_stage_never_makes_the_fit_worse(brats):
 def test_predict_says_when_a_volume_is_probably_not_a_head(predictor, brats):
     """`predict` and the MONAI Label classification task do not register, so a torso was called a tumour
     class with the volume caveat alone. A coarse affine fit to the head template (about a second) now
-    adds the head-template caveat; a BraTS brain passes it. `explain`, which registers fully, keeps one
-    such note: its own registration's."""
+    adds the head-template caveat; a BraTS brain passes it. `explain` registers fully and does not fit
+    twice: one such note, its registration's; without the atlas step the coarse check speaks."""
     from tumorlens.atlas.registration import DICE_FLOOR, head_template_check
     from tumorlens.data import read_image
     from tumorlens.saliency import explain
@@ -189,3 +189,7 @@ def test_predict_says_when_a_volume_is_probably_not_a_head(predictor, brats):
     assert dice > 0.85 and caveat is None
     notes = explain(_torso(), method="gradcam", model=predictor.model).findings.notes
     assert sum(HEAD_TEMPLATE_FAILED in n for n in notes) == 1, notes
+    assert not any("coarse affine" in n for n in notes)  # the full registration's verdict, not a second fit
+    # without the atlas step nothing else says whether it is a head: the coarse check does
+    notes = explain(_torso(), method="gradcam", model=predictor.model, with_regions=False).findings.notes
+    assert sum(HEAD_TEMPLATE_FAILED in n and "coarse affine" in n for n in notes) == 1, notes

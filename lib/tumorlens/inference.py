@@ -285,10 +285,12 @@ class Predictor:
     """Class probabilities + tumour mask for 2D images and volumes, on the input's geometry."""
 
     def __init__(self, model: LoadedModel | str | None = None, device: str = "cpu", batch_size: int = 16,
-                 aligned: bool = True, refine: bool = True):
+                 aligned: bool = True, refine: bool = True, head_check: bool = True):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.device = device
         self.batch_size = batch_size
+        # volumes: ``check_head`` (~1 s); off for callers that register the volume anyway (``explain``)
+        self.head_check = head_check
         # the lesion refiner (models/refiner.py) redraws the seg head's lesion at native resolution; it
         # is only stored next to a model when it raised seg Dice on that model's grouped validation part
         self.refiner = load_refiner(self.model.path, device) if refine else None
@@ -394,14 +396,8 @@ class Predictor:
         familiarity = self._familiarity(np.concatenate(fams) if fams else None)
         res = self._result(img, probs, seg_vol, slice_probs, familiarity)
         res.extra["caveats"].append(VOLUME_CAVEAT)
-        # a coarse affine fit to the MNI152 head template (~1 s) says when a volume is probably not a head:
-        # a torso phantom passed the familiarity check and was called meningioma p = 0.98
-        from tumorlens.atlas.registration import head_template_check
-
-        dice, caveat = head_template_check(img)
-        res.extra["head_template_dice"] = None if dice is None else round(float(dice), 3)
-        if caveat:
-            res.extra["caveats"].append(caveat)
+        if self.head_check:
+            check_head(res, img)
         return res
 
     def _result(self, img, probs: np.ndarray, seg: np.ndarray, slice_probs,
@@ -421,6 +417,18 @@ class Predictor:
         mask = MetaTensor(torch.from_numpy(mask_np[None]), affine=img.affine.clone(), meta=dict(meta))
         segp = MetaTensor(torch.from_numpy(seg.astype(np.float32)[None]), affine=img.affine.clone(), meta=dict(meta))
         return Prediction(pdict, label, mask, segp, slice_probs, extra)
+
+
+def check_head(pred: Prediction, img: MetaTensor) -> None:
+    """Add ``head_template_dice`` and, when no head pose fits, the head-template caveat to a volume's
+    prediction: a coarse affine fit to MNI152 (~1 s). A torso phantom passed the familiarity check and was
+    called meningioma p = 0.98 with the volume caveat alone."""
+    from tumorlens.atlas.registration import head_template_check
+
+    dice, caveat = head_template_check(img)
+    pred.extra["head_template_dice"] = None if dice is None else round(float(dice), 3)
+    if caveat:
+        pred.extra["caveats"].append(caveat)
 
 
 def aggregate_slice_probabilities(p: np.ndarray, top_fraction: float = 0.1) -> np.ndarray:

@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tumorlens.data.readers import ITK_EXT, NIFTI_EXT, PHOTO_EXT
 from tumorlens.errors import ManifestError
 from tumorlens.labels import CLASS_NAMES, canonical_label
 
@@ -148,12 +149,12 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
 # ``pituitary_tumor/`` ...) and no manifest: ``tumorlens manifest`` lists such a folder once, so that every
 # command reads it the one way they read any dataset.
 
-def _is_image(p: Path) -> bool:
-    """A file the readers take by its name (DICOM files by ``.dcm``: a folder listing is no series check)."""
-    from tumorlens.data.readers import ITK_EXT, NIFTI_EXT, PHOTO_EXT
+# the files the readers take by their name (DICOM files by ``.dcm``: a folder listing is no series check)
+IMAGE_SUFFIXES = PHOTO_EXT + NIFTI_EXT + ITK_EXT + (".dcm",)
 
-    suffixes = PHOTO_EXT + NIFTI_EXT + ITK_EXT + (".dcm",)
-    return p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(suffixes)
+
+def _is_image(p: Path) -> bool:
+    return p.is_file() and not p.name.startswith(".") and p.name.lower().endswith(IMAGE_SUFFIXES)
 
 
 def _class_subfolders(root: Path) -> dict[Path, str]:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
-from tumorlens.caveats import HEAD_TEMPLATE_FAILED
 from tumorlens.data import read_image
+from tumorlens.data.readers import is_volume
 from tumorlens.errors import InvalidInputError, TumorlensError
 from tumorlens.findings import Findings, build_findings
 from tumorlens.labels import NO_TUMOUR
@@ -90,13 +90,14 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
             layer: str | None = None) -> Explanation:
     """Explain one image (2D or volume). ``method``: gradcam, gradcampp, scorecam or "all";
     ``layer``: the hooked layer (default: the network's ``cam_layer``)."""
-    from tumorlens.inference import Predictor
+    from tumorlens.inference import Predictor, check_head
 
     img = _as_image(image)
     methods = METHODS if method == "all" else check_methods((method,))
     primary = PRIMARY if method == "all" else method
     lm = model if isinstance(model, LoadedModel) else load_model(model)
-    pred = Predictor(lm).predict(img)  # raises InvalidInputError for a constant image
+    # the head check is left to the atlas stage's full registration, or run below when that does not run
+    pred = Predictor(lm, head_check=False).predict(img)  # raises InvalidInputError for a constant image
     kw = {} if scorecam_mass is None else {"scorecam_mass": scorecam_mass}
     sal = saliency_maps(img, methods, lm, probabilities=pred.probabilities, layer=layer, **kw)
     notes = list(sal.notes)
@@ -118,7 +119,6 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
         seg_np = np.zeros_like(seg_np)
         notes.append("segmentation head mask suppressed: the classifier predicts no tumour")
     seg_mask = _mask_meta(seg_np, img)
-    notes.extend(pred.extra.get("caveats", []))
     atlas = None
     if not with_regions:
         notes.append("atlas regions not requested")
@@ -126,11 +126,12 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
         notes.append("saliency mask is empty: no atlas regions")
     else:
         atlas, extra = _atlas_regions(img, mask)
-        if atlas is not None:  # the full registration's verdict on "is this a head" replaces the coarse check's
-            notes = [n for n in notes if HEAD_TEMPLATE_FAILED not in n]
         notes.extend(extra)
         if atlas is not None:
             atlas.setdefault("lesion", {})["mask_source"] = f"saliency:{primary}"
+    if atlas is None and is_volume(img):  # no registration said whether this is a head
+        check_head(pred, img)
+    notes.extend(pred.extra.get("caveats", []))
     th = thresholds[primary]
     saliency_info = {"method": primary, "percentile": round(th.percentile, 3),
                      "threshold": float(th.threshold) if np.isfinite(th.threshold) else 1.0, "rule": RULE}
