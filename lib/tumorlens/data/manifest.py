@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tumorlens.data.readers import ITK_EXT, NIFTI_EXT, PHOTO_EXT
+from tumorlens.data.readers import FILE_EXT
 from tumorlens.errors import ManifestError
 from tumorlens.labels import CLASS_NAMES, canonical_label
 
@@ -150,7 +150,7 @@ def load_manifest(root: str | Path, check_files: bool = True) -> Manifest:
 # command reads it the one way they read any dataset.
 
 # the files the readers take by their name (DICOM files by ``.dcm``: a folder listing is no series check)
-IMAGE_SUFFIXES = PHOTO_EXT + NIFTI_EXT + ITK_EXT + (".dcm",)
+IMAGE_SUFFIXES = FILE_EXT + (".dcm",)
 
 
 def _is_image(p: Path) -> bool:

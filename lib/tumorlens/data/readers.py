@@ -28,6 +28,7 @@ PHOTO_EXT = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 NIFTI_EXT = (".nii", ".nii.gz")
 DICOM_EXT = (".dcm", ".dicom", "")
 ITK_EXT = (".nrrd", ".nhdr", ".mha", ".mhd")  # 3D Slicer's and ITK's own formats, read by SimpleITK
+FILE_EXT = PHOTO_EXT + NIFTI_EXT + ITK_EXT  # the one-file formats known by their name (DICOM is sniffed)
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # A JPEG/PNG has no geometry; ITK (and so 3D Slicer, and a one-frame DICOM here) puts column i, row j at
 # LPS (i, j, 0), i.e. RAS (-i, -j, 0). Our arrays are [row, col], so the row index runs along -y and the
@@ -285,8 +286,7 @@ def _read_dicom(path: Path) -> MetaTensor:
             reader = sitk.ImageSeriesReader()
             series = reader.GetGDCMSeriesIDs(str(path))
             if not series:
-                others = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(
-                    PHOTO_EXT + NIFTI_EXT + ITK_EXT))
+                others = sorted(p.name for p in path.iterdir() if p.is_file() and p.name.lower().endswith(FILE_EXT))
                 hint = (f"; it holds {len(others)} other image file(s) ({', '.join(others[:3])}"
                         f"{', ...' if len(others) > 3 else ''}): give those files themselves, one path each"
                         if others else "")
