@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+import mimetypes
 import os
 import sys
 from pathlib import Path
@@ -48,6 +49,8 @@ class TumorLensApp(MONAILabelApp):
             install_body_limit(sys.modules["monailabel.app"].app, int(mb * 1024 * 1024))
             install_token_check()
             install_log_redaction()
+            # GET /model/{name} guesses the type from the suffix; /etc/mime.types calls ".pt" a SNES page table
+            mimetypes.add_type("application/octet-stream", ".pt")
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):

@@ -946,4 +946,6 @@ def test_batch_inference_on_cpu_keeps_final_labels(client, server, studies):
         current = resolve(None) / "checkpoint.pt"
     r = requests.get(f"{server.url}/model/segmentation", timeout=120)
     assert r.status_code == 200 and r.content == current.read_bytes()
+    # a checkpoint is bytes, not the SNES page table the system's mime.types names for ".pt"
+    assert r.headers["content-type"] == "application/octet-stream", r.headers["content-type"]
     alive(client)
