@@ -103,6 +103,25 @@ def _torso():
     return MetaTensor(torch.from_numpy(torso)[None], affine=torch.diag(torch.tensor([3.0, 3.0, 4.0, 1.0])))
 
 
+def _knee():
+    """A knee-like phantom: muscle in a rim of fat, two marrow-filled bones with dark cortex, a joint space;
+    1.6 x 1.6 x 2 mm. A coarse affine fit squeezes its foreground onto the brain mask well (Dice 0.74)."""
+    from monai.data import MetaTensor
+
+    x, y, z = np.mgrid[-1:1:100j, -1:1:100j, -1:1:80j]
+    knee = np.zeros(x.shape, np.float32)
+    r2 = (x / 0.9) ** 2 + (y / 0.8) ** 2
+    knee[r2 < 1] = 300
+    knee[(r2 > 0.8) & (r2 < 1)] = 800
+    bone = np.where(z > 0, 0.35 - 0.1 * z, 0.3 + 0.05 * z)
+    d2 = (x + 0.1) ** 2 + y**2
+    knee[d2 < bone**2] = 600
+    knee[(d2 < bone**2) & (d2 > (bone - 0.05) ** 2)] = 20
+    knee[np.abs(z) < 0.04] = 100
+    knee += np.random.default_rng(2).normal(0, 15, knee.shape).astype(np.float32) * (knee > 0)
+    return MetaTensor(torch.from_numpy(knee)[None], affine=torch.diag(torch.tensor([1.6, 1.6, 2.0, 1.0])))
+
+
 def test_a_torso_is_not_placed_and_the_report_says_it_may_not_be_a_head():
     """A torso-like phantom (body ellipse, dark lungs, bright spine, 3 x 3 x 4 mm): the 2D network
     still calls it a tumour class, so the atlas stage must say that no head pose fits, and the report's
@@ -187,6 +206,10 @@ def test_predict_says_when_a_volume_is_probably_not_a_head(predictor, brats):
     with_skull = Path(nilearn.__file__).parent / "datasets" / "data" / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz"
     dice, caveat = head_template_check(read_image(with_skull))
     assert dice > 0.85 and caveat is None
+    # a knee whose outline the fit squeezes onto the brain's (Dice above the floor) still shares no
+    # intensity structure with a head: its normalised MI says so (it passed as a head on Dice alone)
+    dice, caveat = head_template_check(_knee())
+    assert caveat is not None and HEAD_TEMPLATE_FAILED in caveat and "normalised MI" in caveat, (dice, caveat)
     notes = explain(_torso(), method="gradcam", model=predictor.model).findings.notes
     assert sum(HEAD_TEMPLATE_FAILED in n for n in notes) == 1, notes
     assert not any("coarse affine" in n for n in notes)  # the full registration's verdict, not a second fit

@@ -217,10 +217,9 @@ def map_regions(
             working_spacing=working_spacing,
         )
         notes.extend(reg.notes)
-        from tumorlens.atlas.registration import DICE_FLOOR
-
-        if reg.quality_figure <= DICE_FLOOR:  # no pose fits a brain template: likely not a head at all
-            notes.append(not_a_head_note(f"brain-mask Dice {reg.quality_figure:.2f} <= {DICE_FLOOR:.2f}"))
+        problem = reg.head_fit_problem()
+        if problem:  # no pose fits a brain template: likely not a head at all
+            notes.append(not_a_head_note(problem))
         placement = _placement("mni_registration", reg.quality_figure, reg.confidence, min_confidence, reg.summary())
         if not m.any():
             notes.append("lesion mask is empty: no regions to name")

@@ -62,6 +62,17 @@ class RegistrationResult:
         """One number for the record: the brain-mask Dice after warping (0-1)."""
         return float(self.quality["dice"])
 
+    def head_fit_problem(self) -> str | None:
+        """Why no head pose fits, or None. Both figures are needed: a knee phantom's foreground was
+        squeezed onto the brain mask (Dice 0.74) with intensities that share almost nothing with a head's
+        (normalised MI 1.02); heads measured here, T1c/FLAIR, noisy, biased, 6 mm slices, score >= 1.10."""
+        dice, nmi = self.quality_figure, float(self.quality["nmi"])
+        if dice <= DICE_FLOOR:
+            return f"brain-mask Dice {dice:.2f} <= {DICE_FLOOR:.2f}"
+        if nmi < NMI_FLOOR:
+            return f"normalised MI {nmi:.3f} < {NMI_FLOOR:.2f}: intensities unlike a head's"
+        return None
+
     def summary(self) -> dict:
         """JSON-friendly description (what ``placement.details`` and ``tumorlens locate`` print)."""
         return {
@@ -447,7 +458,8 @@ def register_to_mni(
 # for the paths that do not register (predict, classification): 0.6-1.8 s per volume on 2 threads. Measured
 # (session 23): BraTS T1c 1 mm 0.93, FLAIR 0.85, the bundled 2 mm volume 0.90, nilearn's ICBM152 2009 0.97,
 # its 2009a T1 with skull 0.97 (+ 80 mm of neck: 0.94); a torso phantom 0.45 and a knee phantom 0.58, against
-# the 0.70 floor the full registration uses. A slab
+# the 0.70 floor the full registration uses; a knee phantom that reached 0.74 is caught by its normalised MI
+# (1.02, heads >= 1.10; ``RegistrationResult.head_fit_problem``). A slab
 # holding only the top 70 mm of a head scores 0.50 as well (the whole template brain is compared), which
 # is why the caveat says the volume may also cover only part of a head.
 HEAD_CHECK_SPACING, HEAD_CHECK_ITERATIONS = 4.0, 50
@@ -467,7 +479,5 @@ def head_template_check(volume: MetaTensor) -> tuple[float | None, str | None]:
         return None, None
     except InvalidInputError:
         return None, None
-    dice = reg.quality_figure
-    if dice <= DICE_FLOOR:
-        return dice, not_a_head_note(f"brain-mask Dice {dice:.2f} <= {DICE_FLOOR:.2f} after a coarse affine fit")
-    return dice, None
+    problem = reg.head_fit_problem()
+    return reg.quality_figure, not_a_head_note(f"{problem} after a coarse affine fit") if problem else None
