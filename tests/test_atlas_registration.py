@@ -103,6 +103,44 @@ def _torso():
     return MetaTensor(torch.from_numpy(torso)[None], affine=torch.diag(torch.tensor([3.0, 3.0, 4.0, 1.0])))
 
 
+def _slab(case, lo: int, hi: int):
+    """Slices lo:hi of a case (third axis), the affine moved with them: a scan of part of the head."""
+    from monai.data import MetaTensor
+
+    affine = case.volume.affine.clone()
+    affine[:3, 3] += affine[:3, 2] * lo
+    return (MetaTensor(case.volume[..., lo:hi].clone(), affine=affine, meta=dict(case.volume.meta)),
+            MetaTensor(case.mask[..., lo:hi].clone(), affine=affine.clone()))
+
+
+def test_a_scan_of_the_top_of_the_brain_is_placed_where_it_was_cut_from():
+    """A slab holding the upper third of the brain (a precentral lesion, 2 mm slices): the moments start
+    centred it on the whole template brain, the fit converged 36-73 mm off and the whole-brain Dice refused
+    it (and the head check called it possibly not a head). The start search now slides a slab along the
+    head's axis and the fit is judged inside its field of view. A knee slab stays refused."""
+    from tumorlens.atlas.registration import head_template_check
+
+    case = make_case("Left_Precentral_Gyrus", spacing_mm=2.0, radius_mm=6.0)
+    z = np.nonzero(case.mask[0].numpy().any((0, 1)))[0]
+    lo = int(z.mean()) - 12
+    vol, mask = _slab(case, lo, case.volume.shape[-1])
+    out = map_regions(vol, mask, deformable=False, working_spacing=3.0)
+    pl = out["placement"]
+    assert not pl["low_confidence"] and pl["details"]["quality"]["coverage"] < 0.5, pl
+    assert out["regions"][0]["label"] == "Left_Precentral_Gyrus" and _err(out, case) < 4.0  # measured 0.6 mm
+    assert any("partial coverage" in n for n in out["notes"]) and not any(HEAD_TEMPLATE_FAILED in n for n in out["notes"])
+    assert head_template_check(vol)[1] is None
+    knee = _knee()
+    affine = knee.affine.clone()
+    affine[:3, 3] += affine[:3, 2] * 20
+    knee_slab = type(knee)(knee[..., 20:60].clone(), affine=affine)
+    lesion = torch.zeros_like(knee_slab, dtype=torch.uint8)
+    lesion[0, 40:55, 40:55, 10:20] = 1
+    out = map_regions(knee_slab, lesion, deformable=False, working_spacing=3.0)
+    assert out["placement"]["low_confidence"] and out["regions"] == []
+    assert any(HEAD_TEMPLATE_FAILED in n for n in out["notes"]), out["notes"]
+
+
 def _knee():
     """A knee-like phantom: muscle in a rim of fat, two marrow-filled bones with dark cortex, a joint space;
     1.6 x 1.6 x 2 mm. A coarse affine fit squeezes its foreground onto the brain mask well (Dice 0.74)."""
