@@ -3,7 +3,9 @@ figures, and the lesion-centroid error on the synthetic warped ICBM152 2009 case
 plane accuracy of 2D template-slice placement on grouped-validation dev JPEGs, with and without the
 slice-view classifier (trained on the training part's ``view`` column; here that column only scores).
 
-    .venv/bin/python bench/registration.py [--json OUT] [--slices N] [--brats] [--skip-synthetic]
+    .venv/bin/python bench/registration.py [--json OUT] [--slices N] [--brats] [--slabs] [--skip-synthetic]
+
+``--slabs`` also places scans of part of the head (the synthetic cases cut along the head's axis).
 
 Prints a table and writes JSON. Wall seconds depend on what else runs on the machine, so the CPU
 seconds of this process are reported beside them.
@@ -81,6 +83,43 @@ def bench_brats(data: Path) -> list[dict]:
     return rows
 
 
+def bench_slabs(structures: list[str]) -> list[dict]:
+    """Scans of part of the head: the synthetic cases (2 mm) cut along the head's axis, around the
+    lesion, or to the part above / below it; affine fit on a 3 mm grid as the tests use."""
+    from monai.data import MetaTensor
+
+    from tumorlens.atlas.regions import map_regions
+    from tumorlens.atlas.synthetic import make_case
+
+    rows = []
+    for s in structures:
+        case = make_case(s, spacing_mm=2.0, radius_mm=6.0)
+        n = case.volume.shape[-1]
+        z = np.nonzero(case.mask[0].numpy().any((0, 1)))[0]
+        c = int(z.mean())
+        cuts = [(f"{2 * 2 * h} mm around the lesion", c - h, c + h) for h in (30, 20, 16)]
+        cuts += [("from 24 mm below the lesion up", c - 12, n), ("up to 28 mm above the lesion", 0, c + 14)]
+        for name, lo, hi in cuts:
+            lo, hi = max(lo, 0), min(hi, n)
+            affine = case.volume.affine.clone()
+            affine[:3, 3] += affine[:3, 2] * lo
+            vol = MetaTensor(case.volume[..., lo:hi].clone(), affine=affine, meta=dict(case.volume.meta))
+            mask = MetaTensor(case.mask[..., lo:hi].clone(), affine=affine.clone())
+            out, wall, cpu = _timed(lambda v=vol, m=mask: map_regions(v, m, deformable=False, working_spacing=3.0))
+            q, centroid = out["placement"]["details"]["quality"], out["lesion"].get("centroid_mni_mm")
+            rows.append({
+                "case": f"{s} slab {name}", "stage": "affine (3 mm)", "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
+                "slices": hi - lo, "coverage": q.get("coverage"), "dice": q["dice"], "nmi": q["nmi"],
+                "placed": not out["placement"]["low_confidence"],
+                "top_region": out["regions"][0]["label"] if out["regions"] else None,
+                "top_fraction": out["regions"][0]["fraction"] if out["regions"] else None,
+                "centroid_err_mm": None if centroid is None else round(float(np.linalg.norm(
+                    np.array(centroid) - case.centroid_mni_mm)), 2),
+            })
+            print(rows[-1], flush=True)
+    return rows
+
+
 def bench_slices(data: Path, n: int) -> dict:
     from tqdm import tqdm
 
@@ -130,15 +169,18 @@ def main() -> int:
     ap.add_argument("--structures", default="Left_Insular_Cortex,Right_Putamen")
     ap.add_argument("--slices", type=int, default=0, help="also score 2D placement on N dev JPEGs")
     ap.add_argument("--brats", action="store_true", help="also time the two BraTS volumes")
+    ap.add_argument("--slabs", action="store_true", help="also place slabs (partial coverage) of the synthetic cases")
     ap.add_argument("--skip-synthetic", action="store_true", help="skip the synthetic volume registrations")
     args = ap.parse_args()
     result: dict = {"threads": 2, "synthetic": [] if args.skip_synthetic else bench_synthetic(args.structures.split(","))}
     if args.brats:
         result["brats"] = bench_brats(shared_data_dir() / "brats-3d")
+    if args.slabs:
+        result["slabs"] = bench_slabs(["Right_Putamen", "Left_Precentral_Gyrus"])
     if args.slices:
         result["slices"] = bench_slices(shared_data_dir() / "brain-mri-2d", args.slices)
     print(f"\n{'case':<36} {'stage':<15} {'wall s':>7} {'cpu s':>6} {'dice':>6} {'nmi':>6} {'err mm':>7}  top region")
-    for r in result["synthetic"] + result.get("brats", []):
+    for r in result["synthetic"] + result.get("brats", []) + result.get("slabs", []):
         err = r.get("centroid_err_mm", "")
         print(f"{r['case']:<36} {r['stage']:<15} {r['wall_s']:>7} {r['cpu_s']:>6} {r['dice']:>6} {r['nmi']:>6} "
               f"{err!s:>7}  {r['top_region']} ({r['top_fraction']})")
