@@ -117,7 +117,7 @@ def test_a_scan_of_the_top_of_the_brain_is_placed_where_it_was_cut_from():
     """A slab holding the upper third of the brain (a precentral lesion, 2 mm slices): the moments start
     centred it on the whole template brain, the fit converged 36-73 mm off and the whole-brain Dice refused
     it (and the head check called it possibly not a head). The start search now slides a slab along the
-    head's axis and the fit is judged inside its field of view. A knee slab stays refused."""
+    head's axis and the fit is judged inside its field of view. A slab of a textured ellipsoid stays refused."""
     from tumorlens.atlas.registration import head_template_check
 
     case = make_case("Left_Precentral_Gyrus", spacing_mm=2.0, radius_mm=6.0)
@@ -130,14 +130,21 @@ def test_a_scan_of_the_top_of_the_brain_is_placed_where_it_was_cut_from():
     assert out["regions"][0]["label"] == "Left_Precentral_Gyrus" and _err(out, case) < 4.0  # measured 0.6 mm
     assert any("partial coverage" in n for n in out["notes"]) and not any(HEAD_TEMPLATE_FAILED in n for n in out["notes"])
     assert head_template_check(vol)[1] is None
-    knee = _knee()
-    affine = knee.affine.clone()
-    affine[:3, 3] += affine[:3, 2] * 20
-    knee_slab = type(knee)(knee[..., 20:60].clone(), affine=affine)
-    lesion = torch.zeros_like(knee_slab, dtype=torch.uint8)
-    lesion[0, 40:55, 40:55, 10:20] = 1
-    out = map_regions(knee_slab, lesion, deformable=False, working_spacing=3.0)
-    assert out["placement"]["low_confidence"] and out["regions"] == []
+    # a slab of a head-sized ellipsoid with a smooth texture and a rim: its outline matches the brain's
+    # inside the view (Dice 0.92), so only the stricter intensity test for slabs keeps it unplaced
+    from monai.data import MetaTensor
+    from scipy.ndimage import gaussian_filter
+
+    x, y, z = np.mgrid[-1:1:96j, -1:1:112j, -1:1:90j]
+    r = (x / 0.7) ** 2 + (y / 0.85) ** 2 + (z / 0.75) ** 2
+    texture = gaussian_filter(np.random.default_rng(0).normal(0, 1, r.shape), 3) * 300 + 400
+    phantom = (np.where(r < 1, texture, 0) + np.where((r > 0.85) & (r < 1), 400, 0)).astype(np.float32)[:, :, 30:62]
+    lesion = np.zeros(phantom.shape, np.uint8)
+    lesion[40:50, 40:50, 10:20] = 1
+    affine = torch.diag(torch.tensor([2.0, 2.0, 2.0, 1.0]))
+    out = map_regions(MetaTensor(torch.from_numpy(phantom)[None], affine=affine),
+                      MetaTensor(torch.from_numpy(lesion)[None], affine=affine), deformable=False, working_spacing=3.0)
+    assert out["placement"]["low_confidence"] and out["regions"] == [], out["placement"]
     assert any(HEAD_TEMPLATE_FAILED in n for n in out["notes"]), out["notes"]
 
 
