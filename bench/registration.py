@@ -84,8 +84,8 @@ def bench_brats(data: Path) -> list[dict]:
 
 
 def bench_slabs(structures: list[str]) -> list[dict]:
-    """Scans of part of the head: the synthetic cases (2 mm) cut along the head's axis, around the
-    lesion, or to the part above / below it; affine fit on a 3 mm grid as the tests use."""
+    """Scans of part of the head: the synthetic cases (2 mm) cut axially, sagittally or coronally around the
+    lesion, or to the part on either side of it; affine fit on a 3 mm grid as the tests use."""
     from monai.data import MetaTensor
 
     from tumorlens.atlas.regions import map_regions
@@ -94,22 +94,26 @@ def bench_slabs(structures: list[str]) -> list[dict]:
     rows = []
     for s in structures:
         case = make_case(s, spacing_mm=2.0, radius_mm=6.0)
-        n = case.volume.shape[-1]
-        z = np.nonzero(case.mask[0].numpy().any((0, 1)))[0]
-        c = int(z.mean())
-        cuts = [(f"{2 * 2 * h} mm around the lesion", c - h, c + h) for h in (30, 20, 16)]
-        cuts += [("from 24 mm below the lesion up", c - 12, n), ("up to 28 mm above the lesion", 0, c + 14)]
-        for name, lo, hi in cuts:
-            lo, hi = max(lo, 0), min(hi, n)
+        m = case.mask[0].numpy()
+        cuts = []
+        for axis, plane in ((2, "axial"), (0, "sagittal"), (1, "coronal")):
+            n = m.shape[axis]
+            c = int(np.nonzero(m.any(tuple(a for a in range(3) if a != axis)))[0].mean())
+            cuts += [(f"{plane} {2 * 2 * h} mm around the lesion", axis, c - h, c + h) for h in (30, 18)]
+            cuts += [(f"{plane}, lesion side from 24 mm before it", axis, c - 12, n),
+                     (f"{plane}, up to 28 mm past the lesion", axis, 0, c + 14)]
+        for name, axis, lo, hi in cuts:
+            lo, hi = max(lo, 0), min(hi, m.shape[axis])
             affine = case.volume.affine.clone()
-            affine[:3, 3] += affine[:3, 2] * lo
-            vol = MetaTensor(case.volume[..., lo:hi].clone(), affine=affine, meta=dict(case.volume.meta))
-            mask = MetaTensor(case.mask[..., lo:hi].clone(), affine=affine.clone())
+            affine[:3, 3] += affine[:3, axis] * lo
+            cut = (slice(None),) * (axis + 1) + (slice(lo, hi),)
+            vol = MetaTensor(case.volume[cut].clone(), affine=affine, meta=dict(case.volume.meta))
+            mask = MetaTensor(case.mask[cut].clone(), affine=affine.clone())
             out, wall, cpu = _timed(lambda v=vol, m=mask: map_regions(v, m, deformable=False, working_spacing=3.0))
             q, centroid = out["placement"]["details"]["quality"], out["lesion"].get("centroid_mni_mm")
             rows.append({
                 "case": f"{s} slab {name}", "stage": "affine (3 mm)", "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-                "slices": hi - lo, "coverage": q.get("coverage"), "dice": q["dice"], "nmi": q["nmi"],
+                "voxels_along_cut": hi - lo, "coverage": q.get("coverage"), "dice": q["dice"], "nmi": q["nmi"],
                 "placed": not out["placement"]["low_confidence"],
                 "top_region": out["regions"][0]["label"] if out["regions"] else None,
                 "top_fraction": out["regions"][0]["fraction"] if out["regions"] else None,

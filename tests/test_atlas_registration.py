@@ -103,21 +103,23 @@ def _torso():
     return MetaTensor(torch.from_numpy(torso)[None], affine=torch.diag(torch.tensor([3.0, 3.0, 4.0, 1.0])))
 
 
-def _slab(case, lo: int, hi: int):
-    """Slices lo:hi of a case (third axis), the affine moved with them: a scan of part of the head."""
+def _slab(case, lo: int, hi: int, axis: int = 2):
+    """Voxels lo:hi of a case along an axis, the affine moved with them: a scan of part of the head."""
     from monai.data import MetaTensor
 
     affine = case.volume.affine.clone()
-    affine[:3, 3] += affine[:3, 2] * lo
-    return (MetaTensor(case.volume[..., lo:hi].clone(), affine=affine, meta=dict(case.volume.meta)),
-            MetaTensor(case.mask[..., lo:hi].clone(), affine=affine.clone()))
+    affine[:3, 3] += affine[:3, axis] * lo
+    cut = (slice(None),) * (axis + 1) + (slice(lo, hi),)
+    return (MetaTensor(case.volume[cut].clone(), affine=affine, meta=dict(case.volume.meta)),
+            MetaTensor(case.mask[cut].clone(), affine=affine.clone()))
 
 
 def test_a_scan_of_the_top_of_the_brain_is_placed_where_it_was_cut_from():
     """A slab holding the upper third of the brain (a precentral lesion, 2 mm slices): the moments start
     centred it on the whole template brain, the fit converged 36-73 mm off and the whole-brain Dice refused
-    it (and the head check called it possibly not a head). The start search now slides a slab along the
-    head's axis and the fit is judged inside its field of view. A slab of a textured ellipsoid stays refused."""
+    it (and the head check called it possibly not a head); a hemisphere was refused the same way. The start
+    search now slides a slab along its short axis and the fit is judged inside its field of view. A slab of a
+    textured ellipsoid stays refused."""
     from tumorlens.atlas.registration import head_template_check
 
     case = make_case("Left_Precentral_Gyrus", spacing_mm=2.0, radius_mm=6.0)
@@ -130,6 +132,12 @@ def test_a_scan_of_the_top_of_the_brain_is_placed_where_it_was_cut_from():
     assert out["regions"][0]["label"] == "Left_Precentral_Gyrus" and _err(out, case) < 4.0  # measured 0.6 mm
     assert any("partial coverage" in n for n in out["notes"]) and not any(HEAD_TEMPLATE_FAILED in n for n in out["notes"])
     assert head_template_check(vol)[1] is None
+    # a sagittal slab holding the right hemisphere and 30 mm past the midline (refused before: whole-brain Dice)
+    case = make_case("Right_Putamen", spacing_mm=2.0, radius_mm=6.0)
+    x = np.nonzero(case.mask[0].numpy().any((1, 2)))[0]
+    out = map_regions(*_slab(case, 0, int(x.mean()) + 15, axis=0), deformable=False, working_spacing=3.0)
+    assert not out["placement"]["low_confidence"], out["placement"]
+    assert out["regions"][0]["label"] == "Right_Putamen" and _err(out, case) < 4.0  # measured 2.6 mm
     # a slab of a head-sized ellipsoid with a smooth texture and a rim: its outline matches the brain's
     # inside the view (Dice 0.92), so only the stricter intensity test for slabs keeps it unplaced
     from monai.data import MetaTensor

@@ -37,11 +37,12 @@ NMI_FLOOR, NMI_GOOD = 1.05, 1.09
 QUALITY_SPACING = 4.0
 MIN_EXTENT_MM = 60.0  # a brain is > 60 mm along every axis
 BSPLINE_DICE_SLACK = 0.005  # the B-spline is kept unless it lowers the brain-mask Dice by more
-# Partial coverage: a foreground shorter than this share of the template brain along the head's long
-# (inferior-superior) axis is a slab. The moments start then centres it on the template brain wherever it
-# was cut from (a slab from the top of the brain landed 36-73 mm off), so the start search also slides it
-# along that axis; and the quality figure compares the brain only where the slab has voxels, since the
-# template brain outside its field of view cannot be matched by any pose.
+# Partial coverage: a foreground shorter than this share of the template brain along a physical axis is a
+# slab (an axial one cut through the brain, a sagittal one holding one hemisphere). The moments start then
+# centres it on the template brain wherever it was cut from (a slab from the top of the brain landed
+# 36-73 mm off), so the start search also slides it along its shortest axis; and the quality figure
+# compares the brain only where the slab has voxels, since the template brain outside its field of view
+# cannot be matched by any pose.
 PARTIAL_EXTENT = 0.8
 START_SHIFTS_MM = tuple(float(v) for v in range(-60, 61, 5))
 MIN_COVERAGE = 0.25  # a slab holding less of the template brain than this is not placed
@@ -260,16 +261,16 @@ START_PITCH = (0.0, 25.0, -25.0)
 
 
 def _best_start(init: sitk.Euler3DTransform, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
-                metric_mask: sitk.Image, seed: int, *, slab: bool = False) -> sitk.Euler3DTransform:
+                metric_mask: sitk.Image, seed: int, *, slab_axis: int | None = None) -> sitk.Euler3DTransform:
     """The centred initial transform turned by the start rotation with the best (lowest) Mattes MI on
     a 4x coarser grid: a metric evaluation per start, no optimisation (a fraction of a second each).
 
-    A ``slab`` is also slid along the inferior-superior axis, and the starts are ranked by how well its
+    A slab is also slid along its short physical axis (``slab_axis``), and the starts are ranked by how well its
     outline matches the template brain's inside its field of view (Dice on a 2x coarser grid): MI over
     overlaps of different sizes preferred wrong shifts, while this Dice found the true shift within 5 mm
     on every slab measured."""
-    if slab:
-        return _best_slab_start(init, moving, fixed_mask, metric_mask)
+    if slab_axis is not None:
+        return _best_slab_start(init, moving, fixed_mask, metric_mask, slab_axis)
     shrink = [4] * 3
     f, m = sitk.Shrink(fixed, shrink), sitk.Shrink(moving, shrink)
     fm, mm = sitk.Shrink(fixed_mask, shrink), sitk.Shrink(metric_mask, shrink)
@@ -288,24 +289,24 @@ def _best_start(init: sitk.Euler3DTransform, fixed: sitk.Image, moving: sitk.Ima
     return best
 
 
-def _starts(init: sitk.Euler3DTransform, shifts: tuple[float, ...] = (0.0,)):
+def _starts(init: sitk.Euler3DTransform, shifts: tuple[float, ...] = (0.0,), axis: int = 2):
     for yaw in START_YAW:
         for pitch in START_PITCH:
             for shift in shifts:
                 t = sitk.Euler3DTransform(init)
                 t.SetRotation(np.radians(pitch), 0.0, np.radians(yaw))
-                t.SetTranslation(tuple(np.add(init.GetTranslation(), (0.0, 0.0, shift))))
+                t.SetTranslation(tuple(np.add(init.GetTranslation(), np.eye(3)[axis] * shift)))
                 yield t
 
 
 def _best_slab_start(init: sitk.Euler3DTransform, moving: sitk.Image, fixed_mask: sitk.Image,
-                     moving_mask: sitk.Image) -> sitk.Euler3DTransform:
+                     moving_mask: sitk.Image, axis: int) -> sitk.Euler3DTransform:
     """The rotation and shift whose warped outline best matches the template brain inside the slab's view."""
     fm = sitk.Shrink(fixed_mask, [2] * 3)
     fma = sitk.GetArrayFromImage(fm) > 0
     in_view = sitk.Cast(moving * 0 + 1, sitk.sitkUInt8)
     best, best_value = init, -1.0
-    for t in _starts(init, START_SHIFTS_MM):
+    for t in _starts(init, START_SHIFTS_MM, axis):
         warped = sitk.GetArrayViewFromImage(sitk.Resample(moving_mask, fm, t, sitk.sitkNearestNeighbor, 0)) > 0
         fov = sitk.GetArrayViewFromImage(sitk.Resample(in_view, fm, t, sitk.sitkNearestNeighbor, 0)) > 0
         value = _dice(fma & fov, warped & fov)
@@ -319,15 +320,23 @@ def _nmi_bounds(slab: bool) -> tuple[float, float]:
     return (SLAB_NMI_FLOOR, SLAB_NMI_GOOD) if slab else (NMI_FLOOR, NMI_GOOD)
 
 
-def _si_extent_mm(mask: sitk.Image) -> float:
-    """Extent of a mask's bounding box along the physical inferior-superior (LPS z) axis, in mm."""
+def _extents_mm(mask: sitk.Image) -> np.ndarray:
+    """Extent of a mask's bounding box along the three physical (LPS) axes, in mm."""
     idx = np.argwhere(sitk.GetArrayViewFromImage(mask) > 0)[:, ::-1]  # (x, y, z) index order
     if not len(idx):
-        return 0.0
+        return np.zeros(3)
     lo, hi = idx.min(0), idx.max(0)
-    zs = [mask.TransformIndexToPhysicalPoint([int(v) for v in np.where(bits, hi, lo)])[2]
-          for bits in itertools.product((0, 1), repeat=3)]
-    return float(max(zs) - min(zs))
+    corners = np.array([mask.TransformIndexToPhysicalPoint([int(v) for v in np.where(bits, hi, lo)])
+                        for bits in itertools.product((0, 1), repeat=3)])
+    return corners.max(0) - corners.min(0)
+
+
+def _slab_axis(moving_mask: sitk.Image, fixed_mask: sitk.Image) -> int | None:
+    """The physical axis along which the input's foreground is shortest against the template brain's,
+    when it is shorter than ``PARTIAL_EXTENT`` of it (a slab); None for a whole head."""
+    ratio = _extents_mm(moving_mask) / np.maximum(_extents_mm(fixed_mask), 1e-6)
+    axis = int(np.argmin(ratio))
+    return axis if ratio[axis] < PARTIAL_EXTENT else None
 
 
 def _check_volume(volume: MetaTensor) -> tuple[np.ndarray, np.ndarray, str | None]:
@@ -407,8 +416,9 @@ def register_to_mni(
     init = sitk.CenteredTransformInitializer(
         fixed_mask, moving_mask, sitk.Euler3DTransform(), sitk.CenteredTransformInitializerFilter.MOMENTS
     )
-    partial = _si_extent_mm(moving_mask) < PARTIAL_EXTENT * _si_extent_mm(fixed_mask)
-    init = _best_start(init, fixed, moving, fixed_mask, metric_mask, seed, slab=partial)
+    slab_axis = _slab_axis(moving_mask, fixed_mask)
+    partial = slab_axis is not None
+    init = _best_start(init, fixed, moving, fixed_mask, metric_mask, seed, slab_axis=slab_axis)
     rigid, _ = _linear_stage("rigid", init, fixed, moving, fixed_mask, metric_mask, seed, iterations,
                              learning_rate=1.0, min_step=1e-3, shrink=[4, 2, 1], sigmas=[2.0, 1.0, 0.0], path=path)
     rigid = sitk.Euler3DTransform(rigid.GetNthTransform(0) if hasattr(rigid, "GetNthTransform") else rigid)
