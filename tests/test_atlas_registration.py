@@ -132,6 +132,11 @@ def test_a_scan_of_the_top_of_the_brain_is_placed_where_it_was_cut_from():
     assert out["regions"][0]["label"] == "Left_Precentral_Gyrus" and _err(out, case) < 4.0  # measured 0.6 mm
     assert any("partial coverage" in n for n in out["notes"]) and not any(HEAD_TEMPLATE_FAILED in n for n in out["notes"])
     assert head_template_check(vol)[1] is None
+    # from 8 mm under the lesion's middle up: 18 % of the brain, too little to place, and said as such
+    out = map_regions(*_slab(case, lo + 8, case.volume.shape[-1]), deformable=False, working_spacing=3.0)
+    assert out["placement"]["low_confidence"] and out["regions"] == []
+    assert any(HEAD_TEMPLATE_FAILED in n and "of the template brain" in n for n in out["notes"]), out["notes"]
+    assert not any("did not reach a usable fit" in n for n in out["notes"])  # the fit itself was good
     # a sagittal slab holding the right hemisphere and 30 mm past the midline (refused before: whole-brain Dice)
     case = make_case("Right_Putamen", spacing_mm=2.0, radius_mm=6.0)
     x = np.nonzero(case.mask[0].numpy().any((1, 2)))[0]

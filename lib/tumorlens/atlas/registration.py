@@ -71,7 +71,7 @@ class RegistrationResult:
     seconds: dict
     working_spacing_mm: float
     notes: list[str] = field(default_factory=list)
-    slab: bool = False  # the input covers only part of the head along its axis
+    slab: bool = False  # the input covers only part of the head along one axis
 
     @property
     def quality_figure(self) -> float:
@@ -88,6 +88,9 @@ class RegistrationResult:
             return f"brain-mask Dice {dice:.2f} <= {DICE_FLOOR:.2f}"
         if nmi < floor:
             return f"normalised MI {nmi:.3f} < {floor:.2f}: intensities unlike a head's"
+        coverage = float(self.quality.get("coverage", 1.0))
+        if coverage < MIN_COVERAGE:
+            return f"it holds only {coverage:.0%} of the template brain"
         return None
 
     def summary(self) -> dict:
@@ -531,12 +534,13 @@ def register_to_mni(
     elif partial:
         notes.append(f"partial coverage: the volume holds {coverage:.0%} of the template brain; the fit is "
                      "judged inside its field of view")
-    converged = dice >= DICE_FLOOR and nmi >= nmi_floor and np.isfinite(final_metric) and coverage >= MIN_COVERAGE
+    converged = dice >= DICE_FLOOR and nmi >= nmi_floor and np.isfinite(final_metric)
     if not converged:
         notes.append(
             f"registration did not reach a usable fit (brain-mask Dice {dice:.2f}, normalised MI {nmi:.3f}; "
             f"needs >= {DICE_FLOOR} and >= {nmi_floor})"
         )
+    converged = converged and coverage >= MIN_COVERAGE  # a good fit of too little brain (noted above)
     log.info("registered to MNI in %.1f s (dice %.3f, ncc %.3f, %s)", seconds["total"], dice, ncc, stop)
     return RegistrationResult(
         transform=total,
