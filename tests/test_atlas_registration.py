@@ -268,6 +268,11 @@ def test_predict_says_when_a_volume_is_probably_not_a_head(predictor, brats):
     # intensity structure with a head: its normalised MI says so (it passed as a head on Dice alone)
     dice, caveat = head_template_check(_knee())
     assert caveat is not None and HEAD_TEMPLATE_FAILED in caveat and "normalised MI" in caveat, (dice, caveat)
+    # a head whose header gives 0.01 mm voxels is 2 mm across: no head at all, and likely a wrong header
+    tiny = read_image(brats / "pat0002" / "T1c_subtrMeanDivStd.nii.gz")
+    tiny.affine[:3, :3] *= 0.01
+    dice, caveat = head_template_check(tiny)
+    assert dice is None and caveat is not None and "smaller than a head along every axis" in caveat, caveat
     notes = explain(_torso(), method="gradcam", model=predictor.model).findings.notes
     assert sum(HEAD_TEMPLATE_FAILED in n for n in notes) == 1, notes
     assert not any("coarse affine" in n for n in notes)  # the full registration's verdict, not a second fit

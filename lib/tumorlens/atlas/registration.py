@@ -342,6 +342,11 @@ def _slab_axis(moving_mask: sitk.Image, fixed_mask: sitk.Image) -> int | None:
     return axis if ratio[axis] < PARTIAL_EXTENT else None
 
 
+def _field_of_view_mm(shape, affine: np.ndarray) -> np.ndarray:
+    """Physical size of the voxel grid along its three axes, in mm."""
+    return np.array(shape[-3:]) * np.linalg.norm(np.asarray(affine, dtype=float)[:3, :3], axis=0)
+
+
 def _check_volume(volume: MetaTensor) -> tuple[np.ndarray, np.ndarray, str | None]:
     path = volume.meta.get("filename_or_obj") if hasattr(volume, "meta") else None
     arr = np.asarray(volume.detach().cpu().numpy() if hasattr(volume, "detach") else volume, dtype=np.float32)
@@ -354,7 +359,7 @@ def _check_volume(volume: MetaTensor) -> tuple[np.ndarray, np.ndarray, str | Non
     if not np.any(arr != arr.flat[0]):
         raise InvalidInputError(path, "volume is empty or constant (all voxels equal): no brain to register")
     affine = np.asarray(volume.affine.detach().cpu().numpy() if hasattr(volume, "affine") else np.eye(4), dtype=float)
-    extent = np.array(arr.shape) * np.linalg.norm(affine[:3, :3], axis=0)
+    extent = _field_of_view_mm(arr.shape, affine)
     if np.any(extent < MIN_EXTENT_MM):
         raise RegistrationError(
             f"{path or 'volume'}: field of view {np.round(extent).astype(int).tolist()} mm is too small for a "
@@ -569,9 +574,16 @@ HEAD_CHECK_SPACING, HEAD_CHECK_ITERATIONS = 4.0, 50
 
 def head_template_check(volume: MetaTensor) -> tuple[float | None, str | None]:
     """(brain-mask Dice of a coarse affine fit to MNI152, a caveat when no head pose fits). A volume with no
-    brain-sized foreground is a caveat too (Dice None); a volume too small to register says nothing."""
+    brain-sized foreground is a caveat too (Dice None), and so is a grid smaller than a head along every axis
+    (a BraTS volume whose header said 0.01 mm voxels, 2.4 mm across, was classified with no caveat); a slab too
+    thin to register says nothing."""
     from tumorlens.caveats import not_a_head_note
 
+    fov = _field_of_view_mm(tuple(volume.shape), volume.affine) if hasattr(volume, "affine") else None
+    if fov is not None and fov.max() < MIN_EXTENT_MM:
+        size = " x ".join(f"{v:.3g}" for v in fov)
+        return None, not_a_head_note(f"the volume is {size} mm, smaller than a head along every axis: "
+                                     "the voxel size in its header may be wrong")
     try:
         reg = register_to_mni(volume, deformable=False, working_spacing=HEAD_CHECK_SPACING,
                               iterations=HEAD_CHECK_ITERATIONS)
