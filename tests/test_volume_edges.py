@@ -105,6 +105,7 @@ def test_single_coronal_and_sagittal_slices_predict_like_the_axial_one(predictor
         for c, v in ref.probabilities.items():
             assert abs(p.probabilities[c] - v) < 1e-5, (k, c, p.probabilities, ref.probabilities)
         assert tuple(p.mask.shape) == tuple(read_image(files[k]).shape), k
+        assert p.extra["caveats"] == [], (k, p.extra["caveats"])  # a slice, not a volume classified slice by slice
         np.testing.assert_allclose(np.asarray(p.mask.affine), np.asarray(read_image(files[k]).affine))
     m = ref.mask.numpy()[0, :, :, 0]
     np.testing.assert_array_equal(preds["coronal"].mask.numpy()[0, :, 0, :], m)

@@ -395,9 +395,10 @@ class Predictor:
         # a volume's familiarity: the median over its brain slices (edge slices alone look unfamiliar)
         familiarity = self._familiarity(np.concatenate(fams) if fams else None)
         res = self._result(img, probs, seg_vol, slice_probs, familiarity)
-        res.extra["caveats"].append(VOLUME_CAVEAT)
-        if self.head_check:
-            check_head(res, img)
+        if len(disp) > 1:  # a one-slice file is a 2D slice to the network, answered like the same JPEG
+            res.extra["caveats"].append(VOLUME_CAVEAT)
+            if self.head_check:
+                check_head(res, img)
         return res
 
     def _result(self, img, probs: np.ndarray, seg: np.ndarray, slice_probs,
