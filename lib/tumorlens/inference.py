@@ -397,8 +397,8 @@ class Predictor:
         res = self._result(img, probs, seg_vol, slice_probs, familiarity)
         if len(disp) > 1:  # a one-slice file is a 2D slice to the network, answered like the same JPEG
             res.extra["caveats"].append(VOLUME_CAVEAT)
-            if self.head_check:
-                check_head(res, img)
+        if self.head_check:
+            check_head(res, img)
         return res
 
     def _result(self, img, probs: np.ndarray, seg: np.ndarray, slice_probs,
@@ -423,9 +423,12 @@ class Predictor:
 def check_head(pred: Prediction, img: MetaTensor) -> None:
     """Add ``head_template_dice`` and, when no head pose fits, the head-template caveat to a volume's
     prediction: a coarse affine fit to MNI152 (~1 s). A torso phantom passed the familiarity check and was
-    called meningioma p = 0.98 with the volume caveat alone."""
+    called meningioma p = 0.98 with the volume caveat alone. A one-slice volume is a 2D slice (answered like
+    the same JPEG, which has no such check): nothing to add."""
     from tumorlens.atlas.registration import head_template_check
 
+    if 1 in tuple(img.shape[-3:]):
+        return
     dice, caveat = head_template_check(img)
     pred.extra["head_template_dice"] = None if dice is None else round(float(dice), 3)
     if caveat:

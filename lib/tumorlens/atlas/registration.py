@@ -264,7 +264,8 @@ START_PITCH = (0.0, 25.0, -25.0)
 
 
 def _best_start(init: sitk.Euler3DTransform, fixed: sitk.Image, moving: sitk.Image, fixed_mask: sitk.Image,
-                metric_mask: sitk.Image, seed: int, *, slab_axis: int | None = None) -> sitk.Euler3DTransform:
+                metric_mask: sitk.Image, seed: int, *, slab_axis: int | None = None,
+                in_view: sitk.Image | None = None) -> sitk.Euler3DTransform:
     """The centred initial transform turned by the start rotation with the best (lowest) Mattes MI on
     a 4x coarser grid: a metric evaluation per start, no optimisation (a fraction of a second each).
 
@@ -272,8 +273,8 @@ def _best_start(init: sitk.Euler3DTransform, fixed: sitk.Image, moving: sitk.Ima
     outline matches the template brain's inside its field of view (Dice on a 2x coarser grid): MI over
     overlaps of different sizes preferred wrong shifts, while this Dice found the true shift within 5 mm
     on every slab measured."""
-    if slab_axis is not None:
-        return _best_slab_start(init, moving, fixed_mask, metric_mask, slab_axis)
+    if slab_axis is not None and in_view is not None:
+        return _best_slab_start(init, in_view, fixed_mask, metric_mask, slab_axis)
     shrink = [4] * 3
     f, m = sitk.Shrink(fixed, shrink), sitk.Shrink(moving, shrink)
     fm, mm = sitk.Shrink(fixed_mask, shrink), sitk.Shrink(metric_mask, shrink)
@@ -302,17 +303,30 @@ def _starts(init: sitk.Euler3DTransform, shifts: tuple[float, ...] = (0.0,), axi
                 yield t
 
 
-def _best_slab_start(init: sitk.Euler3DTransform, moving: sitk.Image, fixed_mask: sitk.Image,
+def _on_grid(mask: sitk.Image, grid: sitk.Image, tx: sitk.Transform) -> np.ndarray:
+    """A binary image carried through ``tx`` onto ``grid``, as a boolean array."""
+    return sitk.GetArrayFromImage(sitk.Resample(mask, grid, tx, sitk.sitkNearestNeighbor, 0)) > 0
+
+
+def _dice_in_view(template: np.ndarray, grid: sitk.Image, moving_mask: sitk.Image, in_view: sitk.Image | None,
+                  tx: sitk.Transform) -> float:
+    """Dice of the template brain mask (``template`` on ``grid``) and the warped input mask, counted only
+    where the input has voxels (``in_view``; None: everywhere, a whole head)."""
+    warped = _on_grid(moving_mask, grid, tx)
+    if in_view is None:
+        return _dice(template, warped)
+    fov = _on_grid(in_view, grid, tx)
+    return _dice(template & fov, warped & fov)
+
+
+def _best_slab_start(init: sitk.Euler3DTransform, in_view: sitk.Image, fixed_mask: sitk.Image,
                      moving_mask: sitk.Image, axis: int) -> sitk.Euler3DTransform:
     """The rotation and shift whose warped outline best matches the template brain inside the slab's view."""
     fm = sitk.Shrink(fixed_mask, [2] * 3)
     fma = sitk.GetArrayFromImage(fm) > 0
-    in_view = sitk.Cast(moving * 0 + 1, sitk.sitkUInt8)
     best, best_value = init, -1.0
     for t in _starts(init, START_SHIFTS_MM, axis):
-        warped = sitk.GetArrayViewFromImage(sitk.Resample(moving_mask, fm, t, sitk.sitkNearestNeighbor, 0)) > 0
-        fov = sitk.GetArrayViewFromImage(sitk.Resample(in_view, fm, t, sitk.sitkNearestNeighbor, 0)) > 0
-        value = _dice(fma & fov, warped & fov)
+        value = _dice_in_view(fma, fm, moving_mask, in_view, t)
         if value > best_value + 1e-4:
             best, best_value = t, value
     return best
@@ -426,7 +440,9 @@ def register_to_mni(
     )
     slab_axis = _slab_axis(moving_mask, fixed_mask)
     partial = slab_axis is not None
-    init = _best_start(init, fixed, moving, fixed_mask, metric_mask, seed, slab_axis=slab_axis)
+    # a slab's field of view: its fit is judged only where it has voxels (None for a whole head)
+    in_view = sitk.Cast(moving * 0 + 1, sitk.sitkUInt8) if partial else None
+    init = _best_start(init, fixed, moving, fixed_mask, metric_mask, seed, slab_axis=slab_axis, in_view=in_view)
     rigid, _ = _linear_stage("rigid", init, fixed, moving, fixed_mask, metric_mask, seed, iterations,
                              learning_rate=1.0, min_step=1e-3, shrink=[4, 2, 1], sigmas=[2.0, 1.0, 0.0], path=path)
     rigid = sitk.Euler3DTransform(rigid.GetNthTransform(0) if hasattr(rigid, "GetNthTransform") else rigid)
@@ -456,18 +472,8 @@ def register_to_mni(
     moving_quality_mask = _foreground_on(arr, affine, moving)
     seconds["quality_masks"] = time.perf_counter() - t
 
-    in_view = sitk.Cast(moving * 0 + 1, sitk.sitkUInt8)  # the input's field of view
-
-    def field_of_view(tx: sitk.Transform) -> np.ndarray:
-        """Template voxels the input has voxels for (all of them unless the input is a slab)."""
-        if not partial:
-            return np.ones(fm.shape, bool)
-        return sitk.GetArrayFromImage(sitk.Resample(in_view, fixed, tx, sitk.sitkNearestNeighbor, 0)) > 0
-
     def mask_dice(tx: sitk.Transform) -> float:
-        warped_mask = sitk.GetArrayViewFromImage(sitk.Resample(moving_quality_mask, fixed, tx, sitk.sitkNearestNeighbor, 0)) > 0
-        fov = field_of_view(tx)
-        return _dice(fm & fov, warped_mask & fov)
+        return _dice_in_view(fm, fixed, moving_quality_mask, in_view, tx)
 
     # 3) optional B-spline on top of the affine (optimised in template space)
     if deformable:
@@ -518,8 +524,8 @@ def register_to_mni(
     q_f, q_w = (resample_iso(im, QUALITY_SPACING) if working_spacing < QUALITY_SPACING else im for im in (fixed, warped))
     q_m = sitk.GetArrayViewFromImage(resample_iso(fixed_mask, q_f.GetSpacing()[0], sitk.sitkNearestNeighbor)) > 0
     coverage = 1.0
-    if partial:  # intensities compared only where the slab has voxels, and how much of the brain that is
-        fov = field_of_view(total)
+    if in_view is not None:  # intensities compared only where the slab has voxels, and how much of the brain that is
+        fov = _on_grid(in_view, fixed, total)
         coverage = float((fm & fov).sum() / max(fm.sum(), 1))
         fov_img = sitk.GetImageFromArray(fov.astype(np.uint8))
         fov_img.CopyInformation(fixed)
