@@ -201,3 +201,42 @@ def test_decoder_only_cycle_leaves_encoder_and_classifier_untouched(subset_facto
                 {"trainable": ["decoder"], "localisation": {"weight": 0.5, "layer": "encoder.stages.2"}}):
         with pytest.raises(InvalidInputError, match="trainable|seg_dice"):
             train({**cfg, "train": {**cfg["train"], "trainable": None, **bad}}, progress=False)
+
+
+def test_a_wall_clock_budget_fits_the_schedule_instead_of_cutting_it(subset_factory, dev_rows, tmp_path):
+    """``train.budget_minutes`` (a GPU lease, a CI slot): after the first epoch the planned epochs
+    shrink to what the budget holds, and the one-cycle schedule is rebuilt for that many, so training
+    ends annealed rather than stopped at its peak learning rate."""
+    from tumorlens.training.train import fitted_epochs
+
+    # 2 epochs done in 36 s (a slow first one), 6 s each from now on: 2 + (330 - 36) // 6 = 51
+    assert fitted_epochs(300, 2, 36.0, 6.0, 5.5) == 51 and fitted_epochs(30, 2, 12.0, 6.0, 60) == 30
+    assert fitted_epochs(30, 2, 900.0, 600.0, 1) == 2 and fitted_epochs(30, 2, 12.0, 6.0, None) == 30
+    data = subset_factory([r for r in dev_rows[::40]][:32])
+    cfg = {"data": {"root": str(data), "image_size": 48, "val_fraction": 0.25},
+           "model": {"backbone": "resnet18"},
+           "train": {"epochs": 6, "batch_size": 8, "augment": False, "budget_minutes": 1e-4},
+           "output": {"name": "budget-unit", "dir": str(tmp_path / "budget")}}
+    card = train(cfg, progress=False)["card"]
+    assert len(card["history"]) == 2  # the pace is read on the second epoch; the budget holds no more
+    assert card["training"]["planned_epochs"] == 6 and card["training"]["scheduled_epochs"] == 2
+    from tumorlens.errors import InvalidInputError
+
+    for bad in ({"budget_minutes": 0}, {"budget_minutes": -5}, {"budget_minutes": "soon"}, {"num_workers": -1},
+                {"num_workers": 1.5}):
+        with pytest.raises(InvalidInputError, match="budget_minutes|num_workers"):
+            train({**cfg, "train": {**cfg["train"], **bad}}, progress=False)
+
+
+def test_loader_workers_each_draw_their_own_augmentation(tmp_path):
+    """``train.num_workers``: with worker processes, each re-seeds its copy of the MONAI random
+    transforms; forked copies would hand every worker the same augmentation sequence."""
+    from tumorlens.data.dataset import ArrayDataset, train_transforms
+    from tumorlens.training.train import make_loader
+
+    img = np.zeros((8, 32, 32), np.uint8)
+    img[:, 8:20, 6:14] = 200
+    ds = ArrayDataset(img, np.zeros_like(img), np.zeros(8, np.int64), train_transforms())
+    batches = [x for x, _, _ in make_loader(ds, 2, tmp_path / "manifest.csv", num_workers=2)]
+    # batches alternate between the two workers: batch k of worker 0 against batch k of worker 1
+    assert any(not torch.equal(batches[k], batches[k + 1]) for k in range(0, len(batches) - 1, 2))

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from monai.data.utils import worker_init_fn
 from monai.losses import DiceLoss
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
@@ -54,6 +55,12 @@ DEFAULTS = {
         # Dice term of the seg loss over the whole batch ("batch") or per tumour image, averaged ("image",
         # the way seg Dice is evaluated: one missed small tumour then costs as much as a missed large one)
         "seg_dice": "batch",
+        # fit the one-cycle schedule to a wall-clock budget (a GPU lease, a CI slot): after the second epoch
+        # the number of epochs becomes min(epochs, what the budget holds at that epoch's pace), so the
+        # learning rate still anneals to its end instead of being cut off at its peak by max_minutes
+        "budget_minutes": None,
+        # DataLoader worker processes for the augmentation (0: in the training process, as on 2 cores)
+        "num_workers": 0,
     },
     "output": {"name": None, "dir": None, "version": None},
     # text anchoring as a training loss (issue 8): the pooled features are projected into the frozen
@@ -108,7 +115,7 @@ def predict_arrays(net, images: np.ndarray, device, batch: int = 64, channels_la
     return torch.cat(probs).numpy(), torch.cat(segs).numpy()
 
 
-def make_loader(ds: ArrayDataset, batch_size: int, where: Path) -> DataLoader:
+def make_loader(ds: ArrayDataset, batch_size: int, where: Path, num_workers: int = 0) -> DataLoader:
     """Shuffled training batches that always give at least one step per epoch.
 
     Dropping the last partial batch keeps batch statistics steady, but with fewer images than one
@@ -119,7 +126,23 @@ def make_loader(ds: ArrayDataset, batch_size: int, where: Path) -> DataLoader:
         raise InvalidInputError(where, f"the training part of the split has {n} image(s): training needs at least 2 "
                                        "(add images, or lower data.val_fraction)")
     bs = max(2, min(int(batch_size), n))
-    return DataLoader(ds, batch_size=bs, shuffle=True, num_workers=0, drop_last=n > bs)
+    workers = max(0, int(num_workers))
+    # each worker re-seeds its own copy of the MONAI random transforms (a forked copy would repeat the
+    # same augmentation in every worker)
+    return DataLoader(ds, batch_size=bs, shuffle=True, num_workers=workers, drop_last=n > bs,
+                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                      worker_init_fn=worker_init_fn if workers > 0 else None)
+
+
+def fitted_epochs(planned: int, done: int, elapsed_s: float, epoch_s: float, budget_minutes: float | None) -> int:
+    """How many epochs in all a wall-clock budget holds: those ``done`` in ``elapsed_s``, plus what the
+    rest of the budget holds at the pace of the last epoch (``epoch_s``); never more than planned nor
+    fewer than done. The pace is read from the second epoch: the first also pays for warm-up (kernel
+    selection, loader workers starting) and would make the estimate far too short."""
+    if not budget_minutes:
+        return planned
+    more = int(max(0.0, float(budget_minutes) * 60 - elapsed_s) // max(epoch_s, 1e-6))
+    return max(done, min(planned, done + more))
 
 
 def selection_score(vm: dict) -> float:
@@ -158,11 +181,18 @@ def train(cfg: dict, progress: bool = True) -> dict:
     seg_dice_mode = str(tc.get("seg_dice") or "batch")
     if seg_dice_mode not in ("batch", "image"):
         raise InvalidInputError(None, f"train.seg_dice must be batch or image, not {seg_dice_mode!r}")
+    budget = tc.get("budget_minutes")
+    if budget is not None and not (isinstance(budget, int | float) and not isinstance(budget, bool) and budget > 0):
+        raise InvalidInputError(None, f"train.budget_minutes must be a positive number of minutes, not {budget!r}")
+    workers = tc.get("num_workers") or 0
+    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
+        raise InvalidInputError(None, f"train.num_workers must be a whole number >= 0, not {workers!r}")
     if tc.get("num_threads"):
         torch.set_num_threads(int(tc["num_threads"]))
     torch.manual_seed(int(tc["seed"]))
     np.random.seed(int(tc["seed"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: pick the fastest kernels once
     root = Path(dc["root"])
     if not root.is_absolute():
         root = (project_root() / root).resolve()
@@ -176,7 +206,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
 
     ds = ArrayDataset(images[train_idx], masks[train_idx], labels[train_idx],
                       train_transforms() if tc.get("augment", True) else None)
-    loader = make_loader(ds, int(tc["batch_size"]), manifest.root / "manifest.csv")
+    loader = make_loader(ds, int(tc["batch_size"]), manifest.root / "manifest.csv", workers)
     loc_cfg = tc.get("localisation") or {}
     if float(loc_cfg.get("weight") or 0) > 0 and loc_cfg.get("layer"):
         cfg["model"]["cam_layer"] = loc_cfg["layer"]  # the trained explanation layer is the model's CAM layer
@@ -226,8 +256,10 @@ def train(cfg: dict, progress: bool = True) -> dict:
         return dice_each(seg[has], m[has]).mean()
 
     best, best_state, best_epoch, history, stale = -math.inf, None, -1, [], 0
+    planned_epochs = epochs
     t0 = time.time()
-    for epoch in range(epochs):
+    epoch = 0
+    while epoch < epochs:
         net.train()
         for m in frozen:
             m.eval()
@@ -287,6 +319,17 @@ def train(cfg: dict, progress: bool = True) -> dict:
                 break
         if tc.get("max_minutes") and (time.time() - t0) / 60 > float(tc["max_minutes"]):
             break
+        if budget and epoch == min(1, epochs - 1):
+            fitted = fitted_epochs(epochs, epoch + 1, time.time() - t0, time.time() - te, budget)
+            if fitted < epochs:  # the same one-cycle curve, compressed, continued from where it stands
+                epochs = fitted
+                sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=float(tc["lr"]), total_steps=epochs * len(loader),
+                                                            pct_start=float(tc["pct_start"]))
+                for _ in range((epoch + 1) * len(loader)):
+                    sched.step()
+                if progress:
+                    tqdm.write(f"budget of {budget} min: {epochs} of {planned_epochs} planned epochs")
+        epoch += 1
     if loc is not None:
         loc.detach()
     if align is not None:
@@ -314,7 +357,8 @@ def train(cfg: dict, progress: bool = True) -> dict:
         "history": history,
         "training": {"duration_s": round(duration, 1), "device": str(device), "torch": torch.__version__,
                      "threads": torch.get_num_threads(),
-                     "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 1)},
+                     "seconds_per_epoch": round(float(np.mean([h["seconds"] for h in history])), 1),
+                     "planned_epochs": planned_epochs, "scheduled_epochs": epochs},
         "init_from": init,
         "alignment": {"joint_loss": align is not None, **(cfg.get("alignment") or {})},
         "commit": _commit(),
