@@ -1,0 +1,43 @@
+"""``bench/gpu_sweep.py``: the arrays that travel to a GPU machine are the ones training reads here."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+from tumorlens.data.dataset import load_arrays
+from tumorlens.data.manifest import load_manifest
+from tumorlens.paths import project_root
+
+
+def _sweep():
+    spec = importlib.util.spec_from_file_location("gpu_sweep", project_root() / "bench" / "gpu_sweep.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_packed_arrays_come_back_bit_for_bit_where_training_reads_them(subset_factory, dev_rows, tmp_path,
+                                                                        monkeypatch):
+    """pack → stage: on the far side the stand-in folder has the real manifest (same hash, same grouped
+    split) and ``load_arrays`` finds exactly the pixels, masks and labels it builds from the real files."""
+    monkeypatch.setenv("TUMORLENS_CACHE", str(tmp_path / "cache"))
+    sweep = _sweep()
+    rows = dev_rows[::60][:40]
+    data = subset_factory(rows)
+    images, masks, labels = load_arrays(load_manifest(data), 48, progress=False)
+    assert masks.any() and len(set(labels.tolist())) > 1
+    sweep.pack(data, 48, tmp_path / "packed")
+    assert not list((tmp_path / "packed").glob("*.jpg"))  # pixels travel only as the lossless arrays
+    monkeypatch.setenv("TUMORLENS_CACHE", str(tmp_path / "far-cache"))
+    far = tmp_path / "far" / "brain-mri-2d"
+    sweep.stage(tmp_path / "packed", far, 48)
+    staged = load_manifest(far)
+    assert staged.sha256 == load_manifest(data).sha256
+    assert all((far / r["image"]).stat().st_size == 0 for r in rows)  # stand-ins, no pixels
+    i2, m2, l2 = load_arrays(staged, 48, progress=False)
+    assert np.array_equal(i2, images) and np.array_equal(m2, masks) and np.array_equal(l2, labels)
+    with pytest.raises(SystemExit, match="already holds a manifest"):  # never over a real image folder
+        sweep.stage(tmp_path / "packed", data, 48)
