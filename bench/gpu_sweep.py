@@ -111,7 +111,7 @@ def workers_work(packed: Path, size: int) -> bool:
         for _ in make_loader(ds, 32, packed / "manifest.csv", num_workers=2):
             pass
         return True
-    except (RuntimeError, OSError, torch.multiprocessing.ProcessRaisedException) as e:  # noqa: F841
+    except (RuntimeError, OSError, torch.multiprocessing.ProcessRaisedException) as e:
         print(f"loader workers fail here ({type(e).__name__}: {e}); training without them", flush=True)
         return False
 
@@ -119,10 +119,18 @@ def workers_work(packed: Path, size: int) -> bool:
 def run(configs: list[Path], packed: Path, size: int, deadline_min: float, out: Path, keep: int) -> None:
     from tumorlens.config import load_yaml
     from tumorlens.paths import project_root
+    from tumorlens.training.train import DEFAULTS, merge, selection_score
 
     root = project_root()
     cfgs = {c: load_yaml(c) for c in configs}
-    data = (root / cfgs[configs[0]]["data"]["root"]).resolve()
+    # one staged folder at one size serves every run: a config that reads another folder or size would
+    # find only the empty stand-ins (or nothing) there
+    wanted = {((root / merge(DEFAULTS, cfg)["data"]["root"]).resolve(), int(merge(DEFAULTS, cfg)["data"]["image_size"]))
+              for cfg in cfgs.values()}
+    if len(wanted) != 1 or next(iter(wanted))[1] != size:
+        raise SystemExit(f"every config must read one data.root at data.image_size {size} (the packed arrays); "
+                         f"these read {sorted((str(d), n) for d, n in wanted)}")
+    data = next(iter(wanted))[0]
     t0 = time.time()
     stage(packed, data, size)
     print(f"staged in {time.time() - t0:.0f} s", flush=True)
@@ -157,17 +165,17 @@ def run(configs: list[Path], packed: Path, size: int, deadline_min: float, out: 
     for c in configs:
         d = root / cfgs[c]["output"]["dir"]
         card_path = d / "model_card.json"
-        if not card_path.is_file():
+        if not card_path.is_file() or card_path.stat().st_mtime < t0:  # none, or an earlier run's
             rows.append({"config": c.stem, "finished": False})
             continue
         card = json.loads(card_path.read_text())
         v = card["metrics"]["validation"]
         shutil.copyfile(card_path, logs / f"{c.stem}.card.json")
-        rows.append({"config": c.stem, "finished": True, "accuracy": v["accuracy"],
+        rows.append({"config": c.stem, "finished": True, "score": selection_score(v), "accuracy": v["accuracy"],
                      "tumour_only_accuracy": v["tumour_only_accuracy"], "seg_dice": v["seg_dice"],
                      "best_epoch": card["metrics"]["best_epoch"], "epochs": len(card["history"]),
                      "seconds_per_epoch": card["training"]["seconds_per_epoch"], "dir": str(d)})
-    done = sorted((r for r in rows if r["finished"]), key=lambda r: -(r["accuracy"] + 0.5 * (r["seg_dice"] or 0)))
+    done = sorted((r for r in rows if r["finished"]), key=lambda r: -r["score"])  # training's own selection rule
     for r in done[:keep]:
         blob = (Path(r["dir"]) / "checkpoint.pt").read_bytes()
         for k in range(0, len(blob), PART_BYTES):

@@ -41,3 +41,17 @@ def test_packed_arrays_come_back_bit_for_bit_where_training_reads_them(subset_fa
     assert np.array_equal(i2, images) and np.array_equal(m2, masks) and np.array_equal(l2, labels)
     with pytest.raises(SystemExit, match="already holds a manifest"):  # never over a real image folder
         sweep.stage(tmp_path / "packed", data, 48)
+
+
+def test_a_sweep_refuses_configs_the_packed_arrays_cannot_serve(tmp_path):
+    """Every run reads the one staged folder at the packed size; a config asking for another size (or
+    another folder) would meet empty stand-in files, so the sweep stops before staging anything."""
+    sweep = _sweep()
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("data: {root: ../shared/data/brain-mri-2d, image_size: 128}\noutput: {dir: runs/models/a}\n")
+    b.write_text("data: {root: ../shared/data/brain-mri-2d, image_size: 192}\noutput: {dir: runs/models/b}\n")
+    with pytest.raises(SystemExit, match="one data.root at data.image_size 128"):
+        sweep.run([a, b], tmp_path / "packed", 128, 1.0, tmp_path / "out", 0)
+    with pytest.raises(SystemExit, match="image_size 64"):
+        sweep.run([a], tmp_path / "packed", 64, 1.0, tmp_path / "out", 0)
+    assert not (tmp_path / "out").exists()
