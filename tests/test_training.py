@@ -137,6 +137,47 @@ def test_localisation_loss_trains_the_named_cam_layer(subset_factory, dev_rows, 
     assert loss.item() > 0 and net.classifier[-1].weight.grad.abs().sum() > 0
 
 
+class _CamToy(torch.nn.Module):
+    """A 'network' whose Grad-CAM is its input: the layer is the identity, the score the input's mean."""
+
+    def __init__(self):
+        super().__init__()
+        self.layer = torch.nn.Identity()
+        self.w = torch.nn.Parameter(torch.ones(4, 1))
+
+    def forward(self, x):
+        return self.layer(x).mean((2, 3)) @ self.w.T
+
+
+def test_inside_localisation_asks_only_that_the_maps_peak_lies_in_the_lesion():
+    """``localisation.kind: inside`` (multiple-instance): a map peaking on one corner of the lesion
+    costs about nothing, one peaking outside costs a lot; the default ``share`` kind instead charges the
+    corner peak for not covering the rest of the lesion. Unknown kinds are refused before any data is read."""
+    from tumorlens.errors import InvalidInputError
+    from tumorlens.training.localisation import LocalisationTerm
+
+    masks = torch.zeros(1, 1, 8, 8)
+    masks[..., 2:6, 2:6] = 1
+    corner, outside, uniform = torch.zeros(3, 1, 1, 8, 8)
+    corner[..., 2, 2], outside[..., 7, 7] = 1.0, 1.0
+    uniform[..., 2:6, 2:6] = 1.0
+    losses = {}
+    for kind in ("inside", "share"):
+        net = _CamToy()
+        term = LocalisationTerm(net, "layer", 1.0, sharpness=10.0, kind=kind)
+        for name, x in (("corner", corner), ("outside", outside), ("uniform", uniform)):
+            losses[kind, name] = term.loss(net(x.clone().requires_grad_()), torch.tensor([0]), masks).item()
+        term.detach()
+    assert losses["inside", "corner"] < 0.01 and losses["inside", "uniform"] < 0.01
+    assert losses["inside", "outside"] > 5
+    assert losses["share", "corner"] > losses["share", "uniform"] + 2  # share wants the whole lesion covered
+    with pytest.raises(ValueError, match="kind"):
+        LocalisationTerm(_CamToy(), "layer", kind="peak")
+    cfg = {"data": {"root": "/nonexistent"}, "train": {"localisation": {"weight": 0.5, "kind": "peak"}}}
+    with pytest.raises(InvalidInputError, match="localisation.kind"):
+        train(cfg, progress=False)
+
+
 def test_distillation_holds_the_starting_models_outputs(subset_factory, dev_rows, tmp_path):
     """``train.distill`` adds KL(teacher || student) with the ``init_from`` model as the frozen teacher;
     it needs a model to start from."""

@@ -8,7 +8,15 @@ trained on them anyway), the explanation itself can be trained: for each tumour 
     cam   = sum_k mean_xy(dy/dA_k) * A_k              (Grad-CAM of the true class, before the ReLU)
     loss  = - sum_cells q * log softmax(s * cam / max|cam|)
 
-where q is the mask's share of each cell of the layer's grid. The gradient of the class score is taken
+where q is the mask's share of each cell of the layer's grid (``kind: share``, the default). That asks
+the map to cover every part of the lesion in proportion, which a diffuse glioma map never does; the
+pointing game only asks where the map peaks. ``kind: inside`` trains exactly that, as a
+multiple-instance loss: with p = softmax(s * cam) over the cells and a the fraction of each cell inside
+the tumour,
+
+    loss  = - log sum_cells p * a
+
+the log-probability that the (soft) peak of the map lies inside the lesion, wherever in it. The gradient of the class score is taken
 with ``create_graph=True`` (double backpropagation), so the loss shapes both what the layer sees and
 how the classifier weighs it - "right for the right reasons" training, with the mask as the reason.
 A stride-8 layer is needed for the pointing game: at 128 px a stride-32 map has 4x4 cells and only
@@ -26,12 +34,16 @@ from torch.nn import functional as F
 
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 
-DEFAULTS = {"weight": 0.0, "layer": None, "sharpness": 10.0}
+DEFAULTS = {"weight": 0.0, "layer": None, "sharpness": 10.0, "kind": "share"}
+KINDS = ("share", "inside")
 
 
 class LocalisationTerm:
-    def __init__(self, net: nn.Module, layer: str, weight: float = 1.0, sharpness: float = 10.0):
-        self.layer, self.weight, self.sharpness = layer, float(weight), float(sharpness)
+    def __init__(self, net: nn.Module, layer: str, weight: float = 1.0, sharpness: float = 10.0,
+                 kind: str = "share"):
+        if kind not in KINDS:
+            raise ValueError(f"train.localisation.kind must be one of {', '.join(KINDS)}, not {kind!r}")
+        self.layer, self.weight, self.sharpness, self.kind = layer, float(weight), float(sharpness), kind
         self._acts: torch.Tensor | None = None
         self._handle = net.get_submodule(layer).register_forward_hook(self._capture)
         self._no_tumour = CLASS_NAMES.index(NO_TUMOUR)
@@ -45,7 +57,7 @@ class LocalisationTerm:
         if float(c["weight"]) <= 0:
             return None
         layer = c["layer"] or net.cam_layer
-        return cls(net, layer, float(c["weight"]), float(c["sharpness"]))
+        return cls(net, layer, float(c["weight"]), float(c["sharpness"]), str(c["kind"]))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """``weight`` x the cross-entropy between the mask's cell shares and the softmaxed Grad-CAM
@@ -64,9 +76,12 @@ class LocalisationTerm:
         cam = (grads.mean(dims, keepdim=True) * a).sum(1).flatten(1)  # [n, cells]
         cam = cam / (cam.abs().amax(1, keepdim=True).detach() + 1e-6)
         pool = F.adaptive_avg_pool2d if a.ndim == 4 else F.adaptive_avg_pool3d
-        q = pool(masks[idx].float(), a.shape[2:]).flatten(1)
-        q = q / q.sum(1, keepdim=True).clamp_min(1e-8)
-        return self.weight * -(q * F.log_softmax(self.sharpness * cam, dim=1)).sum(1).mean()
+        share = pool(masks[idx].float(), a.shape[2:]).flatten(1)  # fraction of each cell inside the lesion
+        logp = F.log_softmax(self.sharpness * cam, dim=1)
+        if self.kind == "inside":
+            return self.weight * -torch.logsumexp(logp + torch.log(share.clamp_min(1e-12)), dim=1).mean()
+        q = share / share.sum(1, keepdim=True).clamp_min(1e-8)
+        return self.weight * -(q * logp).sum(1).mean()
 
     def detach(self) -> None:
         self._handle.remove()
