@@ -16,8 +16,9 @@ the tumour,
 
     loss  = - log sum_cells p * a
 
-the log-probability that the (soft) peak of the map lies inside the lesion, wherever in it. The gradient of the class score is taken
-with ``create_graph=True`` (double backpropagation), so the loss shapes both what the layer sees and
+the log-probability that the (soft) peak of the map lies inside the lesion, wherever in it (cycle 15:
+pointing 0.723 -> 0.80 on the validation tumours, gliomas 0.57 -> 0.70). The gradient of the class score
+is taken with ``create_graph=True`` (double backpropagation), so the loss shapes both what the layer sees and
 how the classifier weighs it - "right for the right reasons" training, with the mask as the reason.
 A stride-8 layer is needed for the pointing game: at 128 px a stride-32 map has 4x4 cells and only
 29 % of the validation tumours cover a cell centre (66 % at stride 16, 96 % at stride 8).
@@ -60,8 +61,8 @@ class LocalisationTerm:
         return cls(net, layer, float(c["weight"]), float(c["sharpness"]), str(c["kind"]))
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """``weight`` x the cross-entropy between the mask's cell shares and the softmaxed Grad-CAM
-        (0 when the batch has no tumour image with a mask). Call right after the forward pass."""
+        """``weight`` x the loss of ``kind`` on the softmaxed Grad-CAM (0 when the batch has no tumour
+        image with a mask). Call right after the forward pass."""
         acts, self._acts = self._acts, None
         if acts is None:
             raise RuntimeError("run the network forward before LocalisationTerm.loss")
