@@ -33,18 +33,24 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 
 DEFAULTS = {"weight": 0.0, "layer": None, "sharpness": 10.0, "kind": "share"}
 KINDS = ("share", "inside")
 
 
+def check_kind(kind) -> str:
+    """The loss kind, or InvalidInputError naming the config key (``train`` calls it before reading data)."""
+    if kind not in KINDS:
+        raise InvalidInputError(None, f"train.localisation.kind must be one of {', '.join(KINDS)}, not {kind!r}")
+    return kind
+
+
 class LocalisationTerm:
     def __init__(self, net: nn.Module, layer: str, weight: float = 1.0, sharpness: float = 10.0,
                  kind: str = "share"):
-        if kind not in KINDS:
-            raise ValueError(f"train.localisation.kind must be one of {', '.join(KINDS)}, not {kind!r}")
-        self.layer, self.weight, self.sharpness, self.kind = layer, float(weight), float(sharpness), kind
+        self.layer, self.weight, self.sharpness, self.kind = layer, float(weight), float(sharpness), check_kind(kind)
         self._acts: torch.Tensor | None = None
         self._handle = net.get_submodule(layer).register_forward_hook(self._capture)
         self._no_tumour = CLASS_NAMES.index(NO_TUMOUR)

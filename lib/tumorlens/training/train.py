@@ -32,8 +32,7 @@ from tumorlens.labels import CLASS_NAMES
 from tumorlens.models.dualhead import build_model
 from tumorlens.models.registry import save_checkpoint
 from tumorlens.paths import project_root
-from tumorlens.training.localisation import KINDS as LOCALISATION_KINDS
-from tumorlens.training.localisation import LocalisationTerm
+from tumorlens.training.localisation import LocalisationTerm, check_kind
 
 DEFAULTS = {
     "data": {"root": "../shared/data/brain-mri-2d", "image_size": 128, "val_fraction": 0.2, "seed": 0, "max_images": None},
@@ -179,10 +178,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
             raise InvalidInputError(None, f"train.trainable must list some of {', '.join(PARTS)}, not {trainable!r}")
         if "encoder" not in trainable and float((tc.get("localisation") or {}).get("weight") or 0) > 0:
             raise InvalidInputError(None, "train.localisation reshapes the encoder: it needs 'encoder' in train.trainable")
-    loc_kind = (tc.get("localisation") or {}).get("kind", "share")
-    if loc_kind not in LOCALISATION_KINDS:
-        raise InvalidInputError(None, f"train.localisation.kind must be one of {', '.join(LOCALISATION_KINDS)}, "
-                                      f"not {loc_kind!r}")
+    check_kind((tc.get("localisation") or {}).get("kind", "share"))
     seg_dice_mode = str(tc.get("seg_dice") or "batch")
     if seg_dice_mode not in ("batch", "image"):
         raise InvalidInputError(None, f"train.seg_dice must be batch or image, not {seg_dice_mode!r}")
