@@ -12,6 +12,8 @@ model's weights instead of from scratch (the fine-tuning regime of the TumorCLIP
 started from ImageNet; here the project's own model is the only pretrained encoder): the grid then asks
 how much optimiser and learning rate matter once the encoder already knows the task. The model must have
 been trained on the same grouped split (the grid's validation subset lies inside its validation part).
+``--frozen MODEL`` trains no encoder at all: every cell trains only the heads on that model's frozen
+features (Tip-Adapter's regime), which separates the heads' sensitivity from the encoder's.
 
     .venv/bin/python bench/stability.py --aligned --json bench/results/stability.json
 
@@ -33,6 +35,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -81,6 +84,75 @@ def run_one(cfg: dict, workdir: Path) -> dict:
     res = train(cfg, progress=False)
     res["seconds"] = round(time.time() - t0, 1)
     return res
+
+
+def fit_linear_classifier(feats: np.ndarray, labels: np.ndarray, optimizer: str, lr: float, *, epochs: int = 30,
+                          batch: int = 256, weight_decay: float = 1e-3, seed: int = 0) -> torch.nn.Linear:
+    """The plain model's counterpart of ``fit_projection`` on frozen features: a linear classifier on the
+    same standardised features, trained by cross-entropy with the same optimiser, schedule and steps;
+    returned as one ``nn.Linear`` on raw features (the standardisation folded in)."""
+    from tumorlens.training.train import make_optimizer
+
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x = torch.as_tensor(feats, dtype=torch.float32)
+    y = torch.as_tensor(labels, dtype=torch.long)
+    mean, std = x.mean(0), x.std(0).clamp_min(1e-4)
+    xs = (x - mean) / std
+    lin = torch.nn.Linear(x.shape[1], len(CLASS_NAMES))
+    opt = make_optimizer(optimizer, lin.parameters(), lr, weight_decay)
+    n = len(x)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs * max(1, (n + batch - 1) // batch))
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=g)
+        for s in range(0, n, batch):
+            idx = order[s:s + batch]
+            loss = torch.nn.functional.cross_entropy(lin(xs[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+    out = torch.nn.Linear(x.shape[1], len(CLASS_NAMES))
+    with torch.no_grad():
+        out.weight.copy_(lin.weight / std)
+        out.bias.copy_(lin.bias - (lin.weight / std) @ mean)
+    return out.eval()
+
+
+def frozen_grid(args, protos) -> list[dict]:
+    """Tip-Adapter's own regime: the encoder of ``args.frozen`` stays frozen (its grouped split, every image)
+    and each cell trains only what sits on it, with the cell's optimiser and learning rate for the same steps:
+    plain = a linear classifier (cross-entropy); aligned = the text projection (prototype loss), read through
+    the head with the training-free cache and that cell's classifier, fused with the fixed hyper-parameters.
+    ``projection_only`` is the projection's own nearest-prototype decision; ``cache_only`` the cache's."""
+    from tumorlens.alignment.features import split_features
+    from tumorlens.alignment.head import make_head
+    from tumorlens.alignment.projection import fit_projection
+    from tumorlens.alignment.tip_adapter import TipAdapter
+    from tumorlens.models.registry import load_model
+
+    model = load_model(args.frozen)
+    sf = split_features(model, progress=True)
+    trf, tr_y, vaf, va_y = sf["train_f"], sf["train_y"], sf["val_f"], sf["val_y"]
+    cache = TipAdapter(trf, tr_y, len(CLASS_NAMES), beta=FIXED["beta"])
+    cache_only = float((cache.scores(torch.as_tensor(vaf)).argmax(1).numpy() == va_y).mean())
+    rows = []
+    for opt, lr in tqdm(list(itertools.product(args.optimizers, args.lrs)), desc="frozen-encoder grid"):
+        t0 = time.time()
+        lin = fit_linear_classifier(trf, tr_y, opt, lr, epochs=args.head_epochs)
+        with torch.no_grad():
+            plain = float((lin(torch.as_tensor(vaf)).argmax(1).numpy() == va_y).mean())
+        proj = fit_projection(trf, tr_y, protos["prototypes"], optimizer=opt, lr=lr, epochs=args.head_epochs)
+        head = make_head(proj, protos, lin, cache=cache, fusion="textspace")
+        head.alpha, head.beta, head.gamma = FIXED["alpha"], FIXED["beta"], FIXED["gamma"]
+        aligned = float((head.predict(vaf) == va_y).mean())
+        head.alpha = head.gamma = 0.0
+        row = {"backbone": model.backbone, "optimizer": opt, "lr": lr, "accuracy": plain, "aligned_accuracy": aligned,
+               "projection_only": float((head.predict(vaf) == va_y).mean()), "cache_only": cache_only,
+               "n_train": int(len(tr_y)), "n_val": int(len(va_y)), "seconds": round(time.time() - t0, 1)}
+        tqdm.write(json.dumps(row))
+        rows.append(row)
+    return rows
 
 
 RESUME_KEYS = ("data", "max_images", "size", "epochs", "precision", "batch_size", "aligned", "aligned_backbones",
@@ -288,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shift-epochs", type=int, default=4)
     p.add_argument("--init-from", default=None,
                    help="start every cell from this trained model (name or folder) instead of from scratch")
+    p.add_argument("--frozen", default=None,
+                   help="instead of training encoders: keep this trained model's encoder frozen and train only the "
+                        "heads on it in every cell (Tip-Adapter's regime; its own grouped split, every image)")
+    p.add_argument("--head-epochs", type=int, default=30, help="with --frozen: epochs of each head (as `tumorlens align`)")
     p.add_argument("--json", default="runs/stability.json")
     args = p.parse_args(argv)
     args.backbones = args.backbones.split(",")
@@ -313,14 +389,18 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"--init-from {args.init_from} was trained on another split: its validation part would leak")
         base["train"]["init_from"] = args.init_from
     protos = None
-    if args.aligned or args.shift:
+    if args.aligned or args.shift or args.frozen:
         from tumorlens.alignment.prompts import load_descriptions
         from tumorlens.alignment.text import build_prototypes
 
         protos = build_prototypes(load_descriptions())
     t0 = time.time()
     result: dict = {"config": {k: v for k, v in vars(args).items()}, "aligned_hyperparameters": FIXED}
-    if not args.no_grid:
+    if args.frozen:
+        rows = frozen_grid(args, protos)
+        result.update({"runs": rows, "spread": spreads(rows, True)})
+        print(table(rows, True))
+    elif not args.no_grid:
         rows = grid(args, protos, base)
         result["runs"] = rows
         result["spread"] = spreads(rows, args.aligned)

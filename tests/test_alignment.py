@@ -376,3 +376,20 @@ def test_text_queries_on_real_images_assert_what_they_say_and_negate_what_they_n
         assert np.isin(y[top], list(rel)).mean() >= 0.75, (q, y[top])
     with pytest.raises(InvalidInputError, match="empty"):
         query_scores(t, "  ")
+
+
+def test_projection_is_trained_by_the_optimiser_it_is_given(protos):
+    """The stability grid varies the head's optimiser: ``fit_projection`` must use the one named (an SGD step
+    of 1e-7 leaves the map where AdamW moves it) and refuse a name it does not know."""
+    from tumorlens.alignment.projection import fit_projection
+
+    rng = np.random.default_rng(0)
+    y = np.arange(64) % len(CLASS_NAMES)
+    feats = rng.normal(size=(64, 16)).astype(np.float32) + 2.0 * np.eye(16, dtype=np.float32)[y]
+    kw = {"epochs": 2, "seed": 3}
+    start = fit_projection(feats, y, protos["prototypes"], epochs=0, seed=3).mlp[-1].weight
+    sgd = fit_projection(feats, y, protos["prototypes"], optimizer="sgd", lr=1e-7, **kw).mlp[-1].weight
+    adamw = fit_projection(feats, y, protos["prototypes"], optimizer="adamw", lr=1e-2, **kw).mlp[-1].weight
+    assert (sgd - start).abs().max() < 1e-6 < (adamw - start).abs().max()
+    with pytest.raises(ValueError, match="unknown optimizer 'lion'"):
+        fit_projection(feats, y, protos["prototypes"], optimizer="lion", **kw)

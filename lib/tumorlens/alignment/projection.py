@@ -56,8 +56,12 @@ def alignment_loss(features: torch.Tensor, labels: torch.Tensor, prototypes: tor
 
 def fit_projection(feats: np.ndarray, labels: np.ndarray, prototypes: np.ndarray, *, hidden: int = 0,
                    epochs: int = 30, batch: int = 256, lr: float = 3e-3, weight_decay: float = 1e-3,
-                   temperature: float = DEFAULT_TEMPERATURE, pull: float = 0.5, seed: int = 0) -> TextProjection:
-    """Train a projection on frozen features (seconds on CPU); deterministic for a given seed."""
+                   temperature: float = DEFAULT_TEMPERATURE, pull: float = 0.5, seed: int = 0,
+                   optimizer: str = "adamw") -> TextProjection:
+    """Train a projection on frozen features (seconds on CPU); deterministic for a given seed.
+    ``optimizer``: any name ``tumorlens.training.train.make_optimizer`` knows (the stability grid varies it)."""
+    from tumorlens.training.train import make_optimizer
+
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x = torch.as_tensor(feats, dtype=torch.float32)
@@ -65,7 +69,7 @@ def fit_projection(feats: np.ndarray, labels: np.ndarray, prototypes: np.ndarray
     p = torch.as_tensor(prototypes, dtype=torch.float32)
     proj = TextProjection(x.shape[1], p.shape[1], hidden=hidden)
     proj.set_standardisation(x)
-    opt = torch.optim.AdamW(proj.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(optimizer, proj.parameters(), lr, weight_decay)
     n = len(x)
     steps = epochs * max(1, (n + batch - 1) // batch)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
