@@ -27,7 +27,8 @@ SKIMAGE_IMAGES = ("camera", "astronaut", "coins", "moon", "brick", "text", "chel
 
 
 def _skimage_files(tmp: Path) -> list[tuple[str, Path]]:
-    """scikit-image's bundled images written as PNG, so they go through the same reader as any user file."""
+    """scikit-image's bundled images written as PNG as they come (grey or colour, 8 bit), so they go through the
+    same reader as any user file."""
     import skimage.data
     from PIL import Image
 
@@ -38,7 +39,7 @@ def _skimage_files(tmp: Path) -> list[tuple[str, Path]]:
         except Exception as e:  # noqa: BLE001 - an image not bundled in this scikit-image is skipped, and said so
             print(f"skip skimage/{name}: {e}")
             continue
-        a = a[..., :3].mean(-1) if a.ndim == 3 else a
+        a = a[..., :3] if a.ndim == 3 else a
         a = (255 * (a - a.min()) / max(float(np.ptp(a)), 1e-9)).astype(np.uint8)
         p = tmp / f"{name}.png"
         Image.fromarray(a).save(p)
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from tumorlens.alignment.familiarity import knn_similarity
     from tumorlens.alignment.features import split_features
+    from tumorlens.caveats import IN_COLOUR
     from tumorlens.data import read_image
     from tumorlens.inference import Predictor
     from tumorlens.paths import shared_data_dir
@@ -93,12 +95,15 @@ def main(argv: list[str] | None = None) -> int:
     print(f"validation: {v['flagged']} of {v['n']} flagged ({100 * v['flagged_fraction']:.1f} %), median {v['median']:.3f}")
     print(f"{'input':52s} {'score':>6s}  {'flag':4s}  prediction")
     for r in rows:
-        other = " [modality caveat]" if any("not MR" in c for c in r["caveats"]) else ""
+        other = (" [modality caveat]" if any("not MR" in c for c in r["caveats"]) else "") + \
+            (" [colour caveat]" if any(IN_COLOUR in c for c in r["caveats"]) else "")
         print(f"{r['input']:52s} {r['score']:6.3f}  {'' if r['familiar'] else 'FLAG':4s}  {r['label']} ({r['p']:.2f}){other}")
     for group in ("pydicom", "skimage", "brats"):
         g = [r for r in rows if r["input"].startswith(group)]
         if g:
-            print(f"{group}: {sum(not r['familiar'] for r in g)} of {len(g)} flagged")
+            said = sum(not r["familiar"] or any(IN_COLOUR in c or "not MR" in c for c in r["caveats"]) for r in g)
+            print(f"{group}: {sum(not r['familiar'] for r in g)} of {len(g)} flagged; {said} flagged or with a "
+                  "not-MRI caveat (modality, colour)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"json: {args.json}")

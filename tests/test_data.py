@@ -323,3 +323,29 @@ def test_dicom_colour_spacing_and_non_images(dev2d, dev_rows, brats, tmp_path, w
     seg = write_dicom_series(_t1c_block(brats)[:1] > 500, tmp_path / "seg", modality="SEG")
     with pytest.raises(InvalidInputError, match="SEG object"):
         read_image(seg / "slice000.dcm")
+
+
+def test_colour_pictures_are_read_grey_and_say_how_much_of_them_is_in_colour(dev2d, dev_rows, tmp_path):
+    """The network reads grey, so a colour photograph and a grey MRI slice saved as RGB both become one grey
+    channel; only the reader sees the colour, and keeps its share for the not-an-MRI caveat."""
+    import skimage.data
+    from PIL import Image
+
+    from tumorlens.caveats import COLOUR_MIN_FRACTION
+
+    cat = tmp_path / "cat.jpg"
+    Image.fromarray(skimage.data.chelsea()).save(cat, quality=90)
+    img = read_image(cat)
+    assert tuple(img.shape) == (1, 300, 451) and img.meta["colour_fraction"] > 0.9  # measured 0.95
+    grey = np.asarray(Image.open(dev2d / dev_rows[0]["image"]).convert("L"))
+    assert read_image(dev2d / dev_rows[0]["image"]).meta["colour_fraction"] == 0.0  # a grey JPEG
+    rgb = np.repeat(grey[..., None], 3, -1)
+    Image.fromarray(rgb).save(tmp_path / "slice_rgb.jpg", quality=90)
+    as_rgb = read_image(tmp_path / "slice_rgb.jpg")
+    assert as_rgb.meta["colour_fraction"] < 0.001  # JPEG chroma noise is not colour
+    assert np.abs(as_rgb[0].numpy().astype(float) - grey).mean() < 2.0  # the same grey picture
+    marked = rgb.copy()
+    marked[10:30, 10:60] = (255, 0, 0)  # a red annotation box on the slice
+    Image.fromarray(marked).save(tmp_path / "slice_marked.png")
+    frac = read_image(tmp_path / "slice_marked.png").meta["colour_fraction"]
+    assert frac == pytest.approx(1000 / grey.size) and frac < COLOUR_MIN_FRACTION

@@ -105,3 +105,32 @@ def test_flair_volumes_are_flagged_and_score_below_t1c(predictor, brats):
         assert set(flair) == {"score", "threshold", "k", "familiar"}
         assert flair["familiar"] is False, (pat.name, flair)
         assert t1c["score"] > flair["score"] + 0.02, (pat.name, t1c, flair)
+
+
+def test_a_colour_photograph_is_called_out_as_not_mri_and_the_report_leads_with_it(predictor, dev2d, dev_rows, tmp_path):
+    """A photograph of a cat was read as pituitary tumour (p 0.97) with no caveat: the k-NN familiarity
+    calls it familiar (0.81 against 0.785). The reader's colour share says what the grey network cannot;
+    the same MRI slice saved as an RGB JPEG gets no such caveat."""
+    import skimage.data
+    from PIL import Image
+
+    from tumorlens.caveats import IN_COLOUR
+    from tumorlens.findings.build import build_findings
+    from tumorlens.report.facts import build_facts
+
+    cat = tmp_path / "cat.jpg"
+    Image.fromarray(skimage.data.chelsea()).save(cat, quality=90)
+    img = read_image(cat)
+    pred = predictor.predict(img)
+    notes = [c for c in pred.caveats if IN_COLOUR in c]
+    assert len(notes) == 1 and "photograph" in notes[0], pred.caveats
+    findings = build_findings(img, pred.probabilities, masks=[("segmentation_head", pred.mask.numpy()[0])],
+                              notes=pred.extra["caveats"], familiarity=pred.extra.get("familiarity"))
+    caution = build_facts(findings).scope_caution()
+    assert caution is not None and "in colour" in caution and "may not apply" in caution, caution
+    row = next(r for r in dev_rows if r["label"] == "glioma")
+    grey = np.asarray(Image.open(dev2d / row["image"]).convert("L"))
+    Image.fromarray(np.repeat(grey[..., None], 3, -1)).save(tmp_path / "slice_rgb.jpg", quality=95)
+    plain = predictor.predict(read_image(tmp_path / "slice_rgb.jpg"))
+    assert not any(IN_COLOUR in c for c in plain.caveats), plain.caveats
+    assert plain.label == predictor.predict(read_image(dev2d / row["image"])).label

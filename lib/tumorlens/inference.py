@@ -16,7 +16,7 @@ from torch.nn import functional as F
 
 from tumorlens.alignment.familiarity import Familiarity
 from tumorlens.alignment.familiarity import assess as assess_familiarity
-from tumorlens.caveats import familiarity_note
+from tumorlens.caveats import colour_note, familiarity_note
 from tumorlens.data.normalize import foreground_mask, normalize_intensity
 from tumorlens.data.readers import is_volume
 from tumorlens.errors import InvalidInputError
@@ -410,7 +410,8 @@ class Predictor:
                                                              "original_affine", "spacing_known", "modality")}
         mask_np = tumour_mask(seg, label != NO_TUMOUR).astype(np.uint8)
         extra = {"decision": self.decision, "lesion_refiner": self.refiner is not None,
-                 "caveats": [c for c in [modality_caveat(meta.get("modality"))] if c]}
+                 "caveats": [c for c in [modality_caveat(meta.get("modality")), colour_note(img.meta.get("colour_fraction"))]
+                             if c]}
         if familiarity is not None:
             extra["familiarity"] = familiarity.as_dict()
         if label == NO_TUMOUR and pdict[NO_TUMOUR] >= 0.5:

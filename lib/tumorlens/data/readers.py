@@ -79,6 +79,17 @@ def _grey(arr: np.ndarray, axis: int = -1) -> np.ndarray:
     return rgb @ np.asarray(LUMA, dtype=np.float32)
 
 
+COLOUR_SPREAD = 24  # of 255: R, G and B further apart than JPEG chroma noise on a grey picture
+
+
+def colour_fraction(rgb: np.ndarray) -> float:
+    """Share of 8-bit RGB pixels ``[..., 3+]`` whose channels differ by more than ``COLOUR_SPREAD``: 0 for a grey
+    picture saved in colour, most of the picture for a photograph. The network reads grey, so the reader keeps
+    this (``meta["colour_fraction"]``) for the caveat that says the input may not be MRI."""
+    a = np.asarray(rgb)[..., :3].astype(np.int16)
+    return float(((a.max(-1) - a.min(-1)) > COLOUR_SPREAD).mean())
+
+
 def _check_pixels(path: Path, arr: np.ndarray) -> np.ndarray:
     if arr.size == 0 or 0 in arr.shape:
         raise InvalidInputError(path, "image has no pixels")
@@ -118,6 +129,7 @@ def _read_photo(path: Path, modality: str) -> MetaTensor:
                                               "reads one slice per JPEG/PNG/TIFF file; save the slices as separate files "
                                               "or the stack as a NIfTI volume")
             im.load()
+            colour = colour_fraction(np.asarray(im.convert("RGB"))) if im.mode in ("RGB", "RGBA", "P", "CMYK") else 0.0
             if im.mode in ("RGB", "RGBA", "P", "CMYK", "LA"):
                 im = im.convert("L")
             arr = np.asarray(im)
@@ -132,7 +144,8 @@ def _read_photo(path: Path, modality: str) -> MetaTensor:
     if arr.ndim != 2:
         raise InvalidInputError(path, f"expected a single-channel 2D image, got array of shape {arr.shape}")
     arr = _check_pixels(path, arr)
-    return _image(path, "image2d", arr, PHOTO_AFFINE.copy(), (1.0, 1.0), spacing_known=False, modality=modality)
+    return _image(path, "image2d", arr, PHOTO_AFFINE.copy(), (1.0, 1.0), spacing_known=False, modality=modality,
+                  colour_fraction=colour)
 
 
 def _spatial_only(path: Path, arr: np.ndarray) -> np.ndarray:
