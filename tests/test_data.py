@@ -274,6 +274,7 @@ def test_colour_nifti_reads_as_the_grey_picture(dev2d, dev_rows, tmp_path):
         assert img.shape[-1] == 1, name  # one slice, not three colour planes
         got = np.transpose(img.numpy()[0, :, :, 0])
         assert np.abs(got - expected).max() <= 1.0, name
+        assert img.meta["colour_fraction"] > 0.9, name  # what the colour caveat reads (every pixel is coloured)
 
 
 def _t1c_block(brats) -> np.ndarray:

@@ -128,6 +128,15 @@ def test_a_colour_photograph_is_called_out_as_not_mri_and_the_report_leads_with_
                               notes=pred.extra["caveats"], familiarity=pred.extra.get("familiarity"))
     caution = build_facts(findings).scope_caution()
     assert caution is not None and "in colour" in caution and "may not apply" in caution, caution
+    # the same photograph as 3D Slicer sends a colour JPEG it loaded (a one-slice NIfTI of RGB24 voxels)
+    import nibabel as nib
+
+    xy = np.transpose(np.asarray(skimage.data.chelsea()), (1, 0, 2))[:, :, None]
+    rgb24 = np.empty(xy.shape[:3], dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    for i, c in enumerate("RGB"):
+        rgb24[c] = xy[..., i]
+    nib.save(nib.Nifti1Image(rgb24, np.eye(4)), str(tmp_path / "cat.nii.gz"))
+    assert any(IN_COLOUR in c for c in predictor.predict(read_image(tmp_path / "cat.nii.gz")).caveats)
     row = next(r for r in dev_rows if r["label"] == "glioma")
     grey = np.asarray(Image.open(dev2d / row["image"]).convert("L"))
     Image.fromarray(np.repeat(grey[..., None], 3, -1)).save(tmp_path / "slice_rgb.jpg", quality=95)

@@ -178,12 +178,17 @@ def _read_nifti(path: Path) -> MetaTensor:
         arr = np.asanyarray(img.dataobj)
     except Exception as e:  # nibabel raises many types for corrupt/truncated files
         raise InvalidInputError(path, f"corrupt or truncated NIfTI: {type(e).__name__}: {e}") from e
+    colour = {}  # 8-bit colour (RGB24, or 3D Slicer's vector of a colour JPEG): how much of it is in colour
+    if arr.dtype.names and {"R", "G", "B"} <= set(arr.dtype.names) and arr.dtype["R"] == np.uint8:
+        colour["colour_fraction"] = colour_fraction(np.stack([arr[c] for c in "RGB"], -1))
     if arr.ndim == 5 and arr.shape[4] in (3, 4) and img.header.get_intent()[0] in ("vector", "rgb vector"):
+        if arr.dtype == np.uint8:
+            colour["colour_fraction"] = colour_fraction(arr[:, :, :, 0, :])
         arr = _grey(arr[:, :, :, 0, :])  # colour stored as a 5th-dimension vector (NIfTI's own convention)
     arr = _spatial_only(path, arr)
     arr = _check_pixels(path, arr)
     affine = np.asarray(img.affine, dtype=float)
-    return _image(path, "volume", arr, affine, np.sqrt((affine[:3, :3] ** 2).sum(0)), modality="MR")
+    return _image(path, "volume", arr, affine, np.sqrt((affine[:3, :3] ** 2).sum(0)), modality="MR", **colour)
 
 
 def _sitk_to_volume(path: Path, image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
