@@ -85,7 +85,8 @@ def bench_brats(data: Path) -> list[dict]:
 
 def bench_slabs(structures: list[str]) -> list[dict]:
     """Scans of part of the head: the synthetic cases (2 mm) cut axially, sagittally or coronally around the
-    lesion, or to the part on either side of it; affine fit on a 3 mm grid as the tests use."""
+    lesion, or to the part on either side of it, and blocks cut along two axes (the lesion's side of an axial
+    cut and of a sagittal or coronal one); affine fit on a 3 mm grid as the tests use."""
     from monai.data import MetaTensor
 
     from tumorlens.atlas.regions import map_regions
@@ -96,24 +97,33 @@ def bench_slabs(structures: list[str]) -> list[dict]:
         case = make_case(s, spacing_mm=2.0, radius_mm=6.0)
         m = case.mask[0].numpy()
         cuts = []
+        centre = {a: int(np.nonzero(m.any(tuple(b for b in range(3) if b != a)))[0].mean()) for a in range(3)}
         for axis, plane in ((2, "axial"), (0, "sagittal"), (1, "coronal")):
-            n = m.shape[axis]
-            c = int(np.nonzero(m.any(tuple(a for a in range(3) if a != axis)))[0].mean())
-            cuts += [(f"{plane} {2 * 2 * h} mm around the lesion", axis, c - h, c + h) for h in (30, 18)]
-            cuts += [(f"{plane}, lesion side from 24 mm before it", axis, c - 12, n),
-                     (f"{plane}, up to 28 mm past the lesion", axis, 0, c + 14)]
-        for name, axis, lo, hi in cuts:
-            lo, hi = max(lo, 0), min(hi, m.shape[axis])
-            affine = case.volume.affine.clone()
-            affine[:3, 3] += affine[:3, axis] * lo
-            cut = (slice(None),) * (axis + 1) + (slice(lo, hi),)
-            vol = MetaTensor(case.volume[cut].clone(), affine=affine, meta=dict(case.volume.meta))
-            mask = MetaTensor(case.mask[cut].clone(), affine=affine.clone())
+            n, c = m.shape[axis], centre[axis]
+            cuts += [(f"{plane} {2 * 2 * h} mm around the lesion", ((axis, c - h, c + h),)) for h in (30, 18)]
+            cuts += [(f"{plane}, lesion side from 24 mm before it", ((axis, c - 12, n),)),
+                     (f"{plane}, up to 28 mm past the lesion", ((axis, 0, c + 14),))]
+        # blocks: the lesion's side of the head along two axes, cut 56 mm before the lesion's middle axially
+        # and 30 mm past it sagittally or coronally
+        for axis, plane in ((0, "sagittal"), (1, "coronal")):
+            n, c = m.shape[axis], centre[axis]
+            part = (axis, 0, c + 15) if c < n / 2 else (axis, c - 15, n)
+            cuts += [(f"block: axial from 56 mm before the lesion x {plane} lesion side", ((2, centre[2] - 28, m.shape[2]), part)),
+                     (f"block: axial up to 56 mm past the lesion x {plane} lesion side", ((2, 0, centre[2] + 28), part))]
+        for name, parts in cuts:
+            vol, mask = case.volume, case.mask
+            for axis, lo, hi in parts:
+                lo, hi = max(lo, 0), min(hi, vol.shape[axis + 1])
+                affine = vol.affine.clone()
+                affine[:3, 3] += affine[:3, axis] * lo
+                cut = (slice(None),) * (axis + 1) + (slice(lo, hi),)
+                vol = MetaTensor(vol[cut].clone(), affine=affine, meta=dict(case.volume.meta))
+                mask = MetaTensor(mask[cut].clone(), affine=affine.clone())
             out, wall, cpu = _timed(lambda v=vol, m=mask: map_regions(v, m, deformable=False, working_spacing=3.0))
             q, centroid = out["placement"]["details"]["quality"], out["lesion"].get("centroid_mni_mm")
             rows.append({
                 "case": f"{s} slab {name}", "stage": "affine (3 mm)", "wall_s": round(wall, 1), "cpu_s": round(cpu, 1),
-                "voxels_along_cut": hi - lo, "coverage": q.get("coverage"), "dice": q["dice"], "nmi": q["nmi"],
+                "shape": list(vol.shape[1:]), "coverage": q.get("coverage"), "dice": q["dice"], "nmi": q["nmi"],
                 "placed": not out["placement"]["low_confidence"],
                 "top_region": out["regions"][0]["label"] if out["regions"] else None,
                 "top_fraction": out["regions"][0]["fraction"] if out["regions"] else None,

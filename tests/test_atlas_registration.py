@@ -161,26 +161,26 @@ def test_a_scan_of_the_top_of_the_brain_is_placed_where_it_was_cut_from():
     assert any(HEAD_TEMPLATE_FAILED in n for n in out["notes"]), out["notes"]
 
 
-def test_a_block_cut_along_two_axes_is_placed_where_it_was_cut_from():
-    """The top of the left hemisphere (a precentral lesion): short along x and z, so the moments start is
-    off along both. Slid along its shortest axis alone, the start search picked a wrong rotation to make up
-    for the other offset, and the fit placed the lesion 26 mm off, in the postcentral gyrus, with full
-    confidence (Dice 0.89); searched over both axes it lands 1.4 mm from the truth."""
-    from monai.data import MetaTensor
+@pytest.mark.parametrize("axis", [0, 1], ids=["left-half", "front-or-back-half"])
+def test_a_block_cut_along_two_axes_is_placed_where_it_was_cut_from(axis):
+    """The top of the head cut again through the middle, sagittally or coronally (a precentral lesion), so the
+    moments start is off along two axes. Slid along its shortest axis alone, the left-half block found a wrong
+    rotation to make up for the other offset and was placed 26 mm off, in the postcentral gyrus, with full
+    confidence (Dice 0.89); searched over both axes alone, the other block went 22 mm off the same way. Both
+    starts are now fitted and the better outline kept: 1.3 and 3.6 mm."""
+    import dataclasses
 
     case = make_case("Left_Precentral_Gyrus", spacing_mm=2.0, radius_mm=6.0)
     m = case.mask[0].numpy()
     z = np.nonzero(m.any((0, 1)))[0]
-    x = np.nonzero(m.any((1, 2)))[0]
+    c = int(np.nonzero(m.any(tuple(a for a in range(3) if a != axis)))[0].mean())
     vol, mask = _slab(case, int(z.mean()) - 28, case.volume.shape[-1])
-    lo, hi = (0, int(x.mean()) + 15) if x.mean() < vol.shape[1] / 2 else (int(x.mean()) - 15, vol.shape[1])
-    affine = vol.affine.clone()
-    affine[:3, 3] += affine[:3, 0] * lo
-    block = MetaTensor(vol[:, lo:hi].clone(), affine=affine, meta=dict(vol.meta))
-    out = map_regions(block, MetaTensor(mask[:, lo:hi].clone(), affine=affine.clone()), deformable=False,
-                      working_spacing=3.0)
+    n = vol.shape[axis + 1]
+    lo, hi = (0, c + 15) if c < n / 2 else (c - 15, n)
+    block, block_mask = _slab(dataclasses.replace(case, volume=vol, mask=mask), lo, hi, axis=axis)
+    out = map_regions(block, block_mask, deformable=False, working_spacing=3.0)
     pl = out["placement"]
-    assert not pl["low_confidence"] and pl["details"]["quality"]["coverage"] < 0.4, pl
+    assert not pl["low_confidence"] and pl["details"]["quality"]["coverage"] < 0.6, pl
     assert out["regions"][0]["label"] == "Left_Precentral_Gyrus" and _err(out, case) < 4.0, (out["regions"][:2], _err(out, case))
 
 
