@@ -138,6 +138,23 @@ def test_upload_and_classify_matches_in_process(client, dev2d, base_model):
         assert abs(res2["probabilities"][c] - ref[c]) < 1e-4
 
 
+def test_a_colour_photograph_sent_to_the_server_carries_the_colour_caveat(client, dev2d, tmp_path):
+    """What a MONAI Label client reads for a photograph sent with the request (not stored): the class the
+    grey network gives it, and the caveat that it is in colour while MRI is grey; an MRI slice has none."""
+    import skimage.data
+    from PIL import Image
+
+    from tumorlens.caveats import IN_COLOUR
+
+    cat = tmp_path / "cat.jpg"
+    Image.fromarray(skimage.data.chelsea()).save(cat, quality=90)
+    _, res = infer_json(client, "classification", "", file=str(cat))
+    assert res["label"] in CLASS_NAMES and sum(IN_COLOUR in c for c in res["caveats"]) == 1, res["caveats"]
+    _, res = infer_json(client, "classification", "", file=str(dev2d / "images" / "2500.jpg"))
+    assert not any(IN_COLOUR in c for c in res["caveats"]), res["caveats"]
+    alive(client)
+
+
 def test_segmentation_2d_label_overlays_image(client, base_model):
     from PIL import Image
 

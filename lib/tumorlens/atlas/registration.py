@@ -45,11 +45,12 @@ BSPLINE_DICE_SLACK = 0.005  # the B-spline is kept unless it lowers the brain-ma
 # cannot be matched by any pose.
 PARTIAL_EXTENT = 0.8
 START_SHIFTS_MM = tuple(float(v) for v in range(-60, 61, 5))
-# A block short along two axes (the top of one hemisphere) sits off-centre along both: its start is searched
-# over both at once, on a coarser grid (then +-5 mm around the best). Slid along its shortest axis alone, the
-# top-left block of a brain found a wrong rotation to make up for the other offset and was placed 26 mm off,
-# in the wrong gyrus, with full confidence (Dice 0.89); the joint search put it 1.3 mm from the truth. About
-# 3 s more per such block on 2 threads.
+# A block short along two axes (the top of one hemisphere) sits off-centre along both: one of its starts is
+# searched over both at once, on a coarser grid (then +-5 mm around the best). Slid along its shortest axis
+# alone, the top-left block of a brain found a wrong rotation to make up for the other offset and was placed
+# 26 mm off, in the wrong gyrus, with full confidence (Dice 0.89); the joint search put it 1.3 mm from the
+# truth but sent another block 22 mm off, so ``register_to_mni`` fits a block from both starts. Up to 6 s
+# more per block on 2 threads.
 BLOCK_SHIFTS_MM = tuple(float(v) for v in range(-60, 61, 10))
 REFINE_SHIFTS_MM = (-5.0, 0.0, 5.0)
 MIN_COVERAGE = 0.25  # a slab holding less of the template brain than this is not placed
