@@ -486,10 +486,13 @@ def register_to_mni(
     # outline matches the template brain better inside its view is kept: each start alone put one of the
     # eight blocks of bench/registration.py --slabs 22-26 mm off, in the neighbouring gyrus, with full confidence.
     seconds["rigid"] = seconds["affine"] = 0.0
-    fits = []
+    fits, tried = [], []
     for axes in [slab_axes] + ([slab_axes[:1]] if len(slab_axes) == 2 else []):
         t = time.perf_counter()
         start = _best_start(init, fixed, moving, fixed_mask, metric_mask, seed, slab_axes=axes, in_view=in_view)
+        if start.GetParameters() in tried:  # both searches found the same start: one fit says it all
+            continue
+        tried.append(start.GetParameters())
         rigid, _ = _linear_stage("rigid", start, fixed, moving, fixed_mask, metric_mask, seed, iterations,
                                  learning_rate=1.0, min_step=1e-3, shrink=[4, 2, 1], sigmas=[2.0, 1.0, 0.0], path=path)
         rigid = sitk.Euler3DTransform(rigid.GetNthTransform(0) if hasattr(rigid, "GetNthTransform") else rigid)
@@ -503,15 +506,15 @@ def register_to_mni(
                                        learning_rate=0.5, min_step=1e-4, shrink=[2, 1], sigmas=[1.0, 0.0], path=path)
         affine_tx = sitk.AffineTransform(affine_tx.GetNthTransform(0) if hasattr(affine_tx, "GetNthTransform") else affine_tx)
         seconds["affine"] += time.perf_counter() - t
-        fits.append((mask_dice(affine_tx) if len(slab_axes) == 2 else 0.0, affine_tx, reg))
-    _, affine_tx, reg = max(fits, key=lambda f: f[0])  # the first on a tie
+        fits.append((mask_dice(affine_tx) if len(slab_axes) == 2 else None, affine_tx, reg))
+    # of ``total``, once known (a block's fits were compared by it already)
+    dice, affine_tx, reg = max(fits, key=lambda f: -1.0 if f[0] is None else f[0])  # the first on a tie
     final_metric = float(reg.GetMetricValue())
     stop = reg.GetOptimizerStopConditionDescription()
     det = float(np.linalg.det(np.array(affine_tx.GetMatrix()).reshape(3, 3)))
     if not (0.3 < det < 3.0):
         raise RegistrationError(f"{path or 'volume'}: affine registration diverged (volume scale {det:.2f})")
     total: sitk.Transform = affine_tx
-    dice: float | None = None  # of ``total``, once known
 
     # 3) optional B-spline on top of the affine (optimised in template space)
     if deformable:
@@ -539,7 +542,8 @@ def register_to_mni(
             log.info("bspline: %s", reg.GetOptimizerStopConditionDescription())
             # a warp that makes the brain outlines agree less was pulled by something else (a large
             # excluded lesion, noise): the affine result is the better fit then
-            before, after = mask_dice(affine_tx), mask_dice(comp)
+            before = dice if dice is not None else mask_dice(affine_tx)
+            after = mask_dice(comp)
             if after >= before - BSPLINE_DICE_SLACK:
                 total, dice = comp, after
                 final_metric = float(reg.GetMetricValue())
