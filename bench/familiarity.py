@@ -60,8 +60,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from tumorlens.alignment.familiarity import knn_similarity
     from tumorlens.alignment.features import split_features
-    from tumorlens.caveats import IN_COLOUR
-    from tumorlens.data import read_image
+    from tumorlens.caveats import DARK_BORDER_MIN, IN_COLOUR, NO_DARK_BORDER
+    from tumorlens.data import load_manifest, read_image
+    from tumorlens.data.normalize import dark_border_fraction
     from tumorlens.inference import Predictor
     from tumorlens.paths import shared_data_dir
 
@@ -72,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the shipped model has no familiarity calibration: run `tumorlens align`")
     sf = split_features(pred.model, progress=True)
     val = knn_similarity(pred.aligned_head.cache, sf["val_f"], cal["k"])
+    # the dark-border caveat's threshold against every development slice, read as a user's file is
+    dev = np.array([dark_border_fraction(np.squeeze(read_image(r.image).numpy()[0]))
+                    for r in tqdm(load_manifest(shared_data_dir() / "brain-mri-2d").records, desc="dark border")])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         inputs = [(f"pydicom/{n}", Path(get_testdata_file(n))) for n in PYDICOM_FILES if get_testdata_file(n)]
@@ -84,26 +88,36 @@ def main(argv: list[str] | None = None) -> int:
             r = pred.predict(read_image(path))
             f = r.extra["familiarity"]
             rows.append({"input": name, "score": f["score"], "familiar": f["familiar"], "label": r.label,
-                         "p": round(r.probabilities[r.label], 3), "caveats": r.extra.get("caveats", [])})
+                         "p": round(r.probabilities[r.label], 3), "dark_border": r.extra.get("dark_border_fraction"),
+                         "caveats": r.extra.get("caveats", [])})
     res = {"model": {"name": pred.model.name, "version": pred.model.version}, "calibration": cal,
            "validation": {"n": int(val.size), "flagged": int((val < cal["threshold"]).sum()),
                           "flagged_fraction": float((val < cal["threshold"]).mean()),
                           "median": float(np.median(val)), "min": float(val.min())},
+           "development_dark_border": {"n": int(dev.size), "threshold": DARK_BORDER_MIN, "min": float(dev.min()),
+                                       "q01": float(np.quantile(dev, 0.01)), "below": int((dev < DARK_BORDER_MIN).sum())},
            "inputs": rows}
     v = res["validation"]
     print(f"threshold {cal['threshold']:.3f} (k={cal['k']}, {100 * cal['quantile']:.0f} % quantile of grouped validation)")
     print(f"validation: {v['flagged']} of {v['n']} flagged ({100 * v['flagged_fraction']:.1f} %), median {v['median']:.3f}")
-    print(f"{'input':52s} {'score':>6s}  {'flag':4s}  prediction")
+    d = res["development_dark_border"]
+    print(f"dark border (share of the frame that is dark): {d['n']} development slices min {d['min']:.2f}, "
+          f"1 % quantile {d['q01']:.2f}; {d['below']} below the caveat's {d['threshold']:.2f}")
+    print(f"{'input':52s} {'score':>6s}  {'flag':4s}  {'border':>6s}  prediction")
     for r in rows:
         other = (" [modality caveat]" if any("not MR" in c for c in r["caveats"]) else "") + \
-            (" [colour caveat]" if any(IN_COLOUR in c for c in r["caveats"]) else "")
-        print(f"{r['input']:52s} {r['score']:6.3f}  {'' if r['familiar'] else 'FLAG':4s}  {r['label']} ({r['p']:.2f}){other}")
+            (" [colour caveat]" if any(IN_COLOUR in c for c in r["caveats"]) else "") + \
+            (" [dark-border caveat]" if any(NO_DARK_BORDER in c for c in r["caveats"]) else "")
+        border = "" if r["dark_border"] is None else f"{r['dark_border']:.2f}"
+        print(f"{r['input']:52s} {r['score']:6.3f}  {'' if r['familiar'] else 'FLAG':4s}  {border:>6s}  "
+              f"{r['label']} ({r['p']:.2f}){other}")
     for group in ("pydicom", "skimage", "brats"):
         g = [r for r in rows if r["input"].startswith(group)]
         if g:
-            said = sum(not r["familiar"] or any(IN_COLOUR in c or "not MR" in c for c in r["caveats"]) for r in g)
+            said = sum(not r["familiar"] or any(k in c for c in r["caveats"] for k in (IN_COLOUR, NO_DARK_BORDER, "not MR"))
+                       for r in g)
             print(f"{group}: {sum(not r['familiar'] for r in g)} of {len(g)} flagged; {said} flagged or with a "
-                  "not-MRI caveat (modality, colour)")
+                  "not-MRI caveat (modality, colour, dark border)")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(res, indent=1))
     print(f"json: {args.json}")

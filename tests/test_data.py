@@ -350,3 +350,26 @@ def test_colour_pictures_are_read_grey_and_say_how_much_of_them_is_in_colour(dev
     Image.fromarray(marked).save(tmp_path / "slice_marked.png")
     frac = read_image(tmp_path / "slice_marked.png").meta["colour_fraction"]
     assert frac == pytest.approx(1000 / grey.size) and frac < COLOUR_MIN_FRACTION
+
+
+def test_the_frame_of_an_mri_slice_is_dark_and_that_of_a_frame_filling_picture_is_not(dev2d, dev_rows):
+    """An MRI slice shows a head in signal-free air; a texture, a page or a crop inside the head fills its
+    frame. Real slices of every class (one with a noisy grey background, 3690.jpg, and a tight crop whose head
+    touches the edges, 1477.jpg) stay well above the caveat's floor; their inner half and scikit-image's
+    grey textures fall below it."""
+    import skimage.data
+
+    from tumorlens.caveats import DARK_BORDER_MIN
+    from tumorlens.data.normalize import dark_border_fraction
+
+    names = [r["image"] for r in dev_rows[::170]] + ["images/3690.jpg", "images/1477.jpg"]
+    for name in names:
+        a = np.squeeze(read_image(dev2d / name).numpy()[0])
+        assert dark_border_fraction(a) >= 2 * DARK_BORDER_MIN, name
+        h, w = a.shape
+        assert dark_border_fraction(a[h // 4:3 * h // 4, w // 4:3 * w // 4]) < DARK_BORDER_MIN, name
+    for texture in ("moon", "page", "grass", "text"):
+        assert dark_border_fraction(getattr(skimage.data, texture)()) < DARK_BORDER_MIN, texture
+    assert dark_border_fraction(np.zeros((32, 32))) == 1.0
+    with pytest.raises(ValueError, match="2D"):
+        dark_border_fraction(np.zeros((4, 32, 32)))

@@ -143,3 +143,36 @@ def test_a_colour_photograph_is_called_out_as_not_mri_and_the_report_leads_with_
     plain = predictor.predict(read_image(tmp_path / "slice_rgb.jpg"))
     assert not any(IN_COLOUR in c for c in plain.caveats), plain.caveats
     assert plain.label == predictor.predict(read_image(dev2d / row["image"])).label
+
+
+def test_a_grey_texture_is_called_out_as_not_framed_like_mri_and_a_tight_crop_of_a_head_is_not(predictor, dev2d,
+                                                                                                tmp_path):
+    """scikit-image's moon (grey, filling its frame) was read as pituitary tumour (p 0.99) and passed as familiar
+    (0.90 against 0.785) with no caveat. Its frame has no dark air around a head: the prediction says so and the
+    report's impression leads with it. A real slice cropped tight to the head (its head fills 97 % of its box,
+    which the slice placement used to call 'not a head-shaped object', a scope caution on a real MRI) gets
+    neither."""
+    import skimage.data
+    from PIL import Image
+
+    from tumorlens.caveats import NO_DARK_BORDER
+    from tumorlens.findings.build import build_findings
+    from tumorlens.report.facts import build_facts
+    from tumorlens.saliency.explain import explain
+
+    moon = tmp_path / "moon.png"
+    Image.fromarray(skimage.data.moon()).save(moon)
+    img = read_image(moon)
+    pred = predictor.predict(img)
+    notes = [c for c in pred.caveats if NO_DARK_BORDER in c]
+    assert len(notes) == 1 and pred.extra["dark_border_fraction"] < 0.05, pred.caveats
+    findings = build_findings(img, pred.probabilities, masks=[("segmentation_head", pred.mask.numpy()[0])],
+                              notes=pred.extra["caveats"], familiarity=pred.extra.get("familiarity"))
+    caution = build_facts(findings).scope_caution()
+    assert caution is not None and "dark surroundings" in caution and "may not apply" in caution, caution
+    tight = dev2d / "images" / "1477.jpg"
+    pred = predictor.predict(read_image(tight))
+    assert not any(NO_DARK_BORDER in c for c in pred.caveats) and pred.extra["dark_border_fraction"] > 0.5
+    record = explain(tight, method="gradcam", model=predictor.model).findings.model_dump()
+    assert any("bounding box" in n for n in record["notes"]), record["notes"]  # placement still lowers confidence
+    assert build_facts(record).out_of_scope() == [], record["notes"]

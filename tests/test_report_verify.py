@@ -483,7 +483,7 @@ def test_region_specificity(impression, ok):
 
 
 def test_volume_and_non_head_caveats_reach_the_limitations():
-    """The findings say a volume's class and mask are unconfirmed and when an image is not head-shaped;
+    """The findings say a volume's class and mask are unconfirmed and when an image is not framed like a head;
     the report's limitations must say so too (a probe found both dropped)."""
     vol = record(input={"file": "t1c.nii.gz", "modality": "MR", "kind": "volume", "dims": [240, 240, 155],
                         "spacing_mm": [1.0, 1.0, 1.0], "spacing_known": True},
@@ -494,9 +494,12 @@ def test_volume_and_non_head_caveats_reach_the_limitations():
     lims = generate_report(vol, backend="template").report.limitations
     assert any("slice by slice" in x and "unconfirmed" in x for x in lims)
     assert not any("slice by slice" in x for x in generate_report(record(), backend="template").report.limitations)
-    odd = record(notes=["placement: the foreground fills 31% of its bounding box: not a head-shaped object"])
-    assert any("does not look like a head" in x for x in generate_report(odd, backend="template").report.limitations)
+    from tumorlens.caveats import dark_border_note
     from tumorlens.inference import modality_caveat
+
+    odd = record(notes=[dark_border_note(0.04)])
+    assert any("does not show a head in dark surroundings" in x
+               for x in generate_report(odd, backend="template").report.limitations)
 
     rec = record(notes=[modality_caveat("CT")])
     rec["input"]["modality"] = "CT"
@@ -509,12 +512,11 @@ def test_an_input_that_may_not_be_a_brain_mri_is_said_first_in_the_impression():
     caveat only among the limitations: a reader of the impression alone took a class for a finding. The
     impression now opens with the reason and still names the class (so completeness and verification hold);
     an ordinary brain image gets no caution."""
-    from tumorlens.caveats import HEAD_TEMPLATE_FAILED
+    from tumorlens.caveats import HEAD_TEMPLATE_FAILED, dark_border_note
     from tumorlens.inference import modality_caveat
 
     for notes, reason in ((["atlas: " + HEAD_TEMPLATE_FAILED + " (brain-mask Dice 0.59 <= 0.70)"], "head template"),
-                          (["placement: the foreground fills 31% of its bounding box: not a head-shaped object"],
-                           "does not look like a head"),
+                          ([dark_border_note(0.04)], "does not show a head in dark surroundings"),
                           ([modality_caveat("CT")], "not an MRI (CT)")):
         rec = record(notes=notes)
         if reason.startswith("not an MRI"):

@@ -138,20 +138,25 @@ def test_upload_and_classify_matches_in_process(client, dev2d, base_model):
         assert abs(res2["probabilities"][c] - ref[c]) < 1e-4
 
 
-def test_a_colour_photograph_sent_to_the_server_carries_the_colour_caveat(client, dev2d, tmp_path):
+def test_a_photograph_sent_to_the_server_carries_the_not_mri_caveats(client, dev2d, tmp_path):
     """What a MONAI Label client reads for a photograph sent with the request (not stored): the class the
-    grey network gives it, and the caveat that it is in colour while MRI is grey; an MRI slice has none."""
+    grey network gives it, and the caveats that it is in colour while MRI is grey and, for a grey texture
+    filling its frame, that no dark air surrounds a head; an MRI slice has neither."""
     import skimage.data
     from PIL import Image
 
-    from tumorlens.caveats import IN_COLOUR
+    from tumorlens.caveats import IN_COLOUR, NO_DARK_BORDER
 
     cat = tmp_path / "cat.jpg"
     Image.fromarray(skimage.data.chelsea()).save(cat, quality=90)
     _, res = infer_json(client, "classification", "", file=str(cat))
     assert res["label"] in CLASS_NAMES and sum(IN_COLOUR in c for c in res["caveats"]) == 1, res["caveats"]
+    page = tmp_path / "page.png"
+    Image.fromarray(skimage.data.page()).save(page)
+    _, res = infer_json(client, "classification", "", file=str(page))
+    assert sum(NO_DARK_BORDER in c for c in res["caveats"]) == 1 and not any(IN_COLOUR in c for c in res["caveats"])
     _, res = infer_json(client, "classification", "", file=str(dev2d / "images" / "2500.jpg"))
-    assert not any(IN_COLOUR in c for c in res["caveats"]), res["caveats"]
+    assert not any(IN_COLOUR in c or NO_DARK_BORDER in c for c in res["caveats"]), res["caveats"]
     alive(client)
 
 

@@ -12,6 +12,11 @@ IN_COLOUR = "the image is in colour"
 # JPEG (0); colour photographs measured 0.42-0.95 (astronaut, cat, coffee, retina, rocket), a star field 0.05;
 # a few coloured annotation marks on a slice stay well under it.
 COLOUR_MIN_FRACTION = 0.05
+NO_DARK_BORDER = "almost none of the image's edge is dark background"
+# Share of the picture's outer frame that is dark (``tumorlens.data.normalize.dark_border_fraction``) below
+# which a 2D picture is not framed like an MRI slice of a head: development slices >= 0.53, frame-filling
+# textures, documents and micrographs 0.00-0.12 (photographs with a backdrop: a clock 0.19, the astronaut 0.23, a brick wall 0.36).
+DARK_BORDER_MIN = 0.25
 
 
 def not_a_head_note(why: str) -> str:
@@ -25,6 +30,15 @@ def colour_note(fraction: float | None) -> str | None:
         return None
     return (f"{IN_COLOUR} ({fraction:.0%} of its pixels): MRI slices are grey, so it may be a photograph or carry a "
             "colour overlay; the model was trained on grey MRI only")
+
+
+def dark_border_note(fraction: float | None) -> str | None:
+    """The caveat for a 2D picture whose edge is not dark (``fraction``: its dark-border share); None when
+    it is framed like an MRI slice, whose head lies in signal-free air."""
+    if fraction is None or fraction >= DARK_BORDER_MIN:
+        return None
+    return (f"{NO_DARK_BORDER} ({fraction:.0%} of it): an MRI slice of a head shows dark air around the head, so "
+            "the image may not be an MRI of a head, or is cropped inside the head")
 
 
 def familiarity_note(fam: Mapping[str, Any]) -> str | None:

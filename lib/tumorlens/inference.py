@@ -16,8 +16,8 @@ from torch.nn import functional as F
 
 from tumorlens.alignment.familiarity import Familiarity
 from tumorlens.alignment.familiarity import assess as assess_familiarity
-from tumorlens.caveats import colour_note, familiarity_note
-from tumorlens.data.normalize import foreground_mask, normalize_intensity
+from tumorlens.caveats import colour_note, dark_border_note, familiarity_note
+from tumorlens.data.normalize import dark_border_fraction, foreground_mask, normalize_intensity
 from tumorlens.data.readers import is_volume
 from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
@@ -409,9 +409,13 @@ class Predictor:
         meta = {k: v for k, v in img.meta.items() if k in ("filename_or_obj", "kind", "spatial_shape", "spacing",
                                                              "original_affine", "spacing_known", "modality")}
         mask_np = tumour_mask(seg, label != NO_TUMOUR).astype(np.uint8)
+        plane = np.squeeze(img.detach().cpu().numpy()[0])
+        border = dark_border_fraction(plane) if plane.ndim == 2 else None  # 2D pictures: volumes have the head check
         extra = {"decision": self.decision, "lesion_refiner": self.refiner is not None,
-                 "caveats": [c for c in [modality_caveat(meta.get("modality")), colour_note(img.meta.get("colour_fraction"))]
-                             if c]}
+                 "caveats": [c for c in [modality_caveat(meta.get("modality")), colour_note(img.meta.get("colour_fraction")),
+                                         dark_border_note(border)] if c]}
+        if border is not None:
+            extra["dark_border_fraction"] = round(border, 3)
         if familiarity is not None:
             extra["familiarity"] = familiarity.as_dict()
         if label == NO_TUMOUR and pdict[NO_TUMOUR] >= 0.5:

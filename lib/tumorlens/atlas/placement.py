@@ -272,7 +272,8 @@ def place_slice(image: np.ndarray, *, path: str | None = None, use_view: bool = 
     fill = info.get("box_fill", 1.0)
     if fill > 0.93:
         conf *= 0.25
-        notes.append(f"the foreground fills {fill:.0%} of its bounding box: not a head-shaped object")
+        notes.append(f"the foreground fills {fill:.0%} of its bounding box (a head about 60-85 %): its outline, and so "
+                     "the slice's scale, is uncertain")
     if best.plane == "sagittal":
         notes.append("a sagittal slice does not show which hemisphere it is from: side reported as unknown")
     rc = cands[run_i]

@@ -40,6 +40,31 @@ def background_value(x: np.ndarray) -> float:
     return edge
 
 
+def dark_border_fraction(x: np.ndarray, width: float = 0.03, level: float = 0.1) -> float:
+    """Share of a 2D picture's outer frame (``width`` of its shorter side, at least 2 px) that is dark:
+    within ``level`` of the robust intensity range (1st-99th percentile) above the darkest values, after a
+    3 x 3 median filter (a noisy grey background is still air).
+
+    An MRI slice shows a head in signal-free air, so its frame is mostly dark: every one of the 3,448
+    development slices scored >= 0.53 (tight crops whose head touches the edges included; without the
+    median filter one slice with a noisy background scored 0.23). Textures, documents and micrographs that
+    fill the picture (the moon, grass, gravel, a printed page, text, cells) scored 0.00-0.12. A constant
+    picture counts as all dark."""
+    from scipy import ndimage
+
+    a = np.asarray(x, dtype=np.float32)
+    if a.ndim != 2:
+        raise ValueError(f"dark_border_fraction expects a 2D picture, got shape {a.shape}")
+    step = max(1, min(a.shape) // 512)  # a large photograph: every step-th pixel is enough
+    a = ndimage.median_filter(a[::step, ::step], 3, mode="nearest")
+    lo, hi = np.percentile(a, [1.0, 99.0])
+    if hi - lo <= 1e-6 * max(abs(float(hi)), 1.0):
+        return 1.0
+    b = min(max(2, int(round(width * min(a.shape)))), max(1, min(a.shape) // 2))
+    ring = np.concatenate([a[:b].ravel(), a[-b:].ravel(), a[b:-b, :b].ravel(), a[b:-b, -b:].ravel()])
+    return float(np.mean(ring - lo < level * (hi - lo)))
+
+
 def most_common_value(a: np.ndarray) -> tuple[float, int]:
     """The most frequent value of a 1D array (the smallest one on ties) and its count.
 

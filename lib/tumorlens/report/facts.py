@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tumorlens.caveats import HEAD_TEMPLATE_FAILED, IN_COLOUR
+from tumorlens.caveats import HEAD_TEMPLATE_FAILED, IN_COLOUR, NO_DARK_BORDER
 from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 from tumorlens.report.sanitize import PatientContext, sanitize_patient
@@ -124,8 +124,8 @@ class Facts:
             out.append(f"The file is not an MRI ({self.modality}); the model was trained on MRI only")
         if any(IN_COLOUR in n for n in self.notes):
             out.append("The image is in colour, while MRI slices are grey")
-        if any("not a head-shaped object" in n for n in self.notes):
-            out.append("The image does not look like a head")
+        if any(NO_DARK_BORDER in n for n in self.notes):
+            out.append("The image does not show a head in dark surroundings, as an MRI slice does")
         if any(HEAD_TEMPLATE_FAILED in n for n in self.notes):
             out.append("The volume could not be matched to a head template; it may not be a brain MRI, or may "
                        "cover only part of the head")
