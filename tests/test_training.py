@@ -281,3 +281,33 @@ def test_loader_workers_each_draw_their_own_augmentation(tmp_path):
     batches = [x for x, _, _ in make_loader(ds, 2, tmp_path / "manifest.csv", num_workers=2)]
     # batches alternate between the two workers: batch k of worker 0 against batch k of worker 1
     assert any(not torch.equal(batches[k], batches[k + 1]) for k in range(0, len(batches) - 1, 2))
+
+
+def test_strong_augmentation_changes_intensities_only_within_range_and_keeps_the_mask(dev2d, dev_rows):
+    """``train.augment: strong`` adds scanner-like intensity changes (bias field, blur/sharpening, histogram
+    shift) to the standard geometry: the image stays in [0, 1] with its air black, the mask moves only with
+    the geometry, and an unknown level is refused."""
+    import monai.transforms as mt
+
+    from tumorlens.data.dataset import augmentation, train_transforms
+
+    row = next(r for r in dev_rows if r.get("mask"))
+    img = read_image(dev2d / row["image"])
+    a = torch.as_tensor(img.numpy()[None], dtype=torch.float32)
+    m = torch.as_tensor(read_mask(dev2d / row["mask"], like=img).numpy()[None], dtype=torch.float32)
+    x = {"image": resize_2d(a / a.max(), 128)[0], "mask": (resize_2d(m, 128, mode="nearest")[0] > 0).float()}
+    strong = train_transforms("strong")
+    intensity_only = mt.Compose([t for t in strong.transforms if not isinstance(t, (mt.RandFlipd, mt.RandAffined))])
+    intensity_only.set_random_state(0)
+    changed = 0
+    for _ in range(12):
+        y = intensity_only(dict(x))
+        assert torch.equal(y["mask"], x["mask"])
+        assert float(y["image"].min()) >= 0.0 and float(y["image"].max()) <= 1.0
+        assert float(y["image"][0, :4, :4].abs().max()) < 0.05  # the corner's air stays dark
+        changed += not torch.allclose(y["image"], x["image"], atol=1e-3)
+    assert changed >= 6
+    assert len(strong.transforms) > len(train_transforms().transforms)
+    assert augmentation(False) is None and len(augmentation(True).transforms) == len(train_transforms().transforms)
+    with pytest.raises(ValueError, match="augmentation level"):
+        augmentation("extreme")

@@ -82,9 +82,19 @@ def load_arrays(manifest: Manifest, size: int, progress: bool = True) -> tuple[n
     return images, masks, labels
 
 
-def train_transforms() -> mt.Compose:
-    """MONAI augmentations applied to image and mask together (geometry) or image only (intensity)."""
-    return mt.Compose([
+AUGMENT_LEVELS = ("standard", "strong")
+
+
+def train_transforms(level: str = "standard") -> mt.Compose:
+    """MONAI augmentations applied to image and mask together (geometry) or image only (intensity).
+
+    ``strong`` adds what differs between scanners and patients rather than between views of one slice: a
+    smooth bias field, blur or sharpening, and a non-linear intensity curve (histogram shift), so that a
+    term fitted on the training patients (the localisation term reached 0.93 pointing on them against
+    0.80 on new ones) leans less on one scanner's look."""
+    if level not in AUGMENT_LEVELS:
+        raise ValueError(f"augmentation level {level!r} is not one of {AUGMENT_LEVELS}")
+    steps = [
         mt.RandFlipd(keys=("image", "mask"), prob=0.5, spatial_axis=1),
         mt.RandAffined(
             keys=("image", "mask"), prob=0.8, rotate_range=(np.pi / 12,), scale_range=(0.12, 0.12),
@@ -93,7 +103,23 @@ def train_transforms() -> mt.Compose:
         mt.RandAdjustContrastd(keys="image", prob=0.3, gamma=(0.7, 1.5)),
         mt.RandScaleIntensityd(keys="image", prob=0.3, factors=0.15),
         mt.RandGaussianNoised(keys="image", prob=0.2, std=0.03),
-    ])
+    ]
+    if level == "strong":
+        steps += [
+            mt.RandBiasFieldd(keys="image", prob=0.3, coeff_range=(0.0, 0.3)),
+            mt.RandGaussianSmoothd(keys="image", prob=0.15, sigma_x=(0.5, 1.2), sigma_y=(0.5, 1.2)),
+            mt.RandGaussianSharpend(keys="image", prob=0.15),
+            mt.RandHistogramShiftd(keys="image", prob=0.3, num_control_points=(5, 10)),
+            mt.ScaleIntensityRanged(keys="image", a_min=0.0, a_max=1.0, b_min=0.0, b_max=1.0, clip=True),
+        ]
+    return mt.Compose(steps)
+
+
+def augmentation(setting: bool | str) -> mt.Compose | None:
+    """The training transforms a config's ``train.augment`` names: true (standard), false (none) or a level."""
+    if setting is False or setting is None:
+        return None
+    return train_transforms("standard" if setting is True else str(setting))
 
 
 class ArrayDataset(Dataset):

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from tumorlens.alignment.training import AlignmentTerm
 from tumorlens.config import config_hash
-from tumorlens.data.dataset import ArrayDataset, load_arrays, train_transforms
+from tumorlens.data.dataset import ArrayDataset, augmentation, load_arrays
 from tumorlens.data.manifest import load_manifest
 from tumorlens.data.splits import training_split
 from tumorlens.errors import InvalidInputError
@@ -206,7 +206,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
     assert not train_groups & set(val_groups), "a group straddles train and validation"
 
     ds = ArrayDataset(images[train_idx], masks[train_idx], labels[train_idx],
-                      train_transforms() if tc.get("augment", True) else None)
+                      augmentation(tc.get("augment", True)))
     loader = make_loader(ds, int(tc["batch_size"]), manifest.root / "manifest.csv", workers)
     loc_cfg = tc.get("localisation") or {}
     if float(loc_cfg.get("weight") or 0) > 0 and loc_cfg.get("layer"):
