@@ -55,6 +55,8 @@ def test_evaluate_cli_on_64_validation_images(val64, subset_factory, tmp_path):
     fam = m["familiarity"]
     assert fam["k"] >= 1 and 0.5 < fam["threshold"] < fam["median"] <= 1.0
     assert fam["unfamiliar_fraction"] <= 0.1 and fam["accuracy_familiar"] >= ACCURACY_FLOOR
+    border = m["dark_border"]  # MRI slices: a head in dark air, none below the caveat's floor
+    assert border["n_pictures"] == 64 and border["n_below"] == 0 and border["min"] >= 0.5
     assert (tmp_path / "metrics.confusion.png").stat().st_size > 5000
     assert "accuracy" in proc.stdout
     ci = m["ci95"]  # resampled over the subset's patient groups, each interval around its point estimate
@@ -159,3 +161,30 @@ def test_a_padded_slice_is_reframed_and_its_mask_lands_on_the_head(dev2d, tumour
     m0, m1 = p0.mask.numpy()[0] > 0, p1.mask.numpy()[0] > 0
     assert m1.shape == padded.shape and not m1[:h].any() and not m1[2 * h:].any()
     assert dice_score(m1[h:2 * h, w:2 * w], m0) > 0.7
+
+
+def test_evaluate_says_how_many_pictures_are_not_framed_like_an_mri_slice(dev2d, val64, tmp_path):
+    """A dataset of crops inside the head (or of pictures that are not MRI) is scored as asked, and the summary
+    says how many of its pictures get the dark-border caveat and how the model did on them."""
+    import numpy as np
+    from PIL import Image
+
+    from tumorlens.evaluation.evaluate import evaluate_folder, format_table
+
+    folder = tmp_path / "crops"
+    (folder / "images").mkdir(parents=True)
+    lines = ["image,label,group"]
+    for k, row in enumerate(val64[:6]):
+        a = np.asarray(Image.open(dev2d / row["image"]).convert("L"))
+        rows, cols = np.flatnonzero((a > 30).any(1)), np.flatnonzero((a > 30).any(0))  # the head's box
+        r0, r1, c0, c1 = rows[0], rows[-1], cols[0], cols[-1]
+        inside = a[(3 * r0 + r1) // 4:(r0 + 3 * r1) // 4, (3 * c0 + c1) // 4:(c0 + 3 * c1) // 4]  # its middle half
+        name = f"images/{k}.png" if k < 4 else f"images/{k}_whole.png"
+        Image.fromarray(inside if k < 4 else a).save(folder / name)
+        lines.append(f"{name},{row['label']},{row['group']}")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    m = evaluate_folder(folder, progress=False)
+    b = m["dark_border"]
+    assert b["n_pictures"] == 6 and b["n_below"] == 4 and b["below_fraction"] == pytest.approx(4 / 6)
+    assert b["accuracy_below"] is not None and b["accuracy_rest"] is not None
+    assert "not framed like an MRI slice" in format_table(m)

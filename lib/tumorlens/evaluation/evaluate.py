@@ -13,7 +13,9 @@ from monai.data import MetaTensor
 from tqdm import tqdm
 
 from tumorlens.alignment.familiarity import unfamiliar
+from tumorlens.caveats import DARK_BORDER_MIN
 from tumorlens.data.manifest import Record, load_manifest
+from tumorlens.data.normalize import dark_border_fraction
 from tumorlens.data.readers import PHOTO_EXT, is_volume, read_image, read_mask
 from tumorlens.evaluation.jsonio import json_ready
 from tumorlens.evaluation.metrics import classification_metrics, dice_score, grouped_bootstrap
@@ -80,6 +82,7 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     probs = np.zeros((len(records), len(pred.model.labels)), np.float32)
     dices = np.full(len(records), np.nan)  # per image; NaN where it does not count (no mask, or no_tumor)
     fam = np.full(len(records), np.nan, np.float32)
+    border = np.full(len(records), np.nan, np.float32)  # 2D pictures: the dark-border caveat's measure
     batch_x: list[torch.Tensor] = []
     batch_i: list[int] = []
     pending: dict[int, MetaTensor] = {}
@@ -119,6 +122,7 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
         if is_volume(img):
             r = pred.predict(img)  # refuses a constant volume itself, naming the file
             probs[i] = [r.probabilities[c] for c in pred.model.labels]
+            border[i] = r.extra.get("dark_border_fraction", np.nan)  # a one-slice file is a 2D picture
             if "familiarity" in r.extra:
                 fam[i] = r.extra["familiarity"]["score"]
             truth = truth_for(rec, img)
@@ -127,6 +131,7 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
             continue
         if is_constant(img):  # still scored: one blank slice must not stop a whole evaluation
             log.warning("%s: %s; it is scored anyway, as listed", rec.image, CONSTANT_IMAGE)
+        border[i] = dark_border_fraction(img[0].numpy())
         batch_x.append(prepare_slice(img[0].numpy(), size))
         batch_i.append(i)
         pending[i] = img
@@ -139,6 +144,7 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     m["seg_n"] = int(has.sum())
     m["ci95"] = grouped_bootstrap(labels, probs, pred.model.labels, [r.group for r in records], dices)
     m["familiarity"] = familiarity_summary(fam, labels, probs, pred.familiarity_calibration)
+    m["dark_border"] = dark_border_summary(border, labels, probs)
     m["model"] = {"name": pred.model.name, "version": pred.model.version, "backbone": pred.model.backbone,
                   "lesion_refiner": pred.refiner is not None}
     m["data"] = {"folder": Path(data_dir).name, "manifest_sha256": manifest.sha256}
@@ -164,6 +170,24 @@ def familiarity_summary(scores: np.ndarray, labels: np.ndarray, probs: np.ndarra
             "median": float(np.median(scores[ok])), "unfamiliar_fraction": float(flagged[ok].mean()),
             "n_unfamiliar": int(flagged.sum()), "accuracy_familiar": acc(ok & ~flagged),
             "accuracy_unfamiliar": acc(flagged)}
+
+
+def dark_border_summary(border: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict | None:
+    """How many 2D pictures get the dark-border caveat (their frame is not mostly dark, unlike an MRI slice of a
+    head: every development slice scored >= 0.53), and the accuracy on each part: a dataset of crops inside the
+    head, or of pictures that are not MRI, shows here."""
+    ok = ~np.isnan(border)
+    if not ok.any():
+        return None
+    below = ok & (np.nan_to_num(border, nan=1.0) < DARK_BORDER_MIN)
+    hit = probs.argmax(1) == labels
+
+    def acc(sel: np.ndarray) -> float | None:
+        return float(hit[sel].mean()) if sel.any() else None
+
+    return {"threshold": DARK_BORDER_MIN, "n_pictures": int(ok.sum()), "min": float(border[ok].min()),
+            "median": float(np.median(border[ok])), "n_below": int(below.sum()),
+            "below_fraction": float(below[ok].mean()), "accuracy_rest": acc(ok & ~below), "accuracy_below": acc(below)}
 
 
 def confusion_png(metrics: dict, path: str | Path, title: str = "") -> Path:
@@ -215,4 +239,10 @@ def format_table(m: dict) -> str:
         lines.append(f"unfamiliar images (k-NN similarity < {f['threshold']:.3f}): {f['n_unfamiliar']} "
                      f"({100 * f['unfamiliar_fraction']:.1f} %); accuracy familiar {acc['accuracy_familiar']}, "
                      f"unfamiliar {acc['accuracy_unfamiliar']}")
+    b = m.get("dark_border")
+    if b and b["n_below"]:
+        acc = {k: "-" if b[k] is None else f"{b[k]:.3f}" for k in ("accuracy_rest", "accuracy_below")}
+        lines.append(f"pictures whose frame is not mostly dark (< {b['threshold']:.2f}, not framed like an MRI slice): "
+                     f"{b['n_below']} ({100 * b['below_fraction']:.1f} %); accuracy on them {acc['accuracy_below']}, "
+                     f"on the rest {acc['accuracy_rest']}")
     return "\n".join(lines)
