@@ -154,6 +154,12 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     return m
 
 
+def _accuracy_on(labels: np.ndarray, probs: np.ndarray):
+    """sel -> accuracy on the selected images (None when none is selected), for the summaries' parts."""
+    hit = probs.argmax(1) == labels
+    return lambda sel: float(hit[sel].mean()) if sel.any() else None
+
+
 def familiarity_summary(scores: np.ndarray, labels: np.ndarray, probs: np.ndarray, calibration: dict | None) -> dict | None:
     """How many images the model finds unlike its training images, and its accuracy on each part: on a
     new dataset a high unfamiliar share or a low accuracy among the unfamiliar says the data has shifted."""
@@ -161,11 +167,7 @@ def familiarity_summary(scores: np.ndarray, labels: np.ndarray, probs: np.ndarra
         return None
     ok = ~np.isnan(scores)
     flagged = ok & unfamiliar(np.nan_to_num(scores, nan=1.0), calibration["threshold"])
-    hit = probs.argmax(1) == labels
-
-    def acc(sel: np.ndarray) -> float | None:
-        return float(hit[sel].mean()) if sel.any() else None
-
+    acc = _accuracy_on(labels, probs)
     return {"k": int(calibration["k"]), "threshold": float(calibration["threshold"]),
             "median": float(np.median(scores[ok])), "unfamiliar_fraction": float(flagged[ok].mean()),
             "n_unfamiliar": int(flagged.sum()), "accuracy_familiar": acc(ok & ~flagged),
@@ -180,11 +182,7 @@ def dark_border_summary(border: np.ndarray, labels: np.ndarray, probs: np.ndarra
     if not ok.any():
         return None
     below = ok & (np.nan_to_num(border, nan=1.0) < DARK_BORDER_MIN)
-    hit = probs.argmax(1) == labels
-
-    def acc(sel: np.ndarray) -> float | None:
-        return float(hit[sel].mean()) if sel.any() else None
-
+    acc = _accuracy_on(labels, probs)
     return {"threshold": DARK_BORDER_MIN, "n_pictures": int(ok.sum()), "min": float(border[ok].min()),
             "median": float(np.median(border[ok])), "n_below": int(below.sum()),
             "below_fraction": float(below[ok].mean()), "accuracy_rest": acc(ok & ~below), "accuracy_below": acc(below)}
