@@ -57,6 +57,8 @@ def test_evaluate_cli_on_64_validation_images(val64, subset_factory, tmp_path):
     assert fam["unfamiliar_fraction"] <= 0.1 and fam["accuracy_familiar"] >= ACCURACY_FLOOR
     border = m["dark_border"]  # MRI slices: a head in dark air, none below the caveat's floor
     assert border["n_pictures"] == 64 and border["n_below"] == 0 and border["min"] >= 0.5
+    w = m["window_classifier"]  # the lesion-window classifier's share in the decisions
+    assert m["model"]["window_classifier"] is True and 0 <= w["changed_and_right"] <= w["labels_changed"] < 64 // 4
     assert (tmp_path / "metrics.confusion.png").stat().st_size > 5000
     assert "accuracy" in proc.stdout
     ci = m["ci95"]  # resampled over the subset's patient groups, each interval around its point estimate

@@ -908,6 +908,10 @@ def test_relabel_loop_trains_new_version_without_breaking_inference(client, serv
     # the lesion refiner (independent of the fine-tuned weights) goes along to the new version
     assert stats["refiner_carried"] is True and card["finetune"]["refiner_carried"] is True
     assert (studies / ".tumorlens" / "models" / stats["version"] / "refiner.pt").is_file()
+    # the lesion-window classifier re-weighs the base network's types, so the fine-tuned network decides alone
+    assert not (studies / ".tumorlens" / "models" / stats["version"] / "window_classifier.pt").exists()
+    assert any("lesion-window classifier was not carried over" in n for n in stats["notes"])
+    assert "window_classifier" not in after and after["window_classifier_stored"] is False
     # the scoring method (MONAI Label runs it as a subprocess) scores every unlabelled image anew
     r = requests.post(f"{server.url}/scoring/uncertainty", params={"run_sync": "true"}, timeout=600)
     assert r.status_code == 200, r.text

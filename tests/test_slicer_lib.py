@@ -325,6 +325,22 @@ def test_familiarity_parsing_and_warning():
     assert tll.familiarity_warning({"score": 0.95, "threshold": 0.86, "familiar": True}) is None
 
 
+def test_window_opinion_line():
+    """The lesion-window classifier's part in the decision reaches the results panel, from a classification
+    answer or from a findings record; anything malformed is a ResponseError, not a crash in the widget."""
+    net = {"glioma": 0.48, "meningioma": 0.41, "pituitary": 0.03, "no_tumor": 0.08}
+    w = {"probabilities": {"glioma": 0.12, "meningioma": 0.83, "pituitary": 0.05}, "weight": 0.5,
+         "network_probabilities": net, "changed_label": True}
+    line = tll.window_opinion_line({"window_classifier": json.dumps(w)})
+    assert "settled by the lesion-window classifier (meningioma, 0.83)" in line and "favoured glioma (0.48)" in line
+    f = {"schema_version": "1.2", "classification": {"label": "glioma", "window_opinion": dict(w, changed_label=False)}}
+    assert tll.window_opinion_line({"findings": f}).startswith("Lesion-window classifier agreed")
+    assert tll.window_opinion_line({}) is None
+    assert tll.window_opinion_line({"findings": {"schema_version": "1.1", "classification": {}}}) is None
+    with pytest.raises(tll.ResponseError):
+        tll.window_opinion_line({"window_classifier": {"probabilities": [0.2, 0.8]}})
+
+
 def test_caveats_parsing():
     """The caveats of a classification/segmentation answer (a list, or the JSON of one in a multipart form
     field) reach the results panel; anything else is a clear ResponseError, not a crash in the widget."""

@@ -388,6 +388,7 @@ def test_server_saliency_to_region_named_segments(logic, server, t1c, tmp_path):
     # and so do its caveats (a volume: classified slice by slice), the familiarity note among them when unfamiliar
     assert any("slice by slice" in c for c in cls["caveats"])
     assert any("unlike the training images" in c for c in cls["caveats"]) == (not fam["familiar"])
+    assert cls["window_opinion"] is None  # a volume is decided by the network alone
 
 
 @pytest.mark.server

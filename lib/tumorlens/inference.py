@@ -23,6 +23,7 @@ from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 from tumorlens.models.refiner import load_refiner
 from tumorlens.models.registry import LoadedModel, load_model
+from tumorlens.models.window import load_window_classifier
 
 SEG_THRESHOLD = 0.5
 FALLBACK_FRACTION = 0.5  # of the map's peak: the region shown when the classifier finds a tumour the head missed
@@ -285,7 +286,7 @@ class Predictor:
     """Class probabilities + tumour mask for 2D images and volumes, on the input's geometry."""
 
     def __init__(self, model: LoadedModel | str | None = None, device: str = "cpu", batch_size: int = 16,
-                 aligned: bool = True, refine: bool = True, head_check: bool = True):
+                 aligned: bool = True, refine: bool = True, head_check: bool = True, window: bool = True):
         self.model = model if isinstance(model, LoadedModel) else load_model(model, device=device)
         self.device = device
         self.batch_size = batch_size
@@ -294,6 +295,9 @@ class Predictor:
         # the lesion refiner (models/refiner.py) redraws the seg head's lesion at native resolution; it
         # is only stored next to a model when it raised seg Dice on that model's grouped validation part
         self.refiner = load_refiner(self.model.path, device) if refine else None
+        # the lesion-window classifier (models/window.py) re-weighs the tumour types of a 2D slice called a
+        # tumour; stored only when the fused decision was more accurate on the model's grouped validation part
+        self.window = load_window_classifier(self.model.path, device) if window else None
         # The text-aligned head (issue 8) decides the class when it is stored next to the model: it is
         # only stored when it was at least as accurate as the plain classifier on grouped validation.
         self.aligned_head = None
@@ -359,11 +363,31 @@ class Predictor:
             return prob
         return self.refiner.refine(arr, prob, tumour_mask(prob, called)) * fg
 
+    def decide_2d(self, probs: np.ndarray, seg: torch.Tensor, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict | None]:
+        """(class probabilities, lesion probability on the slice, what the window classifier said or None)
+        of 2D slice ``arr`` from the network's ``probs`` [C] and seg map [1, 1, S, S]: how a slice's
+        decision is made, for ``predict`` and ``tumorlens evaluate`` alike."""
+        called = self.model.labels[int(probs.argmax())] != NO_TUMOUR
+        lesion = self.lesion_probability(seg, arr, called)
+        fused, said = self.window_opinion(probs, arr, lesion)
+        return fused, lesion, said
+
+    def window_opinion(self, probs: np.ndarray, arr: np.ndarray, lesion: np.ndarray) -> tuple[np.ndarray, dict | None]:
+        """``probs`` of one slice re-weighed by the window classifier on the lesion ``lesion`` (its
+        probability map on ``arr``'s grid) outlines; unchanged (and None) without one or without a tumour
+        call. It can change which tumour type is named, never whether one is, so the mask stays the same."""
+        labels = self.model.labels
+        if self.window is None or labels[int(probs.argmax())] == NO_TUMOUR:
+            return probs, None
+        fused, said = self.window.decide(probs, arr, tumour_mask(lesion, True), labels)
+        if said is not None:
+            said["network_probabilities"] = {lab: round(float(v), 4) for lab, v in zip(labels, probs, strict=True)}
+        return fused, said
+
     def _predict_2d(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         probs, seg, fam = self.forward_batch(prepare_slice(arr, self.size))
-        p = probs[0].numpy()
-        called = self.model.labels[int(p.argmax())] != NO_TUMOUR
-        return self._result(img, p, self.lesion_probability(seg, arr, called), None, self._familiarity(fam))
+        p, lesion, said = self.decide_2d(probs[0].numpy(), seg, arr)
+        return self._result(img, p, lesion, None, self._familiarity(fam), said)
 
     def _predict_volume(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         affine = np.asarray(img.affine, dtype=float)
@@ -391,10 +415,13 @@ class Predictor:
                 coarse = seg_disp[i] >= SEG_THRESHOLD
                 if coarse.any():
                     seg_disp[i] = self.refiner.refine(disp[i], seg_disp[i], coarse) * fg[i]
+        said = None
+        if len(disp) == 1:  # a one-slice file is decided as the same 2D slice is
+            probs, said = self.window_opinion(probs, disp[0], seg_disp[0])
         seg_vol = display_to_volume(seg_disp, back)
         # a volume's familiarity: the median over its brain slices (edge slices alone look unfamiliar)
         familiarity = self._familiarity(np.concatenate(fams) if fams else None)
-        res = self._result(img, probs, seg_vol, slice_probs, familiarity)
+        res = self._result(img, probs, seg_vol, slice_probs, familiarity, said)
         if len(disp) > 1:  # a one-slice file is a 2D slice to the network, answered like the same JPEG
             res.extra["caveats"].append(VOLUME_CAVEAT)
         if self.head_check:
@@ -402,7 +429,7 @@ class Predictor:
         return res
 
     def _result(self, img, probs: np.ndarray, seg: np.ndarray, slice_probs,
-                familiarity: Familiarity | None = None) -> Prediction:
+                familiarity: Familiarity | None = None, window: dict | None = None) -> Prediction:
         labels = self.model.labels
         pdict = {lab: float(p) for lab, p in zip(labels, probs, strict=True)}
         label = max(pdict, key=pdict.get)
@@ -412,12 +439,15 @@ class Predictor:
         plane = np.squeeze(img.detach().cpu().numpy()[0])
         border = dark_border_fraction(plane) if plane.ndim == 2 else None  # 2D pictures: volumes have the head check
         extra = {"decision": self.decision, "lesion_refiner": self.refiner is not None,
+                 "window_classifier_stored": self.window is not None,
                  "caveats": [c for c in [modality_caveat(meta.get("modality")), colour_note(img.meta.get("colour_fraction")),
                                          dark_border_note(border)] if c]}
         if border is not None:
             extra["dark_border_fraction"] = round(border, 3)
         if familiarity is not None:
             extra["familiarity"] = familiarity.as_dict()
+        if window is not None:
+            extra["window_classifier"] = window
         if label == NO_TUMOUR and pdict[NO_TUMOUR] >= 0.5:
             extra["mask_suppressed_by_classifier"] = bool(mask_np.any())
         mask = MetaTensor(torch.from_numpy(mask_np[None]), affine=img.affine.clone(), meta=dict(meta))

@@ -313,6 +313,10 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
             out["caveats"] = tll.caveats_of(params)
         except tll.ResponseError:
             out["caveats"] = []
+        try:
+            out["window_opinion"] = tll.window_opinion_line(params)
+        except tll.ResponseError:
+            out["window_opinion"] = None
         kind = "heatmap" if heat else "segmentation"
         name = f"TumorLens {model}{' heatmap' if heat else ''} - {volume_node.GetName()}"
         if heat:
@@ -699,6 +703,8 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 lines += [f"**Caution:** {c}" for c in res.get("caveats", [])] or ([f"**{warning}**"] if warning else [])
             if res.get("probabilities"):
                 lines.append(tll.probabilities_table(res["probabilities"]))
+            if res.get("window_opinion"):
+                lines.append(f"- {res['window_opinion']}")
             for s in res.get("segments", []):
                 frac = f", {100 * s['fraction']:.0f}% of lesion" if s.get("fraction") is not None else ""
                 lines.append(f"- {s['name']}: {s['voxels']} voxels{frac}")

@@ -100,10 +100,19 @@ def run_predict(args) -> int:
         rec = {"file": Path(path).name, "label": r.label,
                "probabilities": {k: round(v, 4) for k, v in r.probabilities.items()},
                "mask_pixels": tumour_px, "familiarity": fam, "caveats": r.caveats}
+        window = r.extra.get("window_classifier")
+        if window is not None:
+            rec["window_classifier"] = window
         out.append(rec)
         probs = "  ".join(f"{k}={v:.3f}" for k, v in r.probabilities.items())
         flag = "" if fam is None else ("" if fam["familiar"] else "  UNFAMILIAR")
         print(f"{Path(path).name:<28} {r.label:<11} {probs}  mask={tumour_px}px{flag}")
+        if window is not None and window["changed_label"]:
+            net = window["network_probabilities"]
+            first = max(net, key=net.get)
+            print(f"{'':<28} tumour type: the whole-slice network favoured {first} ({net[first]:.3f}); the "
+                  f"lesion-window classifier's opinion ({', '.join(f'{k}={v:.3f}' for k, v in window['probabilities'].items())}) "
+                  f"changed it")
         for c in rec["caveats"]:
             print(f"{'':<28} caveat: {c}")
     if args.json_out:

@@ -83,6 +83,7 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     dices = np.full(len(records), np.nan)  # per image; NaN where it does not count (no mask, or no_tumor)
     fam = np.full(len(records), np.nan, np.float32)
     border = np.full(len(records), np.nan, np.float32)  # 2D pictures: the dark-border caveat's measure
+    window_changed = np.zeros(len(records), bool)  # the window classifier named another tumour type
     batch_x: list[torch.Tensor] = []
     batch_i: list[int] = []
     pending: dict[int, MetaTensor] = {}
@@ -104,15 +105,15 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
             return
         p, seg, f = pred.forward_batch(torch.cat(batch_x))
         for j, i in enumerate(batch_i):
-            probs[i] = p[j].numpy()
+            img = pending[i]
+            probs[i], lesion, said = pred.decide_2d(p[j].numpy(), seg[j:j + 1], img[0].numpy())
+            window_changed[i] = bool(said and said["changed_label"])
             if f is not None:
                 fam[i] = f[j]
-            img = pending[i]
             truth = truth_for(records[i], img)
             if truth is not None:
                 called = pred.model.labels[int(probs[i].argmax())] != NO_TUMOUR
-                dices[i] = dice_score(tumour_mask(pred.lesion_probability(seg[j:j + 1], img[0].numpy(), called), called),
-                                      truth)
+                dices[i] = dice_score(tumour_mask(lesion, called), truth)
         batch_x.clear()
         batch_i.clear()
         pending.clear()
@@ -146,7 +147,10 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     m["familiarity"] = familiarity_summary(fam, labels, probs, pred.familiarity_calibration)
     m["dark_border"] = dark_border_summary(border, labels, probs)
     m["model"] = {"name": pred.model.name, "version": pred.model.version, "backbone": pred.model.backbone,
-                  "lesion_refiner": pred.refiner is not None}
+                  "lesion_refiner": pred.refiner is not None, "window_classifier": pred.window is not None}
+    if pred.window is not None:
+        m["window_classifier"] = {"labels_changed": int(window_changed.sum()),
+                                  "changed_and_right": int((window_changed & (probs.argmax(1) == labels)).sum())}
     m["data"] = {"folder": Path(data_dir).name, "manifest_sha256": manifest.sha256}
     m = json_ready(m)
     m["_probs"] = probs
@@ -243,4 +247,8 @@ def format_table(m: dict) -> str:
         lines.append(f"pictures whose frame is not mostly dark (< {b['threshold']:.2f}, not framed like an MRI slice): "
                      f"{b['n_below']} ({100 * b['below_fraction']:.1f} %); accuracy on them {acc['accuracy_below']}, "
                      f"on the rest {acc['accuracy_rest']}")
+    w = m.get("window_classifier")
+    if w:
+        lines.append(f"lesion-window classifier: changed the tumour type of {w['labels_changed']} images, "
+                     f"{w['changed_and_right']} of them now right")
     return "\n".join(lines)

@@ -58,7 +58,7 @@ def entropy(probabilities: Mapping[str, float]) -> float:
 
 
 def classification(probabilities: Mapping[str, float], uncertainty: Mapping[str, Any] | None = None,
-                   familiarity: Mapping[str, Any] | None = None) -> Classification:
+                   familiarity: Mapping[str, Any] | None = None, window: Mapping[str, Any] | None = None) -> Classification:
     probs = {c: float(probabilities[c]) for c in CLASS_NAMES}
     total = sum(probs.values())
     if total > 0 and abs(total - 1.0) < 1e-2:  # float32 softmax rounding; larger gaps are refused
@@ -66,7 +66,8 @@ def classification(probabilities: Mapping[str, float], uncertainty: Mapping[str,
     label = max(probs, key=probs.get)
     unc = dict(uncertainty) if uncertainty else {"entropy": entropy(probs), "method": "softmax_entropy"}
     return Classification(label=label, probabilities=probs, uncertainty=Uncertainty(**unc),
-                          familiarity=dict(familiarity) if familiarity else None)
+                          familiarity=dict(familiarity) if familiarity else None,
+                          window_opinion=dict(window) if window else None)
 
 
 def mask_info(mask: np.ndarray, source: str, spacing_mm: Sequence[float], kind: str) -> MaskInfo:
@@ -136,6 +137,7 @@ def build_findings(
     familiarity: Mapping[str, Any] | None = None,
     file: str | Path | None = None,
     text_matches: Sequence[Mapping[str, Any]] = (),
+    window: Mapping[str, Any] | None = None,
 ) -> Findings:
     """One validated record from the pieces.
 
@@ -143,7 +145,8 @@ def build_findings(
     ``atlas`` is the dict of ``tumorlens.atlas.map_regions`` (``regions``, ``lesion``, ``placement``,
     ``notes``); ``familiarity`` is ``Prediction.extra["familiarity"]`` (an unfamiliar image also gets a
     note, which the report carries); ``text_matches`` the nearest class descriptions
-    (``tumorlens.alignment.api.text_matches``). Invalid pieces raise ``InvalidInputError`` from :meth:`Findings.from_dict`.
+    (``tumorlens.alignment.api.text_matches``); ``window`` is ``Prediction.extra["window_classifier"]`` (the
+    lesion-window classifier's opinion, when it was asked). Invalid pieces raise ``InvalidInputError`` from :meth:`Findings.from_dict`.
     """
     info = input_info(image, file)
     mask_list = []
@@ -170,7 +173,7 @@ def build_findings(
     record = {
         "schema_version": SCHEMA_VERSION,
         "input": info,
-        "classification": classification(probabilities, uncertainty, familiarity),
+        "classification": classification(probabilities, uncertainty, familiarity, window),
         "masks": mask_list,
         "saliency": saliency,
         "regions": regions,

@@ -21,9 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tumorlens.atomic import atomic_write_text
 from tumorlens.errors import InvalidInputError
 from tumorlens.findings.identifiers import find_identifiers
-from tumorlens.labels import CLASS_NAMES
+from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
 
-SCHEMA_VERSION = "1.1"  # 1.1: classification.familiarity (optional)
+SCHEMA_VERSION = "1.2"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional)
 PROB_SUM_TOL = 1e-3
 MASK_SOURCES = ("segmentation_head", "saliency:gradcam", "saliency:gradcampp", "saliency:scorecam")
 SALIENCY_METHODS = ("gradcam", "gradcampp", "scorecam")
@@ -111,11 +111,45 @@ class FamiliarityInfo(_Strict):
         return self
 
 
+class WindowOpinion(_Strict):
+    """The lesion-window classifier's tumour-type probabilities (``tumorlens.models.window``), fused with the
+    whole-slice network's (``network_probabilities``) into ``Classification.probabilities``; ``changed_label``
+    says the fusion named another tumour type than the network alone."""
+
+    probabilities: dict[str, float]
+    network_probabilities: dict[str, float]
+    weight: float = Field(ge=0.0, le=1.0)
+    changed_label: bool
+
+    @field_validator("probabilities")
+    @classmethod
+    def _tumour_types(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != set(TUMOUR_CLASSES):
+            raise ValueError(f"window probabilities must have exactly the tumour types {list(TUMOUR_CLASSES)}, got {sorted(v)}")
+        if any(not math.isfinite(p) or p < 0.0 or p > 1.0 for p in v.values()):
+            raise ValueError("window probabilities must lie in [0, 1]")
+        return v
+
+    @field_validator("network_probabilities")
+    @classmethod
+    def _classes(cls, v: dict[str, float]) -> dict[str, float]:
+        if set(v) != set(CLASS_NAMES):
+            raise ValueError(f"network probabilities must have exactly the classes {list(CLASS_NAMES)}, got {sorted(v)}")
+        if any(not math.isfinite(p) or p < 0.0 or p > 1.0 for p in v.values()):
+            raise ValueError("network probabilities must lie in [0, 1]")
+        return v
+
+    @property
+    def network_label(self) -> str:
+        return max(self.network_probabilities, key=self.network_probabilities.get)
+
+
 class Classification(_Strict):
     label: str
     probabilities: dict[str, float]
     uncertainty: Uncertainty
     familiarity: FamiliarityInfo | None = None
+    window_opinion: WindowOpinion | None = None
 
     @field_validator("label")
     @classmethod

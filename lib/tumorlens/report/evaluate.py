@@ -79,7 +79,7 @@ def iter_findings(data_dir: str | Path, n: int, model: str | None = None) -> Ite
                                    notes=["no atlas placement: the saliency/atlas stage is not installed",
                                           *([why] if why else [])],
                                    model=predictor.model, file=name, familiarity=pred.extra.get("familiarity"),
-                                   text_matches=matches)
+                                   text_matches=matches, window=pred.extra.get("window_classifier"))
 
 
 def _words(text: str) -> list[str]:

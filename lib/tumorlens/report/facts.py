@@ -82,6 +82,9 @@ class Facts:
     numbers: list[float] = field(default_factory=list)
     # the clinical descriptions the image matched in the model's text space (findings.text_matches)
     text_matches: list[dict] = field(default_factory=list)
+    # the lesion-window classifier named another tumour type than the whole-slice network alone
+    # (findings.classification.window_opinion.changed_label)
+    window_changed_type: bool = False
 
     # ---- derived ---------------------------------------------------------------------------------
     @property
@@ -244,6 +247,9 @@ class Facts:
             out.append("Regions come from matching the image to an atlas template slice and are approximate.")
         if self.entropy >= 0.7 * MAX_ENTROPY:
             out.append("The classifier is uncertain between classes.")
+        if self.window_changed_type:
+            out.append("The tumour type was settled by a second classifier that looks only at the lesion, against "
+                       "the whole-slice network's first choice.")
         out.append("Saliency maps show where the model looked and are only approximate outlines.")
         return out
 
@@ -299,6 +305,7 @@ def build_facts(findings: Any) -> Facts:
         unfamiliar=bool(cls.familiarity is not None and not cls.familiarity.familiar),
         model_name=f.provenance.model,
         text_matches=[t.model_dump() for t in f.text_matches],
+        window_changed_type=bool(cls.window_opinion is not None and cls.window_opinion.changed_label),
     )
     facts.numbers = _allowed_numbers(facts)
     return facts

@@ -143,7 +143,7 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
         notes.append(why)
     findings = build_findings(img, pred.probabilities, masks=mask_list, saliency=saliency_info, atlas=atlas,
                               notes=notes, patient=patient, model=lm, familiarity=pred.extra.get("familiarity"),
-                              text_matches=matches)
+                              text_matches=matches, window=pred.extra.get("window_classifier"))
     region_map, region_names = None, None
     if atlas is not None and atlas.get("region_map") is not None:  # per-voxel labels, if the atlas offers them
         region_map, region_names = np.asarray(atlas["region_map"]), list(atlas.get("region_names", []))

@@ -1,4 +1,4 @@
-"""``tumorlens train --config configs/train/<name>.yaml`` and ``tumorlens train-refiner``."""
+"""``tumorlens train --config configs/train/<name>.yaml``, ``tumorlens train-refiner`` and ``train-window``."""
 
 from __future__ import annotations
 
@@ -21,6 +21,18 @@ def register(sub) -> None:
     r.add_argument("--no-save", action="store_true", help="measure only; never write refiner.pt")
     r.add_argument("--json", help="write the training and validation record here")
     r.set_defaults(func=run_refiner)
+    w = sub.add_parser("train-window", help="train the lesion-window classifier of a trained model (a second opinion "
+                                            "on the tumour type from the lesion's window; stored only if the fused "
+                                            "decision is more accurate)")
+    w.add_argument("--model", help="model name or folder (default: the shipped model)")
+    w.add_argument("--data", help="manifest folder (default: ../shared/data/brain-mri-2d); the model's grouped "
+                                  "split of it is used")
+    w.add_argument("--epochs", type=int, default=40)
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--max-images", type=int, help="a fixed subset of each part (smoke runs)")
+    w.add_argument("--no-save", action="store_true", help="measure only; never write window_classifier.pt")
+    w.add_argument("--json", help="write the training and validation record here")
+    w.set_defaults(func=run_window)
 
 
 def run(args) -> int:
@@ -51,6 +63,22 @@ def run_refiner(args) -> int:
         check_output(args.json)
     rec = train_refiner(args.model, args.data, epochs=args.epochs, max_images=args.max_images, save=not args.no_save,
                         json_out=args.json)
+    print(dumps({"validation": rec["validation"], "stored": rec["stored"],
+                 "duration_s": rec["training"]["duration_s"]}))
+    return 0
+
+
+def run_window(args) -> int:
+    from tumorlens.evaluation.cli import check_output
+    from tumorlens.evaluation.jsonio import dumps
+    from tumorlens.training.window import train_window
+
+    if args.epochs < 1:
+        raise SystemExit("--epochs must be at least 1")
+    if args.json:
+        check_output(args.json)
+    rec = train_window(args.model, args.data, epochs=args.epochs, max_images=args.max_images, save=not args.no_save,
+                       json_out=args.json, seed=args.seed)
     print(dumps({"validation": rec["validation"], "stored": rec["stored"],
                  "duration_s": rec["training"]["duration_s"]}))
     return 0

@@ -45,8 +45,8 @@ DEFAULTS = {"epochs": 24, "batch_size": 32, "lr": 3e-3, "weight_decay": 1e-4, "s
 JITTER = {"shift": 0.15, "log_scale": 0.3, "angle": 0.3, "log_gamma": 0.3}
 
 
-def lesion_slices(manifest, idx: list[int], progress: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(slice, true mask) of the 2D tumour images with a non-empty outline among ``idx``."""
+def lesion_slices(manifest, idx: list[int], progress: bool = True) -> list[tuple[np.ndarray, np.ndarray, str]]:
+    """(slice, true mask, label) of the 2D tumour images with a non-empty outline among ``idx``."""
     from tumorlens.evaluation.evaluate import truth_mask
 
     out = []
@@ -59,15 +59,15 @@ def lesion_slices(manifest, idx: list[int], progress: bool = True) -> list[tuple
             continue
         truth = truth_mask(r.mask, img)
         if truth.any():
-            out.append((img[0].numpy().astype(np.float32), truth))
+            out.append((img[0].numpy().astype(np.float32), truth, r.label))
     return out
 
 
-def augmented_batch(items: list[tuple[np.ndarray, np.ndarray]], rng: np.random.Generator,
+def augmented_batch(items: list[tuple[np.ndarray, np.ndarray, str]], rng: np.random.Generator,
                     crop: int = CROP) -> tuple[torch.Tensor, torch.Tensor]:
     x = np.zeros((len(items), 1, crop, crop), np.float32)
     y = np.zeros_like(x)
-    for j, (arr, truth) in enumerate(items):
+    for j, (arr, truth, _) in enumerate(items):
         cy, cx, side = lesion_box(truth)
         cy += rng.normal() * JITTER["shift"] * side
         cx += rng.normal() * JITTER["shift"] * side
@@ -88,7 +88,7 @@ def refiner_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, target) + (1 - (2 * inter + 1) / (den + 1)).mean()
 
 
-def validation_dice(predictor, refiner: LesionRefiner, items: list[tuple[np.ndarray, np.ndarray]],
+def validation_dice(predictor, refiner: LesionRefiner, items: list[tuple[np.ndarray, np.ndarray, str]],
                     progress: bool = True) -> dict:
     """seg Dice of the seg head alone and with the refiner, through ``Predictor.lesion_probability`` as
     ``tumorlens evaluate`` computes it (``predictor`` is one without a refiner)."""
@@ -97,7 +97,7 @@ def validation_dice(predictor, refiner: LesionRefiner, items: list[tuple[np.ndar
     with_refiner = Predictor(predictor.model, aligned=False, refine=False)
     with_refiner.refiner = refiner
     coarse, refined, t_head, t_refine = [], [], 0.0, 0.0
-    for arr, truth in tqdm(items, desc="validating", disable=not progress):
+    for arr, truth, _ in tqdm(items, desc="validating", disable=not progress):
         t = time.perf_counter()
         probs, seg, _ = predictor.forward_batch(prepare_slice(arr, predictor.size))
         called = predictor.model.labels[int(probs[0].argmax())] != NO_TUMOUR
@@ -179,7 +179,7 @@ def train_refiner(model: str | None = None, data_dir: str | Path | None = None, 
         refiner.meta = {k: record[k] for k in ("trained_at", "validation", "data")} | {
             "model_version": predictor.model.version}
         refiner.save(Path(predictor.model.path) / REFINER_FILE)
-        _record_in_card(Path(predictor.model.path), record)
+        record_in_card(Path(predictor.model.path), "refiner", record)
     elif save:
         log.warning("the refiner did not raise seg Dice on validation (%.4f -> %.4f): not stored",
                     val["seg_dice_head"] or 0, val["seg_dice_refined"] or 0)
@@ -188,12 +188,13 @@ def train_refiner(model: str | None = None, data_dir: str | Path | None = None, 
     return record
 
 
-def _record_in_card(folder: Path, record: dict) -> None:
+def record_in_card(folder: Path, key: str, record: dict) -> None:
+    """Write a companion network's training record into the model card under ``key``."""
     import json
 
     from tumorlens.models.registry import CARD
 
     path = folder / CARD
     card = json.loads(path.read_text()) if path.is_file() else {}
-    card["refiner"] = {k: v for k, v in record.items() if k != "stored"}
+    card[key] = {k: v for k, v in record.items() if k != "stored"}
     atomic_write_text(path, json.dumps(card, indent=2, default=str))

@@ -17,7 +17,8 @@ class ClassificationInfer(TumorlensInfer):
 
     def __init__(self, state: AppState):
         super().__init__(state, InferType.CLASSIFICATION, {c: i for i, c in enumerate(CLASS_NAMES)}, 3,
-                         "Brain MRI tumour class (glioma / meningioma / pituitary / no tumour) with per-class scores; "
+                         "Brain MRI tumour class (glioma / meningioma / pituitary / no tumour) with per-class scores (on 2D slices "
+                         "the tumour type is re-weighed by the lesion-window classifier); "
                          "2D slices and volumes (slice-wise)")
 
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:

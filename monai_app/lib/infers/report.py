@@ -65,7 +65,8 @@ class ReportInfer(TumorlensInfer):
         return build_findings(img, pred.probabilities, masks=[("segmentation_head", pred.mask.numpy()[0])], model=model,
                               notes=["saliency pipeline not installed: no saliency map and no atlas regions",
                                      *pred.extra.get("caveats", []), *([why] if why else [])],
-                              familiarity=pred.extra.get("familiarity"), text_matches=matches)
+                              familiarity=pred.extra.get("familiarity"), text_matches=matches,
+                              window=pred.extra.get("window_classifier"))
 
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
         from tumorlens.report import generate_report

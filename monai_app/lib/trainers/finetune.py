@@ -27,6 +27,7 @@ from tumorlens.config import config_hash
 from tumorlens.errors import InvalidInputError, TrainingDivergedError
 from tumorlens.labels import NO_TUMOUR, class_index
 from tumorlens.models.refiner import REFINER_FILE, carry_refiner
+from tumorlens.models.window import WINDOW_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +45,9 @@ def labelled_items(datastore: Datastore) -> tuple[list[dict], list[str]]:
     return items, notes
 
 
+WINDOW_DROPPED = ("the lesion-window classifier was not carried over: it re-weighs the tumour types of the network it "
+                  "was validated with, and this version's own network, fine-tuned on your labels, decides here; train one "
+                  "for it with `tumorlens train-window --model FOLDER`")
 HEADS_DROPPED = ("the text-aligned head and the familiarity check were not carried over (the encoder was fine-tuned, "
                  "or the version trained from has none): the plain classifier decides in this version and in every "
                  "version trained from it; train from a version that has them, or refit with `tumorlens align`")
@@ -159,6 +163,8 @@ class FinetuneTrainer(TrainTask):
         if not heads:
             notes.append(HEADS_DROPPED)
         refiner = (base.path / REFINER_FILE).is_file()  # the lesion refiner goes along unchanged
+        if (base.path / WINDOW_FILE).is_file():
+            notes.append(WINDOW_DROPPED)
         card = dict(base.card)
         if "metrics" in card:  # measured on the version trained from, not on this one
             card["parent_metrics"] = card.pop("metrics")

@@ -25,6 +25,7 @@ from .results import (
     readable_region,
     segment_name,
     segment_specs,
+    window_opinion_line,
 )
 
 # Python packages the module needs inside Slicer beyond what Slicer ships (numpy, vtk).
@@ -38,5 +39,5 @@ __all__ = [
     "findings_of", "heat_table",
     "label_names_of", "matched_descriptions", "parse_infer_response", "parse_label_map", "parse_models", "parse_strategies",
     "probabilities_of", "probabilities_table", "readable_region", "region_color", "report_markdown",
-    "report_view", "segment_name", "segment_specs", "verification_status",
+    "report_view", "segment_name", "segment_specs", "verification_status", "window_opinion_line",
 ]

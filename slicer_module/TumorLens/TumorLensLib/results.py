@@ -145,6 +145,28 @@ def matched_descriptions(findings: dict | None, n: int = 2) -> list[str]:
     return out
 
 
+def window_opinion_line(params: dict) -> str | None:
+    """One line for the results panel when the lesion-window classifier took part in the decision (the
+    ``window_classifier`` of a classification/segmentation answer, or the findings record's
+    ``classification.window_opinion``); None when the server did not say."""
+    w = _maybe_json(params.get("window_classifier"))
+    if w is None:
+        f = findings_of(params)
+        if f and isinstance(f.get("classification"), dict):
+            w = f["classification"].get("window_opinion")
+    if w is None:
+        return None
+    try:
+        window, net = dict(w["probabilities"]), dict(w["network_probabilities"])
+        first_w, first_n = max(window, key=window.get), max(net, key=net.get)
+        if not w["changed_label"]:
+            return f"Lesion-window classifier agreed on the tumour type ({first_w}, {float(window[first_w]):.2f})."
+        return (f"Tumour type settled by the lesion-window classifier ({first_w}, {float(window[first_w]):.2f}); "
+                f"the whole-slice network alone favoured {first_n} ({float(net[first_n]):.2f}).")
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise ResponseError(f"'window_classifier' is not a probabilities/network_probabilities/changed_label record: {w!r}") from None
+
+
 def label_names_of(params: dict) -> dict[str, int]:
     """``label_names`` of an infer answer; background (index 0) dropped."""
     names = parse_label_map(_maybe_json(params.get("label_names")))

@@ -1,0 +1,125 @@
+"""Lesion-window classifier: a second opinion on the tumour type from the lesion at the slice's own pixels.
+
+Why: the dual-head network decides from the whole slice at 128 px, half the training slices' 256 px, and
+most of its errors are one tumour type read as another (glioma as meningioma above all). Cheng et al.
+(PLoS ONE 2015), who published these figshare slices, found the tumour region and its rim carry the type.
+This small ResNet looks only at the window the lesion refiner uses (``tumorlens.models.refiner``: the
+largest part of the product's mask plus a rim, sampled to 96 x 96 from the slice itself) and gives the
+three tumour types' probabilities.
+
+It only re-weighs the tumour types of a slice the dual-head network already calls a tumour
+(``fuse``: geometric mean of the two opinions over the three types, equal weights fixed before
+validation, tumour versus no tumour left to the dual-head network), so it can change which tumour is
+named, never whether one is. It is stored beside a model only when the fused decision was more accurate
+than the model alone on the model's grouped validation part (``tumorlens train-window``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from monai.networks.nets import ResNet
+
+from tumorlens.atomic import atomic_write
+from tumorlens.errors import ModelNotFoundError
+from tumorlens.labels import TUMOUR_CLASSES
+from tumorlens.models.refiner import CROP, crop_grid, lesion_box, lesion_window, normalise_crop, sample
+
+WINDOW_FILE = "window_classifier.pt"
+WIDTHS = (32, 64, 128, 256)  # a quarter of ResNet18's channels: 2.8 M weights, 5.6 MB in fp16
+WINDOW_WEIGHT = 0.5  # share of the window's opinion in the geometric mean; fixed, never fitted on validation
+_cache: dict[tuple[str, float, str], WindowClassifier] = {}
+_lock = threading.Lock()
+
+
+def build_window_net() -> ResNet:
+    return ResNet(block="basic", layers=(2, 2, 2, 2), block_inplanes=list(WIDTHS), spatial_dims=2,
+                  n_input_channels=1, num_classes=len(TUMOUR_CLASSES), conv1_t_stride=2)
+
+
+def window_crop(arr: np.ndarray, mask: np.ndarray, crop: int = CROP) -> np.ndarray | None:
+    """The normalised [crop, crop] window around the largest part of ``mask`` on slice ``arr``, or None."""
+    box = lesion_box(mask)
+    if box is None:
+        return None
+    cy, cx, side = box
+    return normalise_crop(sample(arr.astype(np.float32), crop_grid(arr.shape, cy, cx, lesion_window(side), crop)))
+
+
+def fuse(probs: np.ndarray, window: np.ndarray, labels: tuple[str, ...] | list[str],
+         weight: float = WINDOW_WEIGHT) -> np.ndarray:
+    """The dual-head ``probs`` (over ``labels``) with the tumour types re-weighed by ``window`` (over
+    ``TUMOUR_CLASSES``): weighted geometric mean of the two type distributions, scaled back to the
+    dual-head network's tumour probability. The no-tumour probability is unchanged."""
+    labels = list(labels)
+    idx = [labels.index(c) for c in TUMOUR_CLASSES]
+    p = np.asarray(probs, np.float64).copy()
+    mass = p[idx].sum()
+    if mass <= 0:
+        return p.astype(np.float32)
+    types = np.clip(p[idx] / mass, 1e-8, 1.0)
+    w = np.clip(np.asarray(window, np.float64), 1e-8, 1.0)
+    g = np.exp((1 - weight) * np.log(types) + weight * np.log(w))
+    p[idx] = mass * g / g.sum()
+    return p.astype(np.float32)
+
+
+@dataclass
+class WindowClassifier:
+    net: ResNet
+    crop: int = CROP
+    meta: dict = field(default_factory=dict)
+    device: str = "cpu"
+
+    @torch.no_grad()
+    def classify(self, arr: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
+        """Probabilities over ``TUMOUR_CLASSES`` of the lesion ``mask`` marks on slice ``arr``; None when
+        the mask is empty."""
+        x = window_crop(arr, mask, self.crop)
+        if x is None:
+            return None
+        return self.net(torch.from_numpy(x)[None, None].to(self.device)).softmax(1)[0].float().cpu().numpy()
+
+    def decide(self, probs: np.ndarray, arr: np.ndarray, mask: np.ndarray,
+               labels: tuple[str, ...] | list[str]) -> tuple[np.ndarray, dict | None]:
+        """(fused probabilities, what the window said) for a slice the dual-head network gave ``probs``;
+        unchanged (and None) when there is no lesion to look at. Only for slices called a tumour."""
+        q = self.classify(arr, mask)
+        if q is None:
+            return probs, None
+        fused = fuse(probs, q, labels)
+        return fused, {"probabilities": {c: round(float(v), 4) for c, v in zip(TUMOUR_CLASSES, q, strict=True)},
+                       "weight": WINDOW_WEIGHT,
+                       "changed_label": labels[int(np.argmax(fused))] != labels[int(np.argmax(probs))]}
+
+    def save(self, path: str | Path) -> Path:
+        state = {k: v.half().cpu() if v.is_floating_point() else v.cpu() for k, v in self.net.state_dict().items()}
+        return atomic_write(path, lambda tmp: torch.save({"state_dict": state, "crop": self.crop, "meta": self.meta}, tmp))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str = "cpu") -> WindowClassifier:
+        try:
+            st = torch.load(path, map_location="cpu", weights_only=False)
+            net = build_window_net()
+            net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["state_dict"].items()})
+        except Exception as e:
+            raise ModelNotFoundError(f"{path}: unreadable lesion-window classifier ({type(e).__name__}: {e})") from e
+        return cls(net=net.eval().to(device), crop=int(st.get("crop", CROP)), meta=dict(st.get("meta") or {}),
+                   device=str(device))
+
+
+def load_window_classifier(model_path: str | Path, device: str = "cpu") -> WindowClassifier | None:
+    """The window classifier stored beside a model (cached per file and mtime), or None."""
+    path = Path(model_path) / WINDOW_FILE
+    if not path.is_file():
+        return None
+    key = (str(path.resolve()), path.stat().st_mtime, str(device))
+    with _lock:
+        if key not in _cache:
+            _cache[key] = WindowClassifier.load(path, device)
+        return _cache[key]

@@ -1,0 +1,173 @@
+"""``tumorlens train-window``: fit the lesion-window classifier (``tumorlens.models.window``) of a trained model.
+
+It learns the tumour type from windows around the true outlines of the model's own grouped training
+part, jittered in place, size, angle, side and gamma as the refiner's are (at inference the window sits
+on the product's mask, near but not on the truth). The last epoch is kept (a one-cycle schedule ends
+annealed): no epoch is picked on validation. It is judged on the model's grouped validation part, every
+image through the dual-head network and the product's mask as ``tumorlens evaluate`` runs them, with and
+without the fusion, and written next to the model only when the fused 4-class accuracy is higher.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from tumorlens.data.manifest import load_manifest
+from tumorlens.data.readers import is_volume, read_image
+from tumorlens.data.splits import training_split
+from tumorlens.errors import InvalidInputError, TrainingDivergedError
+from tumorlens.evaluation.jsonio import write_json
+from tumorlens.evaluation.metrics import classification_metrics
+from tumorlens.labels import TUMOUR_CLASSES, class_index
+from tumorlens.models.refiner import CROP
+from tumorlens.models.window import (
+    WINDOW_FILE,
+    WINDOW_WEIGHT,
+    WindowClassifier,
+    build_window_net,
+    fuse,
+    window_crop,
+)
+from tumorlens.training.refiner import augmented_batch, lesion_slices, record_in_card
+
+log = logging.getLogger(__name__)
+
+DEFAULTS = {"epochs": 40, "batch_size": 32, "lr": 2e-3, "weight_decay": 5e-2, "label_smoothing": 0.1, "seed": 0}
+
+
+def validation_views(predictor, manifest, idx: list[int], progress: bool = True) -> list[dict]:
+    """Per 2D validation image: its label index, the dual-head probabilities and the window the product's
+    mask gives (None when it calls no tumour), computed as ``Predictor.predict`` does."""
+    from tumorlens.inference import prepare_slice, tumour_mask
+    from tumorlens.labels import NO_TUMOUR
+
+    out = []
+    for i in tqdm(idx, desc="validation images", disable=not progress):
+        r = manifest.records[i]
+        img = read_image(r.image)
+        if is_volume(img):
+            continue
+        arr = img[0].numpy().astype(np.float32)
+        probs, seg, _ = predictor.forward_batch(prepare_slice(arr, predictor.size))
+        p = probs[0].numpy()
+        called = predictor.model.labels[int(p.argmax())] != NO_TUMOUR
+        crop = None
+        if called:
+            crop = window_crop(arr, tumour_mask(predictor.lesion_probability(seg, arr, called), called))
+        out.append({"label": class_index(r.label), "probs": p, "crop": crop, "group": r.group})
+    return out
+
+
+@torch.no_grad()
+def validation_accuracy(net, views: list[dict], labels: tuple[str, ...]) -> dict:
+    """Accuracy of the dual-head network alone and fused with ``net`` on the validation ``views``."""
+    y = np.array([v["label"] for v in views])
+    plain = np.stack([v["probs"] for v in views])
+    fused = plain.copy()
+    has = [j for j, v in enumerate(views) if v["crop"] is not None]
+    window_hits = []
+    if has:
+        x = torch.from_numpy(np.stack([views[j]["crop"] for j in has]))[:, None]
+        q = torch.cat([net(x[k:k + 64]).softmax(1) for k in range(0, len(x), 64)]).numpy()
+        for j, qj in zip(has, q, strict=True):
+            fused[j] = fuse(plain[j], qj, labels)
+            if labels[y[j]] in TUMOUR_CLASSES:
+                window_hits.append(TUMOUR_CLASSES[int(qj.argmax())] == labels[y[j]])
+    m0, m1 = classification_metrics(y, plain, labels), classification_metrics(y, fused, labels)
+    return {"n": len(views), "n_windows": len(has),
+            "accuracy": m0["accuracy"], "accuracy_fused": m1["accuracy"],
+            "tumour_only_accuracy": m0["tumour_only_accuracy"], "tumour_only_accuracy_fused": m1["tumour_only_accuracy"],
+            "balanced_accuracy": m0["balanced_accuracy"], "balanced_accuracy_fused": m1["balanced_accuracy"],
+            "window_alone_accuracy": float(np.mean(window_hits)) if window_hits else None,
+            "labels_changed": int((fused.argmax(1) != plain.argmax(1)).sum())}
+
+
+def train_window(model: str | None = None, data_dir: str | Path | None = None, epochs: int = DEFAULTS["epochs"],
+                 max_images: int | None = None, save: bool = True, json_out: str | Path | None = None,
+                 progress: bool = True, device: str | None = None, seed: int = DEFAULTS["seed"]) -> dict:
+    """Train, validate and (when the fused decision wins) store the window classifier of ``model``; returns
+    the record written into the model card's ``window_classifier`` entry."""
+    from tumorlens.inference import Predictor
+    from tumorlens.paths import shared_data_dir
+
+    predictor = Predictor(model, window=False)
+    labels = tuple(predictor.model.labels)
+    card = predictor.model.card
+    split = card.get("data", {}).get("split", {})
+    root = Path(data_dir) if data_dir else shared_data_dir() / "brain-mri-2d"
+    manifest = load_manifest(root)
+    same_data = card.get("data", {}).get("manifest_sha256") == manifest.sha256
+    if not same_data:
+        log.warning("%s is not the manifest model %s was trained on: its grouped split is used, and the accuracy "
+                    "is not measured on the model's own validation part", root, predictor.model.name)
+    train_idx, val_idx = training_split(manifest, float(split.get("val_fraction", 0.2)), int(split.get("seed", 0)),
+                                        max_images)
+    train_items = lesion_slices(manifest, train_idx, progress)
+    if not train_items:
+        raise InvalidInputError(root, "no 2D tumour image with an outline in the training part: nothing to learn from")
+    views = validation_views(predictor, manifest, val_idx, progress)
+    targets = {c: i for i, c in enumerate(TUMOUR_CLASSES)}
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    net = build_window_net().to(device)
+    opt = torch.optim.AdamW(net.parameters(), DEFAULTS["lr"] / 10, weight_decay=DEFAULTS["weight_decay"])
+    bs = min(DEFAULTS["batch_size"], len(train_items))
+    steps = max(1, len(train_items) // bs)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, DEFAULTS["lr"], total_steps=epochs * steps, pct_start=0.2)
+    t0 = time.time()
+    history = []
+    bar = tqdm(range(epochs), desc="training window classifier", disable=not progress)
+    for epoch in bar:
+        net.train()
+        order = rng.permutation(len(train_items))
+        total = 0.0
+        for k in range(steps):
+            batch = [train_items[i] for i in order[k * bs:(k + 1) * bs]]
+            x, _ = augmented_batch(batch, rng)
+            y = torch.tensor([targets[lab] for *_, lab in batch])
+            loss = F.cross_entropy(net(x.to(device)), y.to(device), label_smoothing=DEFAULTS["label_smoothing"])
+            if not torch.isfinite(loss):
+                raise TrainingDivergedError(f"window classifier loss became {loss.item()} in epoch {epoch + 1}")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+            total += loss.item()
+        net.eval()
+        # watched, never used to pick an epoch
+        v = validation_accuracy(net.cpu(), views, labels) if views else {}
+        net.to(device)
+        history.append({"epoch": epoch + 1, "loss": round(total / steps, 4),
+                        "val_accuracy_fused": v.get("accuracy_fused"), "val_window_alone": v.get("window_alone_accuracy")})
+        bar.set_postfix(loss=f"{total / steps:.3f}", fused=f"{v.get('accuracy_fused') or 0:.3f}")
+    seconds = time.time() - t0
+    clf = WindowClassifier(net=net.eval().cpu())
+    val = validation_accuracy(clf.net, views, labels) if views else {"n": 0}
+    wins = val["n"] > 0 and val["accuracy_fused"] > val["accuracy"]
+    record = {"file": WINDOW_FILE, "crop": CROP, "weight": WINDOW_WEIGHT,
+              "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
+              "data": {"root": str(root), "same_manifest_as_model": same_data, "n_train_outlines": len(train_items)},
+              "training": {**DEFAULTS, "seed": seed, "epochs": epochs, "device": device,
+                           "threads": torch.get_num_threads(), "duration_s": round(seconds, 1),
+                           "seconds_per_epoch": round(seconds / max(epochs, 1), 1), "history": history},
+              "validation": val, "stored": bool(save and wins)}
+    if save and wins:
+        clf.meta = {k: record[k] for k in ("trained_at", "validation", "data")} | {
+            "model_version": predictor.model.version}
+        clf.save(Path(predictor.model.path) / WINDOW_FILE)
+        record_in_card(Path(predictor.model.path), "window_classifier", record)
+    elif save:
+        log.warning("fusing the window classifier did not raise accuracy on validation (%.4f -> %.4f): not stored",
+                    val.get("accuracy") or 0, val.get("accuracy_fused") or 0)
+    if json_out:
+        write_json(record, json_out)
+    return record

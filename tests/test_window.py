@@ -1,0 +1,117 @@
+"""Lesion-window classifier: the fusion rule, the shipped classifier on real validation slices, training on
+real outlines, and where its opinion shows (prediction, findings record, report)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tumorlens.data import grouped_split, load_manifest, read_image
+from tumorlens.inference import Predictor
+from tumorlens.labels import CLASS_NAMES, NO_TUMOUR, TUMOUR_CLASSES
+from tumorlens.models.window import WINDOW_FILE, WindowClassifier, build_window_net, fuse, window_crop
+
+
+def test_fusion_reweighs_tumour_types_only():
+    p = np.array([0.50, 0.30, 0.05, 0.15], np.float32)  # glioma, meningioma, pituitary, no tumour
+    sure_meningioma = np.array([0.05, 0.90, 0.05])
+    f = fuse(p, sure_meningioma, CLASS_NAMES)
+    assert f.sum() == pytest.approx(1.0, abs=1e-6)
+    assert f[3] == pytest.approx(0.15) and f[:3].sum() == pytest.approx(0.85, abs=1e-6)  # tumour vs none kept
+    assert CLASS_NAMES[int(f.argmax())] == "meningioma"  # a confident window can change the type
+    g = np.sqrt(p[:3] / 0.85 * sure_meningioma)
+    np.testing.assert_allclose(f[:3], 0.85 * g / g.sum(), rtol=1e-5)  # the geometric mean, equal weights
+    same = fuse(p, np.full(3, 1 / 3), CLASS_NAMES)  # an undecided window keeps the network's ranking
+    assert list(np.argsort(same)) == list(np.argsort(p)) and same[3] == pytest.approx(0.15)
+    reordered = ["no_tumor", "pituitary", "glioma", "meningioma"]  # labels in another order
+    fr = fuse(np.array([0.15, 0.05, 0.50, 0.30]), sure_meningioma, reordered)
+    np.testing.assert_allclose(fr, f[[3, 2, 0, 1]], atol=1e-6)
+
+
+def test_no_window_without_a_lesion_and_the_crop_is_normalised():
+    arr = np.random.default_rng(0).random((120, 100)).astype(np.float32)
+    assert window_crop(arr, np.zeros_like(arr, bool)) is None
+    clf = WindowClassifier(net=build_window_net().eval())
+    assert clf.classify(arr, np.zeros_like(arr, bool)) is None
+    m = np.zeros_like(arr, bool)
+    m[40:60, 30:55] = True
+    c = window_crop(arr, m)
+    assert c.shape == (96, 96) and abs(float(c.mean())) < 1e-3 and float(c.std()) == pytest.approx(1.0, abs=0.01)
+    q = clf.classify(arr, m)
+    assert q.shape == (len(TUMOUR_CLASSES),) and q.sum() == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def val_images(dev2d):
+    """Every 6th image of the shipped model's grouped validation part."""
+    m = load_manifest(dev2d)
+    _, val = grouped_split(m, 0.2, seed=0)
+    return [m.records[i] for i in val][::6]
+
+
+def test_shipped_window_classifier_names_the_tumour_type_better_on_validation(model, val_images):
+    """Stored beside the shipped model because the fused decision won on grouped validation (its figures
+    are in the card); on a sample of those held-out slices the fused decision is at least as often right as
+    the network alone, changes no tumour-versus-none call, and its opinion is part of the prediction."""
+    assert (model.path / WINDOW_FILE).is_file()
+    card = json.loads((model.path / "model_card.json").read_text())["window_classifier"]
+    assert card["validation"]["accuracy_fused"] > card["validation"]["accuracy"]
+    fused, alone = Predictor(model), Predictor(model, window=False)
+    assert fused.window is not None and alone.window is None
+    right_f = right_a = asked = 0
+    for rec in val_images:
+        img = read_image(rec.image)
+        a, b = fused.predict(img), alone.predict(img)
+        assert (a.label == NO_TUMOUR) == (b.label == NO_TUMOUR)
+        assert a.probabilities[NO_TUMOUR] == pytest.approx(b.probabilities[NO_TUMOUR], abs=1e-6)
+        np.testing.assert_array_equal(a.mask.numpy(), b.mask.numpy())  # the mask does not depend on it
+        said = a.extra.get("window_classifier")
+        if b.label == NO_TUMOUR:
+            assert said is None
+            continue
+        asked += 1
+        assert set(said["probabilities"]) == set(TUMOUR_CLASSES)
+        assert said["network_probabilities"] == pytest.approx(b.probabilities, abs=1e-4)
+        assert said["changed_label"] == (a.label != b.label)
+        right_f += a.label == rec.label
+        right_a += b.label == rec.label
+    assert asked >= 60
+    assert right_f >= right_a
+
+
+def test_train_window_learns_from_real_outlines(tmp_path, dev2d, model):
+    """A few epochs on real outlines lower the loss; --no-save leaves the model folder as it was."""
+    from tumorlens.training.window import train_window
+
+    before = (model.path / WINDOW_FILE).stat().st_mtime
+    rec = train_window(data_dir=dev2d, epochs=4, max_images=64, save=False, json_out=tmp_path / "w.json",
+                       progress=False)
+    losses = [h["loss"] for h in rec["training"]["history"]]
+    assert losses[-1] < losses[0]
+    val = rec["validation"]
+    assert rec["stored"] is False and val["n"] > 0 and 0 < val["n_windows"] <= val["n"]
+    assert (model.path / WINDOW_FILE).stat().st_mtime == before
+    assert json.loads((tmp_path / "w.json").read_text())["data"]["same_manifest_as_model"] is True
+
+
+def test_findings_and_report_say_when_the_window_changed_the_type(model, val_images):
+    """The record carries the window's opinion; when it overruled the network's type the report says so."""
+    from tumorlens.findings import build_findings
+    from tumorlens.report.facts import build_facts
+
+    img = read_image(val_images[0].image)
+    net = {"glioma": 0.45, "meningioma": 0.40, "pituitary": 0.05, "no_tumor": 0.10}
+    window = {"probabilities": {"glioma": 0.1, "meningioma": 0.85, "pituitary": 0.05}, "weight": 0.5,
+              "network_probabilities": net, "changed_label": True}
+    probs = dict(zip(CLASS_NAMES, fuse(np.array([net[c] for c in CLASS_NAMES]),
+                                       np.array([window["probabilities"][c] for c in TUMOUR_CLASSES]),
+                                       CLASS_NAMES).tolist(), strict=True))
+    f = build_findings(img, probs, model=model, window=window)
+    assert f.classification.label == "meningioma" and f.classification.window_opinion.network_label == "glioma"
+    assert any("second classifier that looks only at the lesion" in s for s in build_facts(f).limitations())
+    kept = build_findings(img, probs, model=model, window=window | {"changed_label": False})
+    assert not any("second classifier" in s for s in build_facts(kept).limitations())
+    with pytest.raises(Exception, match="tumour types"):
+        build_findings(img, probs, model=model, window=window | {"probabilities": {"glioma": 1.0}})
