@@ -59,6 +59,10 @@ def test_evaluate_cli_on_64_validation_images(val64, subset_factory, tmp_path):
     assert border["n_pictures"] == 64 and border["n_below"] == 0 and border["min"] >= 0.5
     w = m["window_classifier"]  # the lesion-window classifier's share in the decisions
     assert m["model"]["window_classifier"] is True and 0 <= w["changed_and_right"] <= w["labels_changed"] < 64 // 4
+    gain = m["accuracy"] - w["accuracy_network_alone"]  # each changed type is one image more or less right
+    assert gain == pytest.approx((2 * w["changed_and_right"] - w["labels_changed"]) / 64)
+    lo, hi = w["gain_ci95"]["accuracy_gain"]
+    assert lo <= gain <= hi and "lesion-window classifier" in proc.stdout
     assert (tmp_path / "metrics.confusion.png").stat().st_size > 5000
     assert "accuracy" in proc.stdout
     ci = m["ci95"]  # resampled over the subset's patient groups, each interval around its point estimate
@@ -88,6 +92,12 @@ def test_grouped_bootstrap_widens_with_correlated_errors():
     assert grouped[1] - grouped[0] > 1.5 * (images[1] - images[0])
     dice = np.where(np.arange(200) % 2 == 0, 0.7, np.nan)
     assert grouped_bootstrap(labels, probs, CLASS_NAMES, groups, dice)["seg_dice"] == [0.7, 0.7]
+    # paired: the same images under a better decision; the gain's interval comes from the same draws
+    better = probs.copy()
+    better[groups == 0] = np.eye(len(CLASS_NAMES))[0]  # one of the three wrong patients put right: +0.05
+    paired = grouped_bootstrap(labels, better, CLASS_NAMES, groups, baseline=probs)
+    assert 0 <= paired["accuracy_gain"][0] < 0.05 < paired["accuracy_gain"][1]
+    assert grouped_bootstrap(labels, probs, CLASS_NAMES, groups, baseline=probs)["accuracy_gain"] == [0.0, 0.0]
 
 
 def test_evaluate_names_the_bad_manifest(tmp_path):

@@ -84,6 +84,7 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     fam = np.full(len(records), np.nan, np.float32)
     border = np.full(len(records), np.nan, np.float32)  # 2D pictures: the dark-border caveat's measure
     window_changed = np.zeros(len(records), bool)  # the window classifier named another tumour type
+    network = np.zeros_like(probs)  # the network's own probabilities, before the window classifier's opinion
     batch_x: list[torch.Tensor] = []
     batch_i: list[int] = []
     pending: dict[int, MetaTensor] = {}
@@ -106,7 +107,8 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
         p, seg, f = pred.forward_batch(torch.cat(batch_x))
         for j, i in enumerate(batch_i):
             img = pending[i]
-            probs[i], lesion, said = pred.decide_2d(p[j].numpy(), seg[j:j + 1], img[0].numpy())
+            network[i] = p[j].numpy()
+            probs[i], lesion, said = pred.decide_2d(network[i], seg[j:j + 1], img[0].numpy())
             window_changed[i] = bool(said and said["changed_label"])
             if f is not None:
                 fam[i] = f[j]
@@ -123,6 +125,9 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
         if is_volume(img):
             r = pred.predict(img)  # refuses a constant volume itself, naming the file
             probs[i] = [r.probabilities[c] for c in pred.model.labels]
+            said = r.extra.get("window_classifier")  # a one-slice file is decided as the 2D slice is
+            network[i] = [said["network_probabilities"][c] for c in pred.model.labels] if said else probs[i]
+            window_changed[i] = bool(said and said["changed_label"])
             border[i] = r.extra.get("dark_border_fraction", np.nan)  # a one-slice file is a 2D picture
             if "familiarity" in r.extra:
                 fam[i] = r.extra["familiarity"]["score"]
@@ -149,8 +154,14 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     m["model"] = {"name": pred.model.name, "version": pred.model.version, "backbone": pred.model.backbone,
                   "lesion_refiner": pred.refiner is not None, "window_classifier": pred.window is not None}
     if pred.window is not None:
+        alone = classification_metrics(labels, network, pred.model.labels)
+        gain = grouped_bootstrap(labels, probs, pred.model.labels, [r.group for r in records], baseline=network)
         m["window_classifier"] = {"labels_changed": int(window_changed.sum()),
-                                  "changed_and_right": int((window_changed & (probs.argmax(1) == labels)).sum())}
+                                  "changed_and_right": int((window_changed & (probs.argmax(1) == labels)).sum()),
+                                  "accuracy_network_alone": alone["accuracy"],
+                                  "tumour_only_accuracy_network_alone": alone["tumour_only_accuracy"],
+                                  "gain_ci95": {k: gain[k] for k in ("accuracy_gain", "tumour_only_accuracy_gain")
+                                                if k in gain}}
     m["data"] = {"folder": Path(data_dir).name, "manifest_sha256": manifest.sha256}
     m = json_ready(m)
     m["_probs"] = probs
@@ -249,6 +260,10 @@ def format_table(m: dict) -> str:
                      f"on the rest {acc['accuracy_rest']}")
     w = m.get("window_classifier")
     if w:
-        lines.append(f"lesion-window classifier: changed the tumour type of {w['labels_changed']} images, "
-                     f"{w['changed_and_right']} of them now right")
+        line = (f"lesion-window classifier: changed the tumour type of {w['labels_changed']} images, "
+                f"{w['changed_and_right']} of them now right; network alone: accuracy {w['accuracy_network_alone']:.4f}")
+        g = w["gain_ci95"].get("accuracy_gain")
+        if g:
+            line += f", gain {100 * (m['accuracy'] - w['accuracy_network_alone']):+.1f} points (95 % {100 * g[0]:+.1f} to {100 * g[1]:+.1f})"
+        lines.append(line)
     return "\n".join(lines)

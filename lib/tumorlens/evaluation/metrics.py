@@ -72,7 +72,8 @@ def classification_metrics(labels: np.ndarray, probs: np.ndarray, class_names) -
 
 
 def grouped_bootstrap(labels: np.ndarray, probs: np.ndarray, class_names, groups, dice: np.ndarray | None = None,
-                      resamples: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
+                      resamples: int = 2000, level: float = 0.95, seed: int = 0,
+                      baseline: np.ndarray | None = None) -> dict:
     """Percentile confidence intervals of accuracy, tumour-only accuracy and seg Dice, resampling whole
     groups (patients) with replacement. A statistic with no image to measure it on (tumour-only accuracy
     of a folder without tumour images) gets no interval.
@@ -80,6 +81,8 @@ def grouped_bootstrap(labels: np.ndarray, probs: np.ndarray, class_names, groups
     Images of one patient are not independent, so an image-level interval would be too narrow; the
     cluster bootstrap resamples the unit the split is made of (a manifest without a ``group`` column makes
     every image its own group). ``dice`` holds each image's seg Dice, NaN where the image has no mask.
+    ``baseline``: another decision's probabilities on the same images; then ``accuracy_gain`` and
+    ``tumour_only_accuracy_gain`` (``probs`` minus ``baseline``) get intervals from the same draws (paired).
     """
     labels = np.asarray(labels, int)
     probs = np.asarray(probs, float)
@@ -87,14 +90,21 @@ def grouped_bootstrap(labels: np.ndarray, probs: np.ndarray, class_names, groups
     n_groups = int(gidx.max()) + 1 if len(gidx) else 0
     tumour_idx = [i for i, n in enumerate(class_names) if n != NO_TUMOUR]
     is_tumour = np.isin(labels, tumour_idx)
-    tpred = np.asarray(tumour_idx)[probs[:, tumour_idx].argmax(1)]
+    def tumour_pred(p: np.ndarray) -> np.ndarray:
+        return np.asarray(tumour_idx)[p[:, tumour_idx].argmax(1)]
 
     def per_group(values: np.ndarray, sel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return (np.bincount(gidx[sel], weights=values[sel], minlength=n_groups),
                 np.bincount(gidx[sel], minlength=n_groups).astype(float))
 
     parts = {"accuracy": per_group((probs.argmax(1) == labels).astype(float), np.ones(len(labels), bool)),
-             "tumour_only_accuracy": per_group((tpred == labels).astype(float), is_tumour)}
+             "tumour_only_accuracy": per_group((tumour_pred(probs) == labels).astype(float), is_tumour)}
+    if baseline is not None:
+        baseline = np.asarray(baseline, float)
+        parts["accuracy_gain"] = per_group((probs.argmax(1) == labels).astype(float)
+                                           - (baseline.argmax(1) == labels), np.ones(len(labels), bool))
+        parts["tumour_only_accuracy_gain"] = per_group((tumour_pred(probs) == labels).astype(float)
+                                                       - (tumour_pred(baseline) == labels), is_tumour)
     if dice is not None and np.isfinite(dice).any():
         ok = np.isfinite(dice)
         parts["seg_dice"] = per_group(np.nan_to_num(dice), ok)
