@@ -38,9 +38,19 @@ def test_no_window_without_a_lesion_and_the_crop_is_normalised():
     m = np.zeros_like(arr, bool)
     m[40:60, 30:55] = True
     c = window_crop(arr, m)
-    assert c.shape == (96, 96) and abs(float(c.mean())) < 1e-3 and float(c.std()) == pytest.approx(1.0, abs=0.01)
+    assert c.shape == (1, 96, 96) and abs(float(c.mean())) < 1e-3 and float(c.std()) == pytest.approx(1.0, abs=0.01)
     q = clf.classify(arr, m)
     assert q.shape == (len(TUMOUR_CLASSES),) and q.sum() == pytest.approx(1.0, abs=1e-5)
+    # a second, wider window (train-window --scales 1,2) is a second channel showing more of the surroundings:
+    # a bright spot just outside the lesion window shows in it and not in the first
+    spot = np.zeros_like(arr)
+    spot[50, 90:95] = 10.0  # lesion box 40-60 x 30-55: its window is 1.6 x 25 + 24 = 64 px wide, up to column 74
+    two = window_crop(spot, m, scales=(1.0, 2.0))
+    assert two.shape == (2, 96, 96)
+    np.testing.assert_allclose(two[0], window_crop(spot, m)[0], atol=1e-6)
+    assert float(two[0].max()) < 1e-3 < float(two[1].max())
+    wide = WindowClassifier(net=build_window_net(2).eval(), scales=(1.0, 2.0))
+    assert wide.classify(arr, m).shape == (len(TUMOUR_CLASSES),)
 
 
 @pytest.fixture(scope="module")
@@ -115,3 +125,16 @@ def test_findings_and_report_say_when_the_window_changed_the_type(model, val_ima
     assert not any("second classifier" in s for s in build_facts(kept).limitations())
     with pytest.raises(Exception, match="tumour types"):
         build_findings(img, probs, model=model, window=window | {"probabilities": {"glioma": 1.0}})
+
+
+def test_train_window_cli_checks_before_work():
+    import subprocess
+    import sys
+
+    def cli(*a):
+        return subprocess.run([sys.executable, "-m", "tumorlens.cli", "train-window", *a], capture_output=True,
+                              text=True, timeout=120)
+
+    bad = cli("--scales", "1,-2")
+    assert bad.returncode != 0 and "--scales '1,-2'" in bad.stderr and "Traceback" not in bad.stderr
+    assert "at least 1" in cli("--epochs", "0").stderr

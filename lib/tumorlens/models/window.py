@@ -37,18 +37,23 @@ _cache: dict[tuple[str, float, str], WindowClassifier] = {}
 _lock = threading.Lock()
 
 
-def build_window_net() -> ResNet:
+def build_window_net(channels: int = 1) -> ResNet:
     return ResNet(block="basic", layers=(2, 2, 2, 2), block_inplanes=list(WIDTHS), spatial_dims=2,
-                  n_input_channels=1, num_classes=len(TUMOUR_CLASSES), conv1_t_stride=2)
+                  n_input_channels=channels, num_classes=len(TUMOUR_CLASSES), conv1_t_stride=2)
 
 
-def window_crop(arr: np.ndarray, mask: np.ndarray, crop: int = CROP) -> np.ndarray | None:
-    """The normalised [crop, crop] window around the largest part of ``mask`` on slice ``arr``, or None."""
+def window_crop(arr: np.ndarray, mask: np.ndarray, crop: int = CROP,
+                scales: tuple[float, ...] = (1.0,)) -> np.ndarray | None:
+    """The normalised windows [len(scales), crop, crop] around the largest part of ``mask`` on slice ``arr``
+    (each ``scale`` times the lesion window: 1 is the refiner's window, 2 shows twice as much of the
+    surroundings), or None."""
     box = lesion_box(mask)
     if box is None:
         return None
     cy, cx, side = box
-    return normalise_crop(sample(arr.astype(np.float32), crop_grid(arr.shape, cy, cx, lesion_window(side), crop)))
+    a = arr.astype(np.float32)
+    return np.stack([normalise_crop(sample(a, crop_grid(arr.shape, cy, cx, s * lesion_window(side), crop)))
+                     for s in scales])
 
 
 def fuse(probs: np.ndarray, window: np.ndarray, labels: tuple[str, ...] | list[str],
@@ -73,6 +78,7 @@ def fuse(probs: np.ndarray, window: np.ndarray, labels: tuple[str, ...] | list[s
 class WindowClassifier:
     net: ResNet
     crop: int = CROP
+    scales: tuple[float, ...] = (1.0,)
     meta: dict = field(default_factory=dict)
     device: str = "cpu"
 
@@ -80,10 +86,10 @@ class WindowClassifier:
     def classify(self, arr: np.ndarray, mask: np.ndarray) -> np.ndarray | None:
         """Probabilities over ``TUMOUR_CLASSES`` of the lesion ``mask`` marks on slice ``arr``; None when
         the mask is empty."""
-        x = window_crop(arr, mask, self.crop)
+        x = window_crop(arr, mask, self.crop, self.scales)
         if x is None:
             return None
-        return self.net(torch.from_numpy(x)[None, None].to(self.device)).softmax(1)[0].float().cpu().numpy()
+        return self.net(torch.from_numpy(x)[None].to(self.device)).softmax(1)[0].float().cpu().numpy()
 
     def decide(self, probs: np.ndarray, arr: np.ndarray, mask: np.ndarray,
                labels: tuple[str, ...] | list[str]) -> tuple[np.ndarray, dict | None]:
@@ -99,18 +105,20 @@ class WindowClassifier:
 
     def save(self, path: str | Path) -> Path:
         state = {k: v.half().cpu() if v.is_floating_point() else v.cpu() for k, v in self.net.state_dict().items()}
-        return atomic_write(path, lambda tmp: torch.save({"state_dict": state, "crop": self.crop, "meta": self.meta}, tmp))
+        return atomic_write(path, lambda tmp: torch.save({"state_dict": state, "crop": self.crop,
+                                                          "scales": list(self.scales), "meta": self.meta}, tmp))
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> WindowClassifier:
         try:
             st = torch.load(path, map_location="cpu", weights_only=False)
-            net = build_window_net()
+            scales = tuple(float(s) for s in st.get("scales", (1.0,)))
+            net = build_window_net(len(scales))
             net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["state_dict"].items()})
         except Exception as e:
             raise ModelNotFoundError(f"{path}: unreadable lesion-window classifier ({type(e).__name__}: {e})") from e
-        return cls(net=net.eval().to(device), crop=int(st.get("crop", CROP)), meta=dict(st.get("meta") or {}),
-                   device=str(device))
+        return cls(net=net.eval().to(device), crop=int(st.get("crop", CROP)), scales=scales,
+                   meta=dict(st.get("meta") or {}), device=str(device))
 
 
 def load_window_classifier(model_path: str | Path, device: str = "cpu") -> WindowClassifier | None:

@@ -29,6 +29,8 @@ def register(sub) -> None:
                                   "split of it is used")
     w.add_argument("--epochs", type=int, default=40)
     w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--scales", default="1", help="window sizes as multiples of the lesion window, one input "
+                                                 "channel each (e.g. 1,2 adds twice the surroundings)")
     w.add_argument("--max-images", type=int, help="a fixed subset of each part (smoke runs)")
     w.add_argument("--no-save", action="store_true", help="measure only; never write window_classifier.pt")
     w.add_argument("--json", help="write the training and validation record here")
@@ -78,7 +80,17 @@ def run_window(args) -> int:
     if args.json:
         check_output(args.json)
     rec = train_window(args.model, args.data, epochs=args.epochs, max_images=args.max_images, save=not args.no_save,
-                       json_out=args.json, seed=args.seed)
+                       json_out=args.json, seed=args.seed, scales=_scales(args.scales))
     print(dumps({"validation": rec["validation"], "stored": rec["stored"],
                  "duration_s": rec["training"]["duration_s"]}))
     return 0
+
+
+def _scales(text: str) -> tuple[float, ...]:
+    try:
+        scales = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise SystemExit(f"--scales {text!r}: comma-separated numbers, e.g. 1,2") from None
+    if not scales or any(s <= 0 for s in scales):
+        raise SystemExit(f"--scales {text!r}: at least one positive number")
+    return scales

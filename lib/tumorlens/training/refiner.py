@@ -64,20 +64,24 @@ def lesion_slices(manifest, idx: list[int], progress: bool = True) -> list[tuple
 
 
 def augmented_batch(items: list[tuple[np.ndarray, np.ndarray, str]], rng: np.random.Generator,
-                    crop: int = CROP) -> tuple[torch.Tensor, torch.Tensor]:
-    x = np.zeros((len(items), 1, crop, crop), np.float32)
-    y = np.zeros_like(x)
+                    crop: int = CROP, scales: tuple[float, ...] = (1.0,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jittered windows around the true lesions [B, len(scales), crop, crop] (one channel per window size, as a
+    multiple of the lesion window, sharing the jitter) and the true mask in the first window [B, 1, crop, crop]."""
+    x = np.zeros((len(items), len(scales), crop, crop), np.float32)
+    y = np.zeros((len(items), 1, crop, crop), np.float32)
     for j, (arr, truth, _) in enumerate(items):
         cy, cx, side = lesion_box(truth)
         cy += rng.normal() * JITTER["shift"] * side
         cx += rng.normal() * JITTER["shift"] * side
         side *= np.exp(rng.uniform(-JITTER["log_scale"], JITTER["log_scale"]))
-        g = crop_grid(arr.shape, cy, cx, lesion_window(side), crop, rng.uniform(-JITTER["angle"], JITTER["angle"]),
-                      rng.random() < 0.5)
-        c = sample(arr, g)
-        c = np.clip(c / max(float(c.max()), 1e-6), 0, None) ** np.exp(rng.uniform(-JITTER["log_gamma"], JITTER["log_gamma"]))
-        x[j, 0] = normalise_crop(c)
-        y[j, 0] = sample(truth.astype(np.float32), g) > 0.5
+        angle, flip = rng.uniform(-JITTER["angle"], JITTER["angle"]), rng.random() < 0.5
+        gamma = np.exp(rng.uniform(-JITTER["log_gamma"], JITTER["log_gamma"]))
+        for k, s in enumerate(scales):
+            g = crop_grid(arr.shape, cy, cx, s * lesion_window(side), crop, angle, flip)
+            c = sample(arr, g)
+            x[j, k] = normalise_crop(np.clip(c / max(float(c.max()), 1e-6), 0, None) ** gamma)
+            if k == 0:
+                y[j, 0] = sample(truth.astype(np.float32), g) > 0.5
     return torch.from_numpy(x), torch.from_numpy(y)
 
 

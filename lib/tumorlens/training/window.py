@@ -43,7 +43,8 @@ log = logging.getLogger(__name__)
 DEFAULTS = {"epochs": 40, "batch_size": 32, "lr": 2e-3, "weight_decay": 5e-2, "label_smoothing": 0.1, "seed": 0}
 
 
-def validation_views(predictor, manifest, idx: list[int], progress: bool = True) -> list[dict]:
+def validation_views(predictor, manifest, idx: list[int], progress: bool = True,
+                     scales: tuple[float, ...] = (1.0,)) -> list[dict]:
     """Per 2D validation image: its label index, the dual-head probabilities and the window the product's
     mask gives (None when it calls no tumour), computed as ``Predictor.predict`` does."""
     from tumorlens.inference import prepare_slice, tumour_mask
@@ -61,7 +62,7 @@ def validation_views(predictor, manifest, idx: list[int], progress: bool = True)
         called = predictor.model.labels[int(p.argmax())] != NO_TUMOUR
         crop = None
         if called:
-            crop = window_crop(arr, tumour_mask(predictor.lesion_probability(seg, arr, called), called))
+            crop = window_crop(arr, tumour_mask(predictor.lesion_probability(seg, arr, called), called), scales=scales)
         out.append({"label": class_index(r.label), "probs": p, "crop": crop, "group": r.group})
     return out
 
@@ -75,7 +76,7 @@ def validation_accuracy(net, views: list[dict], labels: tuple[str, ...]) -> dict
     has = [j for j, v in enumerate(views) if v["crop"] is not None]
     window_hits = []
     if has:
-        x = torch.from_numpy(np.stack([views[j]["crop"] for j in has]))[:, None]
+        x = torch.from_numpy(np.stack([views[j]["crop"] for j in has]))
         q = torch.cat([net(x[k:k + 64]).softmax(1) for k in range(0, len(x), 64)]).numpy()
         for j, qj in zip(has, q, strict=True):
             fused[j] = fuse(plain[j], qj, labels)
@@ -92,7 +93,8 @@ def validation_accuracy(net, views: list[dict], labels: tuple[str, ...]) -> dict
 
 def train_window(model: str | None = None, data_dir: str | Path | None = None, epochs: int = DEFAULTS["epochs"],
                  max_images: int | None = None, save: bool = True, json_out: str | Path | None = None,
-                 progress: bool = True, device: str | None = None, seed: int = DEFAULTS["seed"]) -> dict:
+                 progress: bool = True, device: str | None = None, seed: int = DEFAULTS["seed"],
+                 scales: tuple[float, ...] = (1.0,)) -> dict:
     """Train, validate and (when the fused decision wins) store the window classifier of ``model``; returns
     the record written into the model card's ``window_classifier`` entry."""
     from tumorlens.inference import Predictor
@@ -113,12 +115,12 @@ def train_window(model: str | None = None, data_dir: str | Path | None = None, e
     train_items = lesion_slices(manifest, train_idx, progress)
     if not train_items:
         raise InvalidInputError(root, "no 2D tumour image with an outline in the training part: nothing to learn from")
-    views = validation_views(predictor, manifest, val_idx, progress)
+    views = validation_views(predictor, manifest, val_idx, progress, scales)
     targets = {c: i for i, c in enumerate(TUMOUR_CLASSES)}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    net = build_window_net().to(device)
+    net = build_window_net(len(scales)).to(device)
     opt = torch.optim.AdamW(net.parameters(), DEFAULTS["lr"] / 10, weight_decay=DEFAULTS["weight_decay"])
     bs = min(DEFAULTS["batch_size"], len(train_items))
     steps = max(1, len(train_items) // bs)
@@ -132,7 +134,7 @@ def train_window(model: str | None = None, data_dir: str | Path | None = None, e
         total = 0.0
         for k in range(steps):
             batch = [train_items[i] for i in order[k * bs:(k + 1) * bs]]
-            x, _ = augmented_batch(batch, rng)
+            x, _ = augmented_batch(batch, rng, scales=scales)
             y = torch.tensor([targets[lab] for *_, lab in batch])
             loss = F.cross_entropy(net(x.to(device)), y.to(device), label_smoothing=DEFAULTS["label_smoothing"])
             if not torch.isfinite(loss):
@@ -150,10 +152,10 @@ def train_window(model: str | None = None, data_dir: str | Path | None = None, e
                         "val_accuracy_fused": v.get("accuracy_fused"), "val_window_alone": v.get("window_alone_accuracy")})
         bar.set_postfix(loss=f"{total / steps:.3f}", fused=f"{v.get('accuracy_fused') or 0:.3f}")
     seconds = time.time() - t0
-    clf = WindowClassifier(net=net.eval().cpu())
+    clf = WindowClassifier(net=net.eval().cpu(), scales=tuple(scales))
     val = validation_accuracy(clf.net, views, labels) if views else {"n": 0}
     wins = val["n"] > 0 and val["accuracy_fused"] > val["accuracy"]
-    record = {"file": WINDOW_FILE, "crop": CROP, "weight": WINDOW_WEIGHT,
+    record = {"file": WINDOW_FILE, "crop": CROP, "scales": list(scales), "weight": WINDOW_WEIGHT,
               "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
               "data": {"root": str(root), "same_manifest_as_model": same_data, "n_train_outlines": len(train_items)},
               "training": {**DEFAULTS, "seed": seed, "epochs": epochs, "device": device,
