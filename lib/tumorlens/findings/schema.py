@@ -111,6 +111,15 @@ class FamiliarityInfo(_Strict):
         return self
 
 
+def _probabilities_over(v: dict[str, float], names: tuple[str, ...], what: str, kind: str) -> dict[str, float]:
+    """``v`` when it gives each of ``names`` a probability in [0, 1]; else a ValueError saying so."""
+    if set(v) != set(names):
+        raise ValueError(f"{what} must have exactly the {kind} {list(names)}, got {sorted(v)}")
+    if any(not math.isfinite(p) or p < 0.0 or p > 1.0 for p in v.values()):
+        raise ValueError(f"{what} must lie in [0, 1]")
+    return v
+
+
 class WindowOpinion(_Strict):
     """The lesion-window classifier's tumour-type probabilities (``tumorlens.models.window``), fused with the
     whole-slice network's (``network_probabilities``) into ``Classification.probabilities``; ``changed_label``
@@ -124,20 +133,12 @@ class WindowOpinion(_Strict):
     @field_validator("probabilities")
     @classmethod
     def _tumour_types(cls, v: dict[str, float]) -> dict[str, float]:
-        if set(v) != set(TUMOUR_CLASSES):
-            raise ValueError(f"window probabilities must have exactly the tumour types {list(TUMOUR_CLASSES)}, got {sorted(v)}")
-        if any(not math.isfinite(p) or p < 0.0 or p > 1.0 for p in v.values()):
-            raise ValueError("window probabilities must lie in [0, 1]")
-        return v
+        return _probabilities_over(v, TUMOUR_CLASSES, "window probabilities", "tumour types")
 
     @field_validator("network_probabilities")
     @classmethod
     def _classes(cls, v: dict[str, float]) -> dict[str, float]:
-        if set(v) != set(CLASS_NAMES):
-            raise ValueError(f"network probabilities must have exactly the classes {list(CLASS_NAMES)}, got {sorted(v)}")
-        if any(not math.isfinite(p) or p < 0.0 or p > 1.0 for p in v.values()):
-            raise ValueError("network probabilities must lie in [0, 1]")
-        return v
+        return _probabilities_over(v, CLASS_NAMES, "network probabilities", "classes")
 
     @property
     def network_label(self) -> str:

@@ -17,7 +17,6 @@ grouped validation part (``tumorlens train-refiner``).
 from __future__ import annotations
 
 import shutil
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,13 +27,11 @@ from monai.networks.nets import UNet
 
 from tumorlens.atomic import atomic_write
 from tumorlens.data.normalize import largest_component
-from tumorlens.errors import ModelNotFoundError
+from tumorlens.models.beside import load_beside, load_fp16, save_fp16
 
 REFINER_FILE = "refiner.pt"
 CROP = 96  # crop side in network pixels
 WINDOW_SCALE, WINDOW_RIM, WINDOW_MIN = 1.6, 24.0, 48.0  # window side = 1.6 x lesion side + 24 px, >= 48 px
-_cache: dict[tuple[str, float, str], LesionRefiner] = {}
-_lock = threading.Lock()
 
 
 def build_refiner_net() -> UNet:
@@ -126,31 +123,18 @@ class LesionRefiner:
         return np.where(inside, fine, prob).astype(np.float32)
 
     def save(self, path: str | Path) -> Path:
-        state = {k: v.half().cpu() if v.is_floating_point() else v.cpu() for k, v in self.net.state_dict().items()}
-        return atomic_write(path, lambda tmp: torch.save({"state_dict": state, "crop": self.crop, "meta": self.meta}, tmp))
+        return save_fp16(path, self.net, crop=self.crop, meta=self.meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> LesionRefiner:
-        try:
-            st = torch.load(path, map_location="cpu", weights_only=False)
-            net = build_refiner_net()
-            net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["state_dict"].items()})
-        except Exception as e:
-            raise ModelNotFoundError(f"{path}: unreadable lesion refiner ({type(e).__name__}: {e})") from e
-        return cls(net=net.eval().to(device), crop=int(st.get("crop", CROP)), meta=dict(st.get("meta") or {}),
+        net, st = load_fp16(path, lambda st: build_refiner_net(), "lesion refiner")
+        return cls(net=net.to(device), crop=int(st.get("crop", CROP)), meta=dict(st.get("meta") or {}),
                    device=str(device))
 
 
 def load_refiner(model_path: str | Path, device: str = "cpu") -> LesionRefiner | None:
     """The refiner stored beside a model (cached per file and mtime), or None."""
-    path = Path(model_path) / REFINER_FILE
-    if not path.is_file():
-        return None
-    key = (str(path.resolve()), path.stat().st_mtime, str(device))
-    with _lock:
-        if key not in _cache:
-            _cache[key] = LesionRefiner.load(path, device)
-        return _cache[key]
+    return load_beside(model_path, REFINER_FILE, LesionRefiner.load, device)
 
 
 def carry_refiner(src_folder: str | Path, dst_folder: str | Path) -> bool:

@@ -16,8 +16,6 @@ than the model alone on the model's grouped validation part (``tumorlens train-w
 
 from __future__ import annotations
 
-import shutil
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,16 +23,13 @@ import numpy as np
 import torch
 from monai.networks.nets import ResNet
 
-from tumorlens.atomic import atomic_write
-from tumorlens.errors import ModelNotFoundError
 from tumorlens.labels import TUMOUR_CLASSES
+from tumorlens.models.beside import load_beside, load_fp16, save_fp16
 from tumorlens.models.refiner import CROP, crop_grid, lesion_box, lesion_window, normalise_crop, sample
 
 WINDOW_FILE = "window_classifier.pt"
 WIDTHS = (32, 64, 128, 256)  # a quarter of ResNet18's channels: 2.8 M weights, 5.6 MB in fp16
 WINDOW_WEIGHT = 0.5  # share of the window's opinion in the geometric mean; fixed, never fitted on validation
-_cache: dict[tuple[str, float, str], WindowClassifier] = {}
-_lock = threading.Lock()
 
 
 def build_window_net(channels: int = 1) -> ResNet:
@@ -104,30 +99,17 @@ class WindowClassifier:
                        "changed_label": labels[int(np.argmax(fused))] != labels[int(np.argmax(probs))]}
 
     def save(self, path: str | Path) -> Path:
-        state = {k: v.half().cpu() if v.is_floating_point() else v.cpu() for k, v in self.net.state_dict().items()}
-        return atomic_write(path, lambda tmp: torch.save({"state_dict": state, "crop": self.crop,
-                                                          "scales": list(self.scales), "meta": self.meta}, tmp))
+        return save_fp16(path, self.net, crop=self.crop, scales=list(self.scales), meta=self.meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> WindowClassifier:
-        try:
-            st = torch.load(path, map_location="cpu", weights_only=False)
-            scales = tuple(float(s) for s in st.get("scales", (1.0,)))
-            net = build_window_net(len(scales))
-            net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in st["state_dict"].items()})
-        except Exception as e:
-            raise ModelNotFoundError(f"{path}: unreadable lesion-window classifier ({type(e).__name__}: {e})") from e
-        return cls(net=net.eval().to(device), crop=int(st.get("crop", CROP)), scales=scales,
-                   meta=dict(st.get("meta") or {}), device=str(device))
+        net, st = load_fp16(path, lambda st: build_window_net(len(st.get("scales", (1.0,)))),
+                            "lesion-window classifier")
+        return cls(net=net.to(device), crop=int(st.get("crop", CROP)),
+                   scales=tuple(float(v) for v in st.get("scales", (1.0,))), meta=dict(st.get("meta") or {}),
+                   device=str(device))
 
 
 def load_window_classifier(model_path: str | Path, device: str = "cpu") -> WindowClassifier | None:
     """The window classifier stored beside a model (cached per file and mtime), or None."""
-    path = Path(model_path) / WINDOW_FILE
-    if not path.is_file():
-        return None
-    key = (str(path.resolve()), path.stat().st_mtime, str(device))
-    with _lock:
-        if key not in _cache:
-            _cache[key] = WindowClassifier.load(path, device)
-        return _cache[key]
+    return load_beside(model_path, WINDOW_FILE, WindowClassifier.load, device)

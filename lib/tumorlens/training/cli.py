@@ -11,30 +11,29 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--out", help="override the output model folder")
     p.set_defaults(func=run)
-    r = sub.add_parser("train-refiner", help="train the lesion refiner of a trained model (redraws the seg head's "
-                                             "lesion at the slice's resolution; stored only if it raises seg Dice)")
-    r.add_argument("--model", help="model name or folder (default: the shipped model)")
-    r.add_argument("--data", help="manifest folder (default: ../shared/data/brain-mri-2d); the model's grouped "
-                                  "split of it is used")
-    r.add_argument("--epochs", type=int, default=24)
-    r.add_argument("--max-images", type=int, help="a fixed subset of each part (smoke runs)")
-    r.add_argument("--no-save", action="store_true", help="measure only; never write refiner.pt")
-    r.add_argument("--json", help="write the training and validation record here")
-    r.set_defaults(func=run_refiner)
-    w = sub.add_parser("train-window", help="train the lesion-window classifier of a trained model (a second opinion "
-                                            "on the tumour type from the lesion's window; stored only if the fused "
-                                            "decision is more accurate)")
-    w.add_argument("--model", help="model name or folder (default: the shipped model)")
-    w.add_argument("--data", help="manifest folder (default: ../shared/data/brain-mri-2d); the model's grouped "
-                                  "split of it is used")
-    w.add_argument("--epochs", type=int, default=40)
+    _companion_parser(sub, "train-refiner", "train the lesion refiner of a trained model (redraws the seg head's "
+                      "lesion at the slice's resolution; stored only if it raises seg Dice)", 24, "refiner.pt",
+                      run_refiner)
+    w = _companion_parser(sub, "train-window", "train the lesion-window classifier of a trained model (a second "
+                          "opinion on the tumour type from the lesion's window; stored only if the fused decision is "
+                          "more accurate)", 40, "window_classifier.pt", run_window)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--scales", default="1", help="window sizes as multiples of the lesion window, one input "
                                                  "channel each (e.g. 1,2 adds twice the surroundings)")
-    w.add_argument("--max-images", type=int, help="a fixed subset of each part (smoke runs)")
-    w.add_argument("--no-save", action="store_true", help="measure only; never write window_classifier.pt")
-    w.add_argument("--json", help="write the training and validation record here")
-    w.set_defaults(func=run_window)
+
+
+def _companion_parser(sub, name: str, help: str, epochs: int, file: str, func):
+    """The options every companion network's training command takes."""
+    c = sub.add_parser(name, help=help)
+    c.add_argument("--model", help="model name or folder (default: the shipped model)")
+    c.add_argument("--data", help="manifest folder (default: ../shared/data/brain-mri-2d); the model's grouped "
+                                  "split of it is used")
+    c.add_argument("--epochs", type=int, default=epochs)
+    c.add_argument("--max-images", type=int, help="a fixed subset of each part (smoke runs)")
+    c.add_argument("--no-save", action="store_true", help=f"measure only; never write {file}")
+    c.add_argument("--json", help="write the training and validation record here")
+    c.set_defaults(func=func)
+    return c
 
 
 def run(args) -> int:
@@ -55,32 +54,29 @@ def run(args) -> int:
 
 
 def run_refiner(args) -> int:
-    from tumorlens.evaluation.cli import check_output
-    from tumorlens.evaluation.jsonio import dumps
     from tumorlens.training.refiner import train_refiner
 
-    if args.epochs < 1:
-        raise SystemExit("--epochs must be at least 1")
-    if args.json:
-        check_output(args.json)
-    rec = train_refiner(args.model, args.data, epochs=args.epochs, max_images=args.max_images, save=not args.no_save,
-                        json_out=args.json)
-    print(dumps({"validation": rec["validation"], "stored": rec["stored"],
-                 "duration_s": rec["training"]["duration_s"]}))
-    return 0
+    return _run_companion(args, train_refiner)
 
 
 def run_window(args) -> int:
+    from tumorlens.training.window import train_window
+
+    return _run_companion(args, train_window, seed=args.seed, scales=_scales(args.scales))
+
+
+def _run_companion(args, train, **extra) -> int:
+    """A companion network's training command: checks before work, then the validation figures it was
+    judged on and whether it was stored."""
     from tumorlens.evaluation.cli import check_output
     from tumorlens.evaluation.jsonio import dumps
-    from tumorlens.training.window import train_window
 
     if args.epochs < 1:
         raise SystemExit("--epochs must be at least 1")
     if args.json:
         check_output(args.json)
-    rec = train_window(args.model, args.data, epochs=args.epochs, max_images=args.max_images, save=not args.no_save,
-                       json_out=args.json, seed=args.seed, scales=_scales(args.scales))
+    rec = train(args.model, args.data, epochs=args.epochs, max_images=args.max_images, save=not args.no_save,
+                json_out=args.json, **extra)
     print(dumps({"validation": rec["validation"], "stored": rec["stored"],
                  "duration_s": rec["training"]["duration_s"]}))
     return 0

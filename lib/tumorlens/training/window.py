@@ -10,9 +10,6 @@ without the fusion, and written next to the model only when the fused 4-class ac
 
 from __future__ import annotations
 
-import logging
-import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +17,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from tumorlens.data.manifest import load_manifest
 from tumorlens.data.readers import is_volume, read_image
-from tumorlens.data.splits import training_split
-from tumorlens.errors import InvalidInputError, TrainingDivergedError
-from tumorlens.evaluation.jsonio import write_json
 from tumorlens.evaluation.metrics import classification_metrics
 from tumorlens.labels import TUMOUR_CLASSES, class_index
-from tumorlens.models.refiner import CROP
 from tumorlens.models.window import (
     WINDOW_FILE,
     WINDOW_WEIGHT,
@@ -36,9 +28,14 @@ from tumorlens.models.window import (
     fuse,
     window_crop,
 )
-from tumorlens.training.refiner import augmented_batch, lesion_slices, record_in_card
-
-log = logging.getLogger(__name__)
+from tumorlens.training.companion import (
+    augmented_batch,
+    companion_data,
+    conclude,
+    fit_summary,
+    one_cycle_fit,
+    training_outlines,
+)
 
 DEFAULTS = {"epochs": 40, "batch_size": 32, "lr": 2e-3, "weight_decay": 5e-2, "label_smoothing": 0.1, "seed": 0}
 
@@ -76,8 +73,8 @@ def validation_accuracy(net, views: list[dict], labels: tuple[str, ...]) -> dict
     has = [j for j, v in enumerate(views) if v["crop"] is not None]
     window_hits = []
     if has:
-        x = torch.from_numpy(np.stack([views[j]["crop"] for j in has]))
-        q = torch.cat([net(x[k:k + 64]).softmax(1) for k in range(0, len(x), 64)]).numpy()
+        x = torch.from_numpy(np.stack([views[j]["crop"] for j in has])).to(next(net.parameters()).device)
+        q = torch.cat([net(x[k:k + 64]).softmax(1) for k in range(0, len(x), 64)]).float().cpu().numpy()
         for j, qj in zip(has, q, strict=True):
             fused[j] = fuse(plain[j], qj, labels)
             if labels[y[j]] in TUMOUR_CLASSES:
@@ -98,78 +95,33 @@ def train_window(model: str | None = None, data_dir: str | Path | None = None, e
     """Train, validate and (when the fused decision wins) store the window classifier of ``model``; returns
     the record written into the model card's ``window_classifier`` entry."""
     from tumorlens.inference import Predictor
-    from tumorlens.paths import shared_data_dir
 
     predictor = Predictor(model, window=False)
     labels = tuple(predictor.model.labels)
-    card = predictor.model.card
-    split = card.get("data", {}).get("split", {})
-    root = Path(data_dir) if data_dir else shared_data_dir() / "brain-mri-2d"
-    manifest = load_manifest(root)
-    same_data = card.get("data", {}).get("manifest_sha256") == manifest.sha256
-    if not same_data:
-        log.warning("%s is not the manifest model %s was trained on: its grouped split is used, and the accuracy "
-                    "is not measured on the model's own validation part", root, predictor.model.name)
-    train_idx, val_idx = training_split(manifest, float(split.get("val_fraction", 0.2)), int(split.get("seed", 0)),
-                                        max_images)
-    train_items = lesion_slices(manifest, train_idx, progress)
-    if not train_items:
-        raise InvalidInputError(root, "no 2D tumour image with an outline in the training part: nothing to learn from")
-    views = validation_views(predictor, manifest, val_idx, progress, scales)
+    data = companion_data(predictor, data_dir, max_images, "accuracy")
+    train_items = training_outlines(data, progress)
+    views = validation_views(predictor, data.manifest, data.val_idx, progress, scales)
     targets = {c: i for i, c in enumerate(TUMOUR_CLASSES)}
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     net = build_window_net(len(scales)).to(device)
-    opt = torch.optim.AdamW(net.parameters(), DEFAULTS["lr"] / 10, weight_decay=DEFAULTS["weight_decay"])
-    bs = min(DEFAULTS["batch_size"], len(train_items))
-    steps = max(1, len(train_items) // bs)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, DEFAULTS["lr"], total_steps=epochs * steps, pct_start=0.2)
-    t0 = time.time()
-    history = []
-    bar = tqdm(range(epochs), desc="training window classifier", disable=not progress)
-    for epoch in bar:
-        net.train()
-        order = rng.permutation(len(train_items))
-        total = 0.0
-        for k in range(steps):
-            batch = [train_items[i] for i in order[k * bs:(k + 1) * bs]]
-            x, _ = augmented_batch(batch, rng, scales=scales)
-            y = torch.tensor([targets[lab] for *_, lab in batch])
-            loss = F.cross_entropy(net(x.to(device)), y.to(device), label_smoothing=DEFAULTS["label_smoothing"])
-            if not torch.isfinite(loss):
-                raise TrainingDivergedError(f"window classifier loss became {loss.item()} in epoch {epoch + 1}")
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            sched.step()
-            total += loss.item()
-        net.eval()
-        # watched, never used to pick an epoch
-        v = validation_accuracy(net.cpu(), views, labels) if views else {}
-        net.to(device)
-        history.append({"epoch": epoch + 1, "loss": round(total / steps, 4),
-                        "val_accuracy_fused": v.get("accuracy_fused"), "val_window_alone": v.get("window_alone_accuracy")})
-        bar.set_postfix(loss=f"{total / steps:.3f}", fused=f"{v.get('accuracy_fused') or 0:.3f}")
-    seconds = time.time() - t0
+
+    def batch_loss(net, batch, rng):
+        x, _ = augmented_batch(batch, rng, scales=scales)
+        y = torch.tensor([targets[lab] for *_, lab in batch])
+        return F.cross_entropy(net(x.to(device)), y.to(device), label_smoothing=DEFAULTS["label_smoothing"])
+
+    def watched(net) -> dict:  # watched, never used to pick an epoch
+        v = validation_accuracy(net, views, labels) if views else {}
+        return {"val_accuracy_fused": v.get("accuracy_fused"), "val_window_alone": v.get("window_alone_accuracy")}
+
+    history, seconds = one_cycle_fit(net, train_items, epochs, DEFAULTS, batch_loss, rng,
+                                     "training window classifier", 0.2, progress, watched)
     clf = WindowClassifier(net=net.eval().cpu(), scales=tuple(scales))
     val = validation_accuracy(clf.net, views, labels) if views else {"n": 0}
     wins = val["n"] > 0 and val["accuracy_fused"] > val["accuracy"]
-    record = {"file": WINDOW_FILE, "crop": CROP, "scales": list(scales), "weight": WINDOW_WEIGHT,
-              "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
-              "data": {"root": str(root), "same_manifest_as_model": same_data, "n_train_outlines": len(train_items)},
-              "training": {**DEFAULTS, "seed": seed, "epochs": epochs, "device": device,
-                           "threads": torch.get_num_threads(), "duration_s": round(seconds, 1),
-                           "seconds_per_epoch": round(seconds / max(epochs, 1), 1), "history": history},
-              "validation": val, "stored": bool(save and wins)}
-    if save and wins:
-        clf.meta = {k: record[k] for k in ("trained_at", "validation", "data")} | {
-            "model_version": predictor.model.version}
-        clf.save(Path(predictor.model.path) / WINDOW_FILE)
-        record_in_card(Path(predictor.model.path), "window_classifier", record)
-    elif save:
-        log.warning("fusing the window classifier did not raise accuracy on validation (%.4f -> %.4f): not stored",
-                    val.get("accuracy") or 0, val.get("accuracy_fused") or 0)
-    if json_out:
-        write_json(record, json_out)
-    return record
+    return conclude(clf, predictor, WINDOW_FILE, "window_classifier", data, len(train_items),
+                    fit_summary(DEFAULTS, epochs, device, seconds, history, seed=seed), val, wins, save, json_out,
+                    f"fusing the window classifier did not raise accuracy on validation ({val.get('accuracy') or 0:.4f} "
+                    f"-> {val.get('accuracy_fused') or 0:.4f})", scales=list(scales), weight=WINDOW_WEIGHT)

@@ -98,14 +98,21 @@ def findings_of(params: dict) -> dict | None:
     return f
 
 
+def _answer_or_findings(params: dict, key: str, classification_key: str) -> Any:
+    """``params[key]`` of a classification/segmentation answer, else the findings record's
+    ``classification[classification_key]``; None when neither says."""
+    value = _maybe_json(params.get(key))
+    if value is None:
+        f = findings_of(params)
+        if f and isinstance(f.get("classification"), dict):
+            value = f["classification"].get(classification_key)
+    return value
+
+
 def familiarity_of(params: dict) -> dict | None:
     """How familiar the model found the image (``score``, ``threshold``, ``familiar``), from a
     classification/segmentation answer or its findings record; None when the server did not say."""
-    fam = _maybe_json(params.get("familiarity"))
-    if fam is None:
-        f = findings_of(params)
-        if f and isinstance(f.get("classification"), dict):
-            fam = f["classification"].get("familiarity")
+    fam = _answer_or_findings(params, "familiarity", "familiarity")
     if fam is None:
         return None
     try:
@@ -149,11 +156,7 @@ def window_opinion_line(params: dict) -> str | None:
     """One line for the results panel when the lesion-window classifier took part in the decision (the
     ``window_classifier`` of a classification/segmentation answer, or the findings record's
     ``classification.window_opinion``); None when the server did not say."""
-    w = _maybe_json(params.get("window_classifier"))
-    if w is None:
-        f = findings_of(params)
-        if f and isinstance(f.get("classification"), dict):
-            w = f["classification"].get("window_opinion")
+    w = _answer_or_findings(params, "window_classifier", "window_opinion")
     if w is None:
         return None
     try:
