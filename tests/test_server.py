@@ -859,6 +859,9 @@ def test_relabel_loop_trains_new_version_without_breaking_inference(client, serv
     info0 = client.info()
     v0 = info0["model_version"]
     _, before = infer_json(client, "classification", "mri2d_0102")
+    # the shipped model's answer for a tumour slice carries the lesion-window classifier's opinion
+    assert before["window_classifier_stored"] is True and before["label"] == "meningioma"
+    assert set(before["window_classifier"]["probabilities"]) == {"glioma", "meningioma", "pituitary"}
     # pick the most uncertain tumour slice, take the model's mask, "correct" it with the expert mask
     pick = client.next_sample("uncertainty", {})["id"]
     out, seg = infer_json(client, "segmentation", pick)
