@@ -379,10 +379,7 @@ class Predictor:
         labels = self.model.labels
         if self.window is None or labels[int(probs.argmax())] == NO_TUMOUR:
             return probs, None
-        fused, said = self.window.decide(probs, arr, tumour_mask(lesion, True), labels)
-        if said is not None:
-            said["network_probabilities"] = {lab: round(float(v), 4) for lab, v in zip(labels, probs, strict=True)}
-        return fused, said
+        return self.window.decide(probs, arr, tumour_mask(lesion, True), labels)
 
     def _predict_2d(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         probs, seg, fam = self.forward_batch(prepare_slice(arr, self.size))

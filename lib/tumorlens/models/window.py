@@ -88,13 +88,15 @@ class WindowClassifier:
 
     def decide(self, probs: np.ndarray, arr: np.ndarray, mask: np.ndarray,
                labels: tuple[str, ...] | list[str]) -> tuple[np.ndarray, dict | None]:
-        """(fused probabilities, what the window said) for a slice the dual-head network gave ``probs``;
-        unchanged (and None) when there is no lesion to look at. Only for slices called a tumour."""
+        """(fused probabilities, what the window said beside the network's own ``probs``) for a slice the
+        dual-head network gave ``probs``; unchanged (and None) when there is no lesion to look at. Only for
+        slices called a tumour."""
         q = self.classify(arr, mask)
         if q is None:
             return probs, None
         fused = fuse(probs, q, labels)
         return fused, {"probabilities": {c: round(float(v), 4) for c, v in zip(TUMOUR_CLASSES, q, strict=True)},
+                       "network_probabilities": {c: round(float(v), 4) for c, v in zip(labels, probs, strict=True)},
                        "weight": WINDOW_WEIGHT,
                        "changed_label": labels[int(np.argmax(fused))] != labels[int(np.argmax(probs))]}
 

@@ -43,7 +43,8 @@ DEFAULTS = {"epochs": 40, "batch_size": 32, "lr": 2e-3, "weight_decay": 5e-2, "l
 def validation_views(predictor, manifest, idx: list[int], progress: bool = True,
                      scales: tuple[float, ...] = (1.0,)) -> list[dict]:
     """Per 2D validation image: its label index, the dual-head probabilities and the window the product's
-    mask gives (None when it calls no tumour), computed as ``Predictor.predict`` does."""
+    mask gives (None when it calls no tumour), through ``Predictor.decide_2d`` as ``predict`` runs it
+    (``predictor`` is one without a window classifier)."""
     from tumorlens.inference import prepare_slice, tumour_mask
     from tumorlens.labels import NO_TUMOUR
 
@@ -55,12 +56,10 @@ def validation_views(predictor, manifest, idx: list[int], progress: bool = True,
             continue
         arr = img[0].numpy().astype(np.float32)
         probs, seg, _ = predictor.forward_batch(prepare_slice(arr, predictor.size))
-        p = probs[0].numpy()
+        p, lesion, _ = predictor.decide_2d(probs[0].numpy(), seg, arr)
         called = predictor.model.labels[int(p.argmax())] != NO_TUMOUR
-        crop = None
-        if called:
-            crop = window_crop(arr, tumour_mask(predictor.lesion_probability(seg, arr, called), called), scales=scales)
-        out.append({"label": class_index(r.label), "probs": p, "crop": crop, "group": r.group})
+        crop = window_crop(arr, tumour_mask(lesion, True), scales=scales) if called else None
+        out.append({"label": class_index(r.label), "probs": p, "crop": crop})
     return out
 
 
