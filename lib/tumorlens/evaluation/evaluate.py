@@ -161,7 +161,10 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
                                   "accuracy_network_alone": alone["accuracy"],
                                   "tumour_only_accuracy_network_alone": alone["tumour_only_accuracy"],
                                   "gain_ci95": {k: gain[k] for k in ("accuracy_gain", "tumour_only_accuracy_gain")
-                                                if k in gain}}
+                                                if k in gain},
+                                  # fitted on the model's grouped validation part: in-sample there, and the
+                                  # model card's validation.*_left_out_groups is the figure for new patients
+                                  "fusion": {"weight": pred.window.weight, "sharpness": pred.window.sharpness}}
     m["data"] = {"folder": Path(data_dir).name, "manifest_sha256": manifest.sha256}
     m = json_ready(m)
     m["_probs"] = probs

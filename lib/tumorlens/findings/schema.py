@@ -23,7 +23,8 @@ from tumorlens.errors import InvalidInputError
 from tumorlens.findings.identifiers import find_identifiers
 from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
 
-SCHEMA_VERSION = "1.2"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional)
+SCHEMA_VERSION = "1.3"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional);
+# 1.3: window_opinion.sharpness
 PROB_SUM_TOL = 1e-3
 MASK_SOURCES = ("segmentation_head", "saliency:gradcam", "saliency:gradcampp", "saliency:scorecam")
 SALIENCY_METHODS = ("gradcam", "gradcampp", "scorecam")
@@ -122,12 +123,14 @@ def _probabilities_over(v: dict[str, float], names: tuple[str, ...], what: str, 
 
 class WindowOpinion(_Strict):
     """The lesion-window classifier's tumour-type probabilities (``tumorlens.models.window``), fused with the
-    whole-slice network's (``network_probabilities``) into ``Classification.probabilities``; ``changed_label``
-    says the fusion named another tumour type than the network alone."""
+    whole-slice network's (``network_probabilities``) into ``Classification.probabilities`` by the fusion
+    fitted on the model's validation part (``weight``, ``sharpness``); ``changed_label`` says the fusion
+    named another tumour type than the network alone."""
 
     probabilities: dict[str, float]
     network_probabilities: dict[str, float]
-    weight: float = Field(ge=0.0, le=1.0)
+    weight: float = Field(ge=0.0, le=1.0)  # the window's share in the geometric mean
+    sharpness: float = Field(default=1.0, gt=0.0)  # the fused types' inverse temperature
     changed_label: bool
 
     @field_validator("probabilities")

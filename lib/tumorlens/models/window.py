@@ -8,10 +8,13 @@ largest part of the product's mask plus a rim, sampled to 96 x 96 from the slice
 three tumour types' probabilities.
 
 It only re-weighs the tumour types of a slice the dual-head network already calls a tumour
-(``fuse``: geometric mean of the two opinions over the three types, equal weights fixed before
-validation, tumour versus no tumour left to the dual-head network), so it can change which tumour is
-named, never whether one is. It is stored beside a model only when the fused decision was more accurate
-than the model alone on the model's grouped validation part (``tumorlens train-window``).
+(``fuse``: a weighted geometric mean of the two opinions over the three types, sharpened or softened,
+tumour versus no tumour left to the dual-head network), so it can change which tumour is named, never
+whether one is. The two numbers of the fusion (the window's share and the sharpness) are fitted by
+log-loss on the model's grouped validation part, as a temperature is in calibration: the network is
+sure of itself even where it is wrong, and equal shares let it outvote a window that is right. The
+classifier is stored beside a model only when the fused decision, with the fusion refitted without each
+patient group in turn, is more accurate than the model alone there (``tumorlens train-window``).
 """
 
 from __future__ import annotations
@@ -23,13 +26,14 @@ import numpy as np
 import torch
 from monai.networks.nets import ResNet
 
+from tumorlens.errors import ModelNotFoundError
 from tumorlens.labels import TUMOUR_CLASSES
 from tumorlens.models.beside import load_beside, load_fp16, save_fp16
 from tumorlens.models.refiner import CROP, crop_grid, lesion_box, lesion_window, normalise_crop, sample
 
 WINDOW_FILE = "window_classifier.pt"
 WIDTHS = (32, 64, 128, 256)  # a quarter of ResNet18's channels: 2.8 M weights, 5.6 MB in fp16
-WINDOW_WEIGHT = 0.5  # share of the window's opinion in the geometric mean; fixed, never fitted on validation
+WINDOW_WEIGHT = 0.5  # share of the window's opinion in the geometric mean, for a file stored without a fitted fusion
 
 
 def build_window_net(channels: int = 1) -> ResNet:
@@ -52,10 +56,11 @@ def window_crop(arr: np.ndarray, mask: np.ndarray, crop: int = CROP,
 
 
 def fuse(probs: np.ndarray, window: np.ndarray, labels: tuple[str, ...] | list[str],
-         weight: float = WINDOW_WEIGHT) -> np.ndarray:
+         weight: float = WINDOW_WEIGHT, sharpness: float = 1.0) -> np.ndarray:
     """The dual-head ``probs`` (over ``labels``) with the tumour types re-weighed by ``window`` (over
-    ``TUMOUR_CLASSES``): weighted geometric mean of the two type distributions, scaled back to the
-    dual-head network's tumour probability. The no-tumour probability is unchanged."""
+    ``TUMOUR_CLASSES``): the geometric mean of the two type distributions, ``weight`` the window's share,
+    raised to ``sharpness`` (an inverse temperature) and scaled back to the dual-head network's tumour
+    probability. The no-tumour probability is unchanged."""
     labels = list(labels)
     idx = [labels.index(c) for c in TUMOUR_CLASSES]
     p = np.asarray(probs, np.float64).copy()
@@ -64,7 +69,8 @@ def fuse(probs: np.ndarray, window: np.ndarray, labels: tuple[str, ...] | list[s
         return p.astype(np.float32)
     types = np.clip(p[idx] / mass, 1e-8, 1.0)
     w = np.clip(np.asarray(window, np.float64), 1e-8, 1.0)
-    g = np.exp((1 - weight) * np.log(types) + weight * np.log(w))
+    z = sharpness * ((1 - weight) * np.log(types) + weight * np.log(w))
+    g = np.exp(z - z.max())
     p[idx] = mass * g / g.sum()
     return p.astype(np.float32)
 
@@ -74,6 +80,8 @@ class WindowClassifier:
     net: ResNet
     crop: int = CROP
     scales: tuple[float, ...] = (1.0,)
+    weight: float = WINDOW_WEIGHT
+    sharpness: float = 1.0
     meta: dict = field(default_factory=dict)
     device: str = "cpu"
 
@@ -94,22 +102,28 @@ class WindowClassifier:
         q = self.classify(arr, mask)
         if q is None:
             return probs, None
-        fused = fuse(probs, q, labels)
+        fused = fuse(probs, q, labels, self.weight, self.sharpness)
         return fused, {"probabilities": {c: round(float(v), 4) for c, v in zip(TUMOUR_CLASSES, q, strict=True)},
                        "network_probabilities": {c: round(float(v), 4) for c, v in zip(labels, probs, strict=True)},
-                       "weight": WINDOW_WEIGHT,
+                       "weight": round(self.weight, 4), "sharpness": round(self.sharpness, 4),
                        "changed_label": labels[int(np.argmax(fused))] != labels[int(np.argmax(probs))]}
 
     def save(self, path: str | Path) -> Path:
-        return save_fp16(path, self.net, crop=self.crop, scales=list(self.scales), meta=self.meta)
+        return save_fp16(path, self.net, crop=self.crop, scales=list(self.scales), weight=self.weight,
+                         sharpness=self.sharpness, meta=self.meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> WindowClassifier:
         net, st = load_fp16(path, lambda st: build_window_net(len(st.get("scales", (1.0,)))),
                             "lesion-window classifier")
+        weight, sharpness = float(st.get("weight", WINDOW_WEIGHT)), float(st.get("sharpness", 1.0))
+        if not (0.0 <= weight <= 1.0 and 0.0 < sharpness < 100.0):
+            raise ModelNotFoundError(f"{path}: lesion-window classifier with an impossible fusion "
+                                     f"(weight {weight}, sharpness {sharpness})")
         return cls(net=net.to(device), crop=int(st.get("crop", CROP)),
-                   scales=tuple(float(v) for v in st.get("scales", (1.0,))), meta=dict(st.get("meta") or {}),
-                   device=str(device))
+                   scales=tuple(float(v) for v in st.get("scales", (1.0,))),
+                   weight=weight, sharpness=sharpness,
+                   meta=dict(st.get("meta") or {}), device=str(device))
 
 
 def load_window_classifier(model_path: str | Path, device: str = "cpu") -> WindowClassifier | None:

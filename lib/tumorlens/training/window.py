@@ -3,9 +3,15 @@
 It learns the tumour type from windows around the true outlines of the model's own grouped training
 part, jittered in place, size, angle, side and gamma as the refiner's are (at inference the window sits
 on the product's mask, near but not on the truth). The last epoch is kept (a one-cycle schedule ends
-annealed): no epoch is picked on validation. It is judged on the model's grouped validation part, every
-image through the dual-head network and the product's mask as ``tumorlens evaluate`` runs them, with and
-without the fusion, and written next to the model only when the fused 4-class accuracy is higher.
+annealed): no epoch is picked on validation. The model's grouped validation part, every image through the
+dual-head network and the product's mask as ``tumorlens evaluate`` runs them, then serves twice:
+
+- the fusion's two numbers (``fit_fusion``: the window's share and the sharpness) are fitted there by
+  log-loss on the tumour slices, as a calibration temperature is;
+- the classifier is judged there, its fusion refitted without each patient group in turn and that group
+  decided by it (``left_out_groups``), so the figure that decides whether it is stored never saw the
+  images it is scored on. It is written next to the model only when that 4-class accuracy is higher than
+  the network's alone.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy.optimize import minimize
 from tqdm import tqdm
 
 from tumorlens.data.readers import is_volume, read_image
@@ -59,32 +66,105 @@ def validation_views(predictor, manifest, idx: list[int], progress: bool = True,
         p, lesion, _ = predictor.decide_2d(probs[0].numpy(), seg, arr)
         called = predictor.model.labels[int(p.argmax())] != NO_TUMOUR
         crop = window_crop(arr, tumour_mask(lesion, True), scales=scales) if called else None
-        out.append({"label": class_index(r.label), "probs": p, "crop": crop})
+        out.append({"label": class_index(r.label), "group": r.group, "probs": p, "crop": crop})
     return out
 
 
 @torch.no_grad()
-def validation_accuracy(net, views: list[dict], labels: tuple[str, ...]) -> dict:
-    """Accuracy of the dual-head network alone and fused with ``net`` on the validation ``views``."""
+def window_probabilities(net, views: list[dict]) -> dict[int, np.ndarray]:
+    """The window classifier's type probabilities per view index that has a window."""
+    has = [j for j, v in enumerate(views) if v["crop"] is not None]
+    if not has:
+        return {}
+    x = torch.from_numpy(np.stack([views[j]["crop"] for j in has])).to(next(net.parameters()).device)
+    q = torch.cat([net(x[k:k + 64]).softmax(1) for k in range(0, len(x), 64)]).float().cpu().numpy()
+    return dict(zip(has, q, strict=True))
+
+
+def fit_fusion(network_types: np.ndarray, window: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
+    """(window's share, sharpness) of ``fuse`` that minimise the log-loss of the fused tumour type:
+    ``network_types`` [N, 3] the network's type distribution (its tumour probabilities renormalised),
+    ``window`` [N, 3] the window's, ``truth`` [N] the true type's index. Two numbers fitted on hundreds of
+    slices, as a calibration temperature is; equal shares and sharpness 1 when nothing is given."""
+    if len(truth) == 0:
+        return WINDOW_WEIGHT, 1.0
+    lt = np.log(np.clip(np.asarray(network_types, np.float64), 1e-8, 1.0))
+    lw = np.log(np.clip(np.asarray(window, np.float64), 1e-8, 1.0))
+    rows = np.arange(len(truth))
+
+    def loss(ab: np.ndarray) -> float:
+        z = ab[0] * lt + ab[1] * lw
+        z = z - z.max(1, keepdims=True)
+        return float(-(z[rows, truth] - np.log(np.exp(z).sum(1))).mean())
+
+    a, b = minimize(loss, [1 - WINDOW_WEIGHT, WINDOW_WEIGHT], bounds=[(0.0, 10.0)] * 2, method="L-BFGS-B").x
+    if a + b <= 1e-6:  # neither opinion helps: keep the network's (equal shares, flat would say nothing)
+        return WINDOW_WEIGHT, 1.0
+    return float(b / (a + b)), float(a + b)
+
+
+def _fusion_inputs(views: list[dict], q: dict[int, np.ndarray], labels: tuple[str, ...],
+                   rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(network type distributions, window distributions, true type) of the ``rows`` whose label is a tumour."""
+    idx = [labels.index(c) for c in TUMOUR_CLASSES]
+    rows = [j for j in rows if labels[views[j]["label"]] in TUMOUR_CLASSES]
+    t = np.array([views[j]["probs"][idx] / max(float(views[j]["probs"][idx].sum()), 1e-8) for j in rows]).reshape(-1, 3)
+    w = np.array([q[j] for j in rows]).reshape(-1, 3)
+    y = np.array([TUMOUR_CLASSES.index(labels[views[j]["label"]]) for j in rows], int)
+    return t, w, y
+
+
+def fused_decisions(views: list[dict], q: dict[int, np.ndarray], labels: tuple[str, ...],
+                    weight: float, sharpness: float) -> np.ndarray:
+    """Every view's probabilities, fused with its window where it has one."""
+    fused = np.stack([v["probs"] for v in views]).astype(np.float32)
+    for j, qj in q.items():
+        fused[j] = fuse(views[j]["probs"], qj, labels, weight, sharpness)
+    return fused
+
+
+def left_out_groups(views: list[dict], q: dict[int, np.ndarray], labels: tuple[str, ...]) -> np.ndarray:
+    """Every view's fused probabilities with the fusion fitted without its patient group: an estimate of the
+    fitted fusion on patients it has not seen."""
+    fused = np.stack([v["probs"] for v in views]).astype(np.float32)
+    groups = np.array([v["group"] for v in views])
+    for g in np.unique(groups):
+        inside = [j for j in q if groups[j] == g]
+        if inside:
+            w, s = fit_fusion(*_fusion_inputs(views, q, labels, [j for j in q if groups[j] != g]))
+            for j in inside:
+                fused[j] = fuse(views[j]["probs"], q[j], labels, w, s)
+    return fused
+
+
+def validation_accuracy(net, views: list[dict], labels: tuple[str, ...], fit: bool = True) -> dict:
+    """Accuracy of the dual-head network alone and fused with ``net`` on the validation ``views``: with
+    equal shares, with the fusion fitted on all of them (``weight``, ``sharpness``) and with it refitted
+    without each patient group (``*_left_out_groups``, what decides storing). ``fit=False``: equal shares only."""
     y = np.array([v["label"] for v in views])
     plain = np.stack([v["probs"] for v in views])
-    fused = plain.copy()
-    has = [j for j, v in enumerate(views) if v["crop"] is not None]
-    window_hits = []
-    if has:
-        x = torch.from_numpy(np.stack([views[j]["crop"] for j in has])).to(next(net.parameters()).device)
-        q = torch.cat([net(x[k:k + 64]).softmax(1) for k in range(0, len(x), 64)]).float().cpu().numpy()
-        for j, qj in zip(has, q, strict=True):
-            fused[j] = fuse(plain[j], qj, labels)
-            if labels[y[j]] in TUMOUR_CLASSES:
-                window_hits.append(TUMOUR_CLASSES[int(qj.argmax())] == labels[y[j]])
-    m0, m1 = classification_metrics(y, plain, labels), classification_metrics(y, fused, labels)
-    return {"n": len(views), "n_windows": len(has),
-            "accuracy": m0["accuracy"], "accuracy_fused": m1["accuracy"],
-            "tumour_only_accuracy": m0["tumour_only_accuracy"], "tumour_only_accuracy_fused": m1["tumour_only_accuracy"],
-            "balanced_accuracy": m0["balanced_accuracy"], "balanced_accuracy_fused": m1["balanced_accuracy"],
-            "window_alone_accuracy": float(np.mean(window_hits)) if window_hits else None,
-            "labels_changed": int((fused.argmax(1) != plain.argmax(1)).sum())}
+    q = window_probabilities(net, views)
+    hits = [TUMOUR_CLASSES[int(qj.argmax())] == labels[y[j]] for j, qj in q.items() if labels[y[j]] in TUMOUR_CLASSES]
+    m0 = classification_metrics(y, plain, labels)
+    m1 = classification_metrics(y, fused_decisions(views, q, labels, WINDOW_WEIGHT, 1.0), labels)
+    out = {"n": len(views), "n_windows": len(q),
+           "accuracy": m0["accuracy"], "tumour_only_accuracy": m0["tumour_only_accuracy"],
+           "balanced_accuracy": m0["balanced_accuracy"], "ece": m0["ece"],
+           "accuracy_fused_equal_shares": m1["accuracy"],
+           "tumour_only_accuracy_fused_equal_shares": m1["tumour_only_accuracy"],
+           "window_alone_accuracy": float(np.mean(hits)) if hits else None}
+    if not fit:
+        return out
+    weight, sharpness = fit_fusion(*_fusion_inputs(views, q, labels, list(q)))
+    fused = fused_decisions(views, q, labels, weight, sharpness)
+    m2, m3 = classification_metrics(y, fused, labels), classification_metrics(y, left_out_groups(views, q, labels), labels)
+    return out | {"weight": round(weight, 4), "sharpness": round(sharpness, 4),
+                  "accuracy_fused": m2["accuracy"], "tumour_only_accuracy_fused": m2["tumour_only_accuracy"],
+                  "balanced_accuracy_fused": m2["balanced_accuracy"], "ece_fused": m2["ece"],
+                  "accuracy_fused_left_out_groups": m3["accuracy"],
+                  "tumour_only_accuracy_fused_left_out_groups": m3["tumour_only_accuracy"],
+                  "labels_changed": int((fused.argmax(1) != plain.argmax(1)).sum()),
+                  "n_groups": len({v["group"] for v in views})}
 
 
 def train_window(model: str | None = None, data_dir: str | Path | None = None, epochs: int = DEFAULTS["epochs"],
@@ -112,15 +192,20 @@ def train_window(model: str | None = None, data_dir: str | Path | None = None, e
         return F.cross_entropy(net(x.to(device)), y.to(device), label_smoothing=DEFAULTS["label_smoothing"])
 
     def watched(net) -> dict:  # watched, never used to pick an epoch
-        v = validation_accuracy(net, views, labels) if views else {}
-        return {"val_accuracy_fused": v.get("accuracy_fused"), "val_window_alone": v.get("window_alone_accuracy")}
+        v = validation_accuracy(net, views, labels, fit=False) if views else {}
+        return {"val_accuracy_fused_equal_shares": v.get("accuracy_fused_equal_shares"),
+                "val_window_alone": v.get("window_alone_accuracy")}
 
     history, seconds = one_cycle_fit(net, train_items, epochs, DEFAULTS, batch_loss, rng,
                                      "training window classifier", 0.2, progress, watched)
-    clf = WindowClassifier(net=net.eval().cpu(), scales=tuple(scales))
-    val = validation_accuracy(clf.net, views, labels) if views else {"n": 0}
-    wins = val["n"] > 0 and val["accuracy_fused"] > val["accuracy"]
+    net = net.eval().cpu()
+    val = validation_accuracy(net, views, labels) if views else {"n": 0}
+    clf = WindowClassifier(net=net, scales=tuple(scales), weight=val.get("weight", WINDOW_WEIGHT),
+                           sharpness=val.get("sharpness", 1.0))
+    wins = val["n"] > 0 and val["accuracy_fused_left_out_groups"] > val["accuracy"]
     return conclude(clf, predictor, WINDOW_FILE, "window_classifier", data, len(train_items),
                     fit_summary(DEFAULTS, epochs, device, seconds, history, seed=seed), val, wins, save, json_out,
-                    f"fusing the window classifier did not raise accuracy on validation ({val.get('accuracy') or 0:.4f} "
-                    f"-> {val.get('accuracy_fused') or 0:.4f})", scales=list(scales), weight=WINDOW_WEIGHT)
+                    f"fusing the window classifier did not raise accuracy on validation's left-out groups "
+                    f"({val.get('accuracy') or 0:.4f} -> {val.get('accuracy_fused_left_out_groups') or 0:.4f})",
+                    scales=list(scales), weight=clf.weight, sharpness=clf.sharpness,
+                    fitted_on="the model's grouped validation part (log-loss over its tumour slices with a window)")
