@@ -186,6 +186,15 @@ def test_findings_and_report_say_when_the_window_changed_the_type(model, val_ima
     f = build_findings(img, probs, model=model, window=window)
     assert f.classification.label == "meningioma" and f.classification.window_opinion.network_label == "glioma"
     assert any("second classifier that looks only at the lesion" in s for s in build_facts(f).limitations())
+    assert not any("descriptions are the whole-slice network's" in s for s in build_facts(f).limitations())
+    # the descriptions the image matched come from the whole-slice network's text head: when they follow its
+    # type and not the one reported, the limitations say whose they are
+    glioma_text = [{"class_name": "glioma", "description": "infiltrative mass with surrounding oedema", "similarity": 0.61}]
+    texts = build_findings(img, probs, model=model, window=window, text_matches=glioma_text)
+    assert any("descriptions are the whole-slice network's" in s for s in build_facts(texts).limitations())
+    agreeing = [dict(glioma_text[0], class_name="meningioma")]
+    same = build_findings(img, probs, model=model, window=window, text_matches=agreeing)
+    assert not any("descriptions are the whole-slice network's" in s for s in build_facts(same).limitations())
     kept = build_findings(img, probs, model=model, window=window | {"changed_label": False})
     assert not any("second classifier" in s for s in build_facts(kept).limitations())
     with pytest.raises(Exception, match="tumour types"):
