@@ -296,7 +296,8 @@ class Predictor:
         # is only stored next to a model when it raised seg Dice on that model's grouped validation part
         self.refiner = load_refiner(self.model.path, device) if refine else None
         # the lesion-window classifier (models/window.py) re-weighs the tumour types of a 2D slice called a
-        # tumour; stored only when the fused decision was more accurate on the model's grouped validation part
+        # tumour; stored only when the fused decision, its fusion refitted without each patient group, was
+        # more accurate on the model's grouped validation part
         self.window = load_window_classifier(self.model.path, device) if window else None
         # The text-aligned head (issue 8) decides the class when it is stored next to the model: it is
         # only stored when it was at least as accurate as the plain classifier on grouped validation.

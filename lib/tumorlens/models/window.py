@@ -55,19 +55,27 @@ def window_crop(arr: np.ndarray, mask: np.ndarray, crop: int = CROP,
                      for s in scales])
 
 
+def tumour_types(probs: np.ndarray, labels: tuple[str, ...] | list[str]) -> tuple[list[int], float, np.ndarray]:
+    """(indices of ``TUMOUR_CLASSES`` in ``labels``, the tumour probability, the type distribution: the
+    tumour classes' probabilities renormalised, zeros when there is no tumour mass)."""
+    labels = list(labels)
+    idx = [labels.index(c) for c in TUMOUR_CLASSES]
+    t = np.asarray(probs, np.float64)[idx]
+    mass = float(t.sum())
+    return idx, mass, t / mass if mass > 0 else np.zeros_like(t)
+
+
 def fuse(probs: np.ndarray, window: np.ndarray, labels: tuple[str, ...] | list[str],
          weight: float = WINDOW_WEIGHT, sharpness: float = 1.0) -> np.ndarray:
     """The dual-head ``probs`` (over ``labels``) with the tumour types re-weighed by ``window`` (over
     ``TUMOUR_CLASSES``): the geometric mean of the two type distributions, ``weight`` the window's share,
     raised to ``sharpness`` (an inverse temperature) and scaled back to the dual-head network's tumour
     probability. The no-tumour probability is unchanged."""
-    labels = list(labels)
-    idx = [labels.index(c) for c in TUMOUR_CLASSES]
+    idx, mass, types = tumour_types(probs, labels)
     p = np.asarray(probs, np.float64).copy()
-    mass = p[idx].sum()
     if mass <= 0:
         return p.astype(np.float32)
-    types = np.clip(p[idx] / mass, 1e-8, 1.0)
+    types = np.clip(types, 1e-8, 1.0)
     w = np.clip(np.asarray(window, np.float64), 1e-8, 1.0)
     z = sharpness * ((1 - weight) * np.log(types) + weight * np.log(w))
     g = np.exp(z - z.max())

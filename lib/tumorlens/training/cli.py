@@ -15,8 +15,8 @@ def register(sub) -> None:
                       "lesion at the slice's resolution; stored only if it raises seg Dice)", 24, "refiner.pt",
                       run_refiner)
     w = _companion_parser(sub, "train-window", "train the lesion-window classifier of a trained model (a second "
-                          "opinion on the tumour type from the lesion's window; stored only if the fused decision is "
-                          "more accurate)", 40, "window_classifier.pt", run_window)
+                          "opinion on the tumour type from the lesion's window; its fusion fitted on validation; stored "
+                          "only if the fused decision, refitted without each patient group, is more accurate)", 40, "window_classifier.pt", run_window)
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--scales", default="1", help="window sizes as multiples of the lesion window, one input "
                                                  "channel each (e.g. 1,2 adds twice the surroundings)")

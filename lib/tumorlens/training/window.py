@@ -33,6 +33,7 @@ from tumorlens.models.window import (
     WindowClassifier,
     build_window_net,
     fuse,
+    tumour_types,
     window_crop,
 )
 from tumorlens.training.companion import (
@@ -106,9 +107,8 @@ def fit_fusion(network_types: np.ndarray, window: np.ndarray, truth: np.ndarray)
 def _fusion_inputs(views: list[dict], q: dict[int, np.ndarray], labels: tuple[str, ...],
                    rows: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(network type distributions, window distributions, true type) of the ``rows`` whose label is a tumour."""
-    idx = [labels.index(c) for c in TUMOUR_CLASSES]
     rows = [j for j in rows if labels[views[j]["label"]] in TUMOUR_CLASSES]
-    t = np.array([views[j]["probs"][idx] / max(float(views[j]["probs"][idx].sum()), 1e-8) for j in rows]).reshape(-1, 3)
+    t = np.array([tumour_types(views[j]["probs"], labels)[2] for j in rows]).reshape(-1, 3)
     w = np.array([q[j] for j in rows]).reshape(-1, 3)
     y = np.array([TUMOUR_CLASSES.index(labels[views[j]["label"]]) for j in rows], int)
     return t, w, y
