@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tumorlens.data import grouped_split, load_manifest
@@ -70,12 +71,30 @@ def test_evaluate_cli_on_64_validation_images(val64, subset_factory, tmp_path):
     for key in ("accuracy", "tumour_only_accuracy", "seg_dice"):
         assert ci[key][0] <= m[key] <= ci[key][1], key
     assert "95 % interval" in proc.stdout
+    # the semantic margin of the vector each decision is the nearest prototype of: a positive margin is a
+    # decision the text agrees with, so the rate follows accuracy; the aligned head's alone follows its own
+    assert m["semantic_margin_n"] == 64 and m["semantic_margin_rate"] >= ACCURACY_FLOOR
+    assert abs(m["semantic_margin_rate"] - m["accuracy"]) <= 2 / 64
+    assert abs(m["semantic_margin_rate_network"] - w["accuracy_network_alone"]) <= 2 / 64
+    assert "semantic margin rate" in proc.stdout
+
+
+def test_margin_rates_count_rows_with_similarities_only():
+    from tumorlens.evaluation.evaluate import margin_rates
+
+    sims = np.array([[0.9, 0.1, 0.2, 0.3], [0.2, 0.5, 0.4, 0.1], [0.3, 0.2, 0.1, 0.0], [np.nan] * 4])
+    labels = np.array([0, 2, 0, 1])
+    right = np.eye(4)[[0, 2, 0, 1]]
+    right[3] = np.nan
+    r = margin_rates(sims, right, labels)
+    assert r["semantic_margin_rate"] == pytest.approx(2 / 3) and r["semantic_margin_n"] == 3
+    assert r["semantic_margin_rate_network"] == 1.0
+    assert margin_rates(np.full((2, 4), np.nan), np.full((2, 4), np.nan), labels[:2])["semantic_margin_rate"] is None
 
 
 def test_grouped_bootstrap_widens_with_correlated_errors():
     """Errors clustered in a few patients: the group-level interval is wider than one that treats every
     image as independent; a perfect classifier gets a zero-width interval."""
-    import numpy as np
 
     from tumorlens.evaluation.metrics import grouped_bootstrap
     from tumorlens.labels import CLASS_NAMES
@@ -112,7 +131,6 @@ def test_predict_cli_flags_unfamiliar_and_volumes_and_skips_bad_files(dev2d, tum
     """``tumorlens predict`` carries the same warnings as the findings record: the familiarity of each
     image, the caveat every volume prediction has; a file it cannot read is reported, the rest run."""
     import nibabel as nib
-    import numpy as np
 
     from tumorlens.cli import main
     from tumorlens.inference import VOLUME_CAVEAT
@@ -149,7 +167,6 @@ def test_a_padded_slice_is_reframed_and_its_mask_lands_on_the_head(dev2d, tumour
     """A slice exported with a wide border (the head fills a third of the frame) is classified like
     the slice itself, and its seg mask comes back on the padded grid where the head is; a slice framed
     like the training slices is left as it is."""
-    import numpy as np
 
     from tumorlens.data import read_image
     from tumorlens.evaluation.metrics import dice_score
@@ -178,7 +195,6 @@ def test_a_padded_slice_is_reframed_and_its_mask_lands_on_the_head(dev2d, tumour
 def test_evaluate_says_how_many_pictures_are_not_framed_like_an_mri_slice(dev2d, val64, tmp_path):
     """A dataset of crops inside the head (or of pictures that are not MRI) is scored as asked, and the summary
     says how many of its pictures get the dark-border caveat and how the model did on them."""
-    import numpy as np
     from PIL import Image
 
     from tumorlens.evaluation.evaluate import evaluate_folder, format_table

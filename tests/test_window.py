@@ -7,12 +7,16 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from tumorlens.data import grouped_split, load_manifest, read_image
 from tumorlens.errors import ModelNotFoundError
 from tumorlens.inference import Predictor
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR, TUMOUR_CLASSES
 from tumorlens.models.window import WINDOW_FILE, WindowClassifier, build_window_net, fuse, window_crop
+
+# unit prototypes for networks built in a test (the shipped classifier carries the aligned head's)
+PROTOS = torch.nn.functional.normalize(torch.randn(len(CLASS_NAMES), 384, generator=torch.Generator().manual_seed(0)), dim=-1)
 
 
 def test_fusion_reweighs_tumour_types_only():
@@ -34,6 +38,66 @@ def test_fusion_reweighs_tumour_types_only():
     np.testing.assert_allclose(fuse(p, sure_meningioma, CLASS_NAMES, weight=0.0), p, rtol=1e-5)
     sharp = fuse(p, sure_meningioma, CLASS_NAMES, sharpness=2.0)
     assert list(np.argsort(sharp[:3])) == list(np.argsort(f[:3])) and sharp[1] > f[1] and sharp[3] == pytest.approx(0.15)
+
+
+def test_the_fused_type_is_the_nearest_prototype_of_the_product_vector():
+    """Both opinions are scaled cosines to the same prototypes, so the fused types' log-odds are the
+    product vector's cosine differences times one positive number per slice (``product_text_vector``)."""
+    from tumorlens.models.window import product_text_vector
+
+    rng = np.random.default_rng(3)
+    P = PROTOS.numpy().astype(np.float64)
+    types = [CLASS_NAMES.index(c) for c in TUMOUR_CLASSES]
+    for _ in range(50):
+        t, u = (x / np.linalg.norm(x) for x in rng.normal(size=(2, 384)) + 3 * P[rng.integers(0, 3, 2)])
+        s1, s2, w, sharp = rng.uniform(5, 30), rng.uniform(5, 30), rng.uniform(0, 1), rng.uniform(0.5, 2)
+        probs = np.exp(s1 * P @ t) / np.exp(s1 * P @ t).sum()
+        q = np.exp(s2 * P[types] @ u) / np.exp(s2 * P[types] @ u).sum()
+        f = fuse(probs, q, CLASS_NAMES, w, sharp).astype(np.float64)
+        v = product_text_vector(t, s1, s2 * u, w)
+        assert np.linalg.norm(v) == pytest.approx(1.0, abs=1e-5)
+        log_odds = np.log(f[types[1:]]) - np.log(f[types[0]])
+        cos_gaps = (P[types[1:]] - P[types[0]]) @ v
+        ratio = log_odds / cos_gaps
+        assert ratio[0] > 0 and ratio[1] == pytest.approx(ratio[0], rel=1e-3)
+        assert int(np.argmax(f[types])) == int(np.argmax(P[types] @ v))
+    np.testing.assert_allclose(product_text_vector(t, s1, s2 * u, 0.0), t, atol=1e-6)  # share 0: the head's own
+
+
+def test_the_window_network_is_anchored_to_the_prototypes(tmp_path):
+    """Its logits are the scaled cosines of its text-space vector to the class prototypes it carries (with
+    several members, the mean of theirs: still one vector in text space); a file stored without prototypes
+    (before anchoring) is refused, naming the file."""
+    from tumorlens.models.window import join_members
+
+    torch.manual_seed(0)
+    one, two = build_window_net(PROTOS).eval(), build_window_net(PROTOS).eval()
+    x = torch.randn(2, 1, 96, 96)
+    with torch.no_grad():
+        u = one.embed(x)
+        np.testing.assert_allclose(u.norm(dim=1).numpy(), 1.0, atol=1e-5)
+        np.testing.assert_allclose(one.class_logits(x).numpy(), (one.scales[0] * u @ PROTOS.T).numpy(), rtol=1e-4,
+                                   atol=1e-4)
+        np.testing.assert_allclose(one(x).numpy(), one.class_logits(x)[:, :3].numpy(), atol=1e-6)
+        other = build_window_net(PROTOS[[1, 0, 2, 3]]).eval()
+        other.load_state_dict({k: v for k, v in one.state_dict().items() if k != "prototypes"}, strict=False)
+        assert not torch.allclose(other(x), one(x))  # other descriptions, other decisions
+        pair = join_members([one, two]).eval()
+        assert pair.members == 2
+        np.testing.assert_allclose(pair.class_logits(x).numpy(),
+                                   ((one.class_logits(x) + two.class_logits(x)) / 2).numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(pair.class_logits(x).numpy(), (pair.scaled(x) @ PROTOS.T).numpy(), atol=1e-4)
+    WindowClassifier(net=pair).save(tmp_path / WINDOW_FILE)
+    back = WindowClassifier.load(tmp_path / WINDOW_FILE)
+    assert back.net.members == 2
+    np.testing.assert_allclose(back.prototypes, PROTOS.numpy(), atol=1e-3)
+    with torch.no_grad():
+        np.testing.assert_allclose(back.net(x).numpy(), pair(x).numpy(), atol=0.05)  # stored in fp16
+    st = torch.load(tmp_path / WINDOW_FILE, weights_only=False)
+    del st["state_dict"]["prototypes"]
+    torch.save(st, tmp_path / "old.pt")
+    with pytest.raises(ModelNotFoundError, match="old.pt.*train-window"):
+        WindowClassifier.load(tmp_path / "old.pt")
 
 
 def _opinions(rng, n, network_right, window_right):
@@ -81,11 +145,11 @@ def test_left_out_groups_never_see_their_own_labels():
 
 
 def test_the_fusion_travels_with_the_stored_classifier(tmp_path):
-    clf = WindowClassifier(net=build_window_net().eval(), weight=0.66, sharpness=1.4)
+    clf = WindowClassifier(net=build_window_net(PROTOS).eval(), weight=0.66, sharpness=1.4)
     clf.save(tmp_path / WINDOW_FILE)
     back = WindowClassifier.load(tmp_path / WINDOW_FILE)
     assert (back.weight, back.sharpness) == (0.66, 1.4)
-    WindowClassifier(net=build_window_net().eval(), weight=1.5).save(tmp_path / "bad.pt")
+    WindowClassifier(net=build_window_net(PROTOS).eval(), weight=1.5).save(tmp_path / "bad.pt")
     with pytest.raises(ModelNotFoundError, match="bad.pt.*impossible fusion"):
         WindowClassifier.load(tmp_path / "bad.pt")
 
@@ -93,7 +157,7 @@ def test_the_fusion_travels_with_the_stored_classifier(tmp_path):
 def test_no_window_without_a_lesion_and_the_crop_is_normalised():
     arr = np.random.default_rng(0).random((120, 100)).astype(np.float32)
     assert window_crop(arr, np.zeros_like(arr, bool)) is None
-    clf = WindowClassifier(net=build_window_net().eval())
+    clf = WindowClassifier(net=build_window_net(PROTOS).eval())
     assert clf.classify(arr, np.zeros_like(arr, bool)) is None
     m = np.zeros_like(arr, bool)
     m[40:60, 30:55] = True
@@ -109,7 +173,7 @@ def test_no_window_without_a_lesion_and_the_crop_is_normalised():
     assert two.shape == (2, 96, 96)
     np.testing.assert_allclose(two[0], window_crop(spot, m)[0], atol=1e-6)
     assert float(two[0].max()) < 1e-3 < float(two[1].max())
-    wide = WindowClassifier(net=build_window_net(2).eval(), scales=(1.0, 2.0))
+    wide = WindowClassifier(net=build_window_net(PROTOS, 2).eval(), scales=(1.0, 2.0))
     assert wide.classify(arr, m).shape == (len(TUMOUR_CLASSES),)
 
 
@@ -147,11 +211,29 @@ def test_shipped_window_classifier_names_the_tumour_type_better_on_validation(mo
         assert set(said["probabilities"]) == set(TUMOUR_CLASSES)
         assert said["network_probabilities"] == pytest.approx(b.probabilities, abs=1e-4)
         assert said["changed_label"] == (a.label != b.label)
+        # the decision is the nearest tumour-type prototype of the product's text-space vector
+        sims = a.extra["text_similarities"]
+        assert max(TUMOUR_CLASSES, key=sims.get) == a.label
+        assert a.text_vector is not None and not np.allclose(a.text_vector, b.text_vector)
         assert (said["weight"], said["sharpness"]) == pytest.approx((fused.window.weight, fused.window.sharpness), abs=1e-4)
         right_f += a.label == rec.label
         right_a += b.label == rec.label
     assert asked >= 60
     assert right_f >= right_a
+
+
+def test_matched_descriptions_follow_the_decision_vector(model, val_images):
+    """The findings' ``text_matches`` are the descriptions nearest to the vector the decision was made from:
+    given one, they follow it (here: each class prototype in turn)."""
+    from tumorlens.alignment.api import load_alignment, text_matches
+
+    head = load_alignment(model)
+    img = read_image(val_images[0].image)
+    for i, c in enumerate(CLASS_NAMES):
+        matches, _ = text_matches(model, img, vector=head.prototypes[i].numpy())
+        assert matches[0]["class_name"] == c and len(matches) == 3
+    pred = Predictor(model).predict(img)
+    assert text_matches(model, img, vector=pred.text_vector)[0] == head.descriptions_near(pred.text_vector[None])[0]
 
 
 def test_train_window_learns_from_real_outlines(tmp_path, dev2d, model):
@@ -160,13 +242,16 @@ def test_train_window_learns_from_real_outlines(tmp_path, dev2d, model):
 
     before = (model.path / WINDOW_FILE).stat().st_mtime
     rec = train_window(data_dir=dev2d, epochs=4, max_images=64, save=False, json_out=tmp_path / "w.json",
-                       progress=False)
+                       progress=False, members=1)
     losses = [h["loss"] for h in rec["training"]["history"]]
     assert losses[-1] < losses[0]
     val = rec["validation"]
     assert rec["stored"] is False and val["n"] > 0 and 0 < val["n_windows"] <= val["n"]
     assert 0 <= rec["weight"] <= 1 and rec["sharpness"] > 0 and val["n_groups"] >= 2
     assert 0 <= val["accuracy_fused_left_out_groups"] <= 1
+    # the semantic margins of the decisions' text-space vectors, before and after the window joined them
+    assert val["semantic_margin_rate_network"] == pytest.approx(val["accuracy"], abs=1e-9)  # nearest prototype decides
+    assert 0 <= val["semantic_margin_rate_fused"] <= 1 and len(val["window_scales"]) == 1
     assert (model.path / WINDOW_FILE).stat().st_mtime == before
     assert json.loads((tmp_path / "w.json").read_text())["data"]["same_manifest_as_model"] is True
 
@@ -186,15 +271,16 @@ def test_findings_and_report_say_when_the_window_changed_the_type(model, val_ima
     f = build_findings(img, probs, model=model, window=window)
     assert f.classification.label == "meningioma" and f.classification.window_opinion.network_label == "glioma"
     assert any("second classifier that looks only at the lesion" in s for s in build_facts(f).limitations())
-    assert not any("descriptions are the whole-slice network's" in s for s in build_facts(f).limitations())
-    # the descriptions the image matched come from the whole-slice network's text head: when they follow its
-    # type and not the one reported, the limitations say whose they are
+    other = "closest to the image belongs to another class"
+    assert not any(other in s for s in build_facts(f).limitations())
+    # a closest clinical description of another class than the one reported is said, with or without the window
     glioma_text = [{"class_name": "glioma", "description": "infiltrative mass with surrounding oedema", "similarity": 0.61}]
     texts = build_findings(img, probs, model=model, window=window, text_matches=glioma_text)
-    assert any("descriptions are the whole-slice network's" in s for s in build_facts(texts).limitations())
+    assert any(other in s for s in build_facts(texts).limitations())
+    assert any(other in s for s in build_facts(build_findings(img, probs, model=model, text_matches=glioma_text)).limitations())
     agreeing = [dict(glioma_text[0], class_name="meningioma")]
     same = build_findings(img, probs, model=model, window=window, text_matches=agreeing)
-    assert not any("descriptions are the whole-slice network's" in s for s in build_facts(same).limitations())
+    assert not any(other in s for s in build_facts(same).limitations())
     kept = build_findings(img, probs, model=model, window=window | {"changed_label": False})
     assert not any("second classifier" in s for s in build_facts(kept).limitations())
     with pytest.raises(Exception, match="tumour types"):
@@ -212,3 +298,4 @@ def test_train_window_cli_checks_before_work():
     bad = cli("--scales", "1,-2")
     assert bad.returncode != 0 and "--scales '1,-2'" in bad.stderr and "Traceback" not in bad.stderr
     assert "at least 1" in cli("--epochs", "0").stderr
+    assert "--members must be at least 1" in cli("--members", "0").stderr

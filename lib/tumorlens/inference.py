@@ -6,6 +6,7 @@ Outputs always come back on the input's own grid and affine, so a mask lands whe
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import nibabel as nib
@@ -23,8 +24,9 @@ from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 from tumorlens.models.refiner import load_refiner
 from tumorlens.models.registry import LoadedModel, load_model
-from tumorlens.models.window import load_window_classifier
+from tumorlens.models.window import TextOpinion, load_window_classifier
 
+log = logging.getLogger(__name__)
 SEG_THRESHOLD = 0.5
 FALLBACK_FRACTION = 0.5  # of the map's peak: the region shown when the classifier finds a tumour the head missed
 # Measured (README, "3D volumes with the 2D network"): slice by slice, the 2D network calls about as many
@@ -138,6 +140,9 @@ class Prediction:
     seg_prob: MetaTensor  # float32 tumour probability, same grid
     slice_probabilities: np.ndarray | None = None  # volumes: [Z, C]
     extra: dict = field(default_factory=dict)
+    # the unit text-space vector the decision is the nearest class prototype of (2D slices and one-slice
+    # files, with an aligned head): the findings' matched descriptions are its nearest ones
+    text_vector: np.ndarray | None = None
 
     @property
     def caveats(self) -> list[str]:
@@ -306,6 +311,11 @@ class Predictor:
             from tumorlens.alignment.api import load_alignment
 
             self.aligned_head = load_alignment(self.model)
+        if self.window is not None and self.aligned_head is not None \
+                and self.window.text_key != self.aligned_head.texts.get("key"):
+            log.warning("%s: the lesion-window classifier was anchored to other class descriptions than the text "
+                        "head's; its opinion still counts, but the decision's text-space vector is the head's alone "
+                        "until `tumorlens train-window` refits it", self.model.path)
 
     @property
     def decision(self) -> str:
@@ -321,21 +331,30 @@ class Predictor:
         return None if self.aligned_head is None else self.aligned_head.meta.get("familiarity")
 
     @torch.no_grad()
-    def forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None]:
-        """Normalised [B, 1, S, S] -> (probs [B, C], seg_prob [B, 1, S, S], familiarity [B] or None),
-        one encoder pass."""
+    def forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None, np.ndarray | None]:
+        """Normalised [B, 1, S, S] -> (probs [B, C], seg_prob [B, 1, S, S], familiarity [B] or None, the aligned
+        head's unit text-space vectors [B, D] or None), one encoder pass."""
         net = self.model.net
         x = x.to(self.device)
         feats = net.encoder(x)
         seg = net.decoder(feats, x.shape[2:])
-        fam = None
+        fam = text = None
         if self.aligned_head is None:
             probs = net.classifier(feats[-1]).softmax(1)
         else:
+            head = self.aligned_head
             pooled = net.classifier[2](net.classifier[1](net.classifier[0](feats[-1]))).float().cpu()
-            probs = torch.as_tensor(self.aligned_head.logits(pooled)).softmax(1)
-            fam = assess_familiarity(self.aligned_head.cache, self.familiarity_calibration, pooled)
-        return probs.float().cpu(), seg.sigmoid().cpu(), fam
+            logits, t = head.combine(head.parts(pooled), head.alpha, head.gamma)
+            probs, text = logits.softmax(1), t.float().numpy()
+            fam = assess_familiarity(head.cache, self.familiarity_calibration, pooled)
+        return probs.float().cpu(), seg.sigmoid().cpu(), fam, text
+
+    def text_opinion(self, vector: np.ndarray | None) -> TextOpinion | None:
+        """The aligned head's view of a slice from its text-space ``vector`` (None without an aligned head)."""
+        if vector is None or self.aligned_head is None:
+            return None
+        head = self.aligned_head
+        return TextOpinion(vector, float(head.scale), head.prototypes.numpy(), head.texts.get("key"))
 
     def _familiarity(self, scores: np.ndarray | None) -> Familiarity | None:
         cal = self.familiarity_calibration
@@ -364,28 +383,43 @@ class Predictor:
             return prob
         return self.refiner.refine(arr, prob, tumour_mask(prob, called)) * fg
 
-    def decide_2d(self, probs: np.ndarray, seg: torch.Tensor, arr: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict | None]:
-        """(class probabilities, lesion probability on the slice, what the window classifier said or None)
-        of 2D slice ``arr`` from the network's ``probs`` [C] and seg map [1, 1, S, S]: how a slice's
-        decision is made, for ``predict`` and ``tumorlens evaluate`` alike."""
+    def decide_2d(self, probs: np.ndarray, seg: torch.Tensor, arr: np.ndarray, text: np.ndarray | None = None
+                  ) -> tuple[np.ndarray, np.ndarray, dict | None, np.ndarray | None]:
+        """(class probabilities, lesion probability on the slice, what the window classifier said or None, the
+        decision's unit text-space vector or None) of 2D slice ``arr`` from the network's ``probs`` [C], seg
+        map [1, 1, S, S] and text-space vector (all three from ``forward_batch``): how a slice's decision is
+        made, for ``predict`` and ``tumorlens evaluate`` alike."""
         called = self.model.labels[int(probs.argmax())] != NO_TUMOUR
         lesion = self.lesion_probability(seg, arr, called)
-        fused, said = self.window_opinion(probs, arr, lesion)
-        return fused, lesion, said
+        fused, said, vector = self.window_opinion(probs, arr, lesion, text)
+        return fused, lesion, said, vector
 
-    def window_opinion(self, probs: np.ndarray, arr: np.ndarray, lesion: np.ndarray) -> tuple[np.ndarray, dict | None]:
+    def window_opinion(self, probs: np.ndarray, arr: np.ndarray, lesion: np.ndarray, text: np.ndarray | None = None
+                       ) -> tuple[np.ndarray, dict | None, np.ndarray | None]:
         """``probs`` of one slice re-weighed by the window classifier on the lesion ``lesion`` (its
-        probability map on ``arr``'s grid) outlines; unchanged (and None) without one or without a tumour
-        call. It can change which tumour type is named, never whether one is, so the mask stays the same."""
+        probability map on ``arr``'s grid) outlines, what it said, and the text-space vector the decision is
+        the nearest prototype of (the aligned head's ``text``, joined by the window's where it spoke).
+        Unchanged (and None) without a window classifier or without a tumour call. It can change which tumour
+        type is named, never whether one is, so the mask stays the same."""
         labels = self.model.labels
         if self.window is None or labels[int(probs.argmax())] == NO_TUMOUR:
-            return probs, None
-        return self.window.decide(probs, arr, tumour_mask(lesion, True), labels)
+            return probs, None, text
+        fused, said, vector = self.window.decide(probs, arr, tumour_mask(lesion, True), labels,
+                                                 self.text_opinion(text))
+        return fused, said, text if vector is None else vector
+
+    def text_similarities(self, vector: np.ndarray | None) -> dict[str, float] | None:
+        """Cosine similarity of a decision's text-space ``vector`` to each class prototype (None without one):
+        its semantic margin is the own class's minus the best other's."""
+        if vector is None or self.aligned_head is None:
+            return None
+        sims = self.aligned_head.prototypes.numpy() @ np.asarray(vector, np.float32)
+        return {c: round(float(x), 4) for c, x in zip(CLASS_NAMES, sims, strict=True)}
 
     def _predict_2d(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
-        probs, seg, fam = self.forward_batch(prepare_slice(arr, self.size))
-        p, lesion, said = self.decide_2d(probs[0].numpy(), seg, arr)
-        return self._result(img, p, lesion, None, self._familiarity(fam), said)
+        probs, seg, fam, text = self.forward_batch(prepare_slice(arr, self.size))
+        p, lesion, said, vector = self.decide_2d(probs[0].numpy(), seg, arr, None if text is None else text[0])
+        return self._result(img, p, lesion, None, self._familiarity(fam), said, vector)
 
     def _predict_volume(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         affine = np.asarray(img.affine, dtype=float)
@@ -399,10 +433,13 @@ class Predictor:
         vnorm = normalize_intensity(disp)
         frame = volume_frame(fg[use])
         fams = []
+        texts: dict[int, np.ndarray] = {}  # a one-slice file's text-space vector (decided as a 2D slice)
         for start in range(0, use.size, self.batch_size):
             idx = use[start:start + self.batch_size]
             x = framed_inputs(vnorm[idx], frame, self.size)
-            probs, seg, fam = self.forward_batch(x)
+            probs, seg, fam, text = self.forward_batch(x)
+            if text is not None and len(disp) == 1:
+                texts[int(idx[0])] = text[0]
             seg_disp[idx] = maps_from_frame(seg, frame, disp.shape[1:]) * fg[idx]
             slice_probs[idx] = probs.numpy()
             if fam is not None:
@@ -413,13 +450,13 @@ class Predictor:
                 coarse = seg_disp[i] >= SEG_THRESHOLD
                 if coarse.any():
                     seg_disp[i] = self.refiner.refine(disp[i], seg_disp[i], coarse) * fg[i]
-        said = None
+        said = vector = None
         if len(disp) == 1:  # a one-slice file is decided as the same 2D slice is
-            probs, said = self.window_opinion(probs, disp[0], seg_disp[0])
+            probs, said, vector = self.window_opinion(probs, disp[0], seg_disp[0], texts.get(0))
         seg_vol = display_to_volume(seg_disp, back)
         # a volume's familiarity: the median over its brain slices (edge slices alone look unfamiliar)
         familiarity = self._familiarity(np.concatenate(fams) if fams else None)
-        res = self._result(img, probs, seg_vol, slice_probs, familiarity, said)
+        res = self._result(img, probs, seg_vol, slice_probs, familiarity, said, vector)
         if len(disp) > 1:  # a one-slice file is a 2D slice to the network, answered like the same JPEG
             res.extra["caveats"].append(VOLUME_CAVEAT)
         if self.head_check:
@@ -427,7 +464,8 @@ class Predictor:
         return res
 
     def _result(self, img, probs: np.ndarray, seg: np.ndarray, slice_probs,
-                familiarity: Familiarity | None = None, window: dict | None = None) -> Prediction:
+                familiarity: Familiarity | None = None, window: dict | None = None,
+                text_vector: np.ndarray | None = None) -> Prediction:
         labels = self.model.labels
         pdict = {lab: float(p) for lab, p in zip(labels, probs, strict=True)}
         label = max(pdict, key=pdict.get)
@@ -446,11 +484,14 @@ class Predictor:
             extra["familiarity"] = familiarity.as_dict()
         if window is not None:
             extra["window_classifier"] = window
+        sims = self.text_similarities(text_vector)
+        if sims is not None:
+            extra["text_similarities"] = sims
         if label == NO_TUMOUR and pdict[NO_TUMOUR] >= 0.5:
             extra["mask_suppressed_by_classifier"] = bool(mask_np.any())
         mask = MetaTensor(torch.from_numpy(mask_np[None]), affine=img.affine.clone(), meta=dict(meta))
         segp = MetaTensor(torch.from_numpy(seg.astype(np.float32)[None]), affine=img.affine.clone(), meta=dict(meta))
-        return Prediction(pdict, label, mask, segp, slice_probs, extra)
+        return Prediction(pdict, label, mask, segp, slice_probs, extra, text_vector)
 
 
 def check_head(pred: Prediction, img: MetaTensor) -> None:

@@ -90,6 +90,20 @@ def load_alignment(model=None) -> AlignedHead | None:
         return _HEADS[key]
 
 
+def decision_prototypes(model=None) -> tuple[np.ndarray, str]:
+    """(class prototypes [C, D] unit, the key of their descriptions and encoder) that the model's decisions
+    are compared with: the stored aligned head's (the descriptions it was fitted and validated with), else
+    the active descriptions' (``configs/prompts``)."""
+    head = load_alignment(model)
+    if head is not None:
+        return head.prototypes.numpy().astype(np.float32), head.texts.get("key")
+    from tumorlens.alignment.prompts import load_descriptions
+    from tumorlens.alignment.text import build_prototypes
+
+    protos = build_prototypes(load_descriptions())
+    return np.asarray(protos["prototypes"], np.float32), protos["key"]
+
+
 def probe_path(model: LoadedModel) -> Path:
     return Path(model.path) / PROBE_FILE
 
@@ -189,9 +203,12 @@ def _check_k(k) -> None:
         raise InvalidInputError(None, f"k must be a whole number >= 1, got {k!r}")
 
 
-def text_matches(model, img, slice_probabilities=None, k: int = 3) -> tuple[list[dict], str | None]:
+def text_matches(model, img, slice_probabilities=None, k: int = 3,
+                 vector: np.ndarray | None = None) -> tuple[list[dict], str | None]:
     """The findings record's ``text_matches`` for an image as read (2D, or a volume through its most
-    tumour-like slice), and a note when there are none or the descriptions are stale.
+    tumour-like slice), and a note when there are none or the descriptions are stale. ``vector``: the
+    decision's text-space vector (``Prediction.text_vector``: the aligned head's joined by the lesion-window
+    classifier's where it spoke), whose nearest descriptions are then given.
 
     Uses the stored heads only (the aligned head, else the stored plain-model probe): fitting a probe
     here would need the training images, which a server does not have."""
@@ -202,6 +219,8 @@ def text_matches(model, img, slice_probabilities=None, k: int = 3) -> tuple[list
     head = load_alignment(m) or load_probe(m, fit_if_missing=False)
     if head is None:
         return [], f"model {m.name} has no stored text head: no class descriptions matched"
+    if vector is not None and head is load_alignment(m):
+        return head.descriptions_near(np.asarray(vector, np.float32)[None], k)[0], stale_texts(head)
     feats, _ = extract_features(m.net, representative_input(img, m.image_size, slice_probabilities))
     if not np.isfinite(feats).all():
         return [], "the image's features are not finite numbers: no class descriptions matched"

@@ -146,7 +146,11 @@ class AlignedHead:
 
     # ---- text ---------------------------------------------------------------------------------
     def nearest_descriptions(self, feats, k: int = 3) -> list[list[dict]]:
-        t = self.text_vectors(feats)
+        return self.descriptions_near(self.text_vectors(feats), k)
+
+    def descriptions_near(self, text_vectors, k: int = 3) -> list[list[dict]]:
+        """The ``k`` class descriptions nearest to each unit text-space vector [N, D]."""
+        t = _t(text_vectors)
         emb = _t(self.texts["desc_emb"])
         sims = (t @ emb.T).numpy()
         out = []

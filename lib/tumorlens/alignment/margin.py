@@ -11,8 +11,13 @@ def semantic_margins(text_vectors, labels, prototypes) -> np.ndarray:
     """``cos(t, P_own) - max_{c != own} cos(t, P_c)`` per image; inputs need not be unit length."""
     t = torch.nn.functional.normalize(torch.as_tensor(np.asarray(text_vectors), dtype=torch.float32), dim=-1)
     p = torch.nn.functional.normalize(torch.as_tensor(np.asarray(prototypes), dtype=torch.float32), dim=-1)
+    return own_minus_best_other(t @ p.T, labels)
+
+
+def own_minus_best_other(similarities, labels) -> np.ndarray:
+    """``sims[own] - max_{c != own} sims[c]`` per row of ``similarities`` [N, C] (cosines to the prototypes)."""
+    sims = torch.as_tensor(np.asarray(similarities), dtype=torch.float32)
     y = torch.as_tensor(np.asarray(labels), dtype=torch.long)
-    sims = t @ p.T
     own = sims.gather(1, y[:, None]).squeeze(1)
     other = sims.scatter(1, y[:, None], float("-inf")).max(1).values
     return (own - other).numpy()

@@ -53,13 +53,19 @@ def run_evaluate(args) -> int:
         check_output(out)
     m = evaluate_folder(args.data_dir, model=args.model, limit=args.limit)
     probs, labels = m.pop("_probs"), m.pop("_labels")
-    if not args.no_margin:
+    if args.no_margin:
+        for k in ("semantic_margin_rate", "semantic_margin_rate_network", "semantic_margin_n"):
+            m.pop(k, None)
+    elif m.get("semantic_margin_rate") is None:  # no aligned head: the plain model through its text probe
         m["semantic_margin_rate"] = _margin(args, m, probs, labels)
     confusion_png(m, png)
     m["confusion_png"] = str(png)
     print(format_table(m))
     if m.get("semantic_margin_rate") is not None:
-        print(f"semantic margin rate {m['semantic_margin_rate']:.4f}")
+        alone = m.get("semantic_margin_rate_network")
+        print(f"semantic margin rate {m['semantic_margin_rate']:.4f}"
+              + (f" (the aligned head's vector alone, before the window classifier joined it: {alone:.4f})"
+                 if alone is not None else ""))
     print(f"confusion matrix: {png}")
     if args.json_out:
         write_json(m, args.json_out)
@@ -68,7 +74,7 @@ def run_evaluate(args) -> int:
 
 
 def _margin(args, m, probs, labels):
-    """Semantic margin rate from the alignment stage, when it is installed (issue 8)."""
+    """Semantic margin rate of a model without an aligned head: its linear text probe (issue 8)."""
     try:
         from tumorlens.alignment import semantic_margin_for_folder
     except ImportError:

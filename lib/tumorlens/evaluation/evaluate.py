@@ -13,6 +13,7 @@ from monai.data import MetaTensor
 from tqdm import tqdm
 
 from tumorlens.alignment.familiarity import unfamiliar
+from tumorlens.alignment.margin import margin_rate, own_minus_best_other
 from tumorlens.caveats import DARK_BORDER_MIN
 from tumorlens.data.manifest import Record, load_manifest
 from tumorlens.data.normalize import dark_border_fraction
@@ -85,6 +86,11 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     border = np.full(len(records), np.nan, np.float32)  # 2D pictures: the dark-border caveat's measure
     window_changed = np.zeros(len(records), bool)  # the window classifier named another tumour type
     network = np.zeros_like(probs)  # the network's own probabilities, before the window classifier's opinion
+    # cosine similarity to each class prototype of the vector the decision is the nearest prototype of (the
+    # product's) and of the aligned head's alone (2D images): their semantic margins (issue 8)
+    sims = np.full_like(probs, np.nan)
+    network_sims = np.full_like(probs, np.nan)
+    prototypes = None if pred.aligned_head is None else pred.aligned_head.prototypes.numpy()
     batch_x: list[torch.Tensor] = []
     batch_i: list[int] = []
     pending: dict[int, MetaTensor] = {}
@@ -104,11 +110,14 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     def flush() -> None:
         if not batch_x:
             return
-        p, seg, f = pred.forward_batch(torch.cat(batch_x))
+        p, seg, f, text = pred.forward_batch(torch.cat(batch_x))
         for j, i in enumerate(batch_i):
             img = pending[i]
             network[i] = p[j].numpy()
-            probs[i], lesion, said = pred.decide_2d(network[i], seg[j:j + 1], img[0].numpy())
+            probs[i], lesion, said, vector = pred.decide_2d(network[i], seg[j:j + 1], img[0].numpy(),
+                                                            None if text is None else text[j])
+            if text is not None:
+                network_sims[i], sims[i] = prototypes @ text[j], prototypes @ vector
             window_changed[i] = bool(said and said["changed_label"])
             if f is not None:
                 fam[i] = f[j]
@@ -128,6 +137,8 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
             said = r.extra.get("window_classifier")  # a one-slice file is decided as the 2D slice is
             network[i] = [said["network_probabilities"][c] for c in pred.model.labels] if said else probs[i]
             window_changed[i] = bool(said and said["changed_label"])
+            if r.text_vector is not None:
+                sims[i] = prototypes @ r.text_vector
             border[i] = r.extra.get("dark_border_fraction", np.nan)  # a one-slice file is a 2D picture
             if "familiarity" in r.extra:
                 fam[i] = r.extra["familiarity"]["score"]
@@ -165,11 +176,27 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
                                   # fitted on the model's grouped validation part: in-sample there, and the
                                   # model card's validation.*_left_out_groups is the figure for new patients
                                   "fusion": {"weight": pred.window.weight, "sharpness": pred.window.sharpness}}
+    m |= margin_rates(sims, network_sims, labels)
     m["data"] = {"folder": Path(data_dir).name, "manifest_sha256": manifest.sha256}
     m = json_ready(m)
     m["_probs"] = probs
     m["_labels"] = labels
     return m
+
+
+def margin_rates(sims: np.ndarray, network_sims: np.ndarray, labels: np.ndarray) -> dict:
+    """``semantic_margin_rate``: the share of images whose decision's text-space vector is closer to its own
+    class prototype than to any other (``sims`` [N, C], NaN rows not counted; None when no row is given);
+    ``semantic_margin_rate_network`` the same for the aligned head's vector alone, before the window
+    classifier joined it (2D images)."""
+    def rate(s: np.ndarray) -> tuple[float | None, int]:
+        has = np.isfinite(s).all(1)
+        if not has.any():
+            return None, 0
+        return margin_rate(own_minus_best_other(s[has], labels[has])), int(has.sum())
+
+    (r, n), (rn, _) = rate(sims), rate(network_sims)
+    return {"semantic_margin_rate": r, "semantic_margin_rate_network": rn, "semantic_margin_n": n}
 
 
 def _accuracy_on(labels: np.ndarray, probs: np.ndarray):

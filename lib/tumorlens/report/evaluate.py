@@ -74,7 +74,7 @@ def iter_findings(data_dir: str | Path, n: int, model: str | None = None) -> Ite
         mask = pred.mask.detach().cpu().numpy()[0]
         from tumorlens.alignment.api import text_matches
 
-        matches, why = text_matches(predictor.model, img, pred.slice_probabilities)
+        matches, why = text_matches(predictor.model, img, pred.slice_probabilities, vector=pred.text_vector)
         yield name, build_findings(img, pred.probabilities, masks=[("segmentation_head", mask)],
                                    notes=["no atlas placement: the saliency/atlas stage is not installed",
                                           *([why] if why else [])],

@@ -248,11 +248,11 @@ class Facts:
         if self.entropy >= 0.7 * MAX_ENTROPY:
             out.append("The classifier is uncertain between classes.")
         if self.window_changed_type:
-            line = ("The tumour type was settled by a second classifier that looks only at the lesion, against "
-                    "the whole-slice network's first choice.")
-            if self.text_matches and self.text_matches[0]["class_name"] != self.label:
-                line += " The matched clinical descriptions are the whole-slice network's and follow its choice."
-            out.append(line)
+            out.append("The tumour type was settled by a second classifier that looks only at the lesion, against "
+                       "the whole-slice network's first choice.")
+        if self.text_matches and self.text_matches[0]["class_name"] != self.label:
+            out.append("The clinical description closest to the image belongs to another class than the one "
+                       "reported.")
         out.append("Saliency maps show where the model looked and are only approximate outlines.")
         return out
 

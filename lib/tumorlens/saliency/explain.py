@@ -138,7 +138,7 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
     mask_list = [("segmentation_head", seg_np)] + [(f"saliency:{m}", masks[m].numpy()[0]) for m in methods]
     from tumorlens.alignment.api import text_matches
 
-    matches, why = text_matches(lm, img, pred.slice_probabilities)
+    matches, why = text_matches(lm, img, pred.slice_probabilities, vector=pred.text_vector)
     if why:
         notes.append(why)
     findings = build_findings(img, pred.probabilities, masks=mask_list, saliency=saliency_info, atlas=atlas,

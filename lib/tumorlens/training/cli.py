@@ -17,7 +17,8 @@ def register(sub) -> None:
     w = _companion_parser(sub, "train-window", "train the lesion-window classifier of a trained model (a second "
                           "opinion on the tumour type from the lesion's window; its fusion fitted on validation; stored "
                           "only if the fused decision, refitted without each patient group, is more accurate)", 40, "window_classifier.pt", run_window)
-    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--seed", type=int, default=0, help="the first member's seed (the next ones count on)")
+    w.add_argument("--members", type=int, default=3, help="networks from successive seeds whose mean decides")
     w.add_argument("--scales", default="1", help="window sizes as multiples of the lesion window, one input "
                                                  "channel each (e.g. 1,2 adds twice the surroundings)")
 
@@ -62,7 +63,9 @@ def run_refiner(args) -> int:
 def run_window(args) -> int:
     from tumorlens.training.window import train_window
 
-    return _run_companion(args, train_window, seed=args.seed, scales=_scales(args.scales))
+    if args.members < 1:
+        raise SystemExit("--members must be at least 1")
+    return _run_companion(args, train_window, seed=args.seed, scales=_scales(args.scales), members=args.members)
 
 
 def _run_companion(args, train, **extra) -> int:

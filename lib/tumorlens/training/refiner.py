@@ -52,7 +52,7 @@ def validation_dice(predictor, refiner: LesionRefiner, items: list[tuple[np.ndar
     coarse, refined, t_head, t_refine = [], [], 0.0, 0.0
     for arr, truth, _ in tqdm(items, desc="validating", disable=not progress):
         t = time.perf_counter()
-        probs, seg, _ = predictor.forward_batch(prepare_slice(arr, predictor.size))
+        probs, seg, *_ = predictor.forward_batch(prepare_slice(arr, predictor.size))
         called = predictor.model.labels[int(probs[0].argmax())] != NO_TUMOUR
         coarse.append(dice_score(tumour_mask(predictor.lesion_probability(seg, arr, called), called), truth))
         t_head += time.perf_counter() - t

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from scipy.optimize import minimize
 from tqdm import tqdm
 
+from tumorlens.alignment.api import decision_prototypes
+from tumorlens.alignment.margin import margin_rate, semantic_margins
 from tumorlens.data.readers import is_volume, read_image
 from tumorlens.evaluation.metrics import classification_metrics
 from tumorlens.labels import TUMOUR_CLASSES, class_index
@@ -33,6 +35,8 @@ from tumorlens.models.window import (
     WindowClassifier,
     build_window_net,
     fuse,
+    join_members,
+    product_text_vector,
     tumour_types,
     window_crop,
 )
@@ -45,13 +49,15 @@ from tumorlens.training.companion import (
     training_outlines,
 )
 
-DEFAULTS = {"epochs": 40, "batch_size": 32, "lr": 2e-3, "weight_decay": 5e-2, "label_smoothing": 0.1, "seed": 0}
+DEFAULTS = {"epochs": 40, "batch_size": 32, "lr": 2e-3, "weight_decay": 5e-2, "label_smoothing": 0.1, "seed": 0,
+            "members": 3}
 
 
 def validation_views(predictor, manifest, idx: list[int], progress: bool = True,
                      scales: tuple[float, ...] = (1.0,)) -> list[dict]:
-    """Per 2D validation image: its label index, the dual-head probabilities and the window the product's
-    mask gives (None when it calls no tumour), through ``Predictor.decide_2d`` as ``predict`` runs it
+    """Per 2D validation image: its label index, the dual-head probabilities, the aligned head's view
+    (``TextOpinion``, None without one) and the window the product's mask gives (None when it calls no
+    tumour), through ``Predictor.decide_2d`` as ``predict`` runs it
     (``predictor`` is one without a window classifier)."""
     from tumorlens.inference import prepare_slice, tumour_mask
     from tumorlens.labels import NO_TUMOUR
@@ -63,23 +69,43 @@ def validation_views(predictor, manifest, idx: list[int], progress: bool = True,
         if is_volume(img):
             continue
         arr = img[0].numpy().astype(np.float32)
-        probs, seg, _ = predictor.forward_batch(prepare_slice(arr, predictor.size))
-        p, lesion, _ = predictor.decide_2d(probs[0].numpy(), seg, arr)
+        probs, seg, _, text = predictor.forward_batch(prepare_slice(arr, predictor.size))
+        p, lesion, *_ = predictor.decide_2d(probs[0].numpy(), seg, arr)
         called = predictor.model.labels[int(p.argmax())] != NO_TUMOUR
         crop = window_crop(arr, tumour_mask(lesion, True), scales=scales) if called else None
-        out.append({"label": class_index(r.label), "group": r.group, "probs": p, "crop": crop})
+        out.append({"label": class_index(r.label), "group": r.group, "probs": p, "crop": crop,
+                    "text": predictor.text_opinion(None if text is None else text[0])})
     return out
 
 
 @torch.no_grad()
-def window_probabilities(net, views: list[dict]) -> dict[int, np.ndarray]:
-    """The window classifier's type probabilities per view index that has a window."""
+def window_outputs(net, views: list[dict]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+    """(the window classifier's type probabilities, its scaled text-space vectors) per view index that has a
+    window."""
     has = [j for j, v in enumerate(views) if v["crop"] is not None]
     if not has:
-        return {}
+        return {}, {}
     x = torch.from_numpy(np.stack([views[j]["crop"] for j in has])).to(next(net.parameters()).device)
-    q = torch.cat([net(x[k:k + 64]).softmax(1) for k in range(0, len(x), 64)]).float().cpu().numpy()
-    return dict(zip(has, q, strict=True))
+    u = torch.cat([net.scaled(x[k:k + 64]) for k in range(0, len(x), 64)])
+    q = (u @ net.prototypes[net.types].T).softmax(1)
+    return (dict(zip(has, q.float().cpu().numpy(), strict=True)),
+            dict(zip(has, u.float().cpu().numpy(), strict=True)))
+
+
+def window_probabilities(net, views: list[dict]) -> dict[int, np.ndarray]:
+    """The window classifier's type probabilities per view index that has a window."""
+    return window_outputs(net, views)[0]
+
+
+def product_margins(views: list[dict], u: dict[int, np.ndarray], weights: np.ndarray) -> np.ndarray | None:
+    """Each view's semantic margin (``tumorlens.alignment.margin``) of the vector its decision is the nearest
+    prototype of: the aligned head's alone, or with the window's (``product_text_vector``, ``weights`` the
+    window's share per view) where the window spoke. None without an aligned head."""
+    if not views or any(v["text"] is None for v in views):
+        return None
+    vecs = [product_text_vector(v["text"].vector, v["text"].scale, u[j], float(weights[j]))
+            if j in u else v["text"].vector for j, v in enumerate(views)]
+    return semantic_margins(np.stack(vecs), [v["label"] for v in views], views[0]["text"].prototypes)
 
 
 def fit_fusion(network_types: np.ndarray, window: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
@@ -123,17 +149,24 @@ def fused_decisions(views: list[dict], q: dict[int, np.ndarray], labels: tuple[s
     return fused
 
 
-def left_out_groups(views: list[dict], q: dict[int, np.ndarray], labels: tuple[str, ...]) -> np.ndarray:
-    """Every view's fused probabilities with the fusion fitted without its patient group: an estimate of the
-    fitted fusion on patients it has not seen."""
-    fused = np.stack([v["probs"] for v in views]).astype(np.float32)
+def left_out_weights(views: list[dict], q: dict[int, np.ndarray], labels: tuple[str, ...]) -> np.ndarray:
+    """[N, 2]: each view's (window share, sharpness) fitted without its patient group."""
+    out = np.tile([WINDOW_WEIGHT, 1.0], (len(views), 1))
     groups = np.array([v["group"] for v in views])
     for g in np.unique(groups):
         inside = [j for j in q if groups[j] == g]
         if inside:
-            w, s = fit_fusion(*_fusion_inputs(views, q, labels, [j for j in q if groups[j] != g]))
-            for j in inside:
-                fused[j] = fuse(views[j]["probs"], q[j], labels, w, s)
+            out[inside] = fit_fusion(*_fusion_inputs(views, q, labels, [j for j in q if groups[j] != g]))
+    return out
+
+
+def left_out_groups(views: list[dict], q: dict[int, np.ndarray], labels: tuple[str, ...]) -> np.ndarray:
+    """Every view's fused probabilities with the fusion fitted without its patient group: an estimate of the
+    fitted fusion on patients it has not seen."""
+    fused = np.stack([v["probs"] for v in views]).astype(np.float32)
+    ws = left_out_weights(views, q, labels)
+    for j, qj in q.items():
+        fused[j] = fuse(views[j]["probs"], qj, labels, *ws[j])
     return fused
 
 
@@ -143,7 +176,7 @@ def validation_accuracy(net, views: list[dict], labels: tuple[str, ...], fit: bo
     without each patient group (``*_left_out_groups``, what decides storing). ``fit=False``: equal shares only."""
     y = np.array([v["label"] for v in views])
     plain = np.stack([v["probs"] for v in views])
-    q = window_probabilities(net, views)
+    q, u = window_outputs(net, views)
     hits = [TUMOUR_CLASSES[int(qj.argmax())] == labels[y[j]] for j, qj in q.items() if labels[y[j]] in TUMOUR_CLASSES]
     m0 = classification_metrics(y, plain, labels)
     m1 = classification_metrics(y, fused_decisions(views, q, labels, WINDOW_WEIGHT, 1.0), labels)
@@ -157,8 +190,13 @@ def validation_accuracy(net, views: list[dict], labels: tuple[str, ...], fit: bo
         return out
     weight, sharpness = fit_fusion(*_fusion_inputs(views, q, labels, list(q)))
     fused = fused_decisions(views, q, labels, weight, sharpness)
+    ws = left_out_weights(views, q, labels)
     m2, m3 = classification_metrics(y, fused, labels), classification_metrics(y, left_out_groups(views, q, labels), labels)
-    return out | {"weight": round(weight, 4), "sharpness": round(sharpness, 4),
+    margins = {"network": product_margins(views, {}, ws[:, 0]),
+               "fused": product_margins(views, u, np.full(len(views), weight)),
+               "fused_left_out_groups": product_margins(views, u, ws[:, 0])}
+    return out | {f"semantic_margin_rate_{k}": margin_rate(m) for k, m in margins.items() if m is not None} | {
+                  "window_scales": [round(float(v), 3) for v in net.scales.detach()],"weight": round(weight, 4), "sharpness": round(sharpness, 4),
                   "accuracy_fused": m2["accuracy"], "tumour_only_accuracy_fused": m2["tumour_only_accuracy"],
                   "balanced_accuracy_fused": m2["balanced_accuracy"], "ece_fused": m2["ece"],
                   "accuracy_fused_left_out_groups": m3["accuracy"],
@@ -170,8 +208,9 @@ def validation_accuracy(net, views: list[dict], labels: tuple[str, ...], fit: bo
 def train_window(model: str | None = None, data_dir: str | Path | None = None, epochs: int = DEFAULTS["epochs"],
                  max_images: int | None = None, save: bool = True, json_out: str | Path | None = None,
                  progress: bool = True, device: str | None = None, seed: int = DEFAULTS["seed"],
-                 scales: tuple[float, ...] = (1.0,)) -> dict:
-    """Train, validate and (when the fused decision wins) store the window classifier of ``model``; returns
+                 scales: tuple[float, ...] = (1.0,), members: int = DEFAULTS["members"]) -> dict:
+    """Train, validate and (when the fused decision wins) store the window classifier of ``model`` (``members``
+    networks from seeds ``seed``, ``seed + 1``, ...); returns
     the record written into the model card's ``window_classifier`` entry."""
     from tumorlens.inference import Predictor
 
@@ -180,32 +219,40 @@ def train_window(model: str | None = None, data_dir: str | Path | None = None, e
     data = companion_data(predictor, data_dir, max_images, "accuracy")
     train_items = training_outlines(data, progress)
     views = validation_views(predictor, data.manifest, data.val_idx, progress, scales)
-    targets = {c: i for i, c in enumerate(TUMOUR_CLASSES)}
+    prototypes, text_key = decision_prototypes(predictor.model)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    net = build_window_net(len(scales)).to(device)
 
-    def batch_loss(net, batch, rng):
+    def batch_loss(net, batch, rng):  # over all four prototypes: the window is also kept off no-tumour's
         x, _ = augmented_batch(batch, rng, scales=scales)
-        y = torch.tensor([targets[lab] for *_, lab in batch])
-        return F.cross_entropy(net(x.to(device)), y.to(device), label_smoothing=DEFAULTS["label_smoothing"])
+        y = torch.tensor([class_index(lab) for *_, lab in batch])
+        return F.cross_entropy(net.class_logits(x.to(device)), y.to(device),
+                               label_smoothing=DEFAULTS["label_smoothing"])
 
     def watched(net) -> dict:  # watched, never used to pick an epoch
         v = validation_accuracy(net, views, labels, fit=False) if views else {}
         return {"val_accuracy_fused_equal_shares": v.get("accuracy_fused_equal_shares"),
                 "val_window_alone": v.get("window_alone_accuracy")}
 
-    history, seconds = one_cycle_fit(net, train_items, epochs, DEFAULTS, batch_loss, rng,
-                                     "training window classifier", 0.2, progress, watched)
+    nets, history, seconds = [], [], 0.0
+    for k in range(members):  # each member from its own seed, trained alone; their mean decides
+        torch.manual_seed(seed + k)
+        rng = np.random.default_rng(seed + k)
+        member = build_window_net(torch.from_numpy(prototypes), len(scales)).to(device)
+        h, sec = one_cycle_fit(member, train_items, epochs, DEFAULTS, batch_loss, rng,
+                               f"training window classifier {k + 1}/{members}", 0.2, progress, watched)
+        nets.append(member.eval().cpu())
+        history += [r | {"member": k + 1} for r in h]
+        seconds += sec
+    net = join_members(nets)
     net = net.eval().cpu()
     val = validation_accuracy(net, views, labels) if views else {"n": 0}
     clf = WindowClassifier(net=net, scales=tuple(scales), weight=val.get("weight", WINDOW_WEIGHT),
-                           sharpness=val.get("sharpness", 1.0))
+                           sharpness=val.get("sharpness", 1.0), text_key=text_key)
     wins = val["n"] > 0 and val["accuracy_fused_left_out_groups"] > val["accuracy"]
     return conclude(clf, predictor, WINDOW_FILE, "window_classifier", data, len(train_items),
-                    fit_summary(DEFAULTS, epochs, device, seconds, history, seed=seed), val, wins, save, json_out,
+                    fit_summary(DEFAULTS, epochs, device, seconds, history, seed=seed, members=members), val, wins,
+                    save, json_out,
                     f"fusing the window classifier did not raise accuracy on validation's left-out groups "
                     f"({val.get('accuracy') or 0:.4f} -> {val.get('accuracy_fused_left_out_groups') or 0:.4f})",
-                    scales=list(scales), weight=clf.weight, sharpness=clf.sharpness,
+                    scales=list(scales), members=members, weight=clf.weight, sharpness=clf.sharpness,
                     fitted_on="the model's grouped validation part (log-loss over its tumour slices with a window)")

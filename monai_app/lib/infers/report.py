@@ -61,7 +61,7 @@ class ReportInfer(TumorlensInfer):
         from tumorlens.inference import Predictor
 
         pred = Predictor(model).predict(img)
-        matches, why = text_matches(model, img, pred.slice_probabilities)
+        matches, why = text_matches(model, img, pred.slice_probabilities, vector=pred.text_vector)
         return build_findings(img, pred.probabilities, masks=[("segmentation_head", pred.mask.numpy()[0])], model=model,
                               notes=["saliency pipeline not installed: no saliency map and no atlas regions",
                                      *pred.extra.get("caveats", []), *([why] if why else [])],
