@@ -105,10 +105,16 @@ def test_evaluate_nifti_slices_like_predict_and_like_the_jpegs(dev2d, tumour_row
     mj = evaluate_folder(jpeg, progress=False)
     mn = evaluate_folder(nii, progress=False)
     labels = predictor.model.labels
-    for i in range(len(rows)):
-        p = predictor.predict(read_image(nii / f"images/{i}.nii.gz")).probabilities
+    for i, r in enumerate(rows):
+        one = predictor.predict(read_image(nii / f"images/{i}.nii.gz"))
+        p = one.probabilities
         np.testing.assert_allclose(mn["_probs"][i], [p[c] for c in labels], atol=1e-5)  # evaluate == predict
+        sims = predictor.predict(read_image(dev2d / r["image"])).extra["text_similarities"]
+        assert one.extra["text_similarities"] == pytest.approx(sims, abs=2e-3)  # the same decision vector
     np.testing.assert_allclose(mn["_probs"], mj["_probs"], atol=2e-3)  # the same slice, the same answer
+    # and the same text-space vector: a one-slice file's decision vector counts in the margin as the JPEG's
+    assert mn["semantic_margin_n"] == mj["semantic_margin_n"] == 4
+    assert mn["semantic_margin_rate"] == mj["semantic_margin_rate"]
     assert mn["seg_n"] == mj["seg_n"] == 4  # NIfTI masks (x, y, 1) are put on the image's grid
     assert mn["seg_dice"] == pytest.approx(mj["seg_dice"], abs=0.02) and mj["seg_dice"] > 0.5
 

@@ -3,9 +3,12 @@
 Why: the dual-head network decides from the whole slice at 128 px, half the training slices' 256 px, and
 most of its errors are one tumour type read as another (glioma as meningioma above all). Cheng et al.
 (PLoS ONE 2015), who published these figshare slices, found the tumour region and its rim carry the type.
-This small ResNet looks only at the window the lesion refiner uses (``tumorlens.models.refiner``: the
-largest part of the product's mask plus a rim, sampled to 96 x 96 from the slice itself) and gives the
-three tumour types' probabilities.
+Small ResNets look only at the window the lesion refiner uses (``tumorlens.models.refiner``: the
+largest part of the product's mask plus a rim, sampled to 96 x 96 from the slice itself) and give the
+three tumour types' probabilities. They decide in the frozen text space of the aligned head (issue 8):
+their logits are scaled cosines to its class prototypes, so the fused decision is itself the nearest
+prototype of one text-space vector (``product_text_vector``), whose semantic margin and nearest class
+descriptions the product reports.
 
 It only re-weighs the tumour types of a slice the dual-head network already calls a tumour
 (``fuse``: a weighted geometric mean of the two opinions over the three types, sharpened or softened,
@@ -19,11 +22,10 @@ patient group in turn, is more accurate than the model alone there (``tumorlens 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
-
-import math
 
 import numpy as np
 import torch
@@ -37,7 +39,7 @@ from tumorlens.models.beside import load_beside, load_fp16, save_fp16
 from tumorlens.models.refiner import CROP, crop_grid, lesion_box, lesion_window, normalise_crop, sample
 
 WINDOW_FILE = "window_classifier.pt"
-WIDTHS = (32, 64, 128, 256)  # a quarter of ResNet18's channels: 2.8 M weights, 5.6 MB in fp16
+WIDTHS = (32, 64, 128, 256)  # a quarter of ResNet18's channels: 2.8 M weights, 5.6 MB in fp16 per member
 INITIAL_SCALE, MAX_SCALE = 10.0, 100.0  # the cosine logits' learnt scale (an inverse temperature)
 WINDOW_WEIGHT = 0.5  # share of the window's opinion in the geometric mean, for a file stored without a fitted fusion
 
@@ -223,8 +225,7 @@ class WindowClassifier:
 
     def save(self, path: str | Path) -> Path:
         return save_fp16(path, self.net, crop=self.crop, scales=list(self.scales), members=self.net.members,
-                         weight=self.weight,
-                         sharpness=self.sharpness, text_key=self.text_key, meta=self.meta)
+                         weight=self.weight, sharpness=self.sharpness, text_key=self.text_key, meta=self.meta)
 
     @classmethod
     def load(cls, path: str | Path, device: str = "cpu") -> WindowClassifier:

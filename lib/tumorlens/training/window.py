@@ -1,7 +1,8 @@
 """``tumorlens train-window``: fit the lesion-window classifier (``tumorlens.models.window``) of a trained model.
 
-It learns the tumour type from windows around the true outlines of the model's own grouped training
-part, jittered in place, size, angle, side and gamma as the refiner's are (at inference the window sits
+Each member learns the tumour type from windows around the true outlines of the model's own grouped
+training part, pulled to its type's class prototype (the aligned head's) and away from the other three,
+jittered in place, size, angle, side and gamma as the refiner's are (at inference the window sits
 on the product's mask, near but not on the truth). The last epoch is kept (a one-cycle schedule ends
 annealed): no epoch is picked on validation. The model's grouped validation part, every image through the
 dual-head network and the product's mask as ``tumorlens evaluate`` runs them, then serves twice:
@@ -11,7 +12,8 @@ dual-head network and the product's mask as ``tumorlens evaluate`` runs them, th
 - the classifier is judged there, its fusion refitted without each patient group in turn and that group
   decided by it (``left_out_groups``), so the figure that decides whether it is stored never saw the
   images it is scored on. It is written next to the model only when that 4-class accuracy is higher than
-  the network's alone.
+  the network's alone. The semantic margin rates of the decisions' text-space vectors, before and after the
+  window joined them, are reported beside it.
 """
 
 from __future__ import annotations
@@ -92,11 +94,6 @@ def window_outputs(net, views: list[dict]) -> tuple[dict[int, np.ndarray], dict[
             dict(zip(has, u.float().cpu().numpy(), strict=True)))
 
 
-def window_probabilities(net, views: list[dict]) -> dict[int, np.ndarray]:
-    """The window classifier's type probabilities per view index that has a window."""
-    return window_outputs(net, views)[0]
-
-
 def product_margins(views: list[dict], u: dict[int, np.ndarray], weights: np.ndarray) -> np.ndarray | None:
     """Each view's semantic margin (``tumorlens.alignment.margin``) of the vector its decision is the nearest
     prototype of: the aligned head's alone, or with the window's (``product_text_vector``, ``weights`` the
@@ -173,7 +170,9 @@ def left_out_groups(views: list[dict], q: dict[int, np.ndarray], labels: tuple[s
 def validation_accuracy(net, views: list[dict], labels: tuple[str, ...], fit: bool = True) -> dict:
     """Accuracy of the dual-head network alone and fused with ``net`` on the validation ``views``: with
     equal shares, with the fusion fitted on all of them (``weight``, ``sharpness``) and with it refitted
-    without each patient group (``*_left_out_groups``, what decides storing). ``fit=False``: equal shares only."""
+    without each patient group (``*_left_out_groups``, what decides storing), and the semantic margin rates of
+    the decisions' text-space vectors (``semantic_margin_rate_*``, with an aligned head). ``fit=False``: equal
+    shares only."""
     y = np.array([v["label"] for v in views])
     plain = np.stack([v["probs"] for v in views])
     q, u = window_outputs(net, views)
@@ -196,7 +195,8 @@ def validation_accuracy(net, views: list[dict], labels: tuple[str, ...], fit: bo
                "fused": product_margins(views, u, np.full(len(views), weight)),
                "fused_left_out_groups": product_margins(views, u, ws[:, 0])}
     return out | {f"semantic_margin_rate_{k}": margin_rate(m) for k, m in margins.items() if m is not None} | {
-                  "window_scales": [round(float(v), 3) for v in net.scales.detach()],"weight": round(weight, 4), "sharpness": round(sharpness, 4),
+                  "window_scales": [round(float(v), 3) for v in net.scales.detach()],
+                  "weight": round(weight, 4), "sharpness": round(sharpness, 4),
                   "accuracy_fused": m2["accuracy"], "tumour_only_accuracy_fused": m2["tumour_only_accuracy"],
                   "balanced_accuracy_fused": m2["balanced_accuracy"], "ece_fused": m2["ece"],
                   "accuracy_fused_left_out_groups": m3["accuracy"],
