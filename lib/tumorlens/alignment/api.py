@@ -216,11 +216,12 @@ def text_matches(model, img, slice_probabilities=None, k: int = 3,
     from tumorlens.inference import representative_input
 
     m = _model(model)
-    head = load_alignment(m) or load_probe(m, fit_if_missing=False)
+    aligned = load_alignment(m)
+    if vector is not None and aligned is not None:
+        return aligned.descriptions_near(np.asarray(vector, np.float32)[None], k)[0], stale_texts(aligned)
+    head = aligned or load_probe(m, fit_if_missing=False)
     if head is None:
         return [], f"model {m.name} has no stored text head: no class descriptions matched"
-    if vector is not None and head is load_alignment(m):
-        return head.descriptions_near(np.asarray(vector, np.float32)[None], k)[0], stale_texts(head)
     feats, _ = extract_features(m.net, representative_input(img, m.image_size, slice_probabilities))
     if not np.isfinite(feats).all():
         return [], "the image's features are not finite numbers: no class descriptions matched"

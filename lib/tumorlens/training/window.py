@@ -157,11 +157,12 @@ def left_out_weights(views: list[dict], q: dict[int, np.ndarray], labels: tuple[
     return out
 
 
-def left_out_groups(views: list[dict], q: dict[int, np.ndarray], labels: tuple[str, ...]) -> np.ndarray:
+def left_out_groups(views: list[dict], q: dict[int, np.ndarray], labels: tuple[str, ...],
+                    weights: np.ndarray | None = None) -> np.ndarray:
     """Every view's fused probabilities with the fusion fitted without its patient group: an estimate of the
-    fitted fusion on patients it has not seen."""
+    fitted fusion on patients it has not seen (``weights``: ``left_out_weights`` when already fitted)."""
     fused = np.stack([v["probs"] for v in views]).astype(np.float32)
-    ws = left_out_weights(views, q, labels)
+    ws = left_out_weights(views, q, labels) if weights is None else weights
     for j, qj in q.items():
         fused[j] = fuse(views[j]["probs"], qj, labels, *ws[j])
     return fused
@@ -190,7 +191,8 @@ def validation_accuracy(net, views: list[dict], labels: tuple[str, ...], fit: bo
     weight, sharpness = fit_fusion(*_fusion_inputs(views, q, labels, list(q)))
     fused = fused_decisions(views, q, labels, weight, sharpness)
     ws = left_out_weights(views, q, labels)
-    m2, m3 = classification_metrics(y, fused, labels), classification_metrics(y, left_out_groups(views, q, labels), labels)
+    m2 = classification_metrics(y, fused, labels)
+    m3 = classification_metrics(y, left_out_groups(views, q, labels, ws), labels)
     margins = {"network": product_margins(views, {}, ws[:, 0]),
                "fused": product_margins(views, u, np.full(len(views), weight)),
                "fused_left_out_groups": product_margins(views, u, ws[:, 0])}
