@@ -508,7 +508,19 @@ def test_bad_input_is_rejected_and_nothing_changes(client, server, studies, tmp_
     alive(client)
     # requests MONAI Label 0.8.5 itself answers with a 500 (or starts a doomed training process for)
     url, jpg = server.url, (sample_studies_dir() / "mri2d_1941.jpg").read_bytes()
+    vol = nib.load(sample_studies_dir() / "brats_t1c_0001.nii.gz")
+    elsewhere = np.zeros(vol.shape, np.uint8)
+    elsewhere[40:60, 40:60, 20:30] = 1  # the volume's shape, but 3 mm voxels from the origin: another place
+    elsewhere_nii = tmp_path / "elsewhere.nii.gz"
+    nib.save(nib.Nifti1Image(elsewhere, np.diag([-3.0, 3.0, 3.0, 1.0])), elsewhere_nii)
     http_cases = [
+        ("infer params nested too deeply", "post", "/infer/segmentation?image=mri2d_1941",
+         {"data": {"params": "[" * 100_000 + "]" * 100_000}}, 400, "nested too deeply"),
+        ("label params nested too deeply", "put", "/datastore/label?image=mri2d_1941&tag=final",
+         {"files": {"label": ("mri2d_1941.png", jpg)}, "data": {"params": '{"a":' * 50_000 + "1" + "}" * 50_000}},
+         400, "nested too deeply"),
+        ("volume label of the right shape on another grid", "put", "/datastore/label?image=brats_t1c_0001&tag=grid",
+         {"files": {"label": ("brats_t1c_0001.nii.gz", elsewhere_nii.read_bytes())}}, 400, "does not lie on the image"),
         ("infer params not JSON", "post", "/infer/segmentation?image=mri2d_1941", {"data": {"params": "{oops"}},
          400, "not valid JSON"),
         ("infer params a list", "post", "/infer/segmentation?image=mri2d_1941", {"data": {"params": "[1]"}},

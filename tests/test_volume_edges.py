@@ -278,6 +278,25 @@ def test_sigterm_to_serve_stops_the_server(tmp_path):
         log.close()
 
 
+def test_serve_keeps_session_uploads_in_its_work_folder(tmp_path, monkeypatch):
+    """MONAI Label stores session uploads under ~/.cache/monailabel/sessions unless told otherwise: `tumorlens
+    serve --workdir W` puts them in W/sessions, and an explicit MONAI_LABEL_SESSION_PATH still wins."""
+    import argparse
+
+    from tumorlens.serving import cli
+
+    seen = []
+    monkeypatch.setattr(cli.os, "execvpe", lambda exe, cmd, env: seen.append(env))
+    args = argparse.Namespace(studies=None, host="127.0.0.1", port=8999, conf=None, workdir=str(tmp_path / "w"))
+    monkeypatch.delenv("MONAI_LABEL_SESSION_PATH", raising=False)
+    cli.run(args)
+    assert seen[-1]["MONAI_LABEL_SESSION_PATH"] == str(tmp_path / "w" / "sessions")
+    assert (tmp_path / "w" / "studies").is_dir()
+    monkeypatch.setenv("MONAI_LABEL_SESSION_PATH", str(tmp_path / "mine"))
+    cli.run(args)
+    assert seen[-1]["MONAI_LABEL_SESSION_PATH"] == str(tmp_path / "mine")
+
+
 # ---- 6. a studies folder whose images lie in subfolders --------------------------------------------
 
 def test_a_studies_folder_of_class_subfolders_is_not_served_empty_without_a_word(dev2d, dev_rows, tmp_path, caplog):

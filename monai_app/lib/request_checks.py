@@ -31,6 +31,8 @@ def json_object(text: str | None, field: str) -> dict:
         value = json.loads(text) if text else {}
     except json.JSONDecodeError as e:
         raise bad_request(f"{field} is not valid JSON: {e.msg} (line {e.lineno}, column {e.colno})") from e
+    except RecursionError as e:  # the decoder recurses once per nesting level
+        raise bad_request(f"{field} is nested too deeply to be settings") from e
     if not isinstance(value, dict):
         raise bad_request(f"{field} must be a JSON object, got {type(value).__name__}")
     return value

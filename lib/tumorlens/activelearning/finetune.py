@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tumorlens.data.dataset import ArrayDataset, train_transforms
 from tumorlens.data.normalize import foreground_mask, normalize_intensity
-from tumorlens.data.readers import is_volume, read_image, reorient_like
+from tumorlens.data.readers import is_volume, read_image, reorient_like, same_grid
 from tumorlens.errors import InvalidInputError, TrainingDivergedError
 from tumorlens.inference import (
     display_foreground,
@@ -62,7 +62,9 @@ def read_label_like(path: str | Path, img) -> np.ndarray:
     A label that carries geometry (any affine but the identity, e.g. one 3D Slicer saved) is turned
     into the image's axis order and directions first (by the two affines' orientations): Slicer
     stores a JPEG's label as column x row, which would otherwise be read transposed - silently so
-    for a square image. A label without geometry is taken in the image's own voxel order.
+    for a square image. A label without geometry is taken in the image's own voxel order. A volume's label
+    with geometry must then lie on the volume's grid (same spacing, origin and obliquity): one of the right
+    shape placed elsewhere would be shown there by Slicer and trained here on other voxels, so it is refused.
     """
     if str(path).lower().endswith(".nrrd"):
         arr, aff = _read_nrrd_label(path)
@@ -73,12 +75,19 @@ def read_label_like(path: str | Path, img) -> np.ndarray:
     img_aff = np.asarray(img.affine, dtype=float)
     if arr.ndim == 2:
         arr = arr[..., None]
-    if not np.allclose(aff, np.eye(4)) and not np.allclose(aff[:3, :3], img_aff[:3, :3], atol=1e-3):
-        arr = reorient_like(arr, aff, img_aff)[0]
+    placed = not np.allclose(aff, np.eye(4))
+    if placed and not np.allclose(aff[:3, :3], img_aff[:3, :3], atol=1e-3):
+        arr, aff = reorient_like(arr, aff, img_aff)
     if arr.shape != want and arr.ndim == 3 and arr.shape[-1] == 1 and arr.shape[:2] == want:
         arr = arr[..., 0]  # a 2D image's label stored as a one-slice volume
     if arr.shape != want:
         raise InvalidInputError(path, f"label shape {arr.shape} does not match image shape {want}")
+    if placed and is_volume(img) and not same_grid(aff, img_aff):
+        got, exp = np.sqrt((aff[:3, :3] ** 2).sum(0)), np.sqrt((img_aff[:3, :3] ** 2).sum(0))
+        raise InvalidInputError(
+            path, f"label grid (spacing {np.round(got, 3).tolist()} mm, origin {np.round(aff[:3, 3], 2).tolist()}) "
+                  f"does not lie on the image's (spacing {np.round(exp, 3).tolist()} mm, origin "
+                  f"{np.round(img_aff[:3, 3], 2).tolist()}): resample the label onto the image first")
     return arr.astype(np.uint8)
 
 

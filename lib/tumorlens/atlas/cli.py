@@ -47,22 +47,20 @@ def mask_on_image_grid(mask: MetaTensor, img: MetaTensor, where: str | Path) -> 
     import torch
     from monai.data import MetaTensor
 
-    from tumorlens.data.readers import reorient_like
+    from tumorlens.data.readers import reorient_like, same_grid
 
     arr = mask.detach().cpu().numpy()[0]
     want = tuple(int(n) for n in img.shape[1:])
     m_aff = np.asarray(mask.affine, dtype=float)
     i_aff = np.asarray(img.affine, dtype=float)
-    spacing = np.sqrt((i_aff[:3, :3] ** 2).sum(0))
-    tol = max(1e-4, 0.01 * float(spacing.min()))  # 1 % of a voxel: float32 header rounding, not a shift
-    if arr.ndim == len(want) and (np.allclose(m_aff, i_aff, rtol=0, atol=tol) or np.allclose(m_aff, np.eye(4))):
+    if arr.ndim == len(want) and (same_grid(m_aff, i_aff) or np.allclose(m_aff, np.eye(4))):
         if arr.shape != want:
             raise InvalidInputError(where, f"mask shape {arr.shape} does not match image shape {want}")
         return mask
     a3 = arr if arr.ndim == 3 else arr.reshape(arr.shape + (1,) * (3 - arr.ndim))
     moved, moved_aff = reorient_like(a3, m_aff, i_aff)
     want3 = want + (1,) * (3 - len(want))
-    if moved.shape != want3 or not np.allclose(moved_aff, i_aff, rtol=0, atol=tol):
+    if moved.shape != want3 or not same_grid(moved_aff, i_aff):
         raise InvalidInputError(
             where, f"mask grid (shape {arr.shape}, axes {''.join(_axcodes(m_aff))}) does not lie on the image's grid "
                    f"(shape {want}, axes {''.join(_axcodes(i_aff))}) even after reordering its axes: a different "

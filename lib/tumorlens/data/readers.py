@@ -402,6 +402,14 @@ def reorient_like(arr: np.ndarray, affine: np.ndarray, target_affine: np.ndarray
     return apply_orientation(arr, ornt), np.asarray(affine, dtype=float) @ inv_ornt_aff(ornt, arr.shape)
 
 
+def same_grid(affine: np.ndarray, target_affine: np.ndarray) -> bool:
+    """The two affines put every voxel at the same point, within 1 % of the target's smallest voxel
+    (float32 header rounding, not a shift)."""
+    t = np.asarray(target_affine, dtype=float)
+    tol = max(1e-4, 0.01 * float(np.sqrt((t[:3, :3] ** 2).sum(0)).min()))
+    return bool(np.allclose(np.asarray(affine, dtype=float), t, rtol=0, atol=tol))
+
+
 def is_volume(img: MetaTensor) -> bool:
     """As the reader recorded it; a MetaTensor built elsewhere ([C, X, Y, Z], no ``kind``) by its shape."""
     kind = img.meta.get("kind") if hasattr(img, "meta") else None

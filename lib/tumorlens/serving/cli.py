@@ -71,6 +71,8 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidInputError(p, "studies folder does not exist")
         studies = str(p.resolve())
     cmd, env = server_command(studies, args.host, args.port, args.conf)
+    # session uploads go to the work folder too (MONAI Label's own default is ~/.cache/monailabel/sessions)
+    env.setdefault("MONAI_LABEL_SESSION_PATH", str((Path(args.workdir or default_workdir()) / "sessions").absolute()))
     print(" ".join(cmd), file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()
@@ -90,7 +92,8 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--workdir", default=None,
-                   help="where the copy of the sample studies goes (default $TUMORLENS_WORKDIR or ~/.local/share/tumorlens)")
+                   help="where the copy of the sample studies and session uploads go (default $TUMORLENS_WORKDIR or "
+                        "~/.local/share/tumorlens)")
     p.add_argument("--conf", nargs=2, action="append", metavar=("KEY", "VALUE"),
                    help="app setting passed to the server, e.g. --conf model PATH (see monai_app/README.md)")
     p.set_defaults(func=run)
