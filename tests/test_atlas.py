@@ -73,6 +73,22 @@ def test_summarise_points_fractions_unlabelled_and_midline():
     assert empty["centroid_mni_mm"] is None
 
 
+def test_unlabelled_voxels_on_both_sides_are_two_regions_with_their_own_sides():
+    """Unlabelled voxels were one region with the side of their median: a lesion mostly in the right
+    hemisphere whose unlabelled part leant left was reported 'centred on the left white matter'."""
+    from tumorlens.atlas.regions import point_labels, region_map_from
+
+    left = np.array([[-60.0, 0.0, 200.0]] * 30)  # outside the atlas: unlabelled, left of the midline
+    right = np.array([[60.0, 0.0, 200.0]] * 70)
+    regions, lesion = summarise_points(np.vstack([left, right]))
+    assert [(r["label"], r["hemisphere"], r["fraction"]) for r in regions] == [
+        (ho.UNLABELLED, "right", pytest.approx(0.7, abs=1e-3)), (ho.UNLABELLED, "left", pytest.approx(0.3, abs=1e-3))]
+    assert lesion["laterality"] == "bilateral"
+    pts = np.vstack([left[:1], right[:1]])
+    rmap, names = region_map_from(point_labels(pts), (np.array([0, 1]),), (2,), regions)
+    assert rmap.tolist() == [2, 1] and names == ["right white matter / unlabelled", "left white matter / unlabelled"]
+
+
 def test_bad_input_all_zero_and_shape_mismatch():
     with pytest.raises(InvalidInputError, match="empty or constant"):
         map_regions(_vol(np.zeros((60, 70, 60))), _vol(np.zeros((60, 70, 60))))

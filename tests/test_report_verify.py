@@ -90,8 +90,21 @@ def _low_confidence() -> dict:
                   lesion={"laterality": "right", "crosses_midline": None, "mask_source": "segmentation_head"})
 
 
+def _bilateral() -> dict:
+    """A lesion on both sides whose largest single region lies on the smaller side (a BraTS glioma's
+    report said 'centred on the left white matter' when 60 % of it was on the right)."""
+    return record(regions=[
+        {"label": "Unlabelled_White_Matter_Or_Other", "name": "white matter / unlabelled", "hemisphere": "left",
+         "fraction": 0.4, "max_probability": 0.0},
+        {"label": "Right_Insular_Cortex", "name": "insular cortex", "hemisphere": "right", "fraction": 0.3,
+         "max_probability": 70.0},
+        {"label": "Right_Putamen", "name": "putamen", "hemisphere": "right", "fraction": 0.3, "max_probability": 60.0}],
+        lesion={"centroid_mni_mm": [4.0, 0.0, 4.0], "laterality": "bilateral", "crosses_midline": True,
+                "mask_source": "segmentation_head"})
+
+
 RECORDS = {"glioma_left": record, "no_tumour": _no_tumour, "pituitary_volume": _pituitary_volume,
-           "low_confidence": _low_confidence}
+           "low_confidence": _low_confidence, "bilateral": _bilateral}
 
 
 @pytest.mark.parametrize("name", sorted(RECORDS))

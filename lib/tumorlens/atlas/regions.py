@@ -50,19 +50,23 @@ def summarise_points(mni_ras: np.ndarray, weights: np.ndarray | None = None) -> 
     names = labels()
     regions = []
     total = float(len(pts))
+    sides = _sides_of(pts[:, 0])
     for k in np.unique(lab):
-        sel = lab == k
         label = UNLABELLED if k < 0 else names[int(k)]
-        regions.append(
-            {
-                "label": label,
-                "name": readable_name(label) if k >= 0 else UNLABELLED_NAME,
-                "hemisphere": hemisphere_of(label) if k >= 0 else _side_of(pts[sel, 0]),
-                "fraction": round(float(sel.sum()) / total, 4),
-                "max_probability": float(prob[sel].max()) if k >= 0 else 0.0,
-            }
-        )
-    regions.sort(key=lambda r: (-r["fraction"], r["label"]))
+        # unlabelled voxels (mostly white matter) form one region per side they lie on: lumped together,
+        # one side would be named for a lesion on both
+        for side in (np.unique(sides[lab == k]) if k < 0 else [None]):
+            sel = (lab == k) if side is None else (lab == k) & (sides == side)
+            regions.append(
+                {
+                    "label": label,
+                    "name": readable_name(label) if k >= 0 else UNLABELLED_NAME,
+                    "hemisphere": hemisphere_of(label) if k >= 0 else str(side),
+                    "fraction": round(float(sel.sum()) / total, 4),
+                    "max_probability": float(prob[sel].max()) if k >= 0 else 0.0,
+                }
+            )
+    regions.sort(key=lambda r: (-r["fraction"], r["label"], r["hemisphere"]))
     centroid = (pts * w[:, None]).sum(0) / max(w.sum(), 1e-9)
     x = pts[:, 0]
     left = float((x < -MIDLINE_MM).mean())
@@ -84,35 +88,38 @@ def summarise_points(mni_ras: np.ndarray, weights: np.ndarray | None = None) -> 
     return regions, lesion
 
 
-def point_labels(mni_ras: np.ndarray) -> list[str]:
-    """The atlas label (or UNLABELLED) of each MNI RAS point, by the same rule as the regions."""
+def point_labels(mni_ras: np.ndarray) -> list[tuple[str, str | None]]:
+    """(atlas label or UNLABELLED, the side of an unlabelled point or None) of each MNI RAS point, by the
+    same rule as the regions."""
     atlas = max_prob_atlas()
+    pts = np.asarray(mni_ras, float).reshape(-1, 3)
     inv = np.linalg.inv(atlas.affine)
-    ijk = np.rint(inv[:3, :3] @ np.asarray(mni_ras, float).reshape(-1, 3).T + inv[:3, 3:4]).T
+    ijk = np.rint(inv[:3, :3] @ pts.T + inv[:3, 3:4]).T
     lab, _ = atlas.lookup(ijk)
     names = labels()
-    return [UNLABELLED if k < 0 else names[int(k)] for k in lab]
+    sides = _sides_of(pts[:, 0])
+    return [(UNLABELLED, str(side)) if k < 0 else (names[int(k)], None) for k, side in zip(lab, sides, strict=True)]
 
 
-def region_map_from(labels_of_voxels: list[str], index: tuple[np.ndarray, ...], shape, regions: list[dict]):
+def region_map_from(labels_of_voxels: list[tuple[str, str | None]], index: tuple[np.ndarray, ...], shape,
+                    regions: list[dict]):
     """Per-voxel region index (1-based, in the order of ``regions``; 0 outside the lesion) and the
-    segment names, for viewers (e.g. one Slicer segment per region)."""
-    order = {r["label"]: i for i, r in enumerate(regions, start=1)}
+    segment names, for viewers (e.g. one Slicer segment per region). ``labels_of_voxels``: as
+    ``point_labels`` gives them (an unlabelled voxel's region is the one of its side)."""
+    order: dict = {}
+    for i, r in enumerate(regions, start=1):
+        order.setdefault((r["label"], r["hemisphere"] if r["label"] == UNLABELLED else None), i)
+        order.setdefault((r["label"], None), i)  # a side later set to unknown (sagittal slices)
     rmap = np.zeros(shape, dtype=np.int16)
-    rmap[index] = [order.get(lab, 0) for lab in labels_of_voxels]
-    names = [
-        f"{r['hemisphere']} {r['name']}" if r["hemisphere"] in ("left", "right") and r["label"] != UNLABELLED else r["name"]
-        for r in regions
-    ]
+    rmap[index] = [order.get(key, order.get((key[0], None), 0)) for key in labels_of_voxels]
+    names = [f"{r['hemisphere']} {r['name']}" if r["hemisphere"] in ("left", "right") else r["name"] for r in regions]
     return rmap, names
 
 
-def _side_of(x: np.ndarray) -> str:
-    """Hemisphere of unlabelled voxels from their MNI x (RAS: negative is left)."""
-    m = float(np.median(x))
-    if abs(m) <= MIDLINE_MM:
-        return "midline"
-    return "left" if m < 0 else "right"
+def _sides_of(x: np.ndarray) -> np.ndarray:
+    """Side of each point from its MNI x (RAS: negative is left; within ``MIDLINE_MM`` of 0: midline)."""
+    x = np.asarray(x, float)
+    return np.where(np.abs(x) <= MIDLINE_MM, "midline", np.where(x < 0, "left", "right"))
 
 
 def lesion_to_mni(mask_xyz: np.ndarray, affine_ras: np.ndarray, transform: sitk.Transform) -> tuple[np.ndarray, np.ndarray]:

@@ -23,7 +23,9 @@ def template_draft(f: Facts) -> ReportDraft:
         if f.regions:
             r = f.regions[0]
             side = f"{r['hemisphere']} " if r["hemisphere"] in ("left", "right") else ""
-            where = f", centred on the {side}{r['name']}"
+            # the largest region of a lesion on both sides may lie on the smaller side: not its centre
+            phrase = "centred on" if f.laterality in ("left", "right") else "its largest share in"
+            where = f", {phrase} the {side}{r['name']}"
         elif f.laterality in ("left", "right"):
             where = f", {f.laterality} side"
         strength = "Most consistent with" if f.top_probability >= 0.5 else "Uncertain; the most likely class is"
