@@ -328,3 +328,25 @@ def test_cluster_scorecam_close_to_scoring_every_channel(model, dev2d, dev_rows)
     a = torch.rand(50, 4, 4)
     centres, member = cluster_channels(a, 8)
     assert centres.shape == (8, 4, 4) and member.shape == (50,) and set(member.tolist()) <= set(range(8))
+
+
+def test_findings_notes_never_quote_the_input_path(model, brats, tmp_path):
+    """A registration error starts with the file's path; quoted in a note, the folders of a clinical export
+    ("Smith_John_MRN1234567/...") put a patient's name in findings.json. The note keeps only the problem."""
+    import json
+
+    import nibabel as nib
+
+    from tumorlens.saliency import explain
+
+    src = nib.load(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz")
+    slab = np.asanyarray(src.dataobj)[:, :, 54:74]  # 20 mm through the tumour: too thin to register to MNI
+    folder = tmp_path / "Smith_John_MRN1234567"
+    folder.mkdir()
+    path = folder / "Smith_John_19700101.nii.gz"
+    nib.save(nib.Nifti1Image(slab, src.affine), path)
+    expl = explain(path, method="gradcam", model=model)
+    text = json.dumps(expl.findings.to_dict() if hasattr(expl.findings, "to_dict") else expl.findings.model_dump())
+    assert any(n.startswith("atlas regions not computed: field of view") for n in expl.findings.notes), expl.findings.notes
+    for word in ("Smith", "MRN", "19700101", str(tmp_path)):
+        assert word not in text, word

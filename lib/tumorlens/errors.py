@@ -28,7 +28,13 @@ class ModelNotFoundError(TumorlensError, LookupError):
 
 
 class RegistrationError(TumorlensError):
-    """Registration to the template failed or did not converge to a usable result."""
+    """Registration to the template failed or did not converge to a usable result. ``problem`` is the
+    message without the file's path: what a findings record may quote (a path can name a patient)."""
+
+    def __init__(self, path: str | Path | None, problem: str):
+        self.path = str(path) if path is not None else None
+        self.problem = problem
+        super().__init__(f"{self.path or 'volume'}: {problem}")
 
 
 class TrainingDivergedError(TumorlensError, ArithmeticError):

@@ -260,7 +260,7 @@ def _linear_stage(name: str, initial: sitk.Transform, fixed: sitk.Image, moving:
     try:
         return reg.Execute(fixed, moving), reg
     except RuntimeError as e:
-        raise RegistrationError(f"{path or 'volume'}: {name} registration failed: {str(e).strip()[-200:]}") from e
+        raise RegistrationError(path, f"{name} registration failed: {str(e).strip()[-200:]}") from e
 
 
 # Starting rotations (degrees about the patient's inferior-superior axis, then left-right) tried before
@@ -407,7 +407,7 @@ def _check_volume(volume: MetaTensor) -> tuple[np.ndarray, np.ndarray, str | Non
     extent = _field_of_view_mm(arr.shape, affine)
     if np.any(extent < MIN_EXTENT_MM):
         raise RegistrationError(
-            f"{path or 'volume'}: field of view {np.round(extent).astype(int).tolist()} mm is too small for a "
+            path, f"field of view {np.round(extent).astype(int).tolist()} mm is too small for a "
             f"whole brain (needs > {MIN_EXTENT_MM:.0f} mm per axis); cannot register to MNI"
         )
     return arr, affine, path
@@ -449,7 +449,7 @@ def register_to_mni(
     brain_ml = float(sitk.GetArrayViewFromImage(moving_mask).sum()) * working_spacing**3 / 1000.0
     if brain_ml < 200.0:
         raise RegistrationError(
-            f"{path or 'volume'}: only {brain_ml:.0f} ml of foreground; no brain-sized object to register"
+            path, f"only {brain_ml:.0f} ml of foreground; no brain-sized object to register"
         )
     metric_mask = moving_mask
     if exclude_mask is not None:
@@ -513,7 +513,7 @@ def register_to_mni(
     stop = reg.GetOptimizerStopConditionDescription()
     det = float(np.linalg.det(np.array(affine_tx.GetMatrix()).reshape(3, 3)))
     if not (0.3 < det < 3.0):
-        raise RegistrationError(f"{path or 'volume'}: affine registration diverged (volume scale {det:.2f})")
+        raise RegistrationError(path, f"affine registration diverged (volume scale {det:.2f})")
     total: sitk.Transform = affine_tx
 
     # 3) optional B-spline on top of the affine (optimised in template space)

@@ -51,6 +51,19 @@ def input_info(image: Any, file: str | Path | None = None) -> InputInfo:
     )
 
 
+def _without_source(note: str, image: Any, file: str | Path | None, safe: str) -> str:
+    """``note`` with the input's path (as given, absolute or resolved) and name replaced by the record's
+    ``safe`` file name: an error message quoting the path can carry a patient's name in its folders."""
+    src = file if file is not None else (getattr(image, "meta", {}) or {}).get("filename_or_obj")
+    if not src:
+        return note
+    p = Path(str(src))
+    forms = {str(src), str(p), str(p.absolute()), str(p.resolve()), p.name} - {""}
+    for form in sorted(forms, key=len, reverse=True):
+        note = note.replace(form, safe)
+    return note
+
+
 def entropy(probabilities: Mapping[str, float]) -> float:
     """Shannon entropy (nats) of the class distribution: 0 = certain, ln(4) ~ 1.386 = uniform."""
     p = np.clip(np.asarray([probabilities[c] for c in CLASS_NAMES], dtype=float), 1e-12, 1.0)
@@ -170,6 +183,7 @@ def build_findings(
         lesion = atlas.get("lesion") or Lesion()
         placement = atlas.get("placement") or Placement()
         all_notes.extend(n for n in atlas.get("notes", []) if n not in all_notes)
+    all_notes = [_without_source(n, image, file, info.file) for n in all_notes]
     record = {
         "schema_version": SCHEMA_VERSION,
         "input": info,

@@ -81,8 +81,8 @@ def _atlas_regions(img: MetaTensor, mask: MetaTensor) -> tuple[dict | None, list
         return map_regions(img, mask), []
     except InvalidInputError:
         raise
-    except TumorlensError as e:  # e.g. RegistrationError: a note, never invented regions
-        return None, [f"atlas regions not computed: {e}"]
+    except TumorlensError as e:  # e.g. RegistrationError: a note, never invented regions (nor the file's path)
+        return None, [f"atlas regions not computed: {getattr(e, 'problem', None) or e}"]
 
 
 def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: LoadedModel | str | None = None, *,
