@@ -298,6 +298,17 @@ def test_predict_says_when_a_volume_is_probably_not_a_head(predictor, brats):
     assert dice is None and caveat is not None and "smaller than a head along every axis" in caveat, caveat
     notes = explain(_torso(), method="gradcam", model=predictor.model).findings.notes
     assert sum(HEAD_TEMPLATE_FAILED in n for n in notes) == 1, notes
+    # a slab too thin to register (under 60 mm) is judged by its cross-section: 12 slices of the torso
+    # (384 x 288 x 48 mm) were called meningioma p = 0.98 with no caveat; 20 mm of a brain pass
+    from monai.data import MetaTensor
+
+    torso = _torso()
+    slab = MetaTensor(torso[..., 40:52].clone(), affine=torso.affine.clone())
+    pred = predictor.predict(slab)
+    assert any(HEAD_TEMPLATE_FAILED in c and "wider than a head" in c for c in pred.extra["caveats"]), pred.extra
+    brain = read_image(brats / "pat0002" / "T1c_subtrMeanDivStd.nii.gz")
+    brain_slab = MetaTensor(brain[..., 60:80].clone(), affine=brain.affine.clone(), meta=dict(brain.meta))
+    assert head_template_check(brain_slab) == (None, None)
     assert not any("coarse affine" in n for n in notes)  # the full registration's verdict, not a second fit
     # without the atlas step nothing else says whether it is a head: the coarse check does
     notes = explain(_torso(), method="gradcam", model=predictor.model, with_regions=False).findings.notes

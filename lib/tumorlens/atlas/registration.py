@@ -620,11 +620,43 @@ def register_to_mni(
 HEAD_CHECK_SPACING, HEAD_CHECK_ITERATIONS = 4.0, 50
 
 
+# The largest extent of a slab's foreground across its thin axis (max projection), where a slab is too thin to
+# register: skull-stripped and whole heads measured 134-181 mm (BraTS, the bundled volume, nilearn's MNI152
+# head), a torso phantom's 48 mm slab 336 mm, nibabel's 66 x 82 x 50 mm example volume 82 mm.
+SLAB_HEAD_MM = (90.0, 280.0)  # the upper bound leaves room for a sagittal slab holding the neck too
+
+
+def _slab_cross_section_note(volume: MetaTensor) -> str | None:
+    """The not-a-head caveat for a slab whose cross-section is wider or smaller than any head, else None."""
+    from scipy import ndimage as ndi
+
+    from tumorlens.caveats import not_a_head_note
+    from tumorlens.data.normalize import foreground_mask, largest_component
+
+    arr = np.asarray(volume.detach().cpu().numpy() if hasattr(volume, "detach") else volume, dtype=np.float32)
+    arr = arr[0] if arr.ndim == 4 else arr
+    spacing = np.linalg.norm(np.asarray(volume.affine, dtype=float)[:3, :3], axis=0)
+    thin = int(np.argmin(np.array(arr.shape) * spacing))
+    fg = foreground_mask(arr.max(axis=thin))
+    if not fg.any():
+        return None
+    fg = largest_component(ndi.binary_fill_holes(fg))
+    rows, cols = np.where(fg.any(1))[0], np.where(fg.any(0))[0]
+    extent = np.array([rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1]) * np.delete(spacing, thin)
+    size = " x ".join(f"{v:.0f}" for v in extent)
+    if extent.max() > SLAB_HEAD_MM[1]:
+        return not_a_head_note(f"a slab too thin to register whose cross-section is {size} mm, wider than a head")
+    if extent.max() < SLAB_HEAD_MM[0]:
+        return not_a_head_note(f"a slab too thin to register whose cross-section is {size} mm, smaller than a head: "
+                               "the voxel size in its header may be wrong")
+    return None
+
+
 def head_template_check(volume: MetaTensor) -> tuple[float | None, str | None]:
     """(brain-mask Dice of a coarse affine fit to MNI152, a caveat when no head pose fits). A volume with no
     brain-sized foreground is a caveat too (Dice None), and so is a grid smaller than a head along every axis
     (a BraTS volume whose header said 0.01 mm voxels, 2.4 mm across, was classified with no caveat); a slab too
-    thin to register says nothing."""
+    thin to register is judged by its cross-section alone (``SLAB_HEAD_MM``)."""
     from tumorlens.caveats import not_a_head_note
 
     fov = _field_of_view_mm(tuple(volume.shape), volume.affine) if hasattr(volume, "affine") else None
@@ -636,8 +668,10 @@ def head_template_check(volume: MetaTensor) -> tuple[float | None, str | None]:
         reg = register_to_mni(volume, deformable=False, working_spacing=HEAD_CHECK_SPACING,
                               iterations=HEAD_CHECK_ITERATIONS)
     except RegistrationError as e:
-        if "no brain-sized object" in str(e):
+        if "no brain-sized object" in e.problem:
             return None, not_a_head_note("no brain-sized foreground")
+        if "too small for a whole brain" in e.problem:  # a slab: its cross-section can still say
+            return None, _slab_cross_section_note(volume)
         return None, None
     except InvalidInputError:
         return None, None
