@@ -159,8 +159,20 @@ def test_predict_cli_flags_unfamiliar_and_volumes_and_skips_bad_files(dev2d, tum
     assert recs[0]["familiarity"]["familiar"] and recs[0]["caveats"] == []
     assert not recs[2]["familiarity"]["familiar"] and "unlike the training images" in recs[2]["caveats"][0]
     assert VOLUME_CAVEAT in recs[3]["caveats"]
+    assert 0.85 < recs[3]["head_template_dice"] <= 1.0 and "head_template_dice" not in recs[0]
     printed = capsys.readouterr()
     assert "UNFAMILIAR" in printed.out and "zeros.nii.gz" in printed.err
+
+
+def test_an_outline_under_a_no_tumour_call_comes_with_a_caveat(dev2d, predictor):
+    """The seg head outlines 137 pixels of this tumour-free slice, which the classifier calls no tumour
+    (p = 0.97): `predict` and the server's answers gave the outline with no word, while `explain` left it
+    empty. Every answer now says the outline is unconfirmed."""
+    from tumorlens.data import read_image
+
+    p = predictor.predict(read_image(dev2d / "images" / "3130.jpg"))
+    assert p.label == "no_tumor" and p.mask.sum() > 0
+    assert any("although the classifier predicts no tumour" in c for c in p.caveats), p.caveats
 
 
 def test_a_padded_slice_is_reframed_and_its_mask_lands_on_the_head(dev2d, tumour_rows, predictor):

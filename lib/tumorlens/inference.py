@@ -489,6 +489,11 @@ class Predictor:
             extra["text_similarities"] = sims
         if label == NO_TUMOUR and pdict[NO_TUMOUR] >= 0.5:
             extra["mask_suppressed_by_classifier"] = bool(mask_np.any())
+            if mask_np.any():  # the mask is the seg head's own; a reader must not take it for a tumour found
+                unit = "voxels" if mask_np.ndim == 3 and min(mask_np.shape) > 1 else "pixels"
+                extra["caveats"].append(f"the segmentation head outlines {int(mask_np.sum())} {unit} although the "
+                                        "classifier predicts no tumour: that outline is unconfirmed (the findings "
+                                        "record leaves it empty)")
         mask = MetaTensor(torch.from_numpy(mask_np[None]), affine=img.affine.clone(), meta=dict(meta))
         segp = MetaTensor(torch.from_numpy(seg.astype(np.float32)[None]), affine=img.affine.clone(), meta=dict(meta))
         return Prediction(pdict, label, mask, segp, slice_probs, extra, text_vector)

@@ -106,6 +106,8 @@ def run_predict(args) -> int:
         rec = {"file": Path(path).name, "label": r.label,
                "probabilities": {k: round(v, 4) for k, v in r.probabilities.items()},
                "mask_pixels": tumour_px, "familiarity": fam, "caveats": r.caveats}
+        if "head_template_dice" in r.extra:  # volumes: the coarse fit to the head template
+            rec["head_template_dice"] = r.extra["head_template_dice"]
         window = r.extra.get("window_classifier")
         if window is not None:
             rec["window_classifier"] = window
