@@ -186,6 +186,27 @@ def test_mask_with_another_axis_order_is_brought_onto_the_image_grid(planted):
     np.testing.assert_array_equal(mask_on_image_grid(bare, img, "bare").numpy()[0], planted["array"])
 
 
+def test_a_picture_mask_fits_a_2d_dicom_slice_of_its_image(dev2d, tumour_rows, tmp_path):
+    """A PNG mask has no geometry; `locate` refused it for a DICOM copy of its slice (0.9 mm pixels) as lying
+    'not on the image's grid', though it does on the JPEG. Its rows and columns are the slice's."""
+    import SimpleITK as sitk
+    from PIL import Image
+
+    from tumorlens.atlas.cli import mask_on_image_grid
+    from tumorlens.data.readers import read_mask
+
+    row = tumour_rows[0]
+    dcm = sitk.GetImageFromArray(np.asarray(Image.open(dev2d / row["image"]).convert("L"), dtype=np.int16))
+    dcm.SetSpacing((0.9, 0.9))
+    dcm.SetMetaData("0008|0060", "MR")
+    sitk.WriteImage(dcm, str(tmp_path / "slice.dcm"))
+    img = read_image(tmp_path / "slice.dcm")
+    mask = read_mask(dev2d / row["mask"])
+    on = mask_on_image_grid(mask, img, dev2d / row["mask"])
+    np.testing.assert_array_equal(on.numpy()[0], mask.numpy()[0])
+    assert on.numpy().any()
+
+
 def test_locate_with_flipped_stored_mask_keeps_the_laterality(planted, tmp_path, capsys):
     """`tumorlens locate` compared shapes only: the x-flipped mask put the right-putamen lesion on the left."""
     from tumorlens.cli import main

@@ -41,7 +41,7 @@ def mask_on_image_grid(mask: MetaTensor, img: MetaTensor, where: str | Path) -> 
     has the image's shape, and taken in the image's voxel order it would land in the other hemisphere.
     A mask with its own geometry is turned into the image's axis order and directions by the two
     affines' orientations (as ``read_label_like`` does for training labels), and must then lie on the
-    image's grid exactly; one without geometry (identity affine) is taken in the image's voxel order.
+    image's grid exactly; one without geometry (identity affine, or a picture) is taken in the image's voxel order.
     Anything else (another spacing, field of view or obliquity) would need resampling: refused.
     """
     import torch
@@ -53,7 +53,10 @@ def mask_on_image_grid(mask: MetaTensor, img: MetaTensor, where: str | Path) -> 
     want = tuple(int(n) for n in img.shape[1:])
     m_aff = np.asarray(mask.affine, dtype=float)
     i_aff = np.asarray(img.affine, dtype=float)
-    if arr.ndim == len(want) and (same_grid(m_aff, i_aff) or np.allclose(m_aff, np.eye(4))):
+    # a picture (PNG, JPEG...) has no geometry of its own: its rows and columns are the image's (a 2D DICOM
+    # slice is read in the same order), whatever spacing the image's header gives
+    picture = mask.meta.get("kind") == "image2d" and mask.meta.get("spacing_known") is False
+    if arr.ndim == len(want) and (same_grid(m_aff, i_aff) or np.allclose(m_aff, np.eye(4)) or picture):
         if arr.shape != want:
             raise InvalidInputError(where, f"mask shape {arr.shape} does not match image shape {want}")
         return mask
