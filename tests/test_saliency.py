@@ -350,3 +350,31 @@ def test_findings_notes_never_quote_the_input_path(model, brats, tmp_path):
     assert any(n.startswith("atlas regions not computed: field of view") for n in expl.findings.notes), expl.findings.notes
     for word in ("Smith", "MRN", "19700101", str(tmp_path)):
         assert word not in text, word
+
+
+def test_explain_never_overwrites_its_input_nor_mixes_two_explanations(model, tumour_images, tmp_path):
+    """`explain out/mask.nii.gz --out out` replaced its own input with the new mask; and an explanation with
+    one method left the maps of an earlier one with all methods beside its findings."""
+    import hashlib
+
+    import nibabel as nib
+
+    from tumorlens.saliency import explain
+
+    img, _, _ = tumour_images[1]
+    out = tmp_path / "out"
+    first = explain(img, method="all", model=model)
+    first.write(out)
+    assert (out / "heatmap_gradcampp.nii.gz").exists()
+    second = explain(img, method="gradcam", model=model)
+    second.write(out)
+    assert not any(out.glob("heatmap_*.nii.gz")) and not any(out.glob("mask_*.nii.gz"))
+    assert {p.name for p in out.iterdir()} >= {"findings.json", "mask.nii.gz", "heatmap.nii.gz", "overlay.png"}
+    # the slice itself stored as out/mask.nii.gz, explained into out: refused, the file kept as it was
+    src = out / "mask.nii.gz"
+    nib.save(nib.Nifti1Image(img.numpy()[0][..., None].astype(np.float32), np.eye(4)), src)
+    before = hashlib.sha256(src.read_bytes()).hexdigest()
+    expl = explain(src, method="gradcam", model=model)
+    with pytest.raises(InvalidInputError, match="overwrite this input"):
+        expl.write(out)
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == before

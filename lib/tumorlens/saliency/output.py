@@ -159,7 +159,27 @@ def write_mni_picture(expl: Explanation, path: Path) -> Path | None:
     return path
 
 
+def _output_names() -> list[str]:
+    """Every file name ``write_explanation`` can write."""
+    from tumorlens.saliency.cam import METHODS
+
+    per_method = [f"{kind}_{m}.nii.gz" for m in METHODS for kind in ("heatmap", "mask")]
+    return ["findings.json", "mask.nii.gz", "heatmap.nii.gz", "mask.seg.nrrd", "overlay.png", "mni.png", *per_method]
+
+
 def write_explanation(expl: Explanation, out_dir: str | Path) -> dict[str, Path]:
+    """The explanation's files in ``out_dir``. Refused (nothing written) when one would replace the input
+    image itself; files of an earlier explanation there that this one does not write (another method's maps,
+    a volume's MNI picture) are removed, so the folder never mixes two explanations."""
+    from tumorlens.errors import InvalidInputError
+
+    src = (getattr(expl.image, "meta", {}) or {}).get("filename_or_obj")
+    out = Path(out_dir)
+    if src and Path(str(src)).exists():
+        for name in _output_names():
+            if (out / name).exists() and (out / name).resolve() == Path(str(src)).resolve():
+                raise InvalidInputError(src, f"explain would overwrite this input with its own {name}: "
+                                             "choose another --out folder")
     out = ensure_dir(out_dir)
     files = {"findings": expl.findings.save(out / "findings.json")}
     files["mask"] = write_nifti(expl.mask, out / "mask.nii.gz", np.uint8)
@@ -173,4 +193,8 @@ def write_explanation(expl: Explanation, out_dir: str | Path) -> dict[str, Path]
     mni = write_mni_picture(expl, out / "mni.png")
     if mni is not None:
         files["mni"] = mni
+    written = {Path(f).name for f in files.values()}
+    for name in _output_names():
+        if name not in written:
+            (out / name).unlink(missing_ok=True)
     return files
