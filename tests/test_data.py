@@ -373,3 +373,23 @@ def test_the_frame_of_an_mri_slice_is_dark_and_that_of_a_frame_filling_picture_i
     assert dark_border_fraction(np.zeros((32, 32))) == 1.0
     with pytest.raises(ValueError, match="2D"):
         dark_border_fraction(np.zeros((4, 32, 32)))
+
+
+def test_a_picture_without_its_extension_is_still_read_as_a_picture(tmp_path):
+    """An extensionless colour PNG went through SimpleITK and came out grey: the colour caveat was lost (and on
+    one photograph the label flipped). Pictures are known by their first bytes; a DICOM whose preamble is a
+    TIFF header (pydicom's MR_small) stays a DICOM."""
+    from PIL import Image
+    from pydicom.data import get_testdata_file
+
+    rgb = np.zeros((64, 64, 3), np.uint8)
+    rgb[..., 0] = np.arange(64)[None, :] * 4
+    rgb[16:48, 16:48, 2] = 200
+    Image.fromarray(rgb).save(tmp_path / "photo.png")
+    shutil.copy(tmp_path / "photo.png", tmp_path / "photo")
+    a, b = read_image(tmp_path / "photo.png"), read_image(tmp_path / "photo")
+    assert b.meta["kind"] == "image2d" and b.meta["colour_fraction"] == a.meta["colour_fraction"] > 0.05
+    np.testing.assert_array_equal(a.numpy(), b.numpy())
+    shutil.copy(get_testdata_file("MR_small.dcm"), tmp_path / "mr")
+    mr = read_image(tmp_path / "mr")
+    assert mr.meta["modality"] == "MR" and tuple(mr.shape) == (1, 64, 64) and "colour_fraction" not in mr.meta

@@ -360,6 +360,19 @@ def _sniff_dicom(path: Path) -> bool:
         return False
 
 
+# a picture's first bytes (PNG, JPEG, BMP, TIFF): a picture without its extension is still read as one (through
+# SimpleITK it lost its colour, and with it the colour caveat)
+PICTURE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def _sniff_picture(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        head = f.read(132)
+    return head.startswith(PICTURE_MAGIC) and head[128:132] != b"DICM"  # a DICOM preamble may be a TIFF header
+
+
 def read_image(path: str | Path, expect: Expect = None, modality: str = "MR") -> MetaTensor:
     """Read one image as a float32 MetaTensor (see the module docstring for the conventions).
 
@@ -373,7 +386,7 @@ def read_image(path: str | Path, expect: Expect = None, modality: str = "MR") ->
     ext = _suffix(path)
     if path.is_dir():
         img = _read_dicom(path)
-    elif ext in PHOTO_EXT:
+    elif ext in PHOTO_EXT or (ext not in FILE_EXT + (".dcm", ".dicom") and _sniff_picture(path)):
         img = _read_photo(path, modality)
     elif ext in NIFTI_EXT:
         img = _read_nifti(path)
