@@ -156,7 +156,7 @@ def frozen_grid(args, protos) -> list[dict]:
 
 
 RESUME_KEYS = ("data", "max_images", "size", "epochs", "precision", "batch_size", "aligned", "aligned_backbones",
-               "init_from")
+               "init_from", "seeds")
 
 
 def grid(args, protos, base: dict) -> list[dict]:
@@ -176,19 +176,19 @@ def grid(args, protos, base: dict) -> list[dict]:
         saved = json.loads(partial.read_text())
         if not isinstance(saved, dict) or saved.get("settings") != settings:
             raise SystemExit(f"{partial}: written with other settings than this run; remove it or drop --resume")
-        done = {(r["backbone"], r["optimizer"], r["lr"]): r for r in saved["runs"]}
+        done = {(r["backbone"], r["optimizer"], r["lr"], r.get("seed", 0)): r for r in saved["runs"]}
     rows = []
-    combos = list(itertools.product(args.backbones, args.optimizers, args.lrs))
+    combos = list(itertools.product(args.backbones, args.optimizers, args.lrs, args.seeds))
     bar = tqdm(combos, desc="stability grid")
-    for bb, opt, lr in bar:
-        if (bb, opt, lr) in done:  # finished by an interrupted run with the same --json
-            rows.append(done[(bb, opt, lr)])
+    for bb, opt, lr, seed in bar:
+        if (bb, opt, lr, seed) in done:  # finished by an interrupted run with the same --json
+            rows.append(done[(bb, opt, lr, seed)])
             continue
-        bar.set_postfix_str(f"{bb} {opt} {lr:g}")
+        bar.set_postfix_str(f"{bb} {opt} {lr:g} seed {seed}")
         cfg = json.loads(json.dumps(base))
         cfg["model"] = {"backbone": bb}
-        cfg["train"].update({"optimizer": opt, "lr": lr})
-        row = {"backbone": bb, "optimizer": opt, "lr": lr}
+        cfg["train"].update({"optimizer": opt, "lr": lr, "seed": seed})
+        row = {"backbone": bb, "optimizer": opt, "lr": lr, "seed": seed}
         for with_text in (False, True) if args.aligned and bb in args.aligned_backbones else (False,):
             cfg["alignment"] = {"enabled": with_text}
             with tempfile.TemporaryDirectory() as td:
@@ -310,10 +310,10 @@ def table(rows: list[dict], aligned: bool) -> str:
         for bb in dict.fromkeys(r["backbone"] for r in rows):
             for opt in dict.fromkeys(r["optimizer"] for r in rows):
                 cells = []
-                for lr in lrs:
+                for lr in lrs:  # the mean over training seeds when a cell was run with several
                     m = [r[variant] for r in rows
                          if (r["backbone"], r["optimizer"], r["lr"]) == (bb, opt, lr) and variant in r]
-                    cells.append(f"{m[0]:10.3f}" if m else f"{'-':>10s}")
+                    cells.append(f"{sum(m) / len(m):10.3f}" if m else f"{'-':>10s}")
                 lines.append(f"{bb:16s} {opt:9s} " + " ".join(cells))
     lines.append(f"\n{'backbone':16s} " + " ".join(f"{n + ' best':>13s} {'worst':>6s} {'spread':>6s}"
                                                       for n in names.values()))
@@ -324,14 +324,24 @@ def table(rows: list[dict], aligned: bool) -> str:
 
 
 def spreads(rows: list[dict], aligned: bool) -> dict:
+    """Per backbone and variant: best, worst, spread and mean of the cells (optimiser x learning rate), each
+    cell the mean over its training seeds; with several seeds also ``seed_spread``, the largest best - worst
+    of one cell over its seeds: the spread that the seed alone makes, against which the grid's is read."""
     out = {}
     for bb in dict.fromkeys(r["backbone"] for r in rows):
         d = {}
         for key, name in _variants(rows, aligned).items():
-            v = [r[key] for r in rows if r["backbone"] == bb and key in r]
-            if not v:
+            cells: dict = {}
+            for r in rows:
+                if r["backbone"] == bb and key in r:
+                    cells.setdefault((r["optimizer"], r["lr"]), []).append(r[key])
+            if not cells:
                 continue
+            v = [sum(c) / len(c) for c in cells.values()]
             d[name] = {"best": max(v), "worst": min(v), "spread": max(v) - min(v), "mean": sum(v) / len(v)}
+            if any(len(c) > 1 for c in cells.values()):
+                d[name]["seed_spread"] = max(max(c) - min(c) for c in cells.values())
+                d[name]["seeds"] = max(len(c) for c in cells.values())
         out[bb] = d
     return out
 
@@ -352,6 +362,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="add the text-anchored variant of every run (trained with the alignment loss) and the post-hoc head")
     p.add_argument("--aligned-backbones", default=None,
                    help="comma-separated backbones that get the aligned arm (default: all of --backbones)")
+    p.add_argument("--seeds", default="0",
+                   help="training seeds, comma-separated: each cell is trained once per seed (the table and the spread "
+                        "use the mean; seed_spread says how far one cell moves with the seed alone)")
     p.add_argument("--resume", action="store_true", help="reuse the cells already in JSON.partial")
     p.add_argument("--shift", action="store_true", help="add view / acquisition-batch hold-out runs")
     p.add_argument("--no-grid", action="store_true")
@@ -370,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
     args.aligned_backbones = args.aligned_backbones.split(",") if args.aligned_backbones else args.backbones
     args.optimizers = args.optimizers.split(",")
     args.lrs = [float(x) for x in args.lrs.split(",")]
+    args.seeds = [int(x) for x in str(args.seeds).split(",")]
     torch.set_num_threads(args.threads)
     base = {
         "data": {"root": args.data, "image_size": args.size, "val_fraction": 0.2, "seed": 0,
