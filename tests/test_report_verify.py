@@ -200,6 +200,14 @@ def _reasons(v) -> str:
     ("Left insular GBM.", "unmeasured", "gbm"),
     ("Heterogeneous, irregular glioma of the left insular cortex.", "unmeasured", "heterogeneous"),
     ("Two separate foci of glioma in the left insular cortex.", "unmeasured", "two separate foci"),
+    # an outside probe's drafts that were delivered as verified (session 32)
+    ("Glioma of the left insular cortex for Mrs Jane Doe.", "identifier", "name"),
+    ("Glioma of the left insular cortex, likely lethal.", "unmeasured", "lethal"),
+    ("A sinister glioma of the left insular cortex.", "unmeasured", "sinister"),
+    ("Glioma of the left insular cortex; it has grown since the prior study.", "unmeasured", "grown"),
+    ("Glioma of the left insular cortex, about the size of a golf ball.", "unmeasured", "golf ball"),
+    ("Glioma of the left insular cortex; meningioma is definitely excluded.", "unmeasured", "definitely"),
+    ("Glioma sparing the left insular cortex.", "region", "insular"),
 ])
 def test_planted_unsupported_claims_are_caught(impression, kind, what):
     v = _planted(impression=impression)
@@ -221,6 +229,48 @@ def test_flipped_negations_are_conflicts(impression, what):
     v = _planted(impression=impression)
     assert not v["supported"]
     assert any(what in c["text"].lower() for c in v["negation_conflicts"]), _reasons(v)
+
+
+def test_a_lesion_on_both_sides_is_not_confined_to_one():
+    """'Confined to the left hemisphere' passed for a bilateral lesion: any side was allowed."""
+    v = _planted(impression="Glioma confined to the left hemisphere.", rec=_bilateral())
+    assert any(c["kind"] == "side" and "only left" in c["reason"] for c in v["unsupported_claims"]), _reasons(v)
+    assert _planted(impression="Glioma confined to the left hemisphere.")["supported"]  # a left-sided one is
+
+
+def test_mainly_one_side_without_regions_is_judged_by_the_laterality():
+    """With no regions named and no side known (most 2D slices), 'centred on the right' made the verifier
+    crash (KeyError) and the chain blame the backend for giving no draft."""
+    unknown = record(regions=[], lesion={"laterality": "unknown", "mask_source": "segmentation_head"})
+    v = _planted(impression="Glioma centred on the right side.", rec=unknown)
+    assert any(c["kind"] == "side" for c in v["unsupported_claims"]), _reasons(v)
+    right = _low_confidence()  # laterality right, no regions
+    assert _planted(impression="Glioma centred on the right side.", rec=right)["supported"]
+    assert not _planted(impression="Glioma centred on the left side.", rec=right)["supported"]
+
+
+def test_a_number_in_a_note_is_no_length():
+    """'The pixel spacing is 0.5 mm' was verified because a note said 'confidence 0.02 < 0.5'."""
+    rec = record(notes=["placement confidence 0.02 < 0.5: regions are not named"], regions=[],
+                 placement={"method": "template_slice", "quality": 0.1, "confidence": 0.02, "low_confidence": True})
+    v = _planted(impression="The pixel spacing is 0.5 mm; glioma on the left side.", rec=rec)
+    assert any(c["kind"] == "number" and "0.5" in c["text"] for c in v["unsupported_claims"]), _reasons(v)
+
+
+def test_matched_descriptions_with_identifiers_are_refused_or_flagged():
+    """A record's text matches are quoted in the report: one carrying a name and a record number was delivered
+    verified. The record refuses it; a report quoting one is not supported."""
+    from tumorlens.errors import InvalidInputError
+    from tumorlens.report.schema import RadiologyReport
+
+    bad = {"class_name": "glioma", "description": "Jane Doe MRN 00123456 has a glioma", "similarity": 0.5}
+    with pytest.raises(InvalidInputError, match="identifier"):
+        Findings.from_dict(record(text_matches=[bad]))
+    f = build_facts(record())
+    rep = assemble(f, template_draft(f))
+    rep = RadiologyReport.model_validate({**rep.model_dump(), "matched_descriptions": ["Mr Smith's glioma (glioma, similarity 0.50)"]})
+    v = verify_report(rep, f)
+    assert any(c["kind"] == "identifier" for c in v["unsupported_claims"]), _reasons(v)
 
 
 def test_negation_conflicts_when_findings_cross_midline():

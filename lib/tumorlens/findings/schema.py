@@ -302,6 +302,18 @@ class TextMatch(_Strict):
     description: str
     similarity: float = Field(ge=-1.0, le=1.0)
 
+    @field_validator("description")
+    @classmethod
+    def _no_identifiers(cls, v: str) -> str:
+        """A class description is text about a class: a name, date or record number in it is refused (the
+        report quotes the descriptions)."""
+        from tumorlens.findings.identifiers import PERSONAL, find_identifiers
+
+        kinds = [k for k in find_identifiers(v) if k in PERSONAL]
+        if kinds:
+            raise ValueError(f"text match description holds what looks like a patient identifier ({', '.join(kinds)})")
+        return v
+
 
 class Provenance(_Strict):
     model: str

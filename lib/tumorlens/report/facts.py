@@ -339,7 +339,11 @@ def numbers_for_unit(f: Facts, unit: str, size: bool) -> list[float] | None:
     if kind in ("mm", "cm"):
         nums = list(f.extents_mm)
         if not size:  # positions and voxel sizes are lengths too, but not sizes of the lesion
-            nums += list(f.spacing) + [abs(c) for c in f.centroid or []] + context
+            # only lengths the history or notes give in mm ("confidence 0.02 < 0.5" is no 0.5 mm)
+            texts = [f.patient.clinical_history or "", *f.notes]
+            in_mm = [float(x) for t in texts for x in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)\s*mm\b", t)]
+            in_mm += [10.0 * float(x) for t in texts for x in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)\s*cm\b", t)]
+            nums += (list(f.spacing) if f.spacing_known else []) + [abs(c) for c in f.centroid or []] + in_mm
         return nums if kind == "mm" else [v / 10.0 for v in nums]
     area, vol = f.area_mm2, f.volume_mm3
     return {"mm2": [area] if area is not None else [], "cm2": [area / 100.0] if area is not None else [],

@@ -22,7 +22,7 @@ PRE_NEGATION = (
     "negative for", "free of", "lack of", "rules out", "ruled out", "without", "cannot be seen",
     "does not", "do not", "did not", "is not", "are not", "was not", "were not", "has not", "have not",
     "doesn't", "don't", "isn't", "aren't", "wasn't", "weren't", "not", "no", "neither", "nor", "never",
-    "none", "lacks", "excludes",
+    "none", "lacks", "excludes", "sparing", "spares", "without involvement of", "not involving",
 )
 POST_NEGATION = (
     "is absent", "are absent", "absent", "not seen", "not identified", "not present", "not detected",

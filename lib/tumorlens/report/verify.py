@@ -50,8 +50,19 @@ UNMEASURED = {
     "behaviour or prognosis": (
         r"non-?(?:malignan\w*|cancer(?:ous)?|aggressive|benign)|"  # the word starts at "non": one claim
         r"aggressive(?:ness)?|benign|malignan\w*|cancer(?:ous|s)?|prognos\w*|survival|life-threatening|fatal|"
+        r"lethal|deadly|sinister|terminal|(?:in)?curable|life expectancy|"
         r"slow-growing|fast-growing|rapidly growing|\brare\b"
     ),
+    # one study, no prior: nothing can have grown, shrunk or stayed stable
+    "change since earlier imaging": (
+        r"(?:prior|previous|earlier|last|baseline|comparison) (?:study|studies|scan|scans|exam\w*|imaging|mri)|"
+        r"interval (?:change|growth|increase|decrease|progression)|has (?:grown|shrunk|enlarged|progressed|regressed)|"
+        r"\bgrew\b|progressi(?:on|ve)|regressi(?:on|ve)|unchanged|stable (?:in size|compared|since)"
+    ),
+    "size by comparison with an object": r"golf[- ]ball|tennis[- ]ball|ping[- ]pong|walnut|grape|lemon|orange|\bpea\b|marble|coin",
+    # the model gives probabilities: a report may not turn them into certainty
+    "certainty": r"\bdefinite(?:ly)?\b|\bcertain(?:ly|ty)?\b|unequivocal(?:ly)?|undoubted(?:ly)?|conclusive(?:ly)?|"
+                 r"\bconfirm(?:s|ed|ing|ation)?\b|pathognomonic|diagnostic of",
     "treatment": (
         r"surg(?:ery|ical)|resect\w*|neurosurg\w*|radiation|radiotherapy|radiosurgery|chemotherap\w*|"
         r"biops(?:y|ies)|\btreat(?:ment|ments|ed|ing|s)?\b|therap(?:y|ies)"
@@ -81,6 +92,9 @@ NORMAL_CLAIM = (r"(?:normal|unremarkable) (?:study|scan|examination|exam|mri|bra
 CROSSING = (r"cross(?:es|ing|ed)? (?:over )?(?:the )?midline|midline[- ]crossing|"
             r"(?:extends?|extending|spreads?) (?:across|over) the midline|across the midline")
 SIDE = r"(left|right)(?:[- ]sided|[- ]hemispher(?:e|ic))?|bilateral(?:ly)?|both hemispheres|midline"
+# words before a side that say the lesion is on that side alone ("confined to the left hemisphere")
+ONLY_SIDE = (r"\b(?:confined|limited|restricted|entirely|exclusively|solely|only|purely|wholly|unilateral(?:ly)?)"
+             r"\b[\w\s,-]{0,25}$")
 
 # broad anatomical terms -> key; a region of the findings supports the keys in BROAD_OF
 BROAD = {
@@ -181,7 +195,7 @@ def region_lexicon() -> tuple[tuple[str, str], ...]:
 @dataclass
 class Claim:
     field: str
-    kind: str  # region | side | class | tumour | crossing | unmeasured | number | structured
+    kind: str  # region | side | class | tumour | crossing | unmeasured | number | structured | identifier
     text: str
     sentence: str
     negated: bool
@@ -401,14 +415,21 @@ class Verifier:
                 add("side", m, False, f"negates the {side} side; the findings say {f.laterality}", conflict=True, pol=pol)
             else:
                 add("side", m, True, pol=pol)
+        elif side in ("left", "right") and re.search(ONLY_SIDE, scope.sentence[:m.start()], re.IGNORECASE):
+            ok = side == f.laterality  # "confined to the left": one side and nothing on the other
+            add("side", m, ok, "" if ok else f"says only {side}; the findings say laterality {f.laterality}", pol=pol)
         elif side in ("left", "right") and re.search(r"\b(?:mainly|mostly|predominantly|largely|chiefly|primarily|"
                                                      r"principally|centred|centered|based)\b[\w\s,-]{0,25}$",
                                                      scope.sentence[:m.start()], re.IGNORECASE):
             share = {h: sum(r["fraction"] for r in f.regions if r["hemisphere"] == h) for h in ("left", "right")}
-            main = max(share, key=share.get) if any(share.values()) else f.laterality
-            ok = side == main or (not any(share.values()) and side in allowed)
-            add("side", m, ok, "" if ok else f"says mainly {side}; most of the lesion is on the {main} "
-                f"({share[main]:.0%} against {share[side]:.0%})", pol=pol)
+            if any(share.values()):
+                main = max(share, key=share.get)
+                ok = side == main
+                reason = f"says mainly {side}; most of the lesion is on the {main} ({share[main]:.0%} against {share[side]:.0%})"
+            else:  # no region shares to weigh (e.g. a 2D slice with no regions named): the laterality decides
+                ok = side == f.laterality or (f.laterality in ("unknown", "bilateral", "midline") and side in allowed)
+                reason = f"says mainly {side}; the findings say laterality {f.laterality}"
+            add("side", m, ok, "" if ok else reason, pol=pol)
         elif side in allowed:
             add("side", m, True, pol=pol)
         else:
@@ -454,7 +475,25 @@ class Verifier:
             for _start, sent in split_sentences(text or ""):
                 claims.extend(self._sentence(field, sent))
         claims.extend(self._structured(report))
+        claims.extend(self._identifiers(report))
         return summarise(claims)
+
+    @staticmethod
+    def _identifiers(report: RadiologyReport) -> list[Claim]:
+        """A name, date, e-mail or record number anywhere in the report's text (a model can write "for Mrs Jane
+        Doe" from nothing, and matched descriptions come from the record): never supported."""
+        from tumorlens.findings.identifiers import PERSONAL, find_identifiers
+
+        texts = dict(report.text_fields())
+        texts.update({f"matched_descriptions[{i}]": t for i, t in enumerate(report.matched_descriptions)})
+        out = []
+        for field, text in texts.items():
+            for sent_start, sent in split_sentences(text or ""):
+                kinds = [k for k in find_identifiers(sent) if k in PERSONAL]
+                if kinds:
+                    out.append(Claim(field, "identifier", ", ".join(kinds), sent.strip(), False, False, False, False,
+                                     f"holds what looks like a patient identifier ({', '.join(kinds)})"))
+        return out
 
     def _structured(self, report: RadiologyReport) -> list[Claim]:
         f = self.f
