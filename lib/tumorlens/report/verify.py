@@ -488,7 +488,7 @@ class Verifier:
         texts.update({f"matched_descriptions[{i}]": t for i, t in enumerate(report.matched_descriptions)})
         out = []
         for field, text in texts.items():
-            for sent_start, sent in split_sentences(text or ""):
+            for _start, sent in split_sentences(text or ""):
                 kinds = [k for k in find_identifiers(sent) if k in PERSONAL]
                 if kinds:
                     out.append(Claim(field, "identifier", ", ".join(kinds), sent.strip(), False, False, False, False,
