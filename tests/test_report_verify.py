@@ -449,6 +449,27 @@ def test_model_errors_are_recorded_and_fall_back():
     assert "connection refused" in v["attempts"][0]["error"]
 
 
+def test_a_backend_that_timed_out_is_not_asked_again():
+    """A hanging server cost two full timeouts (121.6 s in an outside probe): the repair round asked it again.
+    A timeout or an unreachable server now goes straight to the flagged template; a bad answer still gets its
+    repair round (above)."""
+    import httpx
+
+    for err in (TimeoutError("timed out"), httpx.ConnectError("refused"),
+                RuntimeError("wrapped"), ValueError("bad JSON")):
+        if isinstance(err, RuntimeError):  # an error whose cause is a timeout, as langchain wraps them
+            try:
+                raise RuntimeError("request failed") from httpx.ReadTimeout("read timed out")
+            except RuntimeError as e:
+                err = e
+        res, _ = _run([err, _good()])
+        stages = [a["stage"] for a in res.verification["attempts"]]
+        if isinstance(err, ValueError):
+            assert stages == ["draft", "repair"] and not res.verification["fell_back"]
+        else:
+            assert stages == ["draft"] and res.verification["fell_back"] and res.verification["flagged"], err
+
+
 def test_chain_is_lcel():
     from langchain_core.runnables import Runnable
 
