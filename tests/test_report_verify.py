@@ -231,6 +231,13 @@ def test_flipped_negations_are_conflicts(impression, what):
     assert any(what in c["text"].lower() for c in v["negation_conflicts"]), _reasons(v)
 
 
+def test_words_that_only_contain_a_flagged_word_pass():
+    """'coincides' holds 'coin', 'uncertain' 'certain', 'unconfirmed' 'confirm': none is a claim."""
+    v = _planted(impression="Glioma of the left insular cortex; the saliency mask coincides with it. The class is "
+                            "uncertain and unconfirmed.")
+    assert not [c for c in v["unsupported_claims"] if c["kind"] == "unmeasured"], _reasons(v)
+
+
 def test_a_lesion_on_both_sides_is_not_confined_to_one():
     """'Confined to the left hemisphere' passed for a bilateral lesion: any side was allowed."""
     v = _planted(impression="Glioma confined to the left hemisphere.", rec=_bilateral())

@@ -59,7 +59,8 @@ UNMEASURED = {
         r"interval (?:change|growth|increase|decrease|progression)|has (?:grown|shrunk|enlarged|progressed|regressed)|"
         r"\bgrew\b|progressi(?:on|ve)|regressi(?:on|ve)|unchanged|stable (?:in size|compared|since)"
     ),
-    "size by comparison with an object": r"golf[- ]ball|tennis[- ]ball|ping[- ]pong|walnut|grape|lemon|orange|\bpea\b|marble|coin",
+    "size by comparison with an object": (r"\b(?:golf[- ]ball|tennis[- ]ball|ping[- ]pong ball|walnut|grape|lemon|"
+                                          r"orange|pea|marble|coin)s?\b"),
     # the model gives probabilities: a report may not turn them into certainty
     "certainty": r"\bdefinite(?:ly)?\b|\bcertain(?:ly|ty)?\b|unequivocal(?:ly)?|undoubted(?:ly)?|conclusive(?:ly)?|"
                  r"\bconfirm(?:s|ed|ing|ation)?\b|pathognomonic|diagnostic of",
