@@ -51,17 +51,20 @@ def input_info(image: Any, file: str | Path | None = None) -> InputInfo:
     )
 
 
-def _without_source(note: str, image: Any, file: str | Path | None, safe: str) -> str:
-    """``note`` with the input's path (as given, absolute or resolved) and name replaced by the record's
+def _without_source(notes: list[str], image: Any, file: str | Path | None, safe: str) -> list[str]:
+    """``notes`` with the input's path (as given, absolute or resolved) and name replaced by the record's
     ``safe`` file name: an error message quoting the path can carry a patient's name in its folders."""
     src = file if file is not None else (getattr(image, "meta", {}) or {}).get("filename_or_obj")
-    if not src:
-        return note
+    if not src or not notes:
+        return notes
     p = Path(str(src))
-    forms = {str(src), str(p), str(p.absolute()), str(p.resolve()), p.name} - {""}
-    for form in sorted(forms, key=len, reverse=True):
-        note = note.replace(form, safe)
-    return note
+    forms = sorted({str(src), str(p), str(p.absolute()), str(p.resolve()), p.name} - {""}, key=len, reverse=True)
+    out = []
+    for note in notes:
+        for form in forms:
+            note = note.replace(form, safe)
+        out.append(note)
+    return out
 
 
 def entropy(probabilities: Mapping[str, float]) -> float:
@@ -183,7 +186,7 @@ def build_findings(
         lesion = atlas.get("lesion") or Lesion()
         placement = atlas.get("placement") or Placement()
         all_notes.extend(n for n in atlas.get("notes", []) if n not in all_notes)
-    all_notes = [_without_source(n, image, file, info.file) for n in all_notes]
+    all_notes = _without_source(all_notes, image, file, info.file)
     record = {
         "schema_version": SCHEMA_VERSION,
         "input": info,

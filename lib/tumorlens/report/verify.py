@@ -475,26 +475,11 @@ class Verifier:
         for field, text in report.text_fields().items():
             for _start, sent in split_sentences(text or ""):
                 claims.extend(self._sentence(field, sent))
+                claims.extend(_identifiers(field, sent))
+        for i, text in enumerate(report.matched_descriptions):  # quoted from the record, not verified as claims
+            claims.extend(_identifiers(f"matched_descriptions[{i}]", text))
         claims.extend(self._structured(report))
-        claims.extend(self._identifiers(report))
         return summarise(claims)
-
-    @staticmethod
-    def _identifiers(report: RadiologyReport) -> list[Claim]:
-        """A name, date, e-mail or record number anywhere in the report's text (a model can write "for Mrs Jane
-        Doe" from nothing, and matched descriptions come from the record): never supported."""
-        from tumorlens.findings.identifiers import PERSONAL, find_identifiers
-
-        texts = dict(report.text_fields())
-        texts.update({f"matched_descriptions[{i}]": t for i, t in enumerate(report.matched_descriptions)})
-        out = []
-        for field, text in texts.items():
-            for _start, sent in split_sentences(text or ""):
-                kinds = [k for k in find_identifiers(sent) if k in PERSONAL]
-                if kinds:
-                    out.append(Claim(field, "identifier", ", ".join(kinds), sent.strip(), False, False, False, False,
-                                     f"holds what looks like a patient identifier ({', '.join(kinds)})"))
-        return out
 
     def _structured(self, report: RadiologyReport) -> list[Claim]:
         f = self.f
@@ -512,6 +497,16 @@ class Verifier:
             out.append(Claim("differential", "structured", f"{d.diagnosis} {d.probability:.2f}", "", False, False, ok, False,
                              "" if ok else "class or probability differs from the findings"))
         return out
+
+
+def _identifiers(field: str, text: str) -> list[Claim]:
+    """A name, date, e-mail or record number in a report's text (a model can write "for Mrs Jane Doe" from
+    nothing, and matched descriptions come from the record): never supported."""
+    from tumorlens.findings.identifiers import PERSONAL, find_identifiers
+
+    kinds = [k for k in find_identifiers(text) if k in PERSONAL]
+    return [Claim(field, "identifier", ", ".join(kinds), text.strip(), False, False, False, False,
+                  f"holds what looks like a patient identifier ({', '.join(kinds)})")] if kinds else []
 
 
 def _tol(num: str, scale: float = 1.0) -> float:
