@@ -624,3 +624,47 @@ def test_an_input_that_may_not_be_a_brain_mri_is_said_first_in_the_impression():
     assert res.report.impression.startswith("Caution: the image is unlike the images the model was trained on, "
                                             "so the classification may not be reliable."), res.report.impression
     assert res.verification["supported"], res.verification
+
+
+def _sure(**classification) -> dict:
+    """The default glioma record with low entropy (0.20 of at most 1.39) and what ``classification`` adds."""
+    rec = record()
+    rec["classification"]["uncertainty"]["entropy"] = 0.2
+    rec["classification"].update(classification)
+    return rec
+
+
+UNFAMILIAR = {"familiarity": {"score": 0.68, "threshold": 0.86, "k": 5, "familiar": False}}
+
+
+@pytest.mark.parametrize("impression,rec,ok", [
+    # confidence needs low entropy, a familiar image and no out-of-scope note; the default record's is moderate
+    ("The classifier is highly confident: glioma of the left insular cortex.", record, False),
+    ("The classifier is highly confident: glioma of the left insular cortex.", _sure, True),
+    ("A reliable classification of glioma, left insular cortex.", lambda: _sure(**UNFAMILIAR), False),
+    ("A reliable classification of glioma, left insular cortex.",
+     lambda: record(notes=["atlas: no pose matches the MNI152 head template (brain-mask Dice 0.59 <= 0.70)"],
+                    classification=_sure()["classification"]), False),
+    # a hedge elsewhere in the sentence does not excuse it
+    ("The classifier is highly confident that this is most likely a glioma of the left insular cortex.", record, False),
+    # caution is always allowed
+    ("Glioma of the left insular cortex; the classification may not be reliable.", record, True),
+    ("Glioma of the left insular cortex, a less reliable call.", record, True),
+    # levels of uncertainty are the template's thirds of the entropy's range
+    ("Glioma of the left insular cortex; classifier uncertainty is low.", record, False),
+    ("Glioma of the left insular cortex; classifier uncertainty is moderate.", record, True),
+    ("Glioma of the left insular cortex with low uncertainty.", _sure, True),
+    ("Glioma of the left insular cortex; uncertainty is not high.", record, True),
+    # familiarity statements against the familiarity check
+    ("Glioma of the left insular cortex; the image resembles the training images.", _sure, True),
+    ("Glioma of the left insular cortex; the image resembles the training images.", lambda: _sure(**UNFAMILIAR), False),
+    ("Glioma of the left insular cortex; the image is unlike the training images.", _sure, False),
+    ("Glioma of the left insular cortex; the image is unlike the training images.", lambda: _sure(**UNFAMILIAR), True),
+])
+def test_claims_about_trust_are_checked_against_entropy_and_familiarity(impression, rec, ok):
+    """A probe's drafts called results 'reliable' for images the familiarity check had flagged: what a report
+    says about how far the result can be trusted is checked against what measured it."""
+    v = _planted(impression=impression, rec=rec())
+    trust = [c for c in v["checked"]["items"] if c["kind"] == "trust"]
+    assert trust, _reasons(v)
+    assert all(c["ok"] for c in trust) is ok, [(c["text"], c["reason"]) for c in trust]

@@ -687,6 +687,7 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
         ("ScoreCAM mass not a number", "post", "/infer/saliency_scorecam?image=mri2d_1941",
          {"data": {"params": json.dumps({"scorecam_mass": "abc"})}}, 400, "scorecam_mass"),
         ("seed not a number", "post", "/activelearning/random", {"json": {"seed": [1]}}, 400, "seed"),
+        ("hold below zero", "post", "/activelearning/random", {"json": {"hold_seconds": -1}}, 400, "hold_seconds"),
         ("max_compute not a number", "post", "/activelearning/uncertainty", {"json": {"max_compute": "abc"}},
          400, "max_compute"),
         ("training with nothing labelled", "post", "/train/tumorlens?run_sync=true", {"json": {}}, 400,
@@ -820,23 +821,37 @@ def test_next_sample_each_strategy(client, server, studies, base_model, tmp_path
     unl = {i for i, o in objects.items() if "final" not in o["labels"]}
     assert labelled.isdisjoint(unl)
     rnd = client.next_sample("random", {})
-    assert rnd["id"] in unl
+    assert rnd["id"] in unl and rnd["held"] == 0
     first = client.next_sample("uncertainty", {})  # scores at most 8 missing images on the spot
     assert first["id"] in unl and first["scored"] == min(len(unl), 8) and len(unl) <= 16
+    # annotators asking one after another are not handed an image another one has just been given
+    # (MONAI Label's record of each pick, as its own Epistemic strategy reads it)
+    assert first["id"] != rnd["id"]
     unc = client.next_sample("uncertainty", {})  # the rest now; the first ones come from the store
-    assert unc["id"] in unl and unc["scored"] == len(unl)
-    # the pick is the image of highest entropy, and the score is the core's own number
+    assert unc["id"] in unl - {rnd["id"], first["id"]} and unc["scored"] == len(unl) and unc["held"] == 2
+    # the pick is the image of highest entropy among those not handed out, and the score is the core's own number
     ref = image_uncertainty(base_model, read_image(unc["path"]))
     assert abs(ref["entropy_normalised"] - unc["score"]) < 1e-3
     scores = json.loads((studies / ".tumorlens" / "scores.json").read_text())
-    best = max(unl, key=lambda k: scores[k]["uncertainty"]["value"])
+    best = max(unl - {rnd["id"], first["id"]}, key=lambda k: scores[k]["uncertainty"]["value"])
     assert best == unc["id"]
+    # with no hold, the highest entropy of all (as before any pick)
+    top = client.next_sample("uncertainty", {"hold_seconds": 0})
+    assert top["id"] == max(unl, key=lambda k: scores[k]["uncertainty"]["value"]) and top["held"] == 0
     dis = client.next_sample("saliency_disagreement", {})
-    assert dis["id"] in unl and 0.0 <= dis["score"] <= 1.0 and dis["score_kind"] == "saliency_disagreement"
+    assert dis["id"] in unl - {rnd["id"], first["id"], unc["id"], top["id"]}
+    assert 0.0 <= dis["score"] <= 1.0 and dis["score_kind"] == "saliency_disagreement"
     # MONAI Label's own record of the picks stays a record (a strategy name here clashed with it)
-    again = client.next_sample("random", {"seed": 1})
-    again = client.next_sample("random", {"seed": 1})
+    again = client.next_sample("random", {"seed": 1, "hold_seconds": 0})
+    again = client.next_sample("random", {"seed": 1, "hold_seconds": 0})  # the same image: now it has a record
     assert isinstance(again.get("strategy"), dict) and "random" in again["strategy"]
+    # when every candidate has been handed out lately, the one handed out longest ago comes back
+    served = [client.next_sample("random", {})["id"] for _ in range(len(unl))]
+    assert set(served) <= unl
+    info = client.datastore()["objects"]
+    stamps = {i: max(v["ts"] for v in info[i]["image"]["info"]["strategy"].values()) for i in unl}
+    oldest = min(stamps.values())
+    assert client.next_sample("random", {})["id"] in {i for i, t in stamps.items() if t == oldest}
     # a final label that names no class (a mask alone) cannot train the classifier: the image stays a
     # candidate and the pick says what it needs; once the class is set it leaves the pool
     import random
@@ -848,12 +863,12 @@ def test_next_sample_each_strategy(client, server, studies, base_model, tmp_path
     client.save_label("mri2d_3300", str(zero), tag="final", params={})
     pool = sorted(unl | {"mri2d_3300"})
     seed = next(s for s in range(1000) if random.Random(s).choice(pool) == "mri2d_3300")
-    pick = client.next_sample("random", {"seed": seed})
+    pick = client.next_sample("random", {"seed": seed, "hold_seconds": 0})
     assert pick["id"] == "mri2d_3300" and pick["needs"] == "class_name" and pick["candidates"] == len(pool)
     r = requests.put(f"{server.url}/datastore/label/info", params={"label": "mri2d_3300", "tag": "final"},
                      data={"info": json.dumps({"class_name": "no_tumor"})}, timeout=30)
     assert r.status_code == 200, r.text
-    assert client.next_sample("random", {"seed": seed})["candidates"] == len(pool) - 1
+    assert client.next_sample("random", {"seed": seed, "hold_seconds": 0})["candidates"] == len(pool) - 1
 
 
 def _mask_of(index: str) -> Path:

@@ -165,9 +165,14 @@ class Facts:
             head = f"The classifier favours the no-tumour class (probability {_fmt(self.top_probability)})"
         return f"{head}; other classes: {others}."
 
+    @property
+    def uncertainty_level(self) -> str:
+        """low / moderate / high: the entropy's third of its range (the words the template and verifier share)."""
+        return "low" if self.entropy < 0.35 * MAX_ENTROPY else ("moderate" if self.entropy < 0.7 * MAX_ENTROPY else "high")
+
     def sentence_uncertainty(self) -> str:
-        level = "low" if self.entropy < 0.35 * MAX_ENTROPY else ("moderate" if self.entropy < 0.7 * MAX_ENTROPY else "high")
-        return f"Classifier uncertainty is {level} (entropy {_fmt(self.entropy)} of at most {_fmt(MAX_ENTROPY)})."
+        return (f"Classifier uncertainty is {self.uncertainty_level} (entropy {_fmt(self.entropy)} of at most "
+                f"{_fmt(MAX_ENTROPY)}).")
 
     def sentence_size(self) -> str | None:
         if self.mask_source is None:
@@ -245,7 +250,7 @@ class Facts:
             out.append("Atlas placement is low-confidence, so no anatomical regions are named.")
         elif self.regions and self.kind == "image2d":
             out.append("Regions come from matching the image to an atlas template slice and are approximate.")
-        if self.entropy >= 0.7 * MAX_ENTROPY:
+        if self.uncertainty_level == "high":
             out.append("The classifier is uncertain between classes.")
         if self.window_changed_type:
             out.append("The tumour type was settled by a second classifier that looks only at the lesion, against "

@@ -76,6 +76,29 @@ UNMEASURED = {
     ),
 }
 
+# what a report says about how far the result can be trusted: the findings measure that (the entropy's
+# level, the familiarity check, the out-of-scope notes), so it is checked against them, not left unread
+UNCERTAINTY_LEVEL = (
+    r"(?:(?:classifier|classification|model|prediction|predictive|diagnostic)(?:'s)? )?uncertainty (?:is |was |remains |"
+    r"appears |seems )?(?:(?:very|fairly|relatively|quite|rather) )?(?P<a>low|moderate|high|minimal|small|considerable|substantial)"
+    r"|(?P<b>low|moderate|high|minimal|considerable|substantial) (?:degree of |level of )?(?:classifier |classification |"
+    r"model |predictive )?uncertainty"
+)
+LEVEL_OF = {"low": "low", "minimal": "low", "small": "low", "moderate": "moderate", "high": "high",
+            "considerable": "high", "substantial": "high"}
+CONFIDENT = (
+    r"(?:high|strong|great|considerable) (?:degree of |level of )?confidence|(?:highly |very |quite |fully )?confident(?:ly)?|"
+    r"(?:highly |very )?reliabl[ey]|reliability|trustworthy|robust(?:ly)?|(?:highly )?accurate(?:ly)?|"
+    r"strongly (?:favou?rs?|suggests?|suggestive|indicat\w*|supports?)|clear(?:ly)? (?:favou?rs?|shows?|demonstrat\w*|"
+    r"indicat\w*)|unambiguous(?:ly)?"
+)
+# a trust word turned into caution right before it ("less reliable", "may not be reliable")
+CAUTIOUS_BEFORE = re.compile(r"\b(?:less|limited|reduced|lower|questionable|not|may|might|could)\b[\w\s]{0,12}$",
+                             re.IGNORECASE)
+FAMILIAR = (r"(?:typical|representative) of the training (?:images|data|set)|(?:resembles?|similar to|like) the "
+            r"(?:training (?:images|data)|images the model was trained on)|within the training distribution|in-distribution")
+UNFAMILIAR = r"unlike the (?:training )?images|unfamiliar|out[- ]of[- ]distribution|outside the training distribution"
+
 CLASS_PATTERNS = {
     "no_tumor": r"no[-_ ]tumou?r class|no_tumor|tumou?r-free class",
     "pituitary": (r"pituitary (?:tumou?rs?|adenomas?|macroadenomas?|microadenomas?|neoplasms?|lesions?|mass(?:es)?)"
@@ -196,7 +219,7 @@ def region_lexicon() -> tuple[tuple[str, str], ...]:
 @dataclass
 class Claim:
     field: str
-    kind: str  # region | side | class | tumour | crossing | unmeasured | number | structured | identifier
+    kind: str  # region | side | class | tumour | crossing | unmeasured | trust | number | structured | identifier
     text: str
     sentence: str
     negated: bool
@@ -264,7 +287,12 @@ class Verifier:
                 what = "negated" if pol.negated else "asserted"
                 add("unmeasured", m, False, f"{what} statement about {name}, which the findings do not assess", pol=pol)
                 scan = _mask(scan, m.start(), m.end())
-        # 2. midline crossing
+        # 2. how far the result can be trusted
+        self._trust_claims(add, scan, scope)
+        for pat in (UNCERTAINTY_LEVEL, CONFIDENT, FAMILIAR, UNFAMILIAR):
+            for m in _iter(pat, scan):
+                scan = _mask(scan, m.start(), m.end())
+        # 2b. midline crossing
         for m in _iter(CROSSING, scan):
             pol = scope.polarity(m.start(), m.end())
             cm = f.crosses_midline
@@ -332,6 +360,35 @@ class Verifier:
         # 7. numbers
         self._numbers(add, sent, class_spans, scope)
         return claims
+
+    def _trust_claims(self, add, scan: str, scope: SentenceScope) -> None:
+        """Uncertainty levels, confidence words and familiarity statements against the findings. Caution is
+        always allowed ("may not be reliable"); confidence needs low entropy, a familiar image and no
+        out-of-scope note. Hedges elsewhere in the sentence do not excuse it ("highly confident that this is
+        most likely a meningioma")."""
+        f = self.f
+        for m in _iter(UNCERTAINTY_LEVEL, scan):
+            pol = scope.polarity(m.start(), m.end())
+            said = LEVEL_OF[(m.group("a") or m.group("b")).lower()]
+            ok = (said != f.uncertainty_level) if pol.negated else (said == f.uncertainty_level)
+            add("trust", m, ok, "" if ok else f"says uncertainty is {'not ' if pol.negated else ''}{said}; the findings "
+                f"give entropy {f.entropy:.2f}, which is {f.uncertainty_level}", pol=pol)
+        against = ([f"classifier uncertainty is {f.uncertainty_level}"] if f.uncertainty_level != "low" else []) \
+            + (["the image is unlike the training images"] if f.unfamiliar else []) \
+            + [r[0].lower() + r[1:] for r in f.out_of_scope()]
+        for m in _iter(CONFIDENT, scan):
+            pol = scope.polarity(m.start(), m.end())
+            cautious = pol.negated or bool(CAUTIOUS_BEFORE.search(scan[:m.start()]))
+            ok = cautious or not against
+            add("trust", m, ok, "" if ok else f"calls the result {m.group(0).lower()}; " + "; ".join(against), pol=pol)
+        for pat, unfamiliar in ((FAMILIAR, False), (UNFAMILIAR, True)):
+            for m in _iter(pat, scan):
+                pol = scope.polarity(m.start(), m.end())
+                says = unfamiliar != pol.negated
+                ok = says == f.unfamiliar or (says and pol.uncertain)  # a hedged "may be unlike" is caution
+                state = "unfamiliar" if f.unfamiliar else "familiar"
+                add("trust", m, ok, "" if ok else f"says the image is {'unlike' if says else 'like'} the training "
+                    f"images; the familiarity check calls it {state}", pol=pol)
 
     def _class_claim(self, add, m, cls: str, scope: SentenceScope, sent: str) -> None:
         f = self.f

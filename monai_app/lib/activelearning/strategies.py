@@ -2,11 +2,18 @@
 label, or one that names no class): ``random``, ``uncertainty``
 (highest MC-dropout predictive entropy) and ``saliency_disagreement`` (where Grad-CAM++ and the
 segmentation head disagree most). Scores come from the scoring methods' store; images not scored
-yet under the current model are scored on the spot (at most ``max_compute`` per request)."""
+yet under the current model are scored on the spot (at most ``max_compute`` per request).
+
+Annotators working side by side must not be handed the same image: MONAI Label records every pick in
+the image's info (``strategy: {name: {ts, client_id}}``) and its own Epistemic strategy serves the
+least recently picked of its top images. Here an image picked under any strategy within the last
+``hold_seconds`` (default a day, MONAI Label's reset) is passed over while another candidate is free;
+when every candidate is held, the one picked longest ago is served again."""
 
 from __future__ import annotations
 
 import random
+import time
 
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.strategy import Strategy
@@ -22,6 +29,46 @@ def seed_param(request: dict) -> int | str | None:
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int | str)):
         raise bad_request(f"seed must be a whole number or a string, got {seed!r}")
     return seed
+
+
+HOLD_SECONDS = 24 * 60 * 60
+
+
+def hold_param(request: dict) -> int:
+    value = request.get("hold_seconds")
+    if value is None:
+        return HOLD_SECONDS
+    try:
+        n = int(value)
+        ok = not isinstance(value, bool) and float(value) == n and n >= 0
+    except (TypeError, ValueError, OverflowError):
+        ok = False
+    if not ok:
+        raise bad_request(f"hold_seconds must be a whole number >= 0 (how long a picked image is kept from other "
+                          f"picks), got {value!r}")
+    return n
+
+
+def last_picked(datastore: Datastore, ids: list[str]) -> dict[str, float]:
+    """When each image was last handed out by any strategy (MONAI Label's record; 0 when never)."""
+    out = {}
+    for i in ids:
+        record = datastore.get_image_info(i).get("strategy")
+        stamps = [v.get("ts") for v in record.values() if isinstance(v, dict)] if isinstance(record, dict) else []
+        stamps = [float(t) for t in stamps if isinstance(t, int | float) and not isinstance(t, bool)]
+        out[i] = max(stamps, default=0.0)
+    return out
+
+
+def free_first(ids: list[str], picked: dict[str, float], hold: int) -> tuple[list[str], int]:
+    """The candidates not picked within ``hold`` seconds; when none is free, the one picked longest ago.
+    Also returns how many were held back."""
+    now = time.time()
+    free = [i for i in ids if now - picked[i] >= hold]
+    if free:
+        return free, len(ids) - len(free)
+    oldest = min(picked[i] for i in ids)
+    return [i for i in ids if picked[i] == oldest], len(ids)
 
 
 def max_compute_param(request: dict, default: int = 8) -> int:
@@ -40,7 +87,7 @@ def max_compute_param(request: dict, default: int = 8) -> int:
 
 class RandomUnlabelled(Strategy):
     def __init__(self):
-        super().__init__("A random unlabelled image (optional 'seed' for a reproducible pick)")
+        super().__init__("A random unlabelled image not handed out lately (optional 'seed' for a reproducible pick)")
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         gaps = training_gaps(datastore)
@@ -48,9 +95,10 @@ class RandomUnlabelled(Strategy):
         if not ids:
             return {}
         rng = random.Random(seed_param(request))
-        pick = rng.choice(ids)
+        pool, held = free_first(ids, last_picked(datastore, ids), hold_param(request))
+        pick = rng.choice(pool)
         # no "strategy" key: MONAI Label adds its own record of past picks under that name to the answer
-        return {"id": pick, "needs": gaps[pick], "candidates": len(ids)}
+        return {"id": pick, "needs": gaps[pick], "candidates": len(ids), "held": held}
 
 
 class ScoredStrategy(Strategy):
@@ -65,11 +113,14 @@ class ScoredStrategy(Strategy):
         if not ids:
             return {}
         limit = max_compute_param(request)
+        hold = hold_param(request)
         scores = score_images(self.state, datastore, self.kind, ids, limit=limit)
         if not scores:  # not "nothing left to label" ({}): there are unlabelled images, none scored yet
             raise conflict(f"none of the {len(ids)} unlabelled images has a {self.kind} score under the current "
                            f"model and max_compute={limit} allows none to be scored now: POST /scoring/{self.kind} "
                            "first, or ask with max_compute >= 1")
-        pick = max(scores, key=lambda k: (scores[k]["value"], k))
+        pool, held = free_first(sorted(scores), last_picked(datastore, sorted(scores)), hold)
+        pick = max(pool, key=lambda k: (scores[k]["value"], k))
         return {"id": pick, "needs": gaps[pick], "score_kind": self.kind, "score": scores[pick]["value"],
-                "model_version": scores[pick]["model_version"], "candidates": len(ids), "scored": len(scores)}
+                "model_version": scores[pick]["model_version"], "candidates": len(ids), "scored": len(scores),
+                "held": held}
