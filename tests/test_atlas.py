@@ -73,6 +73,42 @@ def test_summarise_points_fractions_unlabelled_and_midline():
     assert empty["centroid_mni_mm"] is None
 
 
+def test_a_lesion_hugging_the_midline_is_not_called_one_sided_while_in_the_other_sides_regions():
+    """The atlas splits its hemispheres at x = 0, the side shares counted only voxels 2 mm beyond it: a
+    cingulate lesion, 80 % within 2 mm right of the midline and 20 % further left, was called 'left' with
+    0.67 of it in right-hand regions (a record the findings schema then refused). Whatever a one-sided
+    lesion holds of the other side's regions stays under the share that makes a side involved."""
+    from tumorlens.atlas.regions import SIDE_SHARE
+    from tumorlens.findings import SCHEMA_VERSION, Findings
+
+    rng = np.random.default_rng(0)
+    band = np.c_[rng.uniform(0.2, 2.0, 80), rng.uniform(10, 30, 80), rng.uniform(25, 35, 80)]
+    left = np.c_[rng.uniform(-12, -6, 20), rng.uniform(10, 30, 20), rng.uniform(25, 35, 20)]
+    regions, lesion = summarise_points(np.vstack([band, left]))
+    assert sum(r["fraction"] for r in regions if r["hemisphere"] == "right") > 0.5
+    assert lesion["laterality"] == "midline" and lesion["crosses_midline"] is True
+    for seed in range(40):  # small lesions anywhere near the midline
+        g = np.random.default_rng(seed)
+        centre = np.array([g.uniform(-6, 6), g.uniform(-60, 40), g.uniform(-10, 50)])
+        pts = centre + g.normal(0, g.uniform(1, 4), (200, 3))
+        regions, lesion = summarise_points(pts)
+        side = lesion["laterality"]
+        if side in ("left", "right"):
+            other = "right" if side == "left" else "left"
+            assert sum(r["fraction"] for r in regions if r["hemisphere"] == other) < SIDE_SHARE, (seed, regions)
+    rec = {"schema_version": SCHEMA_VERSION,
+           "input": {"file": "x.nii.gz", "modality": "MR", "kind": "volume", "dims": [10, 10, 10],
+                     "spacing_mm": [1.0, 1.0, 1.0], "spacing_known": True},
+           "classification": {"label": "glioma", "probabilities": {"glioma": 0.7, "meningioma": 0.1, "pituitary": 0.1,
+                                                                   "no_tumor": 0.1},
+                              "uncertainty": {"entropy": 0.9, "method": "softmax_entropy"}},
+           "regions": summarise_points(np.vstack([band, left]))[0],
+           "lesion": summarise_points(np.vstack([band, left]))[1],
+           "provenance": {"model": "m", "model_version": "1", "config_hash": "x", "tumorlens_version": "0.1.0",
+                          "created_at": "2026-12-01T00:00:00+00:00"}}
+    Findings.from_dict(rec)  # the schema takes it
+
+
 def test_unlabelled_voxels_on_both_sides_are_two_regions_with_their_own_sides():
     """Unlabelled voxels were one region with the side of their median: a lesion mostly in the right
     hemisphere whose unlabelled part leant left was reported 'centred on the left white matter'."""

@@ -69,8 +69,12 @@ def summarise_points(mni_ras: np.ndarray, weights: np.ndarray | None = None) -> 
     regions.sort(key=lambda r: (-r["fraction"], r["label"], r["hemisphere"]))
     centroid = (pts * w[:, None]).sum(0) / max(w.sum(), 1e-9)
     x = pts[:, 0]
-    left = float((x < -MIDLINE_MM).mean())
-    right = float((x > MIDLINE_MM).mean())
+    # a side's share counts the lesion beyond the midline band and the lesion in that side's atlas regions:
+    # the atlas splits its hemispheres at x = 0, so a lesion hugging the midline lay mostly in right-hand
+    # regions while its x alone called it left (0.67 of it in right regions, and a record the schema refused)
+    by_region = {h: sum(r["fraction"] for r in regions if r["hemisphere"] == h) for h in ("left", "right")}
+    left = max(float((x < -MIDLINE_MM).mean()), by_region["left"])
+    right = max(float((x > MIDLINE_MM).mean()), by_region["right"])
     crosses = bool(left >= SIDE_SHARE and right >= SIDE_SHARE)
     if crosses:
         laterality = "midline" if np.abs(x).max() <= 15.0 else "bilateral"
