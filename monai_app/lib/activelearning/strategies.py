@@ -34,19 +34,23 @@ def seed_param(request: dict) -> int | str | None:
 HOLD_SECONDS = 24 * 60 * 60
 
 
-def hold_param(request: dict) -> int:
-    value = request.get("hold_seconds")
+def whole_number_param(request: dict, key: str, default: int, meaning: str) -> int:
+    """``request[key]`` as a whole number >= 0 (``default`` when absent), else a 400 saying what it means."""
+    value = request.get(key)
     if value is None:
-        return HOLD_SECONDS
+        return default
     try:
         n = int(value)
         ok = not isinstance(value, bool) and float(value) == n and n >= 0
     except (TypeError, ValueError, OverflowError):
         ok = False
     if not ok:
-        raise bad_request(f"hold_seconds must be a whole number >= 0 (how long a picked image is kept from other "
-                          f"picks), got {value!r}")
+        raise bad_request(f"{key} must be a whole number >= 0 ({meaning}), got {value!r}")
     return n
+
+
+def hold_param(request: dict) -> int:
+    return whole_number_param(request, "hold_seconds", HOLD_SECONDS, "how long a picked image is kept from other picks")
 
 
 def last_picked(datastore: Datastore, ids: list[str]) -> dict[str, float]:
@@ -72,17 +76,7 @@ def free_first(ids: list[str], picked: dict[str, float], hold: int) -> tuple[lis
 
 
 def max_compute_param(request: dict, default: int = 8) -> int:
-    value = request.get("max_compute")
-    if value is None:
-        return default
-    try:
-        n = int(value)
-        ok = not isinstance(value, bool) and float(value) == n and n >= 0
-    except (TypeError, ValueError, OverflowError):
-        ok = False
-    if not ok:
-        raise bad_request(f"max_compute must be a whole number >= 0 (images scored on the spot), got {value!r}")
-    return n
+    return whole_number_param(request, "max_compute", default, "images scored on the spot")
 
 
 class RandomUnlabelled(Strategy):
