@@ -668,3 +668,35 @@ def test_claims_about_trust_are_checked_against_entropy_and_familiarity(impressi
     trust = [c for c in v["checked"]["items"] if c["kind"] == "trust"]
     assert trust, _reasons(v)
     assert all(c["ok"] for c in trust) is ok, [(c["text"], c["reason"]) for c in trust]
+
+
+def test_a_draft_that_failed_in_one_field_keeps_its_verified_fields():
+    """Five of 24 pituitary drafts of the offline model added 'treatment options' to otherwise verified text, and
+    two of them were replaced whole by the template. The failed field alone is the template's now; the rest of
+    the draft is delivered, and the whole is verified again."""
+    good = _good()
+    prose = ("The classifier favours glioma with probability 0.82, and the lesion lies in the left insular cortex. "
+             "Classifier uncertainty is moderate.")
+    bad_recs = ReportDraft(findings=prose, impression=good.impression,
+                           recommendations="Discuss surgery and radiotherapy options with the patient.")
+    res, _ = _run([bad_recs, bad_recs])
+    v = res.verification
+    assert v["supported"] and not v["fell_back"] and not v["flagged"] and v["template_fields"] == ["recommendations"]
+    assert res.report.findings == prose and not any("surgery" in r for r in res.report.recommendations)
+    assert "template's stand in its place" in res.to_markdown()
+    # the repair's draft is kept when it failed in fewer fields
+    worse = ReportDraft(findings=prose + " Surgery is advised.", impression=good.impression,
+                        recommendations="Discuss surgery with the patient.")
+    res, _ = _run([worse, bad_recs])
+    assert res.verification["template_fields"] == ["recommendations"] and res.report.findings == prose
+    # not kept: findings and impression both failed, or a contradiction of the findings anywhere
+    both = ReportDraft(findings="A glioblastoma of the left insular cortex, the most aggressive brain cancer.",
+                       impression="Most consistent with glioma, a rare and aggressive cancer.",
+                       recommendations=good.recommendations)
+    res, _ = _run([both, both])
+    assert res.verification["fell_back"] and res.verification["template_fields"] == list(("findings", "impression",
+                                                                                         "recommendations"))
+    contradiction = ReportDraft(findings="There is no tumour in this slice, which appears normal overall.",
+                                impression=good.impression, recommendations=good.recommendations)
+    res, _ = _run([contradiction, contradiction])
+    assert res.verification["fell_back"] and res.verification["flagged"]

@@ -4,7 +4,9 @@
 Why this shape: any chat model, from a 135M local one to a large served one, can write fluent
 text that contradicts the evidence. So the model writes prose only, the facts are copied from the
 findings, every sentence is verified, a failing draft gets exactly one repair round with the
-problems fed back, and if that fails too the deterministic template is delivered and flagged.
+problems fed back, and if that fails too the fields that failed (findings, impression or
+recommendations) are replaced by the template's and the whole is verified again; only when that
+fails, or every field failed, is the deterministic template delivered and flagged.
 """
 
 from __future__ import annotations
@@ -203,6 +205,48 @@ def _prompt_messages(f: Facts, cfg: dict) -> list[dict[str, str]]:
     return [{"role": m.type, "content": m.content} for m in first.format_messages(**prompt_inputs(f))]
 
 
+DRAFT_FIELDS = ("findings", "impression", "recommendations")
+
+
+def _failing_fields(attempt: dict) -> set[str]:
+    """The drafted fields an attempt's verification found fault with (``recommendations[1]`` -> ``recommendations``;
+    anything else, e.g. a structured field, is returned as it is)."""
+    bad = {c["field"].split("[")[0] for c in attempt.get("unsupported_claims", []) + attempt.get("negation_conflicts", [])}
+    bad |= {"impression" if m.startswith("impression") else "findings" for m in attempt.get("missing", [])}
+    return bad
+
+
+def _with_template_fields(f: Facts, attempts: list[dict]):
+    """``(report, verification, fields)``: a model draft whose failed fields are the template's, verified as a
+    whole, or None. A small model's draft often fails on one field alone (five of 24 pituitary drafts added
+    'treatment options' to the recommendations): the rest was verified and is kept. The attempt with the fewest
+    failed fields is tried first. Not kept: a draft that contradicts the findings anywhere (a negation conflict,
+    as an injected 'there is no tumour' is), and one whose findings and impression both failed (what is left of
+    it says nothing)."""
+    from tumorlens.report.template import template_draft
+
+    tried = []
+    for i, a in enumerate(attempts):
+        bad = _failing_fields(a)
+        if (a.get("error") or not a.get("draft") or not bad or a.get("negation_conflicts")
+                or not bad <= set(DRAFT_FIELDS) or {"findings", "impression"} <= bad):
+            continue
+        tried.append((len(bad), -i, sorted(bad), a["draft"]))
+    if not tried:
+        return None
+    tpl = template_draft(f).model_dump()
+    for _n, _i, bad, draft in sorted(tried):
+        try:
+            mixed = ReportDraft.model_validate({k: tpl[k] if k in bad else draft[k] for k in DRAFT_FIELDS})
+        except ValueError:
+            continue
+        report = assemble(f, mixed)
+        v = _verify(report, f)
+        if v["supported"]:
+            return report, v, bad
+    return None
+
+
 def generate_report(findings: Any, backend: str | None = None, *, config: dict | None = None,
                     model: Any = None) -> ReportResult:
     """Findings record (``Findings``, dict or path) -> verified :class:`ReportResult`.
@@ -219,6 +263,7 @@ def generate_report(findings: Any, backend: str | None = None, *, config: dict |
         report = template_report(f)
         v = _verify(report, f)
         v.update(backend="template", repaired=False, fell_back=False, flagged=not v["supported"], attempts=[],
+                 template_fields=[],
                  flag_reason="" if v["supported"] else "the template report failed verification")
         return ReportResult(report, v, f, time.perf_counter() - t0, messages)
 
@@ -234,8 +279,14 @@ def generate_report(findings: Any, backend: str | None = None, *, config: dict |
     if state.get("ok"):
         v = state["verification"]
         v.update(backend=name, repaired=len(attempts) > 1, fell_back=False, flagged=False, attempts=attempts,
-                 flag_reason="")
+                 template_fields=[], flag_reason="")
         return ReportResult(state["report"], v, f, time.perf_counter() - t0, messages)
+    mixed = _with_template_fields(f, attempts)
+    if mixed is not None:  # the model's verified fields kept, the template's in place of those that failed
+        report, v, fields = mixed
+        v.update(backend=name, repaired=len(attempts) > 1, fell_back=False, flagged=False, attempts=attempts,
+                 template_fields=fields, flag_reason="")
+        return ReportResult(report, v, f, time.perf_counter() - t0, messages)
     # the model's drafts failed: deliver the template, flagged
     report = template_report(f)
     v = _verify(report, f)
@@ -250,5 +301,5 @@ def generate_report(findings: Any, backend: str | None = None, *, config: dict |
     why = ("the model's draft failed verification after repair" if drafted else
            f"the {name} backend gave no draft (unreachable, misconfigured or unparsable output)")
     v.update(backend=name, repaired=len(attempts) > 1 and bool(drafted), fell_back=True, flagged=True,
-             attempts=attempts, flag_reason=f"{why}; template report delivered (" + "; ".join(reasons) + ")")
+             attempts=attempts, template_fields=list(DRAFT_FIELDS), flag_reason=f"{why}; template report delivered (" + "; ".join(reasons) + ")")
     return ReportResult(report, v, f, time.perf_counter() - t0, messages)

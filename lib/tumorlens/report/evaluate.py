@@ -136,6 +136,7 @@ def evaluate_reports(data_dir: str | Path, backend: str | None = None, n: int = 
             "supported_first": before, "supported_delivered": bool(v["supported"]),
             "model_supported": bool(v["supported"] and not v["fell_back"]),
             "repaired": bool(v["repaired"]), "fell_back": bool(v["fell_back"]), "flagged": bool(v["flagged"]),
+            "template_fields": list(v.get("template_fields", [])) if not v["fell_back"] else [],
             "draft_conflicts": sum(len(a.get("negation_conflicts", [])) for a in attempts),
             "delivered_conflicts": len(v["negation_conflicts"]),
             "draft_unsupported": sum(len(a.get("unsupported_claims", [])) for a in attempts),
@@ -158,7 +159,11 @@ def evaluate_reports(data_dir: str | Path, backend: str | None = None, n: int = 
     summary = {
         "backend": rows[0]["backend"], "n": k,
         "supported_before_repair": share("supported_first"),
-        "supported_after_repair": sum(r["supported_first"] or (r["repaired"] and not r["fell_back"]) for r in rows) / k,
+        # the model's whole draft verified, at once or after the repair round
+        "supported_after_repair": sum(r["supported_first"] or (r["repaired"] and not r["fell_back"]
+                                                               and not r["template_fields"]) for r in rows) / k,
+        # the model's verified fields delivered with the template's in place of those that failed
+        "partly_template_rate": sum(bool(r["template_fields"]) for r in rows) / k,
         "delivered_supported_or_flagged": sum(r["supported_delivered"] or r["flagged"] for r in rows) / k,
         "fallback_rate": share("fell_back"),
         "repair_rate": share("repaired"),

@@ -15,6 +15,9 @@ def _status(v: dict) -> str:
         return "FLAGGED: the model's draft failed verification; this is the template report built from the findings."
     if v.get("flagged"):
         return "FLAGGED: this report failed verification against the findings."
+    if v.get("template_fields"):
+        return (f"Verified against the findings; the model's {', '.join(v['template_fields'])} failed verification and "
+                "the template's stand in its place.")
     if v.get("repaired"):
         return "Verified against the findings (after one repair round)."
     return "Verified against the findings."
