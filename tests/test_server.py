@@ -1005,3 +1005,30 @@ def test_batch_inference_on_cpu_keeps_final_labels(client, server, studies):
     # a checkpoint is bytes, not the SNES page table the system's mime.types names for ".pt"
     assert r.headers["content-type"] == "application/octet-stream", r.headers["content-type"]
     alive(client)
+
+
+def test_segment_names_that_name_the_patient_are_refused_and_a_class_is_not_dropped(client, server, studies, dev2d):
+    """An outside probe submitted a label whose segment was named 'Smith_John_19700101' (refused as an image id,
+    stored as a segment name and listed to every client); and a corrected mask submitted without its class (as
+    Slicer's submit sends it unless the class is chosen again) silently dropped the class given before."""
+    src = Path(dev2d) / "images" / "1941.jpg"  # a glioma (its class in the test of the strategies above)
+    client.upload_image(str(src), image_id="names_probe", params={})
+    mask, cls = _mask_of("1941"), "glioma"
+    try:
+        for info in ({"label_names": {"Smith_John_19700101": 1}, "class_name": "glioma"},
+                     {"label_info": [{"name": "Mr Smith lesion", "idx": 1}], "class_name": "glioma"}):
+            with pytest.raises(MONAILabelClientException) as e:
+                client.save_label("names_probe", str(mask), tag="final", params=info)
+            assert status_of(e.value) == 400 and "segment name" in e.value.msg
+        assert "final" not in client.datastore()["objects"]["names_probe"]["labels"]
+        client.save_label("names_probe", str(mask), tag="final", params={"label_names": {"tumour": 1}, "class_name": cls})
+        r = requests.put(f"{server.url}/datastore/label/info", params={"label": "names_probe", "tag": "final"},
+                         data={"info": json.dumps({"label_names": {"Smith_John_19700101": 1}})}, timeout=30)
+        assert r.status_code == 400 and "segment name" in r.text, r.text
+        assert b"Smith" not in (studies / "datastore_v2.json").read_bytes()
+        # the corrected mask sent again without its class keeps the class
+        client.save_label("names_probe", str(mask), tag="final", params={"label_names": {"tumour": 1}})
+        assert client.datastore()["objects"]["names_probe"]["labels"]["final"]["info"]["class_name"] == cls
+    finally:
+        requests.delete(f"{server.url}/datastore/image", params={"id": "names_probe"}, timeout=30)
+    alive(client)

@@ -49,6 +49,26 @@ def atomic_copy(src: str | Path, dest: str | Path) -> None:
         raise
 
 
+def segment_names(info: dict) -> list[str]:
+    """The names a label's info gives its segments (``label_names`` keys, ``label_info`` names, as 3D Slicer
+    and OHIF send them): stored with the label and sent to every client that lists the datastore."""
+    names = list(info.get("label_names") or {}) if isinstance(info.get("label_names"), dict) else []
+    if isinstance(info.get("label_info"), list):
+        names += [seg.get("name") for seg in info["label_info"] if isinstance(seg, dict)]
+    return [n for n in names if isinstance(n, str)]
+
+
+def check_segment_names(info: dict, what: str) -> dict:
+    """A segment name that looks like it names the patient ("Smith_John_19700101", "Mr Smith") is refused as
+    an image id is: the datastore would serve it to everyone. Returns the info."""
+    for name in segment_names(info):
+        kinds = identifier_kinds_in_name(name)
+        if kinds:
+            raise bad_request(f"{what}: a segment name looks like it holds a patient identifier ({', '.join(kinds)}); "
+                              "rename the segment (e.g. 'tumour') and submit again")
+    return info
+
+
 def check_class_name(info: dict, what: str) -> dict:
     """A class stored in image or label info must be one the models know (training reads it); other
     spellings of one ("Glioma", "notumor") are stored as the model's own name. Returns the info."""
@@ -287,11 +307,16 @@ class TumorlensDatastore(LocalDatastore):
             mask = read_label_like(label_filename, img)
         except InvalidInputError as e:
             raise bad_request(f"label for {image_id}: {e.problem}") from e
-        info = check_class_name(dict(label_info or {}), f"label for {image_id}")
+        info = check_segment_names(check_class_name(dict(label_info or {}), f"label for {image_id}"), f"label for {image_id}")
         if not (info.get("class_name") or info.get("class")):
             cls = class_from_segments(label_filename, info.get("label_info"))
             if cls:
                 info["class_name"] = cls
+        earlier = obj.labels.get(label_tag or DefaultLabelTag.FINAL.value)
+        if not (info.get("class_name") or info.get("class")) and earlier is not None and earlier.info.get("class_name"):
+            # a corrected mask sent without its class (Slicer's submit leaves it out unless chosen again)
+            # keeps the class given before: dropping it silently put the image back in the pool
+            info["class_name"] = earlier.info["class_name"]
         cls = info.get("class_name") or info.get("class")
         if isinstance(cls, str):
             try:
@@ -320,7 +345,8 @@ class TumorlensDatastore(LocalDatastore):
         super().update_image_info(image_id, check_class_name(dict(info), f"image {image_id}"))
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
-        super().update_label_info(label_id, label_tag, check_class_name(dict(info), f"label of {label_id}"))
+        what = f"label of {label_id}"
+        super().update_label_info(label_id, label_tag, check_segment_names(check_class_name(dict(info), what), what))
 
     def remove_image(self, image_id: str) -> None:
         check_id(image_id)
