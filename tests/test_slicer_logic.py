@@ -263,6 +263,58 @@ def test_save_report_next_to_scene(logic, tmp_path):
     assert "right temporal pole" in Path(res["markdown_path"]).read_text()
 
 
+def test_one_numbered_file_loads_alone_and_a_dicom_file_its_series(logic, t1c, tmp_path):
+    """Slicer's reader stacked '0003.nrrd' with its numbered neighbours into one volume (an outside probe loaded
+    one slice of a folder laid out like the 2D dataset and got 256 x 256 x 5, then a report on a 'volume')."""
+    import SimpleITK as sitk
+
+    for i in range(1, 6):
+        sitk.WriteImage(sitk.GetImageFromArray(np.full((1, 32, 40), i, np.float32)), str(tmp_path / f"{i:04d}.nrrd"))
+    node = logic.load_volume(str(tmp_path / "0003.nrrd"))
+    assert slicer.util.arrayFromVolume(node).shape == (1, 32, 40) and slicer.util.arrayFromVolume(node).max() == 3
+    assert not tll.is_dicom_file(str(tmp_path / "0003.nrrd")) and not tll.is_dicom_file(str(tmp_path / "missing"))
+    dcm = tmp_path / "no_extension"
+    dcm.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
+    assert tll.is_dicom_file(str(dcm)) and tll.is_dicom_file("x.DCM")
+
+
+def test_labels_that_would_reach_the_server_wrong_are_refused(logic, t1c):
+    """Two segments of one name collapsed into one label name (the other value unnamed on the server); a segment
+    drawn outside the volume exported as an empty label with no word."""
+    volume = logic.load_volume(str(t1c))
+    affine = np.eye(4)
+    affine[:3, 3] = 5000.0  # mm: nowhere near the head
+    far = Path(logic.work_dir) / "far-label.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), affine), str(far))
+    seg, _ = logic.load_label_as_segmentation(str(far), volume, {"tumour": 1})
+    with pytest.raises(ValueError, match="no voxel inside the volume"):
+        logic.export_label(seg, volume, str(Path(logic.work_dir) / "far.nii.gz"))
+    seg.GetSegmentation().AddEmptySegment("", "tumour")
+    with pytest.raises(ValueError, match="two segments are named 'tumour'"):
+        logic.export_label(seg, volume, str(Path(logic.work_dir) / "twice.nii.gz"))
+
+
+def test_temporary_copies_go_with_the_logic_and_reports_of_an_unsaved_scene_go_home(scene, monkeypatch, tmp_path):
+    """Each logic kept a /tmp/tumorlens-slicer-* folder of copies of the user's images for good (32 folders after
+    one probe); a report of a scene never saved went to whatever folder the application started in."""
+    logic = TumorLens.TumorLensLogic(scene)
+    work = Path(logic.work_dir)
+    (work / "copy.nii.gz").write_bytes(b"x")
+    logic.cleanup()
+    assert not work.exists()
+    other = TumorLens.TumorLensLogic(scene)
+    gone = Path(other.work_dir)
+    del other
+    import gc
+
+    gc.collect()
+    assert not gone.exists()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    unsaved = TumorLens.TumorLensLogic(slicer.vtkMRMLScene())
+    assert unsaved.report_dir() == str(tmp_path / "TumorLens reports")
+    unsaved.cleanup()
+
+
 def test_not_connected_is_a_server_error(logic):
     with pytest.raises(tll.ServerError, match="not connected"):
         logic.remote_next_sample("random")

@@ -11,9 +11,11 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import sys
 import tempfile
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -131,6 +133,12 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         self.models: dict[str, tll.ModelInfo] = {}
         self.findings: dict[str, dict] = {}  # image id -> last findings record (sent with the report)
         self.work_dir = tempfile.mkdtemp(prefix="tumorlens-slicer-")
+        # copies of the user's images, labels and results: removed with the logic (or at exit), never left behind
+        self._remove_work_dir = weakref.finalize(self, shutil.rmtree, self.work_dir, ignore_errors=True)
+
+    def cleanup(self) -> None:
+        """Remove this logic's temporary copies (uploads, downloaded samples, results, exported labels)."""
+        self._remove_work_dir()
 
     # ---- server ---------------------------------------------------------------------------------
 
@@ -169,10 +177,16 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
                 raise ValueError(f"{path}: folder holds no file to read as a volume")
             name = name or os.path.basename(os.path.normpath(path))
             path = os.path.join(path, files[0])
+            series = True
+        else:
+            # one picture or NRRD among numbered ones ("0003.jpg" next to "0004.jpg") is that file alone: the
+            # archetype reader stacked the whole numbered run into one volume; a DICOM file stands for its series
+            series = tll.is_dicom_file(path)
         cls = "vtkMRMLLabelMapVolumeNode" if labelmap else "vtkMRMLScalarVolumeNode"
         node = self.scene.AddNewNodeByClass(cls, name or _stem(path))
         storage = self.scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
         storage.SetFileName(path)
+        storage.SetSingleFile(0 if series else 1)
         ok = storage.ReadData(node)
         if not ok or node.GetImageData() is None:
             self.scene.RemoveNode(node)
@@ -485,7 +499,10 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         names: dict[str, int] = {}
         for i in range(segmentation.GetNumberOfSegments()):
             ids.InsertNextValue(segmentation.GetNthSegmentID(i))
-            names[segmentation.GetNthSegment(i).GetName()] = i + 1  # export numbers segments in order
+            name = segmentation.GetNthSegment(i).GetName()
+            if name in names:  # one name for two values: the server would know only one of them
+                raise ValueError(f"two segments are named {name!r}: rename one before submitting")
+            names[name] = i + 1  # export numbers segments in order
         if ids.GetNumberOfValues() == 0:
             raise ValueError("the segmentation has no segments: nothing to submit")
         labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__tumorlens_export__")
@@ -494,6 +511,10 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
                 seg_node, ids, labelmap, reference_volume)
             if not ok:
                 raise RuntimeError("Slicer could not export the segmentation to a label map")
+            values = slicer.util.arrayFromVolume(labelmap) if labelmap.GetImageData() is not None else None
+            if values is None or not values.any():
+                raise ValueError("the segments hold no voxel inside the volume: nothing to submit (were they drawn "
+                                 "on another volume?)")
             self.write_volume(labelmap, path)
         finally:
             self.scene.RemoveNode(labelmap)
@@ -502,11 +523,13 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
     # ---- report, active learning ---------------------------------------------------------------------
 
     def report_dir(self) -> str:
-        """Next to the scene file when it has one, else the scene's root directory."""
+        """Next to the scene file when it has one, else the scene's root directory, else ~/TumorLens reports."""
         url = self.scene.GetURL()
         if url:
             return os.path.dirname(os.path.abspath(url))
-        return self.scene.GetRootDirectory() or os.getcwd()
+        # an unsaved scene has no folder of its own: a fixed folder in the user's home, not wherever the
+        # application happened to start
+        return self.scene.GetRootDirectory() or os.path.join(os.path.expanduser("~"), "TumorLens reports")
 
     def save_report(self, params: dict, image_id: str, out_dir: str | None = None) -> dict:
         """Format the report answer, write JSON + Markdown, return what the panel shows."""
@@ -607,6 +630,8 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def cleanup(self):
         self.onCancel()
         self.removeObservers()
+        if self.logic is not None:
+            self.logic.cleanup()
 
     # -- background jobs --
     def _start(self, what: str, work, done):
@@ -627,6 +652,16 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._set_busy(True, f"{what}…")
         job["thread"].start()
         self._timer.start()
+
+    def _main_thread(self, what: str, step):
+        """Run a step that must touch the scene (writing the volume or label to upload); a failure is a message
+        box, as a worker's is, never a traceback. Returns the step's result, or None when it failed."""
+        try:
+            return step()
+        except Exception as e:  # e.g. a volume Slicer cannot write, an empty segmentation
+            self.ui.statusLabel.text = f"{what}: failed"
+            slicer.util.errorDisplay(f"{what} failed:\n{e}")
+            return None
 
     def _poll(self):
         job = self._job
@@ -691,7 +726,10 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         model = self.ui.modelCombo.currentData
         if volume is None or not model:
             return
-        image_id, path = self.logic.prepare_upload(volume)
+        prepared = self._main_thread("Run", lambda: self.logic.prepare_upload(volume))
+        if prepared is None:
+            return
+        image_id, path = prepared
 
         def done(answers):
             res = self.logic.apply_answers(answers, volume, model, image_id)
@@ -736,7 +774,10 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         volume = self._volume()
         if volume is None:
             return
-        image_id, path = self.logic.prepare_upload(volume)
+        prepared = self._main_thread("Generate report", lambda: self.logic.prepare_upload(volume))
+        if prepared is None:
+            return
+        image_id, path = prepared
 
         def done(answer):
             res = self.logic.save_report(answer.params, image_id)
@@ -767,9 +808,15 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if volume is None or seg is None:
             slicer.util.errorDisplay("Select the volume and the segmentation to submit.")
             return
-        image_id, path = self.logic.prepare_upload(volume)
-        label_path, names = self.logic.export_label(
-            seg, volume, os.path.join(self.logic.work_dir, f"{image_id}-label.nii.gz"))
+        def prepare():
+            image_id, path = self.logic.prepare_upload(volume)
+            return (image_id, path, *self.logic.export_label(
+                seg, volume, os.path.join(self.logic.work_dir, f"{image_id}-label.nii.gz")))
+
+        prepared = self._main_thread("Submit label", prepare)
+        if prepared is None:
+            return
+        image_id, path, label_path, names = prepared
 
         class_name = self.ui.classSelector.currentText
 
