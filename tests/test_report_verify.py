@@ -700,3 +700,19 @@ def test_a_draft_that_failed_in_one_field_keeps_its_verified_fields():
                                 impression=good.impression, recommendations=good.recommendations)
     res, _ = _run([contradiction, contradiction])
     assert res.verification["fell_back"] and res.verification["flagged"]
+
+
+def test_a_one_slice_volume_is_reported_as_the_slice_it_was_read_as():
+    """A 256 x 256 x 1 NRRD was read as a 2D slice by every stage (the atlas note says so) while its report said
+    'a 3D MR volume' that 'was classified slice by slice'."""
+    rec = record(input={"file": "one.nrrd", "modality": "MR", "kind": "volume", "dims": [512, 512, 1],
+                        "spacing_mm": [1.0, 1.0, 1.0], "spacing_known": True},
+                 notes=["one-slice volume treated as a 2D slice"],
+                 masks=[{"source": "segmentation_head", "empty": False, "voxels": 812, "area_mm2": None,
+                         "volume_mm3": 812.0, "bbox": {"min": [200, 140, 0], "max": [231, 170, 0]}}])
+    res = generate_report(rec, backend="template")
+    r = res.report
+    assert "read as a single 2D slice" in r.technique and "3D" not in r.technique, r.technique
+    assert not any("slice by slice" in x for x in r.limitations)
+    assert any(x.startswith("Single 2D image") for x in r.limitations)
+    assert res.verification["supported"], _reasons(res.verification)

@@ -147,8 +147,20 @@ class Facts:
         return f"Caution: {'; '.join(r[0].lower() + r[1:] for r in reasons)}, so the classification {consequence}."
 
     # ---- fact sentences ----------------------------------------------------------------------------
+    @property
+    def single_slice(self) -> bool:
+        """A volume file of one slice: every stage reads it as a 2D slice (the atlas notes say so)."""
+        return self.kind == "volume" and 1 in self.dims
+
+    @property
+    def read_as_slice(self) -> bool:
+        return self.kind == "image2d" or self.single_slice
+
     def sentence_image(self) -> str:
         dims = " x ".join(str(d) for d in self.dims)
+        if self.single_slice:
+            sp = " x ".join(_fmt(s, 1) for s in self.spacing)
+            return f"a one-slice {self.modality} volume ({dims} voxels, spacing {sp} mm), read as a single 2D slice"
         if self.kind == "volume":
             sp = " x ".join(_fmt(s, 1) for s in self.spacing)
             return f"a 3D {self.modality} volume ({dims} voxels, spacing {sp} mm)"
@@ -238,17 +250,17 @@ class Facts:
         out = ["Automated research output from a machine-learning model; not a diagnosis."]
         if self.unfamiliar:
             out.append(f"{UNFAMILIAR_REASON}, so its classification may not be reliable.")
-        if self.kind == "volume":  # every volume goes through the 2D network (tumorlens.inference.VOLUME_CAVEAT)
+        if self.kind == "volume" and not self.single_slice:  # through the 2D network (tumorlens.inference.VOLUME_CAVEAT)
             out.append("The volume was classified slice by slice by a network trained on 2D slices with the skull "
                        "in view, so its class and lesion outline are unconfirmed.")
         out += [f"{s}, so nothing in this report may apply to it." for s in self.out_of_scope()]
-        if self.kind == "image2d":
+        if self.read_as_slice:
             out.append("Single 2D image: structures outside this slice are not assessed.")
             if not self.spacing_known:
                 out.append("Pixel spacing is unknown, so sizes are given in pixels only.")
         if self.low_confidence_placement:
             out.append("Atlas placement is low-confidence, so no anatomical regions are named.")
-        elif self.regions and self.kind == "image2d":
+        elif self.regions and self.read_as_slice:
             out.append("Regions come from matching the image to an atlas template slice and are approximate.")
         if self.uncertainty_level == "high":
             out.append("The classifier is uncertain between classes.")
