@@ -1032,3 +1032,23 @@ def test_segment_names_that_name_the_patient_are_refused_and_a_class_is_not_drop
     finally:
         requests.delete(f"{server.url}/datastore/image", params={"id": "names_probe"}, timeout=30)
     alive(client)
+
+
+def test_an_image_no_model_can_read_is_not_handed_to_annotators(client, server, tmp_path):
+    """An all-zero volume uploaded from Slicer (every model answers it with a 400, 'image is constant') was
+    handed out by the random strategy again and again; its failed scoring was retried on every request."""
+    blank = tmp_path / "blank.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.float32), np.eye(4)), str(blank))
+    client.upload_image(str(blank), image_id="blank_probe", params={})
+    try:
+        with pytest.raises(MONAILabelClientException) as e:
+            infer_json(client, "classification", "blank_probe")
+        assert status_of(e.value) == 400
+        pick = client.next_sample("uncertainty", {"hold_seconds": 0, "max_compute": 64})
+        assert pick["id"] != "blank_probe" and pick["unusable"] == 1
+        picks = {client.next_sample("random", {"hold_seconds": 0, "seed": s})["id"] for s in range(30)}
+        assert "blank_probe" not in picks
+        assert client.next_sample("random", {"hold_seconds": 0})["unusable"] == 1
+    finally:
+        requests.delete(f"{server.url}/datastore/image", params={"id": "blank_probe"}, timeout=30)
+    alive(client)

@@ -20,7 +20,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.datastore import training_gaps
 from lib.errors import bad_request, conflict
-from lib.scoring.scores import score_images
+from lib.scoring.scores import score_images, unusable
 from lib.state import AppState
 
 
@@ -64,6 +64,12 @@ def last_picked(datastore: Datastore, ids: list[str]) -> dict[str, float]:
     return out
 
 
+def usable(state: AppState, datastore: Datastore, ids: list[str]) -> tuple[list[str], int]:
+    """The candidates without a record that no model can read them, and how many were left out."""
+    bad = unusable(state, datastore, ids)
+    return [i for i in ids if i not in bad], len(bad)
+
+
 def free_first(ids: list[str], picked: dict[str, float], hold: int) -> tuple[list[str], int]:
     """The candidates not picked within ``hold`` seconds; when none is free, the one picked longest ago.
     Also returns how many were held back."""
@@ -80,19 +86,20 @@ def max_compute_param(request: dict, default: int = 8) -> int:
 
 
 class RandomUnlabelled(Strategy):
-    def __init__(self):
+    def __init__(self, state: AppState):
         super().__init__("A random unlabelled image not handed out lately (optional 'seed' for a reproducible pick)")
+        self.state = state
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         gaps = training_gaps(datastore)
-        ids = sorted(gaps)
+        ids, skipped = usable(self.state, datastore, sorted(gaps))
         if not ids:
             return {}
         rng = random.Random(seed_param(request))
         pool, held = free_first(ids, last_picked(datastore, ids), hold_param(request))
         pick = rng.choice(pool)
         # no "strategy" key: MONAI Label adds its own record of past picks under that name to the answer
-        return {"id": pick, "needs": gaps[pick], "candidates": len(ids), "held": held}
+        return {"id": pick, "needs": gaps[pick], "candidates": len(ids), "held": held, "unusable": skipped}
 
 
 class ScoredStrategy(Strategy):
@@ -103,12 +110,16 @@ class ScoredStrategy(Strategy):
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         gaps = training_gaps(datastore)
-        ids = sorted(gaps)
+        ids, skipped = usable(self.state, datastore, sorted(gaps))
         if not ids:
             return {}
         limit = max_compute_param(request)
         hold = hold_param(request)
         scores = score_images(self.state, datastore, self.kind, ids, limit=limit)
+        found = len(unusable(self.state, datastore, ids))  # unreadable ones met while scoring now
+        skipped += found
+        if not scores and found == len(ids):
+            return {}
         if not scores:  # not "nothing left to label" ({}): there are unlabelled images, none scored yet
             raise conflict(f"none of the {len(ids)} unlabelled images has a {self.kind} score under the current "
                            f"model and max_compute={limit} allows none to be scored now: POST /scoring/{self.kind} "
@@ -117,4 +128,4 @@ class ScoredStrategy(Strategy):
         pick = max(pool, key=lambda k: (scores[k]["value"], k))
         return {"id": pick, "needs": gaps[pick], "score_kind": self.kind, "score": scores[pick]["value"],
                 "model_version": scores[pick]["model_version"], "candidates": len(ids), "scored": len(scores),
-                "held": held}
+                "held": held, "unusable": skipped}

@@ -39,7 +39,7 @@ def trainers(state: AppState) -> dict[str, TrainTask]:
 
 def strategies(state: AppState) -> dict[str, Strategy]:
     return {
-        "random": RandomUnlabelled(),
+        "random": RandomUnlabelled(state),
         "uncertainty": ScoredStrategy(state, "uncertainty",
                                       "Highest predictive entropy (MC-dropout) among unlabelled images"),
         "saliency_disagreement": ScoredStrategy(state, "saliency_disagreement",

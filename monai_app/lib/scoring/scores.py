@@ -3,7 +3,9 @@ or the saliency/segmentation disagreement under the current model version.
 
 Scores are kept in the app state (``scores.json``) keyed by image id, with the model version and
 the image file's modification time, so a new model version or a replaced image is scored again
-and an unchanged one is not.
+and an unchanged one is not. An image no model can read (constant, no brain, unreadable) is kept
+there as ``unusable`` with the reason, for as long as its file is unchanged: the strategies leave it
+out instead of handing it to an annotator (every model answers it with a 400).
 """
 
 from __future__ import annotations
@@ -76,12 +78,28 @@ def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str
             res = KINDS[kind](model, read_image(uri))
         except InvalidInputError as e:
             logger.warning(f"cannot score {image_id}: {e.problem}")
+            new[image_id] = {kind: {"unusable": e.problem, "model_version": version, "mtime": mtime}}
             continue
         entry = {"value": float(res[VALUE[kind]]), "model_version": version, "mtime": mtime, "detail": res}
         out[image_id] = entry
         new[image_id] = {kind: entry}
     if new:
         state.update_scores(new)
+    return {k: v for k, v in out.items() if "value" in v}
+
+
+def unusable(state: AppState, datastore: Datastore, ids: list[str]) -> dict[str, str]:
+    """Images some scoring found no model can read, as their file is now: ``{id: reason}``."""
+    scores = state.read_scores()
+    out = {}
+    for image_id in ids:
+        entries = [e for e in scores.get(image_id, {}).values() if isinstance(e, dict) and e.get("unusable")]
+        if not entries:
+            continue
+        uri = datastore.get_image_uri(image_id)
+        mtime = os.path.getmtime(uri) if uri and os.path.exists(uri) else None
+        if any(e.get("mtime") == mtime for e in entries):
+            out[image_id] = entries[0]["unusable"]
     return out
 
 
