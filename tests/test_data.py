@@ -275,6 +275,14 @@ def test_colour_nifti_reads_as_the_grey_picture(dev2d, dev_rows, tmp_path):
         got = np.transpose(img.numpy()[0, :, :, 0])
         assert np.abs(got - expected).max() <= 1.0, name
         assert img.meta["colour_fraction"] > 0.9, name  # what the colour caveat reads (every pixel is coloured)
+    # three frames of a series stored as a float vector (as 3D Slicer writes a 3-component volume node) are no
+    # colour picture: they were read as one grey picture, silently
+    frames = nib.Nifti1Image(np.stack([grey.T, grey.T * 1.1, grey.T * 0.9], -1)[:, :, None, None, :].astype(np.float32),
+                             np.eye(4))
+    frames.header.set_intent("vector")
+    nib.save(frames, str(tmp_path / "frames.nii.gz"))
+    with pytest.raises(InvalidInputError, match="frames.nii.gz.*3 values of type float32 per voxel"):
+        read_image(tmp_path / "frames.nii.gz")
 
 
 def _t1c_block(brats) -> np.ndarray:

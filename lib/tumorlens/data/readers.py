@@ -182,8 +182,11 @@ def _read_nifti(path: Path) -> MetaTensor:
     if arr.dtype.names and {"R", "G", "B"} <= set(arr.dtype.names) and arr.dtype["R"] == np.uint8:
         colour["colour_fraction"] = colour_fraction(np.stack([arr[c] for c in "RGB"], -1))
     if arr.ndim == 5 and arr.shape[4] in (3, 4) and img.header.get_intent()[0] in ("vector", "rgb vector"):
-        if arr.dtype == np.uint8:
-            colour["colour_fraction"] = colour_fraction(arr[:, :, :, 0, :])
+        if arr.dtype != np.uint8:  # not a colour picture: frames, echoes or directions, one per component
+            raise InvalidInputError(path, f"{arr.shape[4]} values of type {arr.dtype} per voxel (a vector image: "
+                                          "several frames, echoes or directions?); a grey-level MRI has one value per "
+                                          "voxel and a colour picture three 8-bit ones: send one frame")
+        colour["colour_fraction"] = colour_fraction(arr[:, :, :, 0, :])
         arr = _grey(arr[:, :, :, 0, :])  # colour stored as a 5th-dimension vector (NIfTI's own convention)
     arr = _spatial_only(path, arr)
     arr = _check_pixels(path, arr)
