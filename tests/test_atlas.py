@@ -122,7 +122,7 @@ def test_unlabelled_voxels_on_both_sides_are_two_regions_with_their_own_sides():
     assert lesion["laterality"] == "bilateral"
     pts = np.vstack([left[:1], right[:1]])
     rmap, names = region_map_from(point_labels(pts), (np.array([0, 1]),), (2,), regions)
-    assert rmap.tolist() == [2, 1] and names == ["right white matter / unlabelled", "left white matter / unlabelled"]
+    assert rmap.tolist() == [2, 1] and names == ["white matter / unlabelled (right)", "white matter / unlabelled (left)"]
 
 
 def test_bad_input_all_zero_and_shape_mismatch():

@@ -116,8 +116,13 @@ def region_map_from(labels_of_voxels: list[tuple[str, str | None]], index: tuple
         order.setdefault((r["label"], None), i)  # a side later set to unknown (sagittal slices)
     rmap = np.zeros(shape, dtype=np.int16)
     rmap[index] = [order.get(key, order.get((key[0], None), 0)) for key in labels_of_voxels]
-    names = [f"{r['hemisphere']} {r['name']}" if r["hemisphere"] in ("left", "right") else r["name"] for r in regions]
-    return rmap, names
+    return rmap, [sided_name(r["name"], r["hemisphere"]) for r in regions]
+
+
+def sided_name(name: str, hemisphere: str) -> str:
+    """A region's name for a viewer's segment, ``insular cortex (left)``: the name the TumorLens Slicer module
+    gives the server's segments, so a segment reads the same from the command line, the server and Slicer."""
+    return f"{name} ({hemisphere})" if hemisphere in ("left", "right", "midline") else name
 
 
 def _sides_of(x: np.ndarray) -> np.ndarray:

@@ -46,8 +46,9 @@ def segment_names(expl: Explanation, top: int = 3) -> str:
     regions = expl.findings.regions
     if not regions:
         return "lesion"
-    parts = [f"{r.hemisphere + ' ' if r.hemisphere in ('left', 'right') else ''}{r.name} {r.fraction:.0%}"
-             for r in regions[:top]]
+    from tumorlens.atlas.regions import sided_name
+
+    parts = [f"{sided_name(r.name, r.hemisphere)} {r.fraction:.0%}" for r in regions[:top]]
     return "lesion: " + ", ".join(parts)
 
 
