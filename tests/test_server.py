@@ -253,6 +253,19 @@ def test_segmentation_volume_lands_on_input_geometry(client, studies, tmp_path, 
     lps[:3, 3] = nrrd.GetOrigin()
     assert np.allclose(np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, aff, atol=1e-4)
     assert np.array_equal(np.transpose(sitk.GetArrayFromImage(nrrd), (2, 1, 0)), np.asanyarray(lab.dataobj))
+    # OHIF's MONAI Label extension asks for uint16 without compression and reads the raw bytes as a Uint16Array:
+    # the header must say so and the data be exactly that (both were ignored: gzip'd uint8)
+    out_ohif, _ = infer_json(client, "segmentation", "vol_sli",
+                             {"result_extension": ".nrrd", "result_dtype": "uint16", "result_compress": False})
+    raw = Path(out_ohif).read_bytes()
+    header, data = raw.split(b"\n\n", 1)
+    assert b"type: unsigned short" in header and b"encoding: raw" in header, header
+    assert len(data) == 2 * lab.get_fdata().size
+    assert np.array_equal(np.frombuffer(data, "<u2").reshape(lab.shape[::-1]).transpose(2, 1, 0),
+                          np.asanyarray(lab.dataobj))
+    with pytest.raises(MONAILabelClientException) as e:
+        infer_json(client, "segmentation", "vol_sli", {"result_extension": ".nrrd", "result_dtype": "complex64"})
+    assert status_of(e.value) == 400 and "result_dtype" in e.value.msg
     # ... and is accepted back as a label of that image
     assert client.save_label("vol_sli", out_nrrd, tag="original", params={})["label"] == "vol_sli"
     # the same anatomy in its original voxel order gives the same mask, voxel for voxel in world space

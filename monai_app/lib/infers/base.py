@@ -55,7 +55,23 @@ def default_extension(img: MetaTensor) -> str:
     return ".nii.gz"
 
 
-def write_label(arr: np.ndarray, img: MetaTensor, ext: str, dtype=np.uint8) -> str:
+LABEL_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
+
+
+def label_format(request: dict) -> tuple[str | None, bool]:
+    """MONAI Label's ``result_dtype`` and ``result_compress`` (OHIF sends ``uint16`` and ``false`` and reads the
+    NRRD's bytes as that, uncompressed): the label type asked for (None: the task's own) and whether to
+    compress an NRRD (default yes)."""
+    dtype = request.get("result_dtype")
+    if dtype is not None and (not isinstance(dtype, str) or dtype.lower() not in LABEL_DTYPES):
+        raise bad_request(f"result_dtype {dtype!r} not supported for labels: one of {', '.join(LABEL_DTYPES)}")
+    compress = request.get("result_compress", True)
+    if isinstance(compress, str):
+        compress = compress.strip().lower() not in ("false", "0", "no", "")
+    return (dtype.lower() if dtype else None), bool(compress)
+
+
+def write_label(arr: np.ndarray, img: MetaTensor, ext: str, dtype=np.uint8, compress: bool = True) -> str:
     """Write a label (or heatmap) array on ``img``'s grid; returns the temporary file's path."""
     arr = np.asarray(arr)
     out = tempfile.NamedTemporaryFile(suffix=ext, delete=False).name
@@ -81,7 +97,7 @@ def write_label(arr: np.ndarray, img: MetaTensor, ext: str, dtype=np.uint8) -> s
     image.SetSpacing(spacing.tolist())
     image.SetOrigin(lps[:3, 3].tolist())
     image.SetDirection((lps[:3, :3] / spacing).flatten().tolist())
-    sitk.WriteImage(image, out, True)
+    sitk.WriteImage(image, out, compress)
     return out
 
 
@@ -136,6 +152,7 @@ class TumorlensInfer(InferTask):
         ext = req.get("result_extension") or default_extension(img)
         if ext not in LABEL_EXTENSIONS:
             raise bad_request(f"result_extension {ext!r} not supported: one of {', '.join(LABEL_EXTENSIONS)}")
+        label_dtype, compress = label_format(req)
         t1 = time.time()
         try:
             arr, result = self.run(img, req)
@@ -144,7 +161,9 @@ class TumorlensInfer(InferTask):
         t2 = time.time()
         out = None
         if arr is not None:
-            out = write_label(arr, img, ext, dtype=np.float32 if arr.dtype.kind == "f" else np.uint8)
+            # a heatmap stays float; a label is written in the type the client reads it as
+            dtype = np.float32 if arr.dtype.kind == "f" else np.dtype(label_dtype or "uint8")
+            out = write_label(arr, img, ext, dtype=dtype, compress=compress)
         result.setdefault("label_names", self.label_names(result))
         result["input"] = {"kind": img.meta.get("kind"), "dims": [int(s) for s in img.shape[1:]],
                            "file": os.path.basename(Path(str(img.meta.get("filename_or_obj", ""))))}
