@@ -54,7 +54,7 @@ class TumorLensApp(MONAILabelApp):
 
     def init_datastore(self) -> Datastore:
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            return super().init_datastore()  # -> _init_dicomweb_datastore below for a DICOMweb server
         from monailabel.config import settings
 
         return TumorlensDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
@@ -66,6 +66,26 @@ class TumorLensApp(MONAILabelApp):
         from monailabel.config import settings
 
         return TumorlensSessions(settings.MONAI_LABEL_SESSION_PATH, settings.MONAI_LABEL_SESSION_EXPIRY)
+
+    def _init_dicomweb_datastore(self) -> Datastore:
+        """MONAI Label's DICOMweb client (user/password and URL prefixes from its settings) under tumorlens'
+        datastore (``lib.dicomweb``)."""
+        from dicomweb_client.session_utils import create_session_from_user_pass
+        from lib.dicomweb import TumorlensDicomWeb
+        from monailabel.config import settings
+        from monailabel.datastore.dicom import DICOMwebClientX
+
+        self.studies = self.studies.rstrip("/").strip()
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME,
+                                                    settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+        client = DICOMwebClientX(url=self.studies, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
+                                 stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+        return TumorlensDicomWeb(client, settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER, cache_path=cache,
+                                 fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME)
 
     def _download_dcmqi_tools(self):
         """MONAI Label fetches dcmqi from GitHub for DICOM-SEG output; offline it cannot, and the

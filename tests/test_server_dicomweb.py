@@ -26,8 +26,10 @@ ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Ort
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
 
-def write_mr_series(vol: np.ndarray, affine: np.ndarray, folder: Path) -> str:
-    """One MR series (one file per axial slice, no patient identifiers) of a RAS volume ``[X, Y, Z]``."""
+def write_mr_series(vol: np.ndarray, affine: np.ndarray, folder: Path, modality: str = "MR",
+                    patient: tuple[str, str] = ("anon", "anon"), skip: int | None = None) -> str:
+    """One series (one file per axial slice; ``skip``: a slice left out) of a RAS volume ``[X, Y, Z]``;
+    ``patient``: (PatientID, PatientName)."""
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -40,14 +42,17 @@ def write_mr_series(vol: np.ndarray, affine: np.ndarray, folder: Path) -> str:
     v = vol - vol.min()
     v = np.round(v / max(v.max(), 1e-9) * 4000).astype(np.uint16)
     for k in range(vol.shape[2]):
+        if k == skip:
+            continue
         meta = FileMetaDataset()
         meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
         meta.MediaStorageSOPInstanceUID = generate_uid()
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = FileDataset(str(folder / f"{k:03d}.dcm"), {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-        ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "MR", study, series
-        ds.PatientID, ds.PatientName = "anon", "anon"
+        ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = modality, study, series
+        ds.PatientID, ds.PatientName = patient
+        ds.PatientBirthDate, ds.StudyDate = "19700101", "20261201"
         ds.SeriesNumber, ds.InstanceNumber = 1, k + 1
         ds.Rows, ds.Columns = vol.shape[1], vol.shape[0]
         ds.PixelSpacing = [float(sp[1]), float(sp[0])]
@@ -120,3 +125,58 @@ def test_dicomweb_datastore_serves_mr_series(orthanc, tmp_path):
         assert json.loads(cls)["label"] in ("glioma", "meningioma", "pituitary", "no_tumor")
         nxt = c.next_sample("uncertainty", {})
         assert nxt["id"] == series
+
+
+@pytest.mark.slow
+def test_a_pacs_behind_ohif_keeps_patients_private_and_series_checked(orthanc, tmp_path):
+    """An outside probe ran the server over Orthanc as OHIF does: PatientID came back in datastore listings and
+    next-sample answers; a CT and a DICOM SEG were analysed as MR; a series with a missing slice was stacked
+    evenly; saving a final label was a bare 500 (dcmqi) and other tags were stored unchecked; a malformed or
+    unknown SeriesInstanceUID was a 500."""
+    im = nib.load(sample_studies_dir() / "brats_t1c_0001.nii.gz")
+    vol = np.asanyarray(im.dataobj).astype(np.float32)[:, :, 30:42]
+    aff = im.affine.copy()
+    aff[:3, 3] = aff[:3, :3] @ np.array([0, 0, 30]) + aff[:3, 3]
+    series = {
+        "mr": write_mr_series(vol, aff, tmp_path / "mr", patient=("MRN1234567", "Doe^Jane")),
+        "mr2": write_mr_series(vol[::-1], aff, tmp_path / "mr2", patient=("MRN7654321", "Roe^John")),
+        "ct": write_mr_series(vol, aff, tmp_path / "ct", modality="CT", patient=("MRN5550001", "Poe^Ann")),
+        "gap": write_mr_series(vol, aff, tmp_path / "gap", patient=("MRN5550002", "Moe^Bo"), skip=6),
+    }
+    for name in series:
+        for f in sorted((tmp_path / name).glob("*.dcm")):
+            assert requests.post(orthanc + "/instances", data=f.read_bytes(), timeout=30).ok
+    env = {"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
+           "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"), "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+           "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"), "TUMORLENS_STATE_DIR": str(tmp_path / "state")}
+    with ServerProcess(orthanc + "/dicom-web", env=env, log_path=tmp_path / "server.log") as srv:
+        c = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
+        out, _ = c.infer("segmentation", series["mr"], {})
+        # the CT is not listed (MR filter) but OHIF may send any series of a study: it gets the modality caveat
+        _, ct = c.infer("classification", series["ct"], {})
+        assert any("modality is CT" in x for x in json.loads(ct)["caveats"]), json.loads(ct)
+        # a missing slice is refused, as for a local DICOM folder, instead of stacked at an even spacing
+        r = requests.post(f"{srv.url}/infer/classification", params={"image": series["gap"], "output": "json"},
+                          timeout=300)
+        assert r.status_code == 400 and "slice" in r.text.lower(), r.text
+        for bad, status in (("1.2.3..4", 400), ("abc", 400), ("1.2.3.4;DROP", 400), ("1.2.826.0.1.99999", 404)):
+            r = requests.post(f"{srv.url}/infer/classification", params={"image": bad, "output": "json"}, timeout=120)
+            assert r.status_code == status, (bad, r.status_code, r.text)
+        # a final label is kept (checked) in the server's cache, and the series leaves the pool
+        assert c.save_label(series["mr"], out, tag="final", params={"class_name": "glioma"})["label"] == series["mr"]
+        r = requests.put(f"{srv.url}/datastore/label", params={"image": series["mr"], "tag": "mytag"},
+                         files={"label": ("notimg.txt", b"not an image")}, data={"params": "{}"}, timeout=60)
+        assert r.status_code == 400, r.text
+        # the series with a missing slice is listed (it is MR) but cannot be read: scoring records it, and no
+        # strategy hands it out (it made next-sample a 400 for everyone whenever the random pick fell on it)
+        nxt = c.next_sample("uncertainty", {})
+        assert nxt["id"] == series["mr2"] and nxt["unusable"] == 1, nxt
+        for _ in range(4):
+            pick = c.next_sample("random", {"hold_seconds": 0})
+            assert pick["id"] == series["mr2"] and pick["unusable"] == 1, pick
+        # no patient identifier in what clients are sent, nor in the server's log
+        answers = json.dumps(c.datastore()) + json.dumps(nxt) + requests.get(
+            f"{srv.url}/datastore/image/info", params={"image": series["mr"]}, timeout=30).text
+        for ident in ("MRN1234567", "MRN7654321", "Doe^Jane", "Roe^John", "19700101", "20261201"):
+            assert ident not in answers, ident
+        assert "MRN1234567" not in (tmp_path / "server.log").read_text()

@@ -221,10 +221,13 @@ def nested_images_hint(root: Path, listed: int) -> str | None:
 class TumorlensDatastore(LocalDatastore):
     """``LocalDatastore`` + validation + atomic writes (see the module docstring)."""
 
+    hint_nested_images = True  # a folder datastore whose images lie in subfolders says so at start
+
     def __init__(self, datastore_path: str, **kwargs):
         self._sweep(Path(datastore_path))
-        super().__init__(datastore_path, extensions=EXTENSIONS, **kwargs)
-        hint = nested_images_hint(Path(datastore_path), len(self.list_images()))
+        # LocalDatastore's by name: a subclass may also derive from another LocalDatastore (DICOMweb)
+        LocalDatastore.__init__(self, datastore_path, extensions=EXTENSIONS, **kwargs)
+        hint = nested_images_hint(Path(datastore_path), len(self.list_images())) if self.hint_nested_images else None
         if hint:
             logger.warning(hint)
 

@@ -20,6 +20,10 @@ def not_found(msg: str) -> HTTPException:
     return HTTPException(status_code=404, detail=msg)
 
 
+def service_unavailable(msg: str) -> HTTPException:
+    return HTTPException(status_code=503, detail=msg)
+
+
 def conflict(msg: str) -> HTTPException:
     return HTTPException(status_code=409, detail=msg)
 

@@ -14,6 +14,7 @@ Every failure is an :class:`~tumorlens.errors.InvalidInputError` naming the file
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Literal
@@ -191,7 +192,30 @@ def _read_nifti(path: Path) -> MetaTensor:
     arr = _spatial_only(path, arr)
     arr = _check_pixels(path, arr)
     affine = np.asarray(img.affine, dtype=float)
-    return _image(path, "volume", arr, affine, np.sqrt((affine[:3, :3] ** 2).sum(0)), modality="MR", **colour)
+    return _image(path, "volume", arr, affine, np.sqrt((affine[:3, :3] ** 2).sum(0)), modality=nifti_modality(img),
+                  **colour)
+
+
+MODALITY_NOTE = re.compile(r"tumorlens modality=([A-Z]{2,8})")
+
+
+def nifti_modality(img) -> str:
+    """NIfTI keeps no modality: MR, unless the file's description says otherwise in the form
+    ``stamp_modality`` writes (a DICOM series converted on the server, e.g. a CT fetched over DICOMweb)."""
+    raw = img.header.get("descrip")
+    text = (raw.tobytes() if hasattr(raw, "tobytes") else bytes(raw or b"")).decode("ascii", "replace")
+    m = MODALITY_NOTE.search(text)
+    return m.group(1) if m else "MR"
+
+
+def stamp_modality(path: str | Path, modality: str) -> None:
+    """Write ``modality`` into a NIfTI file's description, where ``nifti_modality`` reads it."""
+    import nibabel as nib
+
+    img = nib.load(str(path))
+    img = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header)
+    img.header["descrip"] = f"tumorlens modality={modality}".encode("ascii")[:80]
+    nib.save(img, str(path))
 
 
 def _sitk_to_volume(path: Path, image) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -73,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     cmd, env = server_command(studies, args.host, args.port, args.conf)
     # session uploads go to the work folder too (MONAI Label's own default is ~/.cache/monailabel/sessions)
     env.setdefault("MONAI_LABEL_SESSION_PATH", str((Path(args.workdir or default_workdir()) / "sessions").absolute()))
+    # a PACS' series list is kept a minute, not MONAI Label's two hours: a series sent to it shows up while the
+    # annotator still waits for it, one deleted from it leaves the list
+    env.setdefault("MONAI_LABEL_DICOMWEB_CACHE_EXPIRY", "60")
     print(" ".join(cmd), file=sys.stderr)
     sys.stdout.flush()
     sys.stderr.flush()

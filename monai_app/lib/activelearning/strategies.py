@@ -20,7 +20,7 @@ from monailabel.interfaces.tasks.strategy import Strategy
 
 from lib.datastore import training_gaps
 from lib.errors import bad_request, conflict
-from lib.scoring.scores import score_images, unusable
+from lib.scoring.scores import image_uri, mark_unusable, score_images, unusable
 from lib.state import AppState
 
 
@@ -96,10 +96,21 @@ class RandomUnlabelled(Strategy):
         if not ids:
             return {}
         rng = random.Random(seed_param(request))
-        pool, held = free_first(ids, last_picked(datastore, ids), hold_param(request))
-        pick = rng.choice(pool)
-        # no "strategy" key: MONAI Label adds its own record of past picks under that name to the answer
-        return {"id": pick, "needs": gaps[pick], "candidates": len(ids), "held": held, "unusable": skipped}
+        hold = hold_param(request)
+        for _ in range(8):  # a pick the datastore cannot give (a PACS series it refuses) is recorded, and another made
+            pool, held = free_first(ids, last_picked(datastore, ids), hold)
+            pick = rng.choice(pool)
+            _uri, problem = image_uri(datastore, pick)
+            if problem is None:
+                # no "strategy" key: MONAI Label adds its own record of past picks under that name to the answer
+                return {"id": pick, "needs": gaps[pick], "candidates": len(ids), "held": held, "unusable": skipped}
+            mark_unusable(self.state, datastore, pick, problem)
+            ids.remove(pick)
+            skipped += 1
+            if not ids:
+                return {}
+        raise conflict("none of eight random picks could be read by the datastore; POST /scoring/uncertainty to "
+                       "sort the unreadable images out, then ask again")
 
 
 class ScoredStrategy(Strategy):

@@ -14,6 +14,7 @@ import logging
 import os
 from collections.abc import Callable
 
+from fastapi import HTTPException
 from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from tqdm import tqdm
@@ -47,7 +48,7 @@ def _current_and_stale(state: AppState, datastore: Datastore, kind: str, ids: li
     out: dict[str, dict] = {}
     todo = []
     for image_id in ids:
-        uri = datastore.get_image_uri(image_id)
+        uri, _problem = image_uri(datastore, image_id)
         mtime = os.path.getmtime(uri) if uri and os.path.exists(uri) else None
         entry = scores.get(image_id, {}).get(kind)
         if entry and entry.get("model_version") == version and entry.get("mtime") == mtime:
@@ -75,6 +76,8 @@ def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str
         todo = todo[:limit]
     for image_id, uri, mtime in tqdm(todo, desc=f"scoring {kind}", disable=not progress):
         try:
+            if uri is None:  # the datastore itself refused it (a DICOMweb series with a missing slice)
+                raise InvalidInputError(image_id, image_uri(datastore, image_id)[1] or "no image file")
             res = KINDS[kind](model, read_image(uri))
         except InvalidInputError as e:
             logger.warning(f"cannot score {image_id}: {e.problem}")
@@ -88,6 +91,25 @@ def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str
     return {k: v for k, v in out.items() if "value" in v}
 
 
+def image_uri(datastore: Datastore, image_id: str) -> tuple[str | None, str | None]:
+    """``(path, None)``, or ``(None, why)`` when the datastore refuses to give the image (a 4xx: a DICOMweb
+    series it cannot read): one such image must not stop scoring or a next-sample request."""
+    try:
+        return datastore.get_image_uri(image_id), None
+    except HTTPException as e:
+        if 400 <= e.status_code < 500:
+            return None, str(e.detail)
+        raise
+
+
+def mark_unusable(state: AppState, datastore: Datastore, image_id: str, problem: str) -> None:
+    """Record that ``image_id`` cannot be read as it is now (see ``unusable``)."""
+    uri, _ = image_uri(datastore, image_id)
+    mtime = os.path.getmtime(uri) if uri and os.path.exists(uri) else None
+    state.update_scores({image_id: {"read": {"unusable": problem, "model_version": state.model_version(),
+                                              "mtime": mtime}}})
+
+
 def unusable(state: AppState, datastore: Datastore, ids: list[str]) -> dict[str, str]:
     """Images some scoring found no model can read, as their file is now: ``{id: reason}``."""
     scores = state.read_scores()
@@ -96,7 +118,7 @@ def unusable(state: AppState, datastore: Datastore, ids: list[str]) -> dict[str,
         entries = [e for e in scores.get(image_id, {}).values() if isinstance(e, dict) and e.get("unusable")]
         if not entries:
             continue
-        uri = datastore.get_image_uri(image_id)
+        uri, _problem = image_uri(datastore, image_id)
         mtime = os.path.getmtime(uri) if uri and os.path.exists(uri) else None
         if any(e.get("mtime") == mtime for e in entries):
             out[image_id] = entries[0]["unusable"]
