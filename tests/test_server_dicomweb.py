@@ -22,6 +22,7 @@ from monailabel.client import MONAILabelClient  # noqa: E402
 
 from tumorlens.serving.process import ServerProcess, free_port  # noqa: E402
 
+RUNNING: dict[str, subprocess.Popen] = {}  # url -> the Orthanc process serving it (a test may stop it)
 ORTHANC = shutil.which("Orthanc") or ("/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").exists() else None)
 PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
 
@@ -90,6 +91,7 @@ def orthanc(tmp_path):
                 time.sleep(0.1)
         else:
             raise RuntimeError("Orthanc did not start")
+        RUNNING[url] = proc
         yield url
     finally:
         proc.terminate()
@@ -148,7 +150,8 @@ def test_a_pacs_behind_ohif_keeps_patients_private_and_series_checked(orthanc, t
             assert requests.post(orthanc + "/instances", data=f.read_bytes(), timeout=30).ok
     env = {"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"}),
            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(tmp_path / "cache"), "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-           "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"), "TUMORLENS_STATE_DIR": str(tmp_path / "state")}
+           "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions"), "TUMORLENS_STATE_DIR": str(tmp_path / "state"),
+           "MONAI_LABEL_DICOMWEB_CACHE_EXPIRY": "3"}
     with ServerProcess(orthanc + "/dicom-web", env=env, log_path=tmp_path / "server.log") as srv:
         c = MONAILabelClient(srv.url, tmpdir=str(tmp_path))
         out, _ = c.infer("segmentation", series["mr"], {})
@@ -180,3 +183,16 @@ def test_a_pacs_behind_ohif_keeps_patients_private_and_series_checked(orthanc, t
         for ident in ("MRN1234567", "MRN7654321", "Doe^Jane", "Roe^John", "19700101", "20261201"):
             assert ident not in answers, ident
         assert "MRN1234567" not in (tmp_path / "server.log").read_text()
+        # the PACS goes down: the server answers at once for what it has (it held every request for 30 s and
+        # then failed with a bare 500), and a series it never fetched is a 503
+        RUNNING[orthanc].terminate()
+        RUNNING[orthanc].wait(15)
+        time.sleep(4)  # the series list expires
+        t0 = time.time()
+        assert c.info()["datastore"]["total"] >= 3
+        assert c.next_sample("random", {"hold_seconds": 0})["id"] == series["mr2"]
+        _, res = c.infer("classification", series["mr2"], {})
+        assert time.time() - t0 < 20, time.time() - t0
+        r = requests.post(f"{srv.url}/infer/classification", params={"image": "1.2.826.0.1.424242", "output": "json"},
+                          timeout=60)
+        assert r.status_code in (404, 503), (r.status_code, r.text)

@@ -68,7 +68,11 @@ class TumorlensDicomWeb(TumorlensDatastore, DICOMWebDatastore):
     hint_nested_images = False
 
     def __init__(self, client, search_filter: dict, cache_path: str | None = None, fetch_by_frame: bool = False):
+        # dicomweb-client retries any failure five times with waits of 2 to 16 s: a PACS that is down held every
+        # request that lists series (and MONAI Label's event loop with it) for 30 s; one quick retry is enough
+        client.set_http_retry_params(retry=True, max_attempts=2, wait_exponential_multiplier=250)
         self._client = client
+        self._last_listed: list[str] | None = None
         self._search_filter = search_filter
         self._fetch_by_frame = fetch_by_frame
         self._convert_to_nifti = True
@@ -95,6 +99,32 @@ class TumorlensDicomWeb(TumorlensDatastore, DICOMWebDatastore):
             for label in (obj.get("labels") or {}).values():
                 label["info"] = scrubbed(label.get("info"))
         return data
+
+    # ---- listing the PACS' series ------------------------------------------------------------------
+    def list_images(self) -> list[str]:
+        """The PACS' series; while it cannot be reached, the last list it gave (with a warning), so the server
+        keeps answering for the series it has fetched. A 503 when it was never reached."""
+        try:
+            series = DICOMWebDatastore.list_images(self)
+        except Exception as e:
+            if not _unreachable(e):
+                raise
+            if self._last_listed is None:
+                raise service_unavailable(f"the DICOMweb server {self._client.base_url} cannot be reached") from e
+            logger.warning(f"DICOMweb server unreachable ({type(e).__name__}): using its last list of "
+                           f"{len(self._last_listed)} series")
+            return list(self._last_listed)
+        self._last_listed = list(series)
+        return series
+
+    def _pacs_labelled(self) -> set[str]:
+        """Series a DICOM SEG on the PACS labels (none while the PACS cannot be reached)."""
+        try:
+            return set(DICOMWebDatastore.get_labeled_images(self))
+        except Exception as e:
+            if not _unreachable(e):
+                raise
+            return set()
 
     # ---- reading a series ---------------------------------------------------------------------------
     def get_image_uri(self, image_id: str) -> str:
@@ -147,8 +177,7 @@ class TumorlensDicomWeb(TumorlensDatastore, DICOMWebDatastore):
         tag = label_tag or DefaultLabelTag.FINAL.value
         listed = set(self.list_images())
         local = {i for i, o in self._datastore.objects.items() if tag in o.labels}
-        return sorted((set(DICOMWebDatastore.get_labeled_images(self) if tag == DefaultLabelTag.FINAL.value else [])
-                       | local) & listed)
+        return sorted(((self._pacs_labelled() if tag == DefaultLabelTag.FINAL.value else set()) | local) & listed)
 
     def get_unlabeled_images(self, label_tag: str | None = None, labels=None) -> list[str]:
         return sorted(set(self.list_images()) - set(self.get_labeled_images(label_tag)))
