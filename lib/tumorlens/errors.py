@@ -40,3 +40,20 @@ class RegistrationError(TumorlensError):
 class TrainingDivergedError(TumorlensError, ArithmeticError):
     """A training run's loss or weights stopped being finite numbers (a learning rate far too high):
     nothing is saved or published from it."""
+
+
+UNREACHABLE_ERRORS = frozenset({
+    "TimeoutError", "ConnectionError", "APITimeoutError", "APIConnectionError", "TimeoutException", "ConnectError",
+    "ConnectTimeout", "ReadTimeout", "Timeout", "ConnectionRefusedError", "MaxRetryError", "NewConnectionError",
+    "RetryError"})
+
+
+def unreachable(e: BaseException | None) -> bool:
+    """A server (a report backend, a PACS) timed out or could not be reached, by the class names of the error
+    and its causes: httpx, openai, requests, urllib3 and the standard library each have their own."""
+    seen = 0
+    while e is not None and seen < 5:
+        if any(c.__name__ in UNREACHABLE_ERRORS for c in type(e).__mro__):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False

@@ -36,7 +36,7 @@ from monailabel.utils.others.generic import md5_digest
 from lib.datastore import TumorlensDatastore
 from lib.errors import bad_request, not_found, service_unavailable
 from tumorlens.data.readers import read_image, stamp_modality
-from tumorlens.errors import InvalidInputError
+from tumorlens.errors import InvalidInputError, unreachable
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class TumorlensDicomWeb(TumorlensDatastore, DICOMWebDatastore):
         try:
             series = DICOMWebDatastore.list_images(self)
         except Exception as e:
-            if not _unreachable(e):
+            if not unreachable(e):
                 raise
             if self._last_listed is None:
                 raise service_unavailable(f"the DICOMweb server {self._client.base_url} cannot be reached") from e
@@ -122,7 +122,7 @@ class TumorlensDicomWeb(TumorlensDatastore, DICOMWebDatastore):
         try:
             return set(DICOMWebDatastore.get_labeled_images(self))
         except Exception as e:
-            if not _unreachable(e):
+            if not unreachable(e):
                 raise
             return set()
 
@@ -155,7 +155,7 @@ class TumorlensDicomWeb(TumorlensDatastore, DICOMWebDatastore):
             raise not_found(f"the DICOMweb server holds no series {series_id}") from e
         except Exception as e:
             shutil.rmtree(dest, ignore_errors=True)
-            if _unreachable(e):
+            if unreachable(e):
                 raise service_unavailable(f"the DICOMweb server {self._client.base_url} cannot be reached: "
                                           f"{type(e).__name__}") from e
             raise
@@ -182,13 +182,3 @@ class TumorlensDicomWeb(TumorlensDatastore, DICOMWebDatastore):
     def get_unlabeled_images(self, label_tag: str | None = None, labels=None) -> list[str]:
         return sorted(set(self.list_images()) - set(self.get_labeled_images(label_tag)))
 
-
-def _unreachable(e: BaseException) -> bool:
-    names = {"ConnectionError", "ConnectTimeout", "ReadTimeout", "Timeout", "MaxRetryError", "NewConnectionError",
-             "ConnectionRefusedError", "RetryError"}
-    seen = 0
-    while e is not None and seen < 5:
-        if any(c.__name__ in names for c in type(e).__mro__):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from tumorlens.atomic import atomic_write_text, ensure_dir
+from tumorlens.errors import unreachable
 from tumorlens.paths import configs_dir
 from tumorlens.report.backends import chat_model, report_config, resolve_backend, structured
 from tumorlens.report.facts import READABLE_CLASS, Facts, build_facts
@@ -123,21 +124,6 @@ def _short_error(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
-UNREACHABLE_ERRORS = {"TimeoutError", "ConnectionError", "APITimeoutError", "APIConnectionError", "TimeoutException",
-                      "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout", "ConnectionRefusedError"}
-
-
-def _unreachable(e: BaseException) -> bool:
-    """The backend timed out or could not be reached (by the class names of the error and its causes: httpx,
-    openai, requests and the standard library each have their own)."""
-    seen = 0
-    while e is not None and seen < 5:
-        if any(c.__name__ in UNREACHABLE_ERRORS for c in type(e).__mro__):
-            return True
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return False
-
-
 def build_chain(backend: str, cfg: dict | None = None, model: Any = None):
     """The LCEL chain ``{"facts": Facts} -> state dict`` for a model backend.
 
@@ -175,7 +161,7 @@ def build_chain(backend: str, cfg: dict | None = None, model: Any = None):
             except Exception as e:  # noqa: BLE001 - any model/server/parse failure is recorded, then repaired or replaced
                 rec.update(error=_short_error(e), supported=False, seconds=round(time.perf_counter() - t0, 3))
                 return {**state, "attempts": state["attempts"] + [rec], "ok": False, "draft": None,
-                        "unreachable": _unreachable(e),
+                        "unreachable": unreachable(e),
                         "problems": f"- the previous answer could not be used ({_short_error(e)[:120]})"}
             report = assemble(f, draft)
             v = _verify(report, f)
