@@ -153,6 +153,10 @@ class TumorLensApp(MONAILabelApp):
         from monailabel.interfaces.datastore import DefaultLabelTag
 
         tag = getattr(request.get("label_tag"), "value", request.get("label_tag"))
+        # MONAI Label saves a prediction with an empty tag as the final label, like one without a tag at all
+        # here: an empty tag slipped past this check and replaced an annotator's outline
+        if not str(tag or "").strip() and "label_tag" in request:
+            tag = DefaultLabelTag.FINAL.value
         if tag == DefaultLabelTag.FINAL.value and ds.get_label_by_image_id(image, tag):
             raise conflict(f"{image} already has a final label; a model prediction is not saved over it "
                            "(save it under another label_tag)")

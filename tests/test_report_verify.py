@@ -452,6 +452,9 @@ def test_model_errors_are_recorded_and_fall_back():
     res, _ = _run([RuntimeError("connection refused"), ValueError("bad JSON")])
     v = res.verification
     assert v["fell_back"] and v["flagged"]
+    # the JSON says who wrote the text (it named only the backend asked, which never answered)
+    assert res.as_dict()["provenance"] == {**res.as_dict()["provenance"], "backend": "local", "text_by": "template"}
+    assert _run([_good()])[0].as_dict()["provenance"]["text_by"] == "local"
     assert [a["stage"] for a in v["attempts"]] == ["draft", "repair"]
     assert "connection refused" in v["attempts"][0]["error"]
 

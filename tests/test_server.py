@@ -706,6 +706,19 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
         ("training with nothing labelled", "post", "/train/tumorlens?run_sync=true", {"json": {}}, 400,
          "nothing to train on"),
         ("DICOMweb proxy of a local datastore", "get", "/proxy/dicom/studies", {}, 404, "local folder"),
+        # an outside sweep of the OpenAPI (session 33): a 500, and 200s that stored what they should not
+        ("log tail past C's size", "get", "/logs/?lines=99999999999999999999&text=true", {}, 400, "lines"),
+        ("image info with a non-numeric time", "put", "/datastore/image/info?image=mri2d_1941",
+         {"data": {"info": json.dumps({"ts": "x"})}}, 400, "ts"),
+        ("a yes/no field that is neither", "post", "/infer/saliency_gradcam?image=mri2d_1941",
+         {"data": {"params": json.dumps({"with_regions": "maybe"})}}, 400, "with_regions"),
+        ("a label tag naming a patient", "put", "/datastore/label?image=mri2d_1941&tag=Smith_John_19700101",
+         {"files": {"label": ("m.png", _mask_of("1941").read_bytes())}, "data": {"params": "{}"}}, 400, "label tag"),
+        ("a picture saved as a label", "put", "/datastore/label?image=mri2d_1941&tag=final",
+         {"files": {"label": ("l.png", (studies / "mri2d_1941.jpg").read_bytes())}, "data": {"params": "{}"}},
+         400, "distinct values"),
+        ("a volume's heatmap as PNG", "post", "/infer/saliency_gradcampp?image=brats_t1c_0001&output=image",
+         {"data": {"params": json.dumps({"heatmap": True, "result_extension": ".png"})}}, 400, "PNG label"),
     ]
     if shutil.which("nvidia-smi") is None:
         cases.append(("GPU log without a GPU", "get", "/logs/gpu", {}, 404, "no NVIDIA GPU"))
@@ -830,6 +843,12 @@ def test_next_sample_each_strategy(client, server, studies, base_model, tmp_path
     labelled = {"mri2d_1941"}
     r = client.save_label("mri2d_1941", str(_mask_of("1941")), tag="final", params={"class_name": "glioma"})
     assert r["label"] == "mri2d_1941"
+    # a prediction asked to be saved with an empty tag (MONAI Label's word for final) does not replace it
+    kept = (studies / "labels" / "final" / "mri2d_1941.png").read_bytes()
+    r = requests.post(f"{server.url}/infer/segmentation", params={"image": "mri2d_1941"},
+                      data={"params": json.dumps({"save_label": True, "label_tag": ""})}, timeout=120)
+    assert r.status_code == 409 and "already has a final label" in r.text, r.text[:300]
+    assert (studies / "labels" / "final" / "mri2d_1941.png").read_bytes() == kept
     objects = client.datastore()["objects"]
     unl = {i for i, o in objects.items() if "final" not in o["labels"]}
     assert labelled.isdisjoint(unl)

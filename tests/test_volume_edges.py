@@ -344,3 +344,35 @@ def test_a_studies_folder_of_class_subfolders_is_not_served_empty_without_a_word
     with caplog.at_level(logging.WARNING):
         assert len(TumorlensDatastore(str(flat)).list_images()) == 1
     assert "subfolders" not in " ".join(r.getMessage() for r in caplog.records)
+
+
+def test_the_folder_watcher_survives_a_request_changing_the_index(dev2d, dev_rows, tmp_path, monkeypatch):
+    """MONAI Label's folder watcher died for good ("dictionary changed size during iteration") when a request
+    changed the index while it checked for removed files: files added to the studies folder afterwards were
+    never seen. The check is tried again, and the datastore's own writes replace the index instead of changing
+    it in place."""
+    import shutil
+
+    from monailabel.datastore.local import LocalDatastore
+
+    TumorlensDatastore = _app_module("lib.datastore").TumorlensDatastore
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(dev2d / dev_rows[0]["image"], studies / "a.jpg")
+    ds = TumorlensDatastore(str(studies), auto_reload=False)
+    real, calls = LocalDatastore._remove_non_existing, []
+
+    def racing(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("dictionary changed size during iteration")
+        return real(self)
+
+    monkeypatch.setattr(LocalDatastore, "_remove_non_existing", racing)
+    assert ds._remove_non_existing() == 0 and len(calls) == 2
+    before = ds._datastore.objects
+    shutil.copy(dev2d / dev_rows[1]["image"], studies / "b.jpg")
+    ds.add_image("c", str(dev2d / dev_rows[2]["image"]), {})
+    assert ds._datastore.objects is not before and "c" in ds._datastore.objects and "c" not in before
+    ds.refresh()
+    assert {"a", "b", "c"} <= set(ds.list_images())

@@ -277,7 +277,9 @@ class TumorlensDatastore(LocalDatastore):
             from monailabel.datastore.local import DataModel, ImageLabelModel
 
             info.update(ts=int(time.time()), name=dest.name)
-            self._datastore.objects[image_id] = ImageLabelModel(image=DataModel(info=info, ext=ext), labels={})
+            # a new dict, not one changed in place: MONAI Label's folder watcher may be iterating the old one
+            self._datastore.objects = {**self._datastore.objects,
+                                       image_id: ImageLabelModel(image=DataModel(info=info, ext=ext), labels={})}
             self._update_datastore_file(lock=False)
         return image_id
 
@@ -299,6 +301,10 @@ class TumorlensDatastore(LocalDatastore):
     def _save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         check_id(image_id)
         check_id(label_tag or DefaultLabelTag.FINAL.value, "label tag")
+        kinds = identifier_kinds_in_name(label_tag or "")
+        if kinds:  # a tag is a folder name, listed to every client, as an image id is
+            raise bad_request(f"label for {image_id}: the label tag looks like it holds a patient identifier "
+                              f"({', '.join(kinds)}); use another tag")
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise not_found(f"unknown image id {image_id!r}: upload the image first")
@@ -340,7 +346,7 @@ class TumorlensDatastore(LocalDatastore):
             dest = label_path / self._filename(image_id, ext)
             atomic_copy(label_filename, dest)
             info.update(ts=int(time.time()), name=dest.name)
-            obj.labels[tag] = DataModel(info=info, ext=ext)
+            obj.labels = {**obj.labels, tag: DataModel(info=info, ext=ext)}
             self._update_datastore_file(lock=False)
         return image_id
 
@@ -357,7 +363,7 @@ class TumorlensDatastore(LocalDatastore):
             raise not_found(f"unknown image id {image_id!r}")
         super().remove_image(image_id)
         with self._lock():  # listed no more at once, not when the folder watcher catches up
-            self._datastore.objects.pop(image_id, None)
+            self._datastore.objects = {k: v for k, v in self._datastore.objects.items() if k != image_id}
             self._update_datastore_file(lock=False)
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
@@ -367,7 +373,7 @@ class TumorlensDatastore(LocalDatastore):
         obj = self._datastore.objects.get(label_id)
         if obj is not None and label_tag in obj.labels:
             with self._lock():
-                obj.labels.pop(label_tag, None)
+                obj.labels = {k: v for k, v in obj.labels.items() if k != label_tag}
                 self._update_datastore_file(lock=False)
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
@@ -380,6 +386,18 @@ class TumorlensDatastore(LocalDatastore):
         if not self.datalist():
             raise not_found("no image has a final label yet: the dataset archive holds labelled cases only")
         return super().get_dataset_archive(limit_cases)
+
+    def _remove_non_existing(self):
+        """MONAI Label's folder watcher drops index entries whose files are gone; when a request changes the
+        index at the same moment its loop fails ("dictionary changed size during iteration") and the
+        watcher's thread dies for good: new files in the folder were never seen again. It tries again."""
+        for attempt in range(5):
+            try:
+                return super()._remove_non_existing()
+            except RuntimeError as e:
+                if "changed size during iteration" not in str(e) or attempt == 4:
+                    raise
+                logger.info("datastore index changed while checking for removed files: checking again")
 
     def _lock(self):
         from filelock import FileLock

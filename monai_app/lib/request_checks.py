@@ -163,14 +163,24 @@ def _label_known(image_id, tag) -> None:
 
 # answers and file names the datastore derives itself; ``strategy`` is MONAI Label's own record of
 # next-sample picks (a string there made every later next-sample a 500)
-RESERVED_IMAGE_INFO = ("id", "path", "name", "ext", "strategy")
-RESERVED_LABEL_INFO = ("name", "ext")
+RESERVED_IMAGE_INFO = ("id", "path", "name", "ext", "strategy", "ts")
+RESERVED_LABEL_INFO = ("id", "path", "name", "ext", "ts")
 
 
 def _refuse_reserved(info: dict, reserved: tuple[str, ...], what: str) -> None:
     keys = [k for k in reserved if k in info]
     if keys:
         raise bad_request(f"{what} info may not set {', '.join(keys)}: the datastore derives them")
+
+
+MAX_LOG_LINES = 1_000_000
+
+
+def check_log_lines(arguments: dict) -> None:
+    """``GET /logs/?lines=N``: a number past C's size made MONAI Label's tail a 500."""
+    lines = arguments.get("lines")
+    if isinstance(lines, int) and not 0 <= lines <= MAX_LOG_LINES:
+        raise bad_request(f"lines must be from 0 to {MAX_LOG_LINES}, got {lines}")
 
 
 def check_image_info(arguments: dict) -> None:
@@ -428,7 +438,8 @@ def install_request_checks() -> None:
               (session, "get_session", check_session_image),
               (train, "run", check_train_endpoint), (train, "run_model", check_train_endpoint),
               (batch_infer, "run", check_batch_infer_endpoint), (scoring, "run_method", check_scoring_endpoint),
-              (model, "update_model", refuse_model_change), (model, "delete_model", refuse_model_change)]
+              (model, "update_model", refuse_model_change), (model, "delete_model", refuse_model_change),
+              (logs, "get_logs", check_log_lines)]
     for module, name, check in checks:
         fn = getattr(module, name)
         if not getattr(fn, "tumorlens_checked", False):  # an app re-init

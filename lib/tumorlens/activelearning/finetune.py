@@ -70,7 +70,9 @@ def read_label_like(path: str | Path, img) -> np.ndarray:
         arr, aff = _read_nrrd_label(path)
     else:
         lab = read_image(path)
-        arr, aff = lab.detach().cpu().numpy()[0] > 0, np.asarray(lab.affine, dtype=float)
+        values = lab.detach().cpu().numpy()[0]
+        check_label_values(path, values)
+        arr, aff = values > 0, np.asarray(lab.affine, dtype=float)
     want = tuple(img.shape[1:])
     img_aff = np.asarray(img.affine, dtype=float)
     if arr.ndim == 2:
@@ -89,6 +91,19 @@ def read_label_like(path: str | Path, img) -> np.ndarray:
                   f"does not lie on the image's (spacing {np.round(exp, 3).tolist()} mm, origin "
                   f"{np.round(img_aff[:3, 3], 2).tolist()}): resample the label onto the image first")
     return arr.astype(np.uint8)
+
+
+MAX_LABEL_VALUES = 128  # more than every region of the Harvard-Oxford atlas with its side (about 110)
+
+
+def check_label_values(path, values: np.ndarray) -> None:
+    """A label map holds a few integer values; a picture (a JPEG saved as a label by mistake: 244 grey levels)
+    would train every non-black pixel as tumour, so it is refused."""
+    distinct = np.unique(values)
+    whole = bool(np.allclose(distinct, np.round(distinct)))
+    if distinct.size > MAX_LABEL_VALUES or not whole:
+        raise InvalidInputError(path, f"{distinct.size} distinct values{'' if whole else ', not whole numbers'}: a label "
+                                      "map holds a few whole-number values (is this a picture, not a label?)")
 
 
 def check_label_class(mask: np.ndarray, class_name: str, where, volume: bool) -> None:

@@ -98,7 +98,13 @@ class ReportResult:
             "report": self.report.model_dump(),
             "verification": self.verification,
             "patient_context": self.facts.patient.as_dict(),
-            "provenance": {"backend": self.verification.get("backend"), "seconds": round(self.seconds, 3),
+            # the backend asked, and who wrote the text delivered: a client reading the JSON alone took the
+            # template's text for the model's when the backend was unreachable
+            "provenance": {"backend": self.verification.get("backend"),
+                           "text_by": "template" if self.verification.get("fell_back") else (
+                               f"{self.verification.get('backend')} and template"
+                               if self.verification.get("template_fields") else self.verification.get("backend")),
+                           "seconds": round(self.seconds, 3),
                            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "findings_model": self.facts.model_name},
         }

@@ -23,7 +23,7 @@ import numpy as np
 from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from lib.errors import bad_request
+from lib.errors import bad_request, check_id
 from lib.state import AppState
 from tumorlens.data.readers import PHOTO_EXT, is_volume, read_image
 from tumorlens.errors import InvalidInputError, TumorlensError
@@ -56,6 +56,23 @@ def default_extension(img: MetaTensor) -> str:
 
 
 LABEL_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
+TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+
+
+def flag(request: dict, key: str, default: bool) -> bool:
+    """A yes/no request field: true/false (JSON or text), 1/0, yes/no, on/off; anything else is a 400 (a
+    "no" read as true kept running the atlas step it was meant to skip)."""
+    value = request.get(key, default)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int | float) and value in (0, 1):
+        return bool(value)
+    text = str(value).strip().lower() if isinstance(value, str) else None
+    if text in TRUE_WORDS:
+        return True
+    if text in FALSE_WORDS:
+        return False
+    raise bad_request(f"{key} must be true or false, got {value!r}"[:200])
 
 
 def label_format(request: dict) -> tuple[str | None, bool]:
@@ -65,10 +82,7 @@ def label_format(request: dict) -> tuple[str | None, bool]:
     dtype = request.get("result_dtype")
     if dtype is not None and (not isinstance(dtype, str) or dtype.lower() not in LABEL_DTYPES):
         raise bad_request(f"result_dtype {dtype!r} not supported for labels: one of {', '.join(LABEL_DTYPES)}")
-    compress = request.get("result_compress", True)
-    if isinstance(compress, str):
-        compress = compress.strip().lower() not in ("false", "0", "no", "")
-    return (dtype.lower() if dtype else None), bool(compress)
+    return (dtype.lower() if dtype else None), flag(request, "result_compress", True)
 
 
 def write_label(arr: np.ndarray, img: MetaTensor, ext: str, dtype=np.uint8, compress: bool = True) -> str:
@@ -153,6 +167,12 @@ class TumorlensInfer(InferTask):
         if ext not in LABEL_EXTENSIONS:
             raise bad_request(f"result_extension {ext!r} not supported: one of {', '.join(LABEL_EXTENSIONS)}")
         label_dtype, compress = label_format(req)
+        # what would refuse the answer only after the work is checked before it (a volume's heatmap as PNG
+        # was refused after 18 s of saliency)
+        if ext == ".png" and is_volume(img):
+            raise bad_request("a PNG label needs a 2D image; ask for .nii.gz or .nrrd")
+        if flag(req, "save_label", False):
+            check_id(str(req.get("label_tag") or "final"), "label tag")
         t1 = time.time()
         try:
             arr, result = self.run(img, req)

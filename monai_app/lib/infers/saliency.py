@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.errors import bad_request
-from lib.infers.base import TumorlensInfer
+from lib.infers.base import TumorlensInfer, flag
 from lib.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class SaliencyInfer(TumorlensInfer):
             if not 0.0 < mass <= 1.0:
                 raise bad_request(f"scorecam_mass {mass} must be in (0, 1]")
             kw["scorecam_mass"] = mass
-        with_regions = str(request.get("with_regions", True)).lower() not in ("false", "0", "no")
+        with_regions = flag(request, "with_regions", True)
         return explain(img, method=self.method, model=self.state.model(), with_regions=with_regions,
                        patient=patient, **kw)
 
@@ -89,7 +89,7 @@ class SaliencyInfer(TumorlensInfer):
         findings = expl.findings.model_dump(mode="json")
         out = {"findings": findings, "method": self.method,
                "model": {"name": self.state.model().name, "version": self.state.model_version()}}
-        if str(request.get("heatmap", False)).lower() in ("1", "true", "yes"):
+        if flag(request, "heatmap", False):
             heat = expl.heatmap.detach().cpu().numpy()[0].astype(np.float32)
             out["label_names"] = {"saliency": 1}
             out["heatmap"] = True
