@@ -1,4 +1,4 @@
-"""Where the classifier's evidence (Grad-CAM++) and the segmentation head disagree.
+"""Where the classifier's evidence (the primary saliency method, Grad-CAM) and the segmentation head disagree.
 
 An image on which the two heads of one network point at different places is one the model has not
 understood: labelling it teaches more than labelling an image it already gets right. The score is
@@ -18,7 +18,7 @@ from tumorlens.models.registry import LoadedModel
 from tumorlens.saliency.cam import grad_cams, normalise
 from tumorlens.saliency.explain import PRIMARY
 
-SALIENCY_LEVEL = 0.5  # Grad-CAM++ maps are min-max normalised per image; keep the upper half
+SALIENCY_LEVEL = 0.5  # the maps are min-max normalised per image; keep the upper half
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
