@@ -1,6 +1,6 @@
 """Next-sample strategies over the datastore's images that cannot train the classifier yet (no final
 label, or one that names no class): ``random``, ``uncertainty``
-(highest MC-dropout predictive entropy) and ``saliency_disagreement`` (where Grad-CAM++ and the
+(highest MC-dropout predictive entropy) and ``saliency_disagreement`` (where Grad-CAM and the
 segmentation head disagree most). Scores come from the scoring methods' store; images not scored
 yet under the current model are scored on the spot (at most ``max_compute`` per request).
 

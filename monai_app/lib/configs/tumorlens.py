@@ -43,7 +43,7 @@ def strategies(state: AppState) -> dict[str, Strategy]:
         "uncertainty": ScoredStrategy(state, "uncertainty",
                                       "Highest predictive entropy (MC-dropout) among unlabelled images"),
         "saliency_disagreement": ScoredStrategy(state, "saliency_disagreement",
-                                                "Where Grad-CAM++ and the segmentation head disagree most"),
+                                                "Where Grad-CAM and the segmentation head disagree most"),
     }
 
 

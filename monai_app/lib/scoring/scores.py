@@ -128,7 +128,7 @@ def unusable(state: AppState, datastore: Datastore, ids: list[str]) -> dict[str,
 class TumorlensScoring(ScoringMethod):
     def __init__(self, state: AppState, kind: str):
         super().__init__({"uncertainty": "Predictive entropy (MC-dropout, 30 passes) of every unlabelled image",
-                          "saliency_disagreement": "1 - Dice(Grad-CAM++ mask, seg-head mask), weighted by P(tumour), "
+                          "saliency_disagreement": "1 - Dice(Grad-CAM mask, seg-head mask), weighted by P(tumour), "
                                                    "of every unlabelled image"}[kind])
         self.state = state
         self.kind = kind
