@@ -58,14 +58,18 @@ def segment_names(info: dict) -> list[str]:
     return [n for n in names if isinstance(n, str)]
 
 
+def refuse_identifiers(text: str, what: str, instead: str) -> None:
+    """A name the datastore stores, logs and sends back in every answer (an image id, a label tag, a segment
+    name) must not name the patient: a 400 saying ``what`` looked like one and what to use ``instead``."""
+    kinds = identifier_kinds_in_name(text)
+    if kinds:
+        raise bad_request(f"{what} looks like it holds a patient identifier ({', '.join(kinds)}); {instead}")
+
+
 def check_segment_names(info: dict, what: str) -> dict:
-    """A segment name that looks like it names the patient ("Smith_John_19700101", "Mr Smith") is refused as
-    an image id is: the datastore would serve it to everyone. Returns the info."""
+    """Segment names ("Smith_John_19700101", "Mr Smith" refused as an image id is). Returns the info."""
     for name in segment_names(info):
-        kinds = identifier_kinds_in_name(name)
-        if kinds:
-            raise bad_request(f"{what}: a segment name looks like it holds a patient identifier ({', '.join(kinds)}); "
-                              "rename the segment (e.g. 'tumour') and submit again")
+        refuse_identifiers(name, f"{what}: a segment name", "rename the segment (e.g. 'tumour') and submit again")
     return info
 
 
@@ -257,10 +261,7 @@ class TumorlensDatastore(LocalDatastore):
                               "send JPEG/PNG, NIfTI (.nii/.nii.gz), NRRD or DICOM (.dcm)")
         image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
         check_id(image_id)
-        kinds = identifier_kinds_in_name(image_id)
-        if kinds:  # the id is stored, logged and sent back in every answer: it must not name the patient
-            raise bad_request(f"upload{ext}: the image id looks like it holds a patient identifier ({', '.join(kinds)}); "
-                              "upload it under another id (a study or case code)")
+        refuse_identifiers(image_id, f"upload{ext}: the image id", "upload it under another id (a study or case code)")
         try:
             img = read_image(image_filename)
         except InvalidInputError as e:
@@ -301,10 +302,7 @@ class TumorlensDatastore(LocalDatastore):
     def _save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         check_id(image_id)
         check_id(label_tag or DefaultLabelTag.FINAL.value, "label tag")
-        kinds = identifier_kinds_in_name(label_tag or "")
-        if kinds:  # a tag is a folder name, listed to every client, as an image id is
-            raise bad_request(f"label for {image_id}: the label tag looks like it holds a patient identifier "
-                              f"({', '.join(kinds)}); use another tag")
+        refuse_identifiers(label_tag or "", f"label for {image_id}: the label tag", "use another tag")
         obj = self._datastore.objects.get(image_id)
         if not obj:
             raise not_found(f"unknown image id {image_id!r}: upload the image first")

@@ -100,14 +100,18 @@ class ReportResult:
             "patient_context": self.facts.patient.as_dict(),
             # the backend asked, and who wrote the text delivered: a client reading the JSON alone took the
             # template's text for the model's when the backend was unreachable
-            "provenance": {"backend": self.verification.get("backend"),
-                           "text_by": "template" if self.verification.get("fell_back") else (
-                               f"{self.verification.get('backend')} and template"
-                               if self.verification.get("template_fields") else self.verification.get("backend")),
+            "provenance": {"backend": self.verification.get("backend"), "text_by": self.text_by(),
                            "seconds": round(self.seconds, 3),
                            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                            "findings_model": self.facts.model_name},
         }
+
+    def text_by(self) -> str:
+        """Who wrote the delivered text: the backend, ``template``, or both (the template's fields stood in)."""
+        backend, fields = self.verification.get("backend"), set(self.verification.get("template_fields") or ())
+        if not fields:
+            return str(backend)
+        return "template" if fields >= set(DRAFT_FIELDS) else f"{backend} and template"
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.as_dict(), indent=indent)

@@ -288,10 +288,7 @@ class Verifier:
                 add("unmeasured", m, False, f"{what} statement about {name}, which the findings do not assess", pol=pol)
                 scan = _mask(scan, m.start(), m.end())
         # 2. how far the result can be trusted
-        self._trust_claims(add, scan, scope)
-        for pat in (UNCERTAINTY_LEVEL, CONFIDENT, FAMILIAR, UNFAMILIAR):
-            for m in _iter(pat, scan):
-                scan = _mask(scan, m.start(), m.end())
+        scan = self._trust_claims(add, scan, scope)
         # 2b. midline crossing
         for m in _iter(CROSSING, scan):
             pol = scope.polarity(m.start(), m.end())
@@ -361,11 +358,11 @@ class Verifier:
         self._numbers(add, sent, class_spans, scope)
         return claims
 
-    def _trust_claims(self, add, scan: str, scope: SentenceScope) -> None:
+    def _trust_claims(self, add, scan: str, scope: SentenceScope) -> str:
         """Uncertainty levels, confidence words and familiarity statements against the findings. Caution is
         always allowed ("may not be reliable"); confidence needs low entropy, a familiar image and no
         out-of-scope note. Hedges elsewhere in the sentence do not excuse it ("highly confident that this is
-        most likely a meningioma")."""
+        most likely a meningioma"). Returns ``scan`` with the claims masked."""
         f = self.f
         for m in _iter(UNCERTAINTY_LEVEL, scan):
             pol = scope.polarity(m.start(), m.end())
@@ -373,6 +370,7 @@ class Verifier:
             ok = (said != f.uncertainty_level) if pol.negated else (said == f.uncertainty_level)
             add("trust", m, ok, "" if ok else f"says uncertainty is {'not ' if pol.negated else ''}{said}; the findings "
                 f"give entropy {f.entropy:.2f}, which is {f.uncertainty_level}", pol=pol)
+            scan = _mask(scan, m.start(), m.end())
         against = ([f"classifier uncertainty is {f.uncertainty_level}"] if f.uncertainty_level != "low" else []) \
             + (["the image is unlike the training images"] if f.unfamiliar else []) \
             + [r[0].lower() + r[1:] for r in f.out_of_scope()]
@@ -381,6 +379,7 @@ class Verifier:
             cautious = pol.negated or bool(CAUTIOUS_BEFORE.search(scan[:m.start()]))
             ok = cautious or not against
             add("trust", m, ok, "" if ok else f"calls the result {m.group(0).lower()}; " + "; ".join(against), pol=pol)
+            scan = _mask(scan, m.start(), m.end())
         for pat, unfamiliar in ((FAMILIAR, False), (UNFAMILIAR, True)):
             for m in _iter(pat, scan):
                 pol = scope.polarity(m.start(), m.end())
@@ -389,6 +388,8 @@ class Verifier:
                 state = "unfamiliar" if f.unfamiliar else "familiar"
                 add("trust", m, ok, "" if ok else f"says the image is {'unlike' if says else 'like'} the training "
                     f"images; the familiarity check calls it {state}", pol=pol)
+                scan = _mask(scan, m.start(), m.end())
+        return scan
 
     def _class_claim(self, add, m, cls: str, scope: SentenceScope, sent: str) -> None:
         f = self.f

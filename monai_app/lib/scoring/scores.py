@@ -41,20 +41,19 @@ def unlabelled(datastore: Datastore) -> list[str]:
 
 
 def _current_and_stale(state: AppState, datastore: Datastore, kind: str, ids: list[str]
-                       ) -> tuple[dict[str, dict], list[tuple[str, str, float | None]]]:
+                       ) -> tuple[dict[str, dict], list[tuple[str, str | None, float | None, str | None]]]:
     """Entries still valid for ``ids`` (same model version, same image file) and the ones to (re)score."""
     version = state.model_version()
     scores = state.read_scores()
     out: dict[str, dict] = {}
     todo = []
     for image_id in ids:
-        uri, _problem = image_uri(datastore, image_id)
-        mtime = os.path.getmtime(uri) if uri and os.path.exists(uri) else None
+        uri, mtime, problem = located(datastore, image_id)
         entry = scores.get(image_id, {}).get(kind)
         if entry and entry.get("model_version") == version and entry.get("mtime") == mtime:
             out[image_id] = entry
         else:
-            todo.append((image_id, uri, mtime))
+            todo.append((image_id, uri, mtime, problem))
     return out, todo
 
 
@@ -74,10 +73,10 @@ def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str
     new: dict[str, dict] = {}
     if limit is not None:
         todo = todo[:limit]
-    for image_id, uri, mtime in tqdm(todo, desc=f"scoring {kind}", disable=not progress):
+    for image_id, uri, mtime, problem in tqdm(todo, desc=f"scoring {kind}", disable=not progress):
         try:
             if uri is None:  # the datastore itself refused it (a DICOMweb series with a missing slice)
-                raise InvalidInputError(image_id, image_uri(datastore, image_id)[1] or "no image file")
+                raise InvalidInputError(image_id, problem or "no image file")
             res = KINDS[kind](model, read_image(uri))
         except InvalidInputError as e:
             logger.warning(f"cannot score {image_id}: {e.problem}")
@@ -102,10 +101,16 @@ def image_uri(datastore: Datastore, image_id: str) -> tuple[str | None, str | No
         raise
 
 
+def located(datastore: Datastore, image_id: str) -> tuple[str | None, float | None, str | None]:
+    """``(path, its modification time, None)``, or ``(None, None, why the datastore refuses it)``: scores are
+    kept for an image as its file is."""
+    uri, problem = image_uri(datastore, image_id)
+    return uri, (os.path.getmtime(uri) if uri and os.path.exists(uri) else None), problem
+
+
 def mark_unusable(state: AppState, datastore: Datastore, image_id: str, problem: str) -> None:
     """Record that ``image_id`` cannot be read as it is now (see ``unusable``)."""
-    uri, _ = image_uri(datastore, image_id)
-    mtime = os.path.getmtime(uri) if uri and os.path.exists(uri) else None
+    mtime = located(datastore, image_id)[1]
     state.update_scores({image_id: {"read": {"unusable": problem, "model_version": state.model_version(),
                                               "mtime": mtime}}})
 
@@ -118,8 +123,7 @@ def unusable(state: AppState, datastore: Datastore, ids: list[str]) -> dict[str,
         entries = [e for e in scores.get(image_id, {}).values() if isinstance(e, dict) and e.get("unusable")]
         if not entries:
             continue
-        uri, _problem = image_uri(datastore, image_id)
-        mtime = os.path.getmtime(uri) if uri and os.path.exists(uri) else None
+        mtime = located(datastore, image_id)[1]
         if any(e.get("mtime") == mtime for e in entries):
             out[image_id] = entries[0]["unusable"]
     return out
