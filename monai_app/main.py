@@ -108,6 +108,9 @@ class TumorLensApp(MONAILabelApp):
         meta = super().info()
         meta["model_version"] = self.state.model_version()
         meta["model_versions"] = self.state.versions.versions()
+        if self.state.versions.broken:  # the current version's checkpoint is damaged: another one answers
+            meta["model_version_problem"] = (f"the current version cannot be loaded ({self.state.versions.broken}); "
+                                             f"{meta['model_version']} answers in its place")
         return meta
 
     # ---- request checks MONAI Label leaves to the app ----------------------------------------------

@@ -208,6 +208,12 @@ def test_other_picture_formats_read_like_the_jpeg_and_multi_page_files_are_refus
 def test_missing_file_and_3d_where_2d_expected(brats, tmp_path):
     with pytest.raises(InvalidInputError, match="does not exist"):
         read_image(tmp_path / "nope.nii.gz")
+    (tmp_path / "a.jpg").symlink_to(tmp_path / "b.jpg")
+    (tmp_path / "b.jpg").symlink_to(tmp_path / "a.jpg")
+    with pytest.raises(InvalidInputError, match="loop of links"):
+        read_image(tmp_path / "a.jpg")
+    with pytest.raises(InvalidInputError, match="standard input is not read"):
+        read_image("-")
     with pytest.raises(InvalidInputError, match="expected a 2D image"):
         read_image(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz", expect="2d")
 
@@ -401,3 +407,22 @@ def test_a_picture_without_its_extension_is_still_read_as_a_picture(tmp_path):
     shutil.copy(get_testdata_file("MR_small.dcm"), tmp_path / "mr")
     mr = read_image(tmp_path / "mr")
     assert mr.meta["modality"] == "MR" and tuple(mr.shape) == (1, 64, 64) and "colour_fraction" not in mr.meta
+
+
+def test_a_dicomdir_says_where_its_series_are(tmp_path, write_dicom_series):
+    """A DICOM disc: its DICOMDIR was "not DICOM" and its folder "holds no DICOM series", with no word that
+    the series lie in the subfolders the index lists."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    src = write_dicom_series(np.random.default_rng(0).integers(0, 500, (3, 32, 32)), tmp_path / "src")
+    fs = FileSet()
+    for f in sorted(src.iterdir()):
+        ds = pydicom.dcmread(f)
+        ds.PatientID, ds.StudyDate, ds.StudyTime, ds.StudyID, ds.SeriesNumber = "ANON", "20200101", "000000", "1", 1
+        fs.add(ds)
+    fs.write(tmp_path / "disc")
+    for given in (tmp_path / "disc", tmp_path / "disc" / "DICOMDIR"):
+        with pytest.raises(InvalidInputError, match="index of a DICOM disc") as ei:
+            read_image(given)
+        assert str(given) in str(ei.value)

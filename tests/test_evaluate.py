@@ -204,6 +204,97 @@ def test_a_padded_slice_is_reframed_and_its_mask_lands_on_the_head(dev2d, tumour
     assert dice_score(m1[h:2 * h, w:2 * w], m0) > 0.7
 
 
+def test_a_picture_far_from_square_is_framed_not_squashed(dev2d, tumour_rows, predictor):
+    """A slice centred in a 2:1 picture (a screenshot or viewer export) was resized to the network's square,
+    the head squashed to half its width: a meningioma came back a glioma with an empty mask. It is framed
+    like a padded slice now; a slice stored with rectangular pixels (the head stretched with its frame) is
+    still resized, which makes it round again."""
+    from monai.data import MetaTensor
+
+    from tumorlens.data import read_image
+    from tumorlens.evaluation.metrics import dice_score
+    from tumorlens.inference import head_frame
+
+    for label in ("meningioma", "pituitary"):
+        row = next(r for r in tumour_rows if r["label"] == label)
+        img = read_image(dev2d / row["image"])
+        arr = img.numpy()[0]
+        h, w = arr.shape
+        p0 = predictor.predict(img)
+        assert p0.label == label
+        m0 = p0.mask.numpy()[0] > 0
+        wide = np.zeros((h, 2 * w), np.float32)
+        wide[:, w // 2:w // 2 + w] = arr
+        tall = np.zeros((2 * h, w), np.float32)
+        tall[h // 2:h // 2 + h] = arr
+        for padded, inner in ((wide, (slice(None), slice(w // 2, w // 2 + w))),
+                              (tall, (slice(h // 2, h // 2 + h), slice(None)))):
+            assert head_frame(padded) is not None
+            p1 = predictor.predict(MetaTensor(padded[None], meta=dict(img.meta)))
+            assert p1.label == label
+            m1 = p1.mask.numpy()[0] > 0
+            assert m1.shape == padded.shape and dice_score(m1[inner], m0) > 0.7
+        stretched = np.repeat(arr, 2, axis=0)  # rows at half the pixel size: the head stretched with its frame
+        assert head_frame(stretched) is None
+
+
+def test_a_jpeg_turned_by_its_exif_tag_is_read_as_viewers_show_it(dev2d, tumour_rows, predictor, tmp_path):
+    """Phones and exporters store pixels turned and say so in the EXIF Orientation tag; every viewer shows
+    the picture upright. The tag was ignored: an upright pituitary slice stored turned came back a meningioma,
+    and a mirrored one had its tumour on the wrong side. The upright picture is analysed now, and its affine
+    keeps every pixel where the stored grid has it (a mask lands on the stored file in 3D Slicer)."""
+    from PIL import Image
+
+    from tumorlens.data import read_image
+    from tumorlens.data.readers import PHOTO_AFFINE, reorient_like
+
+    row = next(r for r in tumour_rows if r["label"] == "pituitary")
+    up = Image.open(dev2d / row["image"]).convert("L")
+    base = predictor.predict(read_image(dev2d / row["image"]))
+    stored_as = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 2: Image.Transpose.FLIP_LEFT_RIGHT,
+                 5: Image.Transpose.TRANSPOSE}
+    for tag, turn in stored_as.items():
+        path = tmp_path / f"exif{tag}.jpg"
+        exif = Image.Exif()
+        exif[0x0112] = tag
+        stored = up.transpose(turn)
+        stored.save(path, quality=95, exif=exif.tobytes())
+        img = read_image(path)
+        assert img.meta["exif_orientation"] == tag and img.shape[1:] == (up.height, up.width)
+        assert np.abs(img.numpy()[0] - np.asarray(up, np.float32)).mean() < 3  # the upright picture (JPEG noise)
+        p = predictor.predict(img)
+        assert p.label == base.label
+        on_stored, _ = reorient_like(p.mask.numpy()[0][..., None], np.asarray(img.affine, float), PHOTO_AFFINE)
+        want = np.asarray(Image.fromarray(base.mask.numpy()[0].astype(np.uint8) * 255).transpose(turn)) > 0
+        assert on_stored.shape[:2] == want.shape
+        inter = np.logical_and(on_stored[..., 0] > 0, want).sum()
+        assert 2 * inter / max(1, (on_stored > 0).sum() + want.sum()) > 0.8
+
+
+def test_tiny_pictures_strips_and_huge_intensities(dev2d, tumour_rows, predictor, tmp_path):
+    """A 24 px thumbnail's lesion is the seg head's, not the refiner's (which blew a few pixels up to half the
+    picture); a 1-pixel strip is no slice (one command classified it, another refused it); a slice stored at
+    1e35 keeps its mask (float32 statistics overflowed and emptied it)."""
+    from PIL import Image
+
+    from tumorlens.data import read_image
+    from tumorlens.errors import InvalidInputError
+    from tumorlens.models.refiner import normalise_crop
+
+    row = next(r for r in tumour_rows if r["label"] == "glioma")
+    src = Image.open(dev2d / row["image"]).convert("L")
+    src.resize((24, 24), Image.LANCZOS).save(tmp_path / "thumb.png")
+    p = predictor.predict(read_image(tmp_path / "thumb.png"))
+    truth = np.asarray(Image.open(dev2d / row["mask"]).resize((24, 24), Image.NEAREST)) > 0
+    assert (p.mask.numpy()[0] > 0).sum() <= 3 * max(truth.sum(), 10)
+    Image.fromarray(np.asarray(src)[128:129, :]).save(tmp_path / "strip.png")
+    with pytest.raises(InvalidInputError, match="no head slice"):
+        read_image(tmp_path / "strip.png")
+    x = np.asarray(src, np.float32)
+    assert np.allclose(normalise_crop(x * np.float32(1e35)), normalise_crop(x), atol=1e-3)
+    assert np.allclose(normalise_crop(x / np.float32(1e30)), normalise_crop(x), atol=1e-3)
+
+
 def test_evaluate_says_how_many_pictures_are_not_framed_like_an_mri_slice(dev2d, val64, tmp_path):
     """A dataset of crops inside the head (or of pictures that are not MRI) is scored as asked, and the summary
     says how many of its pictures get the dark-border caveat and how the model did on them."""

@@ -198,3 +198,8 @@ def test_mask_info_volume_units():
     assert info.bbox.min == [1, 2, 3] and info.bbox.max == [2, 3, 3]
     empty = mask_info(np.zeros((3, 3)), "saliency:gradcam", [1.0, 1.0], "image2d")
     assert empty.empty and empty.bbox is None and empty.area_mm2 == 0.0
+    # a volume file of one slice is read as a 2D slice: its lesion is an area, not area x thickness
+    one = np.zeros((6, 1, 5), np.uint8)
+    one[2:4, 0, 1:4] = 1
+    info = mask_info(one, "segmentation_head", [0.5, 5.0, 2.0], "volume")
+    assert info.area_mm2 == 6 * 0.5 * 2.0 and info.volume_mm3 is None and info.bbox.max == [3, 0, 3]

@@ -117,6 +117,15 @@ def test_template_report_always_verifies(name):
     assert res.report.laterality == Findings.from_dict(RECORDS[name]()).lesion.laterality
 
 
+def test_regions_left_out_on_request_are_not_called_not_found():
+    rec = record(regions=[], placement={"method": "none"}, notes=["atlas regions not requested"],
+                 lesion={"laterality": "unknown", "crosses_midline": None, "mask_source": "segmentation_head"})
+    res = generate_report(rec, backend="template")
+    assert res.verification["supported"]
+    text = res.to_markdown()
+    assert "because they were not requested" in text and "no atlas regions were found" not in text
+
+
 def test_report_lists_the_descriptions_the_image_matched():
     matches = [{"class_name": "glioma", "description": "an infiltrative intra-axial mass with surrounding oedema",
                 "similarity": 0.6213},

@@ -430,6 +430,12 @@ def test_saliency_tasks(client):
     out, res = infer_json(client, "saliency_gradcam", "mri2d_1941", {"heatmap": True, "with_regions": False})
     heat = np.asarray(Image.open(out))
     assert res["heatmap"] is True and heat.shape == (256, 256) and heat.max() > 0
+    # 3D Slicer's MONAILabel module asks every answer as uint8 labels: a float heatmap written so showed as
+    # nothing at all; it is a 400 that says why, before any work
+    r = requests.post(f"{client._server_url}/infer/saliency_gradcam", params={"image": "mri2d_1941"},
+                      data={"params": json.dumps({"heatmap": True, "result_extension": ".nrrd", "result_dtype": "uint8"})},
+                      timeout=60)
+    assert r.status_code == 400 and "cannot show" in r.text, r.text[:300]
 
 
 def test_volume_saliency_and_report(client, studies):
@@ -444,7 +450,9 @@ def test_volume_saliency_and_report(client, studies):
     assert lab.shape[:3] == src.shape and np.allclose(lab.affine, src.affine, atol=1e-3)
     assert f.input.kind == "volume" and f.placement.method == "mni_registration"
     values = set(np.unique(np.asarray(lab.dataobj)).astype(int)) - {0}
-    assert values and values <= set(res["label_names"].values())
+    # every named value holds voxels and the values run 1..N without a gap: 3D Slicer's MONAILabel module
+    # gives value v the v-th name by value, so a gap shifted every later region's name (this volume had one)
+    assert values == set(res["label_names"].values()) == set(range(1, len(res["label_names"]) + 1))
     if not f.placement.low_confidence:  # one value per named region of the findings record
         for name in set(res["label_names"]) - {"lesion"}:
             assert any(r.name in name for r in f.regions), (name, [r.name for r in f.regions])
@@ -657,6 +665,19 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
     nib.save(nib.Nifti1Image(np.asanyarray(ref.dataobj), ref.affine, ref.header), resaved)
     assert resaved.read_bytes() != (studies / "brats_t1c_0001.nii.gz").read_bytes()
     assert client.upload_image(str(resaved), image_id="brats_t1c_0001", params={})["image"] == "brats_t1c_0001"
+    # 3D Slicer's MONAILabel module sends the JPEG it opened back as the one-slice NIfTI it holds (column x row,
+    # LPS) before saving a label: the same picture, not "another image" (it was a 409 and the label was lost)
+    import SimpleITK as sitk
+
+    as_slicer = tmp_path / "mri2d_1941.nii.gz"
+    sitk.WriteImage(sitk.JoinSeries(sitk.ReadImage(str(studies / "mri2d_1941.jpg"))), str(as_slicer))
+    stored = (studies / "mri2d_1941.jpg").read_bytes()
+    assert client.upload_image(str(as_slicer), image_id="mri2d_1941", params={})["image"] == "mri2d_1941"
+    assert (studies / "mri2d_1941.jpg").read_bytes() == stored and not (studies / "mri2d_1941.nii.gz").exists()
+    sitk.WriteImage(sitk.JoinSeries(sitk.ReadImage(str(studies / "mri2d_3300.jpg"))), str(as_slicer))
+    with pytest.raises(MONAILabelClientException) as ei:  # another picture sent so is still another image
+        client.upload_image(str(as_slicer), image_id="mri2d_1941", params={})
+    assert status_of(ei.value) == 409
     other = tmp_path / "mri2d_1941.jpg"
     other.write_bytes((studies / "mri2d_3300.jpg").read_bytes())
     with pytest.raises(MONAILabelClientException) as ei:
@@ -738,7 +759,15 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
     seg[60:90, 60:90] = 2
     Image.fromarray(seg).save(painted)
     segments = [{"name": n, "idx": i} for i, n in enumerate(client.info()["labels"], start=1)]
-    assert segments[1]["name"] == "meningioma"
+    assert segments[0]["name"] == "glioma" and segments[1]["name"] == "meningioma"
+    # two class segments painted: which class would train is not the annotator's to guess (it was kept by chance)
+    both = seg.copy()
+    both[10:20, 10:20] = 1
+    Image.fromarray(both).save(tmp_path / "both.png")
+    with pytest.raises(MONAILabelClientException) as ei:
+        client.save_label(sid, str(tmp_path / "both.png"), tag="final", params={"label_info": segments})
+    assert status_of(ei.value) == 400 and "glioma, meningioma" in str(ei.value.msg)
+    assert "final" not in client.datastore()["objects"][sid]["labels"]
     client.save_label(sid, str(painted), tag="final", params={"label_info": segments})
     assert client.datastore()["objects"][sid]["labels"]["final"]["info"]["class_name"] == "meningioma"
     r = requests.put(f"{url}/datastore/image/info", params={"image": sid}, data={"info": '{"strategy": "x"}'}, timeout=30)
@@ -884,23 +913,24 @@ def test_next_sample_each_strategy(client, server, studies, base_model, tmp_path
     stamps = {i: max(v["ts"] for v in info[i]["image"]["info"]["strategy"].values()) for i in unl}
     oldest = min(stamps.values())
     assert client.next_sample("random", {})["id"] in {i for i, t in stamps.items() if t == oldest}
-    # a final label that names no class (a mask alone) cannot train the classifier: the image stays a
-    # candidate and the pick says what it needs; once the class is set it leaves the pool
-    import random
-
+    # a final label that names no class (a mask alone, as 3D Slicer saves its "tumor" segment) cannot train the
+    # classifier: the image stays a candidate for its class, but only once no image lacks a label (it was
+    # handed straight back to the annotator who had just saved it; see test_classless_labels_come_last)
     from PIL import Image
 
     zero = tmp_path / "classless.png"
     Image.fromarray(np.zeros(Image.open(studies / "mri2d_3300.jpg").size[::-1], np.uint8)).save(zero)
     client.save_label("mri2d_3300", str(zero), tag="final", params={})
-    pool = sorted(unl | {"mri2d_3300"})
-    seed = next(s for s in range(1000) if random.Random(s).choice(pool) == "mri2d_3300")
-    pick = client.next_sample("random", {"seed": seed, "hold_seconds": 0})
-    assert pick["id"] == "mri2d_3300" and pick["needs"] == "class_name" and pick["candidates"] == len(pool)
+    objects = client.datastore()["objects"]
+    unlabelled = {i for i, o in objects.items() if "final" not in o["labels"]}
+    assert unlabelled and "mri2d_3300" not in unlabelled
+    picks = [client.next_sample("random", {"seed": k, "hold_seconds": 0}) for k in range(8)]
+    assert {p["id"] for p in picks} <= unlabelled and {p["needs"] for p in picks} == {"label"}
+    assert {p["candidates"] for p in picks} == {len(unlabelled)}
     r = requests.put(f"{server.url}/datastore/label/info", params={"label": "mri2d_3300", "tag": "final"},
                      data={"info": json.dumps({"class_name": "no_tumor"})}, timeout=30)
     assert r.status_code == 200, r.text
-    assert client.next_sample("random", {"seed": seed, "hold_seconds": 0})["candidates"] == len(pool) - 1
+    assert client.next_sample("random", {"hold_seconds": 0})["candidates"] == len(unlabelled)
 
 
 def _mask_of(index: str) -> Path:
@@ -983,6 +1013,10 @@ def test_relabel_loop_trains_new_version_without_breaking_inference(client, serv
     assert unl and all(scores[i]["uncertainty"]["model_version"] == stats["version"] for i in unl)
     # a run stopped with DELETE /train/ is reported stopped (not running forever) and publishes nothing
     client.train_start("tumorlens", {"max_epochs": 50})
+    # from the start, the progress 3D Slicer's MONAILabel module shows (epoch / total_epochs): without
+    # them it read 1 / 1, a finished run, while this one was loading
+    first = client.info()["train_stats"]["tumorlens"]
+    assert first["status"] in ("STARTING", "RUNNING") and first["epoch"] == 0 and first["total_epochs"] == 50
     t0 = time.time()
     while client.info()["train_stats"]["tumorlens"].get("status") != "RUNNING" and time.time() - t0 < 180:
         time.sleep(1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -115,6 +116,47 @@ def test_finetune_changes_a_copy_and_versions_publish_atomically(model, dev2d, t
     assert mv.current_path() == model.path
 
 
+def test_a_mask_saved_without_its_class_trains_the_seg_head_only(model, dev2d):
+    """3D Slicer's MONAILabel module saves the mask of its "tumor" segment with no class: it used to be
+    skipped by training. Its outline now trains the seg head; the classifier is left as it was."""
+    from tumorlens.activelearning.finetune import UNKNOWN_CLASS
+
+    x, m, y = item_arrays(dev2d / "images" / "1941.jpg", dev2d / "masks" / "1941.png", None, model.image_size)
+    assert y.tolist() == [UNKNOWN_CLASS] and m.any()
+    before = {k: v.clone() for k, v in model.net.state_dict().items()}
+    net, hist = finetune(model, x, m, y, epochs=1, lr=1e-3, progress=False)
+    assert np.isfinite(hist[0]["loss"]) and hist[0]["loss"] > 0
+    after = net.state_dict()
+    changed = {k for k, v in before.items() if v.is_floating_point() and not torch.equal(v, after[k])}
+    assert any(k.startswith("decoder.") for k in changed)
+    assert not any(k.startswith("classifier.") for k in changed)
+    # with its class the same slice trains the classifier too
+    net2, _ = finetune(model, x, m, np.array([CLASS_NAMES.index("glioma")]), epochs=1, lr=1e-3, progress=False)
+    assert any(not torch.equal(before[k], v) for k, v in net2.state_dict().items() if k.startswith("classifier."))
+    # a mask with no class and nothing drawn holds nothing to learn
+    with pytest.raises(InvalidInputError, match="nothing to learn"):
+        item_arrays(dev2d / "images" / "1941.jpg", None, None, model.image_size)
+
+
+def test_a_damaged_current_version_is_replaced_by_the_newest_that_loads(model, tmp_path):
+    """A truncated checkpoint of the current version made every inference a bare 500 while /info/ named it;
+    the newest earlier version that loads answers now, and says so. A pointer half-written by a killed run
+    (``atomic_write``'s temporary name) is swept at start."""
+    mv = ModelVersions(tmp_path / "models", model.path)
+    mv.publish(model.net, model.config, dict(model.card))
+    v2 = mv.publish(model.net, model.config, dict(model.card))
+    assert mv.load().version == "v0002" and mv.served == "v0002" and mv.broken is None
+    ckpt = v2 / CHECKPOINT
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    assert mv.load().version == "v0001" and mv.served == "v0001" and "v0002" in mv.broken
+    (tmp_path / "models" / "v0001" / CHECKPOINT).write_bytes(b"")
+    base = mv.load()
+    assert mv.served is None and base.path == model.path
+    (tmp_path / "models" / ".tmp-abc123-current.json").write_text("{}")
+    mv.sweep()
+    assert not list((tmp_path / "models").glob(".tmp-*"))
+
+
 def test_serve_cli_errors_and_sample_copy(tmp_path, capsys):
     from tumorlens.cli import main
 
@@ -129,6 +171,12 @@ def test_serve_cli_errors_and_sample_copy(tmp_path, capsys):
     prepare_sample_studies(d)  # again: keeps what is there
     assert (d / "labels").is_dir()
     assert {p.name: p.stat().st_mtime for p in sample_studies_dir().iterdir()} == before
+    # MONAI Label's logging config lives beside its log: without one every start left a copy in /tmp
+    from tumorlens.serving.cli import server_command
+
+    cmd, _ = server_command(str(d), "127.0.0.1", 8999)
+    conf = Path(cmd[cmd.index("--log_config") + 1])
+    assert conf.parent.name == "logs" and str(conf.parent / "app.log") in conf.read_text()
 
 
 def _two_items(model, dev2d):

@@ -376,3 +376,98 @@ def test_the_folder_watcher_survives_a_request_changing_the_index(dev2d, dev_row
     assert ds._datastore.objects is not before and "c" in ds._datastore.objects and "c" not in before
     ds.refresh()
     assert {"a", "b", "c"} <= set(ds.list_images())
+
+
+def test_classless_labels_come_last(monkeypatch):
+    """The strategies' candidates: images without a final label first; a final label that names no class
+    only when none is left (an annotator who saved a mask in 3D Slicer's "tumor" segment was handed the
+    same image straight back)."""
+    strategies = _app_module("lib.activelearning.strategies")
+    monkeypatch.setattr(strategies, "usable", lambda state, ds, ids: ([i for i in ids if i != "broken"],
+                                                                      int("broken" in ids)))
+    gaps = {"a": "class_name", "b": "label", "c": "label", "d": "class_name"}
+    assert strategies.candidates(None, None, gaps) == (["b", "c"], 0)
+    assert strategies.candidates(None, None, {"a": "class_name", "d": "class_name"}) == (["a", "d"], 0)
+    # unlabelled images that no model can read do not hold the classless ones back
+    assert strategies.candidates(None, None, {"broken": "label", "a": "class_name"}) == (["a"], 1)
+
+
+def test_stored_labels_survive_missing_files_failed_writes_and_a_damaged_index(dev2d, tumour_rows, tmp_path,
+                                                                                 monkeypatch):
+    """What an outside probe lost by killing and starving the server (session 34):
+    - a label file moved out of the folder for a moment came back with no class and no annotator (the watcher
+      dropped its entry and re-added the file as new): the info is kept aside and given back;
+    - a save whose index write failed (full disk) had already replaced the label file: all or nothing now, with a
+      507 that says why, and the earlier label is kept in the label history when a save succeeds;
+    - a damaged index stopped the server at start: it is set aside and the second copy takes its place."""
+    import errno
+    import json
+    import shutil
+
+    from fastapi import HTTPException
+
+    mod = _app_module("lib.datastore")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    rows = [r for r in tumour_rows if r["label"] == "glioma"][:2]
+    shutil.copy(dev2d / rows[0]["image"], studies / "a.jpg")
+    ds = mod.TumorlensDatastore(str(studies), auto_reload=False)
+    mask_a, mask_b = dev2d / rows[0]["mask"], tmp_path / "b.png"
+    from PIL import Image
+
+    Image.fromarray(np.asarray(Image.open(mask_a))[::-1].copy()).save(mask_b)
+    ds.save_label("a", str(mask_a), "final", {"class_name": "glioma", "client_id": "ann1"})
+    label = studies / "labels" / "final" / "a.png"
+    first = label.read_bytes()
+
+    # a label file away for a moment
+    shutil.move(label, tmp_path / "away.png")
+    ds.refresh()
+    assert "final" not in ds._datastore.objects["a"].labels
+    shutil.move(tmp_path / "away.png", label)
+    ds.refresh()
+    info = ds.get_label_info("a", "final")
+    assert info["class_name"] == "glioma" and info["client_id"] == "ann1"
+    # the image away (its labels go with it in MONAI Label's index)
+    shutil.move(studies / "a.jpg", tmp_path / "a.jpg")
+    ds.refresh()
+    assert "a" not in ds._datastore.objects
+    shutil.move(tmp_path / "a.jpg", studies / "a.jpg")
+    ds.refresh()
+    assert ds.get_label_info("a", "final")["class_name"] == "glioma"
+
+    # a save whose index cannot be written changes nothing
+    real = mod.TumorlensDatastore._update_datastore_file
+
+    def full_disk(self, lock=True):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(mod.TumorlensDatastore, "_update_datastore_file", full_disk)
+    with pytest.raises(HTTPException) as ei:
+        ds.save_label("a", str(mask_b), "final", {"class_name": "meningioma", "client_id": "ann2"})
+    assert ei.value.status_code == 507 and "not saved: no space left" in ei.value.detail
+    assert label.read_bytes() == first and ds.get_label_info("a", "final")["class_name"] == "glioma"
+    history = studies / ".tumorlens" / "label-history" / "final" / "a"
+    assert not history.exists() or not [p for p in history.iterdir() if p.suffix == ".png"]
+    monkeypatch.setattr(mod.TumorlensDatastore, "_update_datastore_file", real)
+    # a save that succeeds keeps the label it replaces, with its info
+    ds.save_label("a", str(mask_b), "final", {"class_name": "meningioma", "client_id": "ann2"})
+    kept = [p for p in history.iterdir() if p.suffix == ".png"]
+    assert len(kept) == 1 and kept[0].read_bytes() == first
+    assert json.loads(kept[0].with_suffix(".json").read_text())["client_id"] == "ann1"
+
+    # an image file gone and another image uploaded under its id: the new one inherits neither the old info nor
+    # the old label file (which goes to the label history)
+    shutil.move(studies / "a.jpg", tmp_path / "a.jpg")
+    ds.refresh()
+    ds.add_image("a", str(dev2d / rows[1]["image"]), {})
+    ds.refresh()
+    assert "final" not in ds._datastore.objects["a"].labels and not label.exists()
+    assert len([p for p in history.iterdir() if p.suffix == ".png"]) == 2
+    ds.save_label("a", str(mask_b), "final", {"class_name": "meningioma", "client_id": "ann2"})
+
+    # a damaged index: the server starts, with every label's class
+    (studies / "datastore_v2.json").write_text('{"name": "x", "objects": {"a": {"ima')
+    ds2 = mod.TumorlensDatastore(str(studies), auto_reload=False)
+    assert ds2.get_label_info("a", "final")["class_name"] == "meningioma"
+    assert list(studies.glob("datastore_v2.json.damaged-*"))

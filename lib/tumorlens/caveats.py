@@ -8,6 +8,7 @@ from typing import Any
 
 HEAD_TEMPLATE_FAILED = "no pose matches the MNI152 head template"
 IN_COLOUR = "the image is in colour"
+REGIONS_NOT_REQUESTED = "atlas regions not requested"
 # Share of pixels in colour above which a picture is not a grey MRI slice: every development slice is a grey
 # JPEG (0); colour photographs measured 0.42-0.95 (astronaut, cat, coffee, retina, rocket), a star field 0.05;
 # a few coloured annotation marks on a slice stay well under it.

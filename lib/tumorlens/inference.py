@@ -79,6 +79,19 @@ def seg_on_slice(seg: torch.Tensor, arr: np.ndarray, fg: np.ndarray | None = Non
 # points of accuracy (the network was trained on the frames as they are).
 FRAME_BELOW = 0.7
 FRAME_FILL = 0.96
+# a slice further from square than this is framed too, unless its head is stretched with it (see
+# ``squashed_by_resize``): resizing a 2:1 picture to the network's square turned meningiomas into gliomas
+ASPECT_LIMIT = 1.25
+
+
+def squashed_by_resize(shape: tuple[int, int], head: tuple[int, int]) -> bool:
+    """True when resizing a slice of ``shape`` to the network's square would squash a head of pixel
+    extent ``head`` (rows, columns): the picture is far from square (a 512 x 256 screenshot with the head
+    centred) while the head is not stretched with it. A head stretched as its frame is (a slice stored
+    with rectangular pixels, 0.5 x 1.0 mm) is left to the resize, which makes it round again."""
+    frame_aspect = shape[1] / shape[0]
+    head_aspect = head[1] / head[0]
+    return abs(np.log(frame_aspect)) > np.log(ASPECT_LIMIT) and abs(np.log(head_aspect / frame_aspect)) > np.log(ASPECT_LIMIT)
 
 
 def head_frame(arr: np.ndarray, fg: np.ndarray | None = None) -> tuple[int, int, int] | None:
@@ -91,7 +104,7 @@ def head_frame(arr: np.ndarray, fg: np.ndarray | None = None) -> tuple[int, int,
     if rows.size == 0 or cols.size == 0:
         return None
     h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
-    if max(h / arr.shape[0], w / arr.shape[1]) >= FRAME_BELOW:
+    if max(h / arr.shape[0], w / arr.shape[1]) >= FRAME_BELOW and not squashed_by_resize(arr.shape, (h, w)):
         return None
     side = int(round(max(h, w) / FRAME_FILL))
     return (int(round((rows[0] + rows[-1]) / 2 - side / 2)), int(round((cols[0] + cols[-1]) / 2 - side / 2)), side)

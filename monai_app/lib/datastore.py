@@ -9,6 +9,7 @@ crash mid-save never leaves a half-written file that would be served afterwards.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -22,7 +23,7 @@ from typing import Any
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import DefaultLabelTag
 
-from lib.errors import bad_request, check_id, conflict, not_found
+from lib.errors import bad_request, check_id, conflict, not_found, storage_error
 from tumorlens.activelearning.finetune import check_label_class, read_label_like
 from tumorlens.data.readers import is_volume, read_image
 from tumorlens.errors import InvalidInputError
@@ -31,6 +32,9 @@ from tumorlens.labels import canonical_label
 
 EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.jpg", "*.jpeg", "*.png", "*.dcm"]
 PARTIAL = ".partial"
+INDEX = "datastore_v2.json"
+BACKUP = ".copy"  # .datastore_v2.json.copy: a second copy of the index, written before it
+VANISHED = "vanished.json"  # info of entries whose files went missing, until they come back
 logger = logging.getLogger(__name__)
 
 
@@ -150,7 +154,10 @@ def class_from_segments(label_file: str, label_info) -> str | None:
     except (InvalidInputError, ValueError):
         return None
     found = {names[v] for v in values if v in names}
-    return found.pop() if len(found) == 1 else None
+    if len(found) > 1:  # the one kept by chance would have trained the classifier with it
+        raise InvalidInputError(label_file, f"segments of {len(found)} classes are painted ({', '.join(sorted(found))}): "
+                                            "an image holds one tumour type; paint the tumour in one class segment")
+    return found.pop() if found else None
 
 
 def final_label_class(datastore, image_id: str) -> str | None:
@@ -190,8 +197,22 @@ def _same_voxels(a: str | Path, b: str | Path) -> bool:
         return False
     import numpy as np
 
-    return (x.shape == y.shape and np.array_equal(x.numpy(), y.numpy())
-            and np.allclose(np.asarray(x.affine), np.asarray(y.affine), atol=1e-4))
+    xa, ya = np.asarray(x.affine, dtype=float), np.asarray(y.affine, dtype=float)
+    if x.shape == y.shape and np.array_equal(x.numpy(), y.numpy()) and np.allclose(xa, ya, atol=1e-4):
+        return True
+    # a picture and the one-slice volume a viewer saved of it: 3D Slicer writes a JPEG as column x row with
+    # its own geometry, and sends that file back under the picture's id before saving a label
+    pics = [(v, a) for v, a in ((x, xa), (y, ya)) if v.meta.get("kind") == "image2d"]
+    if len(pics) != 1:
+        return False
+    (pic, pic_aff), (vol, vol_aff) = pics[0], next((v, a) for v, a in ((x, xa), (y, ya)) if v is not pics[0][0])
+    arr = vol.numpy()[0]
+    if arr.ndim != 3 or 1 not in arr.shape:
+        return False
+    from tumorlens.data.readers import reorient_like
+
+    arr, _ = reorient_like(arr, vol_aff, pic_aff)
+    return arr.shape[-1] == 1 and np.array_equal(arr[..., 0], pic.numpy()[0])
 
 
 def file_ext(name: str) -> str:
@@ -229,11 +250,42 @@ class TumorlensDatastore(LocalDatastore):
 
     def __init__(self, datastore_path: str, **kwargs):
         self._sweep(Path(datastore_path))
+        self._recover_index(Path(datastore_path) / kwargs.get("datastore_config", INDEX))
+        self._vanished_file = Path(datastore_path) / ".tumorlens" / VANISHED
         # LocalDatastore's by name: a subclass may also derive from another LocalDatastore (DICOMweb)
         LocalDatastore.__init__(self, datastore_path, extensions=EXTENSIONS, **kwargs)
         hint = nested_images_hint(Path(datastore_path), len(self.list_images())) if self.hint_nested_images else None
         if hint:
             logger.warning(hint)
+
+    @staticmethod
+    def _recover_index(index: Path) -> None:
+        """A damaged index (truncated, emptied, ``{}``) stopped the server at start with a bare validation
+        traceback, and it is the only record of every label's class and annotator. It is set aside
+        (``*.damaged-<time>``, never deleted) and the second copy written with it takes its place; without a
+        readable one, MONAI Label rebuilds the index from the files (their info is then in the set-aside file)."""
+        from monailabel.datastore.local import LocalDatastoreModel
+
+        if not index.is_file():
+            return
+        try:
+            LocalDatastoreModel.model_validate_json(index.read_text())
+            return
+        except (ValueError, OSError) as e:
+            problem = str(e).splitlines()[0][:200]
+        import time
+
+        aside = index.with_name(f"{index.name}.damaged-{int(time.time())}")
+        os.replace(index, aside)
+        backup = index.with_name(f".{index.name}{BACKUP}")
+        try:
+            LocalDatastoreModel.model_validate_json(backup.read_text())
+            shutil.copyfile(backup, index)
+            logger.error(f"{index.name} could not be read ({problem}); set aside as {aside.name}, and the second copy "
+                         "written with it restored")
+        except (ValueError, OSError):
+            logger.error(f"{index.name} could not be read ({problem}) and no readable copy was kept; set aside as "
+                         f"{aside.name} (labels' classes and annotators are in it) and the index rebuilt from the files")
 
     @staticmethod
     def _sweep(root: Path) -> None:
@@ -272,16 +324,29 @@ class TumorlensDatastore(LocalDatastore):
         with self._lock():
             if self._same_image_stored(image_id, image_filename):
                 return image_id  # the same bytes again (a client retrying an upload): nothing changes
-            atomic_copy(image_filename, dest)
             import time
 
             from monailabel.datastore.local import DataModel, ImageLabelModel
 
-            info.update(ts=int(time.time()), name=dest.name)
-            # a new dict, not one changed in place: MONAI Label's folder watcher may be iterating the old one
-            self._datastore.objects = {**self._datastore.objects,
-                                       image_id: ImageLabelModel(image=DataModel(info=info, ext=ext), labels={})}
-            self._update_datastore_file(lock=False)
+            before = self._datastore.objects
+            try:
+                if image_id not in before:  # label files left by an earlier image of this id are not this one's
+                    for folder in Path(self._datastore_path, "labels").glob("*/"):
+                        for old in folder.glob(f"{glob.escape(image_id)}.*"):
+                            if self._to_id(old.name)[0] == image_id:
+                                self._keep_in_history(folder.name, image_id, old, None)
+                atomic_copy(image_filename, dest)
+                info.update(ts=int(time.time()), name=dest.name)
+                # a new dict, not one changed in place: MONAI Label's folder watcher may be iterating the old one
+                self._datastore.objects = {**self._datastore.objects,
+                                           image_id: ImageLabelModel(image=DataModel(info=info, ext=ext), labels={})}
+                self._update_datastore_file(lock=False)
+            except OSError as e:
+                self._datastore.objects = before
+                if image_id not in before:
+                    dest.unlink(missing_ok=True)
+                raise storage_error(e, f"upload {image_id}{ext}") from e
+        self._forget_vanished(image_id)  # a new image under this id: the info of one that went missing is not its
         return image_id
 
     def _same_image_stored(self, image_id: str, upload: str) -> bool:
@@ -316,7 +381,10 @@ class TumorlensDatastore(LocalDatastore):
             raise bad_request(f"label for {image_id}: {e.problem}") from e
         info = check_segment_names(check_class_name(dict(label_info or {}), f"label for {image_id}"), f"label for {image_id}")
         if not (info.get("class_name") or info.get("class")):
-            cls = class_from_segments(label_filename, info.get("label_info"))
+            try:
+                cls = class_from_segments(label_filename, info.get("label_info"))
+            except InvalidInputError as e:
+                raise bad_request(f"label for {image_id}: {e.problem}") from e
             if cls:
                 info["class_name"] = cls
         earlier = obj.labels.get(label_tag or DefaultLabelTag.FINAL.value)
@@ -338,28 +406,67 @@ class TumorlensDatastore(LocalDatastore):
         from monailabel.datastore.local import DataModel
 
         with self._lock():
-            for stale in label_path.glob(f"{image_id}.*"):  # a label saved before in another format
-                if file_ext(stale.name) != ext and self._to_id(stale.name)[0] == image_id:
-                    stale.unlink()
+            # all of the save or none of it: the label it replaces (in any format) is kept in the label
+            # history first, and put back if the new file or the index cannot be written (a full disk had
+            # left the new mask under the old annotator's class, the old mask gone)
+            before = obj.labels
             dest = label_path / self._filename(image_id, ext)
-            atomic_copy(label_filename, dest)
-            info.update(ts=int(time.time()), name=dest.name)
-            obj.labels = {**obj.labels, tag: DataModel(info=info, ext=ext)}
-            self._update_datastore_file(lock=False)
+            kept: list[tuple[Path, Path]] = []
+            try:
+                for old_file in sorted(label_path.glob(f"{glob.escape(image_id)}.*")):
+                    if self._to_id(old_file.name)[0] == image_id:
+                        kept.append((old_file, self._keep_in_history(tag, image_id, old_file, earlier)))
+                atomic_copy(label_filename, dest)
+                info.update(ts=int(time.time()), name=dest.name)
+                obj.labels = {**obj.labels, tag: DataModel(info=info, ext=ext)}
+                self._update_datastore_file(lock=False)
+            except OSError as e:
+                obj.labels = before
+                if dest.exists() and all(dest != old for old, _ in kept):
+                    dest.unlink(missing_ok=True)
+                for old, copy in kept:
+                    os.replace(copy, old)
+                raise storage_error(e, f"label for {image_id}") from e
+        self._forget_vanished(image_id, tag)
         return image_id
 
+    HISTORY_KEEP = 5  # earlier labels kept per image and tag
+
+    def _keep_in_history(self, tag: str, image_id: str, label_file: Path, earlier) -> Path:
+        """Move a label about to be replaced into ``.tumorlens/label-history/<tag>/<id>/`` with its info (an
+        older mask re-saved over a newer one had left no copy of it); the oldest beyond ``HISTORY_KEEP`` go."""
+        folder = Path(self._datastore_path) / ".tumorlens" / "label-history" / tag / image_id
+        folder.mkdir(parents=True, exist_ok=True)
+        stamp = f"{int((earlier.info if earlier else {}).get('ts') or 0)}-{os.getpid()}-{len(list(folder.iterdir()))}"
+        copy = folder / f"{stamp}{file_ext(label_file.name)}"
+        os.replace(label_file, copy)
+        if earlier is not None:
+            (folder / f"{stamp}.json").write_text(json.dumps(earlier.info, indent=2, default=str))
+        entries = sorted((p for p in folder.iterdir() if p.suffix != ".json"), key=lambda p: p.stat().st_mtime)
+        for old in entries[:-self.HISTORY_KEEP]:
+            old.unlink(missing_ok=True)
+            (folder / (old.name[: -len(file_ext(old.name))] + ".json")).unlink(missing_ok=True)
+        return copy
+
     def update_image_info(self, image_id: str, info: dict[str, Any]) -> None:
-        super().update_image_info(image_id, check_class_name(dict(info), f"image {image_id}"))
+        try:
+            super().update_image_info(image_id, check_class_name(dict(info), f"image {image_id}"))
+        except OSError as e:
+            raise storage_error(e, f"info of image {image_id}") from e
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         what = f"label of {label_id}"
-        super().update_label_info(label_id, label_tag, check_segment_names(check_class_name(dict(info), what), what))
+        try:
+            super().update_label_info(label_id, label_tag, check_segment_names(check_class_name(dict(info), what), what))
+        except OSError as e:
+            raise storage_error(e, f"info of the {what}") from e
 
     def remove_image(self, image_id: str) -> None:
         check_id(image_id)
         if image_id not in self._datastore.objects:
             raise not_found(f"unknown image id {image_id!r}")
         super().remove_image(image_id)
+        self._forget_vanished(image_id)
         with self._lock():  # listed no more at once, not when the folder watcher catches up
             self._datastore.objects = {k: v for k, v in self._datastore.objects.items() if k != image_id}
             self._update_datastore_file(lock=False)
@@ -368,6 +475,7 @@ class TumorlensDatastore(LocalDatastore):
         check_id(label_id)
         check_id(label_tag, "label tag")
         super().remove_label(label_id, label_tag)
+        self._forget_vanished(label_id, label_tag)
         obj = self._datastore.objects.get(label_id)
         if obj is not None and label_tag in obj.labels:
             with self._lock():
@@ -388,14 +496,108 @@ class TumorlensDatastore(LocalDatastore):
     def _remove_non_existing(self):
         """MONAI Label's folder watcher drops index entries whose files are gone; when a request changes the
         index at the same moment its loop fails ("dictionary changed size during iteration") and the
-        watcher's thread dies for good: new files in the folder were never seen again. It tries again."""
+        watcher's thread dies for good: new files in the folder were never seen again. It tries again.
+
+        The info of what it drops (a label's class and annotator, an image's picks) is kept aside and given
+        back when the same file returns (see ``_vanished``): a label file moved out for a second, or an image
+        re-written by a sync tool, had come back as a new entry with no class, out of training."""
         for attempt in range(5):
             try:
-                return super()._remove_non_existing()
+                before = {i: (o.image, dict(o.labels)) for i, o in dict(self._datastore.objects).items()}
+                n = super()._remove_non_existing()
+                break
             except RuntimeError as e:
                 if "changed size during iteration" not in str(e) or attempt == 4:
                     raise
                 logger.info("datastore index changed while checking for removed files: checking again")
+        if n:
+            self._keep_vanished(before)
+        return n
+
+    # ---- entries whose files went missing ----------------------------------------------------------
+    def _vanished(self) -> dict:
+        try:
+            data = json.loads(self._vanished_file.read_text())
+            return data if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_vanished(self, data: dict) -> None:
+        from tumorlens.atomic import atomic_write_text
+
+        try:
+            atomic_write_text(self._vanished_file, json.dumps(data, indent=2, default=str))
+        except (OSError, InvalidInputError) as e:
+            logger.warning(f"could not keep the info of missing files aside: {e}")
+
+    def _keep_vanished(self, before: dict) -> None:
+        """Record the info of the entries the watcher just dropped: ``{id: {"image": {ext, info}, "labels":
+        {tag: {ext, info}}}}`` (an image's record holds its labels' too, which go with it)."""
+        now = self._datastore.objects
+        data = self._vanished()
+        for image_id, (image, labels) in before.items():
+            gone_labels = {t: lab for t, lab in labels.items() if image_id not in now or t not in now[image_id].labels}
+            if image_id in now and not gone_labels:
+                continue
+            rec = data.setdefault(image_id, {})
+            if image_id not in now:
+                rec["image"] = {"ext": image.ext, "info": dict(image.info)}
+            rec.setdefault("labels", {}).update({t: {"ext": lab.ext, "info": dict(lab.info)} for t, lab in gone_labels.items()})
+        self._write_vanished(data)
+
+    def _forget_vanished(self, image_id: str, tag: str | None = None) -> None:
+        """An image or label deleted on request does not come back with the old info if a file of that name does."""
+        data = self._vanished()
+        if image_id not in data:
+            return
+        if tag is None:
+            data.pop(image_id)
+        else:
+            data[image_id].get("labels", {}).pop(tag, None)
+        self._write_vanished(data)
+
+    def _add_non_existing_images(self) -> int:
+        n = super()._add_non_existing_images()
+        data = self._vanished()
+        back = {i: r for i, r in data.items() if "image" in r and i in self._datastore.objects}
+        for image_id, rec in back.items():
+            obj = self._datastore.objects[image_id]
+            if obj.image.ext == rec["image"]["ext"]:  # the same file name: its info back (another file of that
+                obj.image.info = {**rec["image"]["info"], "name": obj.image.info.get("name")}  # stem does not get it)
+                logger.info(f"image {image_id} is back: its earlier info restored")
+            rec.pop("image")
+        if back:
+            self._write_vanished({i: r for i, r in data.items() if r.get("image") or r.get("labels")})
+        return n
+
+    def _add_non_existing_labels(self, tag) -> int:
+        n = super()._add_non_existing_labels(tag)
+        data = self._vanished()
+        changed = False
+        for image_id, rec in data.items():
+            lab = rec.get("labels", {}).get(tag)
+            obj = self._datastore.objects.get(image_id)
+            if lab is None or obj is None or tag not in obj.labels or "image" in rec:
+                continue
+            current = obj.labels[tag]
+            if current.ext == lab["ext"] and self._label_fits(image_id, tag, current.ext):
+                current.info = {**lab["info"], "name": current.info.get("name")}
+                logger.info(f"label {tag} of {image_id} is back: its class and annotator restored")
+            rec["labels"].pop(tag)
+            changed = True
+        if changed:
+            self._write_vanished({i: r for i, r in data.items() if r.get("image") or r.get("labels")})
+        return n
+
+    def _label_fits(self, image_id: str, tag: str, ext: str) -> bool:
+        """The label file on the image's grid (a label left behind must not give its class to another image
+        that took its id)."""
+        try:
+            img = read_image(self.get_image_uri(image_id))
+            read_label_like(Path(self._datastore.label_path(tag)) / self._filename(image_id, ext), img)
+            return True
+        except (InvalidInputError, OSError, ValueError):
+            return False
 
     def _lock(self):
         from filelock import FileLock
@@ -409,13 +611,20 @@ class TumorlensDatastore(LocalDatastore):
             self._ignore_event_config = True
             text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             path = Path(self._datastore_config_path)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            with os.fdopen(fd, "w") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)  # as MONAI Label writes it (mkstemp makes it private)
-            os.replace(tmp, path)
+            # a second copy first, in a file of its own (not a link: a truncated index would take it along),
+            # for a start after the index is damaged (_recover_index)
+            for target in (path.with_name(f".{path.name}{BACKUP}"), path):
+                fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+                try:
+                    with os.fdopen(fd, "w") as f:
+                        f.write(text)
+                        f.flush()
+                        os.fsync(f.fileno())
+                    os.chmod(tmp, 0o644)  # as MONAI Label writes it (mkstemp makes it private)
+                    os.replace(tmp, target)
+                except BaseException:
+                    Path(tmp).unlink(missing_ok=True)
+                    raise
             self._config_ts = os.stat(path).st_mtime
 
         if lock:

@@ -24,6 +24,16 @@ def service_unavailable(msg: str) -> HTTPException:
     return HTTPException(status_code=503, detail=msg)
 
 
+def storage_error(e: OSError, what: str) -> HTTPException:
+    """A write the disk refused (full, read-only, no permission): what failed and why, not a bare 500.
+    507 Insufficient Storage when the disk is full, else 503 (the server keeps serving reads)."""
+    import errno
+
+    full = e.errno in (errno.ENOSPC, errno.EDQUOT)
+    why = "no space left on the studies disk" if full else f"the studies folder cannot be written ({e.strerror or e})"
+    return HTTPException(status_code=507 if full else 503, detail=f"{what} not saved: {why}")
+
+
 def conflict(msg: str) -> HTTPException:
     return HTTPException(status_code=409, detail=msg)
 

@@ -128,7 +128,8 @@ def check_train_endpoint(arguments: dict) -> None:
 
     starting = getattr(trainers[model], "mark_starting", None)
     if starting is not None and not processes("train"):
-        starting()
+        settings = dict(params.get(model)) if isinstance(params.get(model), dict) else dict(params)
+        starting(settings)
 
 
 def check_infer_input(arguments: dict) -> None:

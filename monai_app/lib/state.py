@@ -45,7 +45,9 @@ class AppState:
         return self.versions.load()
 
     def model_version(self) -> str:
-        return self.versions.pointer().get("version") or f"base:{self.model().version}"
+        """The version answering now: the current one, or the one served in its place when it cannot load."""
+        model = self.model()
+        return self.versions.served or f"base:{model.version}"
 
     # ---- train stats -----------------------------------------------------------------------------
     def read_stats(self) -> dict:

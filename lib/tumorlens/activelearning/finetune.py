@@ -119,20 +119,28 @@ def check_label_class(mask: np.ndarray, class_name: str, where, volume: bool) ->
                                 "slices that hold it are unknown")
 
 
-def item_arrays(image: str | Path, label: str | Path | None, class_name: str, size: int,
+UNKNOWN_CLASS = -1  # a tumour outlined without its type: trains the seg head, not the classifier
+
+
+def item_arrays(image: str | Path, label: str | Path | None, class_name: str | None, size: int,
                 max_clear_slices: int = 4, max_lesion_slices: int = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(images uint8 [N, S, S], masks uint8 [N, S, S], labels [N]) of one labelled item."""
-    if class_name not in CLASS_NAMES:
+    """(images uint8 [N, S, S], masks uint8 [N, S, S], labels [N]) of one labelled item. ``class_name`` None:
+    a mask saved without a class (3D Slicer's "tumor" segment): its lesion slices get ``UNKNOWN_CLASS``."""
+    if class_name is not None and class_name not in CLASS_NAMES:
         raise InvalidInputError(label or image, f"unknown class {class_name!r}: one of {', '.join(CLASS_NAMES)}")
     img = read_image(image)
     mask = read_label_like(label, img) if label else np.zeros(img.shape[1:], np.uint8)
-    check_label_class(mask, class_name, label or image, is_volume(img))
+    if class_name is None:
+        if not mask.any():
+            raise InvalidInputError(label or image, "no class and an empty mask: nothing to learn from")
+    else:
+        check_label_class(mask, class_name, label or image, is_volume(img))
+    lesion_class = UNKNOWN_CLASS if class_name is None else class_index(class_name)
     arr = img.detach().cpu().numpy()[0]
     if not is_volume(img):
         x = prepare_slice(arr, size)[0, 0].numpy()
         m = prepare_mask(mask, arr, size)
-        return (np.round(x * 255).astype(np.uint8)[None], m.astype(np.uint8)[None],
-                np.array([class_index(class_name)]))
+        return (np.round(x * 255).astype(np.uint8)[None], m.astype(np.uint8)[None], np.array([lesion_class]))
     disp, _ = volume_to_display(arr, np.asarray(img.affine, dtype=float))
     mdisp, _ = volume_to_display(mask, np.asarray(img.affine, dtype=float))
     area = np.array([foreground_mask(s).mean() for s in disp])
@@ -151,7 +159,7 @@ def item_arrays(image: str | Path, label: str | Path | None, class_name: str, si
     frame = volume_frame(fg[brain_slices])  # the frame Predictor.predict sees this volume through
     x = framed_inputs(vnorm[idx], frame, size)[:, 0].numpy()
     m = framed_inputs(mdisp[idx].astype(np.float32), frame, size)[:, 0].numpy() >= 0.5
-    y = np.array([class_index(class_name)] * touched.size + [class_index(NO_TUMOUR)] * (idx.size - touched.size))
+    y = np.array([lesion_class] * touched.size + [class_index(NO_TUMOUR)] * (idx.size - touched.size))
     return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8), m.astype(np.uint8), y
 
 
@@ -213,13 +221,17 @@ def finetune(model: LoadedModel, images: np.ndarray, masks: np.ndarray, labels: 
         for x, m, y, i in tqdm(loader, desc=f"fine-tune epoch {epoch + 1}/{epochs}", disable=not progress,
                                leave=False):
             logits, seg = net(x)
-            loss = ce(logits, y)
+            known = y != UNKNOWN_CLASS  # masks saved without a class train the seg head only
+            # (no term at all without a known class: a zero one would still let AdamW's decay move the classifier)
+            loss = ce(logits[known], y[known]) if known.any() else torch.zeros((), dtype=seg.dtype)
             drawn = torch.as_tensor(keep[i.numpy()])
             if drawn.any():
                 loss = loss + seg_weight * (dice(seg[drawn], m[drawn]) + bce(seg[drawn], m[drawn]))
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(f"the fine-tune diverged in epoch {epoch + 1} (loss {float(loss)} at "
                                             f"lr {lr:g}): nothing was published; try a smaller lr")
+            if not loss.requires_grad:
+                continue
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -9,6 +9,7 @@ mid-training leaves the previous version current (leftover temporary folders are
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from tumorlens.atomic import atomic_write_text
 from tumorlens.errors import TrainingDivergedError
 from tumorlens.models.registry import CARD, CHECKPOINT, LoadedModel, load_model, resolve, save_checkpoint
 
+logger = logging.getLogger(__name__)
 POINTER = "current.json"
 INCOMING = ".incoming-"
 
@@ -33,6 +35,8 @@ class ModelVersions:
     def __init__(self, root: str | Path, base: str | Path | None = None):
         self.root = Path(root)
         self.base = base
+        self.served: str | None = None  # the version folder ``load`` returned (None: the base model)
+        self.broken: str | None = None  # why the current version could not be loaded, when it could not
         self.root.mkdir(parents=True, exist_ok=True)
 
     def sweep(self) -> int:
@@ -41,8 +45,8 @@ class ModelVersions:
         for p in self.root.glob(f"{INCOMING}*"):
             shutil.rmtree(p, ignore_errors=True)
             n += 1
-        for p in self.root.glob(f".{POINTER}.*.tmp"):
-            p.unlink(missing_ok=True)
+        for p in list(self.root.glob(f".{POINTER}.*.tmp")) + list(self.root.glob(f".tmp-*-{POINTER}")):
+            p.unlink(missing_ok=True)  # a pointer half-written by a killed run (atomic_write's temporary name)
         return n
 
     def pointer(self) -> dict:
@@ -63,7 +67,30 @@ class ModelVersions:
         return resolve(self.base)
 
     def load(self, device: str = "cpu") -> LoadedModel:
-        return load_model(self.current_path(), device=device)
+        """The current version; when its checkpoint cannot be loaded (a damaged file), the newest earlier
+        version that can, else the base model, and ``served`` says which (a damaged v0007 had made every
+        inference a bare 500 while ``/info/`` still named it)."""
+        current = self.current_path()
+        try:
+            model = load_model(current, device=device)
+            self.served, self.broken = (current.name if current.parent == self.root else None), None
+            return model
+        except Exception as e:  # noqa: BLE001 - any unreadable checkpoint: fall back, and say so
+            if current.parent != self.root:
+                raise
+            problem = f"{current.name}: its checkpoint cannot be loaded ({type(e).__name__})"
+            logger.debug(f"{current}: {e}")
+            if problem != self.broken:
+                logger.error(f"model version {problem}; serving the newest earlier version that loads")
+        for name in reversed([v for v in self.versions() if v < current.name]):
+            try:
+                model = load_model(self.root / name, device=device)
+            except Exception:  # noqa: BLE001
+                continue
+            self.served, self.broken = name, problem
+            return model
+        self.served, self.broken = None, problem
+        return load_model(resolve(self.base), device=device)
 
     def versions(self) -> list[str]:
         return sorted(p.name for p in self.root.glob("v[0-9][0-9][0-9][0-9]") if (p / CARD).is_file())

@@ -36,6 +36,8 @@ LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 # column index along -x: with this affine a mask written for a JPEG lands on the JPEG in Slicer (with a
 # plain identity it came out transposed, and a Slicer label read back transposed too).
 PHOTO_AFFINE = np.array([[0.0, -1.0, 0.0, 0.0], [-1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 0.0, 0.0, 1.0]])
+EXIF_ORIENTATION = 0x0112
+MIN_SLICE_SIDE, MAX_SLICE_ASPECT = 8, 8
 MAX_PIXELS_2D = 64 * 1024 * 1024  # 8192 x 8192: far above any MRI slice or screenshot of one
 MAX_VOXELS = 512 * 1024 * 1024  # 2 GiB as float32: a 0.5 mm whole-body MRI is well below
 
@@ -64,6 +66,10 @@ def _meta(path: Path, kind: str, affine: np.ndarray, spatial_shape, spacing, spa
 
 def _image(path: Path, kind: str, arr: np.ndarray, affine: np.ndarray, spacing, **meta) -> MetaTensor:
     """The reader's result: ``arr`` with a leading channel, its affine, and the shared metadata."""
+    if kind == "image2d" and (min(arr.shape) < MIN_SLICE_SIDE or max(arr.shape) > MAX_SLICE_ASPECT * min(arr.shape)):
+        # a 1 x 256 strip was classified as a glioma (p 0.90) by one command and refused by another
+        raise InvalidInputError(path, f"a {arr.shape[0]} x {arr.shape[1]} px picture is no head slice: a slice is at "
+                                      f"least {MIN_SLICE_SIDE} px on each side and at most {MAX_SLICE_ASPECT}:1")
     return MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine),
                       meta=_meta(path, kind, affine, arr.shape, spacing, **meta))
 
@@ -115,8 +121,42 @@ def _check_size(path: Path, shape: tuple[int, ...], limit: int) -> None:
                                       f"than the {limit:,} tumorlens reads (no MRI is this large)")
 
 
+def _exif_orientation(im) -> int:
+    """The EXIF Orientation tag (1-8; 1 when absent or unreadable)."""
+    try:
+        value = int(im.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not make the picture unreadable
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def stored_grid_affine(orientation: int, stored_shape: tuple[int, int]) -> np.ndarray:
+    """The affine of a picture turned upright by its EXIF ``orientation`` that keeps every pixel where the
+    stored grid (``PHOTO_AFFINE``, as ITK and 3D Slicer read the file, ignoring the tag) puts it: a mask
+    written for the upright picture then lands on the same pixels of the stored one in Slicer."""
+    from PIL import Image, ImageOps
+
+    h, w = stored_shape
+    rows, cols = np.mgrid[0:h, 0:w].astype(np.int32)
+    turned = []
+    for a in (rows, cols):
+        im = Image.fromarray(a, mode="I")
+        ex = im.getexif()
+        ex[EXIF_ORIENTATION] = orientation
+        im.info["exif"] = ex.tobytes()
+        turned.append(np.asarray(ImageOps.exif_transpose(im)))
+    r, c = turned
+    index = np.eye(4)  # upright (row, col) -> stored (row, col), a permutation and flips
+    if r.shape[0] > 1:
+        index[0, 0], index[1, 0] = r[1, 0] - r[0, 0], c[1, 0] - c[0, 0]
+    if r.shape[1] > 1:
+        index[0, 1], index[1, 1] = r[0, 1] - r[0, 0], c[0, 1] - c[0, 0]
+    index[0, 3], index[1, 3] = r[0, 0], c[0, 0]
+    return PHOTO_AFFINE @ index
+
+
 def _read_photo(path: Path, modality: str) -> MetaTensor:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with warnings.catch_warnings():  # the size is checked here, against a limit of our own
@@ -130,6 +170,9 @@ def _read_photo(path: Path, modality: str) -> MetaTensor:
                                               "reads one slice per JPEG/PNG/TIFF file; save the slices as separate files "
                                               "or the stack as a NIfTI volume")
             im.load()
+            orientation = _exif_orientation(im)
+            if orientation != 1:  # the picture as every viewer shows it, not as its pixels are stored
+                im = ImageOps.exif_transpose(im)
             colour = colour_fraction(np.asarray(im.convert("RGB"))) if im.mode in ("RGB", "RGBA", "P", "CMYK") else 0.0
             if im.mode in ("RGB", "RGBA", "P", "CMYK", "LA"):
                 im = im.convert("L")
@@ -145,8 +188,14 @@ def _read_photo(path: Path, modality: str) -> MetaTensor:
     if arr.ndim != 2:
         raise InvalidInputError(path, f"expected a single-channel 2D image, got array of shape {arr.shape}")
     arr = _check_pixels(path, arr)
-    return _image(path, "image2d", arr, PHOTO_AFFINE.copy(), (1.0, 1.0), spacing_known=False, modality=modality,
-                  colour_fraction=colour)
+    extra = {}
+    affine = PHOTO_AFFINE.copy()
+    if orientation != 1:
+        stored = arr.shape if orientation in (1, 2, 3, 4) else arr.shape[::-1]
+        affine = stored_grid_affine(orientation, stored)
+        extra["exif_orientation"] = orientation
+    return _image(path, "image2d", arr, affine, (1.0, 1.0), spacing_known=False, modality=modality,
+                  colour_fraction=colour, **extra)
 
 
 def _spatial_only(path: Path, arr: np.ndarray) -> np.ndarray:
@@ -322,6 +371,10 @@ def _check_slice_positions(path: Path, reader, n: int, direction: np.ndarray) ->
                                       "would be wrong")
 
 
+DICOMDIR_HINT = ("; it is the index of a DICOM disc, whose series lie in its subfolders (e.g. PT000000/ST000000/"
+                 "SE000000): give the folder of one series")
+
+
 def _read_dicom(path: Path) -> MetaTensor:
     import SimpleITK as sitk
 
@@ -335,6 +388,8 @@ def _read_dicom(path: Path) -> MetaTensor:
                 hint = (f"; it holds {len(others)} other image file(s) ({', '.join(others[:3])}"
                         f"{', ...' if len(others) > 3 else ''}): give those files themselves, one path each"
                         if others else "")
+                if (path / "DICOMDIR").is_file():
+                    hint = DICOMDIR_HINT
                 raise InvalidInputError(path, f"folder holds no DICOM series{hint}")
             if len(series) > 1:
                 sizes = ", ".join(f"{len(reader.GetGDCMSeriesFileNames(str(path), s))} files" for s in series)
@@ -352,6 +407,8 @@ def _read_dicom(path: Path) -> MetaTensor:
         raise
     except RuntimeError as e:
         last = str(e).strip().splitlines()[-1]
+        if "Unable to determine ImageIO reader" in last and path.name.upper() == "DICOMDIR":
+            raise InvalidInputError(path, f"a DICOMDIR holds no image{DICOMDIR_HINT}") from e
         if "Unable to determine ImageIO reader" in last:
             raise InvalidInputError(path, "no readable image in this file (not DICOM, no pixel data, a non-image "
                                           "object such as a structured report, or a truncated file)") from e
@@ -407,6 +464,10 @@ def read_image(path: str | Path, expect: Expect = None, modality: str = "MR") ->
     """
     path = Path(path)
     if not path.exists():
+        if str(path) == "-":
+            raise InvalidInputError(path, "standard input is not read: save the image to a file and give its path")
+        if path.is_symlink():
+            raise InvalidInputError(path, "a link that leads to no file (dangling, or a loop of links)")
         raise InvalidInputError(path, "file does not exist")
     if path.is_file() and path.stat().st_size == 0:
         raise InvalidInputError(path, "file is empty (0 bytes)")

@@ -92,19 +92,29 @@ def mask_info(mask: np.ndarray, source: str, spacing_mm: Sequence[float], kind: 
     if m.ndim == len(spacing_mm) + 1 and m.shape[0] == 1:
         m = m[0]
     n = int(m.sum())
-    vox_size = float(np.prod(np.asarray(spacing_mm, dtype=float)))
-    bbox = None
-    if n:
-        idx = np.argwhere(m)
-        bbox = BBox(min=[int(v) for v in idx.min(0)], max=[int(v) for v in idx.max(0)])
+    sp = np.asarray(spacing_mm, dtype=float)
+    if kind == "volume" and m.ndim == sp.size == 3 and sum(s == 1 for s in m.shape) == 1:
+        # a volume file of one slice is read as a 2D slice everywhere: its lesion is an area (a 5 mm slice's
+        # area times its thickness read as a "volume" of 8.9 ml; a 1 mm one's as 0.0 ml)
+        in_plane = [float(v) for v, s in zip(sp, m.shape, strict=True) if s != 1]
+        return MaskInfo(source=source, empty=n == 0, voxels=n, area_mm2=n * float(np.prod(in_plane)),
+                        volume_mm3=None, bbox=_bbox(m, n))
+    vox_size = float(np.prod(sp))
     return MaskInfo(
         source=source,
         empty=n == 0,
         voxels=n,
         area_mm2=n * vox_size if kind == "image2d" else None,
         volume_mm3=n * vox_size if kind == "volume" else None,
-        bbox=bbox,
+        bbox=_bbox(m, n),
     )
+
+
+def _bbox(m: np.ndarray, n: int) -> BBox | None:
+    if not n:
+        return None
+    idx = np.argwhere(m)
+    return BBox(min=[int(v) for v in idx.min(0)], max=[int(v) for v in idx.max(0)])
 
 
 def provenance(model: Any | None = None) -> Provenance:

@@ -31,6 +31,9 @@ from tumorlens.models.beside import load_beside, load_fp16, save_fp16
 
 REFINER_FILE = "refiner.pt"
 CROP = 96  # crop side in network pixels
+# a slice this small holds no detail beyond the seg head's own map: redrawn from a few native pixels
+# blown up to the crop, a 24 px thumbnail's lesion grew to half the picture (the head's own: 23 px)
+MIN_SIDE = 64
 WINDOW_SCALE, WINDOW_RIM, WINDOW_MIN = 1.6, 24.0, 48.0  # window side = 1.6 x lesion side + 24 px, >= 48 px
 
 
@@ -77,7 +80,12 @@ def sample(a: np.ndarray, grid: torch.Tensor) -> np.ndarray:
 
 
 def normalise_crop(x: np.ndarray) -> np.ndarray:
-    return ((x - x.mean()) / (x.std() + 1e-3)).astype(np.float32)
+    """Zero mean, unit spread, whatever the intensity scale: in float64 (float32 overflowed on a slice
+    stored at 1e20 and emptied the mask), with the small guard against flat crops scaled to the crop's
+    range (1e-3 on the 0-255 training slices)."""
+    x = np.asarray(x, dtype=np.float64)
+    guard = 1e-3 * max(float(np.abs(x).max(initial=0.0)) / 255.0, 1e-300)
+    return ((x - x.mean()) / (x.std() + guard)).astype(np.float32)
 
 
 def paste(p: np.ndarray, shape: tuple[int, int], cy: float, cx: float, w: float) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +121,7 @@ class LesionRefiner:
         window around the largest part of ``coarse`` (its binary mask) redrawn at native resolution.
         Unchanged when ``coarse`` is empty."""
         box = lesion_box(coarse)
-        if box is None:
+        if box is None or min(arr.shape) < MIN_SIDE:
             return prob
         cy, cx, side = box
         w = lesion_window(side)

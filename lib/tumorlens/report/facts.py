@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tumorlens.caveats import HEAD_TEMPLATE_FAILED, IN_COLOUR, NO_DARK_BORDER
+from tumorlens.caveats import HEAD_TEMPLATE_FAILED, IN_COLOUR, NO_DARK_BORDER, REGIONS_NOT_REQUESTED
 from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 from tumorlens.report.sanitize import PatientContext, sanitize_patient
@@ -209,7 +209,9 @@ class Facts:
         if not self.tumour_present:
             return "No lesion location is reported because the classifier favours the no-tumour class."
         if self.low_confidence_placement or not self.regions:
-            why = "the atlas placement is low-confidence" if self.low_confidence_placement else "no atlas regions were found"
+            why = ("the atlas placement is low-confidence" if self.low_confidence_placement
+                   else "they were not requested" if any(REGIONS_NOT_REQUESTED in n for n in self.notes)
+                   else "no atlas regions were found")
             side = f" The lesion lies on the {self.laterality} side." if self.laterality in ("left", "right") else ""
             return f"No atlas regions are named because {why}.{side}"
         regs = ", ".join(f"{r['hemisphere'] + ' ' if r['hemisphere'] in ('left', 'right') else ''}{r['name']} "

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 
+from tumorlens.caveats import REGIONS_NOT_REQUESTED
 from tumorlens.data import read_image
 from tumorlens.data.readers import is_volume
 from tumorlens.errors import InvalidInputError, TumorlensError
@@ -121,7 +122,7 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
     seg_mask = _mask_meta(seg_np, img)
     atlas = None
     if not with_regions:
-        notes.append("atlas regions not requested")
+        notes.append(REGIONS_NOT_REQUESTED)
     elif not mask.numpy().any():
         notes.append("saliency mask is empty: no atlas regions")
     else:

@@ -40,6 +40,26 @@ def prepare_sample_studies(dest: Path) -> Path:
     return dest
 
 
+def logging_config(app: Path) -> Path | None:
+    """MONAI Label's logging config, written once beside its log (``monai_app/logs/``): without one, every
+    server start left a copy in the system's temporary folder. Same content as MONAI Label makes."""
+    try:
+        import monailabel
+
+        template = Path(monailabel.__file__).resolve().parent / "logging.json"
+        logs = app / "logs"
+        text = template.read_text().replace("${LOGDIR}", str(logs)).replace("${LOGFILE}", str(logs / "app.log"))
+        logs.mkdir(parents=True, exist_ok=True)
+        out = logs / "logging.json"
+        if not out.is_file() or out.read_text() != text:
+            from tumorlens.atomic import atomic_write_text
+
+            atomic_write_text(out, text)
+        return out
+    except (OSError, ImportError, InvalidInputError):
+        return None  # MONAI Label then makes its own, as before
+
+
 def server_command(studies: str, host: str, port: int, conf: list[list[str]] | None = None,
                    extra: list[str] | None = None) -> tuple[list[str], dict[str, str]]:
     """The ``monailabel start_server`` command line and environment."""
@@ -52,8 +72,11 @@ def server_command(studies: str, host: str, port: int, conf: list[list[str]] | N
     exe = shutil.which("monailabel", path=env["PATH"])
     if exe is None:
         raise InvalidInputError(None, f"the 'monailabel' launcher is not installed in {bindir}")
-    cmd = [exe, "start_server", "--app", str(project_root() / "monai_app"), "--studies", studies,
-           "--host", host, "--port", str(port)]
+    app = project_root() / "monai_app"
+    cmd = [exe, "start_server", "--app", str(app), "--studies", studies, "--host", host, "--port", str(port)]
+    log_config = logging_config(app)
+    if log_config is not None:
+        cmd += ["--log_config", str(log_config)]
     for k, v in conf or []:
         cmd += ["--conf", k, v]
     cmd += list(extra or [])

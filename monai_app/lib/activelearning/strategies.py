@@ -1,5 +1,5 @@
 """Next-sample strategies over the datastore's images that cannot train the classifier yet (no final
-label, or one that names no class): ``random``, ``uncertainty``
+label, or, once every image has one, a label that names no class): ``random``, ``uncertainty``
 (highest MC-dropout predictive entropy) and ``saliency_disagreement`` (where Grad-CAM and the
 segmentation head disagree most). Scores come from the scoring methods' store; images not scored
 yet under the current model are scored on the spot (at most ``max_compute`` per request).
@@ -70,6 +70,18 @@ def usable(state: AppState, datastore: Datastore, ids: list[str]) -> tuple[list[
     return [i for i in ids if i not in bad], len(bad)
 
 
+def candidates(state: AppState, datastore: Datastore, gaps: dict[str, str]) -> tuple[list[str], int]:
+    """The usable images without a final label; only when none is left, those whose final label names no
+    class (an annotator who saved a mask in 3D Slicer's "tumor" segment was handed it back at once, its
+    segments empty). Also returns how many were left out as unusable."""
+    first = sorted(i for i, need in gaps.items() if need == "label")
+    ids, skipped = usable(state, datastore, first)
+    if ids:
+        return ids, skipped
+    ids, more = usable(state, datastore, sorted(i for i in gaps if i not in first))
+    return ids, skipped + more
+
+
 def free_first(ids: list[str], picked: dict[str, float], hold: int) -> tuple[list[str], int]:
     """The candidates not picked within ``hold`` seconds; when none is free, the one picked longest ago.
     Also returns how many were held back."""
@@ -92,7 +104,7 @@ class RandomUnlabelled(Strategy):
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         gaps = training_gaps(datastore)
-        ids, skipped = usable(self.state, datastore, sorted(gaps))
+        ids, skipped = candidates(self.state, datastore, gaps)
         if not ids:
             return {}
         rng = random.Random(seed_param(request))
@@ -121,7 +133,7 @@ class ScoredStrategy(Strategy):
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         gaps = training_gaps(datastore)
-        ids, skipped = usable(self.state, datastore, sorted(gaps))
+        ids, skipped = candidates(self.state, datastore, gaps)
         if not ids:
             return {}
         limit = max_compute_param(request)

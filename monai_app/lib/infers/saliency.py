@@ -45,8 +45,12 @@ def region_labelmap(expl, findings: dict) -> tuple[np.ndarray, dict[str, int]]:
             lab = lab[0]
         if lab.shape == mask.shape and int(lab.max(initial=0)) <= len(names) < 256:
             lab = (lab * (mask > 0)).astype(np.uint8)
-            present = {int(v) for v in np.unique(lab)} - {0}
-            return lab, {str(n): i for i, n in enumerate(names, start=1) if i in present}
+            present = sorted({int(v) for v in np.unique(lab)} - {0})
+            # values 1..N without gaps: 3D Slicer's MONAILabel module gives value v the v-th name (sorted by
+            # value), so a region listed but left without voxels would shift every later name by one
+            lut = np.zeros(256, np.uint8)
+            lut[present] = np.arange(1, len(present) + 1)
+            return lut[lab], {str(names[v - 1]): i for i, v in enumerate(present, start=1)}
         logger.warning(f"region map of shape {lab.shape} does not fit the mask {mask.shape}: one lesion label")
     # one binary lesion label; the regions it covers are in findings["regions"] (largest share first)
     return (mask > 0).astype(np.uint8), {LESION: 1}
@@ -85,11 +89,18 @@ class SaliencyInfer(TumorlensInfer):
                        patient=patient, **kw)
 
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
+        heatmap = flag(request, "heatmap", False)
+        if heatmap and request.get("result_dtype") and str(request.get("result_extension", "")) != ".png":
+            # 3D Slicer's MONAILabel module (uint8) and OHIF (uint16) read every answer as a labelmap: a float
+            # map in [0, 1] written as integers would show as nothing, without a word
+            raise bad_request(f"heatmap: true answers a float map in [0, 1], which a client reading labels as "
+                              f"{request['result_dtype']} cannot show; leave out result_dtype (or ask for a .png, "
+                              "0-255), or ask for the mask with heatmap: false")
         expl = self.explain(img, request)
         findings = expl.findings.model_dump(mode="json")
         out = {"findings": findings, "method": self.method,
                "model": {"name": self.state.model().name, "version": self.state.model_version()}}
-        if flag(request, "heatmap", False):
+        if heatmap:
             heat = expl.heatmap.detach().cpu().numpy()[0].astype(np.float32)
             out["label_names"] = {"saliency": 1}
             out["heatmap"] = True

@@ -21,7 +21,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from lib.datastore import final_label_class
 from lib.errors import bad_request
 from lib.state import AppState
-from tumorlens.activelearning.finetune import TRAINABLE, finetune, item_arrays
+from tumorlens.activelearning.finetune import TRAINABLE, UNKNOWN_CLASS, finetune, item_arrays
 from tumorlens.activelearning.heads import cache_keys_added, carried_heads, write_heads
 from tumorlens.config import config_hash
 from tumorlens.errors import InvalidInputError, TrainingDivergedError
@@ -33,15 +33,17 @@ logger = logging.getLogger(__name__)
 
 
 def labelled_items(datastore: Datastore) -> tuple[list[dict], list[str]]:
-    """(items with image, label file and class, notes about skipped ones)."""
+    """(items with image, label file and class, notes). A final label that names no class (the mask 3D
+    Slicer's MONAI Label module saves from its "tumor" segment) is an item too, with class None: its
+    outline trains the seg head, not the classifier (it had been skipped, and the annotator never told)."""
     items, notes = [], []
     for image_id in datastore.get_labeled_images(DefaultLabelTag.FINAL):
         cls = final_label_class(datastore, image_id)
         if not cls:
-            notes.append(f"{image_id}: no class_name in the label info; skipped (it stays an active-learning candidate)")
-            continue
+            notes.append(f"{image_id}: no class_name in the label info; its mask trains the segmentation head only "
+                         "(it stays an active-learning candidate for its class)")
         items.append({"id": image_id, "image": datastore.get_image_uri(image_id),
-                      "label": datastore.get_label_uri(image_id, DefaultLabelTag.FINAL), "class_name": cls})
+                      "label": datastore.get_label_uri(image_id, DefaultLabelTag.FINAL), "class_name": cls or None})
     return items, notes
 
 
@@ -94,18 +96,21 @@ class FinetuneTrainer(TrainTask):
                          "nothing was published by this run")
         return stats
 
-    def mark_starting(self) -> None:
-        """Before a training process starts: the previous run's epoch counts are not this run's."""
+    def mark_starting(self, settings: dict | None = None) -> None:
+        """Before a training process starts: the previous run's epoch counts are not this run's. Epoch 0 of
+        the run's epochs from the start: 3D Slicer's MONAI Label module shows ``epoch / total_epochs`` and,
+        with neither there, read 1 / 1 as a finished run while this one was loading."""
+        epochs = (settings or {}).get("max_epochs", self.config()["max_epochs"])
         self.state.write_stats({"status": "STARTING", "requested_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                                "from_version": self.state.model_version()})
+                                "from_version": self.state.model_version(), "epoch": 0,
+                                "total_epochs": int(float(epochs))})
 
     def check_ready(self, datastore: Datastore) -> None:
         """Before a training process starts: a 400 when there is nothing to train on."""
         items, notes = labelled_items(datastore)
         if not items:
-            why = f" ({'; '.join(notes[:3])})" if notes else ""
-            raise bad_request("nothing to train on: no image has a final label with a class_name; save labels with "
-                              f"params {{\"class_name\": ...}} first{why}")
+            raise bad_request("nothing to train on: no image has a final label; save labels (with params "
+                              "{\"class_name\": ...} to train the classifier too) first")
 
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         cfg = dict(self.config())
@@ -117,10 +122,11 @@ class FinetuneTrainer(TrainTask):
         items, notes = labelled_items(datastore)
         items = items[: int(cfg["max_items"])]
         stats = {"status": "RUNNING", "pid": os.getpid(), "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
-                 "from_version": base_version, "items": len(items), "notes": notes, "epochs": []}
+                 "from_version": base_version, "items": len(items), "notes": notes, "epochs": [], "epoch": 0,
+                 "total_epochs": int(cfg["max_epochs"])}
         self.state.write_stats(stats)
         if not items:
-            stats.update(status="ERROR", error="no labelled images with a class_name in the datastore")
+            stats.update(status="ERROR", error="no labelled images in the datastore")
             self.state.write_stats(stats)
             raise InvalidInputError(None, stats["error"])
         xs, ms, ys = [], [], []
@@ -138,6 +144,9 @@ class FinetuneTrainer(TrainTask):
             self.state.write_stats(stats)
             raise InvalidInputError(None, stats["error"])
         images, masks, labels = np.concatenate(xs), np.concatenate(ms), np.concatenate(ys)
+        known = labels != UNKNOWN_CLASS
+        if not known.all():
+            notes.append(f"{int((~known).sum())} slice(s) outlined without a class: segmentation head only")
         # a tumour class without an outline trains the classifier only
         has_mask = (labels == class_index(NO_TUMOUR)) | masks.reshape(len(masks), -1).any(1)
         if not has_mask.all():
@@ -159,7 +168,7 @@ class FinetuneTrainer(TrainTask):
             stats.update(status="ERROR", error=str(e), finished_at=datetime.now(UTC).isoformat(timespec="seconds"))
             self.state.write_stats(stats)
             raise
-        heads = carried_heads(base, net, images, labels)
+        heads = carried_heads(base, net, images[known], labels[known])
         if not heads:
             notes.append(HEADS_DROPPED)
         refiner = (base.path / REFINER_FILE).is_file()  # the lesion refiner goes along unchanged
@@ -170,7 +179,8 @@ class FinetuneTrainer(TrainTask):
             card["parent_metrics"] = card.pop("metrics")
         card.update(name=base.name, parent_version=base_version,
                     finetune={"items": len(xs), "samples": int(len(labels)), "config": cfg, "history": history,
-                              "class_counts": np.bincount(labels, minlength=len(base.labels)).tolist(),
+                              "class_counts": np.bincount(labels[known], minlength=len(base.labels)).tolist(),
+                              "unknown_class_samples": int((~known).sum()),
                               "config_hash": config_hash(cfg), "heads_carried": sorted(heads),
                               "refiner_carried": refiner,
                               "tip_adapter_keys_added": cache_keys_added(heads),
