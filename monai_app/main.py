@@ -41,7 +41,12 @@ class TumorLensApp(MONAILabelApp):
         if "monailabel.app" in sys.modules:  # inside the server (not a train/scoring subprocess)
             stats = self.state.read_stats()
             if stats.get("status") in ("STARTING", "RUNNING"):  # the server died while a run was going on
-                stats.update(status="INTERRUPTED", note="the server stopped during this run; nothing was published")
+                current = self.state.versions.pointer().get("folder")
+                written = [v for v in self.state.versions.versions() if current is None or v > current]
+                note = ("the server stopped during this run; nothing was published" if not written else
+                        f"the server stopped during this run after it wrote {written[-1]} but before making it "
+                        f"current: {written[-1]} is listed, not served")
+                stats.update(status="INTERRUPTED", note=note)
                 self.state.write_stats(stats)
             mb = float(conf.get("max_upload_mb") or os.environ.get("TUMORLENS_MAX_UPLOAD_MB", 512))
             install_infer_threads(sys.modules["monailabel.app"].app)

@@ -302,12 +302,16 @@ def _fmt_view(view: dict[str, float]) -> str:
     return ", ".join(f"{k} {v:.2f}" for k, v in view.items())
 
 
-def map_slice_mask(mask: np.ndarray, pl: SlicePlacement, *, per_pixel: bool = False) -> np.ndarray:
+def map_slice_mask(mask: np.ndarray, pl: SlicePlacement, *, per_pixel: bool = False,
+                   scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
     """Mask pixels -> MNI RAS points on the chosen template slice: one point per template pixel, or
-    with ``per_pixel`` one (rounded) point per mask pixel in ``np.nonzero`` order."""
+    with ``per_pixel`` one (rounded) point per mask pixel in ``np.nonzero`` order. ``scale``: the mask's
+    pixels in pixels of the picture that was placed (a slice of rectangular pixels is placed as a copy
+    resampled to square ones)."""
     rr, cc = np.nonzero(mask)
     if len(rr) == 0:
         return np.zeros((0, 3))
+    rr, cc = (rr + 0.5) * scale[0] - 0.5, (cc + 0.5) * scale[1] - 0.5
     r0, c0, side = pl.input_box
     # image pixel -> input frame -> template frame -> template slice pixel -> voxel -> MNI mm
     u = (rr - r0 + 0.5) * N_IN / side - 0.5

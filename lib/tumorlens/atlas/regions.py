@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 import SimpleITK as sitk
 from monai.data import MetaTensor
+from scipy import ndimage
 
 from tumorlens.atlas.harvard_oxford import (
     UNLABELLED,
@@ -28,6 +29,17 @@ from tumorlens.errors import InvalidInputError
 MIDLINE_MM = 2.0  # voxels within this distance of x=0 count as midline
 SIDE_SHARE = 0.05  # a side holding >= 5 % of the lesion counts as involved
 UNPLACED_LESION = {"centroid_mni_mm": None, "laterality": "unknown", "crosses_midline": None}
+
+
+def square_pixel_scale(meta: dict) -> tuple[float, float]:
+    """(rows, columns) zoom that makes a 2D slice's known pixel spacing square (1, 1 when it already is, or
+    when the spacing is unknown: a picture's pixels are taken as square)."""
+    sp = np.asarray(meta.get("spacing", ()), dtype=float).ravel()
+    if not meta.get("spacing_known", False) or sp.size != 2 or np.any(sp <= 0):
+        return (1.0, 1.0)
+    if abs(np.log(sp[0] / sp[1])) <= np.log(1.02):
+        return (1.0, 1.0)
+    return (float(sp[0] / sp.min()), float(sp[1] / sp.min()))
 
 
 def _np(x) -> np.ndarray:
@@ -256,7 +268,13 @@ def map_regions(
     else:
         from tumorlens.atlas.placement import map_slice_mask, place_slice
 
-        pl = place_slice(img)
+        meta = getattr(image, "meta", {}) or {}
+        scale = square_pixel_scale(meta) if meta.get("kind") == "image2d" else (1.0, 1.0)
+        if scale != (1.0, 1.0):  # the template's pixels are square: a 0.5 x 1.0 mm slice matched no plane
+            notes.append("placed on a copy of the slice resampled to square pixels")
+            pl = place_slice(ndimage.zoom(img, scale, order=1, grid_mode=True, mode="grid-constant"))
+        else:
+            pl = place_slice(img)
         placement = _placement("template_slice", pl.similarity, pl.confidence, min_confidence, pl.summary())
         notes.extend(pl.notes)
         if not m.any():
@@ -269,14 +287,14 @@ def map_regions(
             )
             regions, lesion = [], dict(UNPLACED_LESION)
         else:
-            pts = map_slice_mask(m, pl)
+            pts = map_slice_mask(m, pl, scale=scale)
             regions, lesion = summarise_points(pts)
             if pl.plane == "sagittal":
                 lesion["laterality"] = "unknown"
                 lesion["crosses_midline"] = None
                 for r in regions:
                     r["hemisphere"] = "unknown" if r["hemisphere"] in ("left", "right") else r["hemisphere"]
-            per_px = map_slice_mask(m, pl, per_pixel=True)
+            per_px = map_slice_mask(m, pl, per_pixel=True, scale=scale)
             extra = dict(zip(("region_map", "region_names"),
                              region_map_from(point_labels(per_px), np.nonzero(m), m.shape, regions), strict=True))
     lesion["mask_source"] = mask_source

@@ -102,10 +102,13 @@ def write_overlay(expl: Explanation, path: Path) -> Path:
     f = expl.findings
     fig, axes = plt.subplots(1, 2, figsize=(9, 4.8))
     base = normalize_intensity(img)
+    sp = f.input.spacing_mm
+    # a slice of rectangular pixels (0.5 x 1.0 mm) is drawn at its true shape, not stretched to its pixel grid
+    aspect = float(sp[0] / sp[1]) if f.input.kind == "image2d" and f.input.spacing_known and len(sp) == 2 else 1.0
     for ax in axes:
-        ax.imshow(base, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(base, cmap="gray", vmin=0, vmax=1, aspect=aspect)
         ax.axis("off")
-    axes[1].imshow(np.ma.masked_less(heat, 0.05), cmap="jet", alpha=0.45, vmin=0, vmax=1)
+    axes[1].imshow(np.ma.masked_less(heat, 0.05), cmap="jet", alpha=0.45, vmin=0, vmax=1, aspect=aspect)
     for ax in axes:
         if mask.any():
             ax.contour(mask.astype(float), levels=[0.5], colors=["red"], linewidths=1.2)
