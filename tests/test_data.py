@@ -241,8 +241,11 @@ def test_manifest_errors(tmp_path, dev2d, dev_rows):
     with pytest.raises(ManifestError, match="missing") as e:
         load_manifest(_manifest(tmp_path, "image,label", ["b.jpg,glioma"]))
     assert "b.jpg" in str(e.value)
-    with pytest.raises(ManifestError, match="no manifest.csv"):
+    with pytest.raises(ManifestError, match="data folder does not exist"):  # not "no manifest.csv" in it
         load_manifest(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="no manifest.csv"):
+        load_manifest(tmp_path / "empty")
     m = load_manifest(_manifest(tmp_path, "image,label", ["a.jpg,glioma"]))
     assert m.records[0].group == "img:a.jpg"  # no group column: each image is its own group
     # a short row (a value missing) or values beyond the header: the line is named, no bare traceback
@@ -426,3 +429,23 @@ def test_a_dicomdir_says_where_its_series_are(tmp_path, write_dicom_series):
         with pytest.raises(InvalidInputError, match="index of a DICOM disc") as ei:
             read_image(given)
         assert str(given) in str(ei.value)
+
+
+def test_a_ct_saved_as_nifti_is_known_by_its_hounsfield_units(brats, tmp_path):
+    """NIfTI and NRRD keep no modality: a head CT saved so was read as MR and reported as "a 3D MR volume",
+    while the same voxels as DICOM got the CT caveat. Air at -1000 and bone above 200 say CT."""
+    from tumorlens.inference import modality_caveat
+
+    ref = nib.load(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz")
+    mr = np.asanyarray(ref.dataobj).astype(np.float32)
+    brain = mr != mr.flat[0]
+    from scipy import ndimage
+
+    ct = np.where(brain, 35.0 + 5.0 * mr, -1000.0).astype(np.float32)
+    ct[ndimage.binary_dilation(brain, iterations=4) & ~brain] = 1200.0  # a skull around it
+    nib.save(nib.Nifti1Image(ct, ref.affine), tmp_path / "head_ct.nii.gz")
+    img = read_image(tmp_path / "head_ct.nii.gz")
+    assert img.meta["modality"] == "CT" and img.meta["modality_from"] == "intensities"
+    assert "Hounsfield" in modality_caveat("CT", guessed=True)
+    for f in (brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz", brats / "pat0001" / "Flair_subtrMeanDivStd.nii.gz"):
+        assert read_image(f).meta["modality"] == "MR"  # z-scored MR goes negative too, but not to -1000

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from tumorlens.data import grouped_split, load_manifest
+from tumorlens.labels import CLASS_NAMES
 from tumorlens.models import load_model
 
 # The shipped model's grouped-validation accuracy is in its model card (≈ 0.9 or more). On 64 images the
@@ -157,6 +158,8 @@ def test_predict_cli_flags_unfamiliar_and_volumes_and_skips_bad_files(dev2d, tum
     assert any("modality is CT" in c for c in recs[4]["caveats"])
     assert "constant" in recs[1]["error"] and "label" not in recs[1]
     assert recs[0]["familiarity"]["familiar"] and recs[0]["caveats"] == []
+    # the fields the server's answers carry too (the README placed them "in the prediction")
+    assert set(recs[0]["text_similarities"]) == set(CLASS_NAMES) and recs[0]["dark_border_fraction"] > 0.5
     assert not recs[2]["familiarity"]["familiar"] and "unlike the training images" in recs[2]["caveats"][0]
     assert VOLUME_CAVEAT in recs[3]["caveats"]
     assert 0.85 < recs[3]["head_template_dice"] <= 1.0 and "head_template_dice" not in recs[0]

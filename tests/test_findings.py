@@ -178,7 +178,8 @@ def test_build_findings_on_a_real_image(dev2d, tumour_rows, tmp_path):
     assert f.classification.label == "meningioma"
     assert 0 < f.classification.uncertainty.entropy < np.log(4)
     m = f.masks[0]
-    assert m.voxels == int(truth.sum()) and m.area_mm2 == float(truth.sum()) and m.volume_mm3 is None
+    # a JPEG has no pixel size: no area in mm2 (the pixel count had been stated as one)
+    assert not f.input.spacing_known and m.voxels == int(truth.sum()) and m.area_mm2 is None and m.volume_mm3 is None
     ys, xs = np.nonzero(truth)
     assert m.bbox.min == [int(ys.min()), int(xs.min())] and m.bbox.max == [int(ys.max()), int(xs.max())]
     assert Findings.load(f.save(tmp_path / "f.json")) == f

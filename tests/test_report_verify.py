@@ -103,8 +103,18 @@ def _bilateral() -> dict:
                 "mask_source": "segmentation_head"})
 
 
-RECORDS = {"glioma_left": record, "no_tumour": _no_tumour, "pituitary_volume": _pituitary_volume,
-           "low_confidence": _low_confidence, "bilateral": _bilateral}
+def _no_tumour_volume() -> dict:
+    """A volume the classifier calls tumour-free: the volume's own limitation sentence had spoken of its
+    "lesion outline", and the verifier flagged every such template report as asserting a tumour."""
+    rec = _no_tumour()
+    rec["input"] = {"file": "head_ct.nii.gz", "modality": "MR", "kind": "volume", "dims": [240, 240, 155],
+                    "spacing_mm": [1.0, 1.0, 1.0], "spacing_known": True}
+    rec["masks"][0].update(area_mm2=None, volume_mm3=0.0)
+    return rec
+
+
+RECORDS = {"glioma_left": record, "no_tumour": _no_tumour, "no_tumour_volume": _no_tumour_volume,
+           "pituitary_volume": _pituitary_volume, "low_confidence": _low_confidence, "bilateral": _bilateral}
 
 
 @pytest.mark.parametrize("name", sorted(RECORDS))

@@ -375,6 +375,21 @@ def test_session_images_are_inferred_like_datastore_images(client, studies, tmp_
     with pytest.raises(MONAILabelClientException) as e:  # an expired or unknown session: a clear 404
         client.infer("classification", "", {}, session_id="no-such-session")
     assert status_of(e.value) == 404 and "session" in str(e.value)
+    # a session file named after the patient: the name came back in the session's info, in every answer and in
+    # the refusal of an unreadable one (with the server's session folder)
+    named = tmp_path / "Oddsson_Brynhild_19580214.jpg"
+    named.write_bytes((studies / "mri2d_1941.jpg").read_bytes())
+    created = client.create_session(str(named))
+    try:
+        _, res = client.infer("classification", "", {}, session_id=created["session_id"])
+        answers = json.dumps(created) + (res.decode() if isinstance(res, bytes) else json.dumps(res))
+        assert "Oddsson" not in answers and "19580214" not in answers
+    finally:
+        client.remove_session(created["session_id"])
+    broken = tmp_path / "Oddsson_Brynhild_19580214.nii.gz"
+    broken.write_bytes(b"not a volume at all")
+    r = requests.put(f"{client._server_url}/session/", files={"files": (broken.name, broken.read_bytes())}, timeout=60)
+    assert r.status_code == 400 and "Oddsson" not in r.text and "sessions" not in r.text, r.text[:300]
     alive(client)
 
 
@@ -466,6 +481,10 @@ def test_report_task(client):
     assert out is None
     assert res["findings"]["classification"]["label"] in CLASS_NAMES
     assert res["report"] and isinstance(res["verification"]["supported"], bool) and res["markdown"]
+    # the findings behind it come from Grad-CAM, the primary method (Grad-CAM++'s mask lies on the edge slices
+    # of a volume, and a report from it described a place the tumour is not)
+    assert res["findings"]["saliency"]["method"] == "gradcam"
+    assert client.info()["models"]["report"]["config"]["method"] == "gradcam"
     # findings sent with the request: the report is built from them, not from the image
     f = dict(res["findings"])
     _, res2 = infer_json(client, "report", "mri2d_1941", {"findings": f, "backend": "template"})
@@ -731,6 +750,8 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
         ("log tail past C's size", "get", "/logs/?lines=99999999999999999999&text=true", {}, 400, "lines"),
         ("image info with a non-numeric time", "put", "/datastore/image/info?image=mri2d_1941",
          {"data": {"info": json.dumps({"ts": "x"})}}, 400, "ts"),
+        ("a zipped series sent to the datastore", "put", "/datastore/image?image=zipped",
+         {"files": {"file": ("series.zip", b"PK\x05\x06" + bytes(18))}}, 400, "archived DICOM series"),
         ("a yes/no field that is neither", "post", "/infer/saliency_gradcam?image=mri2d_1941",
          {"data": {"params": json.dumps({"with_regions": "maybe"})}}, 400, "with_regions"),
         ("a label tag naming a patient", "put", "/datastore/label?image=mri2d_1941&tag=Smith_John_19700101",

@@ -162,6 +162,15 @@ def test_serve_cli_errors_and_sample_copy(tmp_path, capsys):
 
     assert main(["serve", "--studies", str(tmp_path / "nope")]) == 2
     assert "studies folder does not exist" in capsys.readouterr().err
+    import socket
+
+    with socket.socket() as busy:  # a port another server holds: said at once, before any model is loaded
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        (tmp_path / "s").mkdir()
+        assert main(["serve", "--studies", str(tmp_path / "s"), "--port", str(port)]) == 2
+        assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
     from tumorlens.serving.cli import prepare_sample_studies
 
     before = {p.name: p.stat().st_mtime for p in sample_studies_dir().iterdir()}
@@ -279,6 +288,11 @@ def test_identifier_like_ids_and_log_lines():
     for line, gone in (("Image: MRN_1234567; File: x", "1234567"), ("Image: Patient_John_Smith", "John")):
         rec = logging.LogRecord("x", logging.INFO, __file__, 1, line, (), None)
         assert mod.RedactIdentifiers().filter(rec) and gone not in rec.getMessage(), rec.getMessage()
+    # only the words that hold an identifier are rewritten: the line's paths and keys keep their '_' and '.'
+    line = "upload Doe_19580214.nii.gz to /tmp/probe_vol/work; client_id='a_b'"
+    rec = logging.LogRecord("x", logging.INFO, __file__, 1, line, (), None)
+    assert mod.RedactIdentifiers().filter(rec) and "19580214" not in rec.getMessage()
+    assert "/tmp/probe_vol/work" in rec.getMessage() and "client_id='a_b'" in rec.getMessage(), rec.getMessage()
     stamp = "[2026-11-30 10:49:36,679] scoring done for mri2d_0102"  # a log's own timestamp stays
     rec = logging.LogRecord("x", logging.INFO, __file__, 1, stamp, (), None)
     assert mod.RedactIdentifiers().filter(rec) and rec.getMessage() == stamp

@@ -46,5 +46,5 @@ def familiarity_note(fam: Mapping[str, Any]) -> str | None:
     """The note for an image the model finds unlike its training images (None when familiar)."""
     if fam["familiar"]:
         return None
-    return (f"image is unlike the training images (familiarity {fam['score']:.2f} below the threshold "
-            f"{fam['threshold']:.2f} set on validation images): the classification and masks may be unreliable")
+    return (f"image is unlike the training images (familiarity {fam['score']:.3f} below the threshold "
+            f"{fam['threshold']:.3f} set on validation images): the classification and masks may be unreliable")

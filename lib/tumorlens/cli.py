@@ -25,7 +25,8 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tumorlens", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="tumorlens", description="tumorlens: explainable brain-tumour MRI (class, tumour "
+                                "mask, saliency, atlas regions, verified report) and its MONAI Label server")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:

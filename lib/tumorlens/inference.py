@@ -40,10 +40,17 @@ MRI_MODALITIES = frozenset({"MR", "OT", "SC", ""})
 NOT_MRI_CAVEAT = "the file's modality is {modality}, not MR: the model was trained on MRI only, so its class and mask mean little here"
 
 
-def modality_caveat(modality: str | None) -> str | None:
-    """A caveat when the file says it is not MRI (a CT slice is still given one of the four classes)."""
+GUESSED_CT_CAVEAT = ("the file keeps no modality, but its intensities are CT's Hounsfield units (air at -1000), not MR: "
+                     "the model was trained on MRI only, so its class and mask mean little here")
+
+
+def modality_caveat(modality: str | None, guessed: bool = False) -> str | None:
+    """A caveat when the file says it is not MRI (a CT slice is still given one of the four classes), or, for a
+    format without a modality (NIfTI, NRRD), when its intensities say so (``guessed``)."""
     m = (modality or "").strip().upper()
-    return None if m in MRI_MODALITIES else NOT_MRI_CAVEAT.format(modality=m)
+    if m in MRI_MODALITIES:
+        return None
+    return GUESSED_CT_CAVEAT if guessed and m == "CT" else NOT_MRI_CAVEAT.format(modality=m)
 
 
 def tumour_mask(seg_prob: np.ndarray, tumour_called: bool) -> np.ndarray:
@@ -483,14 +490,15 @@ class Predictor:
         pdict = {lab: float(p) for lab, p in zip(labels, probs, strict=True)}
         label = max(pdict, key=pdict.get)
         meta = {k: v for k, v in img.meta.items() if k in ("filename_or_obj", "kind", "spatial_shape", "spacing",
-                                                             "original_affine", "spacing_known", "modality")}
+                                                             "original_affine", "spacing_known", "modality",
+                                                             "modality_from")}
         mask_np = tumour_mask(seg, label != NO_TUMOUR).astype(np.uint8)
         plane = np.squeeze(img.detach().cpu().numpy()[0])
         border = dark_border_fraction(plane) if plane.ndim == 2 else None  # 2D pictures: volumes have the head check
         extra = {"decision": self.decision, "lesion_refiner": self.refiner is not None,
                  "window_classifier_stored": self.window is not None,
-                 "caveats": [c for c in [modality_caveat(meta.get("modality")), colour_note(img.meta.get("colour_fraction")),
-                                         dark_border_note(border)] if c]}
+                 "caveats": [c for c in [modality_caveat(meta.get("modality"), meta.get("modality_from") == "intensities"),
+                                         colour_note(img.meta.get("colour_fraction")), dark_border_note(border)] if c]}
         if border is not None:
             extra["dark_border_fraction"] = round(border, 3)
         if familiarity is not None:

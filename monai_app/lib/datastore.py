@@ -309,8 +309,10 @@ class TumorlensDatastore(LocalDatastore):
     def _add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         ext = file_ext(image_filename)
         if f"*{ext}" not in EXTENSIONS:
+            series = (" (an archived DICOM series: convert it to one NIfTI or NRRD volume, or send it as a session with "
+                      "PUT /session/?uncompress=true)" if ext in (".zip", ".tar", ".gz", ".tgz") else "")
             raise bad_request(f"upload {image_id or ''}{ext}: unsupported file type {ext!r}; "
-                              "send JPEG/PNG, NIfTI (.nii/.nii.gz), NRRD or DICOM (.dcm)")
+                              f"send JPEG/PNG, NIfTI (.nii/.nii.gz), NRRD or DICOM (.dcm){series}")
         image_id = image_id or self._to_id(os.path.basename(image_filename))[0]
         check_id(image_id)
         refuse_identifiers(image_id, f"upload{ext}: the image id", "upload it under another id (a study or case code)")

@@ -18,7 +18,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 from monailabel.utils.sessions import Sessions
 
@@ -54,9 +54,17 @@ def check_archive(path: str, label: str) -> None:
                           f"session or are not plain files: {', '.join(bad[:5])}")
 
 
+def public_name(path: str) -> str:
+    """An upload's file name as answers may show it: ``image`` plus its suffixes when the name looks like it
+    names the patient (a session upload ``Smith_John_19580214.zip`` came back in answers and errors)."""
+    from tumorlens.findings.identifiers import safe_file_name
+
+    return safe_file_name(os.path.basename(str(path).rstrip("/")))
+
+
 def _unpack(data_file: str, folder: str) -> None:
     """Check and unpack the archive ``data_file`` into ``folder``; a 400 for anything unusable."""
-    name = os.path.basename(data_file)
+    name = public_name(data_file)
     check_archive(data_file, name)
     try:
         shutil.unpack_archive(data_file, folder, **({} if zipfile.is_zipfile(data_file) else {"filter": "data"}))
@@ -90,14 +98,29 @@ def _content(folder: str) -> str:
         folder = entries[0].path
 
 
+def neutral_name(path: str) -> str:
+    """``path`` renamed in its folder to ``public_name`` when its name looks like it names the patient: MONAI
+    Label keeps a session's file under its own name and sends that path back in the session's info."""
+    safe = public_name(path)
+    if safe == os.path.basename(str(path).rstrip("/")):
+        return path
+    target = os.path.join(os.path.dirname(str(path).rstrip("/")), safe)
+    if os.path.exists(target):
+        return path
+    os.replace(path, target)
+    return target
+
+
 class TumorlensSessions(Sessions):
     def add_session(self, data_file: str, expiry: int = 0, uncompress: bool = False, session_id=None):
+        data_file = neutral_name(data_file)
         if not uncompress or os.path.isdir(data_file):
             return self._readable(data_file, *super().add_session(data_file, expiry, False, session_id))
         folder = tempfile.mkdtemp(prefix="tumorlens-session-")
         try:
             _unpack(data_file, folder)
-            return self._readable(data_file, *super().add_session(_content(folder), expiry, False, session_id))
+            content = neutral_name(_content(folder))
+            return self._readable(data_file, *super().add_session(content, expiry, False, session_id))
         except Exception:
             _drop_upload(data_file)  # MONAI Label removes it only after a successful add
             raise
@@ -116,9 +139,13 @@ class TumorlensSessions(Sessions):
         except InvalidInputError as e:
             self.remove_session(session_id)
             _drop_upload(data_file)
-            name = os.path.basename(data_file)
+            name = public_name(data_file)
             hint = content_hint(info.image, file_ext(name)) if os.path.isfile(info.image) else ""
-            raise bad_request(f"session upload {name}: {e.problem}{hint}") from e
+            problem = e.problem
+            for p in sorted({str(info.image), str(Path(info.image).resolve()), str(e.path or "")} - {""}, key=len,
+                            reverse=True):  # the server's session folder is no business of the client's
+                problem = problem.replace(p, name)
+            raise bad_request(f"session upload {name}: {problem}{hint}") from e
         return session_id, info
 
     def get_session(self, session_id: str, update_ts: bool = True, fetch_cache: bool = True):

@@ -648,7 +648,7 @@ def _slab_cross_section_note(volume: MetaTensor) -> str | None:
         return not_a_head_note(f"a slab too thin to register whose cross-section is {size} mm, wider than a head")
     if extent.max() < SLAB_HEAD_MM[0]:
         return not_a_head_note(f"a slab too thin to register whose cross-section is {size} mm, smaller than a head: "
-                               "the voxel size in its header may be wrong")
+                               "a crop of part of the head, or a header whose voxel size is wrong")
     return None
 
 
@@ -663,7 +663,7 @@ def head_template_check(volume: MetaTensor) -> tuple[float | None, str | None]:
     if fov is not None and fov.max() < MIN_EXTENT_MM:
         size = " x ".join(f"{v:.3g}" for v in fov)
         return None, not_a_head_note(f"the volume is {size} mm, smaller than a head along every axis: "
-                                     "the voxel size in its header may be wrong")
+                                     "a crop of part of the head, or a header whose voxel size is wrong")
     try:
         reg = register_to_mni(volume, deformable=False, working_spacing=HEAD_CHECK_SPACING,
                               iterations=HEAD_CHECK_ITERATIONS)

@@ -66,6 +66,9 @@ def read_rows(root: str | Path) -> tuple[Path, bytes, list[str], list[tuple[int,
     """
     root = Path(root)
     path = root / "manifest.csv"
+    if not root.is_dir():
+        raise ManifestError(root, "data folder does not exist" if not root.exists() else "not a folder: give the "
+                                  "folder that holds manifest.csv")
     if not path.is_file():
         classes = _class_subfolders(root) if root.is_dir() else {}
         hint = (f"; its class subfolders ({', '.join(sorted(f.name + '/' for f in classes))}) can be listed in one "

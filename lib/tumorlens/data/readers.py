@@ -476,10 +476,11 @@ def read_image(path: str | Path, expect: Expect = None, modality: str = "MR") ->
         img = _read_dicom(path)
     elif ext in PHOTO_EXT or (ext not in FILE_EXT + (".dcm", ".dicom") and _sniff_picture(path)):
         img = _read_photo(path, modality)
-    elif ext in NIFTI_EXT:
-        img = _read_nifti(path)
-    elif ext in ITK_EXT:
-        img = _read_itk(path)
+    elif ext in NIFTI_EXT + ITK_EXT:
+        img = _read_nifti(path) if ext in NIFTI_EXT else _read_itk(path)
+        if img.meta.get("modality") == "MR" and looks_like_ct(img.numpy()[0]):
+            # NIfTI and NRRD keep no modality: a CT saved so was read as MR and reported as "a 3D MR volume"
+            img.meta.update(modality="CT", modality_from="intensities")
     elif ext in DICOM_EXT or _sniff_dicom(path):
         img = _read_dicom(path)
     else:
@@ -491,6 +492,18 @@ def read_image(path: str | Path, expect: Expect = None, modality: str = "MR") ->
     if expect == "3d" and not is_volume(img):
         raise InvalidInputError(path, f"expected a 3D volume, got a 2D image of shape {tuple(img.shape[1:])}")
     return img
+
+
+def looks_like_ct(arr: np.ndarray) -> bool:
+    """Intensities in Hounsfield units: a share of the voxels at air's -1000 (at least 3 % within 50 of it, 5 %
+    at or below -900) and bone above 200. MR values are not negative, or z-scores (BraTS: about -2 to 10)."""
+    a = np.asarray(arr, dtype=np.float32).ravel()
+    if a.size > 2_000_000:
+        a = a[:: a.size // 2_000_000]
+    if a.size == 0 or float(a.min()) > -900:
+        return False
+    return (float(np.mean(np.abs(a + 1000) <= 50)) >= 0.03 and float(np.mean(a <= -900)) >= 0.05
+            and float(np.percentile(a, 99.5)) >= 200)
 
 
 def reorient_like(arr: np.ndarray, affine: np.ndarray, target_affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,9 +16,11 @@ def register(sub) -> None:
     p.set_defaults(func=run_evaluate)
 
     q = sub.add_parser("predict", help="classify images (and segment the tumour) with the shipped model")
-    q.add_argument("images", nargs="+")
-    q.add_argument("--model", default=None)
-    q.add_argument("--json", dest="json_out", default=None)
+    q.add_argument("images", nargs="+", help="JPEG/PNG/BMP/TIFF slices, NIfTI/NRRD/MetaImage volumes, DICOM files or "
+                                             "series folders")
+    q.add_argument("--model", default=None, help="a registered model name or a model folder (default: the shipped one)")
+    q.add_argument("--json", dest="json_out", default=None, help="write every answer (probabilities, caveats, ...) "
+                                                                 "to this JSON file")
     q.set_defaults(func=run_predict)
     register_volumes(sub)
 
@@ -106,15 +108,17 @@ def run_predict(args) -> int:
         rec = {"file": Path(path).name, "label": r.label,
                "probabilities": {k: round(v, 4) for k, v in r.probabilities.items()},
                "mask_pixels": tumour_px, "familiarity": fam, "caveats": r.caveats}
-        if "head_template_dice" in r.extra:  # volumes: the coarse fit to the head template
-            rec["head_template_dice"] = r.extra["head_template_dice"]
-        window = r.extra.get("window_classifier")
-        if window is not None:
-            rec["window_classifier"] = window
+        # what the server's answers carry too (the README names them "in the prediction"): the coarse fit to the
+        # head template (volumes), the lesion-window classifier's opinion, the similarities to the class
+        # descriptions and how dark a picture's frame is
+        for key in ("head_template_dice", "window_classifier", "text_similarities", "dark_border_fraction"):
+            if r.extra.get(key) is not None:
+                rec[key] = r.extra[key]
         out.append(rec)
         probs = "  ".join(f"{k}={v:.3f}" for k, v in r.probabilities.items())
         flag = "" if fam is None else ("" if fam["familiar"] else "  UNFAMILIAR")
         print(f"{Path(path).name:<28} {r.label:<11} {probs}  mask={tumour_px}px{flag}")
+        window = r.extra.get("window_classifier")
         if window is not None and window["changed_label"]:
             net = window["network_probabilities"]
             first = max(net, key=net.get)

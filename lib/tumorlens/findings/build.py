@@ -86,8 +86,11 @@ def classification(probabilities: Mapping[str, float], uncertainty: Mapping[str,
                           window_opinion=dict(window) if window else None)
 
 
-def mask_info(mask: np.ndarray, source: str, spacing_mm: Sequence[float], kind: str) -> MaskInfo:
-    """Size and bounding box of a binary mask (array without the channel axis)."""
+def mask_info(mask: np.ndarray, source: str, spacing_mm: Sequence[float], kind: str,
+              spacing_known: bool = True) -> MaskInfo:
+    """Size and bounding box of a binary mask (array without the channel axis). Without a known pixel spacing
+    (a JPEG) there is no area in mm2: the record had stated the pixel count as one, which only the printed
+    outputs said was unknown."""
     m = np.asarray(mask).astype(bool)
     if m.ndim == len(spacing_mm) + 1 and m.shape[0] == 1:
         m = m[0]
@@ -104,7 +107,7 @@ def mask_info(mask: np.ndarray, source: str, spacing_mm: Sequence[float], kind: 
         source=source,
         empty=n == 0,
         voxels=n,
-        area_mm2=n * vox_size if kind == "image2d" else None,
+        area_mm2=n * vox_size if kind == "image2d" and spacing_known else None,
         volume_mm3=n * vox_size if kind == "volume" else None,
         bbox=_bbox(m, n),
     )
@@ -181,7 +184,7 @@ def build_findings(
             mask_list.append(m)
         else:
             src, arr = m
-            mask_list.append(mask_info(arr, src, info.spacing_mm, info.kind))
+            mask_list.append(mask_info(arr, src, info.spacing_mm, info.kind, info.spacing_known))
     all_notes = list(notes)
     fam_note = familiarity_note(familiarity) if familiarity else None
     if fam_note and fam_note not in all_notes:

@@ -117,8 +117,20 @@ def redact_log_line(text: str) -> tuple[str, list[str]]:
     kinds = identifier_kinds_in_name(held)
     if not kinds:  # the common case: the line as it was
         return text, []
-    clean = redact(held, ("email",))[0]  # e-mails before their dots become spaces
-    clean = redact(re.sub(r"(?<=\w)[_.](?=\w)", " ", clean), ("date", "name"))[0]
+    # word by word (a word: what lies between spaces, quotes, '=', '&', ',', ';', '/' or '?'): only a word that holds an
+    # identifier is rewritten in its readable form; the rest of the line keeps its '_' and '.' (every path and
+    # key of such a line had read "/tmp/probe vol", "client id", "nii gz")
+    out = []
+    for word in re.split(r"([\s'\"=&,;/?]+)", held):
+        if not word or re.fullmatch(r"[\s'\"=&,;/?]+", word):
+            out.append(word)
+            continue
+        mailed = redact(word, ("email",))[0]  # e-mails before their dots become spaces
+        readable = re.sub(r"(?<=\w)[_.](?=\w)", " ", mailed)
+        if mailed != word or identifier_kinds_in_name(readable):
+            word = _RECORD_NUMBER.sub("(identifier removed)", redact(readable, ("date", "name"))[0])
+        out.append(word)
+    clean = redact("".join(out), ("date", "name"))[0]  # names written as words ("Jane Doe")
     clean = _RECORD_NUMBER.sub("(identifier removed)", clean)
     return re.sub("\x00(\\d+)\x00", lambda m: stamps[int(m.group(1))], clean), kinds
 

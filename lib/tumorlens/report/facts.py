@@ -253,8 +253,9 @@ class Facts:
         if self.unfamiliar:
             out.append(f"{UNFAMILIAR_REASON}, so its classification may not be reliable.")
         if self.kind == "volume" and not self.single_slice:  # through the 2D network (tumorlens.inference.VOLUME_CAVEAT)
+            what = "its class and lesion outline are" if self.tumour_present else "its class is"
             out.append("The volume was classified slice by slice by a network trained on 2D slices with the skull "
-                       "in view, so its class and lesion outline are unconfirmed.")
+                       f"in view, so {what} unconfirmed.")
         out += [f"{s}, so nothing in this report may apply to it." for s in self.out_of_scope()]
         if self.read_as_slice:
             out.append("Single 2D image: structures outside this slice are not assessed.")

@@ -83,6 +83,30 @@ def server_command(studies: str, host: str, port: int, conf: list[list[str]] | N
     return cmd, env
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A port another server holds: said at once (the server loaded the model and started scoring for half a
+    minute, then exited 3 with "address already in use" among 100 lines that ended in "Return code: 0")."""
+    import errno
+    import socket
+
+    if not 0 < port < 65536:
+        raise InvalidInputError(None, f"port {port} is not a TCP port (1-65535)")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as e:
+        raise InvalidInputError(None, f"cannot listen on {host}: {e.strerror or e}") from e
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            sock.bind(addr)
+        except OSError as e:
+            if e.errno == errno.EADDRINUSE:
+                raise InvalidInputError(None, f"port {port} on {host} is in use (another server?): stop it, or "
+                                              "give another with --port") from e
+            raise InvalidInputError(None, f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+
+
 def run(args: argparse.Namespace) -> int:
     studies = args.studies
     if studies is None:
@@ -93,6 +117,7 @@ def run(args: argparse.Namespace) -> int:
         if not p.is_dir():
             raise InvalidInputError(p, "studies folder does not exist")
         studies = str(p.resolve())
+    check_port_free(args.host, args.port)
     cmd, env = server_command(studies, args.host, args.port, args.conf)
     # session uploads go to the work folder too (MONAI Label's own default is ~/.cache/monailabel/sessions)
     env.setdefault("MONAI_LABEL_SESSION_PATH", str((Path(args.workdir or default_workdir()) / "sessions").absolute()))

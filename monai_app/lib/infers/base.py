@@ -185,8 +185,11 @@ class TumorlensInfer(InferTask):
             dtype = np.float32 if arr.dtype.kind == "f" else np.dtype(label_dtype or "uint8")
             out = write_label(arr, img, ext, dtype=dtype, compress=compress)
         result.setdefault("label_names", self.label_names(result))
+        from tumorlens.findings.identifiers import safe_file_name
+
+        # a session's file name can name the patient (the datastore refuses such ids; sessions keep the name)
         result["input"] = {"kind": img.meta.get("kind"), "dims": [int(s) for s in img.shape[1:]],
-                           "file": os.path.basename(Path(str(img.meta.get("filename_or_obj", ""))))}
+                           "file": safe_file_name(os.path.basename(Path(str(img.meta.get("filename_or_obj", "")))))}
         if req.get("image_id"):
             result["input"]["file"] = req["image_id"]
         result["latencies"] = {"read": round(t1 - t0, 4), "infer": round(t2 - t1, 4),

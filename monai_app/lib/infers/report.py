@@ -1,7 +1,8 @@
 """``report``: findings -> radiology report through tumorlens' report chain (JSON only).
 
 The findings come from the request (``params.findings``), or are computed from the image with the
-saliency pipeline (``params.method``, default Grad-CAM++) first.
+saliency pipeline (``params.method``, default Grad-CAM, the command line's primary method: Grad-CAM++'s mask lay
+on one or two edge slices of every BraTS volume, and a report from it described a place the tumour is not).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from lib.errors import bad_request
 from lib.infers.base import TumorlensInfer
 from lib.infers.saliency import saliency_available
 from lib.state import AppState
+
+PRIMARY = "gradcam"  # tumorlens.saliency.explain.PRIMARY (imported lazily there: the package may be missing)
 
 
 def _has_generate() -> bool:
@@ -32,7 +35,7 @@ class ReportInfer(TumorlensInfer):
     def __init__(self, state: AppState):
         super().__init__(state, InferType.OTHERS, {}, 3,
                          "Structured radiology report from the findings (verified against them); JSON",
-                         config={"method": "gradcampp", "backend": None})
+                         config={"method": PRIMARY, "backend": None})
 
     def is_valid(self) -> bool:
         return _has_generate() and super().is_valid()
@@ -48,7 +51,7 @@ class ReportInfer(TumorlensInfer):
                 return Findings.model_validate(json.loads(given) if isinstance(given, str) else given)
             except (ValueError, TypeError) as e:
                 raise bad_request(f"params.findings is not a valid findings record: {str(e)[:400]}") from e
-        method = request.get("method") or "gradcampp"
+        method = request.get("method") or PRIMARY
         if method not in ("gradcam", "gradcampp", "scorecam"):
             raise bad_request(f"unknown saliency method {method!r}: gradcam, gradcampp or scorecam")
         model = self.state.model()
