@@ -313,3 +313,16 @@ def test_predict_says_when_a_volume_is_probably_not_a_head(predictor, brats):
     # without the atlas step nothing else says whether it is a head: the coarse check does
     notes = explain(_torso(), method="gradcam", model=predictor.model, with_regions=False).findings.notes
     assert sum(HEAD_TEMPLATE_FAILED in n and "coarse affine" in n for n in notes) == 1, notes
+
+
+def test_scoring_records_what_predict_would_caveat_about_the_image_itself(dev2d, dev_rows, brats):
+    """The least certain images of a datastore were a torso phantom, a 64-voxel crop and a label file, handed out
+    by the uncertainty strategy ahead of every brain volume: scoring records what ``predict`` would caveat
+    about the image itself (``tests/test_volume_edges.py::test_classless_labels_come_last`` ranks them)."""
+    from tumorlens.activelearning.scope import scope_problems
+    from tumorlens.data import read_image
+
+    assert scope_problems(read_image(dev2d / dev_rows[0]["image"])) == []
+    assert scope_problems(read_image(brats / "pat0002" / "T1c_subtrMeanDivStd.nii.gz")) == []
+    torso = scope_problems(_torso())
+    assert torso and HEAD_TEMPLATE_FAILED in torso[0]

@@ -390,6 +390,11 @@ def test_classless_labels_come_last(monkeypatch):
     assert strategies.candidates(None, None, {"a": "class_name", "d": "class_name"}) == (["a", "d"], 0)
     # unlabelled images that no model can read do not hold the classless ones back
     assert strategies.candidates(None, None, {"broken": "label", "a": "class_name"}) == (["a"], 1)
+    # scored candidates: the images the model was trained for first (a torso phantom was the least certain of all)
+    scores = {"brain": {"value": 0.4}, "torso": {"value": 0.9, "out_of_scope": ["no pose matches ..."]},
+              "crop": {"value": 0.7}}
+    assert max(scores, key=lambda k: strategies.rank(scores[k], k)) == "crop"
+    assert max(["torso"], key=lambda k: strategies.rank(scores[k], k)) == "torso"
 
 
 def test_stored_labels_survive_missing_files_failed_writes_and_a_damaged_index(dev2d, tumour_rows, tmp_path,

@@ -148,7 +148,16 @@ class ScoredStrategy(Strategy):
                            f"model and max_compute={limit} allows none to be scored now: POST /scoring/{self.kind} "
                            "first, or ask with max_compute >= 1")
         pool, held = free_first(sorted(scores), last_picked(datastore, sorted(scores)), hold)
-        pick = max(pool, key=lambda k: (scores[k]["value"], k))
-        return {"id": pick, "needs": gaps[pick], "score_kind": self.kind, "score": scores[pick]["value"],
-                "model_version": scores[pick]["model_version"], "candidates": len(ids), "scored": len(scores),
-                "held": held, "unusable": skipped}
+        pick = max(pool, key=lambda k: rank(scores[k], k))
+        answer = {"id": pick, "needs": gaps[pick], "score_kind": self.kind, "score": scores[pick]["value"],
+                  "model_version": scores[pick]["model_version"], "candidates": len(ids), "scored": len(scores),
+                  "held": held, "unusable": skipped}
+        if scores[pick].get("out_of_scope"):  # every candidate left is one: say why it is unlike the others
+            answer["out_of_scope"] = scores[pick]["out_of_scope"]
+        return answer
+
+
+def rank(entry: dict, image_id: str) -> tuple:
+    """Images the model was trained for first (a torso phantom, a CT or a crop is the least certain of all, and
+    was handed out ahead of every brain volume), then the highest score."""
+    return (not entry.get("out_of_scope"), entry["value"], image_id)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from lib.datastore import training_gaps
 from lib.state import AppState
 from tumorlens.activelearning.disagreement import saliency_seg_disagreement
+from tumorlens.activelearning.scope import scope_problems
 from tumorlens.activelearning.uncertainty import image_uncertainty
 from tumorlens.data.readers import read_image
 from tumorlens.errors import InvalidInputError
@@ -77,12 +78,16 @@ def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str
         try:
             if uri is None:  # the datastore itself refused it (a DICOMweb series with a missing slice)
                 raise InvalidInputError(image_id, problem or "no image file")
-            res = KINDS[kind](model, read_image(uri))
+            img = read_image(uri)
+            res = KINDS[kind](model, img)
+            outside = scope_problems(img)
         except InvalidInputError as e:
             logger.warning(f"cannot score {image_id}: {e.problem}")
             new[image_id] = {kind: {"unusable": e.problem, "model_version": version, "mtime": mtime}}
             continue
         entry = {"value": float(res[VALUE[kind]]), "model_version": version, "mtime": mtime, "detail": res}
+        if outside:  # the strategies hand it out after the images the model was trained for
+            entry["out_of_scope"] = outside
         out[image_id] = entry
         new[image_id] = {kind: entry}
     if new:
