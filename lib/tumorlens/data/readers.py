@@ -130,28 +130,22 @@ def _exif_orientation(im) -> int:
     return value if 1 <= value <= 8 else 1
 
 
+# EXIF orientation -> where upright pixel (r', c') lies in the stored grid of H x W pixels:
+# ((a, b, rows?), (c, d, cols?)) with r = a r' + b c' (+ H - 1 when rows?), c = c r' + d c' (+ W - 1 when cols?)
+_EXIF_INDEX = {1: ((1, 0, 0), (0, 1, 0)), 2: ((1, 0, 0), (0, -1, 1)), 3: ((-1, 0, 1), (0, -1, 1)),
+               4: ((-1, 0, 1), (0, 1, 0)), 5: ((0, 1, 0), (1, 0, 0)), 6: ((0, -1, 1), (1, 0, 0)),
+               7: ((0, -1, 1), (-1, 0, 1)), 8: ((0, 1, 0), (-1, 0, 1))}
+
+
 def stored_grid_affine(orientation: int, stored_shape: tuple[int, int]) -> np.ndarray:
     """The affine of a picture turned upright by its EXIF ``orientation`` that keeps every pixel where the
     stored grid (``PHOTO_AFFINE``, as ITK and 3D Slicer read the file, ignoring the tag) puts it: a mask
     written for the upright picture then lands on the same pixels of the stored one in Slicer."""
-    from PIL import Image, ImageOps
-
     h, w = stored_shape
-    rows, cols = np.mgrid[0:h, 0:w].astype(np.int32)
-    turned = []
-    for a in (rows, cols):
-        im = Image.fromarray(a, mode="I")
-        ex = im.getexif()
-        ex[EXIF_ORIENTATION] = orientation
-        im.info["exif"] = ex.tobytes()
-        turned.append(np.asarray(ImageOps.exif_transpose(im)))
-    r, c = turned
-    index = np.eye(4)  # upright (row, col) -> stored (row, col), a permutation and flips
-    if r.shape[0] > 1:
-        index[0, 0], index[1, 0] = r[1, 0] - r[0, 0], c[1, 0] - c[0, 0]
-    if r.shape[1] > 1:
-        index[0, 1], index[1, 1] = r[0, 1] - r[0, 0], c[0, 1] - c[0, 0]
-    index[0, 3], index[1, 3] = r[0, 0], c[0, 0]
+    (a, b, r_end), (c, d, c_end) = _EXIF_INDEX[orientation]
+    index = np.eye(4)  # upright (row, col) -> stored (row, col): a permutation and flips
+    index[0, :2], index[0, 3] = (a, b), r_end * (h - 1)
+    index[1, :2], index[1, 3] = (c, d), c_end * (w - 1)
     return PHOTO_AFFINE @ index
 
 

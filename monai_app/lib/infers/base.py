@@ -27,6 +27,7 @@ from lib.errors import bad_request, check_id
 from lib.state import AppState
 from tumorlens.data.readers import PHOTO_EXT, is_volume, read_image
 from tumorlens.errors import InvalidInputError, TumorlensError
+from tumorlens.findings.identifiers import safe_file_name
 
 logger = logging.getLogger(__name__)
 LABEL_EXTENSIONS = (".png", ".nii.gz", ".nii", ".nrrd")
@@ -185,8 +186,6 @@ class TumorlensInfer(InferTask):
             dtype = np.float32 if arr.dtype.kind == "f" else np.dtype(label_dtype or "uint8")
             out = write_label(arr, img, ext, dtype=dtype, compress=compress)
         result.setdefault("label_names", self.label_names(result))
-        from tumorlens.findings.identifiers import safe_file_name
-
         # a session's file name can name the patient (the datastore refuses such ids; sessions keep the name)
         result["input"] = {"kind": img.meta.get("kind"), "dims": [int(s) for s in img.shape[1:]],
                            "file": safe_file_name(os.path.basename(Path(str(img.meta.get("filename_or_obj", "")))))}

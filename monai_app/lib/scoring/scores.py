@@ -74,20 +74,25 @@ def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str
     new: dict[str, dict] = {}
     if limit is not None:
         todo = todo[:limit]
+    stored = state.read_scores() if todo else {}
     for image_id, uri, mtime, problem in tqdm(todo, desc=f"scoring {kind}", disable=not progress):
         try:
             if uri is None:  # the datastore itself refused it (a DICOMweb series with a missing slice)
                 raise InvalidInputError(image_id, problem or "no image file")
             img = read_image(uri)
             res = KINDS[kind](model, img)
-            outside = scope_problems(img)
+            # what the image is does not change with the score's kind or the model: found once per file (a
+            # volume's check is a registration)
+            known = [e["out_of_scope"] for e in stored.get(image_id, {}).values()
+                     if isinstance(e, dict) and e.get("mtime") == mtime and "out_of_scope" in e]
+            outside = known[0] if known else scope_problems(img)
         except InvalidInputError as e:
             logger.warning(f"cannot score {image_id}: {e.problem}")
             new[image_id] = {kind: {"unusable": e.problem, "model_version": version, "mtime": mtime}}
             continue
-        entry = {"value": float(res[VALUE[kind]]), "model_version": version, "mtime": mtime, "detail": res}
-        if outside:  # the strategies hand it out after the images the model was trained for
-            entry["out_of_scope"] = outside
+        # out_of_scope: the strategies hand it out after the images the model was trained for ([] when none)
+        entry = {"value": float(res[VALUE[kind]]), "model_version": version, "mtime": mtime, "detail": res,
+                 "out_of_scope": outside}
         out[image_id] = entry
         new[image_id] = {kind: entry}
     if new:
