@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import mimetypes
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -28,6 +30,27 @@ import tumorlens
 logger = logging.getLogger(__name__)
 
 
+def in_server() -> bool:
+    """Inside the server process, not one of the train/scoring subprocesses MONAI Label starts."""
+    return "monailabel.app" in sys.modules
+
+
+def stop_background_tasks(grace_s: float = 10.0) -> None:
+    """Stop the train/scoring subprocesses when the server exits: a scoring run had gone on without it, writing
+    scores and the index of a datastore nobody served."""
+    from monailabel.utils.async_tasks.utils import background_processes
+
+    procs = [p for tasks_ in list(background_processes.values()) for p in list(tasks_.values()) if p.poll() is None]
+    for p in procs:
+        logger.info(f"stopping background task process {p.pid} with the server")
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 class TumorLensApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         conf = conf or {}
@@ -38,7 +61,8 @@ class TumorLensApp(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="tumorlens",
                          description="Explainable brain-tumour MRI: class, tumour mask, saliency, atlas regions, report",
                          version=tumorlens.__version__ if hasattr(tumorlens, "__version__") else "0")
-        if "monailabel.app" in sys.modules:  # inside the server (not a train/scoring subprocess)
+        if in_server():
+            atexit.register(stop_background_tasks)
             stats = self.state.read_stats()
             if stats.get("status") in ("STARTING", "RUNNING"):  # the server died while a run was going on
                 current = self.state.versions.pointer().get("folder")
@@ -62,7 +86,10 @@ class TumorLensApp(MONAILabelApp):
             return super().init_datastore()  # -> _init_dicomweb_datastore below for a DICOMweb server
         from monailabel.config import settings
 
-        return TumorlensDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+        # the folder is watched by the server only: a scoring run's own watcher saw the server's deletions as files
+        # gone missing and kept their info, and rewrote the index from its own copy (MONAI Label turns the watcher
+        # off for training runs only)
+        return TumorlensDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD and in_server(),
                                   read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
 
     def _load_sessions(self, load=False):

@@ -449,3 +449,44 @@ def test_a_ct_saved_as_nifti_is_known_by_its_hounsfield_units(brats, tmp_path):
     assert "Hounsfield" in modality_caveat("CT", guessed=True)
     for f in (brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz", brats / "pat0001" / "Flair_subtrMeanDivStd.nii.gz"):
         assert read_image(f).meta["modality"] == "MR"  # z-scored MR goes negative too, but not to -1000
+
+
+def test_an_install_that_is_not_a_checkout_says_so_and_data_follows_tumorlens_shared_data(tmp_path, monkeypatch,
+                                                                                            capsys):
+    """A non-editable install (session 35 probe): its project root is site-packages/.., and predict said only
+    ".../configs/defaults.yaml: config file does not exist"; a missing package was a traceback; the commands that
+    read a model's training data (retrieve, align) ignored TUMORLENS_SHARED_DATA."""
+    from tumorlens import cli
+    from tumorlens.paths import config_data_root, project_root
+
+    monkeypatch.setenv("TUMORLENS_HOME", str(tmp_path))
+    assert cli.main(["predict", str(project_root() / "samples" / "studies" / "mri2d_0102.jpg")]) == 2
+    err = capsys.readouterr().err
+    assert "config file does not exist" in err and "is not a checkout" in err and "TUMORLENS_HOME" in err
+    monkeypatch.delenv("TUMORLENS_HOME")
+
+    def needs_a_package(args):
+        raise ModuleNotFoundError("No module named 'langchain_core'", name="langchain_core")
+
+    parser = cli.build_parser
+    monkeypatch.setattr(cli, "build_parser", lambda: _with_func(parser(), needs_a_package))
+    assert cli.main(["predict", "x.jpg"]) == 2
+    assert "package 'langchain_core' is not installed" in capsys.readouterr().err
+
+    monkeypatch.setenv("TUMORLENS_SHARED_DATA", str(tmp_path / "data"))
+    assert config_data_root("../shared/data/brain-mri-2d") == (tmp_path / "data").resolve() / "brain-mri-2d"
+    assert config_data_root(tmp_path / "x") == tmp_path / "x"
+    monkeypatch.delenv("TUMORLENS_SHARED_DATA")
+    assert config_data_root("../shared/data/brain-mri-2d") == (project_root() / "../shared/data/brain-mri-2d").resolve()
+
+
+def _with_func(parser, func):
+    real = parser.parse_args
+
+    def parse(argv=None):
+        args = real(argv)
+        args.func = func
+        return args
+
+    parser.parse_args = parse
+    return parser

@@ -133,6 +133,15 @@ def test_rejects_extra_fields_and_unsorted_regions():
     (lambda r: r["regions"][0].update(hemisphere="right"), "lies in the left hemisphere"),
     (lambda r: (r["regions"][0].update(label="Right_Insular_Cortex", hemisphere="right"),
                 r["regions"][1].update(hemisphere="right")), "laterality is 'left'"),
+    # fields that must agree with each other (session 35 probe: such records were reported as verified)
+    (lambda r: r["lesion"].update(centroid_mni_mm=[40.0, 4.0, 2.0]), r"centroid lies at x = \+40.0 mm"),
+    (lambda r: r["lesion"].update(mask_source="saliency:scorecam"), "names no mask of the record"),
+    (lambda r: r["saliency"].update(method="scorecam"), "has no mask in the record"),
+    (lambda r: r["input"].update(spacing_known=True, spacing_mm=[0.5, 0.5]),
+     "area_mm2 is 120 but pixels x pixel area give 30"),
+    (lambda r: (r["input"].update(kind="volume", dims=[64, 64, 32], spacing_mm=[2.0, 2.0, 2.0], spacing_known=True),
+                r["masks"][0].update(area_mm2=None, volume_mm3=9600.0, bbox={"min": [1, 1, 1], "max": [5, 5, 5]}),
+                r["masks"][1].update(area_mm2=None, volume_mm3=0.0)), "volume_mm3 is 9600 but voxels x voxel volume give 960"),
 ])
 def test_regions_must_be_the_atlas_own_and_agree_with_the_lesion_side(edit, why):
     """A hand-edited record cannot invent a region, rename one or move it to the other side: the
@@ -204,3 +213,22 @@ def test_mask_info_volume_units():
     one[2:4, 0, 1:4] = 1
     info = mask_info(one, "segmentation_head", [0.5, 5.0, 2.0], "volume")
     assert info.area_mm2 == 6 * 0.5 * 2.0 and info.volume_mm3 is None and info.bbox.max == [3, 0, 3]
+
+
+def test_provenance_names_the_code_that_wrote_the_record():
+    """Records written by different code of the same version (0.1.0, same model and config) had been
+    indistinguishable (session 35 probe); and a record of schema 1.3, without the field, still loads."""
+    import shutil
+    import subprocess
+
+    from tumorlens.findings.build import provenance
+    from tumorlens.paths import project_root
+
+    if shutil.which("git") is None or not (project_root() / ".git").exists():
+        pytest.skip("not a git checkout")
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_root(), capture_output=True,
+                          text=True).stdout.strip()
+    assert provenance().code_commit.split("-")[0] == head
+    old = _record()
+    old["schema_version"] = "1.3"
+    assert Findings.from_dict(old).provenance.code_commit is None

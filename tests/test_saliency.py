@@ -366,9 +366,14 @@ def test_explain_never_overwrites_its_input_nor_mixes_two_explanations(model, tu
     first = explain(img, method="all", model=model)
     first.write(out)
     assert (out / "heatmap_gradcampp.nii.gz").exists()
+    from tumorlens.report import generate_report
+
+    generate_report(first.findings, backend="template").write(out)  # the README's pattern: report beside it
     second = explain(img, method="gradcam", model=model)
     second.write(out)
     assert not any(out.glob("heatmap_*.nii.gz")) and not any(out.glob("mask_*.nii.gz"))
+    # the first explanation's report went with it (it had stayed beside the findings of another image)
+    assert not (out / "report.md").exists() and not (out / "report.json").exists()
     assert {p.name for p in out.iterdir()} >= {"findings.json", "mask.nii.gz", "heatmap.nii.gz", "overlay.png"}
     # the slice itself stored as out/mask.nii.gz, explained into out: refused, the file kept as it was
     src = out / "mask.nii.gz"
@@ -378,3 +383,51 @@ def test_explain_never_overwrites_its_input_nor_mixes_two_explanations(model, tu
     with pytest.raises(InvalidInputError, match="overwrite this input"):
         expl.write(out)
     assert hashlib.sha256(src.read_bytes()).hexdigest() == before
+
+
+def test_library_calls_refuse_what_they_would_misread(model, predictor, tumour_images):
+    """A Python user's in-memory arrays (probe, session 35): NaN pixels were classified (glioma p 0.80, empty
+    mask), a [H, W] MetaTensor was called 'constant' (its first row was taken as the image), an [H, W, 3]
+    picture was misread too, a raw image gave confident wrong class descriptions, one NaN
+    gave an empty saliency mask, and methods="gradcam" was split into letters."""
+    from tumorlens.alignment import nearest_descriptions
+    from tumorlens.findings.build import classification
+    from tumorlens.inference import prepare_slice
+
+    img, truth, _row = tumour_images[0]
+    arr = img.numpy()[0]
+    nan = arr.copy()
+    nan[arr > np.percentile(arr, 90)] = np.nan
+    with pytest.raises(InvalidInputError, match="non-finite"):
+        predictor.predict(MetaTensor(torch.from_numpy(nan[None]), affine=img.affine))
+    with pytest.raises(InvalidInputError, match="non-finite"):
+        saliency_maps(MetaTensor(torch.from_numpy(nan[None]), affine=img.affine), "gradcam", model)
+    with pytest.raises(InvalidInputError, match=r"\[1, H, W\].*got shape \({}, {}\)".format(*arr.shape)):
+        predictor.predict(MetaTensor(torch.from_numpy(arr)))
+    with pytest.raises(InvalidInputError, match="colour picture"):
+        predictor.predict(MetaTensor(torch.from_numpy(np.repeat(arr[..., None], 3, -1))))
+    with pytest.raises(InvalidInputError, match="2D slice"):
+        prepare_slice(np.stack([arr, arr]), model.image_size)
+
+    # one method by name is that method; its map, as returned ([1, H, W]), thresholds against the brain [H, W]
+    maps = saliency_maps(img, "gradcam", model)
+    assert set(maps.maps) == {"gradcam"}
+    th = adaptive_mask(maps.maps["gradcam"], maps.brain)
+    assert th.mask.shape == arr.shape and th.mask.any()
+    heat = maps.maps["gradcam"].numpy()[0].copy()
+    heat[0, 0] = np.nan
+    with pytest.raises(InvalidInputError, match="non-finite"):
+        adaptive_mask(heat, maps.brain)
+
+    # the text head takes prepared inputs only: an image as read is refused, the prepared one matches its class
+    with pytest.raises(InvalidInputError, match="normalised"):
+        nearest_descriptions(model, img)
+    prepared = prepare_slice(arr, model.image_size)
+    with pytest.raises(InvalidInputError, match="0..1"):
+        nearest_descriptions(model, prepared * 255)
+    assert nearest_descriptions(model, prepared, k=1)[0]["class_name"] == predictor.predict(img).label
+
+    with pytest.raises(InvalidInputError, match="exactly the classes"):
+        classification({"a": 1.0})
+    with pytest.raises(InvalidInputError, match="sum to 1"):
+        classification({"glioma": 1.0, "meningioma": 1.0, "no_tumor": 0.0, "pituitary": 0.0})

@@ -49,7 +49,7 @@ def studies_snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture(scope="module")
 def studies(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("server") / "studies"
+    d = tmp_path_factory.mktemp("server") / "my studies"  # a space: the monailabel launcher had split the path
     shutil.copytree(sample_studies_dir(), d)
     for p in d.iterdir():
         p.chmod(0o644)
@@ -101,6 +101,17 @@ def alive(client) -> None:
 
 
 # ---- /info/ and inference ------------------------------------------------------------------------
+
+def test_a_server_started_on_a_path_with_a_space_logs_to_its_own_file(server, studies):
+    """``tumorlens serve`` on "my studies" (the monailabel launcher had split the path in two), and ``GET /logs/``
+    shows this server's log, one per datastore in the work folder (every server of the checkout had written
+    monai_app/logs/app.log, and each one's /logs/ showed the others' image ids)."""
+    logs = list((studies.parent / "work" / "logs").glob("*/app.log"))
+    assert len(logs) == 1
+    r = requests.get(f"{server.url}/logs/", params={"lines": 5000, "text": "true"}, timeout=30)
+    assert r.status_code == 200 and str(studies) in r.text
+    assert r.text.strip().splitlines()[-1] in logs[0].read_text()
+
 
 def test_info_lists_tasks(client):
     info = client.info()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -180,12 +181,23 @@ def test_serve_cli_errors_and_sample_copy(tmp_path, capsys):
     prepare_sample_studies(d)  # again: keeps what is there
     assert (d / "labels").is_dir()
     assert {p.name: p.stat().st_mtime for p in sample_studies_dir().iterdir()} == before
-    # MONAI Label's logging config lives beside its log: without one every start left a copy in /tmp
+    # MONAI Label's logging config lives beside its log (without one every start left a copy in /tmp), one log
+    # per datastore in the work folder (every server of the checkout had shared monai_app/logs/app.log)
     from tumorlens.serving.cli import server_command
 
-    cmd, _ = server_command(str(d), "127.0.0.1", 8999)
+    cmd, env = server_command(str(d), "127.0.0.1", 8999, workdir=tmp_path / "wd")
     conf = Path(cmd[cmd.index("--log_config") + 1])
-    assert conf.parent.name == "logs" and str(conf.parent / "app.log") in conf.read_text()
+    assert conf.parent.parent == tmp_path / "wd" / "logs" and str(conf.parent / "app.log") in conf.read_text()
+    assert env["TUMORLENS_LOG_FILE"] == str(conf.parent / "app.log")
+    other, _ = server_command(str(tmp_path / "s"), "127.0.0.1", 8999, workdir=tmp_path / "wd")
+    assert Path(other[other.index("--log_config") + 1]).parent != conf.parent
+    # a DICOMweb server's log and work folder lie in a folder, not under "http:/..." in the current one
+    from tumorlens.serving.process import ServerProcess
+
+    srv = ServerProcess("http://127.0.0.1:8042/dicom-web", port=8999)
+    assert srv.log_path.is_absolute() and "http:" not in str(srv.workdir)
+    # MONAI Label's server with this Python, not its bash launcher (which split a path with a space in two)
+    assert cmd[:3] == [sys.executable, "-m", "monailabel.main"] and cmd[cmd.index("--studies") + 1] == str(d)
 
 
 def _two_items(model, dev2d):

@@ -476,3 +476,105 @@ def test_stored_labels_survive_missing_files_failed_writes_and_a_damaged_index(d
     ds2 = mod.TumorlensDatastore(str(studies), auto_reload=False)
     assert ds2.get_label_info("a", "final")["class_name"] == "meningioma"
     assert list(studies.glob("datastore_v2.json.damaged-*"))
+
+
+def test_deletions_stay_deleted_across_processes_and_the_history_keeps_the_last_five(dev2d, tumour_rows, tmp_path,
+                                                                                      monkeypatch):
+    """What an outside probe with eight clients and a 1,200-image folder found (session 35):
+    - a scoring run's datastore (a second process on the same folder) saw the server's deletions as files gone
+      missing and kept their info aside; a later file of that name got a deleted label's class and annotator;
+    - label-history copies of saves within one second shared a name and overwrote each other (kept 2, 3, 4, 5, 7
+      of 1..8 instead of the last five replaced, 3..7);
+    - a model's prediction saved over a label kept the annotator's class;
+    - when every candidate was held, two picks within one second handed out the same image."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    mod = _app_module("lib.datastore")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    rows = [r for r in tumour_rows if r["label"] == "glioma"][:3]
+    for name, r in zip("abc", rows, strict=True):
+        shutil.copy(dev2d / r["image"], studies / f"{name}.jpg")
+    server = mod.TumorlensDatastore(str(studies), auto_reload=False)
+    mask = dev2d / rows[0]["mask"]
+    server.save_label("a", str(mask), "final", {"class_name": "glioma", "client_id": "ann1"})
+    server.save_label("b", str(dev2d / rows[1]["mask"]), "final", {"class_name": "glioma", "client_id": "ann1"})
+    scoring = mod.TumorlensDatastore(str(studies), auto_reload=False)  # a scoring run's view, read before the deletes
+
+    server.remove_label("a", "final")
+    server.remove_image("b")
+    # its watcher sees the files go before the server's index write reaches it (it still lists them)
+    monkeypatch.setattr(scoring, "_init_from_datastore_file", lambda *a, **k: None)
+    scoring.refresh()
+    label = studies / "labels" / "final" / "a.png"
+    Image.fromarray(np.zeros(np.asarray(Image.open(mask)).shape, np.uint8)).save(label)  # a sync tool's file
+    shutil.copy(dev2d / rows[1]["image"], studies / "b.jpg")
+    server.refresh()
+    assert not server.get_label_info("a", "final").get("class_name")
+    assert server.get_label_info("a", "final").get("client_id") != "ann1"
+    assert "client_id" not in server.get_image_info("b")
+
+    # the label history keeps the last five labels replaced, in order, however fast they come
+    for i in range(8):
+        server.save_label("c", str(dev2d / rows[2]["mask"]), "final", {"class_name": "glioma", "client_id": f"s{i}"})
+    history = studies / ".tumorlens" / "label-history" / "final" / "c"
+    kept = sorted(p for p in history.iterdir() if p.suffix == ".json")
+    assert [json.loads(p.read_text())["client_id"] for p in kept] == ["s2", "s3", "s4", "s5", "s6"]
+
+    # a model's prediction saved over an annotator's label (a tag other than final) does not take their class
+    server.save_label("c", str(dev2d / rows[2]["mask"]), "original", {"class_name": "glioma", "client_id": "ann"})
+    server.save_label("c", str(dev2d / rows[2]["mask"]), "original",
+                      {"model": "segmentation", "params": {"label": "meningioma"}})
+    assert "class_name" not in server.get_label_info("c", "original")
+
+    # picks within one second: the image handed out a moment ago is not the oldest
+    strategies = _app_module("lib.activelearning.strategies")
+
+    class Store:
+        def get_image_info(self, i):
+            return {"strategy": {"random": {"ts": 1_000_000}}}
+
+    monkeypatch.setattr(strategies, "_recent_picks", {})
+    strategies.note_pick("x")
+    pool, held = strategies.free_first(["x", "y"], strategies.last_picked(Store(), ["x", "y"]), 10**10)
+    assert pool == ["y"] and held == 2
+
+
+def test_a_scoring_run_keeps_what_it_scored_before_it_stopped(dev2d, dev_rows, tmp_path, monkeypatch):
+    """A run over 1,200 images stopped with the server at 10 % kept nothing, and the next run began again
+    (session 35 probe); scores of deleted images were kept for ever, and every scored pick reads them all."""
+    import json
+    import shutil
+
+    scores = _app_module("lib.scoring.scores")
+    state_mod = _app_module("lib.state")
+    mod = _app_module("lib.datastore")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    for i, r in enumerate(dev_rows[:5]):
+        shutil.copy(dev2d / r["image"], studies / f"s{i}.jpg")
+    ds = mod.TumorlensDatastore(str(studies), auto_reload=False)
+    state = state_mod.AppState(studies / ".tumorlens", None)
+    calls = []
+
+    def score(model, img):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt  # the run is stopped here
+        return {"entropy_normalised": 0.5}
+
+    monkeypatch.setitem(scores.KINDS, "uncertainty", score)
+    monkeypatch.setattr(scores, "FLUSH_S", 0.0)
+    with pytest.raises(KeyboardInterrupt):
+        scores.score_images(state, ds, "uncertainty", sorted(ds.list_images()))
+    kept = json.loads(state.scores_file.read_text())
+    assert sorted(kept) == ["s0", "s1", "s2"]
+    # the next run scores the rest only, and forgets images no longer in the datastore
+    calls[:] = [1, 1, 1, 1]
+    ds.remove_image("s0")
+    res = scores.TumorlensScoring(state, "uncertainty")({}, ds)
+    assert res["scored"] == 4 and len(calls) == 6
+    assert sorted(json.loads(state.scores_file.read_text())) == ["s1", "s2", "s3", "s4"]

@@ -5,9 +5,11 @@ in a ``cli`` module of its package); heavy imports happen inside the handlers, s
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import sys
+from pathlib import Path
 
 from tumorlens.errors import TumorlensError
 
@@ -51,7 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as e:  # a folder that cannot be written, a full disk: the file and the reason, no traceback
         where = f"{e.filename}: " if e.filename else ""
-        print(f"tumorlens {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        hint = ""
+        if e.errno in (errno.EROFS, errno.EACCES) and e.filename and Path(str(e.filename)).name == ".cache":
+            hint = " (set TUMORLENS_CACHE to a writable folder for the caches)"
+        print(f"tumorlens {args.command}: error: {where}{e.strerror or e}{hint}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as e:  # an install without everything requirements.txt lists: which one, no traceback
+        if not e.name or e.name.split(".")[0] == "tumorlens":
+            raise
+        print(f"tumorlens {args.command}: error: the Python package {e.name!r} is not installed, and this command "
+              "needs it: install the project with `make setup` (requirements.txt lists every package)", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -16,7 +16,9 @@ from tumorlens.paths import configs_dir
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise InvalidInputError(path, "config file does not exist")
+        from tumorlens.paths import not_a_checkout
+
+        raise InvalidInputError(path, f"config file does not exist{not_a_checkout(path)}")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as e:

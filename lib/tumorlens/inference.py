@@ -19,7 +19,7 @@ from tumorlens.alignment.familiarity import Familiarity
 from tumorlens.alignment.familiarity import assess as assess_familiarity
 from tumorlens.caveats import colour_note, dark_border_note, familiarity_note
 from tumorlens.data.normalize import dark_border_fraction, foreground_mask, normalize_intensity
-from tumorlens.data.readers import is_volume
+from tumorlens.data.readers import image_array, is_volume
 from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 from tumorlens.models.refiner import load_refiner
@@ -154,6 +154,20 @@ def prepare_mask(mask: np.ndarray, arr: np.ndarray, size: int) -> np.ndarray:
 
 @dataclass
 class Prediction:
+    """What ``Predictor.predict`` returns for one image.
+
+    ``probabilities``: {class name: p} of the decision (summing to 1); ``label``: its most probable class;
+    ``mask``: uint8 0/1 tumour mask and ``seg_prob``: float32 tumour probability 0..1, both [1, ...] on the
+    input's grid and affine; ``slice_probabilities``: a volume's per-slice class probabilities [Z, C] in display
+    order (axial slices, NaN for slices without brain), None for 2D; ``extra``: ``decision`` ("aligned" |
+    "plain"), ``caveats`` (see :attr:`caveats`), ``familiarity`` (k-NN similarity to the training images and
+    its threshold), ``window_classifier`` (the lesion-window classifier's opinion, when asked),
+    ``text_similarities`` ({class: cosine to its prototype}), ``dark_border_fraction`` (2D), ``head_template_dice``
+    (volumes), ``lesion_refiner``, ``mask_suppressed_by_classifier``.
+
+    ``Predictor.forward_batch`` is the network alone: its probabilities skip the refiner and window classifier
+    that ``predict`` applies, so they can differ from these."""
+
     probabilities: dict[str, float]
     label: str
     mask: MetaTensor  # uint8, same shape/affine as the input
@@ -185,6 +199,8 @@ def prepare_slice(arr: np.ndarray, size: int) -> torch.Tensor:
     """A raw 2D array -> normalised [1, 1, size, size] network input (re-framed when the head fills
     little of the frame: see ``head_frame``)."""
     arr = np.asarray(arr, dtype=np.float32)
+    if arr.ndim != 2:
+        raise InvalidInputError(None, f"prepare_slice takes one 2D slice [H, W], got shape {arr.shape}")
     a = to_frame(normalize_intensity(arr), head_frame(arr))
     return resize_2d(torch.from_numpy(np.ascontiguousarray(a))[None, None], size)
 
@@ -383,12 +399,10 @@ class Predictor:
         return Familiarity(float(np.median(scores)), float(cal["threshold"]), int(cal["k"]))
 
     def predict(self, img: MetaTensor) -> Prediction:
-        if not isinstance(img, MetaTensor):
-            raise TypeError("Predictor.predict expects a MetaTensor from tumorlens.data.read_image")
-        arr = img.detach().cpu().numpy()[0]
-        src = img.meta.get("filename_or_obj")
-        if not np.any(arr != arr.flat[0]):
-            raise InvalidInputError(src, "image is constant (empty or all-zero): nothing to classify")
+        """Class probabilities, tumour mask and caveats of one image as ``read_image`` returns it: a 2D slice
+        [1, H, W] or a volume [1, X, Y, Z] (classified slice by slice). The mask and maps come back on the
+        image's own grid and affine; see :class:`Prediction` for the fields."""
+        arr = image_array(img, "nothing to classify")
         if is_volume(img):
             return self._predict_volume(img, arr)
         return self._predict_2d(img, arr)

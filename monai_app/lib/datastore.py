@@ -15,6 +15,7 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
@@ -243,6 +244,47 @@ def nested_images_hint(root: Path, listed: int) -> str | None:
             "holds the images, or put them in one folder (an image's class can go in its info as class_name)")
 
 
+DELETION_MEMORY_S = 86400  # how long a deletion on request is remembered for other processes' folder watchers
+
+
+def _deleted_at(rec: dict, tag: str | None = None) -> float:
+    """When the image (or its label ``tag``) of a ``vanished.json`` record was deleted on request (0: never)."""
+    t = rec.get("deleted") if tag is None else rec.get("deleted_labels", {}).get(tag)
+    return float(t) if isinstance(t, int | float) and not isinstance(t, bool) else 0.0
+
+
+def _saved_before(info: dict, deleted_at: float) -> bool:
+    """Whether an entry with this info was saved before a deletion at ``deleted_at`` (the deleted one itself)."""
+    ts = info.get("ts") if isinstance(info, dict) else None
+    return deleted_at > 0 and isinstance(ts, int | float) and ts <= deleted_at
+
+
+def _live(data: dict) -> dict:
+    """Records still holding info to give back, or a deletion recent enough to matter."""
+    now = time.time()
+    out = {}
+    for image_id, rec in data.items():
+        marks = {t: v for t, v in rec.get("deleted_labels", {}).items() if now - float(v) < DELETION_MEMORY_S}
+        rec = {k: v for k, v in rec.items() if k != "deleted_labels"} | ({"deleted_labels": marks} if marks else {})
+        if "deleted" in rec and now - _deleted_at(rec) >= DELETION_MEMORY_S:
+            rec.pop("deleted")
+        if rec.get("image") or rec.get("labels") or rec.get("deleted") or rec.get("deleted_labels"):
+            out[image_id] = rec
+    return out
+
+
+def _forgotten(data: dict, image_id: str, tag: str | None, deleted: bool) -> dict:
+    """``vanished.json`` without the info of an image (``tag`` None) or one label, marked deleted if it was."""
+    rec = dict(data.get(image_id, {}))
+    if tag is None:
+        rec = {"deleted": time.time()} if deleted else {}
+    else:
+        rec["labels"] = {t: v for t, v in rec.get("labels", {}).items() if t != tag}
+        marks = {t: v for t, v in rec.get("deleted_labels", {}).items() if t != tag}
+        rec["deleted_labels"] = {**marks, tag: time.time()} if deleted else marks
+    return _live({**data, image_id: rec})
+
+
 class TumorlensDatastore(LocalDatastore):
     """``LocalDatastore`` + validation + atomic writes (see the module docstring)."""
 
@@ -273,7 +315,6 @@ class TumorlensDatastore(LocalDatastore):
             return
         except (ValueError, OSError) as e:
             problem = str(e).splitlines()[0][:200]
-        import time
 
         aside = index.with_name(f"{index.name}.damaged-{int(time.time())}")
         os.replace(index, aside)
@@ -326,7 +367,6 @@ class TumorlensDatastore(LocalDatastore):
         with self._lock():
             if self._same_image_stored(image_id, image_filename):
                 return image_id  # the same bytes again (a client retrying an upload): nothing changes
-            import time
 
             from monailabel.datastore.local import DataModel, ImageLabelModel
 
@@ -390,9 +430,12 @@ class TumorlensDatastore(LocalDatastore):
             if cls:
                 info["class_name"] = cls
         earlier = obj.labels.get(label_tag or DefaultLabelTag.FINAL.value)
-        if not (info.get("class_name") or info.get("class")) and earlier is not None and earlier.info.get("class_name"):
+        if not (info.get("class_name") or info.get("class")) and earlier is not None and earlier.info.get("class_name") \
+                and "model" not in info:
             # a corrected mask sent without its class (Slicer's submit leaves it out unless chosen again)
-            # keeps the class given before: dropping it silently put the image back in the pool
+            # keeps the class given before: dropping it silently put the image back in the pool. Not a model's
+            # prediction saved over it (MONAI Label's info {"model", "params"}): its class is in its params, and
+            # the annotator's class had been kept on the model's mask
             info["class_name"] = earlier.info["class_name"]
         cls = info.get("class_name") or info.get("class")
         if isinstance(cls, str):
@@ -403,7 +446,6 @@ class TumorlensDatastore(LocalDatastore):
         tag = label_tag or DefaultLabelTag.FINAL.value
         label_path = Path(self._datastore.label_path(tag))
         label_path.mkdir(parents=True, exist_ok=True)
-        import time
 
         from monailabel.datastore.local import DataModel
 
@@ -439,12 +481,16 @@ class TumorlensDatastore(LocalDatastore):
         older mask re-saved over a newer one had left no copy of it); the oldest beyond ``HISTORY_KEEP`` go."""
         folder = Path(self._datastore_path) / ".tumorlens" / "label-history" / tag / image_id
         folder.mkdir(parents=True, exist_ok=True)
-        stamp = f"{int((earlier.info if earlier else {}).get('ts') or 0)}-{os.getpid()}-{len(list(folder.iterdir()))}"
+        # named by when it was replaced, in ns (unique; the order of the names is the order of replacement): names
+        # from the replaced label's save time in seconds collided for saves within one second and overwrote each
+        # other, and an older copy was kept instead
+        stamp = f"{time.time_ns()}-{os.getpid()}"
         copy = folder / f"{stamp}{file_ext(label_file.name)}"
         os.replace(label_file, copy)
         if earlier is not None:
             (folder / f"{stamp}.json").write_text(json.dumps(earlier.info, indent=2, default=str))
-        entries = sorted((p for p in folder.iterdir() if p.suffix != ".json"), key=lambda p: p.stat().st_mtime)
+        entries = sorted(p.name for p in folder.iterdir() if p.suffix != ".json")
+        entries = [folder / n for n in entries]
         for old in entries[:-self.HISTORY_KEEP]:
             old.unlink(missing_ok=True)
             (folder / (old.name[: -len(file_ext(old.name))] + ".json")).unlink(missing_ok=True)
@@ -468,7 +514,7 @@ class TumorlensDatastore(LocalDatastore):
         if image_id not in self._datastore.objects:
             raise not_found(f"unknown image id {image_id!r}")
         super().remove_image(image_id)
-        self._forget_vanished(image_id)
+        self._forget_vanished(image_id, deleted=True)
         with self._lock():  # listed no more at once, not when the folder watcher catches up
             self._datastore.objects = {k: v for k, v in self._datastore.objects.items() if k != image_id}
             self._update_datastore_file(lock=False)
@@ -477,12 +523,24 @@ class TumorlensDatastore(LocalDatastore):
         check_id(label_id)
         check_id(label_tag, "label tag")
         super().remove_label(label_id, label_tag)
-        self._forget_vanished(label_id, label_tag)
+        self._forget_vanished(label_id, label_tag, deleted=True)
         obj = self._datastore.objects.get(label_id)
         if obj is not None and label_tag in obj.labels:
             with self._lock():
                 obj.labels = {k: v for k, v in obj.labels.items() if k != label_tag}
                 self._update_datastore_file(lock=False)
+
+    def current_image_ids(self) -> set[str]:
+        """The images this process lists and those the index file lists now: a scoring run's datastore does not
+        watch the folder, and the server may have added images to the index since the run read it."""
+        from monailabel.datastore.local import LocalDatastoreModel
+
+        ids = set(self.list_images())
+        try:
+            ids |= set(LocalDatastoreModel.model_validate_json(Path(self._datastore_config_path).read_text()).objects)
+        except (OSError, ValueError):
+            pass
+        return ids
 
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         if image_id not in self._datastore.objects:  # MONAI Label answers {} with 200
@@ -534,32 +592,59 @@ class TumorlensDatastore(LocalDatastore):
 
     def _keep_vanished(self, before: dict) -> None:
         """Record the info of the entries the watcher just dropped: ``{id: {"image": {ext, info}, "labels":
-        {tag: {ext, info}}}}`` (an image's record holds its labels' too, which go with it)."""
+        {tag: {ext, info}}}}`` (an image's record holds its labels' too, which go with it). Not of what was deleted
+        on request: another process's watcher (a scoring run's) sees those files go too, and had kept a deleted
+        label's class, which a later file of that name then took."""
         now = self._datastore.objects
+        with self._vanished_lock():
+            self._record_vanished(before, now)
+
+    def _record_vanished(self, before: dict, now: dict) -> None:
         data = self._vanished()
         for image_id, (image, labels) in before.items():
             gone_labels = {t: lab for t, lab in labels.items() if image_id not in now or t not in now[image_id].labels}
             if image_id in now and not gone_labels:
                 continue
             rec = data.setdefault(image_id, {})
-            if image_id not in now:
+            gone = _deleted_at(rec)
+            if image_id not in now and not _saved_before(image.info, gone):
                 rec["image"] = {"ext": image.ext, "info": dict(image.info)}
-            rec.setdefault("labels", {}).update({t: {"ext": lab.ext, "info": dict(lab.info)} for t, lab in gone_labels.items()})
-        self._write_vanished(data)
+            kept = {t: {"ext": lab.ext, "info": dict(lab.info)} for t, lab in gone_labels.items()
+                    if not _saved_before(lab.info, max(gone, _deleted_at(rec, t)))}
+            if kept:
+                rec.setdefault("labels", {}).update(kept)
+        self._write_vanished(_live(data))
 
-    def _forget_vanished(self, image_id: str, tag: str | None = None) -> None:
-        """An image or label deleted on request does not come back with the old info if a file of that name does."""
-        data = self._vanished()
-        if image_id not in data:
-            return
-        if tag is None:
-            data.pop(image_id)
-        else:
-            data[image_id].get("labels", {}).pop(tag, None)
-        self._write_vanished(data)
+    def _forget_vanished(self, image_id: str, tag: str | None = None, deleted: bool = False) -> None:
+        """An image or label deleted on request does not come back with the old info if a file of that name does;
+        ``deleted``: it was deleted on request, and is marked so for other processes' watchers (``_keep_vanished``)."""
+        with self._vanished_lock():
+            data = self._vanished()
+            if image_id not in data and not deleted:
+                return
+            self._write_vanished(_forgotten(data, image_id, tag, deleted))
+
+    def _vanished_lock(self):
+        """One process at a time reads and rewrites ``vanished.json`` (the server and its scoring runs)."""
+        from contextlib import nullcontext
+
+        from filelock import FileLock
+
+        try:
+            self._vanished_file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only studies folder: nothing is written there, so nothing to order
+            return nullcontext()
+        if not os.access(self._vanished_file.parent, os.W_OK):
+            return nullcontext()
+        return FileLock(str(self._vanished_file.with_name(f".{VANISHED}.lock")))
 
     def _add_non_existing_images(self) -> int:
         n = super()._add_non_existing_images()
+        with self._vanished_lock():
+            self._restore_images()
+        return n
+
+    def _restore_images(self) -> None:
         data = self._vanished()
         back = {i: r for i, r in data.items() if "image" in r and i in self._datastore.objects}
         for image_id, rec in back.items():
@@ -569,11 +654,15 @@ class TumorlensDatastore(LocalDatastore):
                 logger.info(f"image {image_id} is back: its earlier info restored")
             rec.pop("image")
         if back:
-            self._write_vanished({i: r for i, r in data.items() if r.get("image") or r.get("labels")})
-        return n
+            self._write_vanished(_live(data))
 
     def _add_non_existing_labels(self, tag) -> int:
         n = super()._add_non_existing_labels(tag)
+        with self._vanished_lock():
+            self._restore_labels(tag)
+        return n
+
+    def _restore_labels(self, tag) -> None:
         data = self._vanished()
         changed = False
         for image_id, rec in data.items():
@@ -588,8 +677,7 @@ class TumorlensDatastore(LocalDatastore):
             rec["labels"].pop(tag)
             changed = True
         if changed:
-            self._write_vanished({i: r for i, r in data.items() if r.get("image") or r.get("labels")})
-        return n
+            self._write_vanished(_live(data))
 
     def _label_fits(self, image_id: str, tag: str, ext: str) -> bool:
         """The label file on the image's grid (a label left behind must not give its class to another image

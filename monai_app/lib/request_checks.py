@@ -407,6 +407,17 @@ def local_datastore_proxy(original: Callable) -> Callable:
     return call
 
 
+def own_log_file(original: Callable) -> Callable:
+    """``GET /logs/`` reads this server's log (``TUMORLENS_LOG_FILE``, set by ``tumorlens serve``), not the app
+    folder's ``logs/app.log`` that every server started from the checkout had shared."""
+    @wraps(original)
+    def call(logger_file, *args, **kwargs):
+        return original(os.environ.get("TUMORLENS_LOG_FILE") or logger_file, *args, **kwargs)
+
+    call.tumorlens_own_log = True
+    return call
+
+
 def install_request_checks() -> None:
     import monailabel.endpoints.batch_infer as batch_infer
     import monailabel.endpoints.datastore as datastore
@@ -431,6 +442,8 @@ def install_request_checks() -> None:
         check_infer_input(a)
         check_infer_output(a.get("model"), a.get("output"))
 
+    if not getattr(logs.get_logs, "tumorlens_own_log", False):
+        logs.get_logs = own_log_file(logs.get_logs)
     checks = [(infer, "run_inference", infer_check), (wsi_infer, "run_wsi_inference", check_infer_input),
               (datastore, "add_image", form("params")), (datastore, "save_label", form("params")),
               (datastore, "update_image_info", check_image_info), (datastore, "update_label_info", check_label_info),

@@ -73,3 +73,13 @@ class AppState:
             for image_id, entry in new.items():
                 cur.setdefault(image_id, {}).update(entry)
             atomic_write_text(self.scores_file, json.dumps(cur, indent=2))
+
+    def drop_scores_except(self, keep: set[str]) -> int:
+        """Forget the scores of images not in ``keep`` (deleted ones: every scored next-sample request reads the
+        whole file, which had kept them all). Returns how many were dropped."""
+        with self._lock:
+            cur = self.read_scores()
+            gone = [i for i in cur if i not in keep]
+            if gone:
+                atomic_write_text(self.scores_file, json.dumps({i: e for i, e in cur.items() if i in keep}, indent=2))
+        return len(gone)

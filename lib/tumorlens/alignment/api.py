@@ -141,15 +141,28 @@ def text_head(model=None, prefer: str = "auto") -> tuple[AlignedHead, str]:
     return load_probe(m), "probe"
 
 
-def _as_batch(images) -> torch.Tensor:
+def _as_batch(images, size: int) -> torch.Tensor:
+    """Network inputs [N, 1, S, S] as ``prepare_slice`` makes them (intensities in [0, 1], S the model's size).
+    An image as read (raw intensities, its own size) is refused: fed as it is, it gave confident wrong
+    descriptions (a glioma slice matched 'no tumour'); ``text_matches`` takes one as read."""
+    if isinstance(images, (str, Path)):
+        raise TypeError("expected network inputs [N, 1, S, S], not a path: read the image with "
+                        "tumorlens.data.read_image and use text_matches, or prepare it with tumorlens.inference.prepare_slice")
     x = images.as_subclass(torch.Tensor) if isinstance(images, torch.Tensor) else torch.as_tensor(np.asarray(images))
     x = x.float()
     if x.ndim == 2:
         x = x[None, None]
     elif x.ndim == 3:
         x = x[:, None] if x.shape[0] != 1 else x[None]
-    if x.ndim != 4 or x.shape[1] != 1:
-        raise InvalidInputError(None, f"expected normalised images [N, 1, S, S], got {tuple(x.shape)}")
+    how = ("(tumorlens.inference.prepare_slice makes one from a 2D slice; text_matches takes an image as "
+           "read_image returns it)")
+    if x.ndim != 4 or x.shape[1] != 1 or tuple(x.shape[2:]) != (size, size):
+        raise InvalidInputError(None, f"expected normalised network inputs [N, 1, {size}, {size}], got {tuple(x.shape)} {how}")
+    if not torch.isfinite(x).all():
+        raise InvalidInputError(None, "network inputs contain non-finite values (NaN/inf)")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < -1e-3 or hi > 1 + 1e-3:
+        raise InvalidInputError(None, f"network inputs hold intensities {lo:g}..{hi:g}, not the normalised 0..1 {how}")
     return x
 
 
@@ -176,7 +189,7 @@ def semantic_margin_rate(model, images, labels, *, head: str = "auto", min_margi
     text probe (fitted on the training split's features, so the comparison is fair).
     """
     m = _model(model)
-    x = _as_batch(images)
+    x = _as_batch(images, m.image_size)
     y = _labels(labels)
     if len(y) != len(x):
         raise InvalidInputError(None, f"{len(x)} images but {len(y)} labels")
@@ -186,11 +199,13 @@ def semantic_margin_rate(model, images, labels, *, head: str = "auto", min_margi
 
 
 def nearest_descriptions(model, image_tensor, k: int = 3, *, head: str = "auto") -> list[dict]:
-    """The ``k`` class descriptions nearest to one image in text space:
-    ``[{class_name, description, similarity}]`` (for the findings record's ``text_matches``)."""
+    """The ``k`` class descriptions nearest to one prepared network input ([1, 1, S, S] or [S, S], intensities
+    in [0, 1]: ``prepare_slice``) in the text head's space: ``[{class_name, description, similarity}]``. For an
+    image as read, ``text_matches`` gives the findings record's matches (there the decision's text vector,
+    which the lesion-window classifier may join, so the two can differ)."""
     _check_k(k)
     m = _model(model)
-    x = _as_batch(image_tensor)
+    x = _as_batch(image_tensor, m.image_size)
     if len(x) != 1:
         raise InvalidInputError(None, f"nearest_descriptions takes one image, got {len(x)}")
     h, _kind = text_head(m, head)
@@ -234,7 +249,7 @@ def aligned_probabilities(model, images) -> tuple[np.ndarray, str]:
     when ``alignment.pt`` is stored (it won on validation), else the plain classifier's softmax.
     Returns (probabilities, "aligned" | "plain")."""
     m = _model(model)
-    x = _as_batch(images)
+    x = _as_batch(images, m.image_size)
     feats, logits = extract_features(m.net, x)
     head = load_alignment(m)
     if head is None:

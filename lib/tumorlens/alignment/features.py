@@ -14,7 +14,7 @@ from tqdm import tqdm
 from tumorlens.alignment.text import cache_dir
 from tumorlens.errors import InvalidInputError
 from tumorlens.models.registry import CHECKPOINT, LoadedModel
-from tumorlens.paths import project_root
+from tumorlens.paths import config_data_root
 
 
 def checkpoint_sha(model: LoadedModel | str | Path) -> str:
@@ -66,9 +66,9 @@ def split_features(model: LoadedModel, *, max_images: int | None = None, progres
     from tumorlens.data.splits import grouped_split
 
     dc = model.config.get("data", {})
-    root = Path(data_root or dc.get("root", "../shared/data/brain-mri-2d"))
+    root = Path(data_root) if data_root else config_data_root(dc.get("root", "../shared/data/brain-mri-2d"))
     if not root.is_absolute():
-        root = (project_root() / root).resolve()
+        root = root.resolve()
     manifest = load_manifest(root)
     train_idx, val_idx = grouped_split(manifest, float(dc.get("val_fraction", 0.2)), int(dc.get("seed", 0)))
     if max_images:

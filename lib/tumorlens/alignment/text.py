@@ -47,11 +47,18 @@ def encoder_id() -> str:
 
 @lru_cache(maxsize=1)
 def _encoder():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    """The frozen encoder from its local folder: no hub lookup (``local_files_only``) and no weights-loading bar,
+    without changing the process's environment or transformers' settings for anyone else."""
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
-    return SentenceTransformer(str(encoder_path()), device="cpu")
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return SentenceTransformer(str(encoder_path()), device="cpu", local_files_only=True)
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
 
 
 def encode_texts(texts: list[str]) -> np.ndarray:

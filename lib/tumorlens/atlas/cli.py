@@ -83,9 +83,13 @@ def run_locate(args) -> int:
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     from tumorlens.atlas.regions import map_regions
+    from tumorlens.atomic import atomic_write_text
     from tumorlens.data import read_image
     from tumorlens.data.readers import read_mask
+    from tumorlens.evaluation.cli import check_output
 
+    if args.json_out:
+        check_output(args.json_out)  # before a registration of a minute, not after it
     img = read_image(args.image)
     mask = mask_on_image_grid(read_mask(args.mask), img, args.mask)
     what = "registering to MNI152" if img.meta.get("kind") == "volume" and min(img.shape[1:]) > 1 else "placing slice"
@@ -112,11 +116,7 @@ def run_locate(args) -> int:
     for n in out["notes"]:
         print(f"note: {n}")
     if args.json_out:
-        path = Path(args.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(path)
+        atomic_write_text(args.json_out, json.dumps(result, indent=2))
     return 0
 
 

@@ -66,6 +66,8 @@ class SlicePlacement:
     view_probabilities: dict[str, float] | None = None  # slice-view classifier's plane probabilities
 
     def summary(self) -> dict:
+        """The placement's details for the findings record, which gives ``confidence`` (the figure that decides
+        whether regions are named) and the similarity as quality beside them."""
         return {
             "plane": self.plane,
             "position_mm": round(float(self.position_mm), 1),

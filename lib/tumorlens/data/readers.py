@@ -518,6 +518,27 @@ def same_grid(affine: np.ndarray, target_affine: np.ndarray) -> bool:
     return bool(np.allclose(np.asarray(affine, dtype=float), t, rtol=0, atol=tol))
 
 
+def image_array(img: MetaTensor, purpose: str) -> np.ndarray:
+    """The pixels of an image as ``read_image`` returns it ([1, H, W] or [1, X, Y, Z]), checked as the reader
+    checks a file's, for callers that build the MetaTensor themselves: a wrong layout would otherwise be
+    misread (a [H, W] array's first row taken as the image) or fail deep inside torch. ``purpose``: what the
+    image is for, to end the message of a constant image."""
+    if not isinstance(img, MetaTensor):
+        raise TypeError(f"expected a MetaTensor as tumorlens.data.read_image returns, got {type(img).__name__}")
+    src = img.meta.get("filename_or_obj")
+    shape = tuple(img.shape)
+    if len(shape) not in (3, 4) or shape[0] != 1:
+        hint = (" (a colour picture? read it with tumorlens.data.read_image, which makes it grey)"
+                if shape and shape[-1] in (3, 4) else "")
+        raise InvalidInputError(src, f"expected one channel first, [1, H, W] or [1, X, Y, Z], got shape {shape}{hint}")
+    arr = img.detach().cpu().numpy()[0]
+    if not np.isfinite(arr).all():
+        raise InvalidInputError(src, f"image contains {int((~np.isfinite(arr)).sum())} non-finite values (NaN/inf)")
+    if not np.any(arr != arr.flat[0]):
+        raise InvalidInputError(src, f"image is constant (empty or all-zero): {purpose}")
+    return arr
+
+
 def is_volume(img: MetaTensor) -> bool:
     """As the reader recorded it; a MetaTensor built elsewhere ([C, X, Y, Z], no ``kind``) by its shape."""
     kind = img.meta.get("kind") if hasattr(img, "meta") else None

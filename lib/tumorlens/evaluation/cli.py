@@ -92,6 +92,8 @@ def run_predict(args) -> int:
     from tumorlens.errors import InvalidInputError
     from tumorlens.inference import Predictor
 
+    if args.json_out:
+        check_output(args.json_out)  # before the images are classified, not after
     pred = Predictor(args.model)
     out, failed = [], 0
     for path in args.images:

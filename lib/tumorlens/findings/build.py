@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from tumorlens.caveats import familiarity_note
+from tumorlens.errors import InvalidInputError
 from tumorlens.findings.identifiers import safe_file_name
 from tumorlens.findings.schema import (
     SCHEMA_VERSION,
@@ -75,10 +76,16 @@ def entropy(probabilities: Mapping[str, float]) -> float:
 
 def classification(probabilities: Mapping[str, float], uncertainty: Mapping[str, Any] | None = None,
                    familiarity: Mapping[str, Any] | None = None, window: Mapping[str, Any] | None = None) -> Classification:
+    if set(probabilities) != set(CLASS_NAMES):
+        raise InvalidInputError(None, f"probabilities must give exactly the classes {', '.join(CLASS_NAMES)}, "
+                                      f"got {', '.join(map(str, probabilities)) or 'none'}")
     probs = {c: float(probabilities[c]) for c in CLASS_NAMES}
+    if not all(np.isfinite(p) and 0.0 <= p <= 1.0 for p in probs.values()):
+        raise InvalidInputError(None, f"probabilities must lie in [0, 1], got {probs}")
     total = sum(probs.values())
-    if total > 0 and abs(total - 1.0) < 1e-2:  # float32 softmax rounding; larger gaps are refused
-        probs = {c: p / total for c, p in probs.items()}
+    if abs(total - 1.0) >= 1e-2:
+        raise InvalidInputError(None, f"probabilities must sum to 1, got {total:.4g}")
+    probs = {c: p / total for c, p in probs.items()}  # float32 softmax rounding
     label = max(probs, key=probs.get)
     unc = dict(uncertainty) if uncertainty else {"entropy": entropy(probs), "method": "softmax_entropy"}
     return Classification(label=label, probabilities=probs, uncertainty=Uncertainty(**unc),
@@ -124,6 +131,7 @@ def provenance(model: Any | None = None) -> Provenance:
     """Model name, version and config hash of a ``LoadedModel`` (or 'none'), with the UTC time."""
     from tumorlens import __version__
     from tumorlens.config import config_hash
+    from tumorlens.paths import code_commit
 
     if model is None:
         name, version, chash = "none", "0", "none"
@@ -136,6 +144,7 @@ def provenance(model: Any | None = None) -> Provenance:
         config_hash=chash,
         tumorlens_version=__version__,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        code_commit=code_commit(),
     )
 
 

@@ -23,8 +23,8 @@ from tumorlens.errors import InvalidInputError
 from tumorlens.findings.identifiers import find_identifiers
 from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
 
-SCHEMA_VERSION = "1.3"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional);
-# 1.3: window_opinion.sharpness
+SCHEMA_VERSION = "1.4"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional);
+# 1.3: window_opinion.sharpness; 1.4: provenance.code_commit (optional)
 PROB_SUM_TOL = 1e-3
 MASK_SOURCES = ("segmentation_head", "saliency:gradcam", "saliency:gradcampp", "saliency:scorecam")
 SALIENCY_METHODS = ("gradcam", "gradcampp", "scorecam")
@@ -321,6 +321,7 @@ class Provenance(_Strict):
     config_hash: str
     tumorlens_version: str
     created_at: str  # ISO 8601, UTC
+    code_commit: str | None = None  # the checkout's git commit, "-dirty" with uncommitted edits (schema 1.4)
 
     @field_validator("created_at")
     @classmethod
@@ -330,6 +331,14 @@ class Provenance(_Strict):
         except ValueError as e:
             raise ValueError(f"created_at is not ISO 8601: {v!r}") from e
         return v
+
+
+MIDLINE_SLACK_MM = 10.0  # a one-sided lesion's centroid may lie this far across the midline (MNI x)
+
+
+def _agrees(stated: float, computed: float, what: str, how: str) -> None:
+    if abs(stated - computed) > 0.01 * computed + 0.01:
+        raise ValueError(f"{what} is {stated:g} but {how} give {computed:g}")
 
 
 class Findings(_Strict):
@@ -369,6 +378,32 @@ class Findings(_Strict):
                 raise ValueError(f"mask {m.source} has {m.voxels} voxels; the image has {n}")
             if m.bbox is not None and (len(m.bbox.max) != len(dims) or any(b >= d for b, d in zip(m.bbox.max, dims, strict=True))):
                 raise ValueError(f"mask {m.source} bounding box {m.bbox.min}-{m.bbox.max} lies outside the image {dims}")
+        return self
+
+    @model_validator(mode="after")
+    def _numbers_agree(self) -> Findings:
+        """What one field says another must agree with (a hand-edited record with a volume ten times its voxels,
+        a lesion on the left centred 40 mm right of the midline, or a lesion outlined by a mask the record does
+        not hold was reported as verified)."""
+        sources = {m.source for m in self.masks}
+        src = self.lesion.mask_source
+        if (src == "segmentation_head" or src.startswith("saliency:")) and src not in sources:
+            raise ValueError(f"lesion.mask_source {src!r} names no mask of the record ({', '.join(sorted(sources)) or 'none'})")
+        if self.saliency is not None and any(s.startswith("saliency:") for s in sources) \
+                and f"saliency:{self.saliency.method}" not in sources:
+            raise ValueError(f"saliency.method {self.saliency.method!r} has no mask in the record")
+        sp = self.input.spacing_mm
+        if self.input.spacing_known:
+            for m in self.masks:
+                if m.volume_mm3 is not None and len(sp) == 3:
+                    _agrees(m.volume_mm3, m.voxels * math.prod(sp), f"mask {m.source} volume_mm3", "voxels x voxel volume")
+                if m.area_mm2 is not None and len(sp) == 2:
+                    _agrees(m.area_mm2, m.voxels * sp[0] * sp[1], f"mask {m.source} area_mm2", "pixels x pixel area")
+        c, side = self.lesion.centroid_mni_mm, self.lesion.laterality
+        if c is not None and side in ("left", "right") and (c[0] > MIDLINE_SLACK_MM if side == "left"
+                                                             else c[0] < -MIDLINE_SLACK_MM):
+            raise ValueError(f"lesion laterality is {side!r} but its centroid lies at x = {c[0]:+.1f} mm in MNI space "
+                             f"({'right' if c[0] > 0 else 'left'} of the midline)")
         return self
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from torch.nn import functional as F
 
 from tumorlens.data.normalize import normalize_intensity
-from tumorlens.data.readers import is_volume
+from tumorlens.data.readers import image_array, is_volume
 from tumorlens.errors import InvalidInputError
 from tumorlens.inference import (
     display_foreground,
@@ -62,7 +62,8 @@ class SaliencyMaps:
 
 
 def check_methods(methods) -> tuple[str, ...]:
-    methods = tuple(dict.fromkeys(methods))
+    """``methods`` as a tuple without repeats: one name ("gradcam") or a sequence of names."""
+    methods = tuple(dict.fromkeys((methods,) if isinstance(methods, str) else methods))
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"unknown saliency method(s) {bad}; choose from {', '.join(METHODS)}")
@@ -76,15 +77,6 @@ def tumour_target(probabilities: dict[str, float]) -> str:
 
 def _as_model(model) -> LoadedModel:
     return model if isinstance(model, LoadedModel) else load_model(model)
-
-
-def _check_image(img: MetaTensor) -> np.ndarray:
-    if not isinstance(img, MetaTensor):
-        raise TypeError("expected a MetaTensor from tumorlens.data.read_image")
-    arr = img.detach().cpu().numpy()[0]
-    if not np.any(arr != arr.flat[0]):
-        raise InvalidInputError(img.meta.get("filename_or_obj"), "image is constant (empty or all-zero): no saliency")
-    return arr
 
 
 def _to_meta(arr: np.ndarray, img: MetaTensor) -> MetaTensor:
@@ -134,7 +126,7 @@ def saliency_maps(img: MetaTensor, methods=("gradcampp",), model: LoadedModel | 
     lm = _as_model(model)
     if lm.net.training:  # e.g. left so by monai.visualize's hooks on a fresh wrapper: BN/dropout would vary
         lm.net.eval()
-    arr = _check_image(img)
+    arr = image_array(img, "no saliency")
     if target is not None and target not in CLASS_NAMES:
         raise ValueError(f"unknown target class {target!r}")
     if is_volume(img):

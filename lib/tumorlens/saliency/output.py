@@ -164,11 +164,13 @@ def write_mni_picture(expl: Explanation, path: Path) -> Path | None:
 
 
 def _output_names() -> list[str]:
-    """Every file name ``write_explanation`` can write."""
+    """Every file name ``write_explanation`` can write, and the report ``tumorlens report`` writes beside it (made
+    from an earlier explanation's findings, it had stayed beside a new explanation of another image)."""
     from tumorlens.saliency.cam import METHODS
 
     per_method = [f"{kind}_{m}.nii.gz" for m in METHODS for kind in ("heatmap", "mask")]
-    return ["findings.json", "mask.nii.gz", "heatmap.nii.gz", "mask.seg.nrrd", "overlay.png", "mni.png", *per_method]
+    return ["findings.json", "mask.nii.gz", "heatmap.nii.gz", "mask.seg.nrrd", "overlay.png", "mni.png", *per_method,
+            "report.json", "report.md"]
 
 
 def write_explanation(expl: Explanation, out_dir: str | Path) -> dict[str, Path]:

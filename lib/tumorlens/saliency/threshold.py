@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from tumorlens.data.normalize import foreground_mask
+from tumorlens.errors import InvalidInputError
 
 P_MIN, P_MAX = 80.0, 99.5
 SCALE = 0.5
@@ -87,8 +88,14 @@ def adaptive_percentile(heat: np.ndarray, brain: np.ndarray, scale: float = SCAL
 
 def adaptive_mask(heat: np.ndarray, brain: np.ndarray | None = None, *, image: np.ndarray | None = None,
                   scale: float = SCALE, keep_peak: float = 0.6, min_keep: float = 0.1) -> Threshold:
-    """Binary mask of one saliency map (2D or 3D numpy array, no channel axis)."""
+    """Binary mask of one saliency map (2D or 3D array; a leading channel of 1, as ``saliency_maps`` gives its
+    maps, is dropped when ``brain`` or ``image`` has one axis fewer)."""
     heat = np.asarray(heat, dtype=np.float32)
+    ref = brain if brain is not None else image
+    if ref is not None and heat.ndim == np.ndim(ref) + 1 and heat.shape[0] == 1:
+        heat = heat[0]
+    if not np.isfinite(heat).all():
+        raise InvalidInputError(None, f"saliency map contains {int((~np.isfinite(heat)).sum())} non-finite values")
     if brain is None:
         brain = brain_mask(image) if image is not None else np.ones(heat.shape, bool)
     brain = np.asarray(brain, bool)

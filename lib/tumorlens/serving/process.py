@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -29,13 +30,17 @@ class ServerProcess:
 
     def __init__(self, studies: str | Path, *, port: int | None = None, env: dict[str, str] | None = None,
                  conf: list[list[str]] | None = None, log_path: str | Path | None = None, host: str = "127.0.0.1",
-                 via_cli: bool = False):
+                 via_cli: bool = False, workdir: str | Path | None = None):
         self.studies = str(studies)
         self.host = host
         self.port = port or free_port(host)
         self.extra_env = dict(env or {})
         self.conf = conf
-        self.log_path = Path(log_path) if log_path else Path(self.studies).parent / f"server-{self.port}.log"
+        beside = Path(tempfile.gettempdir()) if self.studies.startswith(("http://", "https://")) else Path(self.studies).parent
+        self.log_path = Path(log_path) if log_path else beside / f"server-{self.port}.log"
+        # the server's log folder goes here (``tumorlens serve --workdir``), beside its own log unless told (a
+        # DICOMweb URL has no folder to go beside)
+        self.workdir = Path(workdir) if workdir else self.log_path.absolute().parent / "work"
         self.via_cli = via_cli  # start through the ``tumorlens serve`` command (it execs the same server)
         self.proc: subprocess.Popen | None = None
 
@@ -48,10 +53,10 @@ class ServerProcess:
         return self.proc.pid if self.proc else None
 
     def start(self, timeout: float = 300.0) -> ServerProcess:
-        cmd, env = server_command(self.studies, self.host, self.port, self.conf)
+        cmd, env = server_command(self.studies, self.host, self.port, self.conf, workdir=self.workdir)
         if self.via_cli:
             cmd = [str(Path(sys.executable).parent / "tumorlens"), "serve", "--studies", self.studies,
-                   "--host", self.host, "--port", str(self.port)]
+                   "--host", self.host, "--port", str(self.port), "--workdir", str(self.workdir)]
             for k, v in self.conf or []:
                 cmd += ["--conf", k, v]
         env.update(self.extra_env)

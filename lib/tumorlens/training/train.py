@@ -7,7 +7,6 @@ import copy
 import hashlib
 import math
 import os
-import subprocess
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +30,7 @@ from tumorlens.evaluation.metrics import classification_metrics, dice_score
 from tumorlens.labels import CLASS_NAMES
 from tumorlens.models.dualhead import build_model
 from tumorlens.models.registry import save_checkpoint
-from tumorlens.paths import project_root
+from tumorlens.paths import code_commit, config_data_root, project_root
 from tumorlens.training.localisation import LocalisationTerm, check_kind
 
 DEFAULTS = {
@@ -80,11 +79,7 @@ def merge(base: dict, over: dict) -> dict:
 
 
 def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=project_root(), capture_output=True,
-                              text=True, timeout=5).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
+    return code_commit() or "unknown"
 
 
 def make_optimizer(name: str, params, lr: float, wd: float) -> torch.optim.Optimizer:
@@ -194,9 +189,7 @@ def train(cfg: dict, progress: bool = True) -> dict:
     np.random.seed(int(tc["seed"]))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input size: pick the fastest kernels once
-    root = Path(dc["root"])
-    if not root.is_absolute():
-        root = (project_root() / root).resolve()
+    root = config_data_root(dc["root"])
     manifest = load_manifest(root)
     train_idx, val_idx = training_split(manifest, float(dc["val_fraction"]), int(dc["seed"]), dc.get("max_images"))
     size = int(dc["image_size"])

@@ -8,11 +8,14 @@ Annotators working side by side must not be handed the same image: MONAI Label r
 the image's info (``strategy: {name: {ts, client_id}}``) and its own Epistemic strategy serves the
 least recently picked of its top images. Here an image picked under any strategy within the last
 ``hold_seconds`` (default a day, MONAI Label's reset) is passed over while another candidate is free;
-when every candidate is held, the one picked longest ago is served again."""
+when every candidate is held, the one picked longest ago is served again. MONAI Label stamps a pick in whole
+seconds, so the server also keeps its own picks to the microsecond (``note_pick``): two picks in one second had
+both counted as the oldest, and the image just handed out went to the next annotator as well."""
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 
 from monailabel.interfaces.datastore import Datastore
@@ -53,14 +56,23 @@ def hold_param(request: dict) -> int:
     return whole_number_param(request, "hold_seconds", HOLD_SECONDS, "how long a picked image is kept from other picks")
 
 
+_recent_picks: dict[str, float] = {}  # this server's picks, exact (MONAI Label's record is in whole seconds)
+_pick_lock = threading.Lock()  # one pick at a time between choosing and noting it
+
+
+def note_pick(image_id: str) -> None:
+    _recent_picks[image_id] = time.time()
+
+
 def last_picked(datastore: Datastore, ids: list[str]) -> dict[str, float]:
-    """When each image was last handed out by any strategy (MONAI Label's record; 0 when never)."""
+    """When each image was last handed out by any strategy (MONAI Label's record, or this server's own when
+    later; 0 when never)."""
     out = {}
     for i in ids:
         record = datastore.get_image_info(i).get("strategy")
         stamps = [v.get("ts") for v in record.values() if isinstance(v, dict)] if isinstance(record, dict) else []
         stamps = [float(t) for t in stamps if isinstance(t, int | float) and not isinstance(t, bool)]
-        out[i] = max(stamps, default=0.0)
+        out[i] = max(stamps + [_recent_picks.get(i, 0.0)])
     return out
 
 
@@ -110,9 +122,12 @@ class RandomUnlabelled(Strategy):
         rng = random.Random(seed_param(request))
         hold = hold_param(request)
         for _ in range(8):  # a pick the datastore cannot give (a PACS series it refuses) is recorded, and another made
-            pool, held = free_first(ids, last_picked(datastore, ids), hold)
-            pick = rng.choice(pool)
-            _uri, problem = image_uri(datastore, pick)
+            with _pick_lock:
+                pool, held = free_first(ids, last_picked(datastore, ids), hold)
+                pick = rng.choice(pool)
+                _uri, problem = image_uri(datastore, pick)
+                if problem is None:
+                    note_pick(pick)
             if problem is None:
                 # no "strategy" key: MONAI Label adds its own record of past picks under that name to the answer
                 return {"id": pick, "needs": gaps[pick], "candidates": len(ids), "held": held, "unusable": skipped}
@@ -147,8 +162,10 @@ class ScoredStrategy(Strategy):
             raise conflict(f"none of the {len(ids)} unlabelled images has a {self.kind} score under the current "
                            f"model and max_compute={limit} allows none to be scored now: POST /scoring/{self.kind} "
                            "first, or ask with max_compute >= 1")
-        pool, held = free_first(sorted(scores), last_picked(datastore, sorted(scores)), hold)
-        pick = max(pool, key=lambda k: rank(scores[k], k))
+        with _pick_lock:
+            pool, held = free_first(sorted(scores), last_picked(datastore, sorted(scores)), hold)
+            pick = max(pool, key=lambda k: rank(scores[k], k))
+            note_pick(pick)
         answer = {"id": pick, "needs": gaps[pick], "score_kind": self.kind, "score": scores[pick]["value"],
                   "model_version": scores[pick]["model_version"], "candidates": len(ids), "scored": len(scores),
                   "held": held, "unusable": skipped}

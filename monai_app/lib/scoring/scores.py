@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable
 
 from fastapi import HTTPException
@@ -34,6 +35,7 @@ KINDS: dict[str, Callable] = {
     "saliency_disagreement": saliency_seg_disagreement,
 }
 VALUE = {"uncertainty": "entropy_normalised", "saliency_disagreement": "score"}
+FLUSH_S = 20.0  # a scoring run writes what it has scored at least this often
 
 
 def unlabelled(datastore: Datastore) -> list[str]:
@@ -75,7 +77,13 @@ def score_images(state: AppState, datastore: Datastore, kind: str, ids: list[str
     if limit is not None:
         todo = todo[:limit]
     stored = state.read_scores() if todo else {}
+    flushed = time.monotonic()
     for image_id, uri, mtime, problem in tqdm(todo, desc=f"scoring {kind}", disable=not progress):
+        if new and time.monotonic() - flushed >= FLUSH_S:
+            # kept as the run goes: a run stopped with the server (1,200 images take minutes) had kept nothing,
+            # and the next started over
+            state.update_scores(new)
+            new, flushed = {}, time.monotonic()
         try:
             if uri is None:  # the datastore itself refused it (a DICOMweb series with a missing slice)
                 raise InvalidInputError(image_id, problem or "no image file")
@@ -150,5 +158,9 @@ class TumorlensScoring(ScoringMethod):
     def __call__(self, request: dict, datastore: Datastore) -> dict:
         ids = unlabelled(datastore)
         res = score_images(self.state, datastore, self.kind, ids, progress=True)
+        keep = datastore.current_image_ids() if hasattr(datastore, "current_image_ids") else set(datastore.list_images())
+        dropped = self.state.drop_scores_except(keep)
+        if dropped:
+            logger.info(f"scores of {dropped} image(s) no longer in the datastore dropped")
         return {"method": self.kind, "model_version": self.state.model_version(), "scored": len(res),
                 "unlabelled": len(ids), "scores": {k: v["value"] for k, v in res.items()}}
