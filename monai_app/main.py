@@ -4,11 +4,9 @@
 
 from __future__ import annotations
 
-import atexit
 import logging
 import mimetypes
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -35,20 +33,28 @@ def in_server() -> bool:
     return "monailabel.app" in sys.modules
 
 
-def stop_background_tasks(grace_s: float = 10.0) -> None:
-    """Stop the train/scoring subprocesses when the server exits: a scoring run had gone on without it, writing
-    scores and the index of a datastore nobody served."""
-    from monailabel.utils.async_tasks.utils import background_processes
+def end_with_the_server() -> None:
+    """In a train/scoring subprocess: end when the server process does (Linux ``PR_SET_PDEATHSIG``). A scoring run
+    had gone on without its server, writing the scores and index of a datastore nobody served; the server cannot
+    stop it on the way out, since uvicorn ends it by re-raising the stop signal (no exit handlers run)."""
+    import ctypes
+    import signal
 
-    procs = [p for tasks_ in list(background_processes.values()) for p in list(tasks_.values()) if p.poll() is None]
-    for p in procs:
-        logger.info(f"stopping background task process {p.pid} with the server")
-        p.terminate()
-    for p in procs:
-        try:
-            p.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM), 0, 0, 0)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the run ends on its own
+        return
+    server = os.environ.get(SERVER_PID)
+    if server and server.isdigit() and os.getppid() != int(server):  # the server ended before this was set
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+SERVER_PID = "TUMORLENS_SERVER_PID"  # set by the server for the subprocesses it starts
+
+
+def in_task_subprocess() -> bool:
+    """One of the train/scoring subprocesses MONAI Label starts (``python -m monailabel.interfaces.utils.app``)."""
+    return Path(sys.argv[0]).as_posix().endswith("monailabel/interfaces/utils/app.py")
 
 
 class TumorLensApp(MONAILabelApp):
@@ -61,8 +67,10 @@ class TumorLensApp(MONAILabelApp):
         super().__init__(app_dir=app_dir, studies=studies, conf=conf, name="tumorlens",
                          description="Explainable brain-tumour MRI: class, tumour mask, saliency, atlas regions, report",
                          version=tumorlens.__version__ if hasattr(tumorlens, "__version__") else "0")
+        if in_task_subprocess():
+            end_with_the_server()
         if in_server():
-            atexit.register(stop_background_tasks)
+            os.environ[SERVER_PID] = str(os.getpid())
             stats = self.state.read_stats()
             if stats.get("status") in ("STARTING", "RUNNING"):  # the server died while a run was going on
                 current = self.state.versions.pointer().get("folder")

@@ -578,3 +578,38 @@ def test_a_scoring_run_keeps_what_it_scored_before_it_stopped(dev2d, dev_rows, t
     res = scores.TumorlensScoring(state, "uncertainty")({}, ds)
     assert res["scored"] == 4 and len(calls) == 6
     assert sorted(json.loads(state.scores_file.read_text())) == ["s1", "s2", "s3", "s4"]
+
+
+def test_a_train_or_scoring_subprocess_ends_with_its_server(tmp_path):
+    """A scoring run went on after its server stopped (session 35 probe); uvicorn ends the server by re-raising
+    the stop signal, so the server cannot stop it on the way out: the subprocess asks the kernel to end it with its
+    parent (``end_with_the_server``), and ends at once if the server is already gone."""
+    import signal
+    import subprocess
+    import time
+
+    app = project_root() / "monai_app"
+    code = (f"import sys, time; sys.path.insert(0, {str(app)!r}); from main import end_with_the_server; "
+            "end_with_the_server(); print('ready', flush=True); time.sleep(60)")
+    # the server it was started for is gone already (another process holds the recorded pid)
+    gone = subprocess.run([sys.executable, "-c", code], env={**os.environ, "TUMORLENS_SERVER_PID": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert gone.returncode == -signal.SIGTERM and "ready" not in gone.stdout
+    # the server ends while it runs
+    parent = subprocess.Popen(["bash", "-c", f'export TUMORLENS_SERVER_PID=$$; "{sys.executable}" -c "$0" & echo $!; '
+                                             "wait", code], stdout=subprocess.PIPE, text=True)
+    child = int(parent.stdout.readline())
+    assert parent.stdout.readline().strip() == "ready"  # the child's own line: past the call under test
+    parent.kill()
+    parent.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and _alive(child):
+        time.sleep(0.2)
+    assert not _alive(child)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
