@@ -311,3 +311,52 @@ def test_strong_augmentation_changes_intensities_only_within_range_and_keeps_the
     assert augmentation(False) is None and len(augmentation(True).transforms) == len(train_transforms().transforms)
     with pytest.raises(ValueError, match="augmentation level"):
         augmentation("extreme")
+
+
+@pytest.mark.parametrize("cfg,why", [
+    ({"trian": {"epochs": 1}}, r"unknown config key 'trian' \(did you mean 'train'\?\)"),
+    ({"train": {"epoch": 1}}, r"unknown config key 'train.epoch' \(did you mean 'epochs'\?\)"),
+    ({"train": {"epochs": "ten"}}, "train.epochs must be a number"),
+    ({"train": {"batch_size": 0}}, "train.batch_size must be a whole number >= 1"),
+    ({"train": {"lr": -0.002}}, "train.lr must be > 0"),
+    ({"train": {"optimizer": "lion"}}, "train.optimizer 'lion' is not one of"),
+    ({"model": {"backbone": "vgg16"}}, "model.backbone 'vgg16' is not one of"),
+    ({"data": {"val_fraction": 0}}, "data.val_fraction must lie between 0 and 1"),
+    ({"data": {"image_size": "big"}}, "data.image_size must be a number"),
+    ({"train": {"augment": "extreme"}}, "train.augment must be true, false or one of"),
+])
+def test_a_config_is_checked_before_any_data_is_read(cfg, why, tmp_path):
+    """Session 35 probe: a typo'd key trained 30 epochs on the defaults without a word; wrong types and unknown
+    backbones or optimizers were tracebacks, some after every image was loaded, val_fraction 0 after an epoch."""
+    from tumorlens.errors import InvalidInputError
+
+    cfg = {**cfg, "data": {**cfg.get("data", {}), "root": str(tmp_path / "no-such-data")}}
+    with pytest.raises(InvalidInputError, match=why) as e:
+        train(cfg, progress=False, source="mine.yaml")
+    assert str(e.value).startswith("mine.yaml: ")
+
+
+def test_training_into_a_model_folder_replaces_nothing_unless_asked_and_then_all_of_it(subset_factory, dev_rows,
+                                                                                    tmp_path):
+    """Training into the shipped model's folder (a copy) kept its refiner and window classifier beside the new
+    network, which then used them (accuracy 0.375 with them, 0.479 without; session 35 probe); training the same
+    name twice replaced the first model without a word."""
+    import shutil
+
+    from tumorlens.errors import InvalidInputError
+    from tumorlens.inference import Predictor
+    from tumorlens.models import load_model
+
+    out = tmp_path / "mine"
+    shutil.copytree(load_model().path, out)
+    with pytest.raises(InvalidInputError, match="holds a trained model already"):
+        _train_start_model(subset_factory, dev_rows, out)
+    assert (out / "refiner.pt").exists() and (out / "window_classifier.pt").exists()
+    data = subset_factory([r for r in dev_rows[::40]][:32])
+    train({"data": {"root": str(data), "image_size": 48, "val_fraction": 0.25}, "model": {"backbone": "resnet18"},
+           "train": {"epochs": 1, "batch_size": 8, "augment": False},
+           "output": {"name": "mine", "dir": str(out), "overwrite": True}}, progress=False)
+    left = {p.name for p in out.iterdir()}
+    assert left == {"checkpoint.pt", "model_card.json"}, left
+    pred = Predictor(load_model(out))
+    assert pred.refiner is None and pred.window is None and pred.aligned_head is None

@@ -10,6 +10,8 @@ def register(sub) -> None:
     p.add_argument("--config", required=True, help="configs/train/<name>.yaml")
     p.add_argument("--epochs", type=int, help="override train.epochs")
     p.add_argument("--out", help="override the output model folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a model already in the output folder (and its refiner, window classifier, text head)")
     p.set_defaults(func=run)
     _companion_parser(sub, "train-refiner", "train the lesion refiner of a trained model (redraws the seg head's "
                       "lesion at the slice's resolution; stored only if it raises seg Dice)", 24, "refiner.pt",
@@ -41,12 +43,14 @@ def run(args) -> int:
     from tumorlens.config import load_yaml
     from tumorlens.training.train import train
 
-    cfg = load_yaml(args.config)
-    if args.epochs:
+    cfg = load_yaml(args.config) or {}
+    if args.epochs is not None:
         cfg.setdefault("train", {})["epochs"] = args.epochs
     if args.out:
         cfg.setdefault("output", {})["dir"] = args.out
-    res = train(cfg)
+    if args.overwrite:
+        cfg.setdefault("output", {})["overwrite"] = True
+    res = train(cfg, source=args.config)
     card = res["card"]
     print(json.dumps({"model": res["path"], "validation": {k: v for k, v in card["metrics"]["validation"].items()
                                                            if k != "per_class"},

@@ -69,6 +69,90 @@ DEFAULTS = {
 
 
 PARTS = ("encoder", "classifier", "decoder")  # what ``train.trainable`` can name
+OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
+# keys a config may set that DEFAULTS does not list (read where the part is built)
+EXTRA_KEYS = {"model": {"cam_layer", "in_channels", "spatial_dims", "num_classes"},
+              "train.localisation": {"sharpness", "kind"}, "output": {"overwrite"}}
+# what a trained model's folder holds besides checkpoint and card: made for that network, wrong for another
+COMPANIONS = ("refiner.pt", "window_classifier.pt", "alignment.pt", "text_probe.pt", "validation.json",
+              "validation.confusion.png")
+WHOLE = ("epochs", "batch_size", "patience", "seed")  # whole numbers; image_size is checked with them
+
+
+def check_config(cfg: dict, source: str | None = None) -> None:
+    """Refuse what the training would ignore or fail on late: an unknown key (a typo such as ``trian:`` trained
+    30 epochs on the defaults without a word), a value of the wrong type (``epochs: ten`` was a traceback), an
+    unknown backbone or optimizer (refused only after every image was loaded), a size or rate out of range."""
+    import difflib
+
+    def walk(user, defaults: dict, where: str) -> None:
+        if not isinstance(user, dict):
+            raise InvalidInputError(source, f"{where or 'the config'} must be a mapping of keys, got {user!r}"[:200])
+        allowed = set(defaults) | EXTRA_KEYS.get(where, set())
+        for k, v in user.items():
+            path = f"{where}.{k}" if where else str(k)
+            if k not in allowed:
+                near = difflib.get_close_matches(str(k), sorted(allowed), n=1)
+                hint = f"did you mean {near[0]!r}?" if near else f"known here: {', '.join(sorted(allowed))}"
+                raise InvalidInputError(source, f"unknown config key {path!r} ({hint})")
+            d = defaults.get(k)
+            if isinstance(d, dict):
+                if v is not None:
+                    walk(v, d, path)
+            elif path == "train.augment":
+                from tumorlens.data.dataset import AUGMENT_LEVELS
+
+                if not isinstance(v, bool) and v not in AUGMENT_LEVELS:
+                    raise InvalidInputError(source, f"{path} must be true, false or one of {', '.join(AUGMENT_LEVELS)}, "
+                                                    f"not {v!r}")
+            elif isinstance(d, bool):
+                if not isinstance(v, bool):
+                    raise InvalidInputError(source, f"{path} must be true or false, not {v!r}")
+            elif isinstance(d, int | float) and v is not None and not _number(v):
+                raise InvalidInputError(source, f"{path} must be a number, not {v!r}")
+
+    walk(cfg or {}, DEFAULTS, "")
+    full = merge(DEFAULTS, cfg)
+    dc, tc, mc = full["data"], full["train"], full["model"]
+    for key in WHOLE:
+        v = tc[key]
+        if not _number(v) or float(v) != int(float(v)) or int(float(v)) < (0 if key in ("patience", "seed") else 1):
+            raise InvalidInputError(source, f"train.{key} must be a whole number >= "
+                                            f"{0 if key in ('patience', 'seed') else 1}, not {v!r}")
+    if not _number(dc["image_size"]) or float(dc["image_size"]) != int(float(dc["image_size"])) \
+            or int(float(dc["image_size"])) < 32:
+        raise InvalidInputError(source, f"data.image_size must be a whole number of pixels >= 32, not {dc['image_size']!r}")
+    if not 0 < float(dc["val_fraction"]) < 1:
+        raise InvalidInputError(source, f"data.val_fraction must lie between 0 and 1, not {dc['val_fraction']!r}")
+    if float(tc["lr"]) <= 0 or float(tc["weight_decay"]) < 0:
+        raise InvalidInputError(source, f"train.lr must be > 0 and train.weight_decay >= 0, not {tc['lr']!r} / "
+                                        f"{tc['weight_decay']!r}")
+    if str(tc["optimizer"]).lower() not in OPTIMIZERS:
+        raise InvalidInputError(source, f"train.optimizer {tc['optimizer']!r} is not one of {', '.join(OPTIMIZERS)}")
+    from tumorlens.models.dualhead import BACKBONES
+
+    if mc["backbone"] not in BACKBONES:
+        raise InvalidInputError(source, f"model.backbone {mc['backbone']!r} is not one of {', '.join(BACKBONES)}")
+
+
+def _number(v) -> bool:
+    """A number, or a string YAML left one as (``1e-3`` without a dot is a string to YAML 1.1)."""
+    if isinstance(v, bool):
+        return False
+    if isinstance(v, int | float):
+        return True
+    try:
+        float(v)
+        return isinstance(v, str)
+    except (TypeError, ValueError):
+        return False
+
+
+def output_folder(cfg: dict) -> Path:
+    """Where ``train`` writes the model of (merged) ``cfg``."""
+    oc = cfg["output"]
+    name = oc.get("name") or f"tumorlens-{cfg['model']['backbone']}"
+    return Path(oc.get("dir") or (Path(os.environ.get("TUMORLENS_MODELS_DIR", project_root() / "models")) / name))
 
 
 def merge(base: dict, over: dict) -> dict:
@@ -158,7 +242,9 @@ def validate(net, images, masks, labels, device, channels_last=False) -> dict:
     return m
 
 
-def train(cfg: dict, progress: bool = True) -> dict:
+def train(cfg: dict, progress: bool = True, source: str | None = None) -> dict:
+    """Train one dual-head model from ``cfg`` (over ``DEFAULTS``; ``source``: its file, for messages)."""
+    check_config(cfg, source)
     cfg = merge(DEFAULTS, cfg)
     dc, tc, oc = cfg["data"], cfg["train"], cfg["output"]
     dist_cfg = {"weight": 0.0, "temperature": 2.0, **(tc.get("distill") or {})}
@@ -183,6 +269,11 @@ def train(cfg: dict, progress: bool = True) -> dict:
     workers = tc.get("num_workers") or 0
     if not isinstance(workers, int) or isinstance(workers, bool) or workers < 0:
         raise InvalidInputError(None, f"train.num_workers must be a whole number >= 0, not {workers!r}")
+    out = output_folder(cfg)
+    if (out / "checkpoint.pt").exists() and not oc.get("overwrite"):
+        raise InvalidInputError(out, "holds a trained model already (training twice into one folder replaced it "
+                                     "without a word): give another output.name or --out, or --overwrite to replace "
+                                     f"it, and with it its {', '.join(c for c in COMPANIONS if (out / c).exists()) or 'files'}")
     if tc.get("num_threads"):
         torch.set_num_threads(int(tc["num_threads"]))
     torch.manual_seed(int(tc["seed"]))
@@ -358,7 +449,8 @@ def train(cfg: dict, progress: bool = True) -> dict:
         "commit": _commit(),
         "trained_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    out = Path(oc.get("dir") or (Path(os.environ.get("TUMORLENS_MODELS_DIR", project_root() / "models")) / name))
+    for c in COMPANIONS:  # made for the network this one replaces: a stale refiner and window classifier were used
+        (out / c).unlink(missing_ok=True)
     net = net.to(memory_format=torch.contiguous_format).cpu()
     card = json_ready(card)  # strict JSON: an undefined metric (no tumour or no mask in validation) is null
     save_checkpoint(net, cfg, card, out)
