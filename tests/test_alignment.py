@@ -360,6 +360,9 @@ def test_text_queries_on_real_images_assert_what_they_say_and_negate_what_they_n
     assert parse_negation("tumour-free brain") == ("", "tumour brain")
     assert parse_negation("meningioma cannot be excluded") == ("meningioma", None)
     assert parse_negation("not a normal scan") == parse_negation("abnormal scan") == ("brain mri with a tumour", None)
+    # a contrast asserts what follows it (the probe's "not X but Y" returned tumour-free images)
+    assert parse_negation("not a meningioma but a pituitary adenoma") == ("a pituitary adenoma", "meningioma")
+    assert parse_negation("MRI sans tumeur") == ("mri", "tumeur")
     rows = [r for c in CLASS_NAMES for r in [x for x in dev_rows if x["label"] == c][:6]]
     x = torch.cat([prepare_slice(read_image(dev2d / r["image"])[0].numpy(), model.image_size) for r in rows])
     head, _ = text_head(model)
@@ -370,12 +373,18 @@ def test_text_queries_on_real_images_assert_what_they_say_and_negate_what_they_n
              ("no evidence of a brain tumour", {"no_tumor"}), ("normal brain MRI", {"no_tumor"}),
              ("tumour-free brain", {"no_tumor"}), ("meningioma cannot be excluded", {"meningioma"}),
              ("not a normal scan", set(TUMOUR_CLASSES)), ("normal study", {"no_tumor"}),
-             ("ring-enhancing intra-axial mass", {"glioma"})]
+             ("ring-enhancing intra-axial mass", {"glioma"}),
+             ("not a meningioma but a pituitary adenoma", {"pituitary"}), ("not a glioma but a meningioma", {"meningioma"})]
     for q, rel in cases:
         top = np.argsort(-query_scores(t, q))[:4]
         assert np.isin(y[top], list(rel)).mean() >= 0.75, (q, y[top])
     with pytest.raises(InvalidInputError, match="empty"):
         query_scores(t, "  ")
+    # a query about something else is said to be so (its ranking is a ranking of nothing)
+    from tumorlens.alignment.retrieval import RELEVANCE_MIN, query_relevance
+
+    assert all(query_relevance(q) < RELEVANCE_MIN for q in ("banana", "stock market prices", "the patient John Smith"))
+    assert all(query_relevance(q) > RELEVANCE_MIN for q in ("menigioma", "MRI without any tumour", "glioma ruled out"))
 
 
 def test_projection_is_trained_by_the_optimiser_it_is_given(protos):

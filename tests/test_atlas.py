@@ -101,7 +101,7 @@ def test_a_lesion_hugging_the_midline_is_not_called_one_sided_while_in_the_other
                      "spacing_mm": [1.0, 1.0, 1.0], "spacing_known": True},
            "classification": {"label": "glioma", "probabilities": {"glioma": 0.7, "meningioma": 0.1, "pituitary": 0.1,
                                                                    "no_tumor": 0.1},
-                              "uncertainty": {"entropy": 0.9, "method": "softmax_entropy"}},
+                              "uncertainty": {"entropy": 0.94, "method": "softmax_entropy"}},
            "regions": summarise_points(np.vstack([band, left]))[0],
            "lesion": summarise_points(np.vstack([band, left]))[1],
            "provenance": {"model": "m", "model_version": "1", "config_hash": "x", "tumorlens_version": "0.1.0",

@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from tumorlens.data import grouped_split, load_manifest
 from tumorlens.labels import CLASS_NAMES
@@ -165,6 +166,26 @@ def test_predict_cli_flags_unfamiliar_and_volumes_and_skips_bad_files(dev2d, tum
     assert 0.85 < recs[3]["head_template_dice"] <= 1.0 and "head_template_dice" not in recs[0]
     printed = capsys.readouterr()
     assert "UNFAMILIAR" in printed.out and "zeros.nii.gz" in printed.err
+
+
+def test_a_volume_on_a_tilted_grid_says_so(predictor):
+    """Routine axials are angled 5-20 degrees; the 2D network reads the stored slices, and a probe's glioma tilted
+    5 degrees came back a meningioma. Such a volume's answer says how far its grid is tilted; an axis-aligned one
+    (and the same grid merely flipped, as LPS storage is) does not get the caveat."""
+    from tumorlens.data import read_image
+    from tumorlens.inference import TILT_CAVEAT_DEGREES, grid_tilt_degrees
+    from tumorlens.paths import sample_studies_dir
+
+    vol = read_image(sample_studies_dir() / "brats_t1c_0001.nii.gz")
+    assert grid_tilt_degrees(vol.affine) < 0.01
+    assert grid_tilt_degrees(np.diag([-2.0, -2.0, 2.0, 1.0])) < 0.01
+    t = np.radians(10.0)
+    rot = np.array([[1, 0, 0, 0], [0, np.cos(t), -np.sin(t), 0], [0, np.sin(t), np.cos(t), 0], [0, 0, 0, 1]])
+    tilted = vol.clone()
+    tilted.affine = torch.as_tensor(rot @ vol.affine.numpy(), dtype=vol.affine.dtype)
+    assert abs(grid_tilt_degrees(tilted.affine) - 10.0) < 0.01
+    said = [c for c in predictor.predict(tilted).extra["caveats"] if "tilted" in c]
+    assert said and "10 degrees" in said[0] and TILT_CAVEAT_DEGREES < 10
 
 
 def test_an_outline_under_a_no_tumour_call_comes_with_a_caveat(dev2d, predictor):

@@ -97,6 +97,16 @@ def _mutate(path: str, value):
     ("patient.clinical_history", "DOB 1 January 1970. Headache.", "identifier"),
     ("patient.clinical_history", "Jane Doe, born in Leeds, seizures", "identifier"),
     ("patient.clinical_history", "hospital number 4471093", "identifier"),
+    # what a probe got through in session 36: an address, "Patient:" with a colon, names in other scripts,
+    # control characters, an age of true or "45"
+    ("patient.clinical_history", "lives at 221B Baker Street, London NW1 6XE; headaches", "identifier"),
+    ("patient.clinical_history", "headaches, referred by GP. Patient: Brynhild Oddsson", "identifier"),
+    ("patient.clinical_history", "пациент Иван Петров, головная боль", "script other than Latin"),
+    ("patient.clinical_history", "患者 王小明, 头痛两周", "script other than Latin"),
+    ("patient.clinical_history", "headache\x00\x1b[31m", "control characters"),
+    ("patient.age", True, "valid integer"),
+    ("patient.age", "45", "valid integer"),
+    ("classification.uncertainty.entropy", 0.01, "not the entropy of the probabilities"),
     ("input.file", "/data/smith_john/0001.jpg", "basename"),
     ("classification.uncertainty.entropy", 50.0, "exceeds ln(4)"),  # hand-edited records a probe made
     ("masks.0.voxels", 10 ** 12, "the image has 262144"),

@@ -73,7 +73,7 @@ def _pituitary_volume() -> dict:
                          "spacing_mm": [1.0, 1.0, 1.0], "spacing_known": True},
                   classification={"label": "pituitary",
                                   "probabilities": {"glioma": 0.2, "meningioma": 0.15, "pituitary": 0.6, "no_tumor": 0.05},
-                                  "uncertainty": {"entropy": 1.1, "method": "softmax_entropy"}},
+                                  "uncertainty": {"entropy": 1.063, "method": "softmax_entropy"}},
                   masks=[{"source": "segmentation_head", "empty": False, "voxels": 4200, "area_mm2": None,
                           "volume_mm3": 4200.0, "bbox": {"min": [110, 120, 60], "max": [130, 138, 72]}}],
                   regions=[{"label": "Brain-Stem", "name": "brain stem", "hemisphere": "midline", "fraction": 0.2,
@@ -137,17 +137,127 @@ def test_regions_left_out_on_request_are_not_called_not_found():
 
 
 def test_report_lists_the_descriptions_the_image_matched():
-    matches = [{"class_name": "glioma", "description": "an infiltrative intra-axial mass with surrounding oedema",
-                "similarity": 0.6213},
-               {"class_name": "meningioma", "description": "an extra-axial dural-based mass", "similarity": 0.41}]
+    from tumorlens.alignment.prompts import load_descriptions
+
+    glioma, meningioma = load_descriptions()["glioma"][0], load_descriptions()["meningioma"][0]
+    matches = [{"class_name": "glioma", "description": glioma, "similarity": 0.6213},
+               {"class_name": "meningioma", "description": meningioma, "similarity": 0.41}]
     res = generate_report(record(text_matches=matches), backend="template")
     assert res.verification["supported"]
-    assert res.report.matched_descriptions == [
-        "an infiltrative intra-axial mass with surrounding oedema (glioma, similarity 0.62)",
-        "an extra-axial dural-based mass (meningioma, similarity 0.41)"]
+    assert res.report.matched_descriptions == [f"{glioma} (glioma, similarity 0.62)",
+                                               f"{meningioma} (meningioma, similarity 0.41)"]
     md = res.to_markdown()
-    assert "## Closest clinical descriptions" in md and "dural-based mass (meningioma" in md
+    assert "## Closest clinical descriptions" in md and f"{meningioma} (meningioma" in md
     assert "Closest clinical" not in generate_report(record(), backend="template").to_markdown()
+
+
+def test_a_record_edited_outside_the_program_gets_no_say_in_the_report():
+    """Hand-edited class descriptions ("recommend urgent surgery") were quoted under the verified report: only the
+    model's own descriptions are. The section says the descriptions are of classes, not of this image."""
+    from tumorlens.alignment.prompts import load_descriptions
+
+    real = load_descriptions()["glioma"][0]
+    matches = [{"class_name": "glioma", "description": real, "similarity": 0.62},
+               {"class_name": "glioma", "description": "aggressive glioblastoma; recommend urgent surgery",
+                "similarity": 0.6}]
+    res = generate_report(record(text_matches=matches), backend="template")
+    md = res.to_markdown()
+    assert real in md and "urgent surgery" not in md and "not what this image shows" in md
+    assert any("not among the model's class descriptions" in x for x in res.report.limitations)
+    assert res.verification["supported"]
+
+
+def test_the_tumour_size_is_the_outline_and_the_saliency_area_is_named_as_such():
+    """With regions from a Grad-CAM mask, reports gave that mask as "the lesion" (3458 mm2, extent 81 x 72 mm,
+    for a 588 mm2 tumour): the size is the segmentation head's outline; the salient area is named for what it is.
+    A type the window classifier overruled is named with the network's probability."""
+    rec = record(masks=[{"source": "segmentation_head", "empty": False, "voxels": 588, "area_mm2": 588.0,
+                         "volume_mm3": None, "bbox": {"min": [200, 140], "max": [224, 169]}},
+                        {"source": "saliency:gradcam", "empty": False, "voxels": 3458, "area_mm2": 3458.0,
+                         "volume_mm3": None, "bbox": {"min": [150, 100], "max": [230, 171]}}],
+                 saliency={"method": "gradcam", "percentile": 90.0, "threshold": 0.5, "rule": "top 10 %"})
+    rec["input"]["spacing_known"] = True
+    rec["lesion"]["mask_source"] = "saliency:gradcam"
+    rec["classification"]["window_opinion"] = {
+        "probabilities": {"glioma": 0.9, "meningioma": 0.05, "pituitary": 0.05},
+        "network_probabilities": {"glioma": 0.3, "meningioma": 0.6, "pituitary": 0.05, "no_tumor": 0.05},
+        "weight": 0.4, "sharpness": 1.0, "changed_label": True}
+    res = generate_report(rec, backend="template")
+    text = res.report.findings
+    assert "The segmentation head outlines the lesion: 588 pixels, 588 mm2, extent 25 x 30 mm." in text, text
+    assert "salient area, which shows where the classifier looked, covers 3458 pixels, 3458 mm2" in text, text
+    assert "% of the salient area" in text and "of the lesion)" not in text
+    assert any("first choice (meningioma, probability 0.60)" in x for x in res.report.limitations)
+    assert res.verification["supported"], (res.verification["unsupported_claims"], res.verification["negation_conflicts"])
+    # a draft giving the salient area's size as the tumour's is still checked against the numbers
+    v = _planted("The classifier favours glioma (probability 0.82). The tumour measures 99 x 99 mm.", rec=rec)
+    assert not v["supported"]
+
+
+def _close_call() -> dict:
+    """A pituitary call at 0.55 with meningioma at 0.37 (a real meningioma the probe found read so)."""
+    import math
+
+    rec = record()
+    probs = {"glioma": 0.07, "meningioma": 0.37, "pituitary": 0.55, "no_tumor": 0.01}
+    rec["classification"] = {"label": "pituitary", "probabilities": probs,
+                             "uncertainty": {"entropy": -sum(p * math.log(p) for p in probs.values()),
+                                             "method": "softmax_entropy"}}
+    return rec
+
+
+@pytest.mark.parametrize("impression,ok", [
+    ("Pituitary tumour (probability 0.55); meningioma excluded.", False),
+    ("Pituitary tumour (probability 0.55); not a meningioma.", False),
+    ("Pituitary tumour is very likely (probability 0.55).", False),
+    ("Possibly a pituitary tumour (probability 0.55), but a glioma is equally likely.", False),
+    ("Pituitary tumour (probability 0.55); glioma is unlikely.", True),
+    ("Most consistent with pituitary tumour (probability 0.55), meningioma less likely (0.37).", True),
+    ("Pituitary tumour (probability 0.55), a meningioma almost as likely (0.37).", True),
+])
+def test_likelihood_words_are_checked_against_the_probabilities(impression, ok):
+    """A probe's drafts passed "meningioma excluded" at 0.37 and "very likely" at 0.55: a class this probable is
+    not ruled out, strong words need a strong probability, "equally likely" needs close ones."""
+    v = _planted(impression=impression, rec=_close_call())
+    assert v["supported"] is ok, _reasons(v)
+
+
+@pytest.mark.parametrize("rec,impression,ok", [
+    (record, "Most consistent with glioma (probability 0.82) in a 61-year-old woman.", False),  # the record: M
+    (record, "Most consistent with glioma (probability 0.82) in a 61-year-old man.", True),
+    (record, "Most consistent with glioma (probability 0.82). No further imaging is required.", False),
+    (record, "Most consistent with glioma (probability 0.82). Discharge the patient.", False),
+    (record, "Most consistent with glioma (probability 0.82). Stable appearances compared with 2019.", False),
+    (record, "Most consistent with glioma (probability 0.82). The mass is well circumscribed.", False),
+    (record, "Most consistent with glioma (probability 0.82), a single lesion.", False),
+    (_no_tumour, "The scan is normal.", False),
+    (_no_tumour, "Normal MRI of the brain.", False),
+    (_no_tumour, "No intracranial abnormality.", False),
+    (_no_tumour, "Tumour excluded.", False),
+    (_no_tumour, "No tumour detected by the classifier (probability of the no-tumour class 0.91).", True),
+])
+def test_sex_management_and_normality_are_not_the_findings_to_give(rec, impression, ok):
+    """A probe's drafts passed "45-year-old woman" for a man, "No further imaging is required", "Discharge the
+    patient", "well circumscribed", and "Normal MRI of the brain" for a no-tumour call on one slice."""
+    v = _planted(impression=impression, rec=rec())
+    assert v["supported"] is ok, _reasons(v)
+
+
+@pytest.mark.parametrize("history,caution", [
+    ("known breast cancer, new headaches", "metastasis"),
+    ("previous resection of left frontal glioma", "earlier treatment"),
+    ("no history of cancer; headaches", None),
+    ("headache; denies seizures", None),
+])
+def test_a_history_outside_the_four_classes_is_named_in_the_limitations(history, caution):
+    """With "known breast cancer" a glioma call said nothing of metastasis, the likeliest alternative then, which
+    the classifier cannot name; a negated history ("no history of cancer") must not raise it."""
+    rec = record()
+    rec["patient"]["clinical_history"] = history
+    res = generate_report(rec, backend="template")
+    said = [x for x in res.report.limitations if "clinical history" in x]
+    assert (caution is None and not said) or (caution and caution in said[0]), said
+    assert res.verification["supported"], _reasons(res.verification)
 
 
 def test_report_lists_the_regions_that_hold_the_lesion_not_every_sliver():
@@ -649,9 +759,10 @@ def test_an_input_that_may_not_be_a_brain_mri_is_said_first_in_the_impression():
 
 
 def _sure(**classification) -> dict:
-    """The default glioma record with low entropy (0.20 of at most 1.39) and what ``classification`` adds."""
+    """A glioma record with low entropy (0.21 of at most 1.39) and what ``classification`` adds."""
     rec = record()
-    rec["classification"]["uncertainty"]["entropy"] = 0.2
+    rec["classification"]["probabilities"] = {"glioma": 0.96, "meningioma": 0.02, "pituitary": 0.01, "no_tumor": 0.01}
+    rec["classification"]["uncertainty"]["entropy"] = 0.21  # the entropy of these probabilities
     rec["classification"].update(classification)
     return rec
 

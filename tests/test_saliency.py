@@ -245,6 +245,17 @@ def test_bad_input_typed_errors(model, tmp_path, dev2d, tumour_rows):
         saliency_maps(read_image(zero), ("gradcam",), model)
     assert main(["explain", str(zero), "--out", str(tmp_path / "o"), "--no-regions"]) == 2
     assert not (tmp_path / "o" / "findings.json").exists()
+    # patient context from the command line (there was no way but editing findings.json), checked before any work
+    good = dev2d / tumour_rows[0]["image"]
+    for bad in (["--age", "200"], ["--history", "Mr John Smith MRN 1234567, headaches"]):
+        assert main(["explain", str(good), "--out", str(tmp_path / "p"), "--no-regions", *bad]) == 2
+        assert not (tmp_path / "p").exists()
+    assert main(["explain", str(good), "--out", str(tmp_path / "p"), "--no-regions", "--age", "54", "--sex", "F",
+                 "--history", "known breast cancer, new headaches"]) == 0
+    from tumorlens.findings import Findings
+
+    rec = Findings.load(tmp_path / "p" / "findings.json")
+    assert (rec.patient.age, rec.patient.sex, rec.patient.clinical_history) == (54, "F", "known breast cancer, new headaches")
     # a mask of another shape, listed in a real manifest folder -> typed error naming the mask
     from tumorlens.saliency.evaluate import evaluate_saliency
 

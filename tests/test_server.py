@@ -504,6 +504,25 @@ def test_report_task(client):
     with pytest.raises(MONAILabelClientException) as ei:
         client.infer("report", "mri2d_1941", {"findings": {"schema_version": "1.0", "bogus": 1}})
     assert status_of(ei.value) == 400 and "findings" in str(ei.value.msg)
+    # another image's record: its report would be filed under this image (in a datastore, another patient)
+    other = next(i for i in client.datastore()["objects"] if i != "mri2d_1941" and not i.startswith("brats"))
+    with pytest.raises(MONAILabelClientException) as ei:
+        client.infer("report", other, {"findings": f, "backend": "template"})
+    assert status_of(ei.value) == 400 and "mri2d_1941" in str(ei.value.msg)
+    # a value refused as an identifier is named by its field, never quoted back
+    named = json.loads(json.dumps(f))
+    named["patient"] = {"clinical_history": "NHS number 943 476 5919, headaches"}
+    with pytest.raises(MONAILabelClientException) as ei:
+        client.infer("report", "mri2d_1941", {"findings": named, "backend": "template"})
+    assert status_of(ei.value) == 400 and "clinical_history" in str(ei.value.msg)
+    assert "943" not in str(ei.value.msg) and "headaches" not in str(ei.value.msg)
+    # patient context: in params.patient, checked before any work; sent elsewhere it is a 400, not ignored
+    for params, said in (({"age": 54}, "params.patient"), ({"patient": {"age": -3}}, "age"),
+                         ({"patient": {"clinical_history": "Mr John Smith MRN 1234567"}}, "identifiers"),
+                         ({"patient": {"age": 50}, "findings": f}, "record's own patient field")):
+        with pytest.raises(MONAILabelClientException) as ei:
+            client.infer("report", "mri2d_1941", dict(params, backend="template"))
+        assert status_of(ei.value) == 400 and said in str(ei.value.msg) and "Smith" not in str(ei.value.msg)
 
 
 # ---- bad input: 4xx with a message, the server keeps serving, the datastore is unchanged ------------

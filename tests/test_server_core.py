@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -279,6 +280,7 @@ def test_identifier_like_ids_and_log_lines():
     assert identifier_kinds_in_name("John.Smith@example.org") == ["email"]
     assert identifier_kinds_in_name("mrn1234567") == identifier_kinds_in_name("MRN_1234567") == ["identifier"]
     assert identifier_kinds_in_name("Patient_John_Smith") == ["name"]
+    assert identifier_kinds_in_name("DOE^JANE^MARIE") == ["name"]  # DICOM's person-name form
     # ids people and tools really use: sample names, Slicer's hashed ids, BIDS, BraTS, DICOM UIDs, study codes
     for ok in ("mri2d_0102", "img-19700101abcdef12", "sub-01_T1w", "BraTS2021_00000", "3: T2 FLAIR",
                "1.2.840.113619.2.55.3.604688119", "202611300311", "ID_0001", "case_id_12", "Subject ID 7",
@@ -305,6 +307,12 @@ def test_identifier_like_ids_and_log_lines():
     rec = logging.LogRecord("x", logging.INFO, __file__, 1, line, (), None)
     assert mod.RedactIdentifiers().filter(rec) and "19580214" not in rec.getMessage()
     assert "/tmp/probe_vol/work" in rec.getMessage() and "client_id='a_b'" in rec.getMessage(), rec.getMessage()
+    # the whole id goes, not only its date or number: the name beside them is a name too
+    for line in ("Image: Doe_Jane_MRN48213977; File: UploadFile(filename='Doe_Jane_MRN48213977.dcm')",
+                 "Image: Doe_Jane_19640312; File: x", "Image: DOE^JANE^MARIE; File: x"):
+        rec = logging.LogRecord("x", logging.INFO, __file__, 1, line, (), None)
+        assert mod.RedactIdentifiers().filter(rec) and not {"Doe", "Jane", "DOE", "JANE"} & set(
+            re.findall(r"[A-Za-z]+", rec.getMessage())), rec.getMessage()
     stamp = "[2026-11-30 10:49:36,679] scoring done for mri2d_0102"  # a log's own timestamp stays
     rec = logging.LogRecord("x", logging.INFO, __file__, 1, stamp, (), None)
     assert mod.RedactIdentifiers().filter(rec) and rec.getMessage() == stamp

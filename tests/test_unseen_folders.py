@@ -209,7 +209,7 @@ def test_split_writes_a_loadable_folder_whatever_the_manifest_style(dev_rows, su
     (data / "manifest.csv").write_text("\n".join(lines) + "\n")
     n = 0
     for part in ("val", "train"):
-        path, k = write_split(data, data.parent / part, part=part, val_fraction=0.25)
+        path, k, _aside = write_split(data, data.parent / part, part=part, val_fraction=0.25)
         m = load_manifest(path.parent)  # images and masks are where the manifest says
         assert len(m) == k > 0 and all(r.image.is_file() for r in m)
         assert sum(r.mask is not None for r in m) == sum(r.label != "no_tumor" for r in m)

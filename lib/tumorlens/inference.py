@@ -35,6 +35,26 @@ FALLBACK_FRACTION = 0.5  # of the map's peak: the region shown when the classifi
 VOLUME_CAVEAT = ("volume classified slice by slice by a network trained on 2D slices: on skull-stripped volumes it "
                  "does not separate tumour from healthy brains (a healthy template scores like a glioma); treat the "
                  "class and the mask as unconfirmed")
+# A volume stored on an oblique grid (axials angled along the AC-PC or orbitomeatal line, 5-20 degrees in routine
+# practice) is cut by the 2D network along its stored slices: an outside probe's BraTS glioma tilted 5, 10 and 18
+# degrees about the left-right axis came back a meningioma (p 0.81-0.90) with the mask twice as large, while half
+# a voxel's shift did not change it. Not resampled (the masks stay on the stored grid Slicer shows): said.
+TILT_CAVEAT_DEGREES = 3.0
+TILT_CAVEAT = ("the volume's slices are tilted {deg:.0f} degrees from the nearest standard plane: the 2D network reads "
+               "them as stored, and its class and mask changed with tilt in tests (a glioma tilted 5 degrees was read "
+               "as a meningioma), so treat them as unconfirmed")
+
+
+def grid_tilt_degrees(affine) -> float:
+    """The largest angle between a voxel axis of ``affine`` and the world axis nearest it (0 on an axis-aligned grid)."""
+    a = np.asarray(affine, dtype=float)[:3, :3]
+    norms = np.linalg.norm(a, axis=0)
+    if np.any(norms <= 0):
+        return 0.0
+    cosines = np.abs(a / norms).max(axis=0)
+    return float(np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0))).max())
+
+
 # DICOM Modality values of pictures that may be MRI (secondary captures of MR slices are "OT"/"SC")
 MRI_MODALITIES = frozenset({"MR", "OT", "SC", ""})
 NOT_MRI_CAVEAT = "the file's modality is {modality}, not MR: the model was trained on MRI only, so its class and mask mean little here"
@@ -493,6 +513,9 @@ class Predictor:
         res = self._result(img, probs, seg_vol, slice_probs, familiarity, said, vector)
         if len(disp) > 1:  # a one-slice file is a 2D slice to the network, answered like the same JPEG
             res.extra["caveats"].append(VOLUME_CAVEAT)
+            tilt = grid_tilt_degrees(img.affine)
+            if tilt > TILT_CAVEAT_DEGREES:
+                res.extra["caveats"].append(TILT_CAVEAT.format(deg=tilt))
         if self.head_check:
             check_head(res, img)
         return res

@@ -172,12 +172,21 @@ def run_retrieve(args) -> int:
     from tumorlens.labels import CLASS_NAMES
 
     out = {"head": kind, "results": {}}
+    from tumorlens.alignment.retrieval import RELEVANCE_MIN, query_relevance
+
     for text in args.queries:
         s = query_scores(t, text)
         top = np.argsort(-s)[: args.k]
         out["results"][text] = [{"image": names[i], "label": CLASS_NAMES[int(labels[i])], "similarity": float(s[i])}
                                 for i in top]
+        relevance = query_relevance(text)
+        out.setdefault("relevance", {})[text] = round(relevance, 4)
         print(text)
+        if relevance < RELEVANCE_MIN:
+            warning = (f"the query is unlike every class description (best similarity {relevance:.2f} < {RELEVANCE_MIN}): "
+                       "the text model reads English radiology phrases, so this ranking means little")
+            out.setdefault("warnings", {})[text] = warning
+            print(f"  WARNING: {warning}")
         for r in out["results"][text]:
             print(f"  {r['similarity']:.3f}  {r['label']:11s} {r['image']}")
     if args.json:

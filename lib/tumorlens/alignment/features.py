@@ -77,7 +77,9 @@ def split_features(model: LoadedModel, *, max_images: int | None = None, progres
         val_idx = sorted(rng.choice(val_idx, min(max(max_images // 4, 64), len(val_idx)), replace=False).tolist())
     size = model.image_size
     # the arrays' key (manifest, folder, each file's size and time), not the manifest bytes alone
-    key = f"{checkpoint_sha(model)}-{cache_key(manifest, size)}-{max_images or 'all'}"
+    # and the split's own digest: the parts changed when run-linked images were set aside (session 36)
+    parts = hashlib.sha256(repr((train_idx, val_idx)).encode()).hexdigest()[:12]
+    key = f"{checkpoint_sha(model)}-{cache_key(manifest, size)}-{max_images or 'all'}-{parts}"
     path = cache_dir() / f"features-{key}.npz"
     if path.is_file():
         z = np.load(path)

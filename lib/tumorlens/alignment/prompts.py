@@ -16,7 +16,7 @@ from tumorlens.paths import configs_dir
 DEFAULT_PROMPTS = "classes.yaml"
 # negation cues, shared with retrieval: before the negated words ("no mass") or after them ("glioma ruled out")
 PRE_CUES = (r"without any|without a|without evidence of|without|no evidence of|no signs? of|absence of|"
-            r"negative for|free of|shows no|with no|not an?|not|no")
+            r"negative for|free of|shows no|with no|not an?|not|no|sans|ohne")
 POST_CUES = r"ruled out|excluded|absent|not seen|not identified|not present|none"
 NEGATION = re.compile(rf"\b(?:{POST_CUES}|{PRE_CUES})\b", re.I)
 

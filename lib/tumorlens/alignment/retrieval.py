@@ -19,6 +19,7 @@ handles both (measured on 160 grouped-validation images, 40 per class, 19 querie
 from __future__ import annotations
 
 import re
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -89,6 +90,12 @@ def parse_negation(query: str) -> tuple[str, str | None]:
     pre = _PRE.search(q)
     if pre:
         asserted, negated = q[:pre.start()].strip(" ,;"), q[pre.end():].strip(" ,;") or None
+        contrast = re.search(r"\b(?:but|rather|instead)\b", negated or "")
+        if contrast:  # "not a meningioma but a pituitary adenoma": the part after "but" is asserted
+            asserted = f"{asserted} {negated[contrast.end():]}".strip(" ,;")
+            negated = negated[:contrast.start()].strip(" ,;") or None
+            if negated is None:
+                return asserted, None
         words = set(re.findall(r"[a-z0-9]+", negated or ""))
         if negated and words & NORMAL_WORDS and not (words - NORMAL_WORDS - GENERIC_WORDS) and not has_content(asserted):
             return "brain mri with a tumour", None
@@ -151,6 +158,27 @@ def _baseline() -> np.ndarray:
     return g / np.linalg.norm(g)
 
 
+# a query whose best cosine to every class description is below this is about something else: measured on the
+# shipped descriptions, clinical queries (typos and negations included) 0.46-0.80; "banana", "a picture of a cat",
+# a name, a French query and "stock market prices" 0.11-0.18
+RELEVANCE_MIN = 0.3
+
+
+@lru_cache(maxsize=1)
+def _description_vectors() -> np.ndarray:
+    from tumorlens.alignment.prompts import load_descriptions
+
+    e = encode_texts([t for items in load_descriptions().values() for t in items])
+    return e / np.linalg.norm(e, axis=1, keepdims=True)
+
+
+def query_relevance(query: str) -> float:
+    """The query's best cosine similarity to a class description: how far it speaks the language the image
+    vectors were aligned to (a ranking for "banana" is a ranking of nothing)."""
+    e = encode_texts([query])[0]
+    return float((_description_vectors() @ (e / np.linalg.norm(e))).max())
+
+
 def query_scores(text_vectors, query: str, negation_aware: bool = True) -> np.ndarray:
     """Score of each image for a free-text query (see the module docstring); ``negation_aware=False``:
     the plain cosine, for comparison."""
@@ -167,6 +195,8 @@ def query_scores(text_vectors, query: str, negation_aware: bool = True) -> np.nd
             text = f"MRI with a {text}"  # a bare word ("meningioma") in the sentence it lives in
         return t @ encode_texts([text])[0] - g
     if has_content(asserted):
+        if not re.search(r"\b(?:mri|scan|image|slice|study)\b", asserted):  # "a meningioma" in its sentence
+            asserted = f"MRI with {asserted}"
         a, n = encode_texts([asserted, f"MRI with {negated}"])
         return (t @ a - g) - 0.5 * (t @ n - g)
     qn, qp = encode_texts([f"MRI with no {negated}", f"MRI with {negated}"])

@@ -2,7 +2,8 @@
 manifest DATA_DIR``: a manifest for a folder of class subfolders.
 
 Every validation figure in the README and the model card is measured on the grouped validation part
-of ``brain-mri-2d`` (20 % of the groups, seed 0: the split ``tumorlens train`` uses). This command
+of ``brain-mri-2d`` (20 % of the groups, seed 0: the split ``tumorlens train`` uses; since session 36 without
+the images that share a slice run with training, ``tumorlens.data.splits``). This command
 writes that part as a folder any command takes (``evaluate``, ``evaluate-saliency``,
 ``evaluate-reports``): the same manifest rows and columns, the images and masks as links to the
 originals (the data is never copied unless ``--copy``).
@@ -35,8 +36,9 @@ def register(sub) -> None:
 
 
 def write_split(data_dir: str | Path, out: str | Path, part: str = "val", val_fraction: float = 0.2,
-                seed: int = 0, copy: bool = False) -> tuple[Path, int]:
-    """Write ``part`` of the grouped split of ``data_dir`` to ``out``; returns (manifest path, rows)."""
+                seed: int = 0, copy: bool = False) -> tuple[Path, int, int]:
+    """Write ``part`` of the grouped split of ``data_dir`` to ``out``; returns (manifest path, rows, images
+    set aside: in neither part, since they share a slice run with training)."""
     from tumorlens.data.manifest import load_manifest, read_rows
     from tumorlens.data.splits import training_split
 
@@ -81,12 +83,15 @@ def write_split(data_dir: str | Path, out: str | Path, part: str = "val", val_fr
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
         w.writerows(chosen)
-    return path, len(chosen)
+    return path, len(chosen), len(rows) - len(train) - len(val)
 
 
 def run_split(args) -> int:
-    path, n = write_split(args.data_dir, args.out, args.part, args.val_fraction, args.seed, args.copy)
+    path, n, aside = write_split(args.data_dir, args.out, args.part, args.val_fraction, args.seed, args.copy)
     print(f"{args.part} part: {n} images -> {path}")
+    if aside:
+        print(f"{aside} images are in neither part: validation draws that share a slice run (the `run` column) "
+              "with training images, so they are not new patients")
     return 0
 
 

@@ -365,6 +365,57 @@ def _check_slice_positions(path: Path, reader, n: int, direction: np.ndarray) ->
                                       "would be wrong")
 
 
+def _check_pixel_data(path: Path, files: list[str]) -> None:
+    """Refuse a DICOM whose uncompressed pixel data is shorter than its Rows x Columns (x frames) need (a
+    transfer cut short, a wrong Rows tag): GDCM reads it anyway and fills the rest from uninitialised
+    memory, so every read gave another image, classified with confidence."""
+    try:
+        import pydicom
+    except ImportError:  # pragma: no cover - pydicom comes with the package
+        return
+    shapes: dict[tuple, list[str]] = {}
+    for f in files:
+        try:
+            ds = pydicom.dcmread(f, force=True, defer_size=1024)
+            if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+                raise InvalidInputError(path, f"{Path(f).name}: float pixel data (Float Pixel Data) is not supported; "
+                                              "convert it to integer pixels or to NIfTI")
+            iop = tuple(float(v) for v in ds.get("ImageOrientationPatient", []) or [])
+            kind = "\\".join(str(v) for v in (ds.get("ImageType") or []))
+            key = next((k for k in shapes if k[:2] == (ds.get("Rows"), ds.get("Columns")) and len(k[2]) == len(iop)
+                        and np.allclose(k[2], iop, atol=0.01)), (ds.get("Rows"), ds.get("Columns"), iop))
+            shapes.setdefault(key, []).append(f"{Path(f).name}" + (f" ({kind})" if "LOCALIZER" in kind.upper() else ""))
+            syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
+            if syntax is None or syntax.is_compressed or "PixelData" not in ds:
+                continue
+            raw = ds.get_item("PixelData")
+            length = int(getattr(raw, "length", None) or len(ds.PixelData))
+            frames = int(str(ds.get("NumberOfFrames", 1) or 1))
+            need = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1) or 1)
+                    * int(ds.BitsAllocated) * frames + 7) // 8
+            on_disk = Path(f).stat().st_size
+        except InvalidInputError:
+            raise
+        except Exception:  # noqa: BLE001 - what pydicom cannot tell is left to the image reader's own checks
+            continue
+        if length == 0xFFFFFFFF:
+            continue
+        if length < need or length > on_disk:
+            name = Path(f).name
+            where = "" if Path(f) == path else f" ({name})"
+            have = min(length, on_disk)
+            raise InvalidInputError(path, f"pixel data{where} holds {have} bytes where Rows x Columns "
+                                          f"({int(ds.Rows)} x {int(ds.Columns)}, {frames} frame(s), {int(ds.BitsAllocated)} "
+                                          f"bits) need {need}: a truncated or mis-described file, whose missing "
+                                          "pixels would be invented")
+    if len(shapes) > 1:  # GDCM failed on these with a bare "Size: [120, 78, 1]"
+        groups = sorted(shapes.values(), key=len, reverse=True)
+        odd = [name for g in groups[1:] for name in g]
+        raise InvalidInputError(path, f"the series mixes images of another size or orientation: {len(odd)} of "
+                                      f"{len(files)} files ({', '.join(odd[:3])}{', ...' if len(odd) > 3 else ''}) differ "
+                                      "from the rest, e.g. a localizer; remove them and give the folder again")
+
+
 DICOMDIR_HINT = ("; it is the index of a DICOM disc, whose series lie in its subfolders (e.g. PT000000/ST000000/"
                  "SE000000): give the folder of one series")
 
@@ -390,11 +441,15 @@ def _read_dicom(path: Path) -> MetaTensor:
                 raise InvalidInputError(path, f"folder holds {len(series)} DICOM series ({sizes}); put each series in "
                                               "its own folder and give that folder")
             files = reader.GetGDCMSeriesFileNames(str(path), series[0])
+            if len(files) == 1:  # one file (an enhanced multi-frame object): read as that file, whose frames
+                return _read_dicom(Path(files[0]))  # the series reader stacked as a 4D image
+            _check_pixel_data(path, list(files))
             reader.SetFileNames(files)
             reader.MetaDataDictionaryArrayUpdateOn()
             image = reader.Execute()
             first = (reader, 0)
         else:
+            _check_pixel_data(path, [str(path)])
             image = sitk.ReadImage(str(path))
             first = (image, None)
     except InvalidInputError:

@@ -29,7 +29,7 @@ PATTERNS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\b\d{1,2}(?:st|nd|rd|th)?\s+(?:of\s+)?" + _MONTH + r"\.?,?\s+\d{2,4}\b|\b" + _MONTH
                 + r"\.?\s+\d{1,2}(?:st|nd|rd|th)?,?\s+\d{4}\b|\b" + _MONTH + r"\.?\s+\d{4}\b", re.IGNORECASE), "date"),
     # names: after a title, "patient", "referred by", "seen by"; or capitalised words before a birth date
-    (re.compile(r"\b(?:(?i:mr|mrs|ms|miss|mx|dr|prof)\.?|(?i:patient|referred\s+by|seen\s+by|named|called))\s+"
+    (re.compile(r"\b(?:(?i:mr|mrs|ms|miss|mx|dr|prof)\.?|(?i:patient|referred\s+by|seen\s+by|named|called))[:\s]\s*"
                 + _NAME + r"(?:\s+" + _NAME + r")?"), "name"),
     (re.compile(_NAME + r"\s+" + _NAME + r"(?=,?\s+(?i:born|b\.|dob|aged?)\b)"), "name"),
     # a keyword naming an identifier, then its value (with or without ':' '=' '#' 'no.' 'number'): a token
@@ -38,6 +38,11 @@ PATTERNS: list[tuple[re.Pattern, str]] = [
                 r"(?:hospital|nhs|medical\s+record|record|case|chart|insurance|social\s+security)\s*(?:number|no\.?|id|#)|"
                 r"ssn|accession(?:\s+number)?|name|id)\b\s*(?i:[:=#]|no\.?|number)?\s*[:=#]?\s*"
                 r"(?:[\w./-]*\d[\w./-]*|" + _NAME + r"(?:\s+" + _NAME + r")?)"), "identifier"),
+    # addresses: a house number before a street word, "lives at / address", UK and Canadian postcodes
+    (re.compile(r"\b\d+[A-Za-z]?\s+(?:[A-Z][\w'-]*\s+){1,3}(?i:street|st|road|rd|avenue|ave|lane|ln|drive|dr|"
+                r"boulevard|blvd|way|close|court|ct|place|pl|terrace|crescent|square|sq|gardens)\b|"
+                r"\b(?i:lives\s+at|living\s+at|resides\s+at|address)\b|"
+                r"\b[A-Z]{1,2}\d[A-Z\d]?\s*\d[A-Z]{2}\b|\b[A-Z]\d[A-Z]\s?\d[A-Z]\d\b"), "address"),
     # long numbers and letter-number codes (record numbers, phone numbers)
     (re.compile(r"\+?\d[\d\s().-]{7,}\d|\b[A-Za-z]{0,3}-?\d{6,}[A-Za-z0-9]*\b|\b[A-Za-z]{1,3}\d{5,}\b"), "number"),
 ]
@@ -80,6 +85,8 @@ def safe_file_name(name: str) -> str:
 # a generic "id"/"case"/"subject"/"accession" with a number ("ID_0001", "case_id_12") is a study code
 _RECORD_NUMBER = re.compile(r"(?i)(?<![a-z])(?:mrn|nhs|ssn|hospital[ _-]?(?:no|number)|medical[ _-]?record)"
                             r"[ _:#-]*(?:no\.?|number)?[ _:#-]*\d{4,}")
+# DICOM's person-name form, family^given^middle ("DOE^JANE^MARIE", a file named after its PatientName)
+_PERSON_NAME = re.compile(r"[^\W\d_]{2,}\^[^\W\d_]{2,}")
 # words after "patient" that say the name was removed ("Patient_Anon"): not a name
 _ANON = re.compile(r"(?i)\bpatient\s+(?:anon\w*|unknown|test|x+|\d+)\b")
 
@@ -100,6 +107,8 @@ def identifier_kinds_in_name(name: str) -> list[str]:
                 kinds.append(kind)
     if _RECORD_NUMBER.search(readable) or _RECORD_NUMBER.search(name):
         kinds.append("identifier")
+    if _PERSON_NAME.search(name):
+        kinds.append("name")
     return list(dict.fromkeys(kinds))
 
 
@@ -128,7 +137,11 @@ def redact_log_line(text: str) -> tuple[str, list[str]]:
         mailed = redact(word, ("email",))[0]  # e-mails before their dots become spaces
         readable = re.sub(r"(?<=\w)[_.](?=\w)", " ", mailed)
         if mailed != word or identifier_kinds_in_name(readable):
-            word = _RECORD_NUMBER.sub("(identifier removed)", redact(readable, ("date", "name"))[0])
+            # the whole word: an id holding a date or record number holds the name beside it too
+            # ("Doe_Jane_MRN48213977" had been logged as "Doe Jane (identifier removed)")
+            lead = re.match(r"[(\[{]*", word).group(0)
+            trail = re.search(r"[)\]}:.]*$", word).group(0)
+            word = f"{lead}(identifier removed){trail}"
         out.append(word)
     clean = redact("".join(out), ("date", "name"))[0]  # names written as words ("Jane Doe")
     clean = _RECORD_NUMBER.sub("(identifier removed)", clean)

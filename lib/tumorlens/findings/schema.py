@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import unicodedata
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -275,7 +276,8 @@ def _identifier_key(key: str) -> bool:
 class Patient(_Strict):
     """Clinical context only; never who the patient is (names, IDs, dates of birth are refused)."""
 
-    age: int | None = Field(default=None, ge=0, le=130)
+    # strict: an age of ``true`` was stored as 1, and "45" as 45 without a word
+    age: int | None = Field(default=None, ge=0, le=130, strict=True)
     sex: Literal["F", "M", "O"] | None = None
     clinical_history: str | None = Field(default=None, max_length=2000)
 
@@ -291,10 +293,24 @@ class Patient(_Strict):
     @field_validator("clinical_history")
     @classmethod
     def _no_identifier_text(cls, v: str | None) -> str | None:
-        found = find_identifiers(v) if v is not None else []
+        if v is None:
+            return v
+        if any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in v):
+            raise ValueError("clinical_history holds control characters (NUL, escape sequences); send plain text")
+        if any(unicodedata.category(c).startswith("L") and not _latin(c) for c in v):
+            # names in other scripts cannot be told from words here ("患者 王小明", "пациент Иван Петров"): a
+            # refused history can be rewritten, a name that got through cannot be taken back
+            raise ValueError("clinical_history holds letters of a script other than Latin, in which names cannot be "
+                             "checked for; write it in English (the report's language) or leave it out")
+        found = find_identifiers(v)
         if found:
             raise ValueError(f"clinical_history looks like it contains identifiers ({', '.join(found)}); remove them")
         return v
+
+
+def _latin(c: str) -> bool:
+    """Latin letters, and the Greek ones of medical usage (β-hCG, µm)."""
+    return unicodedata.name(c, "").startswith(("LATIN", "GREEK", "MICRO SIGN"))
 
 
 class TextMatch(_Strict):
@@ -371,6 +387,12 @@ class Findings(_Strict):
         most = math.log(len(self.classification.probabilities))
         if self.classification.uncertainty.entropy > most + 1e-6:
             raise ValueError(f"entropy {self.classification.uncertainty.entropy:g} exceeds ln({len(self.classification.probabilities)}) = {most:.3f}")
+        unc = self.classification.uncertainty
+        if unc.method == "softmax_entropy":  # the probabilities' own entropy: "low uncertainty" at p 0.55 / 0.37
+            h = -sum(p * math.log(p) for p in self.classification.probabilities.values() if p > 0)
+            if abs(unc.entropy - h) > 0.02:
+                raise ValueError(f"uncertainty.entropy {unc.entropy:g} is not the entropy of the probabilities "
+                                 f"({h:.3f})")
         dims = list(self.input.dims)
         n = math.prod(dims)
         for m in self.masks:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,16 @@ class Facts:
     # the lesion-window classifier named another tumour type than the whole-slice network alone
     # (findings.classification.window_opinion.changed_label)
     window_changed_type: bool = False
+    # the segmentation head's outline when the regions come from a saliency mask: the tumour's size is the
+    # outline's, and the saliency mask (several times larger: where the classifier looked) is said to be that
+    seg_voxels: int | None = None
+    seg_area_mm2: float | None = None
+    seg_volume_mm3: float | None = None
+    seg_extents_mm: list[float] = field(default_factory=list)
+    # the whole-slice network's own first choice when the window classifier changed it (label, probability)
+    network_choice: tuple[str, float] | None = None
+    # text matches of the record that are none of the model's class descriptions (hand-edited): not quoted
+    unquoted_descriptions: int = 0
 
     # ---- derived ---------------------------------------------------------------------------------
     @property
@@ -186,24 +197,42 @@ class Facts:
         return (f"Classifier uncertainty is {self.uncertainty_level} (entropy {_fmt(self.entropy)} of at most "
                 f"{_fmt(MAX_ENTROPY)}).")
 
+    def _size(self, voxels: int, area: float | None, volume: float | None, extents: list[float]) -> str:
+        unit = "voxels" if self.kind == "volume" else "pixels"
+        if self.kind == "volume" and volume is not None:
+            size = f"{voxels} {unit}, {volume / 1000.0:.1f} cm3"
+        elif self.spacing_known and area is not None:
+            size = f"{voxels} {unit}, {area:.0f} mm2"
+        else:
+            size = f"{voxels} {unit}; physical size unknown because the pixel spacing is unknown"
+        if extents and (self.kind == "volume" or self.spacing_known):
+            size += f", extent {' x '.join(f'{e:.0f}' for e in extents)} mm"
+        return size
+
+    @property
+    def regions_from_saliency(self) -> bool:
+        return bool(self.mask_source and self.mask_source.startswith("saliency"))
+
     def sentence_size(self) -> str | None:
         if self.mask_source is None:
             return None
-        src = ("segmentation head" if self.mask_source == "segmentation_head"
-               else f"saliency map ({SALIENCY_NAMES.get(self.mask_source.split(':')[-1], self.mask_source)})")
-        if self.mask_empty:
-            return f"The lesion mask from the {src} is empty."
-        unit = "voxels" if self.kind == "volume" else "pixels"
-        if self.kind == "volume" and self.volume_mm3 is not None:
-            size = f"{self.mask_voxels} {unit}, {self.volume_mm3 / 1000.0:.1f} cm3"
-        elif self.spacing_known and self.area_mm2 is not None:
-            size = f"{self.mask_voxels} {unit}, {self.area_mm2:.0f} mm2"
+        if not self.regions_from_saliency:
+            if self.mask_empty:
+                return "The lesion mask from the segmentation head is empty."
+            return (f"The lesion mask from the segmentation head covers "
+                    f"{self._size(self.mask_voxels, self.area_mm2, self.volume_mm3, self.extents_mm)}.")
+        method = SALIENCY_NAMES.get(self.mask_source.split(":")[-1], self.mask_source)
+        if self.seg_voxels is None:
+            seg = ""
+        elif self.seg_voxels == 0:
+            seg = "The segmentation head outlines no lesion. "
         else:
-            size = f"{self.mask_voxels} {unit}; physical size unknown because the pixel spacing is unknown"
-        ext = ""
-        if self.extents_mm and (self.kind == "volume" or self.spacing_known):
-            ext = f", extent {' x '.join(f'{e:.0f}' for e in self.extents_mm)} mm"
-        return f"The lesion mask from the {src} covers {size}{ext}."
+            seg = (f"The segmentation head outlines the lesion: "
+                   f"{self._size(self.seg_voxels, self.seg_area_mm2, self.seg_volume_mm3, self.seg_extents_mm)}. ")
+        if self.mask_empty:
+            return f"{seg}The {method} map's salient area is empty."
+        return (f"{seg}The {method} map's salient area, which shows where the classifier looked, covers "
+                f"{self._size(self.mask_voxels, self.area_mm2, self.volume_mm3, self.extents_mm)}.")
 
     def sentence_location(self) -> str:
         if not self.tumour_present:
@@ -214,21 +243,23 @@ class Facts:
                    else "no atlas regions were found")
             side = f" The lesion lies on the {self.laterality} side." if self.laterality in ("left", "right") else ""
             return f"No atlas regions are named because {why}.{side}"
+        what = "salient area" if self.regions_from_saliency else "lesion"
         regs = ", ".join(f"{r['hemisphere'] + ' ' if r['hemisphere'] in ('left', 'right') else ''}{r['name']} "
-                         f"({100 * r['fraction']:.0f}% of the lesion)" for r in self.listed_regions[:4])
+                         f"({100 * r['fraction']:.0f}% of the {what})" for r in self.listed_regions[:4])
+        area = "The salient area" if self.regions_from_saliency else "The lesion"
         if self.laterality in ("left", "right"):
-            side = f"The lesion lies in the {self.laterality} hemisphere"
+            side = f"{area} lies in the {self.laterality} hemisphere"
         elif self.laterality == "bilateral":
-            side = "The lesion lies in both hemispheres"
+            side = f"{area} lies in both hemispheres"
         elif self.laterality == "midline":
-            side = "The lesion lies at the midline"
+            side = f"{area} lies at the midline"
         else:
-            side = "The lesion side is uncertain"
+            side = f"{area}'s side is uncertain"
         if self.crosses_midline is True and self.laterality != "bilateral":
             side += " and crosses the midline"
         elif self.crosses_midline is False:
             side += " and does not cross the midline"
-        return f"{side}. Atlas regions: {regs}."
+        return f"{side}. Atlas regions{' of the salient area' if self.regions_from_saliency else ''}: {regs}."
 
     def sentence_method(self) -> str:
         parts = [f"Dual-head CNN ({self.model_name}) classification with a segmentation head"]
@@ -247,6 +278,24 @@ class Facts:
             lines.append(size)
         lines.append(self.sentence_location())
         return lines
+
+    def history_limitations(self) -> list[str]:
+        """What the clinical history puts outside the classifier's four classes: a cancer elsewhere (metastasis,
+        then the leading alternative), earlier treatment (post-operative and post-radiation appearances). Not
+        restated: the history is the requester's, and a report repeating it could carry what it should not."""
+        history = (self.patient.clinical_history or "").lower()
+        if not history or not self.tumour_present:
+            return []
+        out = []
+        clauses = re.split(r"[.;,]|\bbut\b", history)
+        said = [c for c in clauses if not re.search(r"\b(?:no|denies|denied|without|negative for|never)\b", c)]
+        if any(re.search(r"cancer|carcinoma|malignan|metasta|melanoma|lymphoma|sarcoma|oncolog", c) for c in said):
+            out.append("The clinical history mentions a cancer: metastasis, then a leading alternative, is not among the "
+                       "classifier's four classes.")
+        if any(re.search(r"resect|operat|surgery|surgical|craniotomy|radiotherap|radiation|chemo|biops", c) for c in said):
+            out.append("The clinical history mentions earlier treatment: post-treatment appearances were not in the "
+                       "training images.")
+        return out
 
     def limitations(self) -> list[str]:
         out = ["Automated research output from a machine-learning model; not a diagnosis."]
@@ -268,11 +317,17 @@ class Facts:
         if self.uncertainty_level == "high":
             out.append("The classifier is uncertain between classes.")
         if self.window_changed_type:
+            first = (f" ({READABLE_CLASS.get(self.network_choice[0], self.network_choice[0])}, probability "
+                     f"{_fmt(self.network_choice[1])})" if self.network_choice else "")
             out.append("The tumour type was settled by a second classifier that looks only at the lesion, against "
-                       "the whole-slice network's first choice.")
+                       f"the whole-slice network's first choice{first}.")
         if self.text_matches and self.text_matches[0]["class_name"] != self.label:
             out.append("The clinical description closest to the image belongs to another class than the one "
                        "reported.")
+        out += self.history_limitations()
+        if self.unquoted_descriptions:
+            out.append(f"{self.unquoted_descriptions} class description(s) in the findings are not among the model's "
+                       "class descriptions, so they are not quoted.")
         out.append("Saliency maps show where the model looked and are only approximate outlines.")
         return out
 
@@ -293,6 +348,15 @@ def build_facts(findings: Any) -> Facts:
     extents: list[float] = []
     if mask is not None and mask.bbox is not None:
         extents = [(b - a + 1) * s for a, b, s in zip(mask.bbox.min, mask.bbox.max, f.input.spacing_mm, strict=False)]
+    seg = next((m for m in masks if m.source == "segmentation_head"), None) if mask is not None and mask.source != "segmentation_head" else None
+    seg_extents: list[float] = []
+    if seg is not None and seg.bbox is not None:
+        seg_extents = [(b - a + 1) * s for a, b, s in zip(seg.bbox.min, seg.bbox.max, f.input.spacing_mm, strict=False)]
+    network_choice = None
+    wo = cls.window_opinion
+    if wo is not None and wo.changed_label and wo.network_probabilities:
+        top = max(wo.network_probabilities, key=wo.network_probabilities.get)
+        network_choice = (top, float(wo.network_probabilities[top]))
     regions = [
         {"label": r.label, "name": r.name, "hemisphere": r.hemisphere, "fraction": r.fraction,
          "max_probability": r.max_probability}
@@ -327,11 +391,40 @@ def build_facts(findings: Any) -> Facts:
         patient=sanitize_patient(f.patient),
         unfamiliar=bool(cls.familiarity is not None and not cls.familiarity.familiar),
         model_name=f.provenance.model,
-        text_matches=[t.model_dump() for t in f.text_matches],
+        text_matches=[t.model_dump() for t in f.text_matches if _known_description(t.class_name, t.description)],
         window_changed_type=bool(cls.window_opinion is not None and cls.window_opinion.changed_label),
+        seg_voxels=int(seg.voxels) if seg is not None else None,
+        seg_area_mm2=seg.area_mm2 if seg is not None else None,
+        seg_volume_mm3=seg.volume_mm3 if seg is not None else None,
+        seg_extents_mm=seg_extents,
+        network_choice=network_choice,
     )
+    facts.unquoted_descriptions = len(f.text_matches) - len(facts.text_matches)
     facts.numbers = _allowed_numbers(facts)
     return facts
+
+
+@lru_cache(maxsize=1)
+def _descriptions() -> dict[str, set[str]]:
+    """Every class description of the prompt files shipped (``configs/prompts``), by class."""
+    from tumorlens.alignment.prompts import load_descriptions
+    from tumorlens.paths import configs_dir
+
+    out: dict[str, set[str]] = {c: set() for c in CLASS_NAMES}
+    for path in sorted((configs_dir() / "prompts").glob("*.y*ml")):
+        try:
+            for c, items in load_descriptions(path).items():
+                out[c].update(items)
+        except (InvalidInputError, OSError):
+            continue
+    return out
+
+
+def _known_description(class_name: str, description: str) -> bool:
+    """A record's text match is quoted only when it is one of the model's own class descriptions: the report
+    printed a hand-edited "recommend urgent surgery" as a matched description, under "verified"."""
+    known = _descriptions()
+    return not any(known.values()) or description.strip() in known.get(class_name, set())
 
 
 UNIT_KINDS = {"%": "percent", "percent": "percent", "mm": "mm", "cm": "cm", "mm2": "mm2", "mm²": "mm2",
@@ -357,7 +450,7 @@ def numbers_for_unit(f: Facts, unit: str, size: bool) -> list[float] | None:
     if kind == "years":
         return ([float(f.patient.age)] if f.patient.age is not None else []) + context
     if kind in ("mm", "cm"):
-        nums = list(f.extents_mm)
+        nums = list(f.extents_mm) + list(f.seg_extents_mm)
         if not size:  # positions and voxel sizes are lengths too, but not sizes of the lesion
             # only lengths the history or notes give in mm ("confidence 0.02 < 0.5" is no 0.5 mm)
             texts = [f.patient.clinical_history or "", *f.notes]
@@ -365,14 +458,25 @@ def numbers_for_unit(f: Facts, unit: str, size: bool) -> list[float] | None:
             in_mm += [10.0 * float(x) for t in texts for x in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)\s*cm\b", t)]
             nums += (list(f.spacing) if f.spacing_known else []) + [abs(c) for c in f.centroid or []] + in_mm
         return nums if kind == "mm" else [v / 10.0 for v in nums]
-    area, vol = f.area_mm2, f.volume_mm3
-    return {"mm2": [area] if area is not None else [], "cm2": [area / 100.0] if area is not None else [],
-            "mm3": [vol] if vol is not None else [], "cm3": [vol / 1000.0] if vol is not None else []}[kind]
+    areas = [a for a in (f.area_mm2, f.seg_area_mm2) if a is not None]
+    vols = [v for v in (f.volume_mm3, f.seg_volume_mm3) if v is not None]
+    return {"mm2": areas, "cm2": [a / 100.0 for a in areas], "mm3": vols, "cm3": [v / 1000.0 for v in vols]}[kind]
 
 
 def _allowed_numbers(f: Facts) -> list[float]:
     """Every number the findings support, in the units a report might use."""
     nums: list[float] = [len(CLASS_NAMES), len(f.regions), MAX_ENTROPY, f.entropy, f.mask_voxels]
+    if f.seg_voxels is not None:
+        nums.append(f.seg_voxels)
+    for v in (f.seg_area_mm2,):
+        if v is not None:
+            nums += [v, v / 100.0]
+    if f.seg_volume_mm3 is not None:
+        nums += [f.seg_volume_mm3, f.seg_volume_mm3 / 1000.0]
+    for e in f.seg_extents_mm:
+        nums += [e, e / 10.0]
+    if f.network_choice:
+        nums += [f.network_choice[1], 100 * f.network_choice[1]]
     for p in f.probabilities.values():
         nums += [p, 100 * p]
     for r in f.regions:

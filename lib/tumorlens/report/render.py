@@ -41,7 +41,9 @@ def to_markdown(result: ReportResult) -> str:
     lines += ["## Differential (classifier probabilities)", "", "| class | probability |", "|---|---|"]
     lines += [f"| {READABLE_CLASS.get(d.diagnosis, d.diagnosis)} | {d.probability:.2f} |" for d in r.differential]
     if r.matched_descriptions:
-        lines += ["", "## Closest clinical descriptions (text-aligned model)"] + [f"- {x}" for x in r.matched_descriptions]
+        lines += ["", "## Closest clinical descriptions (text-aligned model)",
+                  "Descriptions of tumour classes that lie nearest the image in the model's text space: they describe "
+                  "the classes, not what this image shows.", ""] + [f"- {x}" for x in r.matched_descriptions]
     lines += ["", "## Recommendations"] + [f"- {x}" for x in r.recommendations]
     lines += ["", "## Limitations"] + [f"- {x}" for x in r.limitations]
     problems = v.get("unsupported_claims", []) + v.get("negation_conflicts", [])

@@ -37,9 +37,10 @@ UNMEASURED = {
     "herniation": r"herniat\w*",
     "infiltration": r"infiltrat\w*|invasi\w*|invad\w*",
     "cystic change": r"cysts?|cystic",
-    "shape or texture": (r"heterogene\w*|homogene\w*|irregular\w*|well-?circumscribed|well-?defined|ill-?defined|"
+    "shape or texture": (r"heterogene\w*|homogene\w*|irregular\w*|well[- ]?circumscribed|well[- ]?defined|ill[- ]?defined|"
                          r"lobulated|spiculated|ring-?like|rim"),
-    "multiplicity": r"multifocal|multicentric|multiple (?:lesions|foci|masses|tumou?rs)|(?:two|three|four|several) "
+    "multiplicity": r"multifocal|multicentric|solitary|(?:a )?single (?:lesion|focus|mass|tumou?r)|"
+                    r"multiple (?:lesions|foci|masses|tumou?rs)|(?:two|three|four|several) "
                     r"(?:separate |distinct )?(?:lesions|foci|masses|tumou?rs)|satellite",
     "signal intensity": r"hyper-?intens\w*|hypo-?intens\w*|iso-?intens\w*|signal (?:change|abnormality|intensity)",
     "diffusion": r"restricted diffusion|diffusion restriction|perfusion",
@@ -57,13 +58,23 @@ UNMEASURED = {
     "change since earlier imaging": (
         r"(?:prior|previous|earlier|last|baseline|comparison) (?:study|studies|scan|scans|exam\w*|imaging|mri)|"
         r"interval (?:change|growth|increase|decrease|progression)|has (?:grown|shrunk|enlarged|progressed|regressed)|"
-        r"\bgrew\b|progressi(?:on|ve)|regressi(?:on|ve)|unchanged|stable (?:in size|compared|since)"
+        r"\bgrew\b|progressi(?:on|ve)|regressi(?:on|ve)|unchanged|stable (?:appearances? )?(?:in size|compared|since)"
     ),
     "size by comparison with an object": (r"\b(?:golf[- ]ball|tennis[- ]ball|ping[- ]pong ball|walnut|grape|lemon|"
                                           r"orange|pea|marble|coin)s?\b"),
     # the model gives probabilities: a report may not turn them into certainty
     "certainty": r"\bdefinite(?:ly)?\b|\bcertain(?:ly|ty)?\b|unequivocal(?:ly)?|undoubted(?:ly)?|conclusive(?:ly)?|"
                  r"\bconfirm(?:s|ed|ing|ation)?\b|pathognomonic|diagnostic of",
+    # what to do next, beyond the review every report asks for: nothing here weighs it (session 36 probe: "No
+    # further imaging is required", "Discharge the patient" passed)
+    "management": (r"no (?:further|additional) (?:imaging|follow-?up|investigations?|work-?up|scans?)|"
+                   r"(?:imaging|follow-?up|scans?) (?:is |are )?(?:not )?(?:required|needed|necessary|warranted)|"
+                   r"\bdischarg\w*|\brefer(?:ral|red)? to\b|\bmdt\b|multidisciplinary"),
+    # a no-tumour call on one slice or through a 2D network is not a normal study: the other structures and
+    # diseases were never looked at
+    # ("normal study" itself is checked with the tumour words below: a conflict on a tumour call)
+    "normality of the study": (r"no intracranial abnormalit\w*|"
+                               r"tumou?r (?:is |has been )?(?:excluded|ruled out)|(?:excludes?|rules? out) (?:a )?tumou?r"),
     "treatment": (
         r"surg(?:ery|ical)|resect\w*|neurosurg\w*|radiation|radiotherapy|radiosurgery|chemotherap\w*|"
         r"biops(?:y|ies)|\btreat(?:ment|ments|ed|ing|s)?\b|therap(?:y|ies)"
@@ -110,7 +121,7 @@ PIPELINE_PHRASES = r"(?:lesion|tumou?r) (?:mask|location|side|class|probability|
 TUMOUR_WORDS = r"tumou?rs?|mass(?:es)?|lesions?|neoplasms?|neoplastic|growths?|abnormalit(?:y|ies)|malignan\w*|cancer"
 SIZE_WORDS = re.compile(r"\b(?:measur\w*|diameters?|sizes?|sized|long|across|axis|axes|extent|spans?|spanning|wide|"
                         r"width|length|thick\w*|large|big|small)\b", re.IGNORECASE)
-NORMAL_CLAIM = (r"(?:normal|unremarkable) (?:study|scan|examination|exam|mri|brain|appearance|findings)"
+NORMAL_CLAIM = (r"(?:normal|unremarkable) (?:brain )?(?:study|scan|examination|exam|mri|brain|appearance|findings)"
                 r"|(?:study|scan|examination|exam|mri|brain|image|findings?) (?:is|are|appears?|looks?|seems?) "
                 r"(?:entirely |otherwise |essentially |completely )?(?:normal|unremarkable)")
 CROSSING = (r"cross(?:es|ing|ed)? (?:over )?(?:the )?midline|midline[- ]crossing|"
@@ -216,10 +227,22 @@ def region_lexicon() -> tuple[tuple[str, str], ...]:
 
 # ---- results ----------------------------------------------------------------------------------------
 
+SEX_WORDS = r"woman|women|female|lady|girl|man|men|male|gentleman|boy"
+FEMALE_WORDS = {"woman", "women", "female", "lady", "girl"}
+
+# likelihood words checked against the probabilities (an outside probe's drafts, session 36: "meningioma excluded"
+# and "not a meningioma" at 0.37, "very likely" at 0.55, "equally likely" at 0.96 against 0.01)
+RULED_OUT_MAX = 0.2  # a class this probable may be called less likely, not excluded
+STRONG_MIN = 0.8  # "very likely", "almost certainly" need this much
+STRONG_LIKELIHOOD = re.compile(r"\b(?:very|highly|extremely|overwhelmingly)\s+(?:likely|probable)|"
+                               r"\balmost\s+certain(?:ly)?|\bvirtually\s+certain(?:ly)?|\bmost\s+certainly", re.IGNORECASE)
+EQUALLY_LIKELY = re.compile(r"\b(?:equally|just\s+as)\s+(?:likely|probable)|\bas\s+likely\s+as\b", re.IGNORECASE)
+
+
 @dataclass
 class Claim:
     field: str
-    kind: str  # region | side | class | tumour | crossing | unmeasured | trust | number | structured | identifier
+    kind: str  # region | side | class | tumour | crossing | unmeasured | trust | number | structured | identifier | patient
     text: str
     sentence: str
     negated: bool
@@ -287,6 +310,13 @@ class Verifier:
                 what = "negated" if pol.negated else "asserted"
                 add("unmeasured", m, False, f"{what} statement about {name}, which the findings do not assess", pol=pol)
                 scan = _mask(scan, m.start(), m.end())
+        # 1b. the patient's sex, against the record's
+        for m in _iter(SEX_WORDS, scan):
+            said = "F" if m.group(0).lower() in FEMALE_WORDS else "M"
+            sex = f.patient.sex
+            add("patient", m, sex == said, "" if sex == said else
+                f"gives the patient's sex as {said}; the findings say {sex or 'nothing about it'}")
+            scan = _mask(scan, m.start(), m.end())
         # 2. how far the result can be trusted
         scan = self._trust_claims(add, scan, scope)
         # 2b. midline crossing
@@ -336,6 +366,9 @@ class Verifier:
             if f.tumour_present and not pol.negated:
                 add("tumour", m, False, f"calls the study normal; the findings favour {READABLE_CLASS[f.label]}",
                     conflict=True, pol=pol)
+            elif not pol.negated:  # a no-tumour call assessed four classes, not the whole study
+                add("tumour", m, False, "calls the study normal; the classifier assessed only its four classes, "
+                    "not the whole study", pol=pol)
             else:
                 add("tumour", m, True, pol=pol)
             scan = _mask(scan, m.start(), m.end())
@@ -401,12 +434,25 @@ class Verifier:
                 add("class", m, False, f"names the no-tumour class without its probability; the findings favour "
                     f"{READABLE_CLASS[f.label]}", pol=pol)
             return
+        if self._network_choice(sent, cls):  # the limitation naming what the window classifier overruled
+            add("class", m, True, "the whole-slice network's first choice", pol=pol)
+            return
+        near = sent[max(0, m.start() - 40):m.end() + 40]
         if pol.negated:
             if cls == f.label and f.top_probability >= 0.5:
                 add("class", m, False, f"negates {READABLE_CLASS[cls]}, the most likely class "
                     f"(probability {f.top_probability:.2f})", conflict=True, pol=pol)
+            elif f.probabilities[cls] >= RULED_OUT_MAX:  # "meningioma excluded" at 0.37
+                add("class", m, False, f"rules out {READABLE_CLASS[cls]}, which has probability "
+                    f"{f.probabilities[cls]:.2f}", conflict=True, pol=pol)
             else:
                 add("class", m, True, pol=pol)
+        elif cls == f.label and STRONG_LIKELIHOOD.search(near) and f.top_probability < STRONG_MIN:
+            add("class", m, False, f"calls {READABLE_CLASS[cls]} {STRONG_LIKELIHOOD.search(near).group(0)}; its "
+                f"probability is {f.top_probability:.2f}", pol=pol)
+        elif cls != f.label and EQUALLY_LIKELY.search(near) and f.top_probability - f.probabilities[cls] > 0.1:
+            add("class", m, False, f"calls {READABLE_CLASS[cls]} as likely as {READABLE_CLASS[f.label]}: "
+                f"{f.probabilities[cls]:.2f} against {f.top_probability:.2f}", pol=pol)
         elif cls == f.label:
             add("class", m, True, pol=pol)
         elif self._ranked_first(sent, m.start(), m.end()):  # "although a meningioma is more likely": a hedge
@@ -417,6 +463,11 @@ class Verifier:
         else:
             add("class", m, False, f"asserts {READABLE_CLASS[cls]}; the findings favour {READABLE_CLASS[f.label]} "
                 f"(probability {f.top_probability:.2f})", pol=pol)
+
+    def _network_choice(self, sent: str, cls: str) -> bool:
+        """``cls`` named in a sentence about the whole-slice network's first choice, and that is what it was."""
+        nc = self.f.network_choice
+        return bool(nc and nc[0] == cls and re.search(r"whole-slice network's first choice", sent, re.IGNORECASE))
 
     @staticmethod
     def _ranked_first(sent: str, start: int, end: int) -> bool:
@@ -516,6 +567,8 @@ class Verifier:
                     owner, gap = cls, m.start() - b
             if owner is not None:
                 v = f.probabilities[owner] * (100.0 if pct else 1.0)
+                if self._network_choice(sent, owner):
+                    v = f.network_choice[1] * (100.0 if pct else 1.0)
                 ok = abs(x - v) <= _tol(num)
                 reason = "" if ok else f"gives {READABLE_CLASS[owner]} probability {m.group(0).strip()}; the findings say {f.probabilities[owner]:.2f}"
                 add("number", m, ok, reason)
@@ -530,9 +583,13 @@ class Verifier:
     # ---- whole report -------------------------------------------------------------------------
     def check(self, report: RadiologyReport) -> dict[str, Any]:
         claims: list[Claim] = []
+        # the cautions the history calls for name what the classifier cannot assess (metastasis, treatment): they
+        # are the facts' own sentences, checked for identifiers only
+        cautions = set(self.f.history_limitations())
         for field, text in report.text_fields().items():
             for _start, sent in split_sentences(text or ""):
-                claims.extend(self._sentence(field, sent))
+                if not (field.startswith("limitations") and text.strip() in cautions):
+                    claims.extend(self._sentence(field, sent))
                 claims.extend(_identifiers(field, sent))
         for i, text in enumerate(report.matched_descriptions):  # quoted from the record, not verified as claims
             claims.extend(_identifiers(f"matched_descriptions[{i}]", text))

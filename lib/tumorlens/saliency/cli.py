@@ -16,6 +16,10 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, help="output folder (findings.json, mask/heatmap NIfTI, mask.seg.nrrd, PNGs)")
     p.add_argument("--no-regions", action="store_true", help="skip the atlas placement")
     p.add_argument("--layer", default=None, help="hooked layer (default: the network's cam_layer)")
+    p.add_argument("--age", type=int, default=None, help="patient age in years (findings.patient; optional)")
+    p.add_argument("--sex", default=None, choices=("F", "M", "O"), help="patient sex (findings.patient; optional)")
+    p.add_argument("--history", default=None,
+                   help="clinical history in English, no names or numbers that identify the patient (findings.patient)")
     p.set_defaults(func=run_explain)
 
     e = sub.add_parser("evaluate-saliency", help="pointing game, Dice/IoU and deletion AUC of each saliency method")
@@ -45,8 +49,23 @@ def _methods(text: str) -> tuple[str, ...]:
 def run_explain(args) -> int:
     from tumorlens.saliency.explain import PRIMARY, explain
 
+    patient = {k: v for k, v in (("age", args.age), ("sex", args.sex), ("clinical_history", args.history))
+               if v is not None} or None
+    if patient:  # checked before the (seconds-long) pipeline runs
+        from pydantic import ValidationError
+
+        from tumorlens.errors import InvalidInputError
+        from tumorlens.findings.schema import Patient
+
+        try:
+            Patient.model_validate(patient)
+        except ValidationError as e:
+            flags = {"clinical_history": "history"}
+            raise InvalidInputError(None, "; ".join(
+                f"--{flags.get(str((err['loc'] or ('patient',))[-1]), (err['loc'] or ('patient',))[-1])}: {err['msg']}"
+                for err in e.errors()[:3])) from e
     expl = explain(args.image, method=args.method or PRIMARY, model=args.model, with_regions=not args.no_regions,
-                   layer=args.layer)
+                   layer=args.layer, patient=patient)
     files = expl.write(args.out)
     f = expl.findings
     c = f.classification

@@ -10,6 +10,7 @@ themselves: a PNG the size of a JPEG/PNG input (pixel (row, col) over pixel (row
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -58,6 +59,36 @@ def default_extension(img: MetaTensor) -> str:
 
 LABEL_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
+
+
+def patient_param(request: dict) -> dict | None:
+    """``params.patient`` (age, sex, clinical_history) checked before any work: a 400 naming the field, never
+    quoting the value (a value refused as an identifier is one). Context sent under other keys ("age",
+    "clinical_history" at the top level) went unread with a 200: those are a 400 pointing here."""
+    stray = [k for k in ("age", "sex", "clinical_history", "history") if k in request]
+    if stray:
+        raise bad_request(f"{', '.join(stray)}: patient context goes in params.patient, e.g. "
+                          '{"patient": {"age": 54, "sex": "F", "clinical_history": "headaches"}}')
+    patient = request.get("patient")
+    if patient is None:
+        return None
+    if isinstance(patient, str):
+        try:
+            patient = json.loads(patient)
+        except ValueError as e:
+            raise bad_request("params.patient is not JSON: give an object with age, sex, clinical_history") from e
+    if not isinstance(patient, dict):
+        raise bad_request("params.patient must be an object with age, sex, clinical_history")
+    from pydantic import ValidationError
+
+    from tumorlens.findings.schema import Patient
+
+    try:
+        Patient.model_validate(patient)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'patient'}: {err['msg']}" for err in e.errors()[:3])
+        raise bad_request(f"params.patient: {problems}") from e
+    return patient
 
 
 def flag(request: dict, key: str, default: bool) -> bool:

@@ -16,7 +16,7 @@ from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferType
 
 from lib.errors import bad_request
-from lib.infers.base import TumorlensInfer, flag
+from lib.infers.base import TumorlensInfer, flag, patient_param
 from lib.state import AppState
 
 logger = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ class SaliencyInfer(TumorlensInfer):
     def explain(self, img: MetaTensor, request: dict):
         from tumorlens.saliency import explain
 
-        patient = request.get("patient") if isinstance(request.get("patient"), dict) else None
+        patient = patient_param(request)
         import inspect
 
         accepted = inspect.signature(explain).parameters
