@@ -107,6 +107,8 @@ def _mutate(path: str, value):
     ("patient.age", True, "valid integer"),
     ("patient.age", "45", "valid integer"),
     ("classification.uncertainty.entropy", 0.01, "not the entropy of the probabilities"),
+    ("lesion.crosses_midline", True, "every region lies in the"),
+    ("notes", ["a sagittal slice does not show which hemisphere it is from: side reported as unknown"], "sagittal"),
     ("input.file", "/data/smith_john/0001.jpg", "basename"),
     ("classification.uncertainty.entropy", 50.0, "exceeds ln(4)"),  # hand-edited records a probe made
     ("masks.0.voxels", 10 ** 12, "the image has 262144"),

@@ -243,6 +243,22 @@ def test_sex_management_and_normality_are_not_the_findings_to_give(rec, impressi
     assert v["supported"] is ok, _reasons(v)
 
 
+@pytest.mark.parametrize("history,impression,ok", [
+    ("headache; denies seizures", "The patient presents with seizures. Most consistent with glioma (probability 0.82).",
+     False),
+    ("headache; denies seizures", "The patient presents with headache. Most consistent with glioma (probability 0.82).",
+     True),
+    ("new seizures", "Referred with new seizures; most consistent with glioma (probability 0.82).", True),
+    (None, "The patient presents with seizures. Most consistent with glioma (probability 0.82).", False),
+])
+def test_a_presentation_the_history_does_not_give_is_unsupported(history, impression, ok):
+    """A probe's draft said "presents with seizures" for a history "denies seizures", and passed."""
+    rec = record()
+    rec["patient"]["clinical_history"] = history
+    v = _planted(impression=impression, rec=rec)
+    assert v["supported"] is ok, _reasons(v)
+
+
 @pytest.mark.parametrize("history,caution", [
     ("known breast cancer, new headaches", "metastasis"),
     ("previous resection of left frontal glioma", "earlier treatment"),
@@ -803,13 +819,33 @@ def test_claims_about_trust_are_checked_against_entropy_and_familiarity(impressi
     assert all(c["ok"] for c in trust) is ok, [(c["text"], c["reason"]) for c in trust]
 
 
+@pytest.mark.parametrize("findings,recs,missing", [
+    ("The classifier favours glioma (probability 0.82) in the left insular cortex.", None, "uncertainty"),
+    ("The classifier favours glioma (probability 0.82); classifier uncertainty is moderate.", None, "size"),
+    (None, "This recommendation is not available in the full report.", "recommendations"),
+    (None, "The classifier favours glioma (probability 0.82).", "recommendations"),
+])
+def test_a_thin_draft_is_not_a_complete_report(findings, recs, missing):
+    """The offline model's drafts were delivered as verified while cut to one clause, or with a "recommendation"
+    that recommends nothing: the findings must give the uncertainty and the lesion's size, the recommendations a
+    review."""
+    from tumorlens.report.chain import completeness
+
+    f = build_facts(record())
+    d = template_draft(f)
+    draft = ReportDraft.model_construct(findings=findings or d.findings, impression=d.impression,
+                                        recommendations=recs or d.recommendations)
+    assert any(missing in m for m in completeness(assemble(f, draft), f))
+    assert completeness(assemble(f, d), f) == []
+
+
 def test_a_draft_that_failed_in_one_field_keeps_its_verified_fields():
     """Five of 24 pituitary drafts of the offline model added 'treatment options' to otherwise verified text, and
     two of them were replaced whole by the template. The failed field alone is the template's now; the rest of
     the draft is delivered, and the whole is verified again."""
     good = _good()
     prose = ("The classifier favours glioma with probability 0.82, and the lesion lies in the left insular cortex. "
-             "Classifier uncertainty is moderate.")
+             "Classifier uncertainty is moderate. The lesion mask covers 812 pixels.")
     bad_recs = ReportDraft(findings=prose, impression=good.impression,
                            recommendations="Discuss surgery and radiotherapy options with the patient.")
     res, _ = _run([bad_recs, bad_recs])

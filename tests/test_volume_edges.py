@@ -183,7 +183,10 @@ def test_mask_with_another_axis_order_is_brought_onto_the_image_grid(planted):
         mask_on_image_grid(read_mask(planted["mask_shifted"]), img, planted["mask_shifted"])
     # a mask without geometry (identity affine) is taken in the image's voxel order
     bare = MetaTensor(torch.from_numpy(planted["array"][None]), affine=torch.eye(4))
-    np.testing.assert_array_equal(mask_on_image_grid(bare, img, "bare").numpy()[0], planted["array"])
+    on = mask_on_image_grid(bare, img, "bare")
+    np.testing.assert_array_equal(on.numpy()[0], planted["array"])
+    assert "no geometry" in on.meta["grid_assumed"]  # said in locate's notes, not silently assumed
+    assert "grid_assumed" not in same.meta
 
 
 def test_a_picture_mask_fits_a_2d_dicom_slice_of_its_image(dev2d, tumour_rows, tmp_path):

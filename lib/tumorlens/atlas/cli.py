@@ -59,6 +59,9 @@ def mask_on_image_grid(mask: MetaTensor, img: MetaTensor, where: str | Path) -> 
     if arr.ndim == len(want) and (same_grid(m_aff, i_aff) or np.allclose(m_aff, np.eye(4)) or picture):
         if arr.shape != want:
             raise InvalidInputError(where, f"mask shape {arr.shape} does not match image shape {want}")
+        if not same_grid(m_aff, i_aff) and not picture:  # said, not silently assumed (a probe's finding)
+            mask.meta["grid_assumed"] = ("the mask's header holds no geometry (identity affine): it was taken in the "
+                                         "image's voxel order; save it with the image's affine to be sure")
         return mask
     a3 = arr if arr.ndim == 3 else arr.reshape(arr.shape + (1,) * (3 - arr.ndim))
     moved, moved_aff = reorient_like(a3, m_aff, i_aff)
@@ -97,6 +100,8 @@ def run_locate(args) -> int:
         prog.add_task(f"{what} ...", total=None)
         out = map_regions(img, mask, min_confidence=args.min_confidence, deformable=not args.no_deformable)
     pl = out["placement"]
+    if mask.meta.get("grid_assumed"):
+        out["notes"] = [mask.meta["grid_assumed"], *out["notes"]]
     result = {
         "image": str(args.image).rsplit("/", 1)[-1],
         "regions": out["regions"],

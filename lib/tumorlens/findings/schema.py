@@ -441,6 +441,12 @@ class Findings(_Strict):
             share = sum(r.fraction for r in self.regions if r.hemisphere == other)
             if share > 0.5:
                 raise ValueError(f"lesion laterality is {side!r} but {share:.0%} of it lies in {other} regions")
+        sides = {r.hemisphere for r in self.regions}
+        if self.lesion.crosses_midline and len(sides) == 1 and sides <= {"left", "right"}:
+            # "crosses the midline" for a lesion 59 mm left, every region a Left_ one (a hand-edited record)
+            raise ValueError(f"lesion crosses_midline is true but every region lies in the {next(iter(sides))} hemisphere")
+        if side in ("left", "right") and any("does not show which hemisphere" in n for n in self.notes):
+            raise ValueError(f"lesion laterality is {side!r} on a sagittal slice, whose side cannot be known (see notes)")
         if self.placement.low_confidence:
             if self.regions:
                 raise ValueError("placement is low-confidence: regions must be empty")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import threading
 import time
 from dataclasses import dataclass, field
@@ -73,6 +74,18 @@ def completeness(report: RadiologyReport, f: Facts) -> list[str]:
             missing.append(f"impression does not name the most likely class ({READABLE_CLASS[f.label]})")
     elif not any(w in imp for w in ("no tumour", "no tumor", "no-tumour", "no-tumor", "normal", "tumour-free", "no evidence")):
         missing.append("impression does not state that no tumour was found")
+    # a draft cut to one clause ("The classifier favours glioma (probability 0.96)") was delivered as verified: the
+    # findings must also say how uncertain the call is and, where a lesion was outlined, how large it is
+    text = report.findings.lower()
+    if not re.search(r"uncertain|entropy|confiden", text):
+        missing.append("findings do not state the classifier's uncertainty")
+    if f.tumour_present and not f.mask_empty and not re.search(
+            r"\d\s*(?:mm2|mm²|mm\^2|cm2|cm²|mm3|mm³|cm3|cm³|ml\b|pixels?\b|voxels?\b)", text):
+        missing.append("findings do not give the lesion's size")
+    # recommendations that are no recommendation ("This recommendation is not available in the full report.")
+    recs = " ".join(report.recommendations).lower()
+    if not re.search(r"\breview|radiologist|correlat|clinical", recs) or "not available" in recs:
+        missing.append("recommendations do not ask for a radiologist's review against the study")
     return missing
 
 
@@ -208,7 +221,7 @@ def _failing_fields(attempt: dict) -> set[str]:
     """The drafted fields an attempt's verification found fault with (``recommendations[1]`` -> ``recommendations``;
     anything else, e.g. a structured field, is returned as it is)."""
     bad = {c["field"].split("[")[0] for c in attempt.get("unsupported_claims", []) + attempt.get("negation_conflicts", [])}
-    bad |= {"impression" if m.startswith("impression") else "findings" for m in attempt.get("missing", [])}
+    bad |= {m.split()[0] if m.split()[0] in DRAFT_FIELDS else "findings" for m in attempt.get("missing", [])}
     return bad
 
 

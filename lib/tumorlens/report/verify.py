@@ -228,6 +228,11 @@ def region_lexicon() -> tuple[tuple[str, str], ...]:
 # ---- results ----------------------------------------------------------------------------------------
 
 SEX_WORDS = r"woman|women|female|lady|girl|man|men|male|gentleman|boy"
+# a sentence stating why the patient was imaged: what follows must be in the clinical history, not negated there
+PRESENTATION = (r"(?:presents|presenting|presented|admitted|referred|imaged) (?:with|for)|complains? of|"
+                r"suffer(?:s|ing)? from|(?:a|with a|known|prior|previous) history of")
+_CLINICAL_FILLER = {"with", "from", "new", "onset", "recent", "several", "weeks", "days", "months", "years", "history",
+                    "known", "patient", "some", "mild", "severe", "acute", "chronic", "episodes", "episode"}
 FEMALE_WORDS = {"woman", "women", "female", "lady", "girl"}
 
 # likelihood words checked against the probabilities (an outside probe's drafts, session 36: "meningioma excluded"
@@ -316,6 +321,15 @@ class Verifier:
             sex = f.patient.sex
             add("patient", m, sex == said, "" if sex == said else
                 f"gives the patient's sex as {said}; the findings say {sex or 'nothing about it'}")
+            scan = _mask(scan, m.start(), m.end())
+        # 1c. the clinical presentation, against the history ("presents with seizures" when it says "denies seizures")
+        for m in _iter(PRESENTATION, scan):
+            what = re.match(r"[\s]*([a-z][a-z\s-]{2,40})", scan[m.end():].lower())
+            words = [w for w in re.findall(r"[a-z]{4,}", what.group(1) if what else "") if w not in _CLINICAL_FILLER][:3]
+            if not words:
+                continue
+            ok, reason = self._in_history(words)
+            add("patient", m, ok, reason)
             scan = _mask(scan, m.start(), m.end())
         # 2. how far the result can be trusted
         scan = self._trust_claims(add, scan, scope)
@@ -463,6 +477,20 @@ class Verifier:
         else:
             add("class", m, False, f"asserts {READABLE_CLASS[cls]}; the findings favour {READABLE_CLASS[f.label]} "
                 f"(probability {f.top_probability:.2f})", pol=pol)
+
+    def _in_history(self, words: list[str]) -> tuple[bool, str]:
+        """Whether the clinical history gives ``words`` (a stem of each, in a clause that does not negate it)."""
+        history = (self.f.patient.clinical_history or "").lower()
+        if not history:
+            return False, "states a clinical presentation; the findings hold no clinical history"
+        clauses = re.split(r"[.;,]|\bbut\b", history)
+        for w in words:
+            hits = [c for c in clauses if w[:5] in c]
+            if not hits:
+                return False, f"states '{w}' as clinical history; the history does not give it"
+            if all(re.search(r"\b(?:no|denies|denied|without|negative for|never|not)\b", c) for c in hits):
+                return False, f"states '{w}' as clinical history; the history negates it"
+        return True, ""
 
     def _network_choice(self, sent: str, cls: str) -> bool:
         """``cls`` named in a sentence about the whole-slice network's first choice, and that is what it was."""
