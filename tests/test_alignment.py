@@ -374,7 +374,8 @@ def test_text_queries_on_real_images_assert_what_they_say_and_negate_what_they_n
              ("tumour-free brain", {"no_tumor"}), ("meningioma cannot be excluded", {"meningioma"}),
              ("not a normal scan", set(TUMOUR_CLASSES)), ("normal study", {"no_tumor"}),
              ("ring-enhancing intra-axial mass", {"glioma"}),
-             ("not a meningioma but a pituitary adenoma", {"pituitary"}), ("not a glioma but a meningioma", {"meningioma"})]
+             ("not a meningioma but a pituitary adenoma", {"pituitary"}), ("not a glioma but a meningioma", {"meningioma"}),
+             ("healthy brain", {"no_tumor"}), ("neither glioma nor meningioma", {"pituitary", "no_tumor"})]
     for q, rel in cases:
         top = np.argsort(-query_scores(t, q))[:4]
         assert np.isin(y[top], list(rel)).mean() >= 0.75, (q, y[top])

@@ -192,6 +192,18 @@ def test_the_tumour_size_is_the_outline_and_the_saliency_area_is_named_as_such()
     # a draft giving the salient area's size as the tumour's is still checked against the numbers
     v = _planted("The classifier favours glioma (probability 0.82). The tumour measures 99 x 99 mm.", rec=rec)
     assert not v["supported"]
+    # the impression, the regions heading and the laterality say whose regions they are (a probe's impression put a
+    # pituitary tumour "in the postcentral gyrus": the Grad-CAM area's largest region)
+    assert "the classifier's salient area is centred on the left insular cortex" in res.report.impression
+    md = res.to_markdown()
+    assert "## Regions of the salient area" in md and "**Laterality of the salient area:** left" in md
+    # and a draft may not give them, or the salient area's size, to the lesion
+    d = template_draft(build_facts(rec))
+    for extra, ok in (("The tumour lies in the left insular cortex.", False), ("The lesion measures 3458 mm2.", False),
+                      ("The salient area lies mostly in the left insular cortex.", True),
+                      ("The lesion measures 588 mm2.", True), ("The Grad-CAM area covers 3458 mm2.", True)):
+        v = _planted(d.findings + " " + extra, rec=rec)
+        assert v["supported"] is ok, (extra, _reasons(v))
 
 
 def _close_call() -> dict:
@@ -225,6 +237,8 @@ def test_likelihood_words_are_checked_against_the_probabilities(impression, ok):
 @pytest.mark.parametrize("rec,impression,ok", [
     (record, "Most consistent with glioma (probability 0.82) in a 61-year-old woman.", False),  # the record: M
     (record, "Most consistent with glioma (probability 0.82) in a 61-year-old man.", True),
+    (record, "She presents with new seizures; most consistent with glioma (probability 0.82).", False),
+    (record, "His scan is most consistent with glioma (probability 0.82).", True),
     (record, "Most consistent with glioma (probability 0.82). No further imaging is required.", False),
     (record, "Most consistent with glioma (probability 0.82). Discharge the patient.", False),
     (record, "Most consistent with glioma (probability 0.82). Stable appearances compared with 2019.", False),
@@ -234,6 +248,8 @@ def test_likelihood_words_are_checked_against_the_probabilities(impression, ok):
     (_no_tumour, "Normal MRI of the brain.", False),
     (_no_tumour, "No intracranial abnormality.", False),
     (_no_tumour, "Tumour excluded.", False),
+    (_no_tumour, "Normal appearances.", False),
+    (_no_tumour, "Healthy brain.", False),
     (_no_tumour, "No tumour detected by the classifier (probability of the no-tumour class 0.91).", True),
 ])
 def test_sex_management_and_normality_are_not_the_findings_to_give(rec, impression, ok):
@@ -264,6 +280,9 @@ def test_a_presentation_the_history_does_not_give_is_unsupported(history, impres
     ("previous resection of left frontal glioma", "earlier treatment"),
     ("no history of cancer; headaches", None),
     ("headache; denies seizures", None),
+    ("family history of lung cancer", None),
+    ("cancer screening negative", None),
+    ("NSCLC on chemotherapy", "metastasis"),
 ])
 def test_a_history_outside_the_four_classes_is_named_in_the_limitations(history, caution):
     """With "known breast cancer" a glioma call said nothing of metastasis, the likeliest alternative then, which
@@ -273,6 +292,7 @@ def test_a_history_outside_the_four_classes_is_named_in_the_limitations(history,
     res = generate_report(rec, backend="template")
     said = [x for x in res.report.limitations if "clinical history" in x]
     assert (caution is None and not said) or (caution and caution in said[0]), said
+    assert f"**Clinical information (as given):** age 61; sex M; history: {history}" in res.to_markdown()
     assert res.verification["supported"], _reasons(res.verification)
 
 

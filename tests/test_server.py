@@ -517,7 +517,13 @@ def test_report_task(client):
     assert status_of(ei.value) == 400 and "clinical_history" in str(ei.value.msg)
     assert "943" not in str(ei.value.msg) and "headaches" not in str(ei.value.msg)
     # patient context: in params.patient, checked before any work; sent elsewhere it is a 400, not ignored
-    for params, said in (({"age": 54}, "params.patient"), ({"patient": {"age": -3}}, "age"),
+    resized = json.loads(json.dumps(f))
+    resized["input"]["dims"] = [d + 1 for d in resized["input"]["dims"]]  # the same name, another picture
+    with pytest.raises(MONAILabelClientException) as ei:
+        client.infer("report", "mri2d_1941", {"findings": resized, "backend": "template"})
+    assert status_of(ei.value) == 400 and "pixels, not this one" in str(ei.value.msg)
+    for params, said in (({"age": 54}, "params.patient"), ({"gender": "F"}, "params.patient"),
+                         ({"patient": {"age": -3}}, "age"),
                          ({"patient": {"clinical_history": "Mr John Smith MRN 1234567"}}, "identifiers"),
                          ({"patient": {"age": 50}, "findings": f}, "record's own patient field")):
         with pytest.raises(MONAILabelClientException) as ei:

@@ -313,6 +313,12 @@ def test_identifier_like_ids_and_log_lines():
         rec = logging.LogRecord("x", logging.INFO, __file__, 1, line, (), None)
         assert mod.RedactIdentifiers().filter(rec) and not {"Doe", "Jane", "DOE", "JANE"} & set(
             re.findall(r"[A-Za-z]+", rec.getMessage())), rec.getMessage()
+    # patient context in a logged request is never written, valid or refused (a refused history was, verbatim)
+    line = ("Infer Request: {'model': 'report', 'backend': 'template', 'patient': {'clinical_history': "
+            "'NHS number 943 476 5919, headaches'}, 'patient_name': 'Jane Doe'}")
+    rec = logging.LogRecord("x", logging.INFO, __file__, 1, line, (), None)
+    assert mod.RedactIdentifiers().filter(rec) and "943" not in rec.getMessage() and "Jane" not in rec.getMessage()
+    assert "'model': 'report'" in rec.getMessage(), rec.getMessage()
     stamp = "[2026-11-30 10:49:36,679] scoring done for mri2d_0102"  # a log's own timestamp stays
     rec = logging.LogRecord("x", logging.INFO, __file__, 1, stamp, (), None)
     assert mod.RedactIdentifiers().filter(rec) and rec.getMessage() == stamp

@@ -67,6 +67,8 @@ _REWRITES = (
     # ("intra-axial mass" 0.65 to them, 0.41 to the glioma ones). Said in plain words, 8 intra-axial
     # phrasings over 160 validation images: P@10 0.59 -> 1.00 ("parenchymal" 0.76, "inside the brain" 0.93)
     (re.compile(r"\bintra-?axial\b"), "within the brain tissue"),
+    # "healthy brain" sat next to the pituitary descriptions (5 of 5 top images): it means a normal one
+    (re.compile(r"\bhealthy\b"), "normal"),
 )
 NORMAL_WORDS = frozenset({"normal", "unremarkable", "healthy"})
 
@@ -81,6 +83,9 @@ def parse_negation(query: str) -> tuple[str, str | None]:
     """``(asserted part, negated part or None)`` of a query, lower-cased. A negated "normal" ("not a
     normal scan") asserts a brain MRI with a tumour, as "abnormal" does."""
     q = _rewrite(re.sub(r"\s+", " ", query.lower()).strip().rstrip("."))
+    neither = re.match(r"(.*?)\bneither\b(.+?)\bnor\b(.+)", q)
+    if neither:  # "neither glioma nor meningioma": both negated (it had returned gliomas)
+        return neither.group(1).strip(" ,;"), f"{neither.group(2).strip()} or {neither.group(3).strip()}"
     n_cues = len(_NEG.findall(q))
     if n_cues >= 2 and n_cues % 2 == 0:  # "not without tumour": the negations cancel
         return re.sub(r"\s+", " ", _NEG.sub(" ", q)).strip(" ,;"), None

@@ -32,6 +32,8 @@ PATTERNS: list[tuple[re.Pattern, str]] = [
     (re.compile(r"\b(?:(?i:mr|mrs|ms|miss|mx|dr|prof)\.?|(?i:patient|referred\s+by|seen\s+by|named|called))[:\s]\s*"
                 + _NAME + r"(?:\s+" + _NAME + r")?"), "name"),
     (re.compile(_NAME + r"\s+" + _NAME + r"(?=,?\s+(?i:born|b\.|dob|aged?)\b)"), "name"),
+    # DICOM's person-name form, family^given ("SMITH^JOHN", copied from a PatientName tag)
+    (re.compile(r"[^\W\d_]{2,}\^[^\W\d_]{2,}"), "name"),
     # a keyword naming an identifier, then its value (with or without ':' '=' '#' 'no.' 'number'): a token
     # holding a digit, or a capitalised name
     (re.compile(r"\b(?i:mrn|d\.?o\.?b\.?|date\s+of\s+birth|born(?:\s+on)?|patient\s*(?:id|name|number|no\.?)|"
@@ -116,6 +118,9 @@ def redact_log_line(text: str) -> tuple[str, list[str]]:
     """A log line without personal identifiers (the kinds of ``identifier_kinds_in_name``). Ids come
     with ``_`` and ``.`` between words ("image=MRN_1234567"), so a line that holds one is logged in that
     readable form, redacted. Timestamps (a date followed by a time) are a log's own, not a birth date."""
+    # patient context in a logged request ("Infer Request: {... 'patient': {'clinical_history': ...}}"): never
+    # logged, valid or not (a refused "NHS number 943 476 5919" was written verbatim, and served by GET /logs/)
+    text, n_ctx = _PATIENT_VALUES.subn(lambda m: f"{m.group(1)}'(removed)'", text)
     stamps: list[str] = []
 
     def keep(m: re.Match) -> str:
@@ -125,7 +130,7 @@ def redact_log_line(text: str) -> tuple[str, list[str]]:
     held = _TIMESTAMP.sub(keep, text)
     kinds = identifier_kinds_in_name(held)
     if not kinds:  # the common case: the line as it was
-        return text, []
+        return text, (["patient context"] if n_ctx else [])
     # word by word (a word: what lies between spaces, quotes, '=', '&', ',', ';', '/' or '?'): only a word that holds an
     # identifier is rewritten in its readable form; the rest of the line keeps its '_' and '.' (every path and
     # key of such a line had read "/tmp/probe vol", "client id", "nii gz")
@@ -148,4 +153,7 @@ def redact_log_line(text: str) -> tuple[str, list[str]]:
     return re.sub("\x00(\\d+)\x00", lambda m: stamps[int(m.group(1))], clean), kinds
 
 
+_PATIENT_VALUES = re.compile(
+    r"""(['"](?i:patient|patient_?name|name|clinical_?history|history|dob|birth_?date|date_of_birth|gender|sex|age|"""
+    r"""indication)['"]\s*[:=]\s*)(\{[^{}]*\}|'(?:[^'\\]|\\.)*'|"(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?|true|false|True|False)""")
 _TIMESTAMP = re.compile(r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}(?::\d{2}(?:[.,]\d+)?)?")

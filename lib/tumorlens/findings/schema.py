@@ -293,11 +293,13 @@ class Patient(_Strict):
     @field_validator("clinical_history")
     @classmethod
     def _no_identifier_text(cls, v: str | None) -> str | None:
-        if v is None:
-            return v
-        if any(unicodedata.category(c) == "Cc" and c not in "\n\t" for c in v):
-            raise ValueError("clinical_history holds control characters (NUL, escape sequences); send plain text")
-        if any(unicodedata.category(c).startswith("L") and not _latin(c) for c in v):
+        if v is None or not v.strip():
+            return None  # an empty history is no history
+        if any(unicodedata.category(c) in ("Cc", "Cf") and c not in "\n\t" for c in v):
+            raise ValueError("clinical_history holds control or invisible characters (NUL, escape sequences, "
+                             "zero-width spaces); send plain text")
+        greek_words = re.findall(r"[\u0370-\u03ff\u1f00-\u1fff]{2,}", v)  # a lone Greek letter is notation (β-hCG)
+        if greek_words or any(unicodedata.category(c).startswith("L") and not _latin(c) for c in v):
             # names in other scripts cannot be told from words here ("患者 王小明", "пациент Иван Петров"): a
             # refused history can be rewritten, a name that got through cannot be taken back
             raise ValueError("clinical_history holds letters of a script other than Latin, in which names cannot be "

@@ -241,7 +241,8 @@ class Facts:
             why = ("the atlas placement is low-confidence" if self.low_confidence_placement
                    else "they were not requested" if any(REGIONS_NOT_REQUESTED in n for n in self.notes)
                    else "no atlas regions were found")
-            side = f" The lesion lies on the {self.laterality} side." if self.laterality in ("left", "right") else ""
+            area = "salient area" if self.regions_from_saliency else "lesion"
+            side = f" The {area} lies on the {self.laterality} side." if self.laterality in ("left", "right") else ""
             return f"No atlas regions are named because {why}.{side}"
         what = "salient area" if self.regions_from_saliency else "lesion"
         regs = ", ".join(f"{r['hemisphere'] + ' ' if r['hemisphere'] in ('left', 'right') else ''}{r['name']} "
@@ -288,10 +289,14 @@ class Facts:
             return []
         out = []
         clauses = re.split(r"[.;,]|\bbut\b", history)
-        said = [c for c in clauses if not re.search(r"\b(?:no|denies|denied|without|negative for|never)\b", c)]
-        if any(re.search(r"cancer|carcinoma|malignan|metasta|melanoma|lymphoma|sarcoma|oncolog", c) for c in said):
-            out.append("The clinical history mentions a cancer: metastasis, then a leading alternative, is not among the "
-                       "classifier's four classes.")
+        # the patient's own history, affirmed: not a relative's, not negated before or after the word
+        said = [c for c in clauses if not re.search(
+            r"\b(?:no|denies|denied|without|negative|never|ruled out|excluded|family|mother|father|sister|brother|"
+            r"parent|sibling|aunt|uncle|grand\w*)\b", c)]
+        if any(re.search(r"cancer|carcinoma|malignan|metasta|melanoma|lymphoma|sarcoma|oncolog|\bn?sclc\b|\bca\b", c)
+               for c in said):
+            out.append("The clinical history mentions a cancer; a metastasis, which would then be a leading "
+                       "alternative, is not among the classifier's four classes.")
         if any(re.search(r"resect|operat|surgery|surgical|craniotomy|radiotherap|radiation|chemo|biops", c) for c in said):
             out.append("The clinical history mentions earlier treatment: post-treatment appearances were not in the "
                        "training images.")
@@ -432,7 +437,7 @@ UNIT_KINDS = {"%": "percent", "percent": "percent", "mm": "mm", "cm": "cm", "mm2
               "ml": "cm3", "year": "years", "years": "years", "-year": "years"}
 
 
-def numbers_for_unit(f: Facts, unit: str, size: bool) -> list[float] | None:
+def numbers_for_unit(f: Facts, unit: str, size: bool, salient: bool | None = None) -> list[float] | None:
     """The numbers a value with ``unit`` may take (None: unitless, any supported number). A length
     said as a size ("measures", "diameter") must be an extent of the mask; an age must be the age or
     a number of the history: a probability said in millimetres is not supported."""
@@ -449,8 +454,11 @@ def numbers_for_unit(f: Facts, unit: str, size: bool) -> list[float] | None:
         return nums + context
     if kind == "years":
         return ([float(f.patient.age)] if f.patient.age is not None else []) + context
+    # with regions from a saliency mask, a size is the outline's unless the sentence gives it to the salient area
+    split = f.regions_from_saliency and f.seg_voxels is not None and salient is not None
     if kind in ("mm", "cm"):
-        nums = list(f.extents_mm) + list(f.seg_extents_mm)
+        nums = (list(f.extents_mm) if salient else list(f.seg_extents_mm)) if split and size else \
+            list(f.extents_mm) + list(f.seg_extents_mm)
         if not size:  # positions and voxel sizes are lengths too, but not sizes of the lesion
             # only lengths the history or notes give in mm ("confidence 0.02 < 0.5" is no 0.5 mm)
             texts = [f.patient.clinical_history or "", *f.notes]
@@ -458,8 +466,12 @@ def numbers_for_unit(f: Facts, unit: str, size: bool) -> list[float] | None:
             in_mm += [10.0 * float(x) for t in texts for x in re.findall(r"(?<![\w.])(\d+(?:\.\d+)?)\s*cm\b", t)]
             nums += (list(f.spacing) if f.spacing_known else []) + [abs(c) for c in f.centroid or []] + in_mm
         return nums if kind == "mm" else [v / 10.0 for v in nums]
-    areas = [a for a in (f.area_mm2, f.seg_area_mm2) if a is not None]
-    vols = [v for v in (f.volume_mm3, f.seg_volume_mm3) if v is not None]
+    if split:
+        areas = [a for a in ((f.area_mm2,) if salient else (f.seg_area_mm2,)) if a is not None]
+        vols = [v for v in ((f.volume_mm3,) if salient else (f.seg_volume_mm3,)) if v is not None]
+    else:
+        areas = [a for a in (f.area_mm2, f.seg_area_mm2) if a is not None]
+        vols = [v for v in (f.volume_mm3, f.seg_volume_mm3) if v is not None]
     return {"mm2": areas, "cm2": [a / 100.0 for a in areas], "mm3": vols, "cm3": [v / 1000.0 for v in vols]}[kind]
 
 

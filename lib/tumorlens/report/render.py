@@ -31,13 +31,21 @@ def to_markdown(result: ReportResult) -> str:
              f"**Claims checked:** {v.get('checked', {}).get('claims', 0)}", ""]
     if v.get("flag_reason"):
         lines += [f"> {v['flag_reason']}", ""]
+    pc = result.facts.patient
+    if not pc.is_empty():  # what the report was checked against (checked free of identifiers on the way in)
+        given = [f"age {pc.age}" if pc.age is not None else "", f"sex {pc.sex}" if pc.sex else "",
+                 f"history: {pc.clinical_history}" if pc.clinical_history else ""]
+        lines += [f"**Clinical information (as given):** {'; '.join(x for x in given if x)}", ""]
     lines += ["## Technique", r.technique, "", "## Findings", r.findings, "", "## Impression", r.impression, ""]
     # one per line: atlas names hold commas ("cingulate gyrus, posterior division")
     regions = [f"- {x}" for x in r.regions]
+    of = r.regions_of
     if r.regions_not_listed:
-        regions.append(f"- and {r.regions_not_listed} more, each under 1 % of the lesion (listed in the findings)")
-    lines += ["## Regions (largest share of the lesion first)", *(regions or ["none named"]), "",
-              f"**Laterality:** {r.laterality}", ""]
+        regions.append(f"- and {r.regions_not_listed} more, each under 1 % of the {of} (listed in the findings)")
+    heading = ("## Regions of the salient area (where the classifier looked; largest share first)" if of != "lesion"
+               else "## Regions (largest share of the lesion first)")
+    lines += [heading, *(regions or ["none named"]), "", f"**Laterality{' of the salient area' if of != 'lesion' else ''}:** "
+              f"{r.laterality}", ""]
     lines += ["## Differential (classifier probabilities)", "", "| class | probability |", "|---|---|"]
     lines += [f"| {READABLE_CLASS.get(d.diagnosis, d.diagnosis)} | {d.probability:.2f} |" for d in r.differential]
     if r.matched_descriptions:

@@ -41,6 +41,9 @@ class RadiologyReport(BaseModel):
     regions_not_listed: int = Field(0, ge=0, description="regions of the findings holding under 1 % of the lesion "
                                                          "each, left out of `regions` (the findings list them all)")
     laterality: str = "unknown"
+    # what `regions` and `laterality` describe: the lesion outline, or the saliency map's salient area (where the
+    # classifier looked), which is the mask the regions come from when a saliency method made it
+    regions_of: str = "lesion"
     differential: list[DifferentialItem] = Field(default_factory=list)
     recommendations: list[str] = Field(default_factory=list)
     limitations: list[str] = Field(default_factory=list)

@@ -25,9 +25,14 @@ def template_draft(f: Facts) -> ReportDraft:
             side = f"{r['hemisphere']} " if r["hemisphere"] in ("left", "right") else ""
             # the largest region of a lesion on both sides may lie on the smaller side: not its centre
             phrase = "centred on" if f.laterality in ("left", "right") else "its largest share in"
-            where = f", {phrase} the {side}{r['name']}"
+            if f.regions_from_saliency:  # where the classifier looked, not where the outline is
+                lies = "is centred on" if f.laterality in ("left", "right") else "has its largest share in"
+                where = f"; the classifier's salient area {lies} the {side}{r['name']}"
+            else:
+                where = f", {phrase} the {side}{r['name']}"
         elif f.laterality in ("left", "right"):
-            where = f", {f.laterality} side"
+            where = (f"; the classifier's salient area lies on the {f.laterality} side" if f.regions_from_saliency
+                     else f", {f.laterality} side")
         strength = "Most consistent with" if f.top_probability >= 0.5 else "Uncertain; the most likely class is"
         impression = f"{strength} {READABLE_CLASS[f.label]} (probability {f.top_probability:.2f}){where}."
         recs = "Review by a radiologist against the full MRI study and the clinical findings."
@@ -50,6 +55,7 @@ def assemble(f: Facts, draft: ReportDraft) -> RadiologyReport:
                  for r in f.listed_regions],
         regions_not_listed=len(f.regions) - len(f.listed_regions),
         laterality=f.laterality,
+        regions_of="salient area" if f.regions_from_saliency else "lesion",
         differential=[DifferentialItem(diagnosis=c, probability=round(p, 4)) for c, p in f.ranked],
         recommendations=recs,
         limitations=f.limitations(),

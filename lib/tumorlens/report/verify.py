@@ -121,7 +121,8 @@ PIPELINE_PHRASES = r"(?:lesion|tumou?r) (?:mask|location|side|class|probability|
 TUMOUR_WORDS = r"tumou?rs?|mass(?:es)?|lesions?|neoplasms?|neoplastic|growths?|abnormalit(?:y|ies)|malignan\w*|cancer"
 SIZE_WORDS = re.compile(r"\b(?:measur\w*|diameters?|sizes?|sized|long|across|axis|axes|extent|spans?|spanning|wide|"
                         r"width|length|thick\w*|large|big|small)\b", re.IGNORECASE)
-NORMAL_CLAIM = (r"(?:normal|unremarkable) (?:brain )?(?:study|scan|examination|exam|mri|brain|appearance|findings)"
+NORMAL_CLAIM = (r"(?:normal|unremarkable) (?:brain )?(?:study|scan|examination|exam|mri|brain|appearances?|findings)"
+                r"|healthy brain"
                 r"|(?:study|scan|examination|exam|mri|brain|image|findings?) (?:is|are|appears?|looks?|seems?) "
                 r"(?:entirely |otherwise |essentially |completely )?(?:normal|unremarkable)")
 CROSSING = (r"cross(?:es|ing|ed)? (?:over )?(?:the )?midline|midline[- ]crossing|"
@@ -227,13 +228,16 @@ def region_lexicon() -> tuple[tuple[str, str], ...]:
 
 # ---- results ----------------------------------------------------------------------------------------
 
-SEX_WORDS = r"woman|women|female|lady|girl|man|men|male|gentleman|boy"
+SEX_WORDS = r"woman|women|female|lady|girl|she|her|hers|herself|man|men|male|gentleman|boy|he|him|his|himself"
+# a sentence that attributes what it says to the saliency map, not to the lesion
+SALIENT_WORDS = re.compile(r"salien|classifier looked|model looked|where the (?:classifier|model|network) looked|"
+                           r"attention|grad-?cam|score-?cam|saliency|heat ?map", re.IGNORECASE)
 # a sentence stating why the patient was imaged: what follows must be in the clinical history, not negated there
 PRESENTATION = (r"(?:presents|presenting|presented|admitted|referred|imaged) (?:with|for)|complains? of|"
                 r"suffer(?:s|ing)? from|(?:a|with a|known|prior|previous) history of")
 _CLINICAL_FILLER = {"with", "from", "new", "onset", "recent", "several", "weeks", "days", "months", "years", "history",
                     "known", "patient", "some", "mild", "severe", "acute", "chronic", "episodes", "episode"}
-FEMALE_WORDS = {"woman", "women", "female", "lady", "girl"}
+FEMALE_WORDS = {"woman", "women", "female", "lady", "girl", "she", "her", "hers", "herself"}
 
 # likelihood words checked against the probabilities (an outside probe's drafts, session 36: "meningioma excluded"
 # and "not a meningioma" at 0.37, "very likely" at 0.55, "equally likely" at 0.96 against 0.01)
@@ -403,6 +407,15 @@ class Verifier:
                 add("tumour", m, True, pol=pol)
         # 7. numbers
         self._numbers(add, sent, class_spans, scope)
+        # 8. regions and sides from a saliency mask are the salient area's: said of the lesion or tumour, they put
+        # the tumour where the classifier looked (a probe's "The glioma lies in the left white matter" passed for a
+        # right-sided glioma whose Grad-CAM area lay left)
+        if f.regions_from_saliency and not SALIENT_WORDS.search(sent):
+            for c in claims:
+                if c.kind in ("region", "side", "crossing") and c.ok and not c.negated:
+                    c.ok = False
+                    c.reason = ("the atlas regions and side are those of the saliency map's salient area, where the "
+                                "classifier looked, not of the lesion outline: say so")
         return claims
 
     def _trust_claims(self, add, scan: str, scope: SentenceScope) -> str:
@@ -601,7 +614,8 @@ class Verifier:
                 reason = "" if ok else f"gives {READABLE_CLASS[owner]} probability {m.group(0).strip()}; the findings say {f.probabilities[owner]:.2f}"
                 add("number", m, ok, reason)
                 continue
-            pool = numbers_for_unit(f, unit, bool(SIZE_WORDS.search(sent[max(0, m.start() - 40):m.start()])))
+            pool = numbers_for_unit(f, unit, bool(SIZE_WORDS.search(sent[max(0, m.start() - 40):m.start()])),
+                                    salient=bool(SALIENT_WORDS.search(sent)))
             if pool is None:
                 pool = f.numbers
             ok = any(abs(x - v) <= max(_tol(num), 0.01 * abs(v) if abs(v) >= 100 else 0.0) for v in pool)

@@ -61,11 +61,16 @@ LABEL_DTYPES = ("uint8", "uint16", "int16", "int32", "uint32")
 TRUE_WORDS, FALSE_WORDS = ("true", "1", "yes", "on"), ("false", "0", "no", "off", "")
 
 
+# keys a client may use for patient context outside params.patient (which alone is read): a 400 says where it goes
+STRAY_PATIENT_KEYS = {"age", "sex", "gender", "clinical_history", "history", "indication", "patient_age", "patient_sex",
+                      "dob", "date_of_birth", "birth_date", "patient_name", "name", "patient_id"}
+
+
 def patient_param(request: dict) -> dict | None:
     """``params.patient`` (age, sex, clinical_history) checked before any work: a 400 naming the field, never
     quoting the value (a value refused as an identifier is one). Context sent under other keys ("age",
     "clinical_history" at the top level) went unread with a 200: those are a 400 pointing here."""
-    stray = [k for k in ("age", "sex", "clinical_history", "history") if k in request]
+    stray = [k for k in request if isinstance(k, str) and k != "patient" and k.lower().replace("-", "_") in STRAY_PATIENT_KEYS]
     if stray:
         raise bad_request(f"{', '.join(stray)}: patient context goes in params.patient, e.g. "
                           '{"patient": {"age": 54, "sex": "F", "clinical_history": "headaches"}}')
@@ -77,7 +82,7 @@ def patient_param(request: dict) -> dict | None:
             patient = json.loads(patient)
         except ValueError as e:
             raise bad_request("params.patient is not JSON: give an object with age, sex, clinical_history") from e
-    if not isinstance(patient, dict):
+    if not isinstance(patient, dict):  # "61 M" is JSON text, not an object
         raise bad_request("params.patient must be an object with age, sex, clinical_history")
     from pydantic import ValidationError
 

@@ -95,6 +95,10 @@ class ReportInfer(TumorlensInfer):
         if not src or request.get("session") or Path(str(src)).parent == Path(tempfile.gettempdir()):
             return
         name = safe_file_name(Path(str(src)).name) or "image"
+        dims = [int(d) for d in img.shape[1:]]
+        if findings.input.file == name and list(findings.input.dims) != dims and findings.input.kind == "image2d":
+            raise bad_request(f"params.findings describe an image of {list(findings.input.dims)} pixels, not this one "
+                              f"({dims}): ask for the report of the image the record was made from")
         if findings.input.file != name:
             raise bad_request(f"params.findings describe the image {findings.input.file!r}, not this one ({name!r}): "
                               "ask for the report of the image the record was made from, or leave params.findings "

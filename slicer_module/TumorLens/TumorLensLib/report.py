@@ -113,14 +113,18 @@ def report_markdown(report: dict, verification: dict, title: str = "TumorLens re
     keys = [k for k in _SECTION_ORDER if k in report] + [k for k in report if k not in _SECTION_ORDER]
     not_listed = report.get("regions_not_listed") or 0  # a count that belongs under the regions, not a section
     for k in keys:
-        if k == "regions_not_listed":
+        if k in ("regions_not_listed", "regions_of"):
             continue
+        of = report.get("regions_of") or "lesion"  # the salient area when a saliency map made the regions' mask
         body = _render_value(report[k])
         if k == "regions" and not_listed:
-            body.append(f"- and {not_listed} more, each under 1 % of the lesion (listed in the findings)")
+            body.append(f"- and {not_listed} more, each under 1 % of the {of} (listed in the findings)")
         if not body:
             continue
-        lines += [f"## {k.replace('_', ' ').capitalize()}", "", *body, ""]
+        title = k.replace('_', ' ').capitalize()
+        if k in ("regions", "laterality") and of != "lesion":
+            title += f" of the {of}"
+        lines += [f"## {title}", "", *body, ""]
     if not ok:
         claims = verification.get("unsupported_claims") or []
         conflicts = verification.get("negation_conflicts") or []
