@@ -226,6 +226,9 @@ def _close_call() -> dict:
     ("Pituitary tumour (probability 0.55); glioma is unlikely.", True),
     ("Most consistent with pituitary tumour (probability 0.55), meningioma less likely (0.37).", True),
     ("Pituitary tumour (probability 0.55), a meningioma almost as likely (0.37).", True),
+    # two probabilities in one bracket belong to the two classes before it, in order
+    ("Pituitary tumour is favoured over meningioma (0.55 vs 0.37).", True),
+    ("Pituitary tumour is favoured over meningioma (0.37 vs 0.55).", False),
 ])
 def test_likelihood_words_are_checked_against_the_probabilities(impression, ok):
     """A probe's drafts passed "meningioma excluded" at 0.37 and "very likely" at 0.55: a class this probable is

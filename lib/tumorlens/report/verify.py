@@ -592,6 +592,17 @@ class Verifier:
         pat = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(\s*(?:%|percent\b|mm2|mm²|mm\^2|mm3|mm³|cm3|cm³|cm2|cm²|ml\b|mm\b|cm\b|years?\b|-year))?")
         if re.fullmatch(r"\s*\d+[.)]\s*", sent):
             return  # a list marker split off as its own "sentence"
+        # "glioma is favoured over meningioma (0.55 vs 0.37)": the probabilities in one bracket belong to the class
+        # names before it, in order (each number had been tied to the nearest name, and the pair always failed)
+        paired: dict[int, str] = {}
+        for g in re.finditer(r"\(([^()]*)\)", sent):
+            nums = [n for n in re.finditer(r"(?<![\w.])\d+(?:\.\d+)?", g.group(1))]
+            joined = re.fullmatch(r"\s*(?:p\s*=?\s*)?\d+(?:\.\d+)?%?(?:\s*(?:vs\.?|versus|and|against|to|,|/)\s*"
+                                  r"(?:p\s*=?\s*)?\d+(?:\.\d+)?%?)+\s*", g.group(1))
+            before = [cls for _a, b, cls in class_spans if b <= g.start()]
+            if joined and 2 <= len(nums) <= len(before):
+                for n, cls in zip(nums, before[-len(nums):], strict=True):
+                    paired[g.start(1) + n.start()] = cls
         for m in pat.finditer(sent):
             num, unit = m.group(1), (m.group(2) or "").strip().lower()
             nxt = sent[m.end():m.end() + 1]
@@ -602,8 +613,8 @@ class Verifier:
             x = float(num)
             pct = unit in ("%", "percent")
             # a probability right after a class name must be that class's probability
-            owner, gap = None, 26
-            for _a, b, cls in class_spans:
+            owner, gap = paired.get(m.start()), 26
+            for _a, b, cls in class_spans if owner is None else ():
                 if 0 <= m.start() - b < gap and (pct or x <= 1.0):
                     owner, gap = cls, m.start() - b
             if owner is not None:
