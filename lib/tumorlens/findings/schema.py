@@ -310,6 +310,16 @@ class Patient(_Strict):
         return v
 
 
+def check_patient(data: Any, source: str | Path | None = None) -> dict:
+    """Patient context (age, sex, clinical_history) checked before any work: an ``InvalidInputError`` naming the
+    fields and never quoting a value (a value refused as an identifier is one); the command line and the server
+    both ask here."""
+    try:
+        return Patient.model_validate(data).model_dump(exclude_none=True)
+    except ValidationError as e:
+        raise InvalidInputError(source, _short(e, limit=3)) from e
+
+
 def _latin(c: str) -> bool:
     """Latin letters, and the Greek ones of medical usage (β-hCG, µm)."""
     return unicodedata.name(c, "").startswith(("LATIN", "GREEK", "MICRO SIGN"))

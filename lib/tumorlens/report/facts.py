@@ -288,11 +288,9 @@ class Facts:
         if not history or not self.tumour_present:
             return []
         out = []
-        clauses = re.split(r"[.;,]|\bbut\b", history)
         # the patient's own history, affirmed: not a relative's, not negated before or after the word
-        said = [c for c in clauses if not re.search(
-            r"\b(?:no|denies|denied|without|negative|never|ruled out|excluded|family|mother|father|sister|brother|"
-            r"parent|sibling|aunt|uncle|grand\w*)\b", c)]
+        said = [c for c in history_clauses(history) if not HISTORY_NEGATED.search(c) and not re.search(
+            r"\b(?:family|mother|father|sister|brother|parent|sibling|aunt|uncle|grand\w*)\b", c)]
         if any(re.search(r"cancer|carcinoma|malignan|metasta|melanoma|lymphoma|sarcoma|oncolog|\bn?sclc\b|\bca\b", c)
                for c in said):
             out.append("The clinical history mentions a cancer; a metastasis, which would then be a leading "
@@ -337,8 +335,23 @@ class Facts:
         return out
 
 
+# words that negate a clause of a clinical history ("denies seizures", "cancer screening negative")
+HISTORY_NEGATED = re.compile(r"\b(?:no|not|denies|denied|without|negative|never|ruled out|excluded)\b")
+
+
+def history_clauses(history: str) -> list[str]:
+    return re.split(r"[.;,]|\bbut\b", history.lower())
+
+
 def _numbers_in(text: str) -> list[float]:
     return [float(m) for m in re.findall(r"(?<![\w.])\d+(?:\.\d+)?", text)]
+
+
+def _extents(mask, spacing) -> list[float]:
+    """A mask's bounding-box extent per axis in mm (empty without a box)."""
+    if mask is None or mask.bbox is None:
+        return []
+    return [(b - a + 1) * s for a, b, s in zip(mask.bbox.min, mask.bbox.max, spacing, strict=False)]
 
 
 def build_facts(findings: Any) -> Facts:
@@ -350,13 +363,7 @@ def build_facts(findings: Any) -> Facts:
     mask = next((m for m in masks if m.source == src), None) if src else None
     if mask is None:
         mask = next((m for m in masks if m.source == "segmentation_head"), masks[0] if masks else None)
-    extents: list[float] = []
-    if mask is not None and mask.bbox is not None:
-        extents = [(b - a + 1) * s for a, b, s in zip(mask.bbox.min, mask.bbox.max, f.input.spacing_mm, strict=False)]
     seg = next((m for m in masks if m.source == "segmentation_head"), None) if mask is not None and mask.source != "segmentation_head" else None
-    seg_extents: list[float] = []
-    if seg is not None and seg.bbox is not None:
-        seg_extents = [(b - a + 1) * s for a, b, s in zip(seg.bbox.min, seg.bbox.max, f.input.spacing_mm, strict=False)]
     network_choice = None
     wo = cls.window_opinion
     if wo is not None and wo.changed_label and wo.network_probabilities:
@@ -381,7 +388,7 @@ def build_facts(findings: Any) -> Facts:
         mask_voxels=int(mask.voxels) if mask is not None else 0,
         area_mm2=mask.area_mm2 if mask is not None else None,
         volume_mm3=mask.volume_mm3 if mask is not None else None,
-        extents_mm=extents,
+        extents_mm=_extents(mask, f.input.spacing_mm),
         regions=regions,
         laterality=f.lesion.laterality,
         crosses_midline=f.lesion.crosses_midline,
@@ -401,7 +408,7 @@ def build_facts(findings: Any) -> Facts:
         seg_voxels=int(seg.voxels) if seg is not None else None,
         seg_area_mm2=seg.area_mm2 if seg is not None else None,
         seg_volume_mm3=seg.volume_mm3 if seg is not None else None,
-        seg_extents_mm=seg_extents,
+        seg_extents_mm=_extents(seg, f.input.spacing_mm),
         network_choice=network_choice,
     )
     facts.unquoted_descriptions = len(f.text_matches) - len(facts.text_matches)

@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any
 
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
-from tumorlens.report.facts import READABLE_CLASS, Facts, numbers_for_unit
+from tumorlens.report.facts import HISTORY_NEGATED, READABLE_CLASS, Facts, history_clauses, numbers_for_unit
 from tumorlens.report.negation import SentenceScope, split_sentences
 from tumorlens.report.schema import RadiologyReport
 
@@ -496,12 +496,12 @@ class Verifier:
         history = (self.f.patient.clinical_history or "").lower()
         if not history:
             return False, "states a clinical presentation; the findings hold no clinical history"
-        clauses = re.split(r"[.;,]|\bbut\b", history)
+        clauses = history_clauses(history)
         for w in words:
             hits = [c for c in clauses if w[:5] in c]
             if not hits:
                 return False, f"states '{w}' as clinical history; the history does not give it"
-            if all(re.search(r"\b(?:no|denies|denied|without|negative for|never|not)\b", c) for c in hits):
+            if all(HISTORY_NEGATED.search(c) for c in hits):
                 return False, f"states '{w}' as clinical history; the history negates it"
         return True, ""
 

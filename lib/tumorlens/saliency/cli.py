@@ -52,18 +52,9 @@ def run_explain(args) -> int:
     patient = {k: v for k, v in (("age", args.age), ("sex", args.sex), ("clinical_history", args.history))
                if v is not None} or None
     if patient:  # checked before the (seconds-long) pipeline runs
-        from pydantic import ValidationError
+        from tumorlens.findings.schema import check_patient
 
-        from tumorlens.errors import InvalidInputError
-        from tumorlens.findings.schema import Patient
-
-        try:
-            Patient.model_validate(patient)
-        except ValidationError as e:
-            flags = {"clinical_history": "history"}
-            raise InvalidInputError(None, "; ".join(
-                f"--{flags.get(str((err['loc'] or ('patient',))[-1]), (err['loc'] or ('patient',))[-1])}: {err['msg']}"
-                for err in e.errors()[:3])) from e
+        patient = check_patient(patient, source="--age/--sex/--history")
     expl = explain(args.image, method=args.method or PRIMARY, model=args.model, with_regions=not args.no_regions,
                    layer=args.layer, patient=patient)
     files = expl.write(args.out)

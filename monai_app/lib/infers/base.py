@@ -84,16 +84,13 @@ def patient_param(request: dict) -> dict | None:
             raise bad_request("params.patient is not JSON: give an object with age, sex, clinical_history") from e
     if not isinstance(patient, dict):  # "61 M" is JSON text, not an object
         raise bad_request("params.patient must be an object with age, sex, clinical_history")
-    from pydantic import ValidationError
-
-    from tumorlens.findings.schema import Patient
+    from tumorlens.errors import InvalidInputError
+    from tumorlens.findings.schema import check_patient
 
     try:
-        Patient.model_validate(patient)
-    except ValidationError as e:
-        problems = "; ".join(f"{'.'.join(str(x) for x in err['loc']) or 'patient'}: {err['msg']}" for err in e.errors()[:3])
-        raise bad_request(f"params.patient: {problems}") from e
-    return patient
+        return check_patient(patient)
+    except InvalidInputError as e:
+        raise bad_request(f"params.patient: {e.problem}") from e
 
 
 def flag(request: dict, key: str, default: bool) -> bool:
