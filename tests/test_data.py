@@ -360,6 +360,19 @@ def test_dicom_whose_pixel_data_is_short_is_refused(brats, tmp_path, write_dicom
     ds.save_as(str(tmp_path / "rows.dcm"))
     with pytest.raises(InvalidInputError, match="need 15360"):
         read_image(tmp_path / "rows.dcm")
+    # pixel data longer than the tags describe (Rows 64 for 80 rows) was read cut to the first 64 rows; padding of
+    # less than a row is allowed
+    ds.Rows = 64
+    ds.save_as(str(tmp_path / "long.dcm"))
+    with pytest.raises(InvalidInputError, match=r"long.dcm.*12800 bytes where .* need 10240: 2560 bytes more"):
+        read_image(tmp_path / "long.dcm")
+    ds.Rows = 80
+    ds.PixelData = ds.PixelData + b"\0\0"
+    ds.save_as(str(tmp_path / "padded.dcm"))
+    assert read_image(tmp_path / "padded.dcm").shape == (1, 80, 80)
+    from pydicom.data import get_testdata_files  # pydicom's own padded file: one row of padding
+
+    assert read_image(get_testdata_files("MR_small_padded.dcm")[0]).shape == (1, 64, 64)
     # a localizer inside the series (same series, another size): named, not GDCM's bare "Size: [...]"
     loc = write_dicom_series(sub, tmp_path / "loc")
     write_dicom_series(sub[:2, :40, :60], loc, prefix="scout")

@@ -229,6 +229,13 @@ def _close_call() -> dict:
     # two probabilities in one bracket belong to the two classes before it, in order
     ("Pituitary tumour is favoured over meningioma (0.55 vs 0.37).", True),
     ("Pituitary tumour is favoured over meningioma (0.37 vs 0.55).", False),
+    # a differential offers its second class, it does not assert it; a class at 0.07 is no differential
+    ("Pituitary tumour or meningioma (probability 0.55).", True),
+    ("Either a pituitary tumour or a meningioma (0.55 and 0.37).", True),
+    ("Pituitary tumour or glioma (probability 0.55).", False),
+    ("A pituitary tumour, meningioma or glioma (probability 0.55).", False),
+    ("Glioma or meningioma (probability 0.37).", False),
+    ("Pituitary tumour and meningioma (probability 0.55).", False),
 ])
 def test_likelihood_words_are_checked_against_the_probabilities(impression, ok):
     """A probe's drafts passed "meningioma excluded" at 0.37 and "very likely" at 0.55: a class this probable is

@@ -400,14 +400,21 @@ def _check_pixel_data(path: Path, files: list[str]) -> None:
             continue
         if length == 0xFFFFFFFF:
             continue
+        name = Path(f).name
+        where = "" if Path(f) == path else f" ({name})"
+        described = (f"Rows x Columns ({int(ds.Rows)} x {int(ds.Columns)}, {frames} frame(s), "
+                     f"{int(ds.BitsAllocated)} bits) need {need}")
         if length < need or length > on_disk:
-            name = Path(f).name
-            where = "" if Path(f) == path else f" ({name})"
             have = min(length, on_disk)
-            raise InvalidInputError(path, f"pixel data{where} holds {have} bytes where Rows x Columns "
-                                          f"({int(ds.Rows)} x {int(ds.Columns)}, {frames} frame(s), {int(ds.BitsAllocated)} "
-                                          f"bits) need {need}: a truncated or mis-described file, whose missing "
-                                          "pixels would be invented")
+            raise InvalidInputError(path, f"pixel data{where} holds {have} bytes where {described}: a truncated or "
+                                          "mis-described file, whose missing pixels would be invented")
+        # an eighth or more beyond what the tags describe (a Rows, Columns or Number of Frames tag smaller than the
+        # data): the pixels would be read on the wrong grid, cut or sheared. Less is taken as padding, as pydicom
+        # does (its own MR_small_padded.dcm carries one row of it)
+        if length - need >= max(need // 8, 2):
+            raise InvalidInputError(path, f"pixel data{where} holds {length} bytes where {described}: {length - need} "
+                                          "bytes more than its tags describe (a wrong Rows, Columns or Number of "
+                                          "Frames tag), so its pixels would be read on the wrong grid")
     if len(shapes) > 1:  # GDCM failed on these with a bare "Size: [120, 78, 1]"
         groups = sorted(shapes.values(), key=len, reverse=True)
         odd = [name for g in groups[1:] for name in g]

@@ -245,6 +245,10 @@ RULED_OUT_MAX = 0.2  # a class this probable may be called less likely, not excl
 STRONG_MIN = 0.8  # "very likely", "almost certainly" need this much
 STRONG_LIKELIHOOD = re.compile(r"\b(?:very|highly|extremely|overwhelmingly)\s+(?:likely|probable)|"
                                r"\balmost\s+certain(?:ly)?|\bvirtually\s+certain(?:ly)?|\bmost\s+certainly", re.IGNORECASE)
+DIFFERENTIAL_MIN = 0.1  # a class offered as the alternative in "glioma or meningioma" needs this much
+# what joins class names into one differential: "glioma or meningioma", "glioma, meningioma or pituitary tumour",
+# "glioma/meningioma" (a list joined by "and" only is not one)
+DISJUNCTION_LINK = re.compile(r"\s*(?:,\s*or|,|or|/)\s*(?:(?:an?|the|possibly|perhaps|else)\s+)*", re.IGNORECASE)
 EQUALLY_LIKELY = re.compile(r"\b(?:equally|just\s+as)\s+(?:likely|probable)|\bas\s+likely\s+as\b", re.IGNORECASE)
 
 
@@ -352,12 +356,16 @@ class Verifier:
                 add("crossing", m, True, pol=pol)
             scan = _mask(scan, m.start(), m.end())
         # 3. classes (before tumour words: "pituitary tumour" is a class)
-        class_spans: list[tuple[int, int, str]] = []
+        class_matches: list[tuple[re.Match, str]] = []
         for cls, pat in CLASS_PATTERNS.items():
             for m in _iter(pat, scan):
-                class_spans.append((m.start(), m.end(), cls))
-                self._class_claim(add, m, cls, scope, sent)
+                class_matches.append((m, cls))
                 scan = _mask(scan, m.start(), m.end())
+        class_matches.sort(key=lambda mc: mc[0].start())
+        class_spans = [(m.start(), m.end(), cls) for m, cls in class_matches]
+        differentials = disjunctions(sent, class_spans)
+        for m, cls in class_matches:
+            self._class_claim(add, m, cls, scope, sent, differentials.get(m.start(), frozenset()))
         scan_no_pipeline = scan
         for m in _iter(PIPELINE_PHRASES, scan):
             scan_no_pipeline = _mask(scan_no_pipeline, m.start(), m.end())
@@ -451,7 +459,9 @@ class Verifier:
                 scan = _mask(scan, m.start(), m.end())
         return scan
 
-    def _class_claim(self, add, m, cls: str, scope: SentenceScope, sent: str) -> None:
+    def _class_claim(self, add, m, cls: str, scope: SentenceScope, sent: str,
+                     alternatives: frozenset[str] = frozenset()) -> None:
+        """``alternatives``: the classes named with this one in a differential ("glioma or meningioma")."""
         f = self.f
         pol = scope.polarity(m.start(), m.end())
         if cls == NO_TUMOUR:  # the class's name, as in a list of probabilities
@@ -482,6 +492,11 @@ class Verifier:
                 f"{f.probabilities[cls]:.2f} against {f.top_probability:.2f}", pol=pol)
         elif cls == f.label:
             add("class", m, True, pol=pol)
+        elif f.label in alternatives:  # "pituitary tumour or meningioma": offered as the alternative, not asserted
+            p = f.probabilities[cls]
+            add("class", m, p >= DIFFERENTIAL_MIN, "" if p >= DIFFERENTIAL_MIN else
+                f"offers {READABLE_CLASS[cls]} as the alternative to {READABLE_CLASS[f.label]}; its probability is "
+                f"{p:.2f}", pol=pol)
         elif self._ranked_first(sent, m.start(), m.end()):  # "although a meningioma is more likely": a hedge
             add("class", m, False, f"ranks {READABLE_CLASS[cls]} first; the findings favour {READABLE_CLASS[f.label]} "
                 f"(probability {f.top_probability:.2f})", pol=pol)  # word elsewhere does not make this tentative
@@ -589,6 +604,7 @@ class Verifier:
 
     def _numbers(self, add, sent: str, class_spans, scope: SentenceScope) -> None:
         f = self.f
+        differentials = disjunctions(sent, class_spans)
         pat = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(\s*(?:%|percent\b|mm2|mm²|mm\^2|mm3|mm³|cm3|cm³|cm2|cm²|ml\b|mm\b|cm\b|years?\b|-year))?")
         if re.fullmatch(r"\s*\d+[.)]\s*", sent):
             return  # a list marker split off as its own "sentence"
@@ -613,15 +629,20 @@ class Verifier:
             x = float(num)
             pct = unit in ("%", "percent")
             # a probability right after a class name must be that class's probability
-            owner, gap = paired.get(m.start()), 26
-            for _a, b, cls in class_spans if owner is None else ():
+            owner, gap, near = paired.get(m.start()), 26, None
+            for a, b, cls in class_spans if owner is None else ():
                 if 0 <= m.start() - b < gap and (pct or x <= 1.0):
-                    owner, gap = cls, m.start() - b
+                    owner, gap, near = cls, m.start() - b, a
             if owner is not None:
                 v = f.probabilities[owner] * (100.0 if pct else 1.0)
                 if self._network_choice(sent, owner):
                     v = f.network_choice[1] * (100.0 if pct else 1.0)
                 ok = abs(x - v) <= _tol(num)
+                # one probability after a differential ("pituitary tumour or meningioma (probability 0.55)") may be
+                # any of its members'
+                members = differentials.get(near, frozenset()) if near is not None else frozenset()
+                if not ok and members:
+                    ok = any(abs(x - f.probabilities[c] * (100.0 if pct else 1.0)) <= _tol(num) for c in members)
                 reason = "" if ok else f"gives {READABLE_CLASS[owner]} probability {m.group(0).strip()}; the findings say {f.probabilities[owner]:.2f}"
                 add("number", m, ok, reason)
                 continue
@@ -665,6 +686,31 @@ class Verifier:
             out.append(Claim("differential", "structured", f"{d.diagnosis} {d.probability:.2f}", "", False, False, ok, False,
                              "" if ok else "class or probability differs from the findings"))
         return out
+
+
+def disjunctions(sent: str, class_spans: list[tuple[int, int, str]]) -> dict[int, frozenset[str]]:
+    """For each class name (by its start) joined to others by "or" ("glioma or meningioma", "glioma, meningioma or
+    pituitary tumour", "glioma/meningioma"), the other classes of that differential. A chain joined by commas alone
+    is a list, not a differential."""
+    out: dict[int, frozenset[str]] = {}
+    chain: list[tuple[int, int, str]] = []
+    has_or = False
+
+    def close() -> None:
+        if len(chain) > 1 and has_or:
+            for a, _b, cls in chain:
+                out[a] = frozenset(c for _a, _b2, c in chain if c != cls)
+
+    for span in sorted(class_spans):
+        link = DISJUNCTION_LINK.fullmatch(sent[chain[-1][1]:span[0]]) if chain else None
+        if link:
+            chain.append(span)
+            has_or = has_or or bool(re.search(r"\bor\b|/", link.group(0), re.IGNORECASE))
+        else:
+            close()
+            chain, has_or = [span], False
+    close()
+    return out
 
 
 def _identifiers(field: str, text: str) -> list[Claim]:
