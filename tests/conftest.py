@@ -62,6 +62,16 @@ def predictor(model):
     return Predictor(model)
 
 
+def bench_module(name: str):
+    """A ``bench/NAME.py`` script imported as a module (the benchmarks are scripts, not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def make_subset(src: Path, rows: list[dict], dest: Path) -> Path:
     """A manifest folder whose files are symlinks to the real ones (nothing copied)."""
     (dest / "images").mkdir(parents=True, exist_ok=True)

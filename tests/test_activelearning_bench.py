@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from itertools import product
 
 import numpy as np
 import pytest
-
-from tumorlens.paths import project_root
+from conftest import bench_module
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("al_bench", project_root() / "bench" / "activelearning.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("activelearning")
 
 
 def test_auroc_is_the_share_of_error_pairs_ranked_first_with_ties_as_half():

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import numpy as np
 import pytest
+from conftest import bench_module
 
 from tumorlens.data.dataset import load_arrays
 from tumorlens.data.manifest import load_manifest
-from tumorlens.paths import project_root
 
 
 def _sweep():
-    spec = importlib.util.spec_from_file_location("gpu_sweep", project_root() / "bench" / "gpu_sweep.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("gpu_sweep")
 
 
 def test_packed_arrays_come_back_bit_for_bit_where_training_reads_them(subset_factory, dev_rows, tmp_path,

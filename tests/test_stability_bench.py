@@ -2,18 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-
-from tumorlens.paths import project_root
+from conftest import bench_module
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("stability", project_root() / "bench" / "stability.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("stability")
 
 
 def test_cells_are_seed_means_and_the_seed_spread_is_reported():
