@@ -97,6 +97,36 @@ def subset_factory(dev2d, tmp_path):
     return _make
 
 
+def write_mr_slice(arr, path: Path, orientation=(1, 0, 0, 0, 1, 0), position=(-64.0, -64.0, 10.0),
+                   spacing=(0.5, 0.5)) -> Path:
+    """A single-frame MR DICOM (no patient identifiers) from a 2D array [rows, columns], with its Image
+    Orientation / Position (Patient) as given (LPS, DICOM's own frame)."""
+    import numpy as np
+    import pydicom
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Modality = "MR"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
+    ds.Rows, ds.Columns = arr.shape
+    ds.PixelSpacing = list(spacing)
+    ds.SliceThickness = 5.0
+    ds.ImagePositionPatient = list(position)
+    ds.ImageOrientationPatient = list(orientation)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    ds.PixelData = np.ascontiguousarray(arr).astype(np.uint16).tobytes()
+    ds.is_little_endian, ds.is_implicit_VR = True, False
+    pydicom.dcmwrite(str(path), ds, write_like_original=False)
+    return Path(path)
+
+
 def _dicom_series(vol, folder, spacing=(0.9, 0.9, 3.0), series_uid="1.2.826.0.1.3680043.2.1125.1.1", prefix="slice",
                   modality="MR"):
     """A real multi-file DICOM series (one slice per file) written by SimpleITK/GDCM."""

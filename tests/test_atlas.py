@@ -247,3 +247,39 @@ def test_a_slice_of_rectangular_pixels_is_placed_like_the_same_slice_with_square
         assert pl["details"]["plane"] == ref["details"]["plane"] and abs(pl["confidence"] - ref["confidence"]) < 0.06
         assert any("square pixels" in n for n in out["notes"])
     assert square_pixel_scale({"spacing": np.array([0.5, 1.0]), "spacing_known": False}) == (1.0, 1.0)
+
+
+def test_a_dicom_slice_stored_mirrored_keeps_its_sides(dev2d, tmp_path):
+    """A single-frame DICOM whose columns run toward the patient's right (Image Orientation -1,0,0: the same
+    anatomy stored mirrored) was placed as stored, so its regions, centroid and region segments took the other
+    hemisphere ("left cingulate gyrus" on the patient's right; an outside probe, session 37). The slice is placed
+    as a radiologist sees it, and the region map is put back on the stored grid."""
+    from conftest import write_mr_slice
+    from PIL import Image
+
+    from tumorlens.data import read_image
+
+    arr = np.asarray(Image.open(dev2d / "images" / "0117.jpg").convert("L")).astype(np.uint16) * 4
+    truth = np.asarray(Image.open(dev2d / "masks" / "0117.png")) > 0
+    std = read_image(write_mr_slice(arr, tmp_path / "std.dcm", position=(-102.0, -102.0, 40.0), spacing=(0.8, 0.8)))
+    mirrored = read_image(write_mr_slice(arr[:, ::-1], tmp_path / "mirrored.dcm", orientation=(-1, 0, 0, 0, 1, 0),
+                                         position=(102.0, -102.0, 40.0), spacing=(0.8, 0.8)))
+    a = map_regions(std, torch.from_numpy(truth[None].astype(np.uint8)))
+    b = map_regions(mirrored, torch.from_numpy(truth[None, :, ::-1].copy().astype(np.uint8)))
+    assert not a["placement"]["low_confidence"] and a["lesion"]["laterality"] == "right"
+    assert b["lesion"] == a["lesion"] and b["regions"] == a["regions"]
+    assert np.array_equal(b["region_map"], a["region_map"][:, ::-1])
+    # an array without geometry (identity affine) is taken as stored, as a picture is; so is a picture stored
+    # turned with an EXIF Orientation tag (read upright, its affine on the stored grid)
+    plain = map_regions(MetaTensor(torch.from_numpy(arr[None].astype(np.float32)), meta={"kind": "image2d"}),
+                        torch.from_numpy(truth[None].astype(np.uint8)))
+    assert plain["lesion"]["laterality"] == "right"
+    up = Image.open(dev2d / "images" / "0117.jpg").convert("L")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    up.transpose(Image.Transpose.ROTATE_90).save(tmp_path / "turned.jpg", quality=95, exif=exif.tobytes())
+    turned = read_image(tmp_path / "turned.jpg")
+    c = map_regions(turned, torch.from_numpy(truth[None].astype(np.uint8)))
+    ref = map_regions(read_image(dev2d / "images" / "0117.jpg"), torch.from_numpy(truth[None].astype(np.uint8)))
+    assert c["lesion"]["laterality"] == ref["lesion"]["laterality"] == "right"
+    assert [r["label"] for r in c["regions"][:2]] == [r["label"] for r in ref["regions"][:2]]

@@ -25,6 +25,7 @@ from tumorlens.labels import CLASS_NAMES
 from tumorlens.paths import sample_studies_dir
 
 pytest.importorskip("monailabel")
+from conftest import write_mr_slice  # noqa: E402
 from monailabel.client import MONAILabelClient  # noqa: E402
 from monailabel.client.client import MONAILabelClientException  # noqa: E402
 
@@ -307,32 +308,6 @@ def _crop_original(tmp_path: Path) -> Path:
     return out
 
 
-def _write_mr_dicom(arr: np.ndarray, path: Path) -> None:
-    """A single-frame MR DICOM (no patient identifiers) from a real 2D slice."""
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.4"
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality = "MR"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.Rows, ds.Columns = arr.shape
-    ds.PixelSpacing = [0.5, 0.5]
-    ds.SliceThickness = 5.0
-    ds.ImagePositionPatient = [-64.0, -64.0, 10.0]
-    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
-    ds.PixelData = arr.astype(np.uint16).tobytes()
-    ds.is_little_endian, ds.is_implicit_VR = True, False
-    pydicom.dcmwrite(str(path), ds, write_like_original=False)
-
-
 def test_dicom_2d_upload_and_segmentation(client, dev2d, tmp_path):
     from PIL import Image
 
@@ -340,7 +315,7 @@ def test_dicom_2d_upload_and_segmentation(client, dev2d, tmp_path):
 
     arr = np.asarray(Image.open(dev2d / "images" / "1500.jpg").convert("L"))
     f = tmp_path / "slice.dcm"
-    _write_mr_dicom(arr, f)
+    write_mr_slice(arr, f)
     client.upload_image(str(f), image_id="dcm_1500", params={})
     out, res = infer_json(client, "segmentation", "dcm_1500")
     assert out.endswith(".nii.gz") and res["input"]["kind"] == "image2d"
@@ -683,7 +658,7 @@ def test_sessions_uploads_and_info_updates_cannot_lose_or_corrupt_data(client, s
     # a real archive (a one-slice DICOM series in a wrapper folder, with a note beside it) becomes a
     # session folder that inference reads
     arr = np.asarray(Image.open(studies / "mri2d_1941.jpg").convert("L"))
-    _write_mr_dicom(arr, tmp_path / "slice.dcm")
+    write_mr_slice(arr, tmp_path / "slice.dcm")
     z = io.BytesIO()
     with zipfile.ZipFile(z, "w") as zf:
         zf.write(tmp_path / "slice.dcm", "series/slice.dcm")

@@ -31,12 +31,53 @@ SIDE_SHARE = 0.05  # a side holding >= 5 % of the lesion counts as involved
 UNPLACED_LESION = {"centroid_mni_mm": None, "laterality": "unknown", "crosses_midline": None}
 
 
-def square_pixel_scale(meta: dict) -> tuple[float, float]:
+def slice_in_display(img: np.ndarray, m: np.ndarray, affine: np.ndarray,
+                     as_stored: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
+    """A 2D slice ([H, W], or a one-slice [X, Y, Z] volume) and its mask in radiological display orientation
+    (``tumorlens.inference.volume_to_display``), and what ``slice_from_display`` needs to go back.
+    ``as_stored``: a picture (JPEG, PNG), or an array without geometry (identity affine), is shown as it is."""
+    from tumorlens.inference import volume_to_display
+
+    if img.ndim == 2 and (as_stored or np.allclose(affine[:3, :3], np.eye(3))):
+        from tumorlens.data.readers import PHOTO_AFFINE
+
+        affine = PHOTO_AFFINE  # the affine under which the array is its own display
+    vol_img = img[:, :, None] if img.ndim == 2 else img
+    vol_m = m[:, :, None] if m.ndim == 2 else m
+    d_img, back = volume_to_display(vol_img, affine)
+    d_m, _ = volume_to_display(vol_m.astype(np.uint8), affine)
+    return d_img[0], d_m[0] > 0, back
+
+
+def slice_from_display(disp: np.ndarray, back: dict, shape2d: tuple[int, ...] | None) -> np.ndarray:
+    """A display-oriented 2D array back onto the slice's own grid (``shape2d``: [H, W] for a 2D image, None
+    for a one-slice volume)."""
+    from tumorlens.inference import display_to_volume
+
+    vol = display_to_volume(np.asarray(disp)[None], back)
+    return vol[:, :, 0] if shape2d is not None else vol
+
+
+def display_axes_of_input(back: dict) -> tuple[int, int]:
+    """Which input axes became the display's rows and columns."""
+    from tumorlens.inference import DISPLAY_AXES
+
+    ras_of_input = [int(a) for a, _flip in back["ornt"]]
+    _, rows, cols = DISPLAY_AXES[back.get("plane", "axial")]
+    return ras_of_input.index(rows), ras_of_input.index(cols)
+
+
+def square_pixel_scale(meta: dict, back: dict | None = None) -> tuple[float, float]:
     """(rows, columns) zoom that makes a 2D slice's known pixel spacing square (1, 1 when it already is, or
-    when the spacing is unknown: a picture's pixels are taken as square)."""
+    when the spacing is unknown: a picture's pixels are taken as square). ``back``: the slice was put in display
+    orientation (``slice_in_display``), whose rows may be the stored columns."""
     sp = np.asarray(meta.get("spacing", ()), dtype=float).ravel()
     if not meta.get("spacing_known", False) or sp.size != 2 or np.any(sp <= 0):
         return (1.0, 1.0)
+    if back is not None:
+        r, c = display_axes_of_input(back)
+        if (r, c) == (1, 0):
+            sp = sp[::-1]
     if abs(np.log(sp[0] / sp[1])) <= np.log(1.02):
         return (1.0, 1.0)
     return (float(sp[0] / sp.min()), float(sp[1] / sp.min()))
@@ -222,15 +263,10 @@ def map_regions(
     img, m, path = _check_pair(image, mask)
     notes: list[str] = []
     is_vol = (getattr(image, "meta", {}) or {}).get("kind") == "volume" or img.ndim == 3
-    if is_vol and img.ndim == 3 and 1 in img.shape:
-        # a one-slice NIfTI: treat it as a 2D slice in display orientation
-        from tumorlens.inference import volume_to_display
-
-        aff = _np(image.affine).astype(float)
-        img = volume_to_display(img, aff)[0][0]
-        m = volume_to_display(m.astype(np.uint8), aff)[0][0] > 0
-        is_vol = False
+    one_slice = is_vol and img.ndim == 3 and 1 in img.shape
+    if one_slice:
         notes.append("one-slice volume treated as a 2D slice")
+        is_vol = False
     mask_source = "mask"
     extra: dict = {}
     if is_vol:
@@ -269,7 +305,13 @@ def map_regions(
         from tumorlens.atlas.placement import map_slice_mask, place_slice
 
         meta = getattr(image, "meta", {}) or {}
-        scale = square_pixel_scale(meta) if meta.get("kind") == "image2d" else (1.0, 1.0)
+        # the slice as a radiologist sees it (rows anterior or superior first, the patient's right on the left),
+        # which is what the template slices are matched in: a slice stored with its columns running toward the
+        # patient's right (a DICOM with Image Orientation -1,0,0, a mirrored NIfTI) had its sides swapped. A
+        # picture's fixed affine (JPEG, PNG) is that display already
+        shape2d = m.shape if m.ndim == 2 else None
+        img, m, back = slice_in_display(img, m, _np(image.affine).astype(float), as_stored=bool(meta.get("picture")))
+        scale = square_pixel_scale(meta, back) if meta.get("kind") == "image2d" else (1.0, 1.0)
         if scale != (1.0, 1.0):  # the template's pixels are square: a 0.5 x 1.0 mm slice matched no plane
             notes.append("placed on a copy of the slice resampled to square pixels")
             pl = place_slice(ndimage.zoom(img, scale, order=1, grid_mode=True, mode="grid-constant"))
@@ -295,8 +337,9 @@ def map_regions(
                 for r in regions:
                     r["hemisphere"] = "unknown" if r["hemisphere"] in ("left", "right") else r["hemisphere"]
             per_px = map_slice_mask(m, pl, per_pixel=True, scale=scale)
-            extra = dict(zip(("region_map", "region_names"),
-                             region_map_from(point_labels(per_px), np.nonzero(m), m.shape, regions), strict=True))
+            rmap, names = region_map_from(point_labels(per_px), np.nonzero(m), m.shape, regions)
+            # back onto the mask's own grid (a viewer lays it over the image as stored)
+            extra = {"region_map": slice_from_display(rmap, back, shape2d), "region_names": names}
     lesion["mask_source"] = mask_source
     return {"regions": regions, "lesion": lesion, "placement": placement, "notes": notes, **extra}
 

@@ -188,8 +188,9 @@ def _read_photo(path: Path, modality: str) -> MetaTensor:
         stored = arr.shape if orientation in (1, 2, 3, 4) else arr.shape[::-1]
         affine = stored_grid_affine(orientation, stored)
         extra["exif_orientation"] = orientation
+    # ``picture``: no patient geometry; the array is the picture as viewers show it (upright after EXIF)
     return _image(path, "image2d", arr, affine, (1.0, 1.0), spacing_known=False, modality=modality,
-                  colour_fraction=colour, **extra)
+                  colour_fraction=colour, picture=True, **extra)
 
 
 def _spatial_only(path: Path, arr: np.ndarray) -> np.ndarray:
