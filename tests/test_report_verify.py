@@ -686,6 +686,12 @@ def test_cli_report_writes_json_and_markdown(tmp_path, capsys, cli_main):
     assert "verified" in capsys.readouterr().out
     for f in ("report.json", "report.md", "findings.json"):  # readable like any file the user writes
         assert ((tmp_path / "out" / f) if f != "findings.json" else p).stat().st_mode & 0o777 == 0o644, f
+    assert "## Pictures" not in (tmp_path / "out" / "report.md").read_text()  # none beside this findings.json
+    # the explanation's pictures beside findings.json are linked from report.md (a probe found no way from the report
+    # to them), by a path relative to the report
+    (tmp_path / "overlay.png").write_bytes(b"\x89PNG\r\n\x1a\n")
+    assert cli_main(["report", str(p), "--backend", "template", "--out", str(tmp_path / "out")]) == 0
+    assert "](../overlay.png)" in (tmp_path / "out" / "report.md").read_text()
     (tmp_path / "afile").write_text("x")
     assert cli_main(["report", str(p), "--backend", "template", "--out", str(tmp_path / "afile")]) == 2
     err = capsys.readouterr().err

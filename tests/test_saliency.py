@@ -199,7 +199,7 @@ def test_explain_writes_all_files(model, tumour_images, tmp_path):
     seg = slicerio.read_segmentation(str(files["seg_nrrd"]))
     names = [s["name"] for s in seg["segments"]]
     assert "segmentation head" in names
-    lesion = [n for n in names if n.startswith("lesion")]
+    lesion = [n for n in names if n.startswith("salient area")]
     assert len(lesion) == 1
     for r in f.regions[:3]:
         assert r.name in lesion[0]
@@ -442,3 +442,37 @@ def test_library_calls_refuse_what_they_would_misread(model, predictor, tumour_i
         classification({"a": 1.0})
     with pytest.raises(InvalidInputError, match="sum to 1"):
         classification({"glioma": 1.0, "meningioma": 1.0, "no_tumor": 0.0, "pituitary": 0.0})
+
+
+def test_the_overlay_says_which_way_the_patient_lies_and_draws_millimetres(model, brats, dev2d, tmp_path):
+    """An outside probe (session 37) read the volume overlay as the patient's left: it is drawn radiologically
+    with no side marked, beside an mni.png drawn neurologically; a 2 x 4 x 2 mm volume came out squashed to
+    half its length; a no-tumour slice's hot map did not say it explains glioma. Each panel now carries the
+    patient's directions where the file gives them (none for a picture, which says it is shown as stored), the
+    pixels keep their millimetre shape, and the cautions of the findings are in the caption."""
+    import nibabel as nib
+    from conftest import write_mr_slice
+    from PIL import Image
+
+    from tumorlens.saliency import explain
+    from tumorlens.saliency.output import _display, overlay_caveats
+
+    src = nib.load(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz")
+    vol = np.asanyarray(src.dataobj)[:, ::2, 50:80]  # every second voxel from front to back: 1 x 2 x 1 mm
+    aff = src.affine.copy()
+    aff[:3, 1] *= 2
+    nib.save(nib.Nifti1Image(vol, aff), tmp_path / "aniso.nii.gz")
+    expl = explain(tmp_path / "aniso.nii.gz", method="gradcam", model=model, with_regions=False)
+    d = _display(expl)
+    sizes = np.sqrt((aff[:3, :3] ** 2).sum(0))
+    assert d.edges == (("A", "P"), ("R", "L")) and d.aspect == pytest.approx(sizes[1] / sizes[0])
+    assert "axial slice" in d.where and " mm)" in d.where
+    assert any("volume read slice by slice" in c for c in overlay_caveats(expl))
+    # a slice stored with its columns toward the patient's right is marked so; a picture is not marked
+    arr = np.asarray(Image.open(dev2d / "images" / "0117.jpg").convert("L")).astype(np.uint16) * 4
+    mirrored = write_mr_slice(arr[:, ::-1], tmp_path / "mirrored.dcm", orientation=(-1, 0, 0, 0, 1, 0),
+                              position=(102.0, -102.0, 40.0), spacing=(0.8, 0.8))
+    assert _display(explain(mirrored, method="gradcam", model=model, with_regions=False)).edges == (("A", "P"),
+                                                                                                   ("L", "R"))
+    picture = explain(dev2d / "images" / "0117.jpg", method="gradcam", model=model, with_regions=False)
+    assert _display(picture).edges is None and picture.target == picture.findings.classification.label

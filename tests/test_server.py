@@ -427,7 +427,7 @@ def test_saliency_tasks(client):
         if name == "saliency_gradcampp":
             assert f.placement.method != "none" or f.notes
             names = set(res["label_names"])
-            assert names == {"lesion"} or names <= {r.label for r in f.regions}, names
+            assert names == {"salient area"} or names <= {r.label for r in f.regions}, names
     out, res = infer_json(client, "saliency_gradcam", "mri2d_1941", {"heatmap": True, "with_regions": False})
     heat = np.asarray(Image.open(out))
     assert res["heatmap"] is True and heat.shape == (256, 256) and heat.max() > 0
@@ -455,7 +455,7 @@ def test_volume_saliency_and_report(client, studies):
     # gives value v the v-th name by value, so a gap shifted every later region's name (this volume had one)
     assert values == set(res["label_names"].values()) == set(range(1, len(res["label_names"]) + 1))
     if not f.placement.low_confidence:  # one value per named region of the findings record
-        for name in set(res["label_names"]) - {"lesion"}:
+        for name in set(res["label_names"]) - {"salient area"}:
             assert any(r.name in name for r in f.regions), (name, [r.name for r in f.regions])
     _, rep = infer_json(client, "report", "brats_t1c_0001", {"findings": res["findings"], "backend": "template"})
     assert rep["verification"]["supported"] is True and rep["markdown"]

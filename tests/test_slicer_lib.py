@@ -388,7 +388,9 @@ def test_region_names():
     assert one[0].extra["regions"] == "temporal pole (right) 70%; putamen (left) 30%"
     # the server's own name for a binary lesion (its regions joined) is treated the same way
     joined = tll.segment_specs({"temporal pole, putamen": 1}, findings, tll.region_color)
-    assert joined[0].name == "lesion - temporal pole (right) +1 more"
+    assert joined[0].name == "salient area - temporal pole (right) +1 more"
+    salient = tll.segment_specs({"salient area": 1}, findings, tll.region_color)  # today's saliency tasks
+    assert salient[0].name == "salient area - temporal pole (right) +1 more"
     accented = tll.segment_specs({"l\u00e9sion\u2014x": 1}, None, tll.region_color)
     assert accented[0].name == "lesion-x"  # .seg.nrrd headers keep ASCII only
     dup = tll.segment_specs({"Left_Putamen": 1, "left putamen": 2}, {"schema_version": "1.0", "regions": [

@@ -404,10 +404,10 @@ def test_server_saliency_to_region_named_segments(logic, server, t1c, tmp_path):
             assert any(r["name"] in s["name"] for r in regions), (s, regions)
     elif regions:  # one lesion label: named by its main region and side, all regions listed
         top = max(regions, key=lambda r: r["fraction"])
-        assert segments[0]["name"].startswith(f"lesion - {top['name']}"), (segments[0], top)
+        assert segments[0]["name"].startswith(f"salient area - {top['name']}"), (segments[0], top)
         assert all(r["name"] in segments[0]["regions"] for r in regions)
     else:  # no confident placement: no region is invented
-        assert segments[0]["name"] == "lesion" and findings["placement"]["low_confidence"] or \
+        assert segments[0]["name"] == "salient area" and findings["placement"]["low_confidence"] or \
             findings["placement"]["method"] == "none", (segments[0], findings["placement"])
     out = logic.save_segmentation(seg, str(tmp_path / "saliency.seg.nrrd"))
     vol_affine = nib.load(str(t1c)).affine

@@ -743,8 +743,10 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 lines.append(tll.probabilities_table(res["probabilities"]))
             if res.get("window_opinion"):
                 lines.append(f"- {res['window_opinion']}")
+            src = str(((res.get("findings") or {}).get("lesion") or {}).get("mask_source") or "")
+            of = "the salient area" if src.startswith("saliency") else "the lesion"  # whose regions they are
             for s in res.get("segments", []):
-                frac = f", {100 * s['fraction']:.0f}% of lesion" if s.get("fraction") is not None else ""
+                frac = f", {100 * s['fraction']:.0f}% of {of}" if s.get("fraction") is not None else ""
                 lines.append(f"- {s['name']}: {s['voxels']} voxels{frac}")
                 if s.get("regions"):
                     lines.append(f"  - regions: {s['regions']}")

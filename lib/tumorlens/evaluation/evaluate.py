@@ -243,7 +243,9 @@ def confusion_png(metrics: dict, path: str | Path, title: str = "") -> Path:
     mat = np.asarray(metrics["confusion"]["matrix"])
     fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=120)
     norm = mat / np.maximum(mat.sum(1, keepdims=True), 1)
-    ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    shown = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    bar = fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    bar.set_label("share of the true class's images (row)", fontsize=8)
     for i in range(len(labels)):
         for j in range(len(labels)):
             ax.text(j, i, str(mat[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black")

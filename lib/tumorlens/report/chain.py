@@ -134,13 +134,29 @@ class ReportResult:
 
         return to_markdown(self)
 
-    def write(self, out_dir: str | Path) -> dict[str, Path]:
-        """``report.json`` and ``report.md`` in ``out_dir`` (each written atomically)."""
+    def write(self, out_dir: str | Path, pictures: list[str | Path] | None = None) -> dict[str, Path]:
+        """``report.json`` and ``report.md`` in ``out_dir`` (each written atomically). ``pictures``: the
+        explanation's PNGs (``overlay.png``, ``mni.png``), linked from report.md so its reader finds them."""
+        import os
+
         out = ensure_dir(out_dir)
         paths = {"json": out / "report.json", "markdown": out / "report.md"}
-        for key, text in (("json", self.to_json() + "\n"), ("markdown", self.to_markdown())):
+        md = self.to_markdown()
+        shown = [Path(p) for p in pictures or [] if Path(p).is_file()]
+        if shown:
+            md = md.rstrip("\n") + "\n\n## Pictures\n\n" + "\n".join(
+                f"![{PICTURE_CAPTIONS.get(p.name, p.stem)}]({Path(os.path.relpath(p, out)).as_posix()})  \n"
+                f"*{PICTURE_CAPTIONS.get(p.name, p.stem)}*\n" for p in shown)
+        for key, text in (("json", self.to_json() + "\n"), ("markdown", md)):
             atomic_write_text(paths[key], text)
         return paths
+
+
+PICTURE_CAPTIONS = {
+    "overlay.png": "The image with the salient area (red: where the classifier looked) and the segmentation head's "
+                   "lesion outline (cyan)",
+    "mni.png": "The salient area's centroid on the MNI152 template",
+}
 
 
 def _short_error(e: BaseException) -> str:

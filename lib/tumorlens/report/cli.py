@@ -28,7 +28,8 @@ def run_report(args) -> int:
     from tumorlens.report import generate_report
 
     res = generate_report(Path(args.findings), backend=args.backend)
-    paths = res.write(args.out)
+    here = Path(args.findings).parent  # `tumorlens explain` writes its pictures beside findings.json
+    paths = res.write(args.out, pictures=[here / "overlay.png", here / "mni.png"])
     v = res.verification
     status = "FLAGGED (template fallback)" if v["fell_back"] else ("FLAGGED" if v["flagged"] else "verified")
     print(f"report: {status}; backend={v['backend']} repaired={v['repaired']} claims checked="

@@ -85,10 +85,13 @@ def run_evaluate(args) -> int:
                             overlays_dir=args.overlays, n_overlays=args.n_overlays, layer=args.layer, steps=steps)
     print(f"{res['n_images']} tumour images of {res['data']}, model {res['model']['name']} {res['model']['version']}, "
           f"layer {res['layer']}")
-    print(f"{'method':<11}{'pointing':>9}{'Dice':>7}{'IoU':>7}{'deletion':>10}{'pctl':>7}{'s/img':>7}")
+    print(f"{'method':<11}{'pointing':>9}{'Dice':>7}{'IoU':>7}{'deletion':>10}{'moved':>7}{'faster':>8}{'pctl':>7}"
+          f"{'s/img':>7}")
     for m, s in res["methods"].items():
         d = f"{s['deletion_auc']:.3f}" if s["deletion_auc"] is not None else "-"
-        print(f"{m:<11}{s['pointing_game']:>9.3f}{s['dice']:>7.3f}{s['iou']:>7.3f}{d:>10}"
+        mv = f"{s['deletion_auc_moved']:.3f}" if s.get("deletion_auc_moved") is not None else "-"
+        fa = f"{s['deletion_faster_than_moved']:.2f}" if s.get("deletion_faster_than_moved") is not None else "-"
+        print(f"{m:<11}{s['pointing_game']:>9.3f}{s['dice']:>7.3f}{s['iou']:>7.3f}{d:>10}{mv:>7}{fa:>8}"
               f"{s['percentile_mean']:>7.1f}{s['seconds_per_image']:>7.2f}")
     print(f"{'seg head':<11}{'':>9}{res['segmentation_head']['dice']:>7.3f}")
     tol = res["pointing_tolerance_px"]
@@ -98,7 +101,9 @@ def run_evaluate(args) -> int:
         print(f"{m} pointing by class: {per_class}; within {tol} px: {s['pointing_game_tolerant']:.3f}"
               + (f"; misses' median distance {miss:.0f} px" if miss is not None else ""))
     if res.get("random_deletion_auc") is not None:
-        print(f"random-order deletion AUC: {res['random_deletion_auc']:.3f} (lower than this = faithful)")
+        print(f"deletion AUC (lower: the class probability falls sooner): 'moved' deletes the same map moved by half "
+              f"the image (the fair floor; 'faster': share of images below it); a random pixel order gives "
+              f"{res['random_deletion_auc']:.3f}, a harsher perturbation than any contiguous map")
     if "gradcampp_vs_gradcam" in res:
         g = res["gradcampp_vs_gradcam"]
         d = round(g["dice_difference"], 3)

@@ -9,8 +9,11 @@ Per method, over tumour images that have a mask:
 * **Dice / IoU** of the adaptive binary mask (``threshold.adaptive_mask``) against the tumour mask;
 * **deletion AUC** (Petsiuk et al. 2018): brain pixels of the network input are set to 0 in
   order of decreasing saliency, 5 % at a time; the area under the explained class's probability
-  curve (lower = the map found what the model relies on). The same curve for a random order is
-  reported beside it, per image, as the floor to beat.
+  curve (lower = the map found what the model relies on). Two orders are reported beside it, per
+  image: a random one (scattered pixels: a harsher perturbation than any map's contiguous blobs, so
+  every map scores worse than it) and the same map **moved** by half the image in both directions
+  (``deletion_auc_moved``: the same blobs in the wrong place), the fair floor: a faithful map's
+  curve falls faster than its moved copy's.
 
 The segmentation head's Dice on the same images is reported beside them. The explained class is
 the most probable tumour class, as in ``explain``.
@@ -91,7 +94,8 @@ def evaluate_saliency(data_dir: str | Path, methods=METHODS, n: int | None = 40,
     records = spread(records, n)
     predictor = Predictor(lm)
     rng = np.random.default_rng(0)
-    per = {m: {"hit": [], "distance": [], "dice": [], "iou": [], "deletion_auc": [], "percentile": [], "seconds": []} for m in methods}
+    per = {m: {"hit": [], "distance": [], "dice": [], "iou": [], "deletion_auc": [], "deletion_auc_moved": [],
+               "percentile": [], "seconds": []} for m in methods}
     seg_dice, random_auc, rows, classes = [], [], [], []
     overlays = Path(overlays_dir) if overlays_dir else None
     written = []
@@ -102,7 +106,8 @@ def evaluate_saliency(data_dir: str | Path, methods=METHODS, n: int | None = 40,
         classes.append(rec.label)
         pred = predictor.predict(img)
         seg_dice.append(dice_score(pred.mask.numpy()[0], truth))
-        row = {"index": i, "label": rec.label, "predicted": pred.label, "seg_dice": seg_dice[-1]}
+        row = {"index": i, "image": Path(str(rec.image)).name, "label": rec.label, "predicted": pred.label,
+               "seg_dice": seg_dice[-1]}
         results = {}
         sals = {}
         for group in _groups(methods):  # Grad-CAM and Grad-CAM++ share one pass
@@ -129,6 +134,9 @@ def evaluate_saliency(data_dir: str | Path, methods=METHODS, n: int | None = 40,
                 curve = deletion_curve(lm.net, sal.net_input, sal.net_maps[m], t, steps)
                 per[m]["deletion_auc"].append(auc(curve))
                 row[m]["deletion_auc"] = per[m]["deletion_auc"][-1]
+                moved = np.roll(sal.net_maps[m], tuple(n // 2 for n in sal.net_maps[m].shape), axis=(0, 1))
+                per[m]["deletion_auc_moved"].append(auc(deletion_curve(lm.net, sal.net_input, moved, t, steps)))
+                row[m]["deletion_auc_moved"] = per[m]["deletion_auc_moved"][-1]
                 if m == methods[0]:
                     random_auc.append(auc(deletion_curve(lm.net, sal.net_input, sal.net_maps[m], t, steps, rng)))
                     row["random_deletion_auc"] = random_auc[-1]
@@ -149,6 +157,10 @@ def evaluate_saliency(data_dir: str | Path, methods=METHODS, n: int | None = 40,
             "dice": float(np.mean(p["dice"])),
             "iou": float(np.mean(p["iou"])),
             "deletion_auc": float(np.mean(p["deletion_auc"])) if p["deletion_auc"] else None,
+            "deletion_auc_moved": float(np.mean(p["deletion_auc_moved"])) if p["deletion_auc_moved"] else None,
+            # images whose curve falls faster than the moved map's
+            "deletion_faster_than_moved": float(np.mean(np.array(p["deletion_auc"]) < np.array(p["deletion_auc_moved"])))
+            if p["deletion_auc"] else None,
             "percentile_mean": float(np.mean(p["percentile"])),
             "percentile_range": [float(np.min(p["percentile"])), float(np.max(p["percentile"]))],
             "seconds_per_image": float(np.mean(p["seconds"])),  # shared pass split evenly
@@ -205,10 +217,13 @@ def write_eval_overlay(img, truth: np.ndarray, seg: np.ndarray, results: dict, r
             ax.contour(mask.astype(float), levels=[0.5], colors=["red"], linewidths=1)
         ax.plot(peak[1], peak[0], "w+", markersize=12, markeredgewidth=2)
         r = row[m]
-        ax.set_title(f"{m}: {'hit' if r['hit'] else 'miss'}, Dice {r['dice']:.2f}\np{r['percentile']:.1f}", fontsize=9)
+        ax.set_title(f"{m}: {'hit' if r['hit'] else 'miss'}, Dice {r['dice']:.2f}\nmask above percentile "
+                     f"{r['percentile']:.1f}", fontsize=9)
     for ax in axes:
         ax.axis("off")
-    fig.tight_layout()
+    fig.text(0.5, 0.01, "green: expert tumour mask; cyan dashed: segmentation head; red: saliency mask; white +: the "
+             "map's maximum (a hit when inside green)", ha="center", fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)

@@ -49,6 +49,7 @@ class Explanation:
     atlas: dict[str, Any] | None = None
     region_map: np.ndarray | None = None  # per-voxel region index (1-based) when the atlas gives one
     region_names: list[str] | None = None
+    target: str | None = None  # the class the saliency maps explain (the most probable tumour class)
 
     def write(self, out_dir: str | Path) -> dict[str, Path]:
         """findings.json, mask.nii.gz, heatmap.nii.gz, mask.seg.nrrd, overlay.png (+ mni.png for volumes)."""
@@ -150,4 +151,4 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
         region_map, region_names = np.asarray(atlas["region_map"]), list(atlas.get("region_names", []))
     return Explanation(findings=findings, mask=mask, heatmap=sal.maps[primary], seg_mask=seg_mask, image=img,
                        method=primary, heatmaps=sal.maps, masks=masks, atlas=atlas,
-                       region_map=region_map, region_names=region_names)
+                       region_map=region_map, region_names=region_names, target=sal.target)

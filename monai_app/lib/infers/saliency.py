@@ -2,7 +2,8 @@
 as a label file, and the findings record (class, uncertainty, masks, atlas regions) in the JSON.
 
 The label file holds one value per atlas region the lesion touches (``label_names`` maps the
-region names to those values; a lesion without a confident placement is one "lesion" label).
+region names to those values; without a confident placement it is one "salient area" label: the mask is where
+the classifier looked, not the lesion outline, which is the segmentation task's).
 With ``{"heatmap": true}`` in the params the label file is the saliency heatmap instead
 (float32 in [0, 1]; 0-255 in a PNG).
 """
@@ -21,7 +22,7 @@ from lib.state import AppState
 
 logger = logging.getLogger(__name__)
 METHODS = {"saliency_gradcam": "gradcam", "saliency_gradcampp": "gradcampp", "saliency_scorecam": "scorecam"}
-LESION = "lesion"
+SALIENT_AREA = "salient area"
 
 
 def saliency_available() -> bool:
@@ -51,15 +52,15 @@ def region_labelmap(expl, findings: dict) -> tuple[np.ndarray, dict[str, int]]:
             lut = np.zeros(256, np.uint8)
             lut[present] = np.arange(1, len(present) + 1)
             return lut[lab], {str(names[v - 1]): i for i, v in enumerate(present, start=1)}
-        logger.warning(f"region map of shape {lab.shape} does not fit the mask {mask.shape}: one lesion label")
-    # one binary lesion label; the regions it covers are in findings["regions"] (largest share first)
-    return (mask > 0).astype(np.uint8), {LESION: 1}
+        logger.warning(f"region map of shape {lab.shape} does not fit the mask {mask.shape}: one salient-area label")
+    # one binary salient-area label; the regions it covers are in findings["regions"] (largest share first)
+    return (mask > 0).astype(np.uint8), {SALIENT_AREA: 1}
 
 
 class SaliencyInfer(TumorlensInfer):
     def __init__(self, state: AppState, name: str):
         self.method = METHODS[name]
-        super().__init__(state, InferType.SEGMENTATION, {LESION: 1}, 3,
+        super().__init__(state, InferType.SEGMENTATION, {SALIENT_AREA: 1}, 3,
                          f"Explanation by {self.method}: adaptive saliency mask as label (named by atlas region) "
                          "and the findings record (JSON); params {'heatmap': true} returns the heatmap, "
                          "{'with_regions': false} skips the atlas, {'scorecam_mass': m} scores the channels holding m of the activation",

@@ -241,12 +241,15 @@ class SegmentSpec:
     extra: dict = field(default_factory=dict)
 
 
+GENERIC_MASK_NAMES = ("salient area", "lesion", "tumour", "tumor")
+
+
 def segment_specs(label_names: dict[str, int], findings: dict | None, colors) -> list[SegmentSpec]:
     """Pair every label value with a readable, region-based name and a distinct colour.
 
     The region's readable name and hemisphere come from the findings record when it lists that
     atlas label, otherwise from the label itself; names that are not atlas labels (``tumour``,
-    ``lesion``) are kept, with the dominant region appended when the findings name one.
+    ``salient area``) are kept, with the dominant region appended when the findings name one.
     """
     rlist = [r for r in (findings or {}).get("regions", []) if isinstance(r, dict)]
     regions = {r.get("label"): r for r in rlist}
@@ -272,7 +275,10 @@ def segment_specs(label_names: dict[str, int], findings: dict | None, colors) ->
             # one binary lesion label (no per-voxel region map): name it by its main region and keep
             # the full list (readable name, side, share) for the panel and the segment's tags
             more = len(rlist) - 1
-            name = "lesion - " + segment_name(str(top.get("name", "")), str(top.get("hemisphere", "unknown")))
+            # the server's word for the mask ("salient area": where the classifier looked); an older server's
+            # label of joined region names was its saliency mask too
+            what = label.replace("_", " ") if label.lower() in GENERIC_MASK_NAMES else "salient area"
+            name = f"{what} - " + segment_name(str(top.get("name", "")), str(top.get("hemisphere", "unknown")))
             name += f" +{more} more" if more > 0 else ""
             frac = None
         else:
