@@ -324,3 +324,27 @@ def test_a_folder_of_class_subfolders_gets_a_manifest_and_evaluates(dev2d, dev_r
     monkeypatch.setattr(tumorlens.atomic, "atomic_write_text", refuse)
     assert main(["manifest", str(other)]) == 2
     assert f"{other / 'manifest.csv'}: Permission denied" in capsys.readouterr().err
+
+
+def test_a_one_slice_nifti_gets_the_jpegs_mask(dev2d, predictor, tmp_path):
+    """An outside probe (session 37) found a slice stored as a one-slice NIfTI (as 3D Slicer sends a JPEG it
+    opened) answered with another mask than the JPEG: the volume path skipped the lesion refiner where the seg
+    head drew nothing above 0.5 (2167: 23 pixels against 154, pituitary 0.35 against 0.45 through the window
+    classifier). It is decided as the 2D slice now."""
+    from tumorlens.data.readers import read_image
+
+    for idx in ("2167", "2166"):
+        _nifti_slice(dev2d / "images" / f"{idx}.jpg", tmp_path / f"{idx}.nii.gz")
+        jpeg = predictor.predict(read_image(dev2d / "images" / f"{idx}.jpg"))
+        nii = predictor.predict(read_image(tmp_path / f"{idx}.nii.gz"))
+        assert nii.label == jpeg.label
+        assert nii.probabilities == pytest.approx(jpeg.probabilities, abs=2e-3), idx
+        assert int(nii.mask.sum()) == int(jpeg.mask.sum()), idx
+        assert not any("slice by slice" in c for c in nii.extra["caveats"])
+    # and its saliency maps are the JPEG's (the volume path framed the slice another way: masks 0.97-0.995 alike)
+    from tumorlens.saliency import explain
+
+    a = explain(dev2d / "images" / "2167.jpg", method="gradcam", model=predictor.model, with_regions=False)
+    b = explain(tmp_path / "2167.nii.gz", method="gradcam", model=predictor.model, with_regions=False)
+    ha, hb = a.heatmap.numpy()[0], b.heatmap.numpy()[0][:, :, 0].T  # ITK stores column x row
+    assert np.abs(ha - hb).max() < 1e-4 and np.array_equal(a.mask.numpy()[0], b.mask.numpy()[0][:, :, 0].T)

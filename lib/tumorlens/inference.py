@@ -481,19 +481,27 @@ class Predictor:
         fg, use = display_foreground(disp)
         if use.size == 0:
             raise InvalidInputError(img.meta.get("filename_or_obj"), "volume has no brain-like foreground")
+        if len(disp) == 1:
+            # a one-slice file (3D Slicer sends a JPEG it opened as one) is the same 2D slice: decided by the same
+            # steps, the lesion refiner's fallback included (without it a JPEG opened in Slicer got a 23-pixel
+            # mask where the JPEG itself got 154, and other probabilities through the window classifier)
+            probs, seg, fam, text = self.forward_batch(prepare_slice(disp[0], self.size))
+            p, lesion, said, vector = self.decide_2d(probs[0].numpy(), seg, disp[0], None if text is None else text[0])
+            res = self._result(img, p, display_to_volume(lesion[None], back), probs.numpy(), self._familiarity(fam),
+                               said, vector)
+            if self.head_check:
+                check_head(res, img)
+            return res
         seg_disp = np.zeros(disp.shape, dtype=np.float32)
         slice_probs = np.full((disp.shape[0], len(CLASS_NAMES)), np.nan, dtype=np.float32)
         # normalise on the whole volume's statistics so slices share one scale
         vnorm = normalize_intensity(disp)
         frame = volume_frame(fg[use])
         fams = []
-        texts: dict[int, np.ndarray] = {}  # a one-slice file's text-space vector (decided as a 2D slice)
         for start in range(0, use.size, self.batch_size):
             idx = use[start:start + self.batch_size]
             x = framed_inputs(vnorm[idx], frame, self.size)
-            probs, seg, fam, text = self.forward_batch(x)
-            if text is not None and len(disp) == 1:
-                texts[int(idx[0])] = text[0]
+            probs, seg, fam, _text = self.forward_batch(x)
             seg_disp[idx] = maps_from_frame(seg, frame, disp.shape[1:]) * fg[idx]
             slice_probs[idx] = probs.numpy()
             if fam is not None:
@@ -504,18 +512,14 @@ class Predictor:
                 coarse = seg_disp[i] >= SEG_THRESHOLD
                 if coarse.any():
                     seg_disp[i] = self.refiner.refine(disp[i], seg_disp[i], coarse) * fg[i]
-        said = vector = None
-        if len(disp) == 1:  # a one-slice file is decided as the same 2D slice is
-            probs, said, vector = self.window_opinion(probs, disp[0], seg_disp[0], texts.get(0))
         seg_vol = display_to_volume(seg_disp, back)
         # a volume's familiarity: the median over its brain slices (edge slices alone look unfamiliar)
         familiarity = self._familiarity(np.concatenate(fams) if fams else None)
-        res = self._result(img, probs, seg_vol, slice_probs, familiarity, said, vector)
-        if len(disp) > 1:  # a one-slice file is a 2D slice to the network, answered like the same JPEG
-            res.extra["caveats"].append(VOLUME_CAVEAT)
-            tilt = grid_tilt_degrees(img.affine)
-            if tilt > TILT_CAVEAT_DEGREES:
-                res.extra["caveats"].append(TILT_CAVEAT.format(deg=tilt))
+        res = self._result(img, probs, seg_vol, slice_probs, familiarity)
+        res.extra["caveats"].append(VOLUME_CAVEAT)
+        tilt = grid_tilt_degrees(img.affine)
+        if tilt > TILT_CAVEAT_DEGREES:
+            res.extra["caveats"].append(TILT_CAVEAT.format(deg=tilt))
         if self.head_check:
             check_head(res, img)
         return res

@@ -12,8 +12,11 @@ noise -- is visible and downstream code refuses to name regions instead of inven
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -28,7 +31,11 @@ from tumorlens.errors import InvalidInputError, RegistrationError
 log = logging.getLogger(__name__)
 
 LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-THREADS = 2
+# One thread: ITK's multi-threaded metric sums came out in another order from run to run, so the same volume's
+# B-spline stage was kept in some runs and not others (confidence 0.58 or 0.78, another leading region; an outside
+# probe, session 37, 2 of 19 runs). On one thread a registration is bit-for-bit repeatable, for ~30 % more time in
+# the B-spline stage (the affine stage hardly changes).
+THREADS = 1
 # Dice of brain masks mapped to a confidence: <= 0.70 is a failed registration, >= 0.90 a good one
 DICE_FLOOR, DICE_GOOD = 0.70, 0.90
 # and the intensity agreement: normalised MI inside the template brain. Measured (4 mm grid): brains
@@ -413,7 +420,21 @@ def _check_volume(volume: MetaTensor) -> tuple[np.ndarray, np.ndarray, str | Non
     return arr, affine, path
 
 
-def register_to_mni(
+@contextlib.contextmanager
+def _itk_threads(n: int):
+    """SimpleITK's default thread count set to ``n`` for the filters a registration runs, restored after."""
+    before = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(n)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(before)
+
+
+_REGISTRATION_LOCK = threading.Lock()  # the thread count is process-wide: one registration at a time
+
+
+def _register_to_mni(
     volume: MetaTensor,
     deformable: bool = True,
     *,
@@ -624,6 +645,12 @@ HEAD_CHECK_SPACING, HEAD_CHECK_ITERATIONS = 4.0, 50
 # register: skull-stripped and whole heads measured 134-181 mm (BraTS, the bundled volume, nilearn's MNI152
 # head), a torso phantom's 48 mm slab 336 mm, nibabel's 66 x 82 x 50 mm example volume 82 mm.
 SLAB_HEAD_MM = (90.0, 280.0)  # the upper bound leaves room for a sagittal slab holding the neck too
+
+
+@functools.wraps(_register_to_mni)
+def register_to_mni(*args, **kwargs) -> RegistrationResult:
+    with _REGISTRATION_LOCK, _itk_threads(THREADS):  # on THREADS threads: repeatable
+        return _register_to_mni(*args, **kwargs)
 
 
 def _slab_cross_section_note(volume: MetaTensor) -> str | None:

@@ -130,11 +130,17 @@ def saliency_maps(img: MetaTensor, methods=("gradcampp",), model: LoadedModel | 
     if target is not None and target not in CLASS_NAMES:
         raise ValueError(f"unknown target class {target!r}")
     if is_volume(img):
+        disp, back = volume_to_display(arr, np.asarray(img.affine, dtype=float))
+        if len(disp) == 1:  # a one-slice file is the same 2D slice (as predict decides it), mapped back
+            return _image2d(img, disp[0], lm, methods, target, probabilities, layer, scorecam_mass, back)
         return _volume(img, arr, lm, methods, target, probabilities, layer, scorecam_mass, batch_size)
     return _image2d(img, arr, lm, methods, target, probabilities, layer, scorecam_mass)
 
 
-def _image2d(img, arr, lm: LoadedModel, methods, target, probabilities, layer, mass) -> SaliencyMaps:
+def _image2d(img, arr, lm: LoadedModel, methods, target, probabilities, layer, mass,
+             back: dict | None = None) -> SaliencyMaps:
+    """Maps of 2D slice ``arr``; ``back``: it is a one-slice volume's display slice, and the maps go back onto the
+    volume's grid."""
     x = prepare_slice(arr, lm.image_size)
     if target is None:
         if probabilities is None:
@@ -149,8 +155,11 @@ def _image2d(img, arr, lm: LoadedModel, methods, target, probabilities, layer, m
     for m, r in raw.items():
         full = np.clip(map_on_slice(r[:, None], arr), 0, None) * brain
         mx = full.max()
-        maps[m] = _to_meta(full / mx if mx > 0 else full, img)
+        full = full / mx if mx > 0 else full
+        maps[m] = _to_meta(full if back is None else display_to_volume(full[None], back), img)
         net_maps[m] = r[0].numpy()
+    if back is not None:
+        brain = display_to_volume(brain[None].astype(np.uint8), back) > 0
     return SaliencyMaps(maps, target, brain, [], net_maps, x)
 
 
