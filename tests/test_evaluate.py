@@ -159,6 +159,11 @@ def test_predict_cli_flags_unfamiliar_and_volumes_and_skips_bad_files(dev2d, tum
     assert any("modality is CT" in c for c in recs[4]["caveats"])
     assert "constant" in recs[1]["error"] and "label" not in recs[1]
     assert recs[0]["familiarity"]["familiar"] and recs[0]["caveats"] == []
+    # which model answered, named as the findings record names it (a probe found predict named none)
+    from tumorlens.models.registry import load_model
+
+    shipped = load_model()
+    assert recs[0]["model"] == {"name": shipped.name, "version": shipped.version}
     # the fields the server's answers carry too (the README placed them "in the prediction")
     assert set(recs[0]["text_similarities"]) == set(CLASS_NAMES) and recs[0]["dark_border_fraction"] > 0.5
     assert not recs[2]["familiarity"]["familiar"] and "unlike the training images" in recs[2]["caveats"][0]

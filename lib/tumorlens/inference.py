@@ -536,7 +536,8 @@ class Predictor:
         mask_np = tumour_mask(seg, label != NO_TUMOUR).astype(np.uint8)
         plane = np.squeeze(img.detach().cpu().numpy()[0])
         border = dark_border_fraction(plane) if plane.ndim == 2 else None  # 2D pictures: volumes have the head check
-        extra = {"decision": self.decision, "lesion_refiner": self.refiner is not None,
+        extra = {"model": {"name": self.model.name, "version": self.model.version},  # as the findings record names it
+                 "decision": self.decision, "lesion_refiner": self.refiner is not None,
                  "window_classifier_stored": self.window is not None,
                  "caveats": [c for c in [modality_caveat(meta.get("modality"), meta.get("modality_from") == "intensities"),
                                          colour_note(img.meta.get("colour_fraction")), dark_border_note(border)] if c]}

@@ -109,7 +109,7 @@ def run_predict(args) -> int:
         fam = r.extra.get("familiarity")
         rec = {"file": Path(path).name, "label": r.label,
                "probabilities": {k: round(v, 4) for k, v in r.probabilities.items()},
-               "mask_pixels": tumour_px, "familiarity": fam, "caveats": r.caveats}
+               "mask_pixels": tumour_px, "familiarity": fam, "caveats": r.caveats, "model": r.extra.get("model")}
         # what the server's answers carry too (the README names them "in the prediction"): the coarse fit to the
         # head template (volumes), the lesion-window classifier's opinion, the similarities to the class
         # descriptions and how dark a picture's frame is
