@@ -283,6 +283,10 @@ def test_evaluate_saliency_cli(model, tumour_rows, subset_factory, tmp_path):
     assert res["n_images"] == 2 and set(res["methods"]) == {"gradcam", "gradcampp"}
     for s in res["methods"].values():
         assert 0 <= s["pointing_game"] <= 1 and 0 <= s["dice"] <= 1 and 0 <= s["deletion_auc"] <= 1
+        # the fair floor beside it: the same map moved by half the image, per image (a random pixel order is a
+        # harsher perturbation than any contiguous map, so every map had looked unfaithful against it)
+        assert 0 <= s["deletion_auc_moved"] <= 1 and s["deletion_faster_than_moved"] in (0.0, 0.5, 1.0)
+    assert all("deletion_auc_moved" in r["gradcam"] and r["image"].endswith(".jpg") for r in res["per_image"])
     assert 0 <= res["segmentation_head"]["dice"] <= 1 and res["random_deletion_auc"] is not None
     for m, s in res["methods"].items():  # the tolerant game counts every strict hit; a hit is 0 px away
         rows = [r[m] for r in res["per_image"]]

@@ -203,7 +203,7 @@ def write_eval_overlay(img, truth: np.ndarray, seg: np.ndarray, results: dict, r
     from tumorlens.data.normalize import normalize_intensity
 
     base = normalize_intensity(img.numpy()[0].astype(np.float32))
-    fig, axes = plt.subplots(1, 1 + len(results), figsize=(3.2 * (1 + len(results)), 3.6))
+    fig, axes = plt.subplots(1, 1 + len(results), figsize=(3.2 * (1 + len(results)), 3.9))
     axes[0].imshow(base, cmap="gray", vmin=0, vmax=1)
     axes[0].contour(truth.astype(float), levels=[0.5], colors=["lime"], linewidths=1)
     if seg.any():
@@ -223,7 +223,7 @@ def write_eval_overlay(img, truth: np.ndarray, seg: np.ndarray, results: dict, r
         ax.axis("off")
     fig.text(0.5, 0.01, "green: expert tumour mask; cyan dashed: segmentation head; red: saliency mask; white +: the "
              "map's maximum (a hit when inside green)", ha="center", fontsize=8)
-    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.08, top=0.86, wspace=0.04)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=90, format="png"))
     plt.close(fig)
