@@ -1,9 +1,11 @@
-"""Registration to MNI152 on 2 threads: seconds per volume (affine and deformable stages), quality
+"""Registration to MNI152 (on one thread, as the product runs it since session 37: repeatable; ``--threads 1,2``
+measures one and two threads side by side): seconds per volume (affine and deformable stages), quality
 figures, and the lesion-centroid error on the synthetic warped ICBM152 2009 case; optionally the
 plane accuracy of 2D template-slice placement on grouped-validation dev JPEGs, with and without the
 slice-view classifier (trained on the training part's ``view`` column; here that column only scores).
 
-    .venv/bin/python bench/registration.py [--json OUT] [--slices N] [--brats] [--slabs] [--skip-synthetic]
+    .venv/bin/python bench/registration.py [--json OUT] [--threads 1,2] [--slices N] [--brats] [--slabs]
+                                           [--skip-synthetic]
 
 ``--slabs`` also places scans of part of the head (the synthetic cases cut along the head's axis).
 
@@ -185,19 +187,31 @@ def main() -> int:
     ap.add_argument("--brats", action="store_true", help="also time the two BraTS volumes")
     ap.add_argument("--slabs", action="store_true", help="also place slabs (partial coverage) of the synthetic cases")
     ap.add_argument("--skip-synthetic", action="store_true", help="skip the synthetic volume registrations")
+    ap.add_argument("--threads", default="1", help="thread counts of the synthetic registrations, side by side "
+                                                     "(the product uses 1: repeatable)")
     args = ap.parse_args()
-    result: dict = {"threads": 2, "synthetic": [] if args.skip_synthetic else bench_synthetic(args.structures.split(","))}
+    import tumorlens.atlas.registration as registration
+
+    shipped = registration.THREADS
+    threads = [int(t) for t in args.threads.split(",") if t.strip()]
+    synthetic = []
+    for n in threads if not args.skip_synthetic else []:
+        registration.THREADS = n
+        synthetic += [r | {"threads": n} for r in bench_synthetic(args.structures.split(","))]
+    registration.THREADS = shipped
+    result: dict = {"threads": shipped, "threads_measured": threads, "synthetic": synthetic}
     if args.brats:
         result["brats"] = bench_brats(shared_data_dir() / "brats-3d")
     if args.slabs:
         result["slabs"] = bench_slabs(["Right_Putamen", "Left_Precentral_Gyrus"])
     if args.slices:
         result["slices"] = bench_slices(shared_data_dir() / "brain-mri-2d", args.slices)
-    print(f"\n{'case':<36} {'stage':<15} {'wall s':>7} {'cpu s':>6} {'dice':>6} {'nmi':>6} {'err mm':>7}  top region")
+    print(f"\n{'case':<36} {'stage':<15} {'thr':>3} {'wall s':>7} {'cpu s':>6} {'dice':>6} {'nmi':>6} {'err mm':>7}"
+          "  top region")
     for r in result["synthetic"] + result.get("brats", []) + result.get("slabs", []):
         err = r.get("centroid_err_mm", "")
-        print(f"{r['case']:<36} {r['stage']:<15} {r['wall_s']:>7} {r['cpu_s']:>6} {r['dice']:>6} {r['nmi']:>6} "
-              f"{err!s:>7}  {r['top_region']} ({r['top_fraction']})")
+        print(f"{r['case']:<36} {r['stage']:<15} {r.get('threads', shipped):>3} {r['wall_s']:>7} {r['cpu_s']:>6} "
+              f"{r['dice']:>6} {r['nmi']:>6} {err!s:>7}  {r['top_region']} ({r['top_fraction']})")
     if "slices" in result:
         for mode, s in result["slices"].items():
             print(f"\n2D placement, {mode}, {s['n']} grouped-validation dev JPEGs: plane accuracy "
