@@ -283,3 +283,15 @@ def test_a_dicom_slice_stored_mirrored_keeps_its_sides(dev2d, tmp_path):
     ref = map_regions(read_image(dev2d / "images" / "0117.jpg"), torch.from_numpy(truth[None].astype(np.uint8)))
     assert c["lesion"]["laterality"] == ref["lesion"]["laterality"] == "right"
     assert [r["label"] for r in c["regions"][:2]] == [r["label"] for r in ref["regions"][:2]]
+
+
+def test_a_sagittal_slice_names_no_side_anywhere(dev2d):
+    """A sagittal slice does not show which side of the midline it lies: its regions said "side unknown" but the
+    centroid kept one side's guess (x = -64 mm, the left hemisphere; an outside probe, session 37)."""
+    from tumorlens.data import read_image, read_mask
+
+    img = read_image(dev2d / "images" / "0442.jpg")
+    out = map_regions(img, read_mask(dev2d / "masks" / "0442.png", like=img))
+    assert out["placement"]["details"]["plane"] == "sagittal" and not out["placement"]["low_confidence"]
+    assert out["lesion"]["laterality"] == "unknown" and out["lesion"]["centroid_mni_mm"] is None
+    assert {r["hemisphere"] for r in out["regions"]} <= {"unknown", "midline"}

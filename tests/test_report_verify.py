@@ -236,6 +236,14 @@ def _close_call() -> dict:
     ("A pituitary tumour, meningioma or glioma (probability 0.55).", False),
     ("Glioma or meningioma (probability 0.37).", False),
     ("Pituitary tumour and meningioma (probability 0.55).", False),
+    # a class offered as a possibility in other words needs the same weight (an outside probe, session 37)
+    ("Pituitary tumour (probability 0.55); glioma cannot be excluded.", False),
+    ("Pituitary tumour (probability 0.55); differential: glioma.", False),
+    ("Pituitary tumour (probability 0.55), versus glioma.", False),
+    ("Pituitary tumour (probability 0.55) or glioma (probability 0.07).", False),
+    ("Pituitary tumour (probability 0.55); a meningioma cannot be excluded.", True),
+    ("Pituitary tumour (probability 0.55) or meningioma or glioma.", False),
+    ("Pituitary tumour (probability 0.55), or alternatively a meningioma.", True),
 ])
 def test_likelihood_words_are_checked_against_the_probabilities(impression, ok):
     """A probe's drafts passed "meningioma excluded" at 0.37 and "very likely" at 0.55: a class this probable is

@@ -139,6 +139,7 @@ def test_upload_and_classify_matches_in_process(client, dev2d, base_model):
     assert list(probs) == list(CLASS_NAMES) and abs(sum(probs.values()) - 1) < 1e-4
     assert res["label"] == max(probs, key=probs.get)
     assert [p["label"] for p in res["prediction"]] == list(CLASS_NAMES)
+    assert res["model"]["version"].startswith("base:")  # the served version (the prediction's own did replace it)
     ref = clean_reference(src)
     for c in CLASS_NAMES:
         assert abs(probs[c] - ref[c]) < 1e-4, (c, probs[c], ref[c])

@@ -324,6 +324,25 @@ def volume_to_display(vol: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, 
     return np.ascontiguousarray(disp), {"ornt": ornt, "shape": vol.shape, "plane": plane}
 
 
+def slice_display(img: MetaTensor, arr: np.ndarray) -> tuple[np.ndarray, dict | None]:
+    """A 2D slice [H, W] as a radiologist sees it (rows anterior or superior first, the patient's right on the
+    left), the orientation every training slice had, and what ``slice_back`` needs (None: it is so already). A
+    slice with patient geometry (a DICOM stored with its columns toward the patient's right, or transposed) had
+    been read as stored: the same anatomy got another class (glioma 0.53-0.88 against pituitary 0.45; an outside
+    probe, session 37). A picture (``meta["picture"]``, read upright after its EXIF tag) and an array without
+    geometry (identity affine) are taken as stored."""
+    affine = np.asarray(img.affine, dtype=float)
+    if (getattr(img, "meta", {}) or {}).get("picture") or np.allclose(affine[:3, :3], np.eye(3)):
+        return arr, None
+    disp, back = volume_to_display(arr[:, :, None], affine)
+    return disp[0], back
+
+
+def slice_back(a: np.ndarray, back: dict | None) -> np.ndarray:
+    """A display-oriented 2D array (``slice_display``) back onto the slice's stored grid."""
+    return a if back is None else display_to_volume(np.asarray(a)[None], back)[:, :, 0]
+
+
 def display_to_volume(disp: np.ndarray, back: dict) -> np.ndarray:
     """Display slices (as ``volume_to_display`` made them) back onto the volume's own grid."""
     axes = DISPLAY_AXES[back.get("plane", "axial")]
@@ -471,9 +490,10 @@ class Predictor:
         return {c: round(float(x), 4) for c, x in zip(CLASS_NAMES, sims, strict=True)}
 
     def _predict_2d(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
-        probs, seg, fam, text = self.forward_batch(prepare_slice(arr, self.size))
-        p, lesion, said, vector = self.decide_2d(probs[0].numpy(), seg, arr, None if text is None else text[0])
-        return self._result(img, p, lesion, None, self._familiarity(fam), said, vector)
+        shown, back = slice_display(img, arr)  # decided as a radiologist sees it, answered on the stored grid
+        probs, seg, fam, text = self.forward_batch(prepare_slice(shown, self.size))
+        p, lesion, said, vector = self.decide_2d(probs[0].numpy(), seg, shown, None if text is None else text[0])
+        return self._result(img, p, slice_back(lesion, back), None, self._familiarity(fam), said, vector)
 
     def _predict_volume(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         affine = np.asarray(img.affine, dtype=float)

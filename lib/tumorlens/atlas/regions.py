@@ -31,31 +31,29 @@ SIDE_SHARE = 0.05  # a side holding >= 5 % of the lesion counts as involved
 UNPLACED_LESION = {"centroid_mni_mm": None, "laterality": "unknown", "crosses_midline": None}
 
 
-def slice_in_display(img: np.ndarray, m: np.ndarray, affine: np.ndarray,
-                     as_stored: bool = False) -> tuple[np.ndarray, np.ndarray, dict]:
-    """A 2D slice ([H, W], or a one-slice [X, Y, Z] volume) and its mask in radiological display orientation
-    (``tumorlens.inference.volume_to_display``), and what ``slice_from_display`` needs to go back.
-    ``as_stored``: a picture (JPEG, PNG), or an array without geometry (identity affine), is shown as it is."""
-    from tumorlens.inference import volume_to_display
+def slice_in_display(image, img: np.ndarray, m: np.ndarray) -> tuple[np.ndarray, np.ndarray, dict | None]:
+    """A 2D slice ([H, W], or a one-slice [X, Y, Z] volume) of ``image`` and its mask as a radiologist sees them,
+    as the network reads them (``tumorlens.inference.slice_display`` / ``volume_to_display``), and what
+    ``slice_from_display`` needs to go back (None: they are so already)."""
+    from tumorlens.inference import slice_display, volume_to_display
 
-    if img.ndim == 2 and (as_stored or np.allclose(affine[:3, :3], np.eye(3))):
-        from tumorlens.data.readers import PHOTO_AFFINE
-
-        affine = PHOTO_AFFINE  # the affine under which the array is its own display
-    vol_img = img[:, :, None] if img.ndim == 2 else img
-    vol_m = m[:, :, None] if m.ndim == 2 else m
-    d_img, back = volume_to_display(vol_img, affine)
-    d_m, _ = volume_to_display(vol_m.astype(np.uint8), affine)
+    if img.ndim == 2:
+        shown, back = slice_display(image, img)
+        return shown, slice_display(image, m.astype(np.uint8))[0] > 0, back
+    affine = _np(image.affine).astype(float)
+    d_img, back = volume_to_display(img, affine)
+    d_m, _ = volume_to_display(m.astype(np.uint8), affine)
     return d_img[0], d_m[0] > 0, back
 
 
-def slice_from_display(disp: np.ndarray, back: dict, shape2d: tuple[int, ...] | None) -> np.ndarray:
+def slice_from_display(disp: np.ndarray, back: dict | None, shape2d: tuple[int, ...] | None) -> np.ndarray:
     """A display-oriented 2D array back onto the slice's own grid (``shape2d``: [H, W] for a 2D image, None
     for a one-slice volume)."""
-    from tumorlens.inference import display_to_volume
+    from tumorlens.inference import display_to_volume, slice_back
 
-    vol = display_to_volume(np.asarray(disp)[None], back)
-    return vol[:, :, 0] if shape2d is not None else vol
+    if shape2d is not None:
+        return slice_back(disp, back)
+    return display_to_volume(np.asarray(disp)[None], back)
 
 
 def display_axes_of_input(back: dict) -> tuple[int, int]:
@@ -310,7 +308,7 @@ def map_regions(
         # patient's right (a DICOM with Image Orientation -1,0,0, a mirrored NIfTI) had its sides swapped. A
         # picture's fixed affine (JPEG, PNG) is that display already
         shape2d = m.shape if m.ndim == 2 else None
-        img, m, back = slice_in_display(img, m, _np(image.affine).astype(float), as_stored=bool(meta.get("picture")))
+        img, m, back = slice_in_display(image, img, m)
         scale = square_pixel_scale(meta, back) if meta.get("kind") == "image2d" else (1.0, 1.0)
         if scale != (1.0, 1.0):  # the template's pixels are square: a 0.5 x 1.0 mm slice matched no plane
             notes.append("placed on a copy of the slice resampled to square pixels")
@@ -331,9 +329,10 @@ def map_regions(
         else:
             pts = map_slice_mask(m, pl, scale=scale)
             regions, lesion = summarise_points(pts)
-            if pl.plane == "sagittal":
+            if pl.plane == "sagittal":  # which side of the midline a sagittal slice lies is not in the slice
                 lesion["laterality"] = "unknown"
                 lesion["crosses_midline"] = None
+                lesion["centroid_mni_mm"] = None  # its x had been one side's guess (-64 beside "side unknown")
                 for r in regions:
                     r["hemisphere"] = "unknown" if r["hemisphere"] in ("left", "right") else r["hemisphere"]
             per_px = map_slice_mask(m, pl, per_pixel=True, scale=scale)

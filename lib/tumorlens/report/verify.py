@@ -248,7 +248,13 @@ STRONG_LIKELIHOOD = re.compile(r"\b(?:very|highly|extremely|overwhelmingly)\s+(?
 DIFFERENTIAL_MIN = 0.1  # a class offered as the alternative in "glioma or meningioma" needs this much
 # what joins class names into one differential: "glioma or meningioma", "glioma, meningioma or pituitary tumour",
 # "glioma/meningioma" (a list joined by "and" only is not one)
-DISJUNCTION_LINK = re.compile(r"\s*(?:,\s*or|,|or|/)\s*(?:(?:an?|the|possibly|perhaps|else)\s+)*", re.IGNORECASE)
+DISJUNCTION_LINK = re.compile(r"\s*(?:\([^()]*\)\s*)?(?:,\s*or|,|or|/)\s*(?:(?:an?|the|possibly|perhaps|else|alternatively)"
+                              r"\s+)*", re.IGNORECASE)
+# words that offer a class as a possibility rather than assert it: such a class needs DIFFERENTIAL_MIN too (an outside
+# probe, session 37: "glioma cannot be excluded", "differential: glioma", "versus glioma" passed at p 0.008)
+DIFFERENTIAL_CUE = re.compile(r"\bdifferential|\bddx\b|\bversus\b|\bvs\.?(?=\s)|\balternatives?\b|\balternatively\b|"
+                              r"\bconsider(?:ed|ation)?\b|\bcannot be (?:excluded|ruled out)|\bnot (?:be )?(?:excluded|ruled out)|"
+                              r"\bpossib(?:le|ly|ility)\b", re.IGNORECASE)
 EQUALLY_LIKELY = re.compile(r"\b(?:equally|just\s+as)\s+(?:likely|probable)|\bas\s+likely\s+as\b", re.IGNORECASE)
 
 
@@ -475,6 +481,14 @@ class Verifier:
             add("class", m, True, "the whole-slice network's first choice", pol=pol)
             return
         near = sent[max(0, m.start() - 40):m.end() + 40]
+        offered = cls != f.label and (f.label in alternatives or bool(DIFFERENTIAL_CUE.search(near)))
+        if offered and not self._own_probability_near(sent, m.end(), cls) and not self._ranked_first(
+                sent, m.start(), m.end()):
+            p = f.probabilities[cls]  # a differential, a possibility: only a class the classifier gives some weight
+            add("class", m, p >= DIFFERENTIAL_MIN, "" if p >= DIFFERENTIAL_MIN else
+                f"offers {READABLE_CLASS[cls]} as a possibility beside {READABLE_CLASS[f.label]}; its probability is "
+                f"{p:.2f}", pol=pol)
+            return
         if pol.negated:
             if cls == f.label and f.top_probability >= 0.5:
                 add("class", m, False, f"negates {READABLE_CLASS[cls]}, the most likely class "
@@ -492,7 +506,7 @@ class Verifier:
                 f"{f.probabilities[cls]:.2f} against {f.top_probability:.2f}", pol=pol)
         elif cls == f.label:
             add("class", m, True, pol=pol)
-        elif f.label in alternatives:  # "pituitary tumour or meningioma": offered as the alternative, not asserted
+        elif f.label in alternatives:  # "meningioma (0.96) or glioma (0.01)": offered as the alternative, listed
             p = f.probabilities[cls]
             add("class", m, p >= DIFFERENTIAL_MIN, "" if p >= DIFFERENTIAL_MIN else
                 f"offers {READABLE_CLASS[cls]} as the alternative to {READABLE_CLASS[f.label]}; its probability is "

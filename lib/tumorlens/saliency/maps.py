@@ -32,6 +32,8 @@ from tumorlens.inference import (
     map_on_slice,
     maps_from_frame,
     prepare_slice,
+    slice_back,
+    slice_display,
     volume_frame,
     volume_to_display,
 )
@@ -132,15 +134,18 @@ def saliency_maps(img: MetaTensor, methods=("gradcampp",), model: LoadedModel | 
     if is_volume(img):
         disp, back = volume_to_display(arr, np.asarray(img.affine, dtype=float))
         if len(disp) == 1:  # a one-slice file is the same 2D slice (as predict decides it), mapped back
-            return _image2d(img, disp[0], lm, methods, target, probabilities, layer, scorecam_mass, back)
+            return _image2d(img, disp[0], lm, methods, target, probabilities, layer, scorecam_mass,
+                            lambda a: display_to_volume(a[None], back))
         return _volume(img, arr, lm, methods, target, probabilities, layer, scorecam_mass, batch_size)
-    return _image2d(img, arr, lm, methods, target, probabilities, layer, scorecam_mass)
+    shown, back = slice_display(img, arr)  # as predict decides it: as a radiologist sees it
+    return _image2d(img, shown, lm, methods, target, probabilities, layer, scorecam_mass,
+                    None if back is None else (lambda a: slice_back(a, back)))
 
 
 def _image2d(img, arr, lm: LoadedModel, methods, target, probabilities, layer, mass,
-             back: dict | None = None) -> SaliencyMaps:
-    """Maps of 2D slice ``arr``; ``back``: it is a one-slice volume's display slice, and the maps go back onto the
-    volume's grid."""
+             back=None) -> SaliencyMaps:
+    """Maps of 2D slice ``arr`` as the network reads it; ``back``: puts an array of ``arr``'s grid onto the image's
+    stored grid (a one-slice volume's, or a slice with patient geometry stored another way)."""
     x = prepare_slice(arr, lm.image_size)
     if target is None:
         if probabilities is None:
@@ -156,10 +161,10 @@ def _image2d(img, arr, lm: LoadedModel, methods, target, probabilities, layer, m
         full = np.clip(map_on_slice(r[:, None], arr), 0, None) * brain
         mx = full.max()
         full = full / mx if mx > 0 else full
-        maps[m] = _to_meta(full if back is None else display_to_volume(full[None], back), img)
+        maps[m] = _to_meta(full if back is None else back(full), img)
         net_maps[m] = r[0].numpy()
     if back is not None:
-        brain = display_to_volume(brain[None].astype(np.uint8), back) > 0
+        brain = back(brain.astype(np.uint8)) > 0
     return SaliencyMaps(maps, target, brain, [], net_maps, x)
 
 

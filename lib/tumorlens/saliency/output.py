@@ -217,11 +217,11 @@ def write_overlay(expl: Explanation, path: Path) -> Path:
     of = "salient area's regions" if (f.lesion.mask_source or "").startswith("saliency") else "regions"
     regions = ", ".join(f"{r.hemisphere} {r.name}" if r.hemisphere in ("left", "right") else r.name
                         for r in f.regions[:3])
-    cut = f", the map above its {sal.percentile:.1f}th percentile" if sal else ""
+    cut = f", the map above its {sal.percentile:.1f}th percentile" if sal and d.mask.any() else ""
     lines = [f"red: salient area (where the classifier looked{cut}); cyan dashed: segmentation head (lesion outline)",
              f"{of}: {regions}" if regions else (f.notes[-1] if f.notes else "no regions named")]
     if d.edges is None:
-        lines.append("a picture without patient geometry: shown as stored (radiological convention assumed: "
+        lines.append("a picture without patient geometry: shown as viewers show it (radiological convention assumed: "
                      "the patient's right on the left)")
     caveats = overlay_caveats(expl)
     if caveats:
@@ -259,12 +259,16 @@ def write_mni_picture(expl: Explanation, path: Path) -> Path | None:
         tpl = load_mni152_template(resolution=1)
     salient = (f.lesion.mask_source or "").startswith("saliency")
     what = "centroid of the salient area (where the classifier looked)" if salient else "lesion centroid"
+    if f.lesion.laterality == "bilateral" or f.lesion.crosses_midline:  # a centroid of blobs on both sides
+        what += ";\non both sides, so it may lie between them"
     regions = "; ".join(f"{r.hemisphere} {r.name} {r.fraction:.0%}" if r.hemisphere in ("left", "right")
                         else f"{r.name} {r.fraction:.0%}" for r in f.regions[:3])
-    fig = plt.figure(figsize=(10, 3.8))
+    fig = plt.figure(figsize=(10, 4.4), facecolor="black")
+    # the title above the panels, not over them (nilearn's box hid the coronal panel's side letters)
     disp = plotting.plot_anat(tpl, cut_coords=tuple(centroid), display_mode="ortho", figure=fig,
-                              title=f"{what} (MNI {centroid[0]:.0f}, {centroid[1]:.0f}, {centroid[2]:.0f})",
-                              draw_cross=False, annotate=True)
+                              axes=[0.0, 0.07, 1.0, 0.78], draw_cross=False, annotate=True)
+    fig.suptitle(f"{what} (MNI {centroid[0]:.0f}, {centroid[1]:.0f}, {centroid[2]:.0f})".replace(";\n", "; "),
+                 color="white", fontsize=10, y=0.97)
     disp.add_markers([centroid], marker_color="red", marker_size=120)
     fig.text(0.01, 0.02, f"{'salient area' if salient else 'regions'}: {regions}  (neurological view: the "
              "patient's left on the left)", fontsize=9, color="white", backgroundcolor="black")

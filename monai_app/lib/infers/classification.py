@@ -31,7 +31,8 @@ class ClassificationInfer(TumorlensInfer):
             "prediction": [{"idx": i, "label": c, "score": pred.probabilities[c]} for i, c in enumerate(model.labels)],
             "model": {"name": model.name, "version": self.state.model_version()},
         }
-        out.update(pred.extra)  # decision (aligned / plain) and familiarity with the training images
+        # decision (aligned / plain), familiarity with the training images ...; the model is named by the served version
+        out.update({k: v for k, v in pred.extra.items() if k != "model"})
         out["caveats"] = pred.caveats  # the familiarity note too, as `tumorlens predict` prints them
         if pred.slice_probabilities is not None:
             out["slices_used"] = int(np.isfinite(pred.slice_probabilities[:, 0]).sum())

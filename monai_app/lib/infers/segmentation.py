@@ -30,6 +30,6 @@ class SegmentationInfer(TumorlensInfer):
             "voxels": int(mask.sum()),
             "model": {"name": model.name, "version": self.state.model_version()},
         }
-        out.update(pred.extra)
+        out.update({k: v for k, v in pred.extra.items() if k != "model"})  # the served version names it
         out["caveats"] = pred.caveats  # the familiarity note too, as `tumorlens predict` prints them
         return mask, out
