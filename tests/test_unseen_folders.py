@@ -375,3 +375,11 @@ def test_a_dicom_slice_stored_another_way_gets_the_same_answer(dev2d, predictor,
     assert other.label == std.label
     assert other.probabilities == pytest.approx(std.probabilities, abs=2e-3)
     assert np.array_equal(undo(other.mask.numpy()[0]), std.mask.numpy()[0])
+    if how == "transposed":  # `tumorlens evaluate` reads such a slice as predict does
+        from tumorlens.evaluation.evaluate import evaluate_folder
+
+        (tmp_path / "images").mkdir()
+        (tmp_path / "other.dcm").rename(tmp_path / "images" / "other.dcm")
+        _write_manifest(tmp_path, "image,label,group\nimages/other.dcm,glioma,g1\n")
+        m = evaluate_folder(tmp_path, progress=False)
+        np.testing.assert_allclose(m["_probs"][0], [other.probabilities[c] for c in predictor.model.labels], atol=1e-5)

@@ -269,7 +269,7 @@ def slice_inputs(img: MetaTensor, size: int, choose) -> torch.Tensor:
 
     arr = img.detach().cpu().numpy()[0]
     if not is_volume(img):
-        return prepare_slice(arr, size)
+        return prepare_slice(slice_display(img, arr)[0], size)
     disp, _ = volume_to_display(arr, np.asarray(img.affine, dtype=float))
     if len(disp) == 1:
         return prepare_slice(disp[0], size)

@@ -23,6 +23,8 @@ from tumorlens.evaluation.metrics import classification_metrics, dice_score, gro
 from tumorlens.inference import (
     Predictor,
     prepare_slice,
+    slice_back,
+    slice_display,
     tumour_mask,
 )
 from tumorlens.labels import NO_TUMOUR, class_index
@@ -112,10 +114,11 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
             return
         p, seg, f, text = pred.forward_batch(torch.cat(batch_x))
         for j, i in enumerate(batch_i):
-            img = pending[i]
+            img, shown, back = pending[i]
             network[i] = p[j].numpy()
-            probs[i], lesion, said, vector = pred.decide_2d(network[i], seg[j:j + 1], img[0].numpy(),
+            probs[i], lesion, said, vector = pred.decide_2d(network[i], seg[j:j + 1], shown,
                                                             None if text is None else text[j])
+            lesion = slice_back(lesion, back)  # onto the stored grid, where the truth mask lies
             if text is not None:
                 network_sims[i], sims[i] = prototypes @ text[j], prototypes @ vector
             window_changed[i] = bool(said and said["changed_label"])
@@ -149,9 +152,10 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
         if is_constant(img):  # still scored: one blank slice must not stop a whole evaluation
             log.warning("%s: %s; it is scored anyway, as listed", rec.image, CONSTANT_IMAGE)
         border[i] = dark_border_fraction(img[0].numpy())
-        batch_x.append(prepare_slice(img[0].numpy(), size))
+        shown, back = slice_display(img, img[0].numpy())  # as predict reads it: as a radiologist sees it
+        batch_x.append(prepare_slice(shown, size))
         batch_i.append(i)
-        pending[i] = img
+        pending[i] = (img, shown, back)
         if len(batch_x) >= batch_size:
             flush()
     flush()
