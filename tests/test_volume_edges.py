@@ -616,3 +616,30 @@ def _alive(pid: int) -> bool:
         return "State:\tZ" not in Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return False
+
+
+def test_a_save_killed_midway_leaves_the_earlier_label_in_place(dev2d, tumour_rows, tmp_path, monkeypatch):
+    """The label a save replaces was moved into the label history before the new file was written: a server killed
+    between the two (an outside test's kill during a stream of saves) lost the acknowledged label, and the restarted
+    server dropped it from the index. The earlier label now stays in place until the new one replaces it."""
+    import shutil
+
+    mod = _app_module("lib.datastore")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    row = next(r for r in tumour_rows if r["label"] == "glioma")
+    shutil.copy(dev2d / row["image"], studies / "a.jpg")
+    ds = mod.TumorlensDatastore(str(studies), auto_reload=False)
+    ds.save_label("a", str(dev2d / row["mask"]), "final", {"class_name": "glioma"})
+    label = studies / "labels" / "final" / "a.png"
+    first = label.read_bytes()
+
+    def killed(src, dest):  # the process dies while writing the new file (not an error it could handle)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mod, "atomic_copy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ds.save_label("a", str(dev2d / row["mask"]), "final", {"class_name": "glioma"})
+    assert label.read_bytes() == first
+    ds2 = mod.TumorlensDatastore(str(studies), auto_reload=False)  # what the restarted server lists
+    assert ds2.get_label_info("a", "final")["class_name"] == "glioma"

@@ -376,7 +376,7 @@ class TumorlensDatastore(LocalDatastore):
                     for folder in Path(self._datastore_path, "labels").glob("*/"):
                         for old in folder.glob(f"{glob.escape(image_id)}.*"):
                             if self._to_id(old.name)[0] == image_id:
-                                self._keep_in_history(folder.name, image_id, old, None)
+                                self._keep_in_history(folder.name, image_id, old, None, move=True)
                 atomic_copy(image_filename, dest)
                 info.update(ts=int(time.time()), name=dest.name)
                 # a new dict, not one changed in place: MONAI Label's folder watcher may be iterating the old one
@@ -452,7 +452,9 @@ class TumorlensDatastore(LocalDatastore):
         with self._lock():
             # all of the save or none of it: the label it replaces (in any format) is kept in the label
             # history first, and put back if the new file or the index cannot be written (a full disk had
-            # left the new mask under the old annotator's class, the old mask gone)
+            # left the new mask under the old annotator's class, the old mask gone). The old file stays in place
+            # until the new one has replaced it: moved away first, a server killed between the two had lost the
+            # label an earlier save had acknowledged (the restarted server dropped it from the index)
             before = obj.labels
             dest = label_path / self._filename(image_id, ext)
             kept: list[tuple[Path, Path]] = []
@@ -461,6 +463,9 @@ class TumorlensDatastore(LocalDatastore):
                     if self._to_id(old_file.name)[0] == image_id:
                         kept.append((old_file, self._keep_in_history(tag, image_id, old_file, earlier)))
                 atomic_copy(label_filename, dest)
+                for old_file, _ in kept:  # the same label in another format goes once the new one is in place
+                    if old_file != dest:
+                        old_file.unlink(missing_ok=True)
                 info.update(ts=int(time.time()), name=dest.name)
                 obj.labels = {**obj.labels, tag: DataModel(info=info, ext=ext)}
                 self._update_datastore_file(lock=False)
@@ -476,9 +481,11 @@ class TumorlensDatastore(LocalDatastore):
 
     HISTORY_KEEP = 5  # earlier labels kept per image and tag
 
-    def _keep_in_history(self, tag: str, image_id: str, label_file: Path, earlier) -> Path:
-        """Move a label about to be replaced into ``.tumorlens/label-history/<tag>/<id>/`` with its info (an
-        older mask re-saved over a newer one had left no copy of it); the oldest beyond ``HISTORY_KEEP`` go."""
+    def _keep_in_history(self, tag: str, image_id: str, label_file: Path, earlier, move: bool = False) -> Path:
+        """Keep a label about to be replaced in ``.tumorlens/label-history/<tag>/<id>/`` with its info (an
+        older mask re-saved over a newer one had left no copy of it), as a second link to the file (a copy where
+        links are not possible), so the label itself stays in place until its replacement is (``move``: the label
+        goes, as when its image is replaced); the oldest beyond ``HISTORY_KEEP`` go."""
         folder = Path(self._datastore_path) / ".tumorlens" / "label-history" / tag / image_id
         folder.mkdir(parents=True, exist_ok=True)
         # named by when it was replaced, in ns (unique; the order of the names is the order of replacement): names
@@ -486,7 +493,13 @@ class TumorlensDatastore(LocalDatastore):
         # other, and an older copy was kept instead
         stamp = f"{time.time_ns()}-{os.getpid()}"
         copy = folder / f"{stamp}{file_ext(label_file.name)}"
-        os.replace(label_file, copy)
+        if move:
+            os.replace(label_file, copy)
+        else:
+            try:
+                os.link(label_file, copy)
+            except OSError:  # another file system, or links not allowed
+                shutil.copy2(label_file, copy)
         if earlier is not None:
             (folder / f"{stamp}.json").write_text(json.dumps(earlier.info, indent=2, default=str))
         entries = sorted(p.name for p in folder.iterdir() if p.suffix != ".json")
