@@ -491,9 +491,15 @@ class Predictor:
 
     def _predict_2d(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         shown, back = slice_display(img, arr)  # decided as a radiologist sees it, answered on the stored grid
+        return self._predict_slice(img, shown, lambda lesion: slice_back(lesion, back))
+
+    def _predict_slice(self, img: MetaTensor, shown: np.ndarray, to_grid, slice_probs: bool = False) -> Prediction:
+        """One slice ``shown`` as a radiologist sees it, decided as every 2D slice is; ``to_grid`` puts its lesion
+        map back on the image's stored grid (``slice_probs``: the image is a one-slice volume)."""
         probs, seg, fam, text = self.forward_batch(prepare_slice(shown, self.size))
         p, lesion, said, vector = self.decide_2d(probs[0].numpy(), seg, shown, None if text is None else text[0])
-        return self._result(img, p, slice_back(lesion, back), None, self._familiarity(fam), said, vector)
+        return self._result(img, p, to_grid(lesion), probs.numpy() if slice_probs else None, self._familiarity(fam),
+                            said, vector)
 
     def _predict_volume(self, img: MetaTensor, arr: np.ndarray) -> Prediction:
         affine = np.asarray(img.affine, dtype=float)
@@ -505,10 +511,7 @@ class Predictor:
             # a one-slice file (3D Slicer sends a JPEG it opened as one) is the same 2D slice: decided by the same
             # steps, the lesion refiner's fallback included (without it a JPEG opened in Slicer got a 23-pixel
             # mask where the JPEG itself got 154, and other probabilities through the window classifier)
-            probs, seg, fam, text = self.forward_batch(prepare_slice(disp[0], self.size))
-            p, lesion, said, vector = self.decide_2d(probs[0].numpy(), seg, disp[0], None if text is None else text[0])
-            res = self._result(img, p, display_to_volume(lesion[None], back), probs.numpy(), self._familiarity(fam),
-                               said, vector)
+            res = self._predict_slice(img, disp[0], lambda lesion: display_to_volume(lesion[None], back), True)
             if self.head_check:
                 check_head(res, img)
             return res
