@@ -929,3 +929,71 @@ def test_a_one_slice_volume_is_reported_as_the_slice_it_was_read_as():
     assert not any("slice by slice" in x for x in r.limitations)
     assert any(x.startswith("Single 2D image") for x in r.limitations)
     assert res.verification["supported"], _reasons(res.verification)
+
+
+@pytest.mark.parametrize("impression,kind,what", [
+    # an outside probe's hand-written drafts that were delivered as verified (session 38)
+    ("Glioma of the left insular cortex. Report for Jane Doe.", "identifier", "name"),
+    ("Glioma of the left insular cortex. Smith, John.", "identifier", "name"),
+    ("Glioma of the left insular cortex. JOHN SMITH.", "identifier", "name"),
+    ("Glioma of the left insular cortex. Dictated for Dr. Meier.", "identifier", "name"),
+    ("Glioma of the left insular cortex. Lives at 221B Baker Street, London NW1 6XE.", "identifier", "address"),
+    ("Glioma of the left insular cortex. Start temozolomide.", "unmeasured", "temozolomide"),
+    ("Glioma of the left insular cortex. Steroids.", "unmeasured", "steroids"),
+    ("Glioma of the left insular cortex. Follow-up MRI in 3 months.", "unmeasured", "follow-up mri"),
+    ("Glioma of the left insular cortex. Watchful waiting is appropriate.", "unmeasured", "watchful waiting"),
+    ("Glioma of the left insular cortex, likely to recur.", "unmeasured", "recur"),
+    ("Enlarging glioma of the left insular cortex.", "unmeasured", "enlarging"),
+    ("Numerous gliomas of the left insular cortex.", "unmeasured", "numerous"),
+    ("Glioma of the left insular cortex; the brain parenchyma is otherwise normal.", "unmeasured", "otherwise normal"),
+    ("Glioma of the left insular cortex, atypical in form.", "unmeasured", "atypical"),
+    ("Glioma of the left insular cortex in the hemisphaerium dexter.", "unmeasured", "dexter"),
+    ("Glioma of the left insular cortex, R > L.", "unmeasured", "r > l"),
+    ("Glioma of the left insular cortex and the left motor strip.", "region", "motor strip"),
+    ("Glioma of the left insular cortex near the PCG.", "unmeasured", "pcg"),
+    ("Glioma of the left insular cortex, 1 inch across.", "unmeasured", "inch"),
+    ("A tiny glioma of the left insular cortex.", "number", "tiny"),  # this slice has no size in mm
+    ("Glioma of the left insular cortex (p=.95).", "number", "0.95"),
+    ("Glioma of the left insular cortex, ninety-six percent likely.", "number", "96"),
+    ("Glioma of the left insular cortex, nine times out of ten.", "number", "90"),
+    ("Glioma of the left insular cortex covering 549 pixels.", "number", "549"),
+    ("Gliom der linken Inselrinde, am ehesten.", "language", "english"),
+    ("Glioma of the l\u0435ft insular cortex.", "text", "cyrillic"),  # a Cyrillic e
+    ("Glioma of the ri\u200bght insular cortex.", "text", "zero width"),
+])
+def test_claims_in_other_words_other_letters_or_languages_are_caught(impression, kind, what):
+    v = _planted(impression=impression)
+    assert not v["supported"], impression
+    hits = [c for c in v["unsupported_claims"] + v["negation_conflicts"] if c["kind"] == kind]
+    assert hits and any(what in c["text"].lower() or what in c["reason"].lower() for c in hits), _reasons(v)
+
+
+def test_a_size_in_words_must_fit_the_lesion():
+    """'tiny' and 'subcentimetre' passed for a lesion 97 mm long (session 38): a size word is checked against the
+    lesion's largest extent, and said of a slice of unknown spacing it is unsupported."""
+    rec = record(input={"file": "case.nii.gz", "modality": "MR", "kind": "image2d", "dims": [512, 512],
+                        "spacing_mm": [1.0, 1.0], "spacing_known": True})
+    big = max(build_facts(rec).extents_mm)
+    assert big >= 30
+    assert _planted(impression="A large glioma of the left insular cortex.", rec=rec)["supported"]
+    for words in ("A small glioma of the left insular cortex.", "The lesion is tiny.", "A subcentimetre glioma."):
+        v = _planted(impression=words, rec=rec)
+        assert not v["supported"] and any(c["kind"] == "number" for c in v["unsupported_claims"]), words
+
+
+@pytest.mark.parametrize("impression,rec", [
+    # correct statements the same probe saw refused
+    ("Glioma of the left insular cortex (probability 0.82); differential includes no tumour (0.03).", None),
+    ("Glioma of the left insular cortex (probability 0.82); correlate with clinical findings and prior imaging.", None),
+    ("Glioma (probability 0.82); its largest share lies in the left insular cortex.", None),
+    ("Glioma (probability 0.82) with the largest share in the left hemisphere.", None),
+    ("Glioma (probability 0.82) of the left insular cortex and the left frontal operculum, cortical.", None),
+])
+def test_correct_statements_in_other_words_pass(impression, rec):
+    v = _planted(impression=impression, rec=rec)
+    assert v["supported"], _reasons(v)
+
+
+def test_nothing_to_suggest_the_favoured_class_is_a_conflict():
+    v = _planted(impression="There is nothing to suggest a glioma.")
+    assert not v["supported"] and v["negation_conflicts"], _reasons(v)

@@ -441,7 +441,8 @@ def _known_description(class_name: str, description: str) -> bool:
 
 UNIT_KINDS = {"%": "percent", "percent": "percent", "mm": "mm", "cm": "cm", "mm2": "mm2", "mm²": "mm2",
               "mm^2": "mm2", "cm2": "cm2", "cm²": "cm2", "mm3": "mm3", "mm³": "mm3", "cm3": "cm3", "cm³": "cm3",
-              "ml": "cm3", "year": "years", "years": "years", "-year": "years"}
+              "ml": "cm3", "year": "years", "years": "years", "-year": "years",
+              "px": "count", "pixel": "count", "pixels": "count", "voxel": "count", "voxels": "count"}
 
 
 def numbers_for_unit(f: Facts, unit: str, size: bool, salient: bool | None = None) -> list[float] | None:
@@ -459,6 +460,9 @@ def numbers_for_unit(f: Facts, unit: str, size: bool, salient: bool | None = Non
         if f.saliency_percentile is not None:
             nums += [f.saliency_percentile, 100 - f.saliency_percentile]
         return nums + context
+    if kind == "count":  # a number of pixels or voxels is the mask's (or the outline's) count
+        dims = [float(d) for d in f.dims]
+        return [float(v) for v in (f.mask_voxels, f.seg_voxels) if v is not None] + dims + [float(math.prod(dims))] + context
     if kind == "years":
         return ([float(f.patient.age)] if f.patient.age is not None else []) + context
     # with regions from a saliency mask, a size is the outline's unless the sentence gives it to the salient area

@@ -19,6 +19,8 @@ WINDOW = 6  # words a trigger reaches
 
 PRE_NEGATION = (
     "no evidence of", "no sign of", "no signs of", "no features of", "no suggestion of", "absence of",
+    "nothing to suggest", "nothing suggests", "nothing suggestive of", "nothing to indicate", "no indication of",
+    "nothing in keeping with", "nothing consistent with",
     "negative for", "free of", "lack of", "rules out", "ruled out", "without", "cannot be seen",
     "does not", "do not", "did not", "is not", "are not", "was not", "were not", "has not", "have not",
     "doesn't", "don't", "isn't", "aren't", "wasn't", "weren't", "not", "no", "neither", "nor", "never",

@@ -12,6 +12,7 @@ verified.
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from typing import Any
@@ -39,12 +40,12 @@ UNMEASURED = {
     "cystic change": r"cysts?|cystic",
     "shape or texture": (r"heterogene\w*|homogene\w*|irregular\w*|well[- ]?circumscribed|well[- ]?defined|ill[- ]?defined|"
                          r"lobulated|spiculated|ring-?like|rim"),
-    "multiplicity": r"multifocal|multicentric|solitary|(?:a )?single (?:lesion|focus|mass|tumou?r)|"
+    "multiplicity": r"multifocal|multicentric|solitary|numerous|innumerable|countless|(?:a )?single (?:lesion|focus|mass|tumou?r)|"
                     r"multiple (?:lesions|foci|masses|tumou?rs)|(?:two|three|four|several) "
                     r"(?:separate |distinct )?(?:lesions|foci|masses|tumou?rs)|satellite",
     "signal intensity": r"hyper-?intens\w*|hypo-?intens\w*|iso-?intens\w*|signal (?:change|abnormality|intensity)",
     "diffusion": r"restricted diffusion|diffusion restriction|perfusion",
-    "grade": r"(?:who )?grade [iv1-4]+\b|high-grade|low-grade|high grade|low grade",
+    "grade": r"(?:who )?grade [iv1-4]+\b|high-grade|low-grade|high grade|low grade|atypical|anaplastic",
     "dural attachment": r"dural(?:-based| tail| attachment)?|extra-?axial|intra-?axial|meninges|meningeal|parafalcine|falx",
     # what a small model adds from general knowledge (the local GGUF model called a meningioma "a rare
     # and aggressive form of brain cancer" and recommended chemotherapy): nothing here assesses it
@@ -52,13 +53,15 @@ UNMEASURED = {
         r"non-?(?:malignan\w*|cancer(?:ous)?|aggressive|benign)|"  # the word starts at "non": one claim
         r"aggressive(?:ness)?|benign|malignan\w*|cancer(?:ous|s)?|prognos\w*|survival|life-threatening|fatal|"
         r"lethal|deadly|sinister|terminal|(?:in)?curable|life expectancy|"
-        r"slow-growing|fast-growing|rapidly growing|\brare\b"
+        r"slow-growing|fast-growing|rapidly growing|\brare\b|recur(?:s|red|ring|rence|rences|rent)?|indolent|"
+        r"(?:likely|expected|unlikely|going) to (?:grow|spread|return|enlarge)|will (?:grow|spread|enlarge)"
     ),
     # one study, no prior: nothing can have grown, shrunk or stayed stable
     "change since earlier imaging": (
         r"(?:prior|previous|earlier|last|baseline|comparison) (?:study|studies|scan|scans|exam\w*|imaging|mri)|"
         r"interval (?:change|growth|increase|decrease|progression)|has (?:grown|shrunk|enlarged|progressed|regressed)|"
-        r"\bgrew\b|progressi(?:on|ve)|regressi(?:on|ve)|unchanged|stable (?:appearances? )?(?:in size|compared|since)"
+        r"\bgrew\b|progressi(?:on|ve)|regressi(?:on|ve)|unchanged|stable (?:appearances? )?(?:in size|compared|since)|"
+        r"enlarg(?:ing|es)|growing|shrink(?:s|ing)|progress(?:es|ing)|regress(?:es|ing)"
     ),
     "size by comparison with an object": (r"\b(?:golf[- ]ball|tennis[- ]ball|ping[- ]pong ball|walnut|grape|lemon|"
                                           r"orange|pea|marble|coin)s?\b"),
@@ -69,15 +72,39 @@ UNMEASURED = {
     # further imaging is required", "Discharge the patient" passed)
     "management": (r"no (?:further|additional) (?:imaging|follow-?up|investigations?|work-?up|scans?)|"
                    r"(?:imaging|follow-?up|scans?) (?:is |are )?(?:not )?(?:required|needed|necessary|warranted)|"
-                   r"\bdischarg\w*|\brefer(?:ral|red)? to\b|\bmdt\b|multidisciplinary"),
+                   r"\bdischarg\w*|\brefer(?:ral|red)? to\b|\bmdt\b|multidisciplinary|"
+                   # a schedule or a work-up (an outside probe, session 38: "Follow-up MRI in 3 months", "Annual
+                   # surveillance imaging", "Watchful waiting", "prolactin levels" passed)
+                   r"follow-?up (?:mri|imaging|scans?|studies|study)|(?:repeat|surveillance|interval|serial) "
+                   r"(?:mri|imaging|scans?|studies|study)|\bsurveillance\b|watchful waiting|wait[- ]and[- ]see|"
+                   r"in \d+(?:\.\d+)? (?:days?|weeks?|months?|years?)|\bannual(?:ly)?\b|\bevery \d+ (?:weeks?|months?|years?)|"
+                   r"endocrin\w*|hormon\w*|prolactin\w*|laboratory|blood tests?|visual fields?"),
     # a no-tumour call on one slice or through a 2D network is not a normal study: the other structures and
     # diseases were never looked at
     # ("normal study" itself is checked with the tumour words below: a conflict on a tumour call)
+    # what the rest of the brain looks like: nothing looked at it (a probe's "The brain parenchyma is otherwise
+    # normal." passed for a glioma)
+    "the rest of the brain": (r"(?:otherwise|elsewhere) (?:normal|unremarkable)|(?:rest|remainder) of the (?:brain|study|"
+                              r"scan|examination) (?:is |appears |looks )?(?:normal|unremarkable)|parenchyma (?:is |appears "
+                              r"|looks )?(?:otherwise )?(?:normal|unremarkable)"),
+    # sides in words the checks below do not weigh: write left or right (a probe: "hemisphaerium dexter",
+    # "dextral", "sinistral", "R > L", "contralateral" passed)
+    "side in other words": r"dext(?:er|ral|rum|ra)|sinistr(?:al|um|a)|[rl]\s*>\s*[rl]|[rl]-sided|contralateral|ipsilateral",
+    # abbreviated region names: several regions share each ("PCG": precentral, postcentral or posterior cingulate)
+    "abbreviated region": r"pcg|pcc|acc|mfg|sfg|ifg|stg|mtg|itg|dlpfc|smg",
+    # size in units the findings never use
+    "size in other units": r"inch(?:es)?|feet|ft",
     "normality of the study": (r"no intracranial abnormalit\w*|"
                                r"tumou?r (?:is |has been )?(?:excluded|ruled out)|(?:excludes?|rules? out) (?:a )?tumou?r"),
     "treatment": (
         r"surg(?:ery|ical)|resect\w*|neurosurg\w*|radiation|radiotherapy|radiosurgery|chemotherap\w*|"
-        r"biops(?:y|ies)|\btreat(?:ment|ments|ed|ing|s)?\b|therap(?:y|ies)"
+        r"biops(?:y|ies)|\btreat(?:ment|ments|ed|ing|s)?\b|therap(?:y|ies)|"
+        # medicines and their verbs (an outside probe, session 38: temozolomide, dexamethasone, bevacizumab,
+        # levetiracetam, cabergoline and "Steroids" passed)
+        r"temozolomide|dexamethasone|bevacizumab|levetiracetam|cabergoline|bromocriptine|lomustine|carmustine|"
+        r"procarbazine|vincristine|octreotide|lanreotide|pegvisomant|(?:cortico)?steroids?|anti-?(?:epileptics?|"
+        r"convulsants?|seizure)|medications?|medicines?|drugs?|\bdos(?:e|es|age|ing)\b|"
+        r"\b(?:start|begin|initiate|commence|prescrib)\w*"
     ),
     "diagnosis outside the classifier's classes": (
         r"glioblastomas?|astrocytomas?|oligodendrogliomas?|ependymomas?|metasta\w*|lymphomas?|abscess(?:es)?|"
@@ -111,7 +138,8 @@ FAMILIAR = (r"(?:typical|representative) of the training (?:images|data|set)|(?:
 UNFAMILIAR = r"unlike the (?:training )?images|unfamiliar|out[- ]of[- ]distribution|outside the training distribution"
 
 CLASS_PATTERNS = {
-    "no_tumor": r"no[-_ ]tumou?r class|no_tumor|tumou?r-free class",
+    # "no tumour (0.03)": the class, named with its probability (an outside probe, session 38: read as a denial)
+    "no_tumor": r"no[-_ ]tumou?r class|no_tumor|tumou?r-free class|no[- ]tumou?r(?= ?\((?:p(?:robability)?\s*[=:]?\s*)?[\d.])",
     "pituitary": (r"pituitary (?:tumou?rs?|adenomas?|macroadenomas?|microadenomas?|neoplasms?|lesions?|mass(?:es)?)"
                   r"|(?:macro|micro)?adenomas?|pituitary(?! (?:gland|fossa|stalk))"),
     "glioma": r"gliomas?",
@@ -132,6 +160,96 @@ SIDE = r"(left|right)(?:[- ]sided|[- ]hemispher(?:e|ic))?|bilateral(?:ly)?|both 
 ONLY_SIDE = (r"\b(?:confined|limited|restricted|entirely|exclusively|solely|only|purely|wholly|unilateral(?:ly)?)"
              r"\b[\w\s,-]{0,25}$")
 
+# words after a side that make it the only one ("the right hemisphere only", "the left and does not cross")
+ONLY_SIDE_AFTER = r"^[\w\s-]{0,20}?\b(?:only|alone|exclusively|solely)\b"
+# words before a side that say most of the lesion is there
+MAIN_SIDE = (r"\b(?:mainly|mostly|predominantly|largely|chiefly|primarily|principally|centred|centered|based)\b"
+             r"[\w\s,-]{0,25}$")
+# the same said as a share, of a side ("its largest share in the right hemisphere"; of a region it names the region)
+MAIN_SHARE = (r"\b(?:largest (?:share|part|portion)|most of (?:it|the \w+)|majority|bulk|greater (?:part|share)|"
+              r"larger (?:part|share))\b[\w\s,-]{0,25}$")
+# a size said in words: a small-family word needs the lesion's largest extent under SMALL_MM (under 10 mm for
+# "subcentimetre"), a large-family word at least LARGE_MM; neither can be said without a size in mm (an outside
+# probe, session 38: "tiny", "small" and "subcentimetre" passed for a lesion 97 mm long)
+SMALL_MM, LARGE_MM = 20.0, 30.0
+SIZE_ADJECTIVE = (r"(?P<small>tiny|small|smaller|little|minute|minuscule|subcentimet(?:re|er)|sub-centimet(?:re|er))|"
+                  r"(?P<large>large|larger|big|bigger|bulky|massive|huge|giant|sizeable|sizable|extensive|enormous)")
+LESION_NOUN = r"(?:lesions?|mass(?:es)?|tumou?rs?|gliomas?|meningiomas?|adenomas?|macroadenomas?|neoplasms?|growths?|foci|focus)"
+_ANY_SIZE = re.sub(r"\?P<\w+>", "", SIZE_ADJECTIVE)
+SIZE_SAID = re.compile(rf"\b(?:{_ANY_SIZE})(?:[\s,-]+\w+){{0,2}}?[\s-]+{LESION_NOUN}\b|"
+                       rf"\b{LESION_NOUN}\b[\w\s,]{{0,30}}?\b(?:is|are|appears?|looks?|seems?|measures?)\s+"
+                       rf"(?:\w+\s+)?(?:{_ANY_SIZE})\b", re.IGNORECASE)
+# the report is read in English: other languages' common words (an outside probe, session 38: side, location,
+# number of lesions and treatment in German, French and Italian passed unread). One of the first kind is
+# enough; the second kind are also English words or names, so two are needed
+FOREIGN_WORDS = re.compile(
+    r"\b(?:der|das|und|oder|mit|ist|sind|nicht|kein|keine|eine|einer|einem|liegt|rechts|links|rechten|linken|"
+    r"mehrere|empfohlen|empfehlung|ehesten|wahrscheinlich|läsion\w*|gliom|befund\w*|"
+    r"les|une|est|sont|avec|dans|gauche|droite?|plusieurs|recommandée?s?|lésions?|probablement|"
+    r"della|delle|nel|nella|nei|sono|destr[oa]|sinistr[oa]|lesione|lesioni|"
+    r"los|las|derech[oa]|izquierd[oa]|lesión|lesiones)\b", re.IGNORECASE)
+FOREIGN_WEAK = re.compile(r"\b(?:die|den|dem|des|im|la|le|du|et|il|lo|gli|el|del|con|por|un|una)\b", re.IGNORECASE)
+# common number words, turned into digits before the numbers are checked ("twenty-five millimetres")
+_UNITS_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+                "sixteen seventeen eighteen nineteen").split()
+_TENS_WORDS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
+NUMBER_WORD = re.compile(rf"\b(?:(?P<tens>{'|'.join(_TENS_WORDS)})(?:[- ](?P<unit>{'|'.join(_UNITS_WORDS[1:10])}))?|"
+                         rf"(?P<small>{'|'.join(_UNITS_WORDS)})|(?P<hundred>one hundred|a hundred|hundred))\b"
+                         rf"(?=\s*(?:%|percent|per cent|mm|cm|millimet|centimet|ml|millilit|times|out of|in \d|"
+                         rf"pixels?|voxels?|square|cubic))", re.IGNORECASE)
+# units written out, to the symbols the findings use
+UNIT_WORDS = [(r"\bsquare millimet(?:re|er)s?\b", "mm2"), (r"\bsquare centimet(?:re|er)s?\b", "cm2"),
+              (r"\bcubic millimet(?:re|er)s?\b", "mm3"), (r"\bcubic centimet(?:re|er)s?\b|\bcc\b", "cm3"),
+              (r"\bmillimet(?:re|er)s?\b", "mm"), (r"\bcentimet(?:re|er)s?\b", "cm"), (r"\bmillilit(?:re|er)s?\b", "ml"),
+              (r"\bper cent\b", "percent")]
+
+
+def _word_value(word: str) -> int:
+    w = word.lower()
+    if "hundred" in w:
+        return 100
+    return _UNITS_WORDS.index(w) if w in _UNITS_WORDS else 10 * (_TENS_WORDS.index(w) + 2)
+
+
+def normalise(text: str) -> str:
+    """The text the claims are read in: Unicode compatibility forms (no-break spaces, superscripts) folded,
+    words broken across a line joined, number words and written-out units turned into digits and symbols,
+    "p=.96" given its zero, and odds ("nine times out of ten") turned into a percentage."""
+    t = unicodedata.normalize("NFKC", text)
+    t = re.sub(r"(\w)-\s*\n\s*(\w)", r"\1-\2", t)
+    t = re.sub(r"\s+", " ", t)
+
+    def number(m: re.Match) -> str:
+        if m.group("tens"):
+            v = 10 * (_TENS_WORDS.index(m.group("tens").lower()) + 2)
+            return str(v + (_UNITS_WORDS.index(m.group("unit").lower()) if m.group("unit") else 0))
+        if m.group("small"):
+            return str(_UNITS_WORDS.index(m.group("small").lower()))
+        return "100"
+
+    t = NUMBER_WORD.sub(number, t)
+    t = re.sub(rf"\b(out of|in) ({'|'.join(_UNITS_WORDS[1:] + _TENS_WORDS)}|a hundred|one hundred)\b",
+               lambda m: f"{m.group(1)} {_word_value(m.group(2))}", t, flags=re.IGNORECASE)  # "nine out of ten"
+    t = re.sub(r"\b(?:a )?half (?:a |an )?(?=(?:mm|cm|millimet|centimet))", "0.5 ", t, flags=re.IGNORECASE)
+    for pat, unit in UNIT_WORDS:
+        t = re.sub(pat, unit, t, flags=re.IGNORECASE)
+    t = re.sub(r"(?<![\w.])\.(\d)", r"0.\1", t)
+    t = re.sub(r"\b(\d+) (?:times |chances? |cases? )?(?:out of|in) (\d+)\b",
+               lambda m: f"{100 * int(m.group(1)) / max(int(m.group(2)), 1):g} %", t)
+    return t
+
+
+def odd_characters(text: str) -> list[str]:
+    """Letters outside plain English text and invisible characters: a lookalike letter ("rіght" with a Ukrainian
+    i) or a zero-width space hides a word from every check, and accented letters are another language's."""
+    out = []
+    for ch in text:
+        cat = unicodedata.category(ch)
+        if cat == "Cf" or (ch.isalpha() and not ch.isascii() and ch not in "µ"):
+            out.append(f"U+{ord(ch):04X} {unicodedata.name(ch, '?').lower()}")
+    return list(dict.fromkeys(out))
+
+
 # broad anatomical terms -> key; a region of the findings supports the keys in BROAD_OF
 BROAD = {
     "frontal": r"frontal(?: lobes?| regions?)?|fronto-?parietal|fronto-?temporal",
@@ -145,9 +263,11 @@ BROAD = {
     "hippocampus": r"hippocamp(?:us|al|i)|mesial temporal|medial temporal",
     "brain stem": r"brain ?stem|pons|pontine|midbrain|medulla(?: oblongata)?|infratentorial",
     "cerebellum": r"cerebell(?:um|ar)|posterior fossa",
+    "third or fourth ventricle": r"(?:third|fourth|3rd|4th) ventricles?",  # the atlas has the lateral ventricles only
     "ventricle": r"(?:peri|intra)?ventricular|ventricles?",
     "corpus callosum": r"corpus callosum|callosal",
     "white matter": r"white matter|subcortical",
+    "cortex": r"cortical|cortex|cortices|gyri|gyrus|sulc(?:us|i)",
     "sellar": r"(?:supra|para|intra)?sellar|sella(?: turcica)?|pituitary (?:gland|fossa|stalk)|cavernous sinus|optic chiasm|hypothalam\w*",
     "supratentorial": r"supratentorial|cerebral hemispheres?",
 }
@@ -165,8 +285,13 @@ _VARIANTS = {
     "insular cortex": ["insular cortex"],
     "precuneous cortex": ["precuneous cortex", "precuneus"],
     "brain stem": [],  # broad term
-    "juxtapositional lobule cortex": ["juxtapositional lobule(?: cortex)?", "supplementary motor (?:area|cortex)"],
-    "heschl's gyrus": ["heschl'?s gyrus"],
+    "juxtapositional lobule cortex": ["juxtapositional lobule(?: cortex)?", "supplementary motor (?:area|cortex)", "sma"],
+    # functional names of atlas regions (an outside probe, session 38: "motor strip", "M1", "Broca's area" passed)
+    "precentral gyrus": ["precentral gyrus", "motor strip", "primary motor (?:cortex|area)", "m1"],
+    "postcentral gyrus": ["postcentral gyrus", "sensory strip", "primary (?:somato)?sensory (?:cortex|area)", "s1"],
+    "inferior frontal gyrus": ["inferior frontal gyrus", "broca'?s area", "broca'?s region"],
+    "intracalcarine cortex": ["intracalcarine cortex", "primary visual (?:cortex|area)", "striate cortex", "v1"],
+    "heschl's gyrus": ["heschl'?s gyrus", "primary auditory (?:cortex|area)", "a1"],
     "caudate": ["caudate(?: nucleus)?"],
     "pallidum": ["(?:globus )?pallidus", "pallidum"],
     "accumbens": ["(?:nucleus )?accumbens"],
@@ -183,6 +308,8 @@ def _broad_keys_of(base: str, label: str) -> set[str]:
     for lobe in ("frontal", "temporal", "parietal", "occipital"):
         if lobe in base:
             keys.add(lobe)
+    if any(w in base for w in ("cortex", "gyrus", "pole", "lobule", "cuneus", "operculum")):
+        keys.add("cortex")
     table = {
         "frontal": ("precentral", "juxtapositional", "subcallosal", "paracingulate", "central opercular"),
         "parietal": ("postcentral", "supramarginal", "angular", "precuneous", "central opercular"),
@@ -222,9 +349,24 @@ def region_lexicon() -> tuple[tuple[str, str], ...]:
             out.append((n, v))
         if " pars " in n:  # "inferior frontal gyrus" names both of its parts
             short = n.split(" pars ")[0]
-            out.append((short, re.escape(short)))
+            out.extend((short, v) for v in _VARIANTS.get(short, [re.escape(short)]))
     return tuple(sorted(set(out), key=lambda kv: (-len(kv[1]), kv[1])))
 
+
+# capitalised words of the product's own, never a person's name
+PRODUCT_WORDS = {
+    "mni", "mni152", "harvard", "oxford", "harvard-oxford", "grad", "cam", "grad-cam", "scorecam", "score-cam",
+    "tumorlens", "densenet", "monai", "label", "slicer", "magnetic", "resonance", "imaging", "tesla", "who",
+    "world", "health", "organization", "tip-adapter", "clip", "tumorclip", "minilm", "the", "a", "an", "this",
+    "these", "that", "no", "not", "left", "right", "brain", "lesion", "tumour", "tumor", "mri", "image", "findings",
+    "impression", "technique", "recommendations", "limitations", "classifier", "segmentation", "saliency",
+    "radiologist", "review", "clinical", "atlas", "template", "region", "regions", "gyrus", "cortex", "lobe",
+}
+
+# asking the reader to compare with earlier imaging states no change (a probe's false alarm, session 38)
+COMPARE_WITH = re.compile(r"\b(?:correlat(?:e|ion|ing)|compare|comparing|comparison|review|reviewing|check|checking|"
+                          r"read|reading|interpret|interpreting|interpretation)\b[\w\s,]{0,45}$",
+                          re.IGNORECASE)
 
 # ---- results ----------------------------------------------------------------------------------------
 
@@ -326,6 +468,10 @@ class Verifier:
         for name, pat in UNMEASURED.items():
             for m in _iter(pat, scan):
                 pol = scope.polarity(m.start(), m.end())
+                if name == "change since earlier imaging" and COMPARE_WITH.search(scan[:m.start()]):
+                    add("unmeasured", m, True, "asks to compare with earlier imaging", pol=pol)
+                    scan = _mask(scan, m.start(), m.end())
+                    continue
                 what = "negated" if pol.negated else "asserted"
                 add("unmeasured", m, False, f"{what} statement about {name}, which the findings do not assess", pol=pol)
                 scan = _mask(scan, m.start(), m.end())
@@ -419,8 +565,15 @@ class Verifier:
                         f"(probability {f.top_probability:.2f})", pol=pol)
             else:
                 add("tumour", m, True, pol=pol)
-        # 7. numbers
+        # 7. numbers, and sizes said in words
         self._numbers(add, sent, class_spans, scope)
+        self._size_words(add, sent, scope)
+        # 7b. another language, and names the identifier patterns do not know
+        if FOREIGN_WORDS.search(sent) or len(FOREIGN_WEAK.findall(sent)) >= 2:
+            m = FOREIGN_WORDS.search(sent) or FOREIGN_WEAK.search(sent)
+            add("language", m, False, "not in English: the verifier reads English only, so nothing it says was checked")
+        for m in self._names(sent):
+            add("identifier", m, False, "holds what looks like a person's name")
         # 8. regions and sides from a saliency mask are the salient area's: said of the lesion or tumour, they put
         # the tumour where the classifier looked (a probe's "The glioma lies in the left white matter" passed for a
         # right-sided glioma whose Grad-CAM area lay left)
@@ -431,6 +584,54 @@ class Verifier:
                     c.reason = ("the atlas regions and side are those of the saliency map's salient area, where the "
                                 "classifier looked, not of the lesion outline: say so")
         return claims
+
+    def _size_words(self, add, sent: str, scope: SentenceScope) -> None:
+        """"A small lesion", "the mass is large": the lesion's largest extent must fit the word."""
+        f = self.f
+        salient = bool(SALIENT_WORDS.search(sent))
+        extents = f.seg_extents_mm if (f.regions_from_saliency and f.seg_extents_mm and not salient) else f.extents_mm
+        in_mm = f.kind == "volume" or f.spacing_known
+        for m in SIZE_SAID.finditer(sent):
+            adj = re.search(SIZE_ADJECTIVE, m.group(0), re.IGNORECASE)
+            word = adj.group(0).lower()
+            if not extents or not in_mm:
+                add("number", m, False, f"calls the lesion {word}, but the findings give no size in millimetres "
+                    "(the pixel spacing is unknown)" if not in_mm else f"calls the lesion {word}; the findings give "
+                    "no extent")
+                continue
+            big = max(extents)
+            if adj.group("small"):
+                limit = 10.0 if "centim" in word else SMALL_MM
+                ok = big < limit
+                why = f"calls the lesion {word}; its largest extent is {big:.0f} mm (at least {limit:.0f} mm)"
+            else:
+                ok = big >= LARGE_MM
+                why = f"calls the lesion {word}; its largest extent is {big:.0f} mm (under {LARGE_MM:.0f} mm)"
+            add("number", m, ok, "" if ok else why)
+
+    _NAME_WORD = r"[A-ZÀ-ÖØ-Þ][a-zß-öø-ÿ]+(?:-[A-ZÀ-ÖØ-Þ][a-zß-öø-ÿ]+)?"
+    NAME_AFTER = re.compile(rf"\b(?:for|to|by|in|of|with|from|dear|cc|attn\.?)\s+(?:the attention of\s+)?"
+                            rf"(?P<a>{_NAME_WORD})\s+(?P<b>{_NAME_WORD})\b")
+    NAME_ALONE = re.compile(rf"^\s*(?P<a>{_NAME_WORD}|[A-Z]{{3,}}),?\s+(?P<b>{_NAME_WORD}|[A-Z]{{3,}})\.?\s*$")
+
+    def _names(self, sent: str):
+        """Two capitalised words that are no word of the product's own ("Report for Jane Doe", "Smith, John.",
+        "JOHN SMITH."; an outside probe, session 38): the identifier patterns need a title or "patient" first."""
+        known = self._known_words()
+        for pat in (self.NAME_AFTER, self.NAME_ALONE):
+            for m in pat.finditer(sent):
+                if m.group("a").lower() not in known and m.group("b").lower() not in known:
+                    yield m
+
+    def _known_words(self) -> set[str]:
+        if getattr(self, "_known", None) is None:
+            words = set(PRODUCT_WORDS)
+            for r in self.f.regions:
+                words |= set(re.findall(r"[a-z']+", r["name"].lower()))
+            for name in READABLE_CLASS.values():
+                words |= set(re.findall(r"[a-z']+", name.lower()))
+            self._known = words
+        return self._known
 
     def _trust_claims(self, add, scan: str, scope: SentenceScope) -> str:
         """Uncertainty levels, confidence words and familiarity statements against the findings. Caution is
@@ -573,6 +774,9 @@ class Verifier:
                 add("region", m, False, f"names {name}, but {why}", pol=pol)
             return
         supported = (side, key) in self.pairs if side else key in self.keys
+        if key == "sellar" and f.regions_from_saliency and SALIENT_WORDS.search(sent) and \
+                not any("sellar" in _broad_keys_of(_base(r["name"]), r["label"]) for r in f.regions):
+            supported = False  # the class puts a pituitary tumour at the sella, not the saliency map's salient area
         if pol.negated:
             if supported and key != "supratentorial":
                 add("region", m, False, f"says {name} is not involved; the findings list it", conflict=True, pol=pol)
@@ -595,12 +799,15 @@ class Verifier:
                 add("side", m, False, f"negates the {side} side; the findings say {f.laterality}", conflict=True, pol=pol)
             else:
                 add("side", m, True, pol=pol)
-        elif side in ("left", "right") and re.search(ONLY_SIDE, scope.sentence[:m.start()], re.IGNORECASE):
+        elif side in ("left", "right") and (re.search(ONLY_SIDE, scope.sentence[:m.start()], re.IGNORECASE)
+                                            or re.match(ONLY_SIDE_AFTER, scope.sentence[m.end():], re.IGNORECASE)):
             ok = side == f.laterality  # "confined to the left": one side and nothing on the other
             add("side", m, ok, "" if ok else f"says only {side}; the findings say laterality {f.laterality}", pol=pol)
-        elif side in ("left", "right") and re.search(r"\b(?:mainly|mostly|predominantly|largely|chiefly|primarily|"
-                                                     r"principally|centred|centered|based)\b[\w\s,-]{0,25}$",
-                                                     scope.sentence[:m.start()], re.IGNORECASE):
+        elif side in ("left", "right") and (
+                re.search(MAIN_SIDE, scope.sentence[:m.start()], re.IGNORECASE)
+                or (re.search(MAIN_SHARE, scope.sentence[:m.start()], re.IGNORECASE)
+                    and re.match(r"(?:[- ]sided|[- ]hemispher\w*|\s+(?:hemispheres?|side)\b)", word[len(side):]
+                                 + scope.sentence[m.end():m.end() + 12].lower()))):
             share = {h: sum(r["fraction"] for r in f.regions if r["hemisphere"] == h) for h in ("left", "right")}
             if any(share.values()):
                 main = max(share, key=share.get)
@@ -619,7 +826,8 @@ class Verifier:
     def _numbers(self, add, sent: str, class_spans, scope: SentenceScope) -> None:
         f = self.f
         differentials = disjunctions(sent, class_spans)
-        pat = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(\s*(?:%|percent\b|mm2|mm²|mm\^2|mm3|mm³|cm3|cm³|cm2|cm²|ml\b|mm\b|cm\b|years?\b|-year))?")
+        pat = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(\s*(?:%|percent\b|mm2|mm²|mm\^2|mm3|mm³|cm3|cm³|cm2|cm²|ml\b|mm\b|cm\b|"
+                         r"years?\b|-year|px\b|pixels?\b|voxels?\b))?")
         if re.fullmatch(r"\s*\d+[.)]\s*", sent):
             return  # a list marker split off as its own "sentence"
         # "glioma is favoured over meningioma (0.55 vs 0.37)": the probabilities in one bracket belong to the class
@@ -675,10 +883,16 @@ class Verifier:
         # are the facts' own sentences, checked for identifiers only
         cautions = set(self.f.history_limitations())
         for field, text in report.text_fields().items():
-            for _start, sent in split_sentences(text or ""):
+            odd = odd_characters(text or "")
+            if odd:
+                claims.append(Claim(field, "text", ", ".join(odd[:4]), (text or "").strip()[:200], False, False, False,
+                                    False, "holds letters outside plain English text or invisible characters "
+                                    f"({', '.join(odd[:4])}): a lookalike letter hides a word from every check"))
+            for _start, sent in split_sentences(normalise(text or "")):
                 if not (field.startswith("limitations") and text.strip() in cautions):
                     claims.extend(self._sentence(field, sent))
-                claims.extend(_identifiers(field, sent))
+            # the whole field at once: "Dictated for Dr. Meier." is split after "Dr."
+            claims.extend(_identifiers(field, normalise(text or "")))
         for i, text in enumerate(report.matched_descriptions):  # quoted from the record, not verified as claims
             claims.extend(_identifiers(f"matched_descriptions[{i}]", text))
         claims.extend(self._structured(report))
@@ -732,7 +946,7 @@ def _identifiers(field: str, text: str) -> list[Claim]:
     nothing, and matched descriptions come from the record): never supported."""
     from tumorlens.findings.identifiers import PERSONAL, find_identifiers
 
-    kinds = [k for k in find_identifiers(text) if k in PERSONAL]
+    kinds = [k for k in find_identifiers(text) if k in (*PERSONAL, "address")]
     return [Claim(field, "identifier", ", ".join(kinds), text.strip(), False, False, False, False,
                   f"holds what looks like a patient identifier ({', '.join(kinds)})")] if kinds else []
 
