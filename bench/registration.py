@@ -4,10 +4,13 @@ figures, and the lesion-centroid error on the synthetic warped ICBM152 2009 case
 plane accuracy of 2D template-slice placement on grouped-validation dev JPEGs, with and without the
 slice-view classifier (trained on the training part's ``view`` column; here that column only scores).
 
-    .venv/bin/python bench/registration.py [--json OUT] [--threads 1,2] [--slices N] [--brats] [--slabs]
-                                           [--skip-synthetic]
+    .venv/bin/python bench/registration.py [--json OUT] [--threads 1,2] [--slices N] [--sella] [--brats]
+                                           [--slabs] [--skip-synthetic]
 
 ``--slabs`` also places scans of part of the head (the synthetic cases cut along the head's axis).
+``--sella`` scores the *position* of 2D placement, where the truth is known without any label: a pituitary
+tumour lies at the sella turcica, so a slice through one lies within ``SELLA_WINDOW`` of the sella along its
+plane's normal (grouped-validation pituitary slices).
 
 Prints a table and writes JSON. Wall seconds depend on what else runs on the machine, so the CPU
 seconds of this process are reported beside them.
@@ -164,6 +167,50 @@ def bench_slices(data: Path, n: int) -> dict:
     return out
 
 
+# where a slice through a pituitary tumour lies along each plane's normal (MNI mm): the sella turcica is near
+# x 0, y 0, z -30; the windows are generous (20 mm either way, a macroadenoma reaches above the sella)
+SELLA_WINDOW = {"axial": (-50.0, -10.0), "coronal": (-20.0, 20.0), "sagittal": (-20.0, 20.0)}
+
+
+def bench_sella(data: Path, confident: float = 0.5) -> dict:
+    """Position truth for 2D placement: every grouped-validation pituitary slice is cut through the sella. Measured
+    as shipped and without the similarity gate on the position (``POSITION_SIM_MIN``), side by side."""
+    from tqdm import tqdm
+
+    import tumorlens.atlas.placement as placement
+    from tumorlens.data import read_image
+    from tumorlens.data.manifest import load_manifest
+    from tumorlens.data.splits import training_split
+
+    _, val_idx = training_split(load_manifest(data), 0.2, 0)
+    with open(data / "manifest.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    rows = [rows[i] for i in val_idx if rows[i]["label"] == "pituitary"]
+    shipped = placement.POSITION_SIM_MIN
+    out: dict = {"n": len(rows), "window_mm": SELLA_WINDOW}
+    for mode, gate in (("shipped", shipped), ("without_position_gate", 0.0)):
+        placement.POSITION_SIM_MIN = gate
+        res = []
+        for r in tqdm(rows, desc=f"placing pituitary slices ({mode})"):
+            pl = placement.place_slice(read_image(data / r["image"]))
+            lo, hi = SELLA_WINDOW[pl.plane]
+            res.append({"view": r["view"], "plane": pl.plane, "position_mm": pl.position_mm,
+                        "similarity": round(pl.similarity, 3), "at_sella": bool(lo <= pl.position_mm <= hi),
+                        "confidence": round(pl.confidence, 3)})
+        conf = [x for x in res if x["confidence"] >= confident]
+        out[mode] = {
+            "position_sim_min": gate, "plane_accuracy": float(np.mean([x["plane"] == x["view"] for x in res])),
+            "at_sella": float(np.mean([x["at_sella"] for x in res])),
+            "confident": len(conf), "confident_at_sella": sum(x["at_sella"] for x in conf),
+            "max_confidence": max(x["confidence"] for x in res),
+            "max_similarity": max(x["similarity"] for x in res),
+            "positions": {v: sorted({x["position_mm"] for x in res if x["plane"] == v}) for v in SELLA_WINDOW},
+            "slices": res,
+        }
+    placement.POSITION_SIM_MIN = shipped
+    return out
+
+
 def _slice_summary(res: list[dict]) -> dict:
     acc = {v: float(np.mean([x["plane"] == v for x in res if x["view"] == v])) for v in ("axial", "coronal", "sagittal")}
     conf = [x for x in res if x["confidence"] >= 0.5]
@@ -186,6 +233,7 @@ def main() -> int:
     ap.add_argument("--slices", type=int, default=0, help="also score 2D placement on N dev JPEGs")
     ap.add_argument("--brats", action="store_true", help="also time the two BraTS volumes")
     ap.add_argument("--slabs", action="store_true", help="also place slabs (partial coverage) of the synthetic cases")
+    ap.add_argument("--sella", action="store_true", help="also score 2D placement positions on pituitary slices")
     ap.add_argument("--skip-synthetic", action="store_true", help="skip the synthetic volume registrations")
     ap.add_argument("--threads", default="1", help="thread counts of the synthetic registrations, side by side "
                                                      "(the product uses 1: repeatable)")
@@ -206,6 +254,8 @@ def main() -> int:
         result["slabs"] = bench_slabs(["Right_Putamen", "Left_Precentral_Gyrus"])
     if args.slices:
         result["slices"] = bench_slices(shared_data_dir() / "brain-mri-2d", args.slices)
+    if args.sella:
+        result["sella"] = bench_sella(shared_data_dir() / "brain-mri-2d")
     print(f"\n{'case':<36} {'stage':<15} {'thr':>3} {'wall s':>7} {'cpu s':>6} {'dice':>6} {'nmi':>6} {'err mm':>7}"
           "  top region")
     for r in result["synthetic"] + result.get("brats", []) + result.get("slabs", []):
@@ -217,6 +267,14 @@ def main() -> int:
             print(f"\n2D placement, {mode}, {s['n']} grouped-validation dev JPEGs: plane accuracy "
                   f"{s['plane_accuracy']:.2f} {s['plane_accuracy_by_view']}, confident {s['confident_share']:.2f} "
                   f"(accuracy then {s['accuracy_when_confident']}), {s['seconds_mean']:.1f} s/slice")
+    if "sella" in result:
+        s = result["sella"]
+        for mode in ("shipped", "without_position_gate"):
+            m = s[mode]
+            print(f"\n2D placement position ({mode}), {s['n']} grouped-validation pituitary slices (truth: the sella, "
+                  f"within {s['window_mm']}): plane right {m['plane_accuracy']:.2f}, placed at the sella "
+                  f"{m['at_sella']:.2f}; confidence >= 0.5: {m['confident']} slices, {m['confident_at_sella']} of them "
+                  f"at the sella; highest confidence {m['max_confidence']}, highest similarity {m['max_similarity']}")
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.json}")

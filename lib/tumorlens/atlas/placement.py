@@ -32,6 +32,14 @@ TOP_K = 3  # candidates re-matched at finer scales
 # Measured on dev JPEGs (bench/registration.py --slices): best NCCs lie at 0.55-0.85 for real slices
 # *and* ~0.5 for noise, margins are mostly < 0.04, so only a clear margin earns confidence.
 SIM_LO, SIM_HI, MARGIN_FULL = 0.55, 0.75, 0.10
+# The position along the plane's normal is only as good as the match. A pituitary tumour lies at the sella, so a
+# slice through one has a known position: of the 601 such dev slices, template matching put 2 % within 20 mm of
+# the sella and none of the 11 it gave confidence >= 0.5 (coronal ones at y = -70 mm, in the occipital lobe;
+# `bench/registration.py --sella`). Their best matches reached NCC 0.80, and real slices' positions collapse onto a
+# few template slices (coronal -70 / -50, sagittal +-61, axial 32-36 / 52 mm) whatever they show, while a template
+# slice finds itself at 0.84-0.98. Below this similarity the confidence is cut to a quarter (under the 0.5 at
+# which regions are named): the plane is kept, the position is not trusted.
+POSITION_SIM_MIN = 0.85
 # the slice-view classifier (tumorlens.atlas.view) decides the plane when it is this sure; below, all
 # planes are searched as before. Its probability multiplies the confidence.
 VIEW_TRUST = 0.6
@@ -71,7 +79,7 @@ class SlicePlacement:
         return {
             "plane": self.plane,
             "position_mm": round(float(self.position_mm), 1),
-            "axis": {"axial": "z", "coronal": "y", "sagittal": "x"}[self.plane],
+            "axis": AXIS[self.plane],
             "flipped": self.flipped,
             "scale": round(float(self.scale), 3),
             "similarity": round(float(self.similarity), 4),
@@ -202,6 +210,7 @@ def _far(a: Candidate, b: Candidate) -> bool:
     return abs(a.position_mm - b.position_mm) > 12
 
 
+AXIS = {"axial": "z", "coronal": "y", "sagittal": "x"}
 COARSE_SCALES = (0.6, 0.72, 0.84, 0.96)
 N_IN = 64
 
@@ -271,6 +280,11 @@ def place_slice(image: np.ndarray, *, path: str | None = None, use_view: bool = 
     margin = best_s - run_s
     ramp = float(np.clip((best_s - SIM_LO) / (SIM_HI - SIM_LO), 0.0, 1.0))
     conf = view_p * ramp * float(np.clip(margin / MARGIN_FULL, 0.0, 1.0))
+    if best_s < POSITION_SIM_MIN:
+        conf *= 0.25
+        notes.append(f"the slice matches its best template slice with similarity {best_s:.2f} (a template slice matches "
+                     f"itself at {POSITION_SIM_MIN:.2f} or more): its {best.plane} plane is kept, but its position along "
+                     f"the {AXIS[best.plane]} axis is not trusted, so no atlas region is named")
     fill = info.get("box_fill", 1.0)
     if fill > 0.93:
         conf *= 0.25
