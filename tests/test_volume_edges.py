@@ -643,3 +643,40 @@ def test_a_save_killed_midway_leaves_the_earlier_label_in_place(dev2d, tumour_ro
     assert label.read_bytes() == first
     ds2 = mod.TumorlensDatastore(str(studies), auto_reload=False)  # what the restarted server lists
     assert ds2.get_label_info("a", "final")["class_name"] == "glioma"
+
+
+def test_a_two_layer_slicer_segmentation_keeps_its_painted_class_and_a_mistyped_tag_is_the_standard_one(
+        dev2d, tumour_rows, tmp_path):
+    """An outside probe (session 38): a 3D Slicer ``.seg.nrrd`` with overlapping segments (two layers) was stored
+    with no class (its painted glioma segment was read by value alone), and the tags "Final", "FINAL", "final "
+    were stored apart from "final", leaving the image unlabelled."""
+    import shutil
+
+    import nrrd
+    import SimpleITK as sitk
+
+    mod = _app_module("lib.datastore")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    row = next(r for r in tumour_rows if r["label"] == "glioma")
+    shutil.copy(dev2d / row["image"], studies / "a.jpg")
+    ds = mod.TumorlensDatastore(str(studies), auto_reload=False)
+    ref = sitk.ReadImage(str(studies / "a.jpg"))  # the geometry 3D Slicer gives the picture (ITK's)
+    w, h = ref.GetSize()
+    vox = np.zeros((2, w, h, 1), np.uint8)
+    vox[0, w // 3:w // 2, h // 3:h // 2, 0] = 1  # layer 0: "glioma" painted (value 1), "tumor" (value 2) not
+    vox[1, w // 3 + 5:w // 2 + 5, h // 3:h // 2, 0] = 1  # layer 1: an overlapping "salient area"
+    head = {"type": "unsigned char", "dimension": 4, "space": "left-posterior-superior", "encoding": "gzip",
+            "kinds": ["list", "domain", "domain", "domain"], "space origin": np.zeros(3),
+            "space directions": np.vstack([np.full(3, np.nan), np.eye(3)])}
+    for i, (name, value, layer) in enumerate([("glioma", 1, 0), ("tumor", 2, 0), ("salient area", 1, 1)]):
+        head.update({f"Segment{i}_ID": f"Segment_{i + 1}", f"Segment{i}_Name": name, f"Segment{i}_LabelValue": str(value),
+                     f"Segment{i}_Layer": str(layer), f"Segment{i}_Color": "0.5 0.5 0.5", f"Segment{i}_Tags": "|",
+                     f"Segment{i}_Extent": f"0 {w - 1} 0 {h - 1} 0 0"})
+    seg = tmp_path / "label.seg.nrrd"
+    nrrd.write(str(seg), vox, head, index_order="F")
+    assert mod.class_from_segments(str(seg), None) == "glioma"
+    ds.save_label("a", str(seg), "Final ", {"client_id": "ann1"})
+    labels = ds._datastore.objects["a"].labels
+    assert list(labels) == ["final"] and labels["final"].info["class_name"] == "glioma"
+    assert "a" not in mod.training_gaps(ds)

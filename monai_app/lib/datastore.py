@@ -138,6 +138,13 @@ def class_from_segments(label_file: str, label_info) -> str | None:
     classes among them). The class is the one class-named segment painted in the label, if exactly one."""
     from tumorlens.labels import canonical_label
 
+    painted = _painted_seg_nrrd_segments(label_file)
+    if painted is not None:  # a .seg.nrrd names its own segments, layers and values (overlapping ones in layers)
+        found = {canonical_label(n) for n in painted} - {None}
+        if len(found) > 1:
+            raise InvalidInputError(label_file, f"segments of {len(found)} classes are painted ({', '.join(sorted(found))})"
+                                                ": an image holds one tumour type; paint the tumour in one class segment")
+        return found.pop() if found else None
     if not isinstance(label_info, list):
         return None
     names = {}
@@ -159,6 +166,34 @@ def class_from_segments(label_file: str, label_info) -> str | None:
         raise InvalidInputError(label_file, f"segments of {len(found)} classes are painted ({', '.join(sorted(found))}): "
                                             "an image holds one tumour type; paint the tumour in one class segment")
     return found.pop() if found else None
+
+
+def _painted_seg_nrrd_segments(label_file: str) -> list[str] | None:
+    """Names of the painted segments of a 3D Slicer ``.seg.nrrd`` (read from its own header, each segment by its
+    layer and label value), or None for any other file. A two-layer file (overlapping segments) had been read as
+    values alone, and its painted class was lost (an outside probe, session 38)."""
+    try:
+        with open(label_file, "rb") as fh:
+            head = fh.read(65536)
+    except OSError:
+        return None
+    if not head.startswith(b"NRRD") or b"Segment0_" not in head:
+        return None
+    import numpy as np
+    import slicerio
+
+    try:
+        seg = slicerio.read_segmentation(str(label_file))
+    except Exception as e:  # noqa: BLE001 - any reader failure is the file's problem, said as such
+        raise InvalidInputError(label_file, f"not a readable segmentation: {e}") from e
+    vox = np.asarray(seg["voxels"])
+    layers = vox if vox.ndim == 4 else vox[None]
+    out = []
+    for s in seg.get("segments", []):
+        layer, value = int(s.get("layer", 0) or 0), s.get("labelValue")
+        if value is not None and layer < len(layers) and np.any(layers[layer] == int(value)):
+            out.append(str(s.get("name", "")))
+    return out
 
 
 def final_label_class(datastore, image_id: str) -> str | None:
@@ -408,6 +443,10 @@ class TumorlensDatastore(LocalDatastore):
 
     def _save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         check_id(image_id)
+        # "Final", "FINAL " are the standard tags mistyped: stored apart, they left the image unlabelled (a probe)
+        if isinstance(label_tag, str) and label_tag.strip().lower() in (DefaultLabelTag.FINAL.value,
+                                                                        DefaultLabelTag.ORIGINAL.value):
+            label_tag = label_tag.strip().lower()
         check_id(label_tag or DefaultLabelTag.FINAL.value, "label tag")
         refuse_identifiers(label_tag or "", f"label for {image_id}: the label tag", "use another tag")
         obj = self._datastore.objects.get(image_id)
