@@ -680,3 +680,36 @@ def test_a_two_layer_slicer_segmentation_keeps_its_painted_class_and_a_mistyped_
     labels = ds._datastore.objects["a"].labels
     assert list(labels) == ["final"] and labels["final"].info["class_name"] == "glioma"
     assert "a" not in mod.training_gaps(ds)
+
+
+def test_a_raw_label_buffer_as_ohif_saves_it_lands_on_the_volume(brats, tmp_path):
+    """The OHIF MONAI Label plugin saves a labelmap as its raw buffer, ``label.bin`` (one uint8 per voxel, x
+    fastest); MONAI Label's own DICOMweb datastore converts it with the image's geometry. Here it was a 400, so OHIF
+    could save no label (an outside probe, session 38). A buffer of the wrong size is a 400 that says why."""
+    from fastapi import HTTPException
+
+    from tumorlens.activelearning.finetune import read_label_like
+
+    mod = _app_module("lib.datastore")
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    src = nib.load(str(brats / "pat0001" / "T1c_subtrMeanDivStd.nii.gz"))
+    data = np.asarray(src.dataobj, dtype=np.float32)[60:180, 50:190, 40:110]
+    aff = src.affine.copy()
+    aff[:3, 3] = (src.affine @ np.array([60, 50, 40, 1.0]))[:3]
+    nib.save(nib.Nifti1Image(data, aff), str(studies / "v.nii.gz"))
+    truth = np.asarray(nib.load(str(brats / "pat0001" / "OTMultiClass.nii.gz")).dataobj)[60:180, 50:190, 40:110] > 0
+    ds = mod.TumorlensDatastore(str(studies), auto_reload=False)
+    buf = tmp_path / "label.bin"
+    buf.write_bytes(truth.astype(np.uint8).tobytes(order="F"))
+    ds.save_label("v", str(buf), "final", {"class_name": "glioma"})
+    stored = ds.get_label_uri("v", "final")
+    assert stored.endswith(".nii.gz")
+    got = read_label_like(stored, read_image(studies / "v.nii.gz"))
+    assert np.array_equal(got > 0, truth)
+    short = tmp_path / "short.bin"
+    short.write_bytes(b"\0" * 1000)
+    with pytest.raises(HTTPException) as e:
+        ds.save_label("v", str(short), "final", {"class_name": "glioma"})
+    assert e.value.status_code == 400 and "1000 bytes" in e.value.detail
+    assert np.array_equal(read_label_like(ds.get_label_uri("v", "final"), read_image(studies / "v.nii.gz")) > 0, truth)

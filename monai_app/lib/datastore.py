@@ -196,6 +196,25 @@ def _painted_seg_nrrd_segments(label_file: str) -> list[str] | None:
     return out
 
 
+def bin_label_as_nifti(image_uri: str, label_file: str, what: str) -> str:
+    """A NIfTI of a raw label buffer (``label.bin``: one uint8 per voxel, x fastest, as the OHIF MONAI Label plugin
+    saves a labelmap) on the image's geometry, converted as MONAI Label's own DICOMweb datastore converts it. It
+    had been refused with a 400, so OHIF could not save a label here (an outside probe, session 38)."""
+    import numpy as np
+    from monai.transforms import LoadImage
+    from monailabel.datastore.utils.convert import binary_to_image
+
+    try:
+        shape = LoadImage(image_only=True)(image_uri).shape
+    except Exception as e:  # noqa: BLE001 - a picture or an unreadable image has no voxel order to fill
+        raise bad_request(f"{what}: a raw label buffer (.bin) needs a volume to take its geometry from ({e})") from e
+    size = os.path.getsize(label_file)
+    if len(shape) != 3 or size != int(np.prod(shape)):
+        raise bad_request(f"{what}: label.bin holds {size} bytes; the image has {int(np.prod(shape))} voxels "
+                          f"({' x '.join(map(str, shape))}): send one uint8 per voxel, x fastest, or a NIfTI/NRRD label")
+    return binary_to_image(image_uri, label_file)
+
+
 def final_label_class(datastore, image_id: str) -> str | None:
     """The class an image's final label trains the classifier with: the label's ``class_name`` (or
     ``class``), else the image's own ``class_name``; None when neither names one (a mask alone)."""
@@ -380,7 +399,16 @@ class TumorlensDatastore(LocalDatastore):
 
     def save_label(self, image_id: str, label_filename: str, label_tag: str, label_info: dict[str, Any]) -> str:
         with _dropped_if_refused(label_filename):
-            return self._save_label(image_id, label_filename, label_tag, label_info)
+            if file_ext(label_filename) != ".bin":
+                return self._save_label(image_id, label_filename, label_tag, label_info)
+            check_id(image_id)
+            if image_id not in self._datastore.objects:
+                raise not_found(f"unknown image id {image_id!r}: upload the image first")
+            converted = bin_label_as_nifti(self.get_image_uri(image_id), label_filename, f"label for {image_id}")
+            try:
+                return self._save_label(image_id, converted, label_tag, label_info)
+            finally:
+                Path(converted).unlink(missing_ok=True)
 
     def _add_image(self, image_id: str, image_filename: str, image_info: dict[str, Any]) -> str:
         ext = file_ext(image_filename)
@@ -454,7 +482,7 @@ class TumorlensDatastore(LocalDatastore):
             raise not_found(f"unknown image id {image_id!r}: upload the image first")
         ext = file_ext(label_filename)
         if ext not in (".nii.gz", ".nii", ".nrrd", ".png"):
-            raise bad_request(f"label for {image_id}: unsupported label type {ext!r}; send PNG (2D), NIfTI or NRRD")
+            raise bad_request(f"label for {image_id}: unsupported label type {ext!r}; send PNG (2D), NIfTI or NRRD (or a raw uint8 label.bin on a volume)")
         try:
             img = read_image(self.get_image_uri(image_id))
             mask = read_label_like(label_filename, img)
