@@ -320,6 +320,49 @@ def test_not_connected_is_a_server_error(logic):
         logic.remote_next_sample("random")
 
 
+def picture_as_slicer_reads_it(scene, path: Path):
+    """A volume node holding a picture as 3D Slicer's reader gives it (ITK's pixels and geometry: 1 mm pixels, EXIF
+    orientation ignored), with the storage node naming the file (slicer-core reads no JPEG itself)."""
+    import SimpleITK as sitk
+
+    ref = sitk.ReadImage(str(path))
+    node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", path.stem)
+    slicer.util.updateVolumeFromArray(node, sitk.GetArrayFromImage(ref)[None])
+    node.SetIJKToRASDirections(-1, 0, 0, 0, -1, 0, 0, 0, 1)
+    node.SetSpacing(1.0, 1.0, 1.0)
+    node.SetOrigin(0.0, 0.0, 0.0)
+    storage = scene.AddNewNodeByClass("vtkMRMLVolumeArchetypeStorageNode")
+    storage.SetFileName(str(path))
+    node.SetAndObserveStorageNodeID(storage.GetID())
+    return node
+
+
+@pytest.fixture(scope="session")
+def turned_jpeg(tmp_path_factory) -> Path:
+    """A development JPEG stored turned by 90 degrees with an EXIF Orientation tag saying so."""
+    from PIL import Image
+
+    up = Image.open(project_root() / "samples" / "studies" / "mri2d_1941.jpg").convert("L")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    out = tmp_path_factory.mktemp("turned") / "turned.jpg"
+    up.transpose(Image.Transpose.ROTATE_90).save(out, quality=95, exif=exif.tobytes())
+    return out
+
+
+def test_a_picture_goes_up_as_the_picture_while_its_volume_is_unchanged(logic, turned_jpeg):
+    node = picture_as_slicer_reads_it(logic.scene, turned_jpeg)
+    assert logic.picture_source(node) == str(turned_jpeg)
+    image_id, path = logic.prepare_upload(node)
+    assert path.endswith(".jpg") and Path(path).read_bytes() == turned_jpeg.read_bytes() and image_id.startswith("img-")
+    arr = slicer.util.arrayFromVolume(node)  # painted over in Slicer: the volume, not the file, is what is shown
+    arr[0, 0, 0] += 1
+    slicer.util.arrayFromVolumeModified(node)
+    assert logic.picture_source(node) is None
+    image_id2, path2 = logic.prepare_upload(node)
+    assert image_id2 != image_id and path2.endswith(".nii.gz")
+
+
 # ---- part 2: a real tumorlens server on loopback -------------------------------------------------------
 
 def _free_port() -> int:
@@ -626,3 +669,23 @@ def test_dicom_series_folder_loads_like_the_server_reads_it(logic, brats, tmp_pa
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no file"):
         logic.load_volume(str(tmp_path / "empty"))
+
+
+@pytest.mark.server
+def test_server_answers_a_picture_opened_in_slicer_as_the_command_line_does(logic, server, turned_jpeg, predictor):
+    """3D Slicer gives a picture 1 mm pixels and ignores its EXIF orientation: sent as Slicer's one-slice volume,
+    a JPEG stored turned was classified as stored (the command line reads it upright) and measured in mm². The
+    picture itself goes up now: the server's answer is the command line's, and its size is in pixels."""
+    from tumorlens.data import read_image
+
+    logic.connect(server["url"])
+    node = picture_as_slicer_reads_it(logic.scene, turned_jpeg)
+    res = logic.run_model(node, "classification")
+    stored = logic.client.datastore()["objects"][res["image_id"]]
+    assert stored["image"]["ext"] == ".jpg"
+    want = predictor.predict(read_image(turned_jpeg)).probabilities
+    assert all(abs(res["probabilities"][c] - want[c]) < 2e-3 for c in want), (res["probabilities"], want)
+    assert logic.run_model(node, "segmentation")["segments"]  # as NIfTI: slicer-core (and a PNG) could not place it
+    findings = logic.run_model(node, "saliency_gradcam").get("findings") or {}
+    assert findings.get("input", {}).get("spacing_known") is False, findings.get("input")
+    assert all(m.get("area_mm2") is None for m in findings.get("masks", [])), findings.get("masks")

@@ -251,9 +251,43 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
             self.scene.RemoveNode(storage)
         return path
 
+    def picture_source(self, volume_node) -> str | None:
+        """The picture file (JPEG, PNG, ...) a volume node was read from, when the node still holds exactly what
+        ITK reads from it (same pixels, ITK's own geometry), else None. Sent as the one-slice volume Slicer made
+        of it, a picture was measured in Slicer's 1 mm pixels (mm² where the picture gives no spacing) and read as
+        stored, its EXIF orientation ignored, where the command line reads it upright (an outside probe)."""
+        storage = volume_node.GetStorageNode()
+        path = storage.GetFileName() if storage is not None else None
+        if not tll.is_picture_file(path):
+            return None
+        try:
+            import SimpleITK as sitk
+
+            ref = sitk.ReadImage(path)
+        except Exception:  # noqa: BLE001 - a file ITK cannot read is not the one Slicer shows
+            return None
+        arr = slicer.util.arrayFromVolume(volume_node)
+        want = sitk.GetArrayFromImage(ref)
+        if arr.size != want.size or not np.array_equal(arr.reshape(want.shape), want):
+            return None
+        lps = np.eye(4)
+        dim = ref.GetDimension()
+        lps[:dim, :dim] = np.asarray(ref.GetDirection()).reshape(dim, dim) * np.asarray(ref.GetSpacing())[None, :]
+        lps[:dim, 3] = ref.GetOrigin()
+        ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
+        return path if np.allclose(self.ijk_to_ras(volume_node), ras, atol=1e-4) else None
+
     def prepare_upload(self, volume_node) -> tuple[str, str]:
-        """(image id, temporary NIfTI of the volume) — main thread, before any network call."""
+        """(image id, temporary file of the volume) — main thread, before any network call. A picture the node
+        still holds unchanged goes up as the picture itself (its spacing unknown, read upright), under the same
+        content-hash id; any other volume as the NIfTI the scene writes."""
         image_id = self.image_id(volume_node)
+        picture = self.picture_source(volume_node)
+        if picture:
+            path = os.path.join(self.work_dir, image_id + os.path.splitext(picture)[1].lower())
+            if not os.path.exists(path):
+                shutil.copyfile(picture, path)
+            return image_id, path
         path = os.path.join(self.work_dir, f"{image_id}.nii.gz")
         if not os.path.exists(path):
             self.write_volume(volume_node, path)
@@ -362,7 +396,11 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
 
     def remote_run(self, model: str, image_id: str, path: str | None, params: dict | None = None,
                    heatmap: bool = False) -> list[tll.InferAnswer]:
-        """The label answer, plus the heatmap answer for saliency models when asked (network only)."""
+        """The label answer, plus the heatmap answer for saliency models when asked (network only). A picture's
+        answers come as NIfTI: a PNG (the server's default for pictures) carries no geometry, and the server's
+        mask of a picture stored turned (EXIF) lies on the upright grid, which only the NIfTI's affine places."""
+        if path and path.lower().endswith(tll.PICTURE_EXTENSIONS):
+            params = {"result_extension": ".nii.gz", **(params or {})}
         answers = [self.remote_infer(model, image_id, path, params)]
         if heatmap and model.startswith("saliency"):
             # the heatmap needs no atlas step (registration is the slow part of an explanation)
