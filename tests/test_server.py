@@ -256,6 +256,13 @@ def test_segmentation_volume_lands_on_input_geometry(client, studies, tmp_path, 
     assert np.asanyarray(lab.dataobj).dtype == np.uint8
     ref = Predictor(base_model).predict(img).mask.numpy()[0]
     assert (np.asanyarray(lab.dataobj) == ref).mean() > 0.999
+    # largest_cc, as MONAI Label's sample apps take it, keeps the largest connected part (it was accepted and ignored)
+    from scipy import ndimage
+
+    out_cc, _ = infer_json(client, "segmentation", "vol_sli", {"largest_cc": True})
+    cc = np.asanyarray(nib.load(out_cc).dataobj)
+    assert ndimage.label(cc)[1] == 1 and not (cc & ~(np.asanyarray(lab.dataobj) > 0)).any()
+    assert cc.sum() == max(np.bincount(ndimage.label(ref > 0)[0].ravel())[1:])
     # NRRD (what 3D Slicer's plugin asks for) carries the same geometry
     import SimpleITK as sitk
 
