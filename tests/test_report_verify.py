@@ -504,7 +504,8 @@ def test_mainly_one_side_must_be_the_side_holding_most_of_the_lesion():
 
 def test_pseudo_negations_and_list_form_negations_are_read_right():
     v = _planted(impression="There is no doubt that the classifier favours glioma, left insular cortex.")
-    assert v["supported"], _reasons(v)
+    assert not v["negation_conflicts"], _reasons(v)  # "no doubt" negates nothing (it is a certainty claim since
+    assert [c["text"] for c in v["unsupported_claims"]] == ["doubt"], _reasons(v)  # session 38: words are grounded)
     v = _planted(impression="Tumour: none. Mass: absent.", rec=_no_tumour())
     assert v["supported"], _reasons(v)
 
@@ -997,3 +998,33 @@ def test_correct_statements_in_other_words_pass(impression, rec):
 def test_nothing_to_suggest_the_favoured_class_is_a_conflict():
     v = _planted(impression="There is nothing to suggest a glioma.")
     assert not v["supported"] and v["negation_conflicts"], _reasons(v)
+
+
+@pytest.mark.parametrize("impression", [
+    # an outside probe's second round (session 38) got 41 % of 474 new drafts through a verifier that listed what is
+    # wrong; since then a sentence must be made of what the findings give: these name nothing the lists know
+    "Glioma of the left insular cortex; awake craniotomy is advised.",
+    "IDH-mutant glioma of the left insular cortex.",
+    "Glioma of the left insular cortex; the lesion is harmless.",
+    "Glioma of the left insular cortex with low ADC values.",
+    "Glioma of the left insular cortex; the calvarium is intact.",
+    "Glioma of the left insular cortex, seen at St Mary's Hospital.",
+    "Glioma of the left insular cortex; hospice care should be discussed.",
+])
+def test_a_sentence_must_be_made_of_what_the_findings_give(impression):
+    v = _planted(impression=impression)
+    assert not v["supported"] and any(c["kind"] == "unverified" for c in v["unsupported_claims"]), _reasons(v)
+
+
+@pytest.mark.parametrize("impression,rec,ok", [
+    ("Glioma (probability 0.82); classifier uncertainty is not low.", None, True),  # entropy 0.64: moderate
+    ("Glioma (probability 0.82); classifier uncertainty is not moderate.", None, False),
+    ("Glioma, right-predominant.", "bilateral", True),  # 60 % of it on the right
+    ("Glioma, left more than right.", "bilateral", False),
+    ("Glioma in both hemispheres, favouring the left side.", "bilateral", False),
+    ("A pituitary tumour is not favoured.", None, True),
+    ("Glioma is not favoured.", None, False),
+])
+def test_sides_and_levels_said_after_the_word_are_weighed(impression, rec, ok):
+    v = _planted(impression=impression, rec=_bilateral() if rec == "bilateral" else None)
+    assert v["supported"] == ok, _reasons(v)
