@@ -226,6 +226,8 @@ def test_region_map_matches_the_regions_on_a_synthetic_2d_slice():
     assert len(out["region_names"]) == len(out["regions"])
     # radiological display: image columns 40-70 of 182 are the patient's right
     assert out["lesion"]["laterality"] == "right"
+    # an array without patient geometry: the record says the side rests on that convention (session 38)
+    assert any("radiological convention" in n for n in out["notes"]), out["notes"]
 
 
 def test_a_slice_of_rectangular_pixels_is_placed_like_the_same_slice_with_square_ones(dev2d):

@@ -554,3 +554,21 @@ def _with_func(parser, func):
 
     parser.parse_args = parse
     return parser
+
+
+def test_a_tiny_volume_and_a_dicom_dose_grid_are_refused_by_name(tmp_path):
+    """An outside probe (session 38): a 2 x 2 x 2 volume was classified (glioma 0.80) while a 2 x 2 picture is
+    refused, and a DICOM RT dose grid got GDCM's assertion text instead of what it is."""
+    import nibabel as nib
+    from pydicom.data import get_testdata_file
+
+    from tumorlens.data import read_image
+    from tumorlens.errors import InvalidInputError
+
+    tiny = tmp_path / "tiny.nii.gz"
+    nib.save(nib.Nifti1Image(np.arange(8, dtype=np.float32).reshape(2, 2, 2), np.eye(4)), str(tiny))
+    with pytest.raises(InvalidInputError, match="no head scan") as e:
+        read_image(tiny)
+    assert "tiny.nii.gz" in str(e.value)
+    with pytest.raises(InvalidInputError, match="RTDOSE object, not an image"):
+        read_image(get_testdata_file("rtdose_1frame.dcm"))

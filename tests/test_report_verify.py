@@ -1028,3 +1028,12 @@ def test_a_sentence_must_be_made_of_what_the_findings_give(impression):
 def test_sides_and_levels_said_after_the_word_are_weighed(impression, rec, ok):
     v = _planted(impression=impression, rec=_bilateral() if rec == "bilateral" else None)
     assert v["supported"] == ok, _reasons(v)
+
+
+def test_a_volume_impression_leads_with_its_caution():
+    """A healthy ICBM152 volume's impression said glioma and named its location; that the 2D network reads a volume
+    slice by slice and scores healthy brains like diseased ones stood only under Limitations (session 38)."""
+    res = generate_report(_pituitary_volume(), backend="template")
+    imp = res.report.impression
+    assert imp.startswith("Caution:") and "slice by slice" in imp and res.verification["supported"], imp
+    assert not generate_report(record(), backend="template").report.impression.startswith("Caution:")

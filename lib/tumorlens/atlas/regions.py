@@ -237,6 +237,11 @@ def _check_pair(image, mask) -> tuple[np.ndarray, np.ndarray, str | None]:
     return img, m > 0, path
 
 
+def _floor2(x: float) -> str:
+    """Two decimals rounded down: a confidence of 0.499 below the bar of 0.5 read "0.50 < 0.5"."""
+    return f"{np.floor(x * 100) / 100:.2f}"
+
+
 def _placement(method: str, quality: float, confidence: float, min_confidence: float, details: dict) -> dict:
     return {"method": method, "quality": round(quality, 4), "confidence": round(confidence, 3),
             "low_confidence": confidence < min_confidence, "details": details}
@@ -288,7 +293,7 @@ def map_regions(
             regions, lesion = summarise_points(np.zeros((0, 3)))
         elif placement["low_confidence"]:
             notes.append(
-                f"registration to MNI152 is not trusted (confidence {reg.confidence:.2f} < {min_confidence}; "
+                f"registration to MNI152 is not trusted (confidence {_floor2(reg.confidence)} < {min_confidence}; "
                 f"brain-mask Dice {reg.quality_figure:.2f}): regions are not named"
             )
             regions, lesion = [], dict(UNPLACED_LESION)
@@ -322,7 +327,7 @@ def map_regions(
             regions, lesion = summarise_points(np.zeros((0, 3)))
         elif placement["low_confidence"]:
             notes.append(
-                f"the slice matches no template plane well enough (confidence {pl.confidence:.2f} < "
+                f"the slice matches no template plane well enough (confidence {_floor2(pl.confidence)} < "
                 f"{min_confidence}): regions are not named"
             )
             regions, lesion = [], dict(UNPLACED_LESION)
@@ -335,6 +340,10 @@ def map_regions(
                 lesion["centroid_mni_mm"] = None  # its x had been one side's guess (-64 beside "side unknown")
                 for r in regions:
                     r["hemisphere"] = "unknown" if r["hemisphere"] in ("left", "right") else r["hemisphere"]
+            elif meta.get("picture") or np.allclose(_np(getattr(image, "affine", np.eye(4))), np.eye(4)):
+                # `locate` stated "laterality: right" for a picture drawn the other way (an outside probe, session 38)
+                notes.append("the picture carries no patient orientation: its sides assume the radiological "
+                             "convention (the patient's right on the image's left)")
             per_px = map_slice_mask(m, pl, per_pixel=True, scale=scale)
             rmap, names = region_map_from(point_labels(per_px), np.nonzero(m), m.shape, regions)
             # back onto the mask's own grid (a viewer lays it over the image as stored)

@@ -70,6 +70,10 @@ def _image(path: Path, kind: str, arr: np.ndarray, affine: np.ndarray, spacing, 
         # a 1 x 256 strip was classified as a glioma (p 0.90) by one command and refused by another
         raise InvalidInputError(path, f"a {arr.shape[0]} x {arr.shape[1]} px picture is no head slice: a slice is at "
                                       f"least {MIN_SLICE_SIDE} px on each side and at most {MAX_SLICE_ASPECT}:1")
+    if kind == "volume" and min(sorted(arr.shape)[-2:]) < MIN_SLICE_SIDE:
+        # a 2 x 2 x 2 volume was classified (glioma 0.80, a 6-voxel mask) while a 2 x 2 picture is refused
+        raise InvalidInputError(path, f"a {' x '.join(map(str, arr.shape))} voxel volume is no head scan: its slices are "
+                                      f"at least {MIN_SLICE_SIDE} px on each side")
     return MetaTensor(torch.from_numpy(arr[None].copy()), affine=torch.as_tensor(affine),
                       meta=_meta(path, kind, affine, arr.shape, spacing, **meta))
 
@@ -347,6 +351,17 @@ def _functional_spacing(path: Path) -> bool:
         return False
 
 
+def _declared_modality(path: Path) -> str | None:
+    """The Modality a DICOM file (or a series folder's first file) declares, read without its pixels."""
+    try:
+        import pydicom
+
+        first = path if path.is_file() else next(p for p in sorted(path.iterdir()) if p.is_file())
+        return str(pydicom.dcmread(str(first), stop_before_pixels=True, force=True).get("Modality", "")) or None
+    except Exception:  # noqa: BLE001 - nothing declared that can be read
+        return None
+
+
 def _check_slice_positions(path: Path, reader, n: int, direction: np.ndarray) -> None:
     """Refuse a series whose slices are not evenly spaced (a missing slice, a mixed acquisition):
     ITK only warns and stacks them as if they were, which shifts every slice after the gap."""
@@ -466,6 +481,9 @@ def _read_dicom(path: Path) -> MetaTensor:
         last = str(e).strip().splitlines()[-1]
         if "Unable to determine ImageIO reader" in last and path.name.upper() == "DICOMDIR":
             raise InvalidInputError(path, f"a DICOMDIR holds no image{DICOMDIR_HINT}") from e
+        modality = _declared_modality(path)
+        if modality and modality.upper() in NOT_IMAGES:  # an RT dose grid failed in GDCM with an assertion text
+            raise InvalidInputError(path, f"a DICOM {modality} object, not an image to classify") from e
         if "Unable to determine ImageIO reader" in last:
             raise InvalidInputError(path, "no readable image in this file (not DICOM, no pixel data, a non-image "
                                           "object such as a structured report, or a truncated file)") from e

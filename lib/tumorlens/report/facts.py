@@ -29,6 +29,11 @@ MAX_ENTROPY = math.log(len(CLASS_NAMES))
 # them by a sliver); the findings record keeps them all
 LISTED_REGION_FRACTION = 0.01
 UNFAMILIAR_REASON = "The image is unlike the images the model was trained on"
+# a volume is read slice by slice by the 2D network, which calls a healthy template a glioma: the class must not lead
+# the impression unqualified (an outside probe, session 38: a healthy ICBM152 volume's impression said glioma and
+# named its location, the caution only under Limitations)
+VOLUME_REASON = "The volume was read slice by slice by a network trained on 2D slices, which scores healthy brains " \
+                "like diseased ones on such volumes"
 
 
 def load_findings(findings: Any, source: str | Path | None = None):
@@ -151,7 +156,8 @@ class Facts:
         class that follows is the network's answer to an input it may not be made for, and a reader of the
         impression alone (the part people read) must not take it as a finding."""
         scope = self.out_of_scope()
-        reasons = scope + ([UNFAMILIAR_REASON] if self.unfamiliar else [])
+        reasons = scope + ([UNFAMILIAR_REASON] if self.unfamiliar else []) + \
+            ([VOLUME_REASON] if self.kind == "volume" and not self.read_as_slice else [])
         if not reasons:
             return None
         consequence = "may not apply" if scope else "may not be reliable"
