@@ -1037,3 +1037,39 @@ def test_a_volume_impression_leads_with_its_caution():
     imp = res.report.impression
     assert imp.startswith("Caution:") and "slice by slice" in imp and res.verification["supported"], imp
     assert not generate_report(record(), backend="template").report.impression.startswith("Caution:")
+
+
+@pytest.mark.parametrize("impression,rec,ok", [
+    # an outside probe's third round (session 38), on the grounded verifier: misses
+    ("Glioma (probability 0.82); most of the lesion lies in the left frontal operculum cortex.", None, False),  # 30 %
+    ("Glioma (probability 0.82); most of the lesion lies in the left insular cortex.", None, True),  # 55 %
+    ("Glioma (probability 0.82); the left frontal operculum cortex holds the largest share.", None, False),
+    ("Glioma (probability 0.82); the left insular cortex holds the largest share.", None, True),
+    ("Glioma (probability 0.82); meningioma is the second most likely class.", None, True),
+    ("Glioma (probability 0.82); pituitary tumour is the second most likely class.", None, False),
+    ("Glioma (probability 0.82); glioma is the least likely class.", None, False),
+    ("Glioma (probability 0.82), possibly a macroadenoma.", None, False),
+    # and false alarms: correct sentences it refused
+    ("Glioma (probability 0.82); no tumour 0.03.", None, True),
+    ("Glioma (probability 0.82); other tumour types are unlikely.", None, True),
+    ("Glioma is favoured (probability 0.82), but this is not certain.", None, True),
+    ("Glioma (probability 0.82); a radiologist should confirm these findings.", None, True),
+    ("Glioma (probability 0.82) is favoured over meningioma (0.10).", None, True),
+    ("Glioma (probability 0.82); the next step is a radiologist's review in the clinical context.", None, True),
+])
+def test_shares_ranks_and_hedges_are_read_as_meant(impression, rec, ok):
+    v = _planted(impression=impression, rec=rec)
+    assert v["supported"] == ok, _reasons(v)
+
+
+def test_a_draft_that_copied_the_caution_does_not_get_it_twice():
+    f = build_facts(_pituitary_volume())
+    d = template_draft(f)
+    twice = assemble(f, d.model_copy(update={"impression": f"{f.scope_caution()} {d.impression}"}))
+    assert twice.impression.count("Caution:") == 1
+
+
+def test_the_no_tumour_class_denied_is_weighed_against_the_findings():
+    assert _planted(impression="Glioma (probability 0.82); the no-tumour class is not favoured.")["supported"]
+    v = _planted(impression="No tumour is found; the no-tumour class is not favoured.", rec=_no_tumour())
+    assert not v["supported"] and v["negation_conflicts"], _reasons(v)

@@ -73,7 +73,8 @@ def completeness(report: RadiologyReport, f: Facts) -> list[str]:
         if not any(w in imp for w in words):
             missing.append(f"impression does not name the most likely class ({READABLE_CLASS[f.label]})")
     elif not any(w in imp for w in ("no tumour", "no tumor", "no-tumour", "no-tumor", "normal", "tumour-free", "no evidence",
-                                             "negative for", "tumor-free")):
+                                             "negative for", "tumor-free", "not detect", "did not find",
+                                             "no tumour was", "no tumor was")):
         missing.append("impression does not state that no tumour was found")
     # a draft cut to one clause ("The classifier favours glioma (probability 0.96)") was delivered as verified: the
     # findings must also say how uncertain the call is and, where a lesion was outlined, how large it is

@@ -45,12 +45,15 @@ def template_draft(f: Facts) -> ReportDraft:
 def assemble(f: Facts, draft: ReportDraft) -> RadiologyReport:
     """A full report: the draft's prose plus the factual fields copied from the findings."""
     technique = f"Input: {f.sentence_image()}. Analysis: {f.sentence_method()}"
+    caution = f.scope_caution()
+    if caution and caution in draft.impression:  # a draft that copied it from the template does not get it twice
+        caution = None
     recs = [s.strip() for s in draft.recommendations.replace("\n", " ").split(". ") if s.strip()]
     recs = [r if r.endswith((".", "!", "?")) else r + "." for r in recs]
     return RadiologyReport(
         technique=technique,
         findings=draft.findings.strip(),
-        impression=" ".join(x for x in (f.scope_caution(), draft.impression.strip()) if x),
+        impression=" ".join(x for x in (caution, draft.impression.strip()) if x),
         regions=[f"{r['hemisphere']} {r['name']}" if r["hemisphere"] in ("left", "right") else r["name"]
                  for r in f.listed_regions],
         regions_not_listed=len(f.regions) - len(f.listed_regions),

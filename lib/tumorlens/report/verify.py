@@ -127,7 +127,7 @@ UNCERTAINTY_LEVEL = (
 LEVEL_OF = {"low": "low", "minimal": "low", "small": "low", "moderate": "moderate", "high": "high",
             "considerable": "high", "substantial": "high"}
 CONFIDENT = (
-    r"clearly|obviously|evidently|unmistakabl[ey]|(?:high|strong|great|considerable) (?:degree of |level of )?confidence|(?:highly |very |quite |fully )?confident(?:ly)?|"
+    r"clearly|obviously|evidently|unmistakabl[ey]|sure|(?:high|strong|great|considerable) (?:degree of |level of )?confidence|(?:highly |very |quite |fully )?confident(?:ly)?|"
     r"(?:highly |very )?reliabl[ey]|reliability|trustworthy|robust(?:ly)?|(?:highly )?accurate(?:ly)?|"
     r"strongly (?:favou?rs?|suggests?|suggestive|indicat\w*|supports?)|clear(?:ly)? (?:favou?rs?|shows?|demonstrat\w*|"
     r"indicat\w*)|unambiguous(?:ly)?"
@@ -141,13 +141,15 @@ UNFAMILIAR = r"unlike the (?:training )?images|unfamiliar|out[- ]of[- ]distribut
 
 CLASS_PATTERNS = {
     # "no tumour (0.03)": the class, named with its probability (an outside probe, session 38: read as a denial)
-    "no_tumor": r"no[-_ ]tumou?r class|no_tumor|tumou?r-free class|no[- ]tumou?r(?= ?\((?:p(?:robability)?\s*[=:]?\s*)?[\d.])",
+    "no_tumor": (r"no[-_ ]tumou?r class|no_tumor|tumou?r-free(?: class)?|no[- ]tumou?r(?=\s*[(:=]?\s*(?:p(?:robability)?\s*[=:]?\s*)?"
+                 r"[\d.])|(?<=probability of )no[- ]tumou?r|(?<=probability for )no[- ]tumou?r"),
     "pituitary": (r"pituitary (?:tumou?rs?|adenomas?|macroadenomas?|microadenomas?|neoplasms?|lesions?|mass(?:es)?)"
-                  r"|(?:macro|micro)?adenomas?|pituitary(?! (?:gland|fossa|stalk))"),
+                  r"|adenomas?|pituitary(?! (?:gland|fossa|stalk))"),
     "glioma": r"gliomas?",
     "meningioma": r"meningiomas?",
 }
-PIPELINE_PHRASES = r"(?:lesion|tumou?r) (?:mask|location|side|class|probability|probabilities)|no-tumou?r"
+PIPELINE_PHRASES = (r"(?:lesion|tumou?r) (?:mask|location|side|class|probability|probabilities)|no-tumou?r|"
+                    r"other (?:tumou?r )?(?:types|classes)")
 TUMOUR_WORDS = r"tumou?rs?|mass(?:es)?|lesions?|neoplasms?|neoplastic|growths?|abnormalit(?:y|ies)|malignan\w*|cancer"
 SIZE_WORDS = re.compile(r"\b(?:measur\w*|diameters?|sizes?|sized|long|across|axis|axes|extent|spans?|spanning|wide|"
                         r"width|length|thick\w*|large|big|small)\b", re.IGNORECASE)
@@ -239,6 +241,7 @@ def normalise(text: str) -> str:
     for pat, unit in UNIT_WORDS:
         t = re.sub(pat, unit, t, flags=re.IGNORECASE)
     t = re.sub(r"(?<![\w.])\.(\d)", r"0.\1", t)
+    t = re.sub(r"(\d)\s*(?:mL|ML|Ml)\b", r"\1 ml", t)
     t = re.sub(r"\b(\d+) (?:times |chances? |cases? )?(?:out of|in) (\d+)\b",
                lambda m: f"{100 * int(m.group(1)) / max(int(m.group(2)), 1):g} %", t)
     return t
@@ -408,6 +411,12 @@ demonstrated demonstrate appears appear appearing appearance identified identify
 presence absent absence evidence sign signs feature features reported reports reporting described describes
 describe given gives give says say said stated states state noted notes note observed observes
 yes automatic automated computer computed software tool ai artificial intelligence
+next step steps split provided maximum performed kept stage stages assessment strongly upon one two three four received
+far residual details typical ahead expressed converted localisation localization localised localized greatest considerably times account
+accounts score scores similar similarly widespread corresponding corresponds correspond together context sequences
+sequence qualified further history pathology relied rely relies kindly conclusion necessarily retains retain wrong
+represents represent representing fairly differs differ data window opinion changed affine deformable dice small
+large share shares
 vs versus year years old aged age patient patients space coordinate coordinates centroid confined limited restricted
 rule rules disease diseases for neuroradiologist neuroradiologists alongside remains remain remaining please excluded exclude unreliable
 reliable analysed analyzed analysis assigns assign assigned plane planes known unknown laterality determined
@@ -426,6 +435,10 @@ PRODUCT_WORDS = {
     "impression", "technique", "recommendations", "limitations", "classifier", "segmentation", "saliency",
     "radiologist", "review", "clinical", "atlas", "template", "region", "regions", "gyrus", "cortex", "lobe",
 }
+
+# "a radiologist should confirm", "rather than confirming": a certainty word asked of a reader, claimed by no one
+RECOMMENDING = re.compile(r"\b(?:should|must|to|may|can|could|would|please|radiologist|rather than|before|until|"
+                          r"needs?|required)\b[\w\s]{0,20}$", re.IGNORECASE)
 
 # asking the reader to compare with earlier imaging states no change (a probe's false alarm, session 38)
 COMPARE_WITH = re.compile(r"\b(?:correlat(?:e|ion|ing)|compare|comparing|comparison|review|reviewing|check|checking|"
@@ -458,9 +471,21 @@ DISJUNCTION_LINK = re.compile(r"\s*(?:\([^()]*\)\s*)?(?:,\s*or|,|or|/)\s*(?:(?:a
                               r"\s+)*", re.IGNORECASE)
 # words that offer a class as a possibility rather than assert it: such a class needs DIFFERENTIAL_MIN too (an outside
 # probe, session 37: "glioma cannot be excluded", "differential: glioma", "versus glioma" passed at p 0.008)
-DIFFERENTIAL_CUE = re.compile(r"\bdifferential|\bddx\b|\bversus\b|\bbetween\b|\bvs\.?(?=\s)|\balternatives?\b|\balternatively\b|"
+DIFFERENTIAL_CUE = re.compile(r"\bdifferential|\bddx\b|\bversus\b|\bbetween\b|\bover\b|\bprobability (?:of|for)\b|"
+                              r"\bchance of\b|\blikelihood of\b|\bvs\.?(?=\s)|\balternatives?\b|\balternatively\b|"
                               r"\bconsider(?:ed|ation)?\b|\bcannot be (?:excluded|ruled out)|\bnot (?:be )?(?:excluded|ruled out)|"
                               r"\bpossib(?:le|ly|ility)\b", re.IGNORECASE)
+# words before a region that give it most of the lesion, or its largest share; and the same said after it
+MAIN_REGION = re.compile(r"\b(?:most of|majority of|bulk of|mainly|mostly|predominantly|chiefly|primarily|largely|"
+                         r"principally|(?:the )?largest (?:share|part|portion))\b[\w\s,'%().-]{0,45}$", re.IGNORECASE)
+LARGEST_AFTER = re.compile(r"^[\w\s]{0,20}?\b(?:holds?|has|contains?|takes?)\s+(?:the\s+)?(?:largest|greatest|biggest|most)"
+                           r"(?:\s+(?:share|part|portion))?\b", re.IGNORECASE)
+
+# a class's rank said in words, before or after its name
+RANK_BEFORE = re.compile(r"\b(?P<rank>second|third|least)(?:[- ]most)?\s+(?:likely|probable)\s+(?:class|diagnosis|option)?"
+                         r"\s*(?:is|was)?\s*(?:an?\s+|the\s+)?$", re.IGNORECASE)
+RANK_AFTER = re.compile(r"^\W*(?:class\s+)?(?:is|was|remains|ranks?|comes?)?\s*(?:the\s+)?(?P<rank>second|third|least)"
+                        r"(?:[- ]most)?\s+(?:likely|probable)", re.IGNORECASE)
 EQUALLY_LIKELY = re.compile(r"\b(?:equally|just\s+as)\s+(?:likely|probable)|\bas\s+likely\s+as\b", re.IGNORECASE)
 
 
@@ -534,6 +559,11 @@ class Verifier:
                 pol = scope.polarity(m.start(), m.end())
                 if name == "change since earlier imaging" and COMPARE_WITH.search(scan[:m.start()]):
                     add("unmeasured", m, True, "asks to compare with earlier imaging", pol=pol)
+                    scan = _mask(scan, m.start(), m.end())
+                    continue
+                if name == "certainty" and (CAUTIOUS_BEFORE.search(scan[:m.start()]) or RECOMMENDING.search(
+                        scan[:m.start()])):  # "not certain", "less certain", "a radiologist should confirm"
+                    add("unmeasured", m, True, "a certainty word denied, hedged or asked of a reader", pol=pol)
                     scan = _mask(scan, m.start(), m.end())
                     continue
                 if name == "treatment" and m.group(0).lower().startswith("treat") and \
@@ -783,8 +813,20 @@ class Verifier:
         """``alternatives``: the classes named with this one in a differential ("glioma or meningioma")."""
         f = self.f
         pol = scope.polarity(m.start(), m.end())
+        rank = RANK_BEFORE.search(sent[max(0, m.start() - 50):m.start()]) or RANK_AFTER.match(sent[m.end():m.end() + 50])
+        if rank and not pol.negated:  # "glioma is the second most likely class", "the least likely is meningioma"
+            order = f.ranked
+            want = {"second": 1, "third": 2}.get(rank.group("rank").lower(), len(order) - 1)
+            ok = abs(f.probabilities[cls] - order[want][1]) < 0.005  # ties count either way
+            add("class", m, ok, "" if ok else f"calls {READABLE_CLASS[cls]} the {rank.group('rank').lower()} most likely; "
+                f"that is {READABLE_CLASS[order[want][0]]} ({order[want][1]:.2f})", pol=pol)
+            return
         if cls == NO_TUMOUR:  # the class's name, as in a list of probabilities
-            if f.label == NO_TUMOUR or pol.uncertain or self._own_probability_near(sent, m.end(), cls):
+            if f.label == NO_TUMOUR and re.match(r"\s*(?:class\s+)?(?:is|was)\s+(?:not|no longer)\b", sent[m.end():]):
+                # "the no-tumour class is not favoured" (the "no" before other mentions negates nothing here)
+                add("class", m, False, f"negates the no-tumour class, the most likely (probability {f.top_probability:.2f})",
+                    conflict=True, pol=pol)
+            elif f.label == NO_TUMOUR or pol.uncertain or pol.negated or self._own_probability_near(sent, m.end(), cls):
                 add("class", m, True, pol=pol)
             else:
                 add("class", m, False, f"names the no-tumour class without its probability; the findings favour "
@@ -886,6 +928,12 @@ class Verifier:
                 add("region", m, False, f"names {name}, but {why}", pol=pol)
             return
         supported = (side, key) in self.pairs if side else key in self.keys
+        if supported and not pol.negated and f.regions:
+            supported = self._share_said_holds(sent, m, key, side, region_spans)
+            if not supported:
+                add("region", m, False, f"says most of it, or its largest share, lies in {name}; findings shares: "
+                    + ", ".join(f"{r['hemisphere']} {r['name']} {r['fraction']:.0%}" for r in f.regions[:4]), pol=pol)
+                return
         if key == "sellar" and f.regions_from_saliency and SALIENT_WORDS.search(sent) and \
                 not any("sellar" in _broad_keys_of(_base(r["name"]), r["label"]) for r in f.regions):
             supported = False  # the class puts a pituitary tumour at the sella, not the saliency map's salient area
@@ -899,6 +947,28 @@ class Verifier:
         else:
             listed = ", ".join(f"{r['hemisphere']} {r['name']}" for r in f.regions) or "none"
             add("region", m, False, f"names {name}; findings regions: {listed}", pol=pol)
+
+    def _share_said_holds(self, sent: str, m: re.Match, key: str, side: str | None, region_spans: list) -> bool:
+        """"Most of the salient area lies in the occipital lobe", "predominantly in the left postcentral gyrus",
+        "the right putamen holds the largest share": the region (or lobe) must hold over half of it, or be the one
+        holding the largest share (an outside probe, session 38: 7 % was "most of it")."""
+        f = self.f
+        before = sent[:m.start()]
+        cue = MAIN_REGION.search(before)
+        if cue and any(cue.end() <= a < m.start() for a, _b, _neg in region_spans[:-1]):
+            cue = None  # the cue belongs to a region named before this one
+        largest_after = LARGEST_AFTER.match(sent[m.end():])
+        if not cue and not largest_after:
+            return True
+
+        def holds(r: dict) -> bool:
+            base = _base(r["name"])
+            return key in ({base} | _broad_keys_of(base, r["label"])) and (side is None or r["hemisphere"] == side)
+
+        if largest_after or "larg" in cue.group(0).lower():
+            top = max(f.regions, key=lambda r: r["fraction"])
+            return holds(top) or sum(r["fraction"] for r in f.regions if holds(r)) >= top["fraction"]
+        return sum(r["fraction"] for r in f.regions if holds(r)) > 0.5
 
     def _side_claim(self, add, m, scope: SentenceScope) -> None:
         f = self.f
