@@ -618,10 +618,8 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def test_a_save_killed_midway_leaves_the_earlier_label_in_place(dev2d, tumour_rows, tmp_path, monkeypatch):
-    """The label a save replaces was moved into the label history before the new file was written: a server killed
-    between the two (an outside test's kill during a stream of saves) lost the acknowledged label, and the restarted
-    server dropped it from the index. The earlier label now stays in place until the new one replaces it."""
+def _datastore_of_one_glioma(dev2d, tumour_rows, tmp_path):
+    """The app's datastore module and a datastore holding one glioma JPEG as image ``a``."""
     import shutil
 
     mod = _app_module("lib.datastore")
@@ -629,7 +627,14 @@ def test_a_save_killed_midway_leaves_the_earlier_label_in_place(dev2d, tumour_ro
     studies.mkdir()
     row = next(r for r in tumour_rows if r["label"] == "glioma")
     shutil.copy(dev2d / row["image"], studies / "a.jpg")
-    ds = mod.TumorlensDatastore(str(studies), auto_reload=False)
+    return mod, studies, mod.TumorlensDatastore(str(studies), auto_reload=False), row
+
+
+def test_a_save_killed_midway_leaves_the_earlier_label_in_place(dev2d, tumour_rows, tmp_path, monkeypatch):
+    """The label a save replaces was moved into the label history before the new file was written: a server killed
+    between the two (an outside test's kill during a stream of saves) lost the acknowledged label, and the restarted
+    server dropped it from the index. The earlier label now stays in place until the new one replaces it."""
+    mod, studies, ds, row = _datastore_of_one_glioma(dev2d, tumour_rows, tmp_path)
     ds.save_label("a", str(dev2d / row["mask"]), "final", {"class_name": "glioma"})
     label = studies / "labels" / "final" / "a.png"
     first = label.read_bytes()
@@ -650,17 +655,10 @@ def test_a_two_layer_slicer_segmentation_keeps_its_painted_class_and_a_mistyped_
     """An outside probe (session 38): a 3D Slicer ``.seg.nrrd`` with overlapping segments (two layers) was stored
     with no class (its painted glioma segment was read by value alone), and the tags "Final", "FINAL", "final "
     were stored apart from "final", leaving the image unlabelled."""
-    import shutil
-
     import nrrd
     import SimpleITK as sitk
 
-    mod = _app_module("lib.datastore")
-    studies = tmp_path / "studies"
-    studies.mkdir()
-    row = next(r for r in tumour_rows if r["label"] == "glioma")
-    shutil.copy(dev2d / row["image"], studies / "a.jpg")
-    ds = mod.TumorlensDatastore(str(studies), auto_reload=False)
+    mod, studies, ds, row = _datastore_of_one_glioma(dev2d, tumour_rows, tmp_path)
     ref = sitk.ReadImage(str(studies / "a.jpg"))  # the geometry 3D Slicer gives the picture (ITK's)
     w, h = ref.GetSize()
     vox = np.zeros((2, w, h, 1), np.uint8)
