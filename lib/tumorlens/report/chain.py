@@ -60,6 +60,11 @@ def build_prompts(prompts: dict[str, str]):
     return first, repair
 
 
+# how an impression says that no tumour was found
+NO_TUMOUR_SAID = ("no tumour", "no tumor", "no-tumour", "no-tumor", "normal", "tumour-free", "tumor-free", "no evidence",
+                  "negative for", "not detect", "did not find", "no tumour was", "no tumor was")
+
+
 def completeness(report: RadiologyReport, f: Facts) -> list[str]:
     """What a useful report must say: non-empty prose, and the impression names the class."""
     missing = []
@@ -72,9 +77,7 @@ def completeness(report: RadiologyReport, f: Facts) -> list[str]:
         words = {"pituitary": ("pituitary", "adenoma")}.get(f.label, (f.label,))
         if not any(w in imp for w in words):
             missing.append(f"impression does not name the most likely class ({READABLE_CLASS[f.label]})")
-    elif not any(w in imp for w in ("no tumour", "no tumor", "no-tumour", "no-tumor", "normal", "tumour-free", "no evidence",
-                                             "negative for", "tumor-free", "not detect", "did not find",
-                                             "no tumour was", "no tumor was")):
+    elif not any(w in imp for w in NO_TUMOUR_SAID):
         missing.append("impression does not state that no tumour was found")
     # a draft cut to one clause ("The classifier favours glioma (probability 0.96)") was delivered as verified: the
     # findings must also say how uncertain the call is and, where a lesion was outlined, how large it is
