@@ -1073,3 +1073,18 @@ def test_the_no_tumour_class_denied_is_weighed_against_the_findings():
     assert _planted(impression="Glioma (probability 0.82); the no-tumour class is not favoured.")["supported"]
     v = _planted(impression="No tumour is found; the no-tumour class is not favoured.", rec=_no_tumour())
     assert not v["supported"] and v["negation_conflicts"], _reasons(v)
+
+
+@pytest.mark.parametrize("impression,rec,ok", [
+    # the last outside round (session 38): a region's share, familiarity and the uncertainty said in other words
+    ("Glioma (probability 0.82); the left insular cortex accounts for 55% of the lesion.", None, True),
+    ("Glioma (probability 0.82); the left frontal operculum cortex accounts for 12% of the lesion.", None, False),
+    ("Glioma (probability 0.82); the classifier is highly uncertain.", None, False),  # moderate
+    ("Glioma (probability 0.82); the classifier is moderately uncertain.", None, True),
+    ("Glioma (probability 0.82); the image is familiar to the model.", "unfamiliar", False),
+])
+def test_region_shares_familiarity_and_uncertainty_in_other_words(impression, rec, ok):
+    r = record(classification={**record()["classification"], "familiarity": {"score": 0.6, "threshold": 0.785, "k": 5,
+                                                                             "familiar": False}}) if rec else None
+    v = _planted(impression=impression, rec=r)
+    assert v["supported"] == ok, _reasons(v)

@@ -123,9 +123,12 @@ UNCERTAINTY_LEVEL = (
     r"appears |seems )?(?P<neg>not )?(?:(?:very|fairly|relatively|quite|rather) )?(?P<a>low|moderate|high|minimal|small|considerable|substantial)"
     r"|(?P<b>low|moderate|high|minimal|considerable|substantial) (?:degree of |level of )?(?:classifier |classification |"
     r"model |predictive )?uncertainty"
+    # the adjective ("the classifier is highly uncertain": a probe's draft for a low-entropy call, session 38)
+    r"|(?:is|was|appears|seems|remains|looks) (?P<c>highly|very|quite|moderately|somewhat|slightly|fairly) uncertain"
 )
 LEVEL_OF = {"low": "low", "minimal": "low", "small": "low", "moderate": "moderate", "high": "high",
-            "considerable": "high", "substantial": "high"}
+            "considerable": "high", "substantial": "high", "highly": "high", "very": "high", "quite": "high",
+            "moderately": "moderate", "somewhat": "moderate", "fairly": "moderate", "slightly": "low"}
 CONFIDENT = (
     r"clearly|obviously|evidently|unmistakabl[ey]|sure|(?:high|strong|great|considerable) (?:degree of |level of )?confidence|(?:highly |very |quite |fully )?confident(?:ly)?|"
     r"(?:highly |very )?reliabl[ey]|reliability|trustworthy|robust(?:ly)?|(?:highly )?accurate(?:ly)?|"
@@ -136,7 +139,8 @@ CONFIDENT = (
 CAUTIOUS_BEFORE = re.compile(r"\b(?:less|limited|reduced|lower|questionable|not|may|might|could)\b[\w\s]{0,12}$",
                              re.IGNORECASE)
 FAMILIAR = (r"(?:typical|representative) of the training (?:images|data|set)|(?:resembles?|similar to|like) the "
-            r"(?:training (?:images|data)|images the model was trained on)|within the training distribution|in-distribution")
+            r"(?:training (?:images|data)|images the model was trained on)|within the training distribution|in-distribution|"
+            r"familiar(?: to the (?:model|classifier|network))?|looks? like the (?:data|images) the model was trained on")
 UNFAMILIAR = r"unlike the (?:training )?images|unfamiliar|out[- ]of[- ]distribution|outside the training distribution"
 
 CLASS_PATTERNS = {
@@ -411,7 +415,8 @@ demonstrated demonstrate appears appear appearing appearance identified identify
 presence absent absence evidence sign signs feature features reported reports reporting described describes
 describe given gives give says say said stated states state noted notes note observed observes
 yes automatic automated computer computed software tool ai artificial intelligence
-next step steps split provided maximum performed kept stage stages assessment strongly upon one two three four received
+receives receive classified finds leans means fell comes essential information axial coronal sagittal half single
+empty next step steps split provided maximum performed kept stage stages assessment strongly upon one two three four received
 far residual details typical ahead expressed converted localisation localization localised localized greatest considerably times account
 accounts score scores similar similarly widespread corresponding corresponds correspond together context sequences
 sequence qualified further history pathology relied rely relies kindly conclusion necessarily retains retain wrong
@@ -480,6 +485,11 @@ MAIN_REGION = re.compile(r"\b(?:most of|majority of|bulk of|mainly|mostly|predom
                          r"principally|(?:the )?largest (?:share|part|portion))\b[\w\s,'%().-]{0,45}$", re.IGNORECASE)
 LARGEST_AFTER = re.compile(r"^[\w\s]{0,20}?\b(?:holds?|has|contains?|takes?)\s+(?:the\s+)?(?:largest|greatest|biggest|most)"
                            r"(?:\s+(?:share|part|portion))?\b", re.IGNORECASE)
+
+# a share given to a region right after its name ("the left thalamus accounts for 12 % of the salient area")
+REGION_SHARE_AFTER = re.compile(r"^[\w\s]{0,25}?\b(?:holds?|accounts? for|has|contains?|takes?|makes? up|covers?|"
+                                r"represents?|comprises?)\s+(?:about |roughly |approximately |around |nearly |some |only |"
+                                r"just )?(?P<pct>\d+(?:\.\d+)?)\s*(?:%|percent\b)", re.IGNORECASE)
 
 # a class's rank said in words, before or after its name
 RANK_BEFORE = re.compile(r"\b(?P<rank>second|third|least)(?:[- ]most)?\s+(?:likely|probable)\s+(?:class|diagnosis|option)?"
@@ -782,7 +792,7 @@ class Verifier:
         f = self.f
         for m in _iter(UNCERTAINTY_LEVEL, scan):
             pol = scope.polarity(m.start(), m.end())
-            said = LEVEL_OF[(m.group("a") or m.group("b")).lower()]
+            said = LEVEL_OF[(m.group("a") or m.group("b") or m.group("c")).lower()]
             negated = pol.negated or bool(m.group("neg"))  # "uncertainty is not low": the "not" is inside the match
             ok = (said != f.uncertainty_level) if negated else (said == f.uncertainty_level)
             add("trust", m, ok, "" if ok else f"says uncertainty is {'not ' if negated else ''}{said}; the findings "
@@ -933,6 +943,14 @@ class Verifier:
             if not supported:
                 add("region", m, False, f"says most of it, or its largest share, lies in {name}; findings shares: "
                     + ", ".join(f"{r['hemisphere']} {r['name']} {r['fraction']:.0%}" for r in f.regions[:4]), pol=pol)
+                return
+        share = REGION_SHARE_AFTER.match(sent[m.end():])
+        if share and not pol.negated and f.regions:  # "the left thalamus accounts for 12 %": that region's share
+            said = float(share.group("pct"))
+            held = 100 * sum(r["fraction"] for r in f.regions if (side is None or r["hemisphere"] == side)
+                             and key in ({_base(r["name"])} | _broad_keys_of(_base(r["name"]), r["label"])))
+            if abs(said - held) > max(1.0, 0.1 * held):
+                add("region", m, False, f"gives {name} {said:g} %; the findings give it {held:.1f} %", pol=pol)
                 return
         if key == "sellar" and f.regions_from_saliency and SALIENT_WORDS.search(sent) and \
                 not any("sellar" in _broad_keys_of(_base(r["name"]), r["label"]) for r in f.regions):
