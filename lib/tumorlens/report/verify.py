@@ -483,13 +483,12 @@ DIFFERENTIAL_CUE = re.compile(r"\bdifferential|\bddx\b|\bversus\b|\bbetween\b|\b
 # words before a region that give it most of the lesion, or its largest share; and the same said after it
 MAIN_REGION = re.compile(r"\b(?:most of|majority of|bulk of|mainly|mostly|predominantly|chiefly|primarily|largely|"
                          r"principally|(?:the )?largest (?:share|part|portion))\b[\w\s,'%().-]{0,45}$", re.IGNORECASE)
-LARGEST_AFTER = re.compile(r"^[\w\s]{0,20}?\b(?:holds?|has|contains?|takes?)\s+(?:the\s+)?(?:largest|greatest|biggest|most)"
+_HOLDS = r"(?:holds?|accounts? for|has|contains?|takes?|makes? up|covers?|represents?|comprises?)"
+LARGEST_AFTER = re.compile(rf"^[\w\s]{{0,20}}?\b{_HOLDS}\s+(?:the\s+)?(?:largest|greatest|biggest|most)"
                            r"(?:\s+(?:share|part|portion))?\b", re.IGNORECASE)
-
 # a share given to a region right after its name ("the left thalamus accounts for 12 % of the salient area")
-REGION_SHARE_AFTER = re.compile(r"^[\w\s]{0,25}?\b(?:holds?|accounts? for|has|contains?|takes?|makes? up|covers?|"
-                                r"represents?|comprises?)\s+(?:about |roughly |approximately |around |nearly |some |only |"
-                                r"just )?(?P<pct>\d+(?:\.\d+)?)\s*(?:%|percent\b)", re.IGNORECASE)
+REGION_SHARE_AFTER = re.compile(rf"^[\w\s]{{0,25}}?\b{_HOLDS}\s+(?:about |roughly |approximately |around |nearly |some |"
+                                r"only |just )?(?P<pct>\d+(?:\.\d+)?)\s*(?:%|percent\b)", re.IGNORECASE)
 
 # a class's rank said in words, before or after its name
 RANK_BEFORE = re.compile(r"\b(?P<rank>second|third|least)(?:[- ]most)?\s+(?:likely|probable)\s+(?:class|diagnosis|option)?"
@@ -538,9 +537,11 @@ class Verifier:
         self.f = facts
         self.keys: set[str] = set()
         self.pairs: set[tuple[str, str]] = set()
+        self.region_keys: list[set[str]] = []  # the names and broad terms each region of the findings answers to
         for r in facts.regions:
             base = _base(r["name"])
             ks = {base} | _broad_keys_of(base, r["label"])
+            self.region_keys.append(ks)
             self.keys |= ks
             self.pairs |= {(r["hemisphere"], k) for k in ks}
         if facts.label == "pituitary":
@@ -947,13 +948,12 @@ class Verifier:
         share = REGION_SHARE_AFTER.match(sent[m.end():])
         if share and not pol.negated and f.regions:  # "the left thalamus accounts for 12 %": that region's share
             said = float(share.group("pct"))
-            held = 100 * sum(r["fraction"] for r in f.regions if (side is None or r["hemisphere"] == side)
-                             and key in ({_base(r["name"])} | _broad_keys_of(_base(r["name"]), r["label"])))
+            held = 100 * self._share(key, side)
             if abs(said - held) > max(1.0, 0.1 * held):
                 add("region", m, False, f"gives {name} {said:g} %; the findings give it {held:.1f} %", pol=pol)
                 return
         if key == "sellar" and f.regions_from_saliency and SALIENT_WORDS.search(sent) and \
-                not any("sellar" in _broad_keys_of(_base(r["name"]), r["label"]) for r in f.regions):
+                not any("sellar" in ks for ks in self.region_keys):
             supported = False  # the class puts a pituitary tumour at the sella, not the saliency map's salient area
         if pol.negated:
             if supported and key != "supratentorial":
@@ -979,14 +979,14 @@ class Verifier:
         if not cue and not largest_after:
             return True
 
-        def holds(r: dict) -> bool:
-            base = _base(r["name"])
-            return key in ({base} | _broad_keys_of(base, r["label"])) and (side is None or r["hemisphere"] == side)
-
         if largest_after or "larg" in cue.group(0).lower():
-            top = max(f.regions, key=lambda r: r["fraction"])
-            return holds(top) or sum(r["fraction"] for r in f.regions if holds(r)) >= top["fraction"]
-        return sum(r["fraction"] for r in f.regions if holds(r)) > 0.5
+            return self._share(key, side) >= max(r["fraction"] for r in f.regions)
+        return self._share(key, side) > 0.5
+
+    def _share(self, key: str, side: str | None) -> float:
+        """The fraction of the lesion in the regions answering to ``key`` (on ``side``, when one is said)."""
+        return sum(r["fraction"] for r, ks in zip(self.f.regions, self.region_keys, strict=True)
+                   if key in ks and (side is None or r["hemisphere"] == side))
 
     def _side_claim(self, add, m, scope: SentenceScope) -> None:
         f = self.f
@@ -1089,11 +1089,12 @@ class Verifier:
                 claims.append(Claim(field, "text", ", ".join(odd[:4]), (text or "").strip()[:200], False, False, False,
                                     False, "holds letters outside plain English text or invisible characters "
                                     f"({', '.join(odd[:4])}): a lookalike letter hides a word from every check"))
-            for _start, sent in split_sentences(normalise(text or "")):
+            norm = normalise(text or "")
+            for _start, sent in split_sentences(norm):
                 if not (field.startswith("limitations") and text.strip() in cautions):
                     claims.extend(self._sentence(field, sent))
             # the whole field at once: "Dictated for Dr. Meier." is split after "Dr."
-            claims.extend(_identifiers(field, normalise(text or "")))
+            claims.extend(_identifiers(field, norm))
         for i, text in enumerate(report.matched_descriptions):  # quoted from the record, not verified as claims
             claims.extend(_identifiers(f"matched_descriptions[{i}]", text))
         claims.extend(self._structured(report))
