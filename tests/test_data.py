@@ -495,6 +495,25 @@ def test_a_dicomdir_says_where_its_series_are(tmp_path, write_dicom_series):
         assert str(given) in str(ei.value)
 
 
+def test_the_record_says_whether_the_modality_was_read_or_assumed(tmp_path, write_dicom_series, dev2d, dev_rows):
+    """A JPEG, NIfTI or NRRD file keeps no modality, yet every record and report stated "MR" as if read from the
+    file (an outside probe, session 38: a synthetic abdomen PNG was "a single 2D MR image")."""
+    from tumorlens.data.readers import stamp_modality
+
+    vol = np.random.default_rng(0).integers(0, 500, (3, 32, 32))
+    series = write_dicom_series(vol, tmp_path / "ct", modality="CT")
+    nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), tmp_path / "plain.nii.gz")
+    nib.save(nib.Nifti1Image(vol.astype(np.float32), np.eye(4)), tmp_path / "stamped.nii.gz")
+    stamp_modality(tmp_path / "stamped.nii.gz", "MR")
+    sitk.WriteImage(sitk.GetImageFromArray(vol.astype(np.int16)), str(tmp_path / "vol.nrrd"))
+    seen = {name: (img.meta["modality"], img.meta["modality_from"]) for name, img in
+            (("picture", read_image(dev2d / dev_rows[0]["image"])), ("dicom", read_image(series)),
+             ("nifti", read_image(tmp_path / "plain.nii.gz")), ("stamped", read_image(tmp_path / "stamped.nii.gz")),
+             ("nrrd", read_image(tmp_path / "vol.nrrd")))}
+    assert seen == {"picture": ("MR", "assumed"), "dicom": ("CT", "file"), "nifti": ("MR", "assumed"),
+                    "stamped": ("MR", "file"), "nrrd": ("MR", "assumed")}
+
+
 def test_a_ct_saved_as_nifti_is_known_by_its_hounsfield_units(brats, tmp_path):
     """NIfTI and NRRD keep no modality: a head CT saved so was read as MR and reported as "a 3D MR volume",
     while the same voxels as DICOM got the CT caveat. Air at -1000 and bone above 200 say CT."""

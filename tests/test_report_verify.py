@@ -916,6 +916,16 @@ def test_a_draft_that_failed_in_one_field_keeps_its_verified_fields():
     assert res.verification["fell_back"] and res.verification["flagged"]
 
 
+def test_a_modality_the_file_does_not_record_is_not_reported_as_read():
+    """A JPEG keeps no modality: its report said "a single 2D MR image" as if the file said so (session 38 probe:
+    a synthetic abdomen PNG). A DICOM's own tag is still stated as it is."""
+    assumed = generate_report(record(input={**record()["input"], "modality_from": "assumed"}), backend="template")
+    read = generate_report(record(input={**record()["input"], "modality_from": "file"}), backend="template")
+    assert "MR image" not in assumed.report.technique and "records no modality, read as MR" in assumed.report.technique
+    assert "single 2D MR image" in read.report.technique and "no modality" not in read.report.technique
+    assert assumed.verification["supported"] and read.verification["supported"], _reasons(assumed.verification)
+
+
 def test_a_one_slice_volume_is_reported_as_the_slice_it_was_read_as():
     """A 256 x 256 x 1 NRRD was read as a 2D slice by every stage (the atlas note says so) while its report said
     'a 3D MR volume' that 'was classified slice by slice'."""

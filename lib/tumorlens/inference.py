@@ -19,7 +19,7 @@ from tumorlens.alignment.familiarity import Familiarity
 from tumorlens.alignment.familiarity import assess as assess_familiarity
 from tumorlens.caveats import colour_note, dark_border_note, familiarity_note
 from tumorlens.data.normalize import dark_border_fraction, foreground_mask, normalize_intensity
-from tumorlens.data.readers import image_array, is_volume
+from tumorlens.data.readers import IMAGE_META_KEYS, image_array, is_volume
 from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 from tumorlens.models.refiner import load_refiner
@@ -553,9 +553,7 @@ class Predictor:
         labels = self.model.labels
         pdict = {lab: float(p) for lab, p in zip(labels, probs, strict=True)}
         label = max(pdict, key=pdict.get)
-        meta = {k: v for k, v in img.meta.items() if k in ("filename_or_obj", "kind", "spatial_shape", "spacing",
-                                                             "original_affine", "spacing_known", "modality",
-                                                             "modality_from")}
+        meta = {k: v for k, v in img.meta.items() if k in IMAGE_META_KEYS}
         mask_np = tumour_mask(seg, label != NO_TUMOUR).astype(np.uint8)
         plane = np.squeeze(img.detach().cpu().numpy()[0])
         border = dark_border_fraction(plane) if plane.ndim == 2 else None  # 2D pictures: volumes have the head check

@@ -64,6 +64,11 @@ def _meta(path: Path, kind: str, affine: np.ndarray, spatial_shape, spacing, spa
     return meta
 
 
+# what later stages copy from a read image's metadata onto the arrays they derive from it (maps, masks, predictions)
+IMAGE_META_KEYS = ("filename_or_obj", "kind", "spatial_shape", "spacing", "original_affine", "spacing_known",
+                   "modality", "modality_from")
+
+
 def _image(path: Path, kind: str, arr: np.ndarray, affine: np.ndarray, spacing, **meta) -> MetaTensor:
     """The reader's result: ``arr`` with a leading channel, its affine, and the shared metadata."""
     if kind == "image2d" and (min(arr.shape) < MIN_SLICE_SIDE or max(arr.shape) > MAX_SLICE_ASPECT * min(arr.shape)):
@@ -194,7 +199,7 @@ def _read_photo(path: Path, modality: str) -> MetaTensor:
         extra["exif_orientation"] = orientation
     # ``picture``: no patient geometry; the array is the picture as viewers show it (upright after EXIF)
     return _image(path, "image2d", arr, affine, (1.0, 1.0), spacing_known=False, modality=modality,
-                  colour_fraction=colour, picture=True, **extra)
+                  modality_from="assumed", colour_fraction=colour, picture=True, **extra)
 
 
 def _spatial_only(path: Path, arr: np.ndarray) -> np.ndarray:
@@ -240,20 +245,21 @@ def _read_nifti(path: Path) -> MetaTensor:
     arr = _spatial_only(path, arr)
     arr = _check_pixels(path, arr)
     affine = np.asarray(img.affine, dtype=float)
-    return _image(path, "volume", arr, affine, np.sqrt((affine[:3, :3] ** 2).sum(0)), modality=nifti_modality(img),
-                  **colour)
+    modality = nifti_modality(img)
+    return _image(path, "volume", arr, affine, np.sqrt((affine[:3, :3] ** 2).sum(0)), modality=modality or "MR",
+                  modality_from="file" if modality else "assumed", **colour)
 
 
 MODALITY_NOTE = re.compile(r"tumorlens modality=([A-Z]{2,8})")
 
 
-def nifti_modality(img) -> str:
-    """NIfTI keeps no modality: MR, unless the file's description says otherwise in the form
+def nifti_modality(img) -> str | None:
+    """NIfTI keeps no modality: None (read as MR), unless the file's description gives it in the form
     ``stamp_modality`` writes (a DICOM series converted on the server, e.g. a CT fetched over DICOMweb)."""
     raw = img.header.get("descrip")
     text = (raw.tobytes() if hasattr(raw, "tobytes") else bytes(raw or b"")).decode("ascii", "replace")
     m = MODALITY_NOTE.search(text)
-    return m.group(1) if m else "MR"
+    return m.group(1) if m else None
 
 
 def stamp_modality(path: str | Path, modality: str) -> None:
@@ -313,7 +319,7 @@ def _read_itk(path: Path) -> MetaTensor:
     if image.GetDimension() not in (2, 3):
         raise InvalidInputError(path, f"expected a 2D or 3D image, got {image.GetDimension()}D")
     arr, affine, spacing = _sitk_to_volume(path, image)
-    return _image(path, "volume", arr, affine, spacing, modality="MR")
+    return _image(path, "volume", arr, affine, spacing, modality="MR", modality_from="assumed")
 
 
 NOT_IMAGES = {"SEG", "RTSTRUCT", "RTDOSE", "RTPLAN", "RTRECORD", "SR", "PR", "KO", "REG", "RWV", "FID", "DOC"}
@@ -489,7 +495,8 @@ def _read_dicom(path: Path) -> MetaTensor:
                                           "object such as a structured report, or a truncated file)") from e
         raise InvalidInputError(path, f"not a readable DICOM: {last}") from e
     src, idx = first
-    modality = _tag(src, "0008|0060", idx) or "MR"
+    declared = _tag(src, "0008|0060", idx)
+    modality, modality_from = (declared, "file") if declared else ("MR", "assumed")
     if modality.upper() in NOT_IMAGES:
         raise InvalidInputError(path, f"a DICOM {modality} object, not an image to classify")
     if path.is_dir():
@@ -506,8 +513,9 @@ def _read_dicom(path: Path) -> MetaTensor:
         aff[:, 3] = affine[:, 3]
         aff[:3, 2] = affine[:3, 2]
         return _image(path, "image2d", img2d, aff, (spacing[1], spacing[0]), modality=modality,
-                      spacing_known=spacing_known)
-    return _image(path, "volume", arr, affine, spacing, modality=modality, spacing_known=spacing_known)
+                      modality_from=modality_from, spacing_known=spacing_known)
+    return _image(path, "volume", arr, affine, spacing, modality=modality, modality_from=modality_from,
+                  spacing_known=spacing_known)
 
 
 def _sniff_dicom(path: Path) -> bool:

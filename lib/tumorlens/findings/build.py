@@ -45,6 +45,7 @@ def input_info(image: Any, file: str | Path | None = None) -> InputInfo:
     return InputInfo(
         file=safe_file_name(Path(str(src)).name) or "image",
         modality=str(meta.get("modality", "MR")),
+        modality_from=meta.get("modality_from"),
         kind=kind,
         dims=dims,
         spacing_mm=[float(s) for s in spacing],

@@ -24,8 +24,8 @@ from tumorlens.errors import InvalidInputError
 from tumorlens.findings.identifiers import find_identifiers
 from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
 
-SCHEMA_VERSION = "1.4"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional);
-# 1.3: window_opinion.sharpness; 1.4: provenance.code_commit (optional)
+SCHEMA_VERSION = "1.5"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional);
+# 1.3: window_opinion.sharpness; 1.4: provenance.code_commit (optional); 1.5: input.modality_from (optional)
 PROB_SUM_TOL = 1e-3
 MASK_SOURCES = ("segmentation_head", "saliency:gradcam", "saliency:gradcampp", "saliency:scorecam")
 SALIENCY_METHODS = ("gradcam", "gradcampp", "scorecam")
@@ -47,6 +47,9 @@ class InputInfo(_Strict):
 
     file: str = Field(min_length=1)
     modality: str = "MR"
+    # where ``modality`` came from: the file (DICOM's tag, a server-stamped NIfTI), "assumed" (a picture, NIfTI or
+    # NRRD records none: MR is a guess), or "intensities" (CT's Hounsfield units); None in records before 1.5
+    modality_from: Literal["file", "assumed", "intensities"] | None = None
     kind: Literal["image2d", "volume"]
     dims: list[int] = Field(min_length=2, max_length=3)
     spacing_mm: list[float] = Field(min_length=2, max_length=3)

@@ -101,6 +101,8 @@ class Facts:
     network_choice: tuple[str, float] | None = None
     # text matches of the record that are none of the model's class descriptions (hand-edited): not quoted
     unquoted_descriptions: int = 0
+    # the file records no modality (a picture, NIfTI, NRRD): "MR" is the reader's assumption, said as such
+    modality_assumed: bool = False
 
     # ---- derived ---------------------------------------------------------------------------------
     @property
@@ -175,16 +177,19 @@ class Facts:
 
     def sentence_image(self) -> str:
         dims = " x ".join(str(d) for d in self.dims)
+        # a picture, NIfTI or NRRD file keeps no modality: the report must not state "MR" as read from the file
+        mod, assumed = ("", f"; the file records no modality, read as {self.modality}") if self.modality_assumed \
+            else (f"{self.modality} ", "")
         if self.single_slice:
             sp = " x ".join(_fmt(s, 1) for s in self.spacing)
-            return f"a one-slice {self.modality} volume ({dims} voxels, spacing {sp} mm), read as a single 2D slice"
+            return f"a one-slice {mod}volume ({dims} voxels, spacing {sp} mm{assumed}), read as a single 2D slice"
         if self.kind == "volume":
             sp = " x ".join(_fmt(s, 1) for s in self.spacing)
-            return f"a 3D {self.modality} volume ({dims} voxels, spacing {sp} mm)"
+            return f"a 3D {mod}volume ({dims} voxels, spacing {sp} mm{assumed})"
         if self.spacing_known:
             sp = " x ".join(_fmt(s, 2) for s in self.spacing)
-            return f"a single 2D {self.modality} image ({dims} pixels, spacing {sp} mm)"
-        return f"a single 2D {self.modality} image ({dims} pixels, pixel spacing unknown)"
+            return f"a single 2D {mod}image ({dims} pixels, spacing {sp} mm{assumed})"
+        return f"a single 2D {mod}image ({dims} pixels, pixel spacing unknown{assumed})"
 
     def sentence_class(self) -> str:
         others = ", ".join(f"{READABLE_CLASS[c]} {_fmt(p)}" for c, p in self.ranked if c != self.label)
@@ -416,6 +421,7 @@ def build_facts(findings: Any) -> Facts:
         seg_volume_mm3=seg.volume_mm3 if seg is not None else None,
         seg_extents_mm=_extents(seg, f.input.spacing_mm),
         network_choice=network_choice,
+        modality_assumed=f.input.modality_from == "assumed",
     )
     facts.unquoted_descriptions = len(f.text_matches) - len(facts.text_matches)
     facts.numbers = _allowed_numbers(facts)

@@ -20,7 +20,7 @@ from monai.data import MetaTensor
 
 from tumorlens.caveats import REGIONS_NOT_REQUESTED
 from tumorlens.data import read_image
-from tumorlens.data.readers import is_volume
+from tumorlens.data.readers import IMAGE_META_KEYS, is_volume
 from tumorlens.errors import InvalidInputError, TumorlensError
 from tumorlens.findings import Findings, build_findings
 from tumorlens.labels import NO_TUMOUR
@@ -67,8 +67,7 @@ def _as_image(image: MetaTensor | str | Path) -> MetaTensor:
 
 
 def _mask_meta(arr: np.ndarray, like: MetaTensor) -> MetaTensor:
-    meta = {k: v for k, v in like.meta.items() if k in ("filename_or_obj", "kind", "spatial_shape", "spacing",
-                                                          "original_affine", "spacing_known", "modality")}
+    meta = {k: v for k, v in like.meta.items() if k in IMAGE_META_KEYS}
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.uint8)[None]),
                       affine=like.affine.clone(), meta=meta)
 

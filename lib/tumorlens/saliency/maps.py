@@ -23,7 +23,7 @@ from monai.data import MetaTensor
 from torch.nn import functional as F
 
 from tumorlens.data.normalize import normalize_intensity
-from tumorlens.data.readers import image_array, is_volume
+from tumorlens.data.readers import IMAGE_META_KEYS, image_array, is_volume
 from tumorlens.errors import InvalidInputError
 from tumorlens.inference import (
     display_foreground,
@@ -82,8 +82,7 @@ def _as_model(model) -> LoadedModel:
 
 
 def _to_meta(arr: np.ndarray, img: MetaTensor) -> MetaTensor:
-    meta = {k: v for k, v in img.meta.items() if k in ("filename_or_obj", "kind", "spatial_shape", "spacing",
-                                                         "original_affine", "spacing_known", "modality")}
+    meta = {k: v for k, v in img.meta.items() if k in IMAGE_META_KEYS}
     return MetaTensor(torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32)[None]),
                       affine=img.affine.clone(), meta=meta)
 
