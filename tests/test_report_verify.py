@@ -206,6 +206,29 @@ def test_the_tumour_size_is_the_outline_and_the_saliency_area_is_named_as_such()
         assert v["supported"] is ok, (extra, _reasons(v))
 
 
+def test_the_report_says_how_much_of_the_outline_the_salient_area_holds():
+    """The regions are the salient area's; when it missed the outlined lesion (a volume turned 30 degrees: the map
+    moved to the other hemisphere while the outline stayed) nothing in the report said so."""
+    def rec_with(share):
+        rec = record(masks=[{"source": "segmentation_head", "empty": False, "voxels": 588, "area_mm2": 588.0,
+                             "volume_mm3": None, "bbox": {"min": [200, 140], "max": [224, 169]}},
+                            {"source": "saliency:gradcam", "empty": False, "voxels": 3458, "area_mm2": 3458.0,
+                             "volume_mm3": None, "bbox": {"min": [20, 10], "max": [100, 81]}}],
+                     saliency={"method": "gradcam", "percentile": 90.0, "threshold": 0.5, "rule": "top 10 %",
+                               "outline_inside_fraction": share})
+        rec["lesion"]["mask_source"] = "saliency:gradcam"
+        return rec
+
+    missed, held = (generate_report(rec_with(s), backend="template") for s in (0.04, 0.97))
+    assert "It holds 4% of the outlined lesion. The salient area largely misses the outline" in missed.report.findings
+    assert "It holds 97% of the outlined lesion." in held.report.findings and "misses" not in held.report.findings
+    assert missed.verification["supported"] and held.verification["supported"], _reasons(missed.verification)
+    d = template_draft(build_facts(rec_with(0.04)))
+    assert not _planted(d.findings.replace("holds 4%", "holds 40%"), rec=rec_with(0.04))["supported"]
+    with pytest.raises(ValueError):
+        Findings.model_validate(rec_with(1.5))
+
+
 def _close_call() -> dict:
     """A pituitary call at 0.55 with meningioma at 0.37 (a real meningioma the probe found read so)."""
     import math

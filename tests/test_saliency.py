@@ -189,6 +189,9 @@ def test_explain_writes_all_files(model, tumour_images, tmp_path):
     assert f == expl.findings and f.input.file == row["image"].split("/")[-1]
     assert f.saliency.method == "gradcam" and 80 <= f.saliency.percentile <= 99.5
     assert {m.source for m in f.masks} == {"segmentation_head", "saliency:gradcam"}
+    outline, salient = expl.seg_mask.numpy()[0] > 0, expl.mask.numpy()[0] > 0
+    assert f.saliency.outline_inside_fraction == round(float((outline & salient).sum() / outline.sum()), 4)
+    assert f.input.modality_from == "assumed"  # a JPEG records no modality
     assert f.patient.age == 61
     assert f.regions or any("region" in n for n in f.notes)  # named, or a note says why not
     m = nib.load(files["mask"])

@@ -24,8 +24,9 @@ from tumorlens.errors import InvalidInputError
 from tumorlens.findings.identifiers import find_identifiers
 from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
 
-SCHEMA_VERSION = "1.5"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional);
-# 1.3: window_opinion.sharpness; 1.4: provenance.code_commit (optional); 1.5: input.modality_from (optional)
+SCHEMA_VERSION = "1.6"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional);
+# 1.3: window_opinion.sharpness; 1.4: provenance.code_commit (optional); 1.5: input.modality_from (optional);
+# 1.6: saliency.outline_inside_fraction (optional)
 PROB_SUM_TOL = 1e-3
 MASK_SOURCES = ("segmentation_head", "saliency:gradcam", "saliency:gradcampp", "saliency:scorecam")
 SALIENCY_METHODS = ("gradcam", "gradcampp", "scorecam")
@@ -222,6 +223,9 @@ class SaliencyInfo(_Strict):
     percentile: float = Field(ge=0.0, le=100.0)
     threshold: float
     rule: str
+    # share of the segmentation head's outline that lies in the salient area (None: either is empty, or a record
+    # before 1.6): the regions are the salient area's, and a reader must know when it missed the outlined lesion
+    outline_inside_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
 
 
 class Region(_Strict):

@@ -28,6 +28,8 @@ MAX_ENTROPY = math.log(len(CLASS_NAMES))
 # a region holding less of the lesion is not named in the report (a 160 ml mask touched 70 regions, 60 of
 # them by a sliver); the findings record keeps them all
 LISTED_REGION_FRACTION = 0.01
+# below this share of the outline inside the salient area, the report says the two part ways
+OUTLINE_MISSED = 0.25
 UNFAMILIAR_REASON = "The image is unlike the images the model was trained on"
 # a volume is read slice by slice by the 2D network, which calls a healthy template a glioma: the class must not lead
 # the impression unqualified (an outside probe, session 38: a healthy ICBM152 volume's impression said glioma and
@@ -103,6 +105,8 @@ class Facts:
     unquoted_descriptions: int = 0
     # the file records no modality (a picture, NIfTI, NRRD): "MR" is the reader's assumption, said as such
     modality_assumed: bool = False
+    # share of the segmentation head's outline inside the salient area (findings.saliency.outline_inside_fraction)
+    outline_inside: float | None = None
 
     # ---- derived ---------------------------------------------------------------------------------
     @property
@@ -243,7 +247,20 @@ class Facts:
         if self.mask_empty:
             return f"{seg}The {method} map's salient area is empty."
         return (f"{seg}The {method} map's salient area, which shows where the classifier looked, covers "
-                f"{self._size(self.mask_voxels, self.area_mm2, self.volume_mm3, self.extents_mm)}.")
+                f"{self._size(self.mask_voxels, self.area_mm2, self.volume_mm3, self.extents_mm)}."
+                f"{self._outline_overlap()}")
+
+    def _outline_overlap(self) -> str:
+        """How much of the outlined lesion the salient area holds: the regions named next are the salient area's,
+        and when it missed the outline (a turned volume's map moved to the other hemisphere) they are not the
+        lesion's."""
+        if self.outline_inside is None:
+            return ""
+        share = f" It holds {100 * self.outline_inside:.0f}% of the outlined lesion."
+        if self.outline_inside < OUTLINE_MISSED:
+            share += (" The salient area largely misses the outline, so its regions describe where the classifier "
+                      "looked rather than the outlined lesion.")
+        return share
 
     def sentence_location(self) -> str:
         if not self.tumour_present:
@@ -422,6 +439,7 @@ def build_facts(findings: Any) -> Facts:
         seg_extents_mm=_extents(seg, f.input.spacing_mm),
         network_choice=network_choice,
         modality_assumed=f.input.modality_from == "assumed",
+        outline_inside=f.saliency.outline_inside_fraction if f.saliency else None,
     )
     facts.unquoted_descriptions = len(f.text_matches) - len(facts.text_matches)
     facts.numbers = _allowed_numbers(facts)
@@ -471,6 +489,8 @@ def numbers_for_unit(f: Facts, unit: str, size: bool, salient: bool | None = Non
         nums += [100 * v for v in (f.placement_confidence, f.placement_quality) if v is not None]
         if f.saliency_percentile is not None:
             nums += [f.saliency_percentile, 100 - f.saliency_percentile]
+        if f.outline_inside is not None:
+            nums.append(100 * f.outline_inside)
         return nums + context
     if kind == "count":  # a number of pixels or voxels is the mask's (or the outline's) count
         dims = [float(d) for d in f.dims]
@@ -529,6 +549,8 @@ def _allowed_numbers(f: Facts) -> list[float]:
             nums += [v, 100 * v]
     if f.saliency_percentile is not None:
         nums += [f.saliency_percentile, 100 - f.saliency_percentile]
+    if f.outline_inside is not None:
+        nums += [f.outline_inside, 100 * f.outline_inside]
     if f.centroid:
         nums += [abs(c) for c in f.centroid]
     if f.patient.age is not None:

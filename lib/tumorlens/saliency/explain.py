@@ -136,6 +136,9 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
     th = thresholds[primary]
     saliency_info = {"method": primary, "percentile": round(th.percentile, 3),
                      "threshold": float(th.threshold) if np.isfinite(th.threshold) else 1.0, "rule": RULE}
+    salient = mask.numpy()[0] > 0
+    if seg_np.any() and salient.any():
+        saliency_info["outline_inside_fraction"] = round(float((salient & (seg_np > 0)).sum() / (seg_np > 0).sum()), 4)
     mask_list = [("segmentation_head", seg_np)] + [(f"saliency:{m}", masks[m].numpy()[0]) for m in methods]
     from tumorlens.alignment.api import text_matches
 
