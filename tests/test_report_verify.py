@@ -1121,3 +1121,65 @@ def test_region_shares_familiarity_and_uncertainty_in_other_words(impression, re
                                                                              "familiar": False}}) if rec else None
     v = _planted(impression=impression, rec=r)
     assert v["supported"] == ok, _reasons(v)
+
+
+def _two_sided_saliency_record() -> dict:
+    """A glioma whose regions come from a Grad-CAM area of 3458 pixels (an outline of 588, 4 % of it inside the
+    area), 60 % left insular cortex, 25 % right putamen, 15 % left frontal operculum."""
+    rec = record(masks=[{"source": "segmentation_head", "empty": False, "voxels": 588, "area_mm2": None,
+                         "volume_mm3": None, "bbox": {"min": [200, 140], "max": [224, 169]}},
+                        {"source": "saliency:gradcam", "empty": False, "voxels": 3458, "area_mm2": None,
+                         "volume_mm3": None, "bbox": {"min": [20, 10], "max": [100, 81]}}],
+                 saliency={"method": "gradcam", "percentile": 90.0, "threshold": 0.5, "rule": "top 10 %",
+                           "outline_inside_fraction": 0.04},
+                 regions=[{"label": "Left_Insular_Cortex", "name": "insular cortex", "hemisphere": "left",
+                           "fraction": 0.6, "max_probability": 88.0},
+                          {"label": "Right_Putamen", "name": "putamen", "hemisphere": "right", "fraction": 0.25,
+                           "max_probability": 70.0},
+                          {"label": "Left_Frontal_Operculum_Cortex", "name": "frontal operculum cortex",
+                           "hemisphere": "left", "fraction": 0.15, "max_probability": 61.0}])
+    rec["lesion"] = {"centroid_mni_mm": [-20.0, 10.0, 4.0], "laterality": "bilateral", "crosses_midline": True,
+                     "mask_source": "saliency:gradcam"}
+    return rec
+
+
+@pytest.mark.parametrize("sentence,ok", [
+    # the two masks compared (588 against 3458 pixels)
+    ("The outlined lesion is larger than the salient area.", False),
+    ("The salient area is about the same size as the lesion outline.", False),
+    ("The salient area is about two times the size of the outlined lesion.", False),
+    ("The outline is about half the size of the salient area.", False),
+    ("The salient area and the outline do not overlap.", False),  # 4 % of the outline lies in it
+    ("The salient area is about six times the size of the outlined lesion.", True),
+    ("The outline is much smaller than the salient area.", True),
+    ("The outline is less than a quarter of the salient area.", True),
+    # region shares compared, ranked and given before the name
+    ("The right putamen holds a larger share of the salient area than the left insular cortex.", False),
+    ("The left insular cortex holds a larger share of the salient area than the right putamen.", True),
+    ("The right putamen holds the third largest share of the salient area.", False),
+    ("The right putamen holds the second largest share of the salient area.", True),
+    ("Around 40% of the salient area is in the right putamen.", False),
+    ("The salient area does not involve the right hemisphere.", False),
+    ("The salient area is not limited to the left hemisphere.", True),
+    # the favoured class denied or called unlikely in other words
+    ("Glioma is not the class the classifier favours.", False),
+    ("Glioma is possible but unlikely.", False),
+    ("Glioma is not unlikely; it is the favoured class.", True),
+    # placement, training, sequence and history the findings do not give
+    ("The atlas placement is low-confidence.", False),
+    ("The network was trained on 3D volumes.", False),
+    ("Coronal T2 image.", False),
+    ("This is a follow-up examination.", False),
+    # negation that is of another word
+    ("Because the pixel spacing is not known, the lesion cannot be measured in millimetres.", True),
+    ("The atlas regions describe where the classifier looked, not the lesion outline.", True),
+])
+def test_comparisons_ranks_and_other_wordings_are_checked(sentence, ok):
+    """An outside probe (session 39, 413 new drafts): 44 of 243 unsupported drafts were delivered as verified —
+    the two masks compared, region shares compared or given before the name, the favoured class denied in other
+    words, the placement's confidence, sequence and follow-up — and true sentences were refused for a negation
+    of another word."""
+    rec = _two_sided_saliency_record()
+    d = template_draft(build_facts(rec))
+    v = _planted(d.findings + " " + sentence, rec=rec)
+    assert v["supported"] is ok, (sentence, _reasons(v))

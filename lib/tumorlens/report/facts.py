@@ -485,6 +485,7 @@ def numbers_for_unit(f: Facts, unit: str, size: bool, salient: bool | None = Non
     context = _numbers_in(f.patient.clinical_history or "") + [x for n in f.notes for x in _numbers_in(n)]
     if kind == "percent":
         nums = [100 * p for p in f.probabilities.values()] + [100 * r["fraction"] for r in f.regions]
+        nums += [100 * (1.0 - f.probabilities[NO_TUMOUR])]
         nums += [r["max_probability"] for r in f.regions]
         nums += [100 * v for v in (f.placement_confidence, f.placement_quality) if v is not None]
         if f.saliency_percentile is not None:
@@ -534,6 +535,8 @@ def _allowed_numbers(f: Facts) -> list[float]:
         nums += [f.network_choice[1], 100 * f.network_choice[1]]
     for p in f.probabilities.values():
         nums += [p, 100 * p]
+    p_tumour = 1.0 - f.probabilities[NO_TUMOUR]  # "the tumour classes together account for 0.03"
+    nums += [p_tumour, 100 * p_tumour]
     for r in f.regions:
         nums += [r["fraction"], 100 * r["fraction"], r["max_probability"]]
     for v in (f.area_mm2,):

@@ -38,6 +38,10 @@ PSEUDO = (
     "cannot exclude", "cannot be excluded", "can not be excluded", "cannot rule out", "cannot be ruled out",
     "not ruled out", "not excluded", "to rule out", "rule out", "whether or not", "no longer",
     "no doubt", "without doubt", "without a doubt", "no question",
+    # what is negated is the word itself, not a mention near it (an outside probe, session 39: "the pixel spacing is
+    # not known, the lesion cannot be measured" denied the lesion; "not unlikely" the favoured class)
+    "not known", "is not known", "cannot be measured", "can not be measured", "not be measured", "not measured",
+    "not unlikely", "not improbable", "not impossible",
 )
 HEDGES = (
     "cannot exclude", "cannot be excluded", "can not be excluded", "cannot rule out", "cannot be ruled out",

@@ -19,7 +19,7 @@ from typing import Any
 
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 from tumorlens.report.facts import HISTORY_NEGATED, READABLE_CLASS, Facts, history_clauses, numbers_for_unit
-from tumorlens.report.negation import SentenceScope, split_sentences
+from tumorlens.report.negation import Polarity, SentenceScope, split_sentences
 from tumorlens.report.schema import RadiologyReport
 
 # ---- lexicons ---------------------------------------------------------------------------------------
@@ -65,6 +65,12 @@ UNMEASURED = {
         r"previously (?:seen|noted|described|reported)|long-?standing|post-?operative|pre-?operative|"
         r"(?:slowly|gradually) (?:grown|enlarged|grew|enlarging)"
     ),
+    # (an outside probe, session 39: "Coronal T2 image", "scanned on a 3 T scanner" passed)
+    "sequence or field strength": (r"\bt[12](?:-weighted|w)?\b|\bflair\b|\bdwi\b|\bswi\b|\bdti\b|\bpd-weighted|"
+                                   r"\b\d(?:\.\d)?\s*t(?:esla)?\b(?! ?(?:x|by))|\btesla\b|gadolinium|\bgad(?:olinium)?-enhanced|"
+                                   r"post-?contrast|pre-?contrast|contrast[- ]enhanced|with contrast|without contrast"),
+    "size class of an adenoma": r"macroadenomas?|microadenomas?",
+    "how the model was trained": r"trained on (?:3-?d|three-dimensional|volumetric)\b",
     "size by comparison with an object": (r"\b(?:golf[- ]ball|tennis[- ]ball|ping[- ]pong ball|walnut|grape|lemon|"
                                           r"orange|pea|marble|coin)s?\b"),
     # the model gives probabilities: a report may not turn them into certainty
@@ -77,7 +83,7 @@ UNMEASURED = {
                    r"\bdischarg\w*|\brefer(?:ral|red)? to\b|\bmdt\b|multidisciplinary|"
                    # a schedule or a work-up (an outside probe, session 38: "Follow-up MRI in 3 months", "Annual
                    # surveillance imaging", "Watchful waiting", "prolactin levels" passed)
-                   r"follow-?up (?:mri|imaging|scans?|studies|study)|(?:repeat|surveillance|interval|serial) "
+                   r"follow-?up (?:mri|imaging|scans?|studies|study|exam(?:ination)?s?)|(?:repeat|surveillance|interval|serial) "
                    r"(?:mri|imaging|scans?|studies|study)|\bsurveillance\b|watchful waiting|wait[- ]and[- ]see|"
                    r"in \d+(?:\.\d+)? (?:days?|weeks?|months?|years?)|\bannual(?:ly)?\b|\bevery \d+ (?:weeks?|months?|years?)|"
                    r"endocrin\w*|hormon\w*|prolactin\w*|laboratory|blood tests?|visual fields?"),
@@ -125,6 +131,10 @@ UNCERTAINTY_LEVEL = (
     r"model |predictive )?uncertainty"
     # the adjective ("the classifier is highly uncertain": a probe's draft for a low-entropy call, session 38)
     r"|(?:is|was|appears|seems|remains|looks) (?P<c>highly|very|quite|moderately|somewhat|slightly|fairly) uncertain"
+    # bare, or sure only in part (an outside probe, session 39: "The classifier is uncertain about this result", "only
+    # moderately sure" for an entropy of 0.14)
+    r"|(?:is|was|appears|seems|remains|looks) (?P<d>uncertain|unsure)\b(?! (?:whether|if))"
+    r"|(?P<e>only moderately|moderately|not entirely|not fully|not very) (?:sure|confident|certain)"
 )
 LEVEL_OF = {"low": "low", "minimal": "low", "small": "low", "moderate": "moderate", "high": "high",
             "considerable": "high", "substantial": "high", "highly": "high", "very": "high", "quite": "high",
@@ -140,26 +150,40 @@ CAUTIOUS_BEFORE = re.compile(r"\b(?:less|limited|reduced|lower|questionable|not|
                              re.IGNORECASE)
 FAMILIAR = (r"(?:typical|representative) of the training (?:images|data|set)|(?:resembles?|similar to|like) the "
             r"(?:training (?:images|data)|images the model was trained on)|within the training distribution|in-distribution|"
-            r"familiar(?: to the (?:model|classifier|network))?|looks? like the (?:data|images) the model was trained on")
-UNFAMILIAR = r"unlike the (?:training )?images|unfamiliar|out[- ]of[- ]distribution|outside the training distribution"
+            r"familiar(?: to the (?:model|classifier|network))?|looks? like the (?:data|images) the model was trained on|"
+            # (an outside probe, session 39: "The model has seen images like this one in training" on an unfamiliar one)
+            r"(?:has|have) seen (?:images|slices|scans|data|cases|pictures) (?:like|similar to) (?:this|these|it)\b|"
+            r"(?:seen|met|encountered) (?:in|during) training|above the familiarity threshold|"
+            r"familiarity[\w\s().,]{0,30}?\b(?:just |well |comfortably )?(?:above|over|exceeds|passes|meets) "
+            r"(?:the |its )?(?:\w+ )?threshold")
+UNFAMILIAR = (r"unlike the (?:training )?images|unfamiliar|out[- ]of[- ]distribution|outside the training distribution|"
+              r"below the familiarity threshold|familiarity[\w\s().,]{0,30}?\b(?:just |well |far )?(?:below|under|short of) "
+              r"(?:the |its )?(?:\w+ )?threshold")
+
+# the atlas placement's confidence said in words (an outside probe, session 39: "the atlas placement is
+# high-confidence" at 0.34 passed)
+PLACEMENT_LEVEL = (r"(?:placement|registration|position(?:ing)?)(?:[\w\s]{0,25}?)\b(?:is|was|has)\s+(?P<neg>not\s+)?(?:a\s+|of\s+)?"
+                   r"(?:(?:very|fairly|rather)\s+)?(?P<a>high|low|good|poor|limited)[- ]confidence|"
+                   r"(?P<b>high|low|good|poor)[- ]confidence (?:atlas )?(?:placement|registration|position)")
 
 CLASS_PATTERNS = {
     # "no tumour (0.03)": the class, named with its probability (an outside probe, session 38: read as a denial)
     "no_tumor": (r"no[-_ ]tumou?r class|no_tumor|tumou?r-free(?: class)?|no[- ]tumou?r(?=\s*[(:=]?\s*(?:p(?:robability)?\s*[=:]?\s*)?"
-                 r"[\d.])|(?<=probability of )no[- ]tumou?r|(?<=probability for )no[- ]tumou?r"),
+                 r"[\d.])|(?<=probability of )no[- ]tumou?r|(?<=probability for )no[- ]tumou?r|"
+                 r"(?<=and )no[- ]tumou?r(?=,? (?:each|both|have|has|are|at|with)\b)"),
     "pituitary": (r"pituitary (?:tumou?rs?|adenomas?|macroadenomas?|microadenomas?|neoplasms?|lesions?|mass(?:es)?)"
                   r"|adenomas?|pituitary(?! (?:gland|fossa|stalk))"),
     "glioma": r"gliomas?",
     "meningioma": r"meningiomas?",
 }
-PIPELINE_PHRASES = (r"(?:lesion|tumou?r) (?:mask|location|side|class|probability|probabilities)|no-tumou?r|"
-                    r"other (?:tumou?r )?(?:types|classes)")
+PIPELINE_PHRASES = (r"(?:lesion|tumou?r)[- ](?:mask|location|side|class(?:es)?|probability|probabilities|outlines?|types?)|"
+                    r"outlined (?:lesion|tumou?r)|no-tumou?r|other (?:tumou?r )?(?:types|classes)")
 TUMOUR_WORDS = r"tumou?rs?|mass(?:es)?|lesions?|neoplasms?|neoplastic|growths?|abnormalit(?:y|ies)|malignan\w*|cancer"
-SIZE_WORDS = re.compile(r"\b(?:measur\w*|diameters?|sizes?|sized|long|across|axis|axes|extent|spans?|spanning|wide|"
+SIZE_WORDS = re.compile(r"\b(?:measur\w*|diameters?|dimensions?|sizes?|sized|long|across|axis|axes|extent|spans?|spanning|wide|"
                         r"width|length|thick\w*|large|big|small)\b", re.IGNORECASE)
 NORMAL_CLAIM = (r"(?:normal|unremarkable) (?:brain )?(?:study|scan|examination|exam|mri|brain|appearances?|findings)"
                 r"|healthy brain"
-                r"|(?:study|scan|examination|exam|mri|brain|image|findings?) (?:is|are|appears?|looks?|seems?) "
+                r"|(?:study|scan|examination|exam|mri|brain|image|findings?|appearances?) (?:is|are|appears?|looks?|seems?) "
                 r"(?:entirely |otherwise |essentially |completely )?(?:normal|unremarkable)")
 CROSSING = (r"cross(?:es|ing|ed)? (?:over )?(?:the )?midline|midline[- ]crossing|"
             r"(?:extends?|extending|spreads?) (?:across|over) the midline|across the midline")
@@ -422,6 +446,8 @@ accounts score scores similar similarly widespread corresponding corresponds cor
 sequence qualified further history pathology relied rely relies kindly conclusion necessarily retains retain wrong
 represents represent representing fairly differs differ data window opinion changed affine deformable dice small
 large share shares
+comprises comprise comprising leads lead leading view runner exceeds exceed exceeding dominated dominates dominate
+slightly falls fall set validation direction directions alone places place goes go
 vs versus year years old aged age patient patients space coordinate coordinates centroid confined limited restricted
 rule rules disease diseases for neuroradiologist neuroradiologists alongside remains remain remaining please excluded exclude unreliable
 reliable analysed analyzed analysis assigns assign assigned plane planes known unknown laterality determined
@@ -487,14 +513,49 @@ _HOLDS = r"(?:holds?|accounts? for|has|contains?|takes?|makes? up|covers?|repres
 LARGEST_AFTER = re.compile(rf"^[\w\s]{{0,20}}?\b{_HOLDS}\s+(?:the\s+)?(?:largest|greatest|biggest|most)"
                            r"(?:\s+(?:share|part|portion))?\b", re.IGNORECASE)
 # a share given to a region right after its name ("the left thalamus accounts for 12 % of the salient area")
-REGION_SHARE_AFTER = re.compile(rf"^[\w\s]{{0,25}}?\b{_HOLDS}\s+(?:about |roughly |approximately |around |nearly |some |"
+REGION_SHARE_AFTER = re.compile(rf"^[\w\s,]{{0,25}}?\b{_HOLDS}\s+(?:about |roughly |approximately |around |nearly |some |"
                                 r"only |just )?(?P<pct>\d+(?:\.\d+)?)\s*(?:%|percent\b)", re.IGNORECASE)
 
+REGION_SHARE_BEFORE = re.compile(r"(?P<pct>\d+(?:\.\d+)?)\s*(?:%|percent\b)\s+of (?:the \w+(?: \w+)?|it|its \w+)\s+"
+                                 r"(?:is|lies|sits|falls|was)\s+(?:with)?in\s+(?:the\s+)?(?:(?:left|right)\s+)?$",
+                                 re.IGNORECASE)
+# a region's rank by share ("the right putamen holds the third largest share")
+REGION_RANK_AFTER = re.compile(rf"^[\w\s,]{{0,20}}?\b{_HOLDS}\s+(?:the\s+)?(?P<ord>second|third|fourth|fifth)[- ]"
+                               r"(?:largest|greatest|biggest)", re.IGNORECASE)
+# two regions compared ("the right thalamus holds a larger share of the salient area than the left thalamus")
+REGION_MORE = re.compile(rf"\b{_HOLDS}\s+(?:a\s+|an\s+|slightly\s+|much\s+|far\s+)?(?P<dir>larger|greater|bigger|more|"
+                         r"smaller|less|lesser|fewer)\b[\w\s]{0,30}?\bthan\b", re.IGNORECASE)
+
 # a class's rank said in words, before or after its name
-RANK_BEFORE = re.compile(r"\b(?P<rank>second|third|least)(?:[- ]most)?\s+(?:likely|probable)\s+(?:class|diagnosis|option)?"
+RANK_BEFORE = re.compile(r"\b(?P<rank>second|third|least|next)(?:[- ]most)?\s+(?:likely|probable)\s+(?:class|diagnosis|option)?"
                          r"\s*(?:is|was)?\s*(?:an?\s+|the\s+)?$", re.IGNORECASE)
-RANK_AFTER = re.compile(r"^\W*(?:class\s+)?(?:is|was|remains|ranks?|comes?)?\s*(?:the\s+)?(?P<rank>second|third|least)"
-                        r"(?:[- ]most)?\s+(?:likely|probable)", re.IGNORECASE)
+RANK_AFTER = re.compile(r"^\W*(?:class\s+)?(?:is|was|remains|ranks?|comes?)?\s*(?:the\s+)?(?P<rank>second|third|least|next)"
+                        r"(?:(?:[- ]most)?\s+(?:likely|probable)|(?=\s*(?:[,.;)]|$|(?:at|with|place|in|among)\b)))",
+                        re.IGNORECASE)
+# the two masks compared (an outside probe, session 39: "the outlined lesion is larger than the salient area", "about
+# five times", "about a third", "do not overlap" passed unchecked): the nouns, and what is said of their sizes
+OUTLINE_NOUN = re.compile(r"\b(?:(?:lesion|tumou?r) outline|outlined (?:lesion|tumou?r|area)|segment(?:ed|ation) "
+                          r"(?:lesion|tumou?r|outline|mask|area)|segmentation head(?:'s)? (?:outline|mask|lesion)|"
+                          r"(?<!salient )outline|lesion(?:'s)?|tumou?r(?:'s)?)\b", re.IGNORECASE)
+SALIENT_NOUN = re.compile(r"\b(?:salient area|saliency (?:mask|area|map)|(?:grad-cam\+*|score-cam)(?: map's)?(?: salient)? "
+                          r"(?:area|mask))", re.IGNORECASE)
+FRACTION_WORDS = {"half": 0.5, "a third": 1 / 3, "one third": 1 / 3, "a quarter": 0.25, "one quarter": 0.25,
+                  "a fifth": 0.2, "one fifth": 0.2, "an eighth": 0.125, "one eighth": 0.125, "a tenth": 0.1,
+                  "one tenth": 0.1, "two thirds": 2 / 3, "three quarters": 0.75}
+_FRACTION = "|".join(sorted(FRACTION_WORDS, key=len, reverse=True))
+_BOUND = r"\b(?P<{}>less than|fewer than|under|below|more than|over|above|at least|at most|up to)\s+(?:about |roughly )?"
+MASK_COMPARISON = re.compile(
+    r"(?P<overlap_none>\b(?:do|does|did) not (?:overlap|coincide|meet|touch)|\bno overlap\b|\bdisjoint\b|\bapart from each other)|"
+    r"(?P<within>\b(?:lies?|sits?|falls?|is|are) (?:entirely |wholly |completely |fully )?(?:within|inside)\b)|"
+    r"(?P<same>\b(?:(?:about |roughly |nearly )?(?:the )?(?:same|similar|comparable|equal) (?:in )?(?:size|extent|area|volume)|"
+    r"(?:about|roughly|nearly|just) as (?:large|big|extensive)|match(?:es)? in size)\b)|"
+    rf"(?P<times>(?:{_BOUND.format('bound_t')})?(?:(?P<n>\d+(?:\.\d+)?)(?P<and_half> and a half)?\s*(?:times|x|-fold|fold)\b|"
+    r"\btwice\b|\bthrice\b))|"
+    rf"(?P<fraction>(?:{_BOUND.format('bound_f')})?\b(?:{_FRACTION})\b(?=\s+(?:of|the|as|that|its|size)\b))|"
+    r"(?P<extent_more>\b(?:extends? (?:further|farther|beyond)|wider|longer|broader)\b)|"
+    r"(?P<extent_less>\b(?:extends? less far|narrower|shorter)\b)|"
+    r"(?P<more>\b(?:larger|bigger|greater|more extensive|exceeds?|exceeding|outsizes?)\b)|"
+    r"(?P<less>\b(?:smaller|less extensive|lesser)\b|\bless than\b)", re.IGNORECASE)
 EQUALLY_LIKELY = re.compile(r"\b(?:equally|just\s+as)\s+(?:likely|probable)|\bas\s+likely\s+as\b", re.IGNORECASE)
 
 
@@ -603,6 +664,8 @@ class Verifier:
             scan = _mask(scan, m.start(), m.end())
         # 2. how far the result can be trusted
         scan = self._trust_claims(add, scan, scope)
+        # 2a. the outline and the salient area compared
+        scan, compared = self._mask_comparisons(add, sent, scan)
         # 2b. midline crossing
         for m in _iter(CROSSING, scan):
             pol = scope.polarity(m.start(), m.end())
@@ -634,6 +697,7 @@ class Verifier:
         scan = scan_no_pipeline
         # 4. regions: specific atlas names, then broad terms, each with an optional side in front
         region_spans: list[tuple[int, int, bool]] = []
+        self._mentions: list[tuple[re.Match, str, str | None]] = []
         if region_lexicon():
             for m in _iter(_region_any(), scan):
                 base = next(b for b, pat in region_lexicon() if _compiled(pat).fullmatch(m.group(0)))
@@ -643,6 +707,8 @@ class Verifier:
             for m in _iter(pat, scan):
                 self._region_claim(add, m, key, scope, sent, region_spans)
                 scan = _mask(scan, m.start(), m.end())
+        if f.regions:
+            self._region_comparison(add, sent, sorted(self._mentions, key=lambda t: t[0].start()))
         # 5. sides not attached to a region
         for m in _iter(SIDE, scan):
             self._side_claim(add, m, scope)
@@ -676,7 +742,7 @@ class Verifier:
             else:
                 add("tumour", m, True, pol=pol)
         # 7. numbers, and sizes said in words
-        self._numbers(add, sent, class_spans, scope)
+        self._numbers(add, sent, class_spans, scope, skip=compared)
         for a, b in self._size_words(add, sent, scope):  # checked: their words need no other ground
             scan = _mask(scan, a, b)
         # 7b. another language, and names the identifier patterns do not know
@@ -711,6 +777,8 @@ class Verifier:
         in_mm = f.kind == "volume" or f.spacing_known
         spans = []
         for m in SIZE_SAID.finditer(sent):
+            if re.search(r"\b(?:probability|chance|likelihood|odds)\b[\w\s-]{0,12}$", sent[:m.start()], re.IGNORECASE):
+                continue  # "the probability of no tumour is small (0.03)": a probability, checked as a number
             adj = re.search(SIZE_ADJECTIVE, m.group(0), re.IGNORECASE)
             word = adj.group(0).lower()
             spans.append((m.start() + adj.start(), m.start() + adj.end()))
@@ -793,8 +861,14 @@ class Verifier:
         f = self.f
         for m in _iter(UNCERTAINTY_LEVEL, scan):
             pol = scope.polarity(m.start(), m.end())
-            said = LEVEL_OF[(m.group("a") or m.group("b") or m.group("c")).lower()]
-            negated = pol.negated or bool(m.group("neg"))  # "uncertainty is not low": the "not" is inside the match
+            # "uncertainty is not low": the "not" is inside the match; "not of low uncertainty" right before it. A denial
+            # earlier in the sentence is of something else ("Negative for tumour ..., with low uncertainty")
+            near_neg = re.search(r"\b(?:not|no|never|without|nor)\b(?:\W+\w+){0,2}\W*$", scan[:m.start()], re.IGNORECASE)
+            if m.group("d") or m.group("e"):  # not low, whichever of moderate and high it is
+                said, negated = "low", True
+            else:
+                said = LEVEL_OF[(m.group("a") or m.group("b") or m.group("c")).lower()]
+                negated = bool(m.group("neg")) or (pol.negated and bool(near_neg))
             ok = (said != f.uncertainty_level) if negated else (said == f.uncertainty_level)
             add("trust", m, ok, "" if ok else f"says uncertainty is {'not ' if negated else ''}{said}; the findings "
                 f"give entropy {f.entropy:.2f}, which is {f.uncertainty_level}", pol=pol)
@@ -808,11 +882,23 @@ class Verifier:
             ok = cautious or not against
             add("trust", m, ok, "" if ok else f"calls the result {m.group(0).lower()}; " + "; ".join(against), pol=pol)
             scan = _mask(scan, m.start(), m.end())
+        for m in _iter(PLACEMENT_LEVEL, scan):
+            pol = scope.polarity(m.start(), m.end())
+            low = (m.group("a") or m.group("b")).lower() in ("low", "poor", "limited")
+            # only a "not" of its own turns it ("No regions are named because the placement is low-confidence")
+            says_low = low != bool(m.group("neg"))
+            ok = f.placement_method != "none" and says_low == bool(f.low_confidence_placement)
+            add("trust", m, ok, "" if ok else f"calls the atlas placement {'low' if says_low else 'high'}-confidence; "
+                f"its confidence is {f.placement_confidence if f.placement_confidence is not None else 'not given'}"
+                f" ({'low' if f.low_confidence_placement else 'not low'})", pol=pol)
+            scan = _mask(scan, m.start(), m.end())
         for pat, unfamiliar in ((FAMILIAR, False), (UNFAMILIAR, True)):
             for m in _iter(pat, scan):
                 pol = scope.polarity(m.start(), m.end())
                 says = unfamiliar != pol.negated
-                ok = says == f.unfamiliar or (says and pol.uncertain)  # a hedged "may be unlike" is caution
+                own_hedge = re.search(r"\b(?:may|might|could|possibly|perhaps|potentially)\b(?:\W+\w+){0,2}\W*$",
+                                      scan[:m.start()], re.IGNORECASE)
+                ok = says == f.unfamiliar or (says and pol.uncertain and bool(own_hedge))  # "may be unlike": caution
                 state = "unfamiliar" if f.unfamiliar else "familiar"
                 add("trust", m, ok, "" if ok else f"says the image is {'unlike' if says else 'like'} the training "
                     f"images; the familiarity check calls it {state}", pol=pol)
@@ -827,7 +913,7 @@ class Verifier:
         rank = RANK_BEFORE.search(sent[max(0, m.start() - 50):m.start()]) or RANK_AFTER.match(sent[m.end():m.end() + 50])
         if rank and not pol.negated:  # "glioma is the second most likely class", "the least likely is meningioma"
             order = f.ranked
-            want = {"second": 1, "third": 2}.get(rank.group("rank").lower(), len(order) - 1)
+            want = {"second": 1, "next": 1, "third": 2}.get(rank.group("rank").lower(), len(order) - 1)
             ok = abs(f.probabilities[cls] - order[want][1]) < 0.005  # ties count either way
             add("class", m, ok, "" if ok else f"calls {READABLE_CLASS[cls]} the {rank.group('rank').lower()} most likely; "
                 f"that is {READABLE_CLASS[order[want][0]]} ({order[want][1]:.2f})", pol=pol)
@@ -842,6 +928,24 @@ class Verifier:
             else:
                 add("class", m, False, f"names the no-tumour class without its probability; the findings favour "
                     f"{READABLE_CLASS[f.label]}", pol=pol)
+            return
+        if re.search(r"\b(?:no|none)\b[\w\s-]{0,25}\bother than\s+(?:an?\s+|the\s+)?$", sent[:m.start()], re.IGNORECASE):
+            # "no class other than glioma is favoured": glioma is said to be the favoured class
+            ok = cls == f.label
+            add("class", m, ok, "" if ok else f"says {READABLE_CLASS[cls]} is the favoured class; the findings favour "
+                f"{READABLE_CLASS[f.label]} (probability {f.top_probability:.2f})", pol=Polarity(False, False))
+            return
+        if cls == f.label and f.top_probability >= 0.5 and re.match(
+                r"\s*(?:is|was|seems|appears)\s+(?:not|no longer|never)\s+(?:the\s+|a\s+)?(?:[\w-]+\s+){0,3}?"
+                r"(?:class|diagnosis|choice|favou?r\w*|answer|prediction|leading|top|first|most)\b", sent[m.end():],
+                re.IGNORECASE):  # "meningioma is not the class the classifier favours" (an outside probe, session 39)
+            add("class", m, False, f"says {READABLE_CLASS[cls]} is not the favoured class; it is (probability "
+                f"{f.top_probability:.2f})", conflict=True, pol=Polarity(True, False))
+            return
+        if cls == f.label and f.top_probability >= 0.5 and re.match(
+                r"[\w\s,]{0,30}?(?<!not )\b(?:unlikely|improbable|doubtful|less likely)\b(?! than)", sent[m.end():], re.IGNORECASE):
+            add("class", m, False, f"calls {READABLE_CLASS[cls]} unlikely; it is the most likely class (probability "
+                f"{f.top_probability:.2f})", conflict=True, pol=Polarity(True, False))
             return
         if self._network_choice(sent, cls):  # the limitation naming what the window classifier overruled
             add("class", m, True, "the whole-slice network's first choice", pol=pol)
@@ -930,6 +1034,7 @@ class Verifier:
         side_m = re.search(r"\b(left|right)(?:[- ]sided)?\s+(?:\w+\s+){0,2}$", before)
         side = side_m.group(1) if side_m else None
         region_spans.append((m.start(), m.end(), pol.negated))
+        self._mentions.append((m, key, side))
         name = f"{side + ' ' if side else ''}{m.group(0)}"
         if not f.regions and key != "sellar":
             why = "the placement is low-confidence" if f.low_confidence_placement else "the findings name no regions"
@@ -945,7 +1050,7 @@ class Verifier:
                 add("region", m, False, f"says most of it, or its largest share, lies in {name}; findings shares: "
                     + ", ".join(f"{r['hemisphere']} {r['name']} {r['fraction']:.0%}" for r in f.regions[:4]), pol=pol)
                 return
-        share = REGION_SHARE_AFTER.match(sent[m.end():])
+        share = REGION_SHARE_AFTER.match(sent[m.end():]) or REGION_SHARE_BEFORE.search(sent[:m.start()])
         if share and not pol.negated and f.regions:  # "the left thalamus accounts for 12 %": that region's share
             said = float(share.group("pct"))
             held = 100 * self._share(key, side)
@@ -966,6 +1071,20 @@ class Verifier:
             listed = ", ".join(f"{r['hemisphere']} {r['name']}" for r in f.regions) or "none"
             add("region", m, False, f"names {name}; findings regions: {listed}", pol=pol)
 
+    def _region_comparison(self, add, sent: str, mentions: list[tuple[re.Match, str, str | None]]) -> None:
+        """Two regions of the findings compared by share, the first named against the second."""
+        if len(mentions) != 2:
+            return
+        (m1, k1, s1), (m2, k2, s2) = mentions
+        cue = REGION_MORE.search(sent[m1.end():m2.start()])
+        if not cue:
+            return
+        a, b = self._share(k1, s1), self._share(k2, s2)
+        more = cue.group("dir").lower() in ("larger", "greater", "bigger", "more")
+        ok = a > b if more else a < b
+        add("region", cue, ok, "" if ok else f"says {m1.group(0)} holds {'more' if more else 'less'} than "
+            f"{m2.group(0)}; the findings give {100 * a:.1f} % and {100 * b:.1f} %", pol=Polarity(False, False))
+
     def _share_said_holds(self, sent: str, m: re.Match, key: str, side: str | None, region_spans: list) -> bool:
         """"Most of the salient area lies in the occipital lobe", "predominantly in the left postcentral gyrus",
         "the right putamen holds the largest share": the region (or lobe) must hold over half of it, or be the one
@@ -976,6 +1095,12 @@ class Verifier:
         if cue and any(cue.end() <= a < m.start() for a, _b, _neg in region_spans[:-1]):
             cue = None  # the cue belongs to a region named before this one
         largest_after = LARGEST_AFTER.match(sent[m.end():])
+        ordinal = REGION_RANK_AFTER.match(sent[m.end():])
+        if ordinal:  # the n-th largest: as many distinct larger shares as the rank says
+            n = ("second", "third", "fourth", "fifth").index(ordinal.group("ord").lower()) + 1
+            held = self._share(key, side)
+            above = {r["fraction"] for r in f.regions if r["fraction"] > held + 1e-9}
+            return len(above) == n
         if not cue and not largest_after:
             return True
 
@@ -995,7 +1120,15 @@ class Verifier:
         side = "bilateral" if word.startswith(("bilateral", "both")) else word.split("-")[0].split(" ")[0]
         allowed = f.allowed_sides
         if pol.negated:
-            if side == f.laterality or (side == "bilateral" and f.crosses_midline):
+            share = {h: sum(r["fraction"] for r in f.regions if r["hemisphere"] == h) for h in ("left", "right")}
+            if side in ("left", "right") and re.search(ONLY_SIDE, scope.sentence[:m.start()], re.IGNORECASE):
+                ok = f.laterality != side  # "not limited to the left hemisphere": more than the left
+                add("side", m, ok, "" if ok else f"says not only {side}; the findings say {f.laterality}", pol=pol)
+            elif side in ("left", "right") and f.laterality in ("bilateral", "midline") and share[side] >= 0.2:
+                # "does not involve the right hemisphere" for an area 31 % right (an outside probe, session 39)
+                add("side", m, False, f"negates the {side} side; {share[side]:.0%} of it lies there", conflict=True,
+                    pol=pol)
+            elif side == f.laterality or (side == "bilateral" and f.crosses_midline):
                 add("side", m, False, f"negates the {side} side; the findings say {f.laterality}", conflict=True, pol=pol)
             else:
                 add("side", m, True, pol=pol)
@@ -1024,7 +1157,76 @@ class Verifier:
             add("side", m, False, f"states {side}; the findings say laterality {f.laterality}"
                 + (f" (region sides: {', '.join(sorted(allowed))})" if allowed else ""), pol=pol)
 
-    def _numbers(self, add, sent: str, class_spans, scope: SentenceScope) -> None:
+    def _mask_comparisons(self, add, sent: str, scan: str) -> tuple[str, list[tuple[int, int]]]:
+        """A sentence naming both the outline and the salient area and comparing them: larger or smaller, the
+        same size, N times, a fraction of, wider or narrower, overlapping or not. Checked against the two masks'
+        counts, extents and the outline's share inside the salient area; the comparison's words and numbers
+        are masked (they are the masks' ratio, no value of the findings). Returns (scan, spans checked)."""
+        f = self.f
+        o, sa = OUTLINE_NOUN.search(sent), SALIENT_NOUN.search(sent)
+        if not o or not sa:
+            return scan, []
+        spans = []
+        outline_first = o.start() < sa.start()
+        sizes = (f.seg_voxels, f.mask_voxels) if f.regions_from_saliency else (None, None)
+        ratio = None  # the first-named mask's size over the other's
+        if sizes[0] and sizes[1]:
+            ratio = sizes[0] / sizes[1] if outline_first else sizes[1] / sizes[0]
+        ext = (max(f.seg_extents_mm, default=0.0), max(f.extents_mm, default=0.0)) if f.regions_from_saliency else (0, 0)
+        ext_ratio = (ext[0] / ext[1] if outline_first else ext[1] / ext[0]) if ext[0] and ext[1] else None
+        less_said = bool(re.search(r"\b(?:smaller|less|lesser)\b", sent, re.IGNORECASE))
+        for m in MASK_COMPARISON.finditer(scan):
+            kind = next(k for k in ("overlap_none", "within", "same", "times", "fraction", "extent_more", "extent_less",
+                                    "more", "less") if m.group(k))
+            inside = f.outline_inside
+            if kind == "overlap_none":
+                ok = inside is not None and inside < 0.01
+                truth = "unknown" if inside is None else f"{100 * inside:.0f}% of the outline lies in the salient area"
+            elif kind == "within":
+                if not re.search(SALIENT_NOUN, sent[m.end():]):
+                    continue  # "lies within the left hemisphere": no comparison of the masks
+                whole = bool(re.search(r"entirely|wholly|completely|fully", m.group(0), re.IGNORECASE))
+                ok = inside is not None and inside >= (0.95 if whole else 0.5)
+                truth = "unknown" if inside is None else f"{100 * inside:.0f}% of the outline lies in the salient area"
+            elif kind in ("extent_more", "extent_less"):
+                ok = ext_ratio is not None and (ext_ratio > 1.0 if kind == "extent_more" else ext_ratio < 1.0)
+                truth = "no extents to compare" if ext_ratio is None else \
+                    f"largest extents: outline {ext[0]:.0f} mm, salient area {ext[1]:.0f} mm"
+            else:
+                if ratio is None:
+                    ok, truth = False, "the findings give no two masks to compare"
+                else:
+                    if kind == "same":
+                        ok = 0.8 <= ratio <= 1.25
+                    elif kind in ("times", "fraction"):
+                        bound = (m.group("bound_t") or m.group("bound_f") or "").lower()
+                        said = m.group(0).lower()
+                        if kind == "times":
+                            n = float(m.group("n")) + (0.5 if m.group("and_half") else 0.0) if m.group("n") else \
+                                (2.0 if "twice" in said else 3.0)
+                            want = 1.0 / n if less_said and not bound else n
+                            tol = 0.25
+                        else:
+                            want = FRACTION_WORDS[re.sub(r"\s+", " ", re.search(_FRACTION, said).group(0))]
+                            tol = 0.3
+                        if bound in ("less than", "fewer than", "under", "below", "at most", "up to"):
+                            ok = ratio < want * (1 + tol)
+                        elif bound:
+                            ok = ratio > want * (1 - tol)
+                        else:
+                            ok = abs(ratio - want) <= tol * want
+                    else:
+                        ok = ratio > 1.0 if kind == "more" else ratio < 1.0
+                    truth = (f"outline {sizes[0]}, salient area {sizes[1]} "
+                             f"{'voxels' if f.kind == 'volume' else 'pixels'}")
+            add("comparison", m, ok, "" if ok else f"compares the outline and the salient area ('{m.group(0)}'); "
+                + truth, pol=Polarity(False, False))
+            spans.append((m.start(), m.end()))
+            scan = _mask(scan, m.start(), m.end())
+        return scan, spans
+
+    def _numbers(self, add, sent: str, class_spans, scope: SentenceScope,
+                 skip: list[tuple[int, int]] = ()) -> None:
         f = self.f
         differentials = disjunctions(sent, class_spans)
         pat = re.compile(r"(?<![\w.])(\d+(?:\.\d+)?)(\s*(?:%|percent\b|mm2|mm²|mm\^2|mm3|mm³|cm3|cm³|cm2|cm²|ml\b|mm\b|cm\b|"
@@ -1043,6 +1245,8 @@ class Verifier:
                 for n, cls in zip(nums, before[-len(nums):], strict=True):
                     paired[g.start(1) + n.start()] = cls
         for m in pat.finditer(sent):
+            if any(a <= m.start() < b for a, b in skip):
+                continue  # a ratio of the two masks, checked as a comparison
             num, unit = m.group(1), (m.group(2) or "").strip().lower()
             nxt = sent[m.end():m.end() + 1]
             if not unit and nxt.isalpha():  # 2D, 3rd, T1 ...
@@ -1069,8 +1273,10 @@ class Verifier:
                 reason = "" if ok else f"gives {READABLE_CLASS[owner]} probability {m.group(0).strip()}; the findings say {f.probabilities[owner]:.2f}"
                 add("number", m, ok, reason)
                 continue
+            # a sentence naming both masks may give either's size ("the outline 80.9 cm3, the salient area 198.2 cm3")
+            both = bool(SALIENT_WORDS.search(sent) and OUTLINE_NOUN.search(sent))
             pool = numbers_for_unit(f, unit, bool(SIZE_WORDS.search(sent[max(0, m.start() - 40):m.start()])),
-                                    salient=bool(SALIENT_WORDS.search(sent)))
+                                    salient=None if both else bool(SALIENT_WORDS.search(sent)))
             if pool is None:
                 pool = f.numbers
             ok = any(abs(x - v) <= max(_tol(num), 0.01 * abs(v) if abs(v) >= 100 else 0.0) for v in pool)
