@@ -69,6 +69,7 @@ def read_label_like(path: str | Path, img) -> np.ndarray:
     if str(path).lower().endswith(".nrrd"):
         arr, aff = _read_nrrd_label(path)
     else:
+        _one_value_per_pixel(path)
         lab = read_image(path)
         values = lab.detach().cpu().numpy()[0]
         check_label_values(path, values)
@@ -91,6 +92,21 @@ def read_label_like(path: str | Path, img) -> np.ndarray:
                   f"does not lie on the image's (spacing {np.round(exp, 3).tolist()} mm, origin "
                   f"{np.round(img_aff[:3, 3], 2).tolist()}): resample the label onto the image first")
     return arr.astype(np.uint8)
+
+
+def _one_value_per_pixel(path: str | Path) -> None:
+    """A label picture stores one value per pixel: an RGB PNG of the right size was stored as it came and served
+    back in colour to every client (an outside probe, session 39), while the reader saw its grey version."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except (UnidentifiedImageError, OSError):
+        return  # not a picture: its own reader says what it is
+    if mode in ("RGB", "RGBA", "CMYK", "LA", "YCbCr", "LAB", "HSV"):
+        raise InvalidInputError(path, f"a label picture holds one value per pixel; this one stores {mode} colour: "
+                                      "save it as a grey (8-bit) or indexed PNG")
 
 
 MAX_LABEL_VALUES = 128  # more than every region of the Harvard-Oxford atlas with its side (about 110)
@@ -120,6 +136,7 @@ def check_label_class(mask: np.ndarray, class_name: str, where, volume: bool) ->
 
 
 UNKNOWN_CLASS = -1  # a tumour outlined without its type: trains the seg head, not the classifier
+LESION_SLICE_SHARE = 0.1  # a volume's lesion slice holds at least this share of its largest slice's lesion area
 
 
 def item_arrays(image: str | Path, label: str | Path | None, class_name: str | None, size: int,
@@ -145,8 +162,12 @@ def item_arrays(image: str | Path, label: str | Path | None, class_name: str | N
     mdisp, _ = volume_to_display(mask, np.asarray(img.affine, dtype=float))
     area = np.array([foreground_mask(s).mean() for s in disp])
     brain = area >= 0.25 * max(area.max(), 1e-9)
-    touched = np.where(mdisp.reshape(len(mdisp), -1).any(1))[0]
-    clear = np.where(brain & ~mdisp.reshape(len(mdisp), -1).any(1))[0]
+    lesion_area = mdisp.reshape(len(mdisp), -1).sum(1)
+    # the lesion's slices, less its first and last specks: a few voxels vanish at the network's size, and the slice
+    # trained the class with an empty mask (an outside probe, session 39: "1 tumour image(s) without an outline" for
+    # a volume outlined over 74 slices)
+    touched = np.where(lesion_area >= max(1.0, LESION_SLICE_SHARE * lesion_area.max()))[0]
+    clear = np.where(brain & (lesion_area == 0))[0]
     if touched.size > max_lesion_slices:
         touched = touched[np.linspace(0, touched.size - 1, max_lesion_slices).round().astype(int)]
     if clear.size:
@@ -160,7 +181,9 @@ def item_arrays(image: str | Path, label: str | Path | None, class_name: str | N
     x = framed_inputs(vnorm[idx], frame, size)[:, 0].numpy()
     m = framed_inputs(mdisp[idx].astype(np.float32), frame, size)[:, 0].numpy() >= 0.5
     y = np.array([lesion_class] * touched.size + [class_index(NO_TUMOUR)] * (idx.size - touched.size))
-    return np.round(np.clip(x, 0, 1) * 255).astype(np.uint8), m.astype(np.uint8), y
+    # a lesion slice whose outline vanished at this size would teach the class from no visible tumour
+    keep = (np.arange(idx.size) >= touched.size) | m.reshape(idx.size, -1).any(1)
+    return np.round(np.clip(x[keep], 0, 1) * 255).astype(np.uint8), m[keep].astype(np.uint8), y[keep]
 
 
 class _Indexed(torch.utils.data.Dataset):

@@ -129,7 +129,7 @@ class FinetuneTrainer(TrainTask):
             stats.update(status="ERROR", error="no labelled images in the datastore")
             self.state.write_stats(stats)
             raise InvalidInputError(None, stats["error"])
-        xs, ms, ys = [], [], []
+        xs, ms, ys, unoutlined = [], [], [], []
         for it in items:
             try:
                 x, m, y = item_arrays(it["image"], it["label"], it["class_name"], base.image_size)
@@ -139,6 +139,8 @@ class FinetuneTrainer(TrainTask):
             xs.append(x)
             ms.append(m)
             ys.append(y)
+            if ((y != class_index(NO_TUMOUR)) & ~m.reshape(len(m), -1).any(1)).any():
+                unoutlined.append(str(it["id"]))
         if not xs:
             stats.update(status="ERROR", error="no usable labelled images", notes=notes)
             self.state.write_stats(stats)
@@ -150,7 +152,9 @@ class FinetuneTrainer(TrainTask):
         # a tumour class without an outline trains the classifier only
         has_mask = (labels == class_index(NO_TUMOUR)) | masks.reshape(len(masks), -1).any(1)
         if not has_mask.all():
-            notes.append(f"{int((~has_mask).sum())} tumour image(s) without an outline: class only, no mask loss")
+            # named, so an annotator can outline them
+            notes.append(f"{int((~has_mask).sum())} tumour image(s) without an outline: class only, no mask loss "
+                         f"({', '.join(unoutlined[:10])}{', ...' if len(unoutlined) > 10 else ''})")
 
         def on_epoch(rec: dict) -> None:
             stats["epochs"].append(rec)
