@@ -248,6 +248,20 @@ def test_cli_registers_alignment_commands():
     assert args.queries == ["MRI without any tumour"] and args.k == 2 and callable(args.func)
 
 
+def test_retrieve_over_a_folder_keeps_to_max_images(subset_factory, dev_rows, tmp_path):
+    """``--max-images`` was ignored with ``--data``: a 3,448-image folder was searched whole (session 39 audit)."""
+    import json
+
+    from tumorlens import cli
+
+    folder = subset_factory(dev_rows[::300])
+    out = tmp_path / "r.json"
+    assert cli.main(["retrieve", "MRI with a glioma", "--data", str(folder), "--max-images", "4", "--k", "3",
+                     "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["searched"] == 4 and len(res["results"]["MRI with a glioma"]) == 3
+
+
 def test_alignment_loss_term_trains_projection_and_encoder(dev2d, dev_rows, protos):
     """Option (b): the loss term from a training config; one step moves encoder and projection."""
     from tumorlens.alignment.training import AlignmentTerm
@@ -317,6 +331,17 @@ def test_semantic_margin_for_folder_matches_tensor_api(probed_model, dev_rows, s
                    for r in rows[:6]])
     assert rate == pytest.approx(semantic_margin_rate(probed_model, x, [r["label"] for r in rows[:6]],
                                                       head="probe"), abs=1e-6)
+    # ``tumorlens evaluate`` on a plain model gives the probe's rate with its count and head (it said n 0)
+    import json
+
+    from tumorlens import cli
+
+    out = folder.parent / "plain.json"
+    assert cli.main(["evaluate", str(folder), "--model", str(probed_model.path), "--limit", "6", "--json",
+                     str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["semantic_margin_head"] == "probe" and m["semantic_margin_n"] == 6
+    assert m["semantic_margin_rate"] == pytest.approx(rate, abs=1e-6)
 
 
 def test_a_stored_head_says_when_the_prompt_file_changed_after_it_was_fitted(model, tmp_path, monkeypatch):

@@ -483,3 +483,23 @@ def test_the_overlay_says_which_way_the_patient_lies_and_draws_millimetres(model
                                                                                                    ("L", "R"))
     picture = explain(dev2d / "images" / "0117.jpg", method="gradcam", model=model, with_regions=False)
     assert _display(picture).edges is None and picture.target == picture.findings.classification.label
+
+
+def test_a_volume_registration_could_not_start_on_says_so_in_its_placement(model, tmp_path):
+    """A 40 mm slab cannot be registered: its record said placement "none", low_confidence false, as if no one had
+    tried (session 39 audit); it says now that the registration failed and why, with no regions."""
+    import nibabel as nib
+
+    from tumorlens.paths import sample_studies_dir
+    from tumorlens.saliency import explain
+
+    ref = nib.load(sample_studies_dir() / "brats_t1c_0001.nii.gz")
+    a = np.asanyarray(ref.dataobj)
+    c = [s // 2 for s in a.shape]
+    aff = ref.affine.copy()
+    aff[:3, 3] = ref.affine[:3, :3] @ np.array([c[0] - 20, c[1] - 20, c[2] - 10]) + ref.affine[:3, 3]
+    nib.save(nib.Nifti1Image(a[c[0] - 20:c[0] + 20, c[1] - 20:c[1] + 20, c[2] - 10:c[2] + 10], aff),
+             tmp_path / "slab.nii.gz")
+    f = explain(tmp_path / "slab.nii.gz", model=model).findings
+    assert f.placement.method == "mni_registration" and f.placement.low_confidence and f.placement.confidence == 0.0
+    assert "too small for a whole brain" in f.placement.details["failed"] and not f.regions

@@ -193,7 +193,7 @@ def semantic_margin_rate(model, images, labels, *, head: str = "auto", min_margi
     y = _labels(labels)
     if len(y) != len(x):
         raise InvalidInputError(None, f"{len(x)} images but {len(y)} labels")
-    h, _kind = text_head(m, head)
+    h, kind = text_head(m, head)
     feats, _ = extract_features(m.net, x)
     return margin_rate(semantic_margins(h.text_vectors(feats), y, h.prototypes), min_margin)
 
@@ -208,7 +208,7 @@ def nearest_descriptions(model, image_tensor, k: int = 3, *, head: str = "auto")
     x = _as_batch(image_tensor, m.image_size)
     if len(x) != 1:
         raise InvalidInputError(None, f"nearest_descriptions takes one image, got {len(x)}")
-    h, _kind = text_head(m, head)
+    h, kind = text_head(m, head)
     feats, _ = extract_features(m.net, x)
     return h.nearest_descriptions(feats, k)[0]
 
@@ -258,9 +258,10 @@ def aligned_probabilities(model, images) -> tuple[np.ndarray, str]:
 
 
 def semantic_margin_for_folder(data_dir, model=None, limit: int | None = None, *, head: str = "auto",
-                               progress: bool = True) -> float | None:
+                               progress: bool = True, details: bool = False) -> float | dict | None:
     """Semantic margin rate over a manifest folder's 2D images (the first ``limit`` records, as
-    ``tumorlens evaluate --limit`` uses); multi-slice volumes are skipped. None if no 2D image."""
+    ``tumorlens evaluate --limit`` uses); multi-slice volumes are skipped. None if no 2D image.
+    ``details``: ``{"rate", "n", "head"}`` instead (how many images, and which text head: "aligned" or "probe")."""
     from tqdm import tqdm
 
     from tumorlens.data.manifest import load_manifest
@@ -270,7 +271,7 @@ def semantic_margin_for_folder(data_dir, model=None, limit: int | None = None, *
     m = _model(model)
     man = load_manifest(data_dir)
     records = man.records[:limit] if limit else man.records
-    h, _kind = text_head(m, head)
+    h, kind = text_head(m, head)
     vecs, ys, batch, batch_y = [], [], [], []
 
     def flush() -> None:
@@ -293,4 +294,5 @@ def semantic_margin_for_folder(data_dir, model=None, limit: int | None = None, *
     flush()
     if not ys:
         return None
-    return margin_rate(semantic_margins(torch.cat(vecs), np.asarray(ys), h.prototypes))
+    rate = margin_rate(semantic_margins(torch.cat(vecs), np.asarray(ys), h.prototypes))
+    return {"rate": rate, "n": len(ys), "head": kind} if details else rate

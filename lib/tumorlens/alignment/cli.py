@@ -149,6 +149,8 @@ def run_retrieve(args) -> int:
         from tumorlens.data.manifest import load_manifest
 
         man = load_manifest(args.data)
+        if args.max_images and len(man) > args.max_images:  # a spread, repeatable subset (it was ignored here)
+            man = man.subset(np.linspace(0, len(man) - 1, args.max_images).round().astype(int).tolist())
         images, _, labels = load_arrays(man, m.image_size)
         feats, _ = extract_features(m.net, images, progress=True)
         names = [str(r.image.relative_to(man.root)) for r in man.records]
@@ -171,7 +173,7 @@ def run_retrieve(args) -> int:
         return 0
     from tumorlens.labels import CLASS_NAMES
 
-    out = {"head": kind, "results": {}}
+    out = {"head": kind, "searched": len(names), "results": {}}
     from tumorlens.alignment.retrieval import RELEVANCE_MIN, query_relevance
 
     for text in args.queries:

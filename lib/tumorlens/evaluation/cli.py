@@ -56,10 +56,13 @@ def run_evaluate(args) -> int:
     m = evaluate_folder(args.data_dir, model=args.model, limit=args.limit)
     probs, labels = m.pop("_probs"), m.pop("_labels")
     if args.no_margin:
-        for k in ("semantic_margin_rate", "semantic_margin_rate_network", "semantic_margin_n"):
+        for k in ("semantic_margin_rate", "semantic_margin_rate_network", "semantic_margin_n", "semantic_margin_head"):
             m.pop(k, None)
     elif m.get("semantic_margin_rate") is None:  # no aligned head: the plain model through its text probe
-        m["semantic_margin_rate"] = _margin(args, m, probs, labels)
+        probe = _margin(args, m, probs, labels) or {}
+        # its count and head with it: a plain model's rate had come with semantic_margin_n 0 (session 39 audit)
+        m.update(semantic_margin_rate=probe.get("rate"), semantic_margin_n=probe.get("n", 0),
+                 semantic_margin_head=probe.get("head"))
     confusion_png(m, png)
     m["confusion_png"] = str(png)
     print(format_table(m))
@@ -81,7 +84,7 @@ def _margin(args, m, probs, labels):
         from tumorlens.alignment import semantic_margin_for_folder
     except ImportError:
         return None
-    return semantic_margin_for_folder(args.data_dir, model=args.model, limit=args.limit)
+    return semantic_margin_for_folder(args.data_dir, model=args.model, limit=args.limit, details=True)
 
 
 def run_predict(args) -> int:

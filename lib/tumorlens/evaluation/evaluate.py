@@ -200,7 +200,8 @@ def margin_rates(sims: np.ndarray, network_sims: np.ndarray, labels: np.ndarray)
         return margin_rate(own_minus_best_other(s[has], labels[has])), int(has.sum())
 
     (r, n), (rn, _) = rate(sims), rate(network_sims)
-    return {"semantic_margin_rate": r, "semantic_margin_rate_network": rn, "semantic_margin_n": n}
+    return {"semantic_margin_rate": r, "semantic_margin_rate_network": rn, "semantic_margin_n": n,
+            "semantic_margin_head": "aligned" if r is not None else None}
 
 
 def _accuracy_on(labels: np.ndarray, probs: np.ndarray):

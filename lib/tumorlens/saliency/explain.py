@@ -21,7 +21,7 @@ from monai.data import MetaTensor
 from tumorlens.caveats import REGIONS_NOT_REQUESTED
 from tumorlens.data import read_image
 from tumorlens.data.readers import IMAGE_META_KEYS, is_volume
-from tumorlens.errors import InvalidInputError, TumorlensError
+from tumorlens.errors import InvalidInputError, RegistrationError, TumorlensError
 from tumorlens.findings import Findings, build_findings
 from tumorlens.labels import NO_TUMOUR
 from tumorlens.models.registry import LoadedModel, load_model
@@ -82,7 +82,15 @@ def _atlas_regions(img: MetaTensor, mask: MetaTensor) -> tuple[dict | None, list
         return map_regions(img, mask), []
     except InvalidInputError:
         raise
-    except TumorlensError as e:  # e.g. RegistrationError: a note, never invented regions (nor the file's path)
+    except RegistrationError as e:
+        # no regions, and a placement that says it failed: "method none, low_confidence false" read as a placement
+        # nobody tried on a volume with no brain in it (session 39 audit)
+        problem = getattr(e, "problem", None) or str(e)
+        failed = {"regions": [], "lesion": {},
+                  "placement": {"method": "mni_registration" if is_volume(img) else "template_slice",
+                                "confidence": 0.0, "low_confidence": True, "details": {"failed": problem}}}
+        return failed, [f"atlas regions not computed: {problem}"]
+    except TumorlensError as e:  # a note, never invented regions (nor the file's path)
         return None, [f"atlas regions not computed: {getattr(e, 'problem', None) or e}"]
 
 
@@ -130,7 +138,7 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
         notes.extend(extra)
         if atlas is not None:
             atlas.setdefault("lesion", {})["mask_source"] = f"saliency:{primary}"
-    if atlas is None and is_volume(img):  # no registration said whether this is a head
+    if (atlas is None or not atlas.get("regions")) and is_volume(img):  # no registration said whether this is a head
         check_head(pred, img)
     notes.extend(pred.extra.get("caveats", []))
     th = thresholds[primary]
