@@ -247,3 +247,21 @@ def test_provenance_names_the_code_that_wrote_the_record():
     old = _record()
     old["schema_version"] = "1.3"
     assert Findings.from_dict(old).provenance.code_commit is None
+
+
+@pytest.mark.parametrize("history,ok", [
+    ("Anna Meier reports headaches", False),  # a plain name needs no title to be one (session 39 audit)
+    ("Headaches; seen by the family of Jan Kowalski", False),
+    ("New seizures. Known breast cancer, Cushing syndrome and Parkinson's disease.", True),
+    ("Headache since March, MRI with FLAIR change", True),
+])
+def test_a_clinical_history_with_a_plain_name_is_refused(history, ok):
+    from pydantic import ValidationError
+
+    from tumorlens.findings.schema import Patient
+
+    if ok:
+        assert Patient(clinical_history=history).clinical_history == history
+    else:
+        with pytest.raises(ValidationError, match="may be a name"):
+            Patient(clinical_history=history)

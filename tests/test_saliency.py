@@ -503,3 +503,19 @@ def test_a_volume_registration_could_not_start_on_says_so_in_its_placement(model
     f = explain(tmp_path / "slab.nii.gz", model=model).findings
     assert f.placement.method == "mni_registration" and f.placement.low_confidence and f.placement.confidence == 0.0
     assert "too small for a whole brain" in f.placement.details["failed"] and not f.regions
+
+
+def test_the_mni_picture_outlines_the_mapped_area_not_only_its_centroid(model, tmp_path):
+    """mni.png showed a red dot for a 198 ml salient area (session 39 audit: issue 4 asks for a picture of the
+    lesion on the template): the mapped area is outlined now, its centroid marked apart."""
+    from PIL import Image
+
+    from tumorlens.paths import sample_studies_dir
+    from tumorlens.saliency import explain
+
+    expl = explain(sample_studies_dir() / "brats_t1c_0001.nii.gz", method="gradcam", model=model)
+    assert expl.findings.regions and len(expl.atlas["mni_points"]) > 1000
+    png = np.asarray(Image.open(expl.write(tmp_path / "out")["mni"]).convert("RGB")).astype(int)
+    red = (png[..., 0] > 200) & (png[..., 1] < 60) & (png[..., 2] < 60)
+    yellow = (png[..., 0] > 200) & (png[..., 1] > 200) & (png[..., 2] < 60)
+    assert red.sum() > 500 and yellow.sum() > 50, (red.sum(), yellow.sum())

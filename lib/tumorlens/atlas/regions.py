@@ -303,7 +303,8 @@ def map_regions(
                 notes.append("the lesion maps outside the template after registration: no regions named")
             regions, lesion = summarise_points(pts, w)
             if len(pts):
-                extra = _volume_region_map(m, aff, pts, reg.transform, regions)
+                # the mapped lesion's template points, for the picture on the template (not in the findings record)
+                extra = {**_volume_region_map(m, aff, pts, reg.transform, regions), "mni_points": pts}
     else:
         from tumorlens.atlas.placement import map_slice_mask, place_slice
 

@@ -50,6 +50,26 @@ PATTERNS: list[tuple[re.Pattern, str]] = [
 ]
 
 
+# a capitalised word inside a sentence of free clinical text is a name unless a disease or sign follows it
+# (an eponym: "Cushing syndrome", "Parkinson's disease") or it is a month or a day
+_EPONYM_NEXT = re.compile(r"(?:'s|’s)?\s+(?i:disease|syndrome|sign|lymphoma|tumou?r|criteria|scale|score|"
+                          r"classification|grade|palsy|phenomenon|reflex|test|type|neuralgia|aneurysm|cyst|pouch)\b")
+_CALENDAR = {"January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+             "November", "December", "Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday",
+             "I", "English"}
+
+
+def capitalised_names(text: str) -> list[str]:
+    """Capitalised words inside a sentence ("Anna Meier reports headaches" gives Meier): in a clinical history a
+    plain name needs no title to be one (session 39 audit), while the history's own words are lower case."""
+    out = []
+    for sentence in re.split(r"(?<=[.!?:;])\s+|\n+", text):
+        for m in re.finditer(r"(?<=\s)" + _NAME + r"\b", sentence):
+            if m.group(0) not in _CALENDAR and not _EPONYM_NEXT.match(sentence[m.end():]):
+                out.append(m.group(0))
+    return out
+
+
 def find_identifiers(text: str) -> list[str]:
     """Kinds of identifier-like text found (empty when none)."""
     return list(dict.fromkeys(kind for pat, kind in PATTERNS if pat.search(text)))

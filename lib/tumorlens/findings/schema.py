@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tumorlens.atomic import atomic_write_text
 from tumorlens.errors import InvalidInputError
-from tumorlens.findings.identifiers import find_identifiers
+from tumorlens.findings.identifiers import capitalised_names, find_identifiers
 from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
 
 SCHEMA_VERSION = "1.6"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional);
@@ -314,6 +314,10 @@ class Patient(_Strict):
         found = find_identifiers(v)
         if found:
             raise ValueError(f"clinical_history looks like it contains identifiers ({', '.join(found)}); remove them")
+        names = capitalised_names(v)
+        if names:
+            raise ValueError(f"clinical_history has capitalised words inside a sentence that may be a name "
+                             f"({', '.join(names[:3])}); write the history in lower case without names")
         return v
 
 

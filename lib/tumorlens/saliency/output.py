@@ -235,8 +235,8 @@ def write_overlay(expl: Explanation, path: Path) -> Path:
 
 
 def write_mni_picture(expl: Explanation, path: Path) -> Path | None:
-    """The centroid of the mapped mask (the salient area, when a saliency map made it) on the MNI152 template with
-    the named regions (volumes with a placement)."""
+    """The mapped mask (the salient area, when a saliency map made it) outlined on the MNI152 template, its centroid
+    marked, with the named regions (volumes with a placement)."""
     f = expl.findings
     centroid = f.lesion.centroid_mni_mm
     if f.input.kind != "volume" or centroid is None or not f.regions:
@@ -258,18 +258,25 @@ def write_mni_picture(expl: Explanation, path: Path) -> Path | None:
 
         tpl = load_mni152_template(resolution=1)
     salient = (f.lesion.mask_source or "").startswith("saliency")
-    what = "centroid of the salient area (where the classifier looked)" if salient else "lesion centroid"
-    if f.lesion.laterality == "bilateral" or f.lesion.crosses_midline:  # a centroid of blobs on both sides
-        what += ";\non both sides, so it may lie between them"
+    what = "salient area (where the classifier looked)" if salient else "lesion"
+    note = ("; it lies on both sides, so its centroid may fall between them"
+            if f.lesion.laterality == "bilateral" or f.lesion.crosses_midline else "")  # a centroid of two blobs
     regions = "; ".join(f"{r.hemisphere} {r.name} {r.fraction:.0%}" if r.hemisphere in ("left", "right")
                         else f"{r.name} {r.fraction:.0%}" for r in f.regions[:3])
     fig = plt.figure(figsize=(10, 4.4), facecolor="black")
     # the title above the panels, not over them (nilearn's box hid the coronal panel's side letters)
     disp = plotting.plot_anat(tpl, cut_coords=tuple(centroid), display_mode="ortho", figure=fig,
                               axes=[0.0, 0.07, 1.0, 0.78], draw_cross=False, annotate=True)
-    fig.suptitle(f"{what} (MNI {centroid[0]:.0f}, {centroid[1]:.0f}, {centroid[2]:.0f})".replace(";\n", "; "),
-                 color="white", fontsize=10, y=0.97)
-    disp.add_markers([centroid], marker_color="red", marker_size=120)
+    fig.suptitle(f"{what}: red outline; its centroid (yellow) at MNI {centroid[0]:.0f}, {centroid[1]:.0f}, "
+                 f"{centroid[2]:.0f}\n{note.lstrip('; ')}", color="white", fontsize=10, y=0.98, va="top")
+    pts = (expl.atlas or {}).get("mni_points")
+    if pts is not None and len(pts):  # the lesion itself, not only its centroid (a dot had stood for 198 ml)
+        grid = np.zeros(tpl.shape[:3], np.uint8)
+        ijk = np.rint(np.linalg.inv(tpl.affine)[:3] @ np.c_[np.asarray(pts, float), np.ones(len(pts))].T).astype(int)
+        inside = np.all((ijk >= 0) & (ijk < np.asarray(grid.shape)[:, None]), axis=0)
+        grid[tuple(ijk[:, inside])] = 1
+        disp.add_contours(nib.Nifti1Image(grid, tpl.affine), levels=[0.5], colors="red", linewidths=1.2)
+    disp.add_markers([centroid], marker_color="yellow", marker_size=80)
     fig.text(0.01, 0.02, f"{'salient area' if salient else 'regions'}: {regions}  (neurological view: the "
              "patient's left on the left)", fontsize=9, color="white", backgroundcolor="black")
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
