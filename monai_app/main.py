@@ -97,8 +97,10 @@ class TumorLensApp(MONAILabelApp):
         # the folder is watched by the server only: a scoring run's own watcher saw the server's deletions as files
         # gone missing and kept their info, and rewrote the index from its own copy (MONAI Label turns the watcher
         # off for training runs only)
-        return TumorlensDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD and in_server(),
-                                  read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+        store = TumorlensDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD and in_server(),
+                                   read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
+        store.scores = self.state.read_scores
+        return store
 
     def _load_sessions(self, load=False):
         if not load:
@@ -124,8 +126,10 @@ class TumorLensApp(MONAILabelApp):
                                  wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX,
                                  stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
         cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
-        return TumorlensDicomWeb(client, settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER, cache_path=cache,
-                                 fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME)
+        store = TumorlensDicomWeb(client, settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER, cache_path=cache,
+                                  fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME)
+        store.scores = self.state.read_scores
+        return store
 
     def _download_dcmqi_tools(self):
         """MONAI Label fetches dcmqi from GitHub for DICOM-SEG output; offline it cannot, and the

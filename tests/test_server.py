@@ -1051,6 +1051,10 @@ def test_relabel_loop_trains_new_version_without_breaking_inference(client, serv
     objects = client.datastore()["objects"]
     unl = [i for i, o in objects.items() if "final" not in o["labels"]]
     assert unl and all(scores[i]["uncertainty"]["model_version"] == stats["version"] for i in unl)
+    # and each image's info gives them over REST (a client had to scrape the run's log line; session 39 probe)
+    shown = requests.get(f"{server.url}/datastore/image/info", params={"image": unl[0]}, timeout=30).json()
+    assert shown["scores"]["uncertainty"] == {k: scores[unl[0]]["uncertainty"][k] for k in ("value", "model_version")}
+    assert "scores" not in client.datastore()["objects"][unl[0]]["image"]["info"]  # shown, never stored
     # a run stopped with DELETE /train/ is reported stopped (not running forever) and publishes nothing
     client.train_start("tumorlens", {"max_epochs": 50})
     # from the start, the progress 3D Slicer's MONAILabel module shows (epoch / total_epochs): without

@@ -16,6 +16,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
@@ -343,6 +344,10 @@ class TumorlensDatastore(LocalDatastore):
     """``LocalDatastore`` + validation + atomic writes (see the module docstring)."""
 
     hint_nested_images = True  # a folder datastore whose images lie in subfolders says so at start
+    # the app's active-learning scores ({id: {kind: entry}}), read when an image's info is asked for: a client saw
+    # them only in a scoring run's log line (an outside probe, session 39). Never written into the index: a scoring
+    # subprocess rewriting it from its own copy had dropped what the server saved meanwhile
+    scores: Callable[[], dict] | None = None
 
     def __init__(self, datastore_path: str, **kwargs):
         self._sweep(Path(datastore_path))
@@ -625,7 +630,13 @@ class TumorlensDatastore(LocalDatastore):
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         if image_id not in self._datastore.objects:  # MONAI Label answers {} with 200
             raise not_found(f"unknown image id {image_id!r}")
-        return super().get_image_info(image_id)
+        info = dict(super().get_image_info(image_id))  # a copy: the scores are shown, not stored
+        entries = (self.scores() if self.scores else {}).get(image_id, {})
+        shown = {kind: {k: e[k] for k in ("value", "model_version", "unusable") if k in e}
+                 for kind, e in entries.items() if isinstance(e, dict) and ("value" in e or "unusable" in e)}
+        if shown:
+            info["scores"] = shown
+        return info
 
     def get_dataset_archive(self, limit_cases: int | None) -> str:
         """``GET /datastore/dataset``: MONAI Label asserts that some image has a final label (a 500)."""
