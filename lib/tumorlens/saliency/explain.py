@@ -138,7 +138,8 @@ def explain(image: MetaTensor | str | Path, method: str = PRIMARY, model: Loaded
         notes.extend(extra)
         if atlas is not None:
             atlas.setdefault("lesion", {})["mask_source"] = f"saliency:{primary}"
-    if (atlas is None or not atlas.get("regions")) and is_volume(img):  # no registration said whether this is a head
+    failed_to_start = bool(atlas and atlas["placement"].get("details", {}).get("failed"))
+    if (atlas is None or failed_to_start) and is_volume(img):  # no registration said whether this is a head
         check_head(pred, img)
     notes.extend(pred.extra.get("caveats", []))
     th = thresholds[primary]
