@@ -1173,6 +1173,21 @@ def _two_sided_saliency_record() -> dict:
     # negation that is of another word
     ("Because the pixel spacing is not known, the lesion cannot be measured in millimetres.", True),
     ("The atlas regions describe where the classifier looked, not the lesion outline.", True),
+    ("The atlas regions describe the salient area, not the segmented lesion.", True),
+    # round 6 (335 new drafts on 5f0b6d4): comparisons denied or said of "the two", the centre's side, one side of
+    # the midline, a side for a two-sided area, the input's kind, a class called likely, uncertainty at its maximum
+    ("The salient area is not larger than the lesion outline.", False),
+    ("The salient area is about six times the outlined lesion, which is the larger of the two.", False),
+    ("The outline is about a fifth of the salient area.", True),
+    ("The centre of the salient area lies in the right hemisphere.", False),
+    ("The salient area remains to one side of the midline.", False),
+    ("Nearly all of the salient area is left-sided.", False),
+    ("The salient area lies in the right hemisphere.", False),
+    ("Most of the salient area lies in the left hemisphere.", True),
+    ("This is a 3D volume.", False),
+    ("A glioma is not suggested.", False),
+    ("Meningioma is likely.", False),
+    ("Uncertainty is near its maximum.", False),
 ])
 def test_comparisons_ranks_and_other_wordings_are_checked(sentence, ok):
     """An outside probe (session 39, 413 new drafts): 44 of 243 unsupported drafts were delivered as verified —
@@ -1183,3 +1198,22 @@ def test_comparisons_ranks_and_other_wordings_are_checked(sentence, ok):
     d = template_draft(build_facts(rec))
     v = _planted(d.findings + " " + sentence, rec=rec)
     assert v["supported"] is ok, (sentence, _reasons(v))
+
+
+def test_the_records_own_notes_quoted_and_a_clause_after_a_semicolon_are_read_as_meant():
+    """Round 6 refused the product's own note quoted in a draft ("... does not separate tumour from healthy brains"
+    as a denied tumour) and, for the third round running, a region clause after a semicolon ("...; its largest share
+    is in ...") as regions of the lesion. A quote of another record's note is still checked."""
+    from tumorlens.inference import VOLUME_CAVEAT
+
+    rec = _two_sided_saliency_record()
+    rec["notes"] = [VOLUME_CAVEAT]
+    d = template_draft(build_facts(rec))
+    for extra in ("On skull-stripped volumes it does not separate tumour from healthy brains.",
+                  "The salient area lies in both hemispheres; its largest share is in the left insular cortex (60%)."):
+        v = _planted(d.findings + " " + extra, rec=rec)
+        assert v["supported"], (extra, _reasons(v))
+    without = _two_sided_saliency_record()
+    d = template_draft(build_facts(without))
+    assert not _planted(d.findings + " On skull-stripped volumes it does not separate tumour from healthy brains.",
+                        rec=without)["supported"]

@@ -107,6 +107,8 @@ class Facts:
     modality_assumed: bool = False
     # share of the segmentation head's outline inside the salient area (findings.saliency.outline_inside_fraction)
     outline_inside: float | None = None
+    # the familiarity score and its threshold (a familiar image's too: only an unfamiliar one's were in the notes)
+    familiarity_numbers: list[float] = field(default_factory=list)
 
     # ---- derived ---------------------------------------------------------------------------------
     @property
@@ -440,6 +442,7 @@ def build_facts(findings: Any) -> Facts:
         network_choice=network_choice,
         modality_assumed=f.input.modality_from == "assumed",
         outline_inside=f.saliency.outline_inside_fraction if f.saliency else None,
+        familiarity_numbers=([cls.familiarity.score, cls.familiarity.threshold] if cls.familiarity is not None else []),
     )
     facts.unquoted_descriptions = len(f.text_matches) - len(facts.text_matches)
     facts.numbers = _allowed_numbers(facts)

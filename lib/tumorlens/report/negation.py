@@ -28,7 +28,8 @@ PRE_NEGATION = (
 )
 POST_NEGATION = (
     "is absent", "are absent", "are all absent", "all absent", "absent", "not seen", "not identified", "not present",
-    "not detected", "not favoured", "not favored", "no longer favoured", "no longer favored", "not the favoured",
+    "not detected", "not suggested", "not supported", "not evident", "not shown", "not indicated", "not favoured",
+    "not favored", "no longer favoured", "no longer favored", "not the favoured",
     "not likely", "negative",
     "not visible", "not demonstrated", "not involved", "is excluded", "are excluded", "excluded",
     "was ruled out", "is ruled out", "ruled out", "is spared", "are spared", "spared", "unlikely", "none",

@@ -97,7 +97,8 @@ UNMEASURED = {
                               r"|looks )?(?:otherwise )?(?:normal|unremarkable)"),
     # sides in words the checks below do not weigh: write left or right (a probe: "hemisphaerium dexter",
     # "dextral", "sinistral", "R > L", "contralateral" passed)
-    "side in other words": r"dext(?:er|ral|rum|ra)|sinistr(?:al|um|a)|[rl]\s*>\s*[rl]|[rl]-sided|contralateral|ipsilateral",
+    "side in other words": (r"dext(?:er|ral|rum|ra)|sinistr(?:al|um|a)|[rl]\s*>\s*[rl]|[rl]-sided|contralateral|ipsilateral|"
+                            r"\b[lr] (?:hemisphere|side)"),
     # abbreviated region names: several regions share each ("PCG": precentral, postcentral or posterior cingulate)
     "abbreviated region": r"pcg|pcc|acc|mfg|sfg|ifg|stg|mtg|itg|dlpfc|smg",
     # size in units the findings never use
@@ -126,7 +127,7 @@ UNMEASURED = {
 # level, the familiarity check, the out-of-scope notes), so it is checked against them, not left unread
 UNCERTAINTY_LEVEL = (
     r"(?:(?:classifier|classification|model|prediction|predictive|diagnostic)(?:'s)? )?uncertainty (?:is |was |remains |"
-    r"appears |seems )?(?P<neg>not )?(?:(?:very|fairly|relatively|quite|rather) )?(?P<a>low|moderate|high|minimal|small|considerable|substantial)"
+    r"appears |seems )?(?P<neg>not )?(?:(?:very|fairly|relatively|quite|rather) )?(?P<a>low|moderate|high|minimal|negligible|small|considerable|substantial)"
     r"|(?P<b>low|moderate|high|minimal|considerable|substantial) (?:degree of |level of )?(?:classifier |classification |"
     r"model |predictive )?uncertainty"
     # the adjective ("the classifier is highly uncertain": a probe's draft for a low-entropy call, session 38)
@@ -135,8 +136,9 @@ UNCERTAINTY_LEVEL = (
     # moderately sure" for an entropy of 0.14)
     r"|(?:is|was|appears|seems|remains|looks) (?P<d>uncertain|unsure)\b(?! (?:whether|if))"
     r"|(?P<e>only moderately|moderately|not entirely|not fully|not very) (?:sure|confident|certain)"
+    r"|uncertainty (?:is )?(?P<f>near|close to|at) (?:its )?maximum"
 )
-LEVEL_OF = {"low": "low", "minimal": "low", "small": "low", "moderate": "moderate", "high": "high",
+LEVEL_OF = {"low": "low", "minimal": "low", "negligible": "low", "small": "low", "moderate": "moderate", "high": "high",
             "considerable": "high", "substantial": "high", "highly": "high", "very": "high", "quite": "high",
             "moderately": "moderate", "somewhat": "moderate", "fairly": "moderate", "slightly": "low"}
 CONFIDENT = (
@@ -154,9 +156,11 @@ FAMILIAR = (r"(?:typical|representative) of the training (?:images|data|set)|(?:
             # (an outside probe, session 39: "The model has seen images like this one in training" on an unfamiliar one)
             r"(?:has|have) seen (?:images|slices|scans|data|cases|pictures) (?:like|similar to) (?:this|these|it)\b|"
             r"(?:seen|met|encountered) (?:in|during) training|above the familiarity threshold|"
+            r"trained on (?:images|slices|data|scans|pictures) (?:like|similar to) (?:this|these|it)\b|"
             r"familiarity[\w\s().,]{0,30}?\b(?:just |well |comfortably )?(?:above|over|exceeds|passes|meets) "
             r"(?:the |its )?(?:\w+ )?threshold")
 UNFAMILIAR = (r"unlike the (?:training )?images|unfamiliar|out[- ]of[- ]distribution|outside the training distribution|"
+              r"outside the range of the training (?:data|images|set)|"
               r"below the familiarity threshold|familiarity[\w\s().,]{0,30}?\b(?:just |well |far )?(?:below|under|short of) "
               r"(?:the |its )?(?:\w+ )?threshold")
 
@@ -177,7 +181,7 @@ CLASS_PATTERNS = {
     "meningioma": r"meningiomas?",
 }
 PIPELINE_PHRASES = (r"(?:lesion|tumou?r)[- ](?:mask|location|side|class(?:es)?|probability|probabilities|outlines?|types?)|"
-                    r"outlined (?:lesion|tumou?r)|no-tumou?r|other (?:tumou?r )?(?:types|classes)")
+                    r"(?:outlined|segmented) (?:lesion|tumou?r)|no-tumou?r|other (?:tumou?r )?(?:types|classes)")
 TUMOUR_WORDS = r"tumou?rs?|mass(?:es)?|lesions?|neoplasms?|neoplastic|growths?|abnormalit(?:y|ies)|malignan\w*|cancer"
 SIZE_WORDS = re.compile(r"\b(?:measur\w*|diameters?|dimensions?|sizes?|sized|long|across|axis|axes|extent|spans?|spanning|wide|"
                         r"width|length|thick\w*|large|big|small)\b", re.IGNORECASE)
@@ -185,11 +189,20 @@ NORMAL_CLAIM = (r"(?:normal|unremarkable) (?:brain )?(?:study|scan|examination|e
                 r"|healthy brain"
                 r"|(?:study|scan|examination|exam|mri|brain|image|findings?|appearances?) (?:is|are|appears?|looks?|seems?) "
                 r"(?:entirely |otherwise |essentially |completely )?(?:normal|unremarkable)")
+# (the same, denied in other words: "remains to one side of the midline")
+ONE_SIDE_OF_MIDLINE = r"(?:to|on) (?:one|a single) side of the midline|(?:stays|remains|lies) unilateral"
 CROSSING = (r"cross(?:es|ing|ed)? (?:over )?(?:the )?midline|midline[- ]crossing|"
             r"(?:extends?|extending|spreads?) (?:across|over) the midline|across the midline")
 SIDE = r"(left|right)(?:[- ]sided|[- ]hemispher(?:e|ic))?|bilateral(?:ly)?|both hemispheres|midline"
+# the centre of the area on a side ("the centre of the salient area lies in the right hemisphere"), the input's kind
+CENTRE_SIDE = (r"(?:centre|center|centroid)(?: of (?:the|its) [\w\s-]{0,25}?)?\s+(?:lies|is|sits|falls|located)\s+"
+               r"(?:in|on|to)\s+the\s+(?P<side>left|right)(?:\s+(?:hemisphere|side))?")
+INPUT_KIND = (r"(?P<vol>(?:read|classified|analysed|analyzed|processed) slice by slice|(?:a |the )?(?:full |whole )?"
+              r"(?:3-?d|three-dimensional|volumetric) (?:volume|study|scan|acquisition|dataset))|"
+              r"(?P<flat>(?:a |the )?(?:single )?(?:2-?d|two-dimensional) (?:image|slice|picture))")
 # words before a side that say the lesion is on that side alone ("confined to the left hemisphere")
-ONLY_SIDE = (r"\b(?:confined|limited|restricted|entirely|exclusively|solely|only|purely|wholly|unilateral(?:ly)?)"
+ONLY_SIDE = (r"\b(?:confined|limited|restricted|entirely|exclusively|solely|only|purely|wholly|unilateral(?:ly)?|"
+             r"(?:nearly|almost|virtually|practically) all)"
              r"\b[\w\s,-]{0,25}$")
 
 # words after a side that make it the only one ("the right hemisphere only", "the left and does not cross")
@@ -448,6 +461,8 @@ represents represent representing fairly differs differ data window opinion chan
 large share shares
 comprises comprise comprising leads lead leading view runner exceeds exceed exceeding dominated dominates dominate
 slightly falls fall set validation direction directions alone places place goes go
+stands stand negligible despite occupies occupy axis isotropic straddles straddle little used own
+taken enough too registered sex
 vs versus year years old aged age patient patients space coordinate coordinates centroid confined limited restricted
 rule rules disease diseases for neuroradiologist neuroradiologists alongside remains remain remaining please excluded exclude unreliable
 reliable analysed analyzed analysis assigns assign assigned plane planes known unknown laterality determined
@@ -545,11 +560,12 @@ FRACTION_WORDS = {"half": 0.5, "a third": 1 / 3, "one third": 1 / 3, "a quarter"
 _FRACTION = "|".join(sorted(FRACTION_WORDS, key=len, reverse=True))
 _BOUND = r"\b(?P<{}>less than|fewer than|under|below|more than|over|above|at least|at most|up to)\s+(?:about |roughly )?"
 MASK_COMPARISON = re.compile(
+    r"(?P<of_two>\b(?:is|being|was) the (?:larger|bigger|greater|smaller|lesser) of the two\b)|"
     r"(?P<overlap_none>\b(?:do|does|did) not (?:overlap|coincide|meet|touch)|\bno overlap\b|\bdisjoint\b|\bapart from each other)|"
     r"(?P<within>\b(?:lies?|sits?|falls?|is|are) (?:entirely |wholly |completely |fully )?(?:within|inside)\b)|"
     r"(?P<same>\b(?:(?:about |roughly |nearly )?(?:the )?(?:same|similar|comparable|equal) (?:in )?(?:size|extent|area|volume)|"
     r"(?:about|roughly|nearly|just) as (?:large|big|extensive)|match(?:es)? in size)\b)|"
-    rf"(?P<times>(?:{_BOUND.format('bound_t')})?(?:(?P<n>\d+(?:\.\d+)?)(?P<and_half> and a half)?\s*(?:times|x|-fold|fold)\b|"
+    rf"(?P<times>(?:{_BOUND.format('bound_t')})?(?:(?P<n>\d+(?:\.\d+)?)(?P<and_half> and a half)?\s*(?:times|x(?!\s*\d)|-fold|fold)\b|"
     r"\btwice\b|\bthrice\b))|"
     rf"(?P<fraction>(?:{_BOUND.format('bound_f')})?\b(?:{_FRACTION})\b(?=\s+(?:of|the|as|that|its|size)\b))|"
     r"(?P<extent_more>\b(?:extends? (?:further|farther|beyond)|wider|longer|broader)\b)|"
@@ -680,6 +696,26 @@ class Verifier:
             else:
                 add("crossing", m, True, pol=pol)
             scan = _mask(scan, m.start(), m.end())
+        for m in _iter(ONE_SIDE_OF_MIDLINE, scan):
+            cm = f.crosses_midline
+            add("crossing", m, cm is False, "" if cm is False else "says it stays on one side of the midline; the "
+                f"findings say it {'crosses' if cm else 'may cross'} it", conflict=bool(cm), pol=Polarity(True, False))
+            scan = _mask(scan, m.start(), m.end())
+        # 2c. where its centre lies, against the centroid's side; a 2D image or a volume, said of this input
+        for m in _iter(CENTRE_SIDE, scan):
+            x = (f.centroid or [None])[0]
+            said = m.group("side").lower()
+            ok = x is not None and ((x < 0) == (said == "left")) and abs(x) > 1.0
+            add("side", m, ok, "" if ok else f"puts the centre on the {said}; the centroid's x is "
+                f"{'not given' if x is None else f'{x:.0f} mm'} (negative: left)", pol=Polarity(False, False))
+            scan = _mask(scan, m.start(), m.end())
+        for m in _iter(INPUT_KIND, scan):
+            volume_said = bool(m.group("vol"))
+            ok = volume_said != f.read_as_slice
+            said = "a volume read slice by slice" if volume_said else "a 2D image"
+            truth = "a single 2D slice" if f.read_as_slice else "a 3D volume"
+            add("input", m, ok, "" if ok else f"calls the input {said}; it is {truth}", pol=Polarity(False, False))
+            scan = _mask(scan, m.start(), m.end())
         # 3. classes (before tumour words: "pituitary tumour" is a class)
         class_matches: list[tuple[re.Match, str]] = []
         for cls, pat in CLASS_PATTERNS.items():
@@ -760,7 +796,7 @@ class Verifier:
         # 8. regions and sides from a saliency mask are the salient area's: said of the lesion or tumour, they put
         # the tumour where the classifier looked (a probe's "The glioma lies in the left white matter" passed for a
         # right-sided glioma whose Grad-CAM area lay left)
-        if f.regions_from_saliency and not SALIENT_WORDS.search(sent):
+        if f.regions_from_saliency and not SALIENT_WORDS.search(sent) and not self._salient_clause:
             for c in claims:
                 if c.kind in ("region", "side", "crossing") and c.ok and not c.negated:
                     c.ok = False
@@ -866,6 +902,8 @@ class Verifier:
             near_neg = re.search(r"\b(?:not|no|never|without|nor)\b(?:\W+\w+){0,2}\W*$", scan[:m.start()], re.IGNORECASE)
             if m.group("d") or m.group("e"):  # not low, whichever of moderate and high it is
                 said, negated = "low", True
+            elif m.group("f"):
+                said, negated = "high", False
             else:
                 said = LEVEL_OF[(m.group("a") or m.group("b") or m.group("c")).lower()]
                 negated = bool(m.group("neg")) or (pol.negated and bool(near_neg))
@@ -919,7 +957,9 @@ class Verifier:
                 f"that is {READABLE_CLASS[order[want][0]]} ({order[want][1]:.2f})", pol=pol)
             return
         if cls == NO_TUMOUR:  # the class's name, as in a list of probabilities
-            if f.label == NO_TUMOUR and re.match(r"\s*(?:class\s+)?(?:is|was)\s+(?:not|no longer)\b", sent[m.end():]):
+            if f.label == NO_TUMOUR and (re.match(r"\s*(?:class\s+)?(?:is|was)\s+(?:not|no longer)\b", sent[m.end():]) or
+                                         re.search(r"\b(?:does|do|did)\s+not\s+(?:favou?r|support|suggest|choose|"
+                                                   r"predict|pick)\s+(?:the\s+)?$", sent[:m.start()], re.IGNORECASE)):
                 # "the no-tumour class is not favoured" (the "no" before other mentions negates nothing here)
                 add("class", m, False, f"negates the no-tumour class, the most likely (probability {f.top_probability:.2f})",
                     conflict=True, pol=pol)
@@ -946,6 +986,12 @@ class Verifier:
                 r"[\w\s,]{0,30}?(?<!not )\b(?:unlikely|improbable|doubtful|less likely)\b(?! than)", sent[m.end():], re.IGNORECASE):
             add("class", m, False, f"calls {READABLE_CLASS[cls]} unlikely; it is the most likely class (probability "
                 f"{f.top_probability:.2f})", conflict=True, pol=Polarity(True, False))
+            return
+        if cls != f.label and f.probabilities[cls] < RULED_OUT_MAX and not pol.negated and re.match(
+                r"\s*(?:is|seems|appears|remains)\s+(?:very\s+|quite\s+|most\s+|the\s+most\s+)?(?:likely|probable)\b"
+                r"(?!\s+(?:than|tumou?r class))", sent[m.end():], re.IGNORECASE):
+            add("class", m, False, f"calls {READABLE_CLASS[cls]} likely; its probability is {f.probabilities[cls]:.2f}",
+                pol=pol)
             return
         if self._network_choice(sent, cls):  # the limitation naming what the window classifier overruled
             add("class", m, True, "the whole-slice network's first choice", pol=pol)
@@ -1151,6 +1197,14 @@ class Verifier:
                 ok = side == f.laterality or (f.laterality in ("unknown", "bilateral", "midline") and side in allowed)
                 reason = f"says mainly {side}; the findings say laterality {f.laterality}"
             add("side", m, ok, "" if ok else reason, pol=pol)
+        elif side in ("left", "right") and f.laterality == "bilateral" and re.match(
+                r"[\s-]*(?:cerebral\s+)?(?:hemisphere|side)\b", word[len(side):] + scope.sentence[m.end():m.end() + 20],
+                re.IGNORECASE) and re.search(r"\b(?:lies|lie|is|are|located|sits|situated)\s+(?:with)?in\s+the\s*$",
+                                             scope.sentence[:m.start()], re.IGNORECASE) and not re.search(
+                r"\b(?:both|partly|partially|also|extends?|and the (?:left|right)|as well|spans?|most|majority|largest|"
+                r"share|third|thirds|half|quarters?|part|portion|fraction|less|more|some|regions?|bulk)\b|%",
+                scope.sentence, re.IGNORECASE):
+            add("side", m, False, f"says it lies in the {side} hemisphere; it lies in both", pol=pol)
         elif side in allowed:
             add("side", m, True, pol=pol)
         else:
@@ -1176,10 +1230,18 @@ class Verifier:
         ext_ratio = (ext[0] / ext[1] if outline_first else ext[1] / ext[0]) if ext[0] and ext[1] else None
         less_said = bool(re.search(r"\b(?:smaller|less|lesser)\b", sent, re.IGNORECASE))
         for m in MASK_COMPARISON.finditer(scan):
-            kind = next(k for k in ("overlap_none", "within", "same", "times", "fraction", "extent_more", "extent_less",
+            kind = next(k for k in ("of_two", "overlap_none", "within", "same", "times", "fraction", "extent_more", "extent_less",
                                     "more", "less") if m.group(k))
             inside = f.outline_inside
-            if kind == "overlap_none":
+            if kind == "of_two":  # of the mask named nearest before it
+                before = sent[:m.start()]
+                last_o = max((x.end() for x in OUTLINE_NOUN.finditer(before)), default=-1)
+                last_s = max((x.end() for x in SALIENT_NOUN.finditer(before)), default=-1)
+                subject_outline = last_o > last_s
+                larger = bool(re.search(r"larger|bigger|greater", m.group(0), re.IGNORECASE))
+                ok = bool(sizes[0] and sizes[1]) and ((sizes[0] > sizes[1]) == subject_outline) == larger
+                truth = f"outline {sizes[0]}, salient area {sizes[1]}"
+            elif kind == "overlap_none":
                 ok = inside is not None and inside < 0.01
                 truth = "unknown" if inside is None else f"{100 * inside:.0f}% of the outline lies in the salient area"
             elif kind == "within":
@@ -1219,6 +1281,9 @@ class Verifier:
                         ok = ratio > 1.0 if kind == "more" else ratio < 1.0
                     truth = (f"outline {sizes[0]}, salient area {sizes[1]} "
                              f"{'voxels' if f.kind == 'volume' else 'pixels'}")
+            if kind in ("same", "more", "less", "extent_more", "extent_less") and re.search(
+                    r"\b(?:not|no|never)\s+(?:\w+\s+)?$", scan[:m.start()], re.IGNORECASE):
+                ok = not ok if ratio is not None or kind.startswith("extent") else ok  # "is not larger than"
             add("comparison", m, ok, "" if ok else f"compares the outline and the salient area ('{m.group(0)}'); "
                 + truth, pol=Polarity(False, False))
             spans.append((m.start(), m.end()))
@@ -1277,8 +1342,9 @@ class Verifier:
             both = bool(SALIENT_WORDS.search(sent) and OUTLINE_NOUN.search(sent))
             pool = numbers_for_unit(f, unit, bool(SIZE_WORDS.search(sent[max(0, m.start() - 40):m.start()])),
                                     salient=None if both else bool(SALIENT_WORDS.search(sent)))
-            if pool is None:
-                pool = f.numbers
+            if pool is None:  # the familiarity score and threshold, in a sentence about familiarity only
+                pool = f.numbers + (f.familiarity_numbers if re.search(r"familiar|threshold", sent, re.IGNORECASE)
+                                    else [])
             ok = any(abs(x - v) <= max(_tol(num), 0.01 * abs(v) if abs(v) >= 100 else 0.0) for v in pool)
             add("number", m, ok, "" if ok else f"the number {m.group(0).strip()} is not in the findings"
                 + (f" as a {unit} value" if unit else ""))
@@ -1289,6 +1355,7 @@ class Verifier:
         # the cautions the history calls for name what the classifier cannot assess (metastasis, treatment): they
         # are the facts' own sentences, checked for identifiers only
         cautions = set(self.f.history_limitations())
+        own = self._own_text()
         for field, text in report.text_fields().items():
             odd = odd_characters(text or "")
             if odd:
@@ -1296,15 +1363,42 @@ class Verifier:
                                     False, "holds letters outside plain English text or invisible characters "
                                     f"({', '.join(odd[:4])}): a lookalike letter hides a word from every check"))
             norm = normalise(text or "")
+            prev = ""
             for _start, sent in split_sentences(norm):
-                if not (field.startswith("limitations") and text.strip() in cautions):
-                    claims.extend(self._sentence(field, sent))
+                # a clause after a semicolon about the salient area ("...; its largest share is in the left
+                # precentral gyrus") is the salient area's too (refused for three outside rounds running)
+                self._salient_clause = bool(prev.rstrip().endswith(";") and SALIENT_WORDS.search(prev)
+                                            and re.search(r"\b(?:its?|of it)\b", sent, re.IGNORECASE))
+                prev = sent
+                if field.startswith("limitations") and text.strip() in cautions:
+                    continue
+                if self._quotes_own_note(sent, own):
+                    continue  # the findings' own note or caution, quoted: true of this record by construction
+                claims.extend(self._sentence(field, sent))
             # the whole field at once: "Dictated for Dr. Meier." is split after "Dr."
             claims.extend(_identifiers(field, norm))
         for i, text in enumerate(report.matched_descriptions):  # quoted from the record, not verified as claims
             claims.extend(_identifiers(f"matched_descriptions[{i}]", text))
         claims.extend(self._structured(report))
         return summarise(claims)
+
+    _salient_clause = False
+
+    def _own_text(self) -> str:
+        """The findings' own notes, limitations and cautions, lower case with single spaces."""
+        f = self.f
+        return " | ".join(re.sub(r"\s+", " ", t.lower()) for t in (*f.notes, *f.limitations(), *f.out_of_scope()))
+
+    @staticmethod
+    def _quotes_own_note(sent: str, own: str) -> bool:
+        """A sentence of at least 30 characters that is a word-bounded part of the record's own notes (the product's
+        notes quoted in a draft were refused: "on skull-stripped volumes the network does not separate tumour
+        from healthy brains" read as denying the tumour; session 39 probe)."""
+        core = re.sub(r"\s+", " ", sent.strip().lower()).strip(" .;:")
+        core = re.sub(r"^(?:the |a |an )", "", core)
+        if len(core) < 30:
+            return False
+        return bool(re.search(r"(?<![\w])" + re.escape(core) + r"(?![\w])", own))
 
     def _structured(self, report: RadiologyReport) -> list[Claim]:
         f = self.f
