@@ -291,6 +291,10 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         path = os.path.join(self.work_dir, f"{image_id}.nii.gz")
         if not os.path.exists(path):
             self.write_volume(volume_node, path)
+            storage = volume_node.GetStorageNode()
+            modality = tll.dicom_modality(storage.GetFileName() if storage is not None else None)
+            if modality:  # the series' own modality travels with the NIfTI made of it
+                tll.stamp_nifti_modality(path, modality)
         return image_id, path
 
     # ---- network (no MRML here: safe in a worker thread) ------------------------------------------
@@ -530,33 +534,75 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
             self.scene.RemoveNode(storage)
         return path
 
-    def export_label(self, seg_node, reference_volume, path: str) -> tuple[str, dict[str, int]]:
-        """Segmentation -> one label file on the reference grid; returns (path, {segment name: value})."""
+    def _exported(self, seg_node, ids, reference_volume):
+        """The segments ``ids`` as one label map on the reference grid (a temporary node the caller removes)."""
+        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__tumorlens_export__")
+        if not slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(seg_node, ids, labelmap,
+                                                                                    reference_volume):
+            self.scene.RemoveNode(labelmap)
+            raise RuntimeError("Slicer could not export the segmentation to a label map")
+        return labelmap
+
+    def _overlapped(self, seg_node, reference_volume, flat: np.ndarray, names: dict[str, int]) -> list[str]:
+        """Segments whose voxels the flat label map lost to a later segment drawn over them."""
         segmentation = seg_node.GetSegmentation()
+        lost = []
+        for name, value in names.items():
+            one = vtk.vtkStringArray()
+            one.InsertNextValue(segmentation.GetNthSegmentID(value - 1))
+            node = self._exported(seg_node, one, reference_volume)
+            try:
+                own = int(np.count_nonzero(slicer.util.arrayFromVolume(node))) if node.GetImageData() else 0
+            finally:
+                self.scene.RemoveNode(node)
+            if own > int(np.count_nonzero(flat == value)):
+                lost.append(name)
+        return lost
+
+    def export_label(self, seg_node, reference_volume, path: str, allow_empty: bool = False) -> tuple[str, dict[str, int]]:
+        """Segmentation -> one label file on the reference grid; returns (path, {segment name: value}).
+        ``allow_empty``: an empty segmentation (or none) is a label of zeros (a tumour-free image's)."""
+        segmentation = seg_node.GetSegmentation() if seg_node is not None else None
         ids = vtk.vtkStringArray()
         names: dict[str, int] = {}
-        for i in range(segmentation.GetNumberOfSegments()):
+        for i in range(segmentation.GetNumberOfSegments() if segmentation is not None else 0):
             ids.InsertNextValue(segmentation.GetNthSegmentID(i))
             name = segmentation.GetNthSegment(i).GetName()
             if name in names:  # one name for two values: the server would know only one of them
                 raise ValueError(f"two segments are named {name!r}: rename one before submitting")
             names[name] = i + 1  # export numbers segments in order
-        if ids.GetNumberOfValues() == 0:
+        if ids.GetNumberOfValues() == 0 and not allow_empty:
             raise ValueError("the segmentation has no segments: nothing to submit")
-        labelmap = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__tumorlens_export__")
+        values = None
+        if ids.GetNumberOfValues():
+            labelmap = self._exported(seg_node, ids, reference_volume)
+            try:
+                values = slicer.util.arrayFromVolume(labelmap) if labelmap.GetImageData() is not None else None
+                if values is not None and values.any():
+                    # a segment drawn over another (a "whole tumour" over its sub-regions) takes its voxels in a
+                    # label map of one value per voxel: the sub-regions were lost with no word (session 39 probe)
+                    lost = self._overlapped(seg_node, reference_volume, values, names)
+                    if lost:
+                        raise ValueError(f"segments overlap: a label file holds one value per voxel, so "
+                                         f"{', '.join(repr(n) for n in lost)} would lose the voxels drawn over by a later "
+                                         "segment; remove the overlap (or the covering segment) before submitting")
+                    self.write_volume(labelmap, path)
+                    return path, names
+            finally:
+                self.scene.RemoveNode(labelmap)
+        if not allow_empty:
+            raise ValueError("the segments hold no voxel inside the volume: nothing to submit (were they drawn "
+                             "on another volume?)")
+        # a tumour-free image: a label of zeros on the volume's own grid
+        empty = self.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "__tumorlens_empty__")
         try:
-            ok = slicer.vtkSlicerSegmentationsModuleLogic.ExportSegmentsToLabelmapNode(
-                seg_node, ids, labelmap, reference_volume)
-            if not ok:
-                raise RuntimeError("Slicer could not export the segmentation to a label map")
-            values = slicer.util.arrayFromVolume(labelmap) if labelmap.GetImageData() is not None else None
-            if values is None or not values.any():
-                raise ValueError("the segments hold no voxel inside the volume: nothing to submit (were they drawn "
-                                 "on another volume?)")
-            self.write_volume(labelmap, path)
+            empty.CopyOrientation(reference_volume)
+            slicer.util.updateVolumeFromArray(empty, np.zeros(slicer.util.arrayFromVolume(reference_volume).shape,
+                                                              np.uint8))
+            self.write_volume(empty, path)
         finally:
-            self.scene.RemoveNode(labelmap)
-        return path, names
+            self.scene.RemoveNode(empty)
+        return path, {}
 
     # ---- report, active learning ---------------------------------------------------------------------
 
@@ -610,7 +656,8 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
         image_id, path = self.prepare_upload(volume_node)
         self.remote_ensure_image(image_id, path)
         label_path, names = self.export_label(seg_node, volume_node,
-                                              os.path.join(self.work_dir, f"{image_id}-label.nii.gz"))
+                                              os.path.join(self.work_dir, f"{image_id}-label.nii.gz"),
+                                              allow_empty=class_name == "no_tumor")
         return self.remote_submit_label(image_id, label_path, names, class_name=class_name, tag=tag)
 
 
@@ -784,8 +831,11 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             src = str(((res.get("findings") or {}).get("lesion") or {}).get("mask_source") or "")
             of = "the salient area" if src.startswith("saliency") else "the lesion"  # whose regions they are
             for s in res.get("segments", []):
-                frac = f", {100 * s['fraction']:.0f}% of {of}" if s.get("fraction") is not None else ""
-                lines.append(f"- {s['name']}: {s['voxels']} voxels{frac}")
+                # the share is the findings' (counted on the atlas after registration), the voxels this image's:
+                # side by side without saying so, "18275 voxels, 21%" read as a miscount (session 39 probe)
+                frac = (f"; {100 * s['fraction']:.0f}% of {of} as mapped onto the atlas"
+                        if s.get("fraction") is not None else "")
+                lines.append(f"- {s['name']}: {s['voxels']} voxels on this image{frac}")
                 if s.get("regions"):
                     lines.append(f"  - regions: {s['regions']}")
             if res.get("findings"):
@@ -845,20 +895,20 @@ class TumorLensWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def onSubmitLabel(self):
         volume = self._volume()
         seg = self.ui.segmentationSelector.currentNode()
-        if volume is None or seg is None:
-            slicer.util.errorDisplay("Select the volume and the segmentation to submit.")
+        class_name = self.ui.classSelector.currentText
+        tumour_free = class_name == "no_tumor"  # an empty mask is its label (refused before: session 39 probe)
+        if volume is None or (seg is None and not tumour_free):
+            slicer.util.errorDisplay("Select the volume and the segmentation to submit (a no_tumor image needs none).")
             return
         def prepare():
             image_id, path = self.logic.prepare_upload(volume)
             return (image_id, path, *self.logic.export_label(
-                seg, volume, os.path.join(self.logic.work_dir, f"{image_id}-label.nii.gz")))
+                seg, volume, os.path.join(self.logic.work_dir, f"{image_id}-label.nii.gz"), allow_empty=tumour_free))
 
         prepared = self._main_thread("Submit label", prepare)
         if prepared is None:
             return
         image_id, path, label_path, names = prepared
-
-        class_name = self.ui.classSelector.currentText
 
         def work():
             self.logic.remote_ensure_image(image_id, path)

@@ -6,7 +6,7 @@ and colouring segments, formatting the report) lives here so it can be unit-test
 
 from .client import Cancelled, InferAnswer, MonaiLabelClient, ServerError, parse_infer_response
 from .colors import color_distance, heat_table, region_color
-from .files import PICTURE_EXTENSIONS, is_dicom_file, is_picture_file
+from .files import PICTURE_EXTENSIONS, dicom_modality, is_dicom_file, is_picture_file, stamp_nifti_modality
 from .report import ReportView, probabilities_table, report_markdown, report_view, verification_status
 from .results import (
     CLASS_NAMES,
@@ -37,7 +37,7 @@ REQUIREMENTS: dict[str, str] = {}
 __all__ = [
     "CLASS_NAMES", "Cancelled", "InferAnswer", "ModelInfo", "MonaiLabelClient", "REQUIREMENTS", "ReportView",
     "ResponseError", "SegmentSpec", "ServerError", "caveats_of", "color_distance", "familiarity_of", "familiarity_warning",
-    "findings_of", "heat_table", "is_dicom_file", "is_picture_file", "PICTURE_EXTENSIONS",
+    "dicom_modality", "findings_of", "heat_table", "is_dicom_file", "stamp_nifti_modality", "is_picture_file", "PICTURE_EXTENSIONS",
     "label_names_of", "matched_descriptions", "parse_infer_response", "parse_label_map", "parse_models", "parse_strategies",
     "probabilities_of", "probabilities_table", "readable_region", "region_color", "report_markdown",
     "report_view", "segment_name", "segment_specs", "verification_status", "window_opinion_line",

@@ -51,21 +51,29 @@ def _claim_text(c: Any) -> str:
 def verification_status(v: dict) -> tuple[str, bool]:
     """A readable status and whether the report shown is fully supported by the findings.
 
-    Flagged reports (the model's draft failed and the template was delivered, or the verifier found
-    problems) are never called verified, whatever else the record says.
+    A report with any unsupported claim, conflict or missing item is never called verified, whatever else the
+    record says. The template report delivered because the model's draft failed is verified (every claim
+    supported) and says it is the template: shown as "FLAGGED" in red, an annotator read a correct report as a
+    faulty one (an outside probe, session 39).
     """
     if not v:
         return "NOT VERIFIED: the server returned no verification", False
     unsupported = list(v.get("unsupported_claims") or [])
     conflicts = list(v.get("negation_conflicts") or [])
     missing = list(v.get("missing") or [])
-    flagged = bool(v.get("flagged")) or bool(v.get("fell_back"))
+    fell_back = bool(v.get("fell_back"))
+    flagged = bool(v.get("flagged")) or fell_back
     checked = v.get("checked")
     if isinstance(checked, dict):
         checked = checked.get("claims")
-    ok = bool(v.get("supported")) and not (unsupported or conflicts or missing or flagged)
+    clean = bool(v.get("supported")) and not (unsupported or conflicts or missing)
+    ok = clean and (not flagged or fell_back)  # the template stood in for a failed draft: itself verified
     bits = []
-    if ok:
+    if ok and fell_back:
+        why = str(v.get("flag_reason") or "the model's draft failed verification")
+        bits.append(f"VERIFIED (template report): every claim is supported by the findings; {why}, so the template "
+                    "report is shown")
+    elif ok:
         bits.append("VERIFIED: every claim is supported by the findings")
     else:
         bits.append("FLAGGED" if flagged else "NOT VERIFIED")
@@ -81,7 +89,7 @@ def verification_status(v: dict) -> tuple[str, bool]:
         bits.append(f"{int(checked)} claim(s) checked")
     if v.get("repaired"):
         bits.append("repaired by the verifier")
-    if v.get("fell_back"):
+    if fell_back and not ok:
         bits.append("fell back to the template report")
     if v.get("backend"):
         bits.append(f"backend: {v['backend']}")
