@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import json
 import shutil
+import sys
 import threading
 import time
 import urllib.parse
@@ -19,7 +20,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import requests
 
-from tumorlens.paths import sample_studies_dir
+from tumorlens.paths import project_root, sample_studies_dir
 
 pytest.importorskip("monailabel")
 jwt = pytest.importorskip("jwt")
@@ -154,7 +155,37 @@ def test_auth_switch_enforces_tokens_and_roles(tmp_path):
             with pytest.raises(MONAILabelClientException) as ei:
                 c.train_start("tumorlens", {})
             assert _status(ei.value) == 403
+            # the 3D Slicer module's own client logs in the same way (it had no way to give a token: every request
+            # was a 401; session 39 probe)
+            sys.path.insert(0, str(project_root() / "slicer_module" / "TumorLens"))
+            import TumorLensLib as tll
+
+            slicer_client = tll.MonaiLabelClient(srv.url)
+            assert slicer_client.auth_enabled()
+            with pytest.raises(tll.ServerError) as ei:
+                slicer_client.info()
+            assert ei.value.status == 401
+            with pytest.raises(tll.ServerError):
+                slicer_client.login("annotator", "wrong password")
+            slicer_client.login("annotator", PASSWORD)
+            assert "classification" in slicer_client.info()["models"]
+            assert "classification" in tll.MonaiLabelClient(srv.url, token=realm.token("reader")).info()["models"]
             # the app's own 4xx still apply behind auth
             with pytest.raises(MONAILabelClientException) as ei:
                 c.infer("classification", "../etc/passwd", {})
             assert _status(ei.value) == 400
+
+
+def test_a_login_server_that_cannot_be_reached_is_a_503_with_a_message(tmp_path):
+    """With the realm down every token got a bare 500 (session 39 probe): the server says why, and keeps serving."""
+    studies = tmp_path / "studies"
+    shutil.copytree(sample_studies_dir(), studies)
+    with Realm() as realm:
+        token = realm.token("reader")
+    env = {"MONAI_LABEL_AUTH_ENABLE": "true", "MONAI_LABEL_AUTH_REALM_URI": f"http://127.0.0.1:{free_port()}/realms/x",
+           "MONAI_LABEL_AUTH_TIMEOUT": "2", "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
+           "MONAI_LABEL_SESSION_PATH": str(tmp_path / "sessions")}
+    with ServerProcess(studies, env=env, log_path=tmp_path / "server.log") as srv:
+        for _ in range(2):
+            r = requests.get(srv.url + "/info/", headers={"Authorization": f"Bearer {token}"}, timeout=30)
+            assert r.status_code == 503 and "login server" in r.json()["detail"], (r.status_code, r.text[:200])

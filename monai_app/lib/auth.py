@@ -41,7 +41,14 @@ def install_token_check() -> bool:
         return True
 
     def from_token(token: str):
-        key = auth.get_public_key(settings.MONAI_LABEL_AUTH_REALM_URI)
+        try:
+            key = auth.get_public_key(settings.MONAI_LABEL_AUTH_REALM_URI)
+        except Exception as e:  # noqa: BLE001 - the login server down or answering nonsense: said, not a bare 500
+            from fastapi import HTTPException
+
+            logger.error(f"auth: the realm's key could not be fetched: {type(e).__name__}")
+            raise HTTPException(status_code=503, detail="the login server (the auth realm) cannot be reached, so no "
+                                "token can be checked now; try again later") from e
         payload = jwt.decode(token, key, algorithms=algs,
                              options={"verify_signature": True, "verify_aud": False, "verify_exp": True})
         if not payload.get(settings.MONAI_LABEL_AUTH_TOKEN_USERNAME):

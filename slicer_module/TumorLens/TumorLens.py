@@ -142,9 +142,18 @@ class TumorLensLogic(ScriptedLoadableModuleLogic):
 
     # ---- server ---------------------------------------------------------------------------------
 
-    def connect(self, url: str) -> dict:
-        """Connect and list models (classification and report included) and strategies."""
-        client = tll.MonaiLabelClient(url, timeout=self.timeout, cancel=self.cancel)
+    def connect(self, url: str, username: str | None = None, password: str | None = None,
+                token: str | None = None) -> dict:
+        """Connect and list models (classification and report included) and strategies. A server with MONAI
+        Label's auth on takes a token, or a user name and password (its ``/auth/token`` password grant);
+        without them the environment's ``TUMORLENS_SERVER_TOKEN`` or ``TUMORLENS_SERVER_USER`` /
+        ``TUMORLENS_SERVER_PASSWORD`` are used."""
+        token = token or os.environ.get("TUMORLENS_SERVER_TOKEN") or None
+        username = username or os.environ.get("TUMORLENS_SERVER_USER") or None
+        password = password if password is not None else os.environ.get("TUMORLENS_SERVER_PASSWORD")
+        client = tll.MonaiLabelClient(url, timeout=self.timeout, cancel=self.cancel, token=token)
+        if username and not token:
+            client.login(username, password or "")
         info = client.info()
         models = tll.parse_models(info)
         self.client, self.info = client, info

@@ -86,7 +86,7 @@ class MonaiLabelClient:
     """One server; every method raises :class:`ServerError` or :class:`Cancelled`, nothing else."""
 
     def __init__(self, url: str, timeout: float = 120.0, cancel: threading.Event | None = None,
-                 progress: Callable[[int, int], None] | None = None):
+                 progress: Callable[[int, int], None] | None = None, token: str | None = None):
         url = url.strip()
         if not url:
             raise ServerError(0, "no server URL given")
@@ -99,6 +99,9 @@ class MonaiLabelClient:
         self.timeout = timeout
         self.cancel = cancel or threading.Event()
         self.progress = progress  # called with (bytes done, bytes total or 0)
+        # "Authorization" for a server with MONAI Label's auth on: "Bearer <token>" (``login`` sets it); without it
+        # such a server answered every request 401 and the module had no way to give one (session 39 probe)
+        self.authorization = f"Bearer {token}" if token and " " not in token.strip() else (token or None)
         # a proxy from the environment must never see loopback traffic (or patient images)
         host = (parsed.hostname or "").lower()
         handlers = [urllib.request.ProxyHandler({})] if host in ("127.0.0.1", "localhost", "::1") else []
@@ -119,6 +122,8 @@ class MonaiLabelClient:
         if query:
             url += "?" + urllib.parse.urlencode({k: v for k, v in query.items() if v is not None})
         headers = {"Accept": "application/json, multipart/form-data, */*"}
+        if self.authorization:
+            headers["Authorization"] = self.authorization
         data: Any = None
         if files is not None or fields is not None:
             for p in files.values() if files else ():
@@ -170,6 +175,21 @@ class MonaiLabelClient:
             return Response(resp.status, ctype, b"".join(chunks), {k.lower(): v for k, v in resp.headers.items()})
 
     # ---- MONAI Label endpoints -----------------------------------------------------------------
+
+    def auth_enabled(self) -> bool:
+        """``GET /auth/``: whether the server asks for a token (MONAI Label's switch)."""
+        try:
+            return bool(self.request("GET", "/auth/", timeout=min(self.timeout, 30.0)).json().get("enabled"))
+        except ServerError:
+            return False
+
+    def login(self, username: str, password: str) -> None:
+        """Password grant through the server's ``/auth/token``; later requests carry the token."""
+        answer = self.request("POST", "/auth/token", fields={"username": username, "password": password,
+                                                              "grant_type": "password"}).json()
+        if not answer.get("access_token"):
+            raise ServerError(0, "the server gave no token (is its auth switched on?)")
+        self.authorization = f"{str(answer.get('token_type') or 'bearer').capitalize()} {answer['access_token']}"
 
     def info(self) -> dict:
         """``GET /info/``: app name, models (with their types and labels), strategies, trainers."""
