@@ -178,7 +178,7 @@ def test_a_volume_on_a_tilted_grid_says_so(predictor):
     5 degrees came back a meningioma. Such a volume's answer says how far its grid is tilted; an axis-aligned one
     (and the same grid merely flipped, as LPS storage is) does not get the caveat."""
     from tumorlens.data import read_image
-    from tumorlens.inference import TILT_CAVEAT_DEGREES, grid_tilt_degrees
+    from tumorlens.inference import TILT_CAVEAT_DEGREES, grid_tilt_degrees, grid_turn_degrees
     from tumorlens.paths import sample_studies_dir
 
     vol = read_image(sample_studies_dir() / "brats_t1c_0001.nii.gz")
@@ -191,6 +191,13 @@ def test_a_volume_on_a_tilted_grid_says_so(predictor):
     assert abs(grid_tilt_degrees(tilted.affine) - 10.0) < 0.01
     said = [c for c in predictor.predict(tilted).extra["caveats"] if "tilted" in c]
     assert said and "10 degrees" in said[0] and TILT_CAVEAT_DEGREES < 10
+    # a 10 degree tilt with a 20 degree turn within the plane was "tilted 22 degrees" (session 39 probe): the tilt
+    # and the turn are told apart
+    z = np.radians(20.0)
+    turn = np.array([[np.cos(z), -np.sin(z), 0, 0], [np.sin(z), np.cos(z), 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]])
+    both = rot @ turn @ vol.affine.numpy()
+    assert abs(grid_tilt_degrees(both) - 10.0) < 0.01 and abs(grid_turn_degrees(both) - 20.0) < 1.5
+    assert grid_turn_degrees(vol.affine) < 0.01 and grid_turn_degrees(tilted.affine) < 0.5
 
 
 def test_an_outline_under_a_no_tumour_call_comes_with_a_caveat(dev2d, predictor):

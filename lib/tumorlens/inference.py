@@ -43,16 +43,51 @@ TILT_CAVEAT_DEGREES = 3.0
 TILT_CAVEAT = ("the volume's slices are tilted {deg:.0f} degrees from the nearest standard plane: the 2D network reads "
                "them as stored, and its class and mask changed with tilt in tests (a glioma tilted 5 degrees was read "
                "as a meningioma), so treat them as unconfirmed")
+TURN_CAVEAT = ("the volume's slices are turned {deg:.0f} degrees within their plane from the patient's axes: the 2D "
+               "network reads them as stored, turned, so treat its class and mask as unconfirmed")
 
 
-def grid_tilt_degrees(affine) -> float:
-    """The largest angle between a voxel axis of ``affine`` and the world axis nearest it (0 on an axis-aligned grid)."""
+def _axis_angles(affine) -> np.ndarray | None:
     a = np.asarray(affine, dtype=float)[:3, :3]
     norms = np.linalg.norm(a, axis=0)
     if np.any(norms <= 0):
+        return None
+    return a / norms
+
+
+def grid_tilt_degrees(affine) -> float:
+    """How far the slice plane the 2D network reads (the voxel axes other than the one nearest the head's long
+    axis) is tilted from the nearest standard plane: the angle between its normal and the world axis nearest it.
+    A turn within the plane is not a tilt (``grid_turn_degrees``): a 10 degree tilt with a 20 degree turn had been
+    called "tilted 22 degrees" (an outside probe, session 39)."""
+    u = _axis_angles(affine)
+    if u is None:
         return 0.0
-    cosines = np.abs(a / norms).max(axis=0)
-    return float(np.degrees(np.arccos(np.clip(cosines, -1.0, 1.0))).max())
+    k = int(np.argmax(np.abs(u[2])))  # the slice axis: the voxel axis nearest superior-inferior
+    i, j = [c for c in range(3) if c != k]
+    n = np.cross(u[:, i], u[:, j])
+    n /= max(np.linalg.norm(n), 1e-12)
+    return float(np.degrees(np.arccos(np.clip(np.abs(n).max(), -1.0, 1.0))))
+
+
+def grid_turn_degrees(affine) -> float:
+    """How far the slice's in-plane axes are turned within their plane: once the plane is tilted back onto the
+    nearest standard plane (the smallest rotation taking its normal onto the nearest world axis), the angle between
+    an in-plane axis and the world axis nearest it."""
+    u = _axis_angles(affine)
+    if u is None:
+        return 0.0
+    k = int(np.argmax(np.abs(u[2])))
+    i, j = [c for c in range(3) if c != k]
+    n = np.cross(u[:, i], u[:, j])
+    n /= max(np.linalg.norm(n), 1e-12)
+    e = np.zeros(3)
+    e[int(np.argmax(np.abs(n)))] = np.sign(n[int(np.argmax(np.abs(n)))])
+    v, c = np.cross(n, e), float(np.dot(n, e))
+    vx = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    rot = np.eye(3) + vx + vx @ vx / (1.0 + c) if c > -1.0 + 1e-9 else -np.eye(3)  # Rodrigues: n -> e
+    back = rot @ u[:, i]
+    return float(np.degrees(np.arccos(np.clip(np.abs(back).max(), -1.0, 1.0))))
 
 
 # DICOM Modality values of pictures that may be MRI (secondary captures of MR slices are "OT"/"SC")
@@ -540,9 +575,11 @@ class Predictor:
         familiarity = self._familiarity(np.concatenate(fams) if fams else None)
         res = self._result(img, probs, seg_vol, slice_probs, familiarity)
         res.extra["caveats"].append(VOLUME_CAVEAT)
-        tilt = grid_tilt_degrees(img.affine)
+        tilt, turn = grid_tilt_degrees(img.affine), grid_turn_degrees(img.affine)
         if tilt > TILT_CAVEAT_DEGREES:
             res.extra["caveats"].append(TILT_CAVEAT.format(deg=tilt))
+        if turn > TILT_CAVEAT_DEGREES:
+            res.extra["caveats"].append(TURN_CAVEAT.format(deg=turn))
         if self.head_check:
             check_head(res, img)
         return res
