@@ -153,6 +153,10 @@ class TumorlensInfer(InferTask):
     """Subclasses implement ``run(img, request) -> (label array | None, result json)``."""
 
     returns_label = True  # False: the task never writes a label file (output=image is refused)
+    # the task reads nothing but the image: its refusal of a datastore image (constant, no brain, unreadable) is
+    # every model's, so it is recorded where the strategies look (``lib.scoring.scores.unusable``). The random
+    # strategy had handed such an upload back until a scoring run met it (an outside probe, session 39)
+    image_only = False
 
     def __init__(self, state: AppState, type: InferType | str, labels: dict[str, int], dimension: int,
                  description: str, config: dict[str, Any] | None = None):
@@ -178,6 +182,17 @@ class TumorlensInfer(InferTask):
             return None
         return str(path) if path.is_file() or not validate else None
 
+    def _unusable(self, req: dict, path: str, problem: str) -> None:
+        """Record a datastore image no model can read, for as long as its file is unchanged."""
+        image_id = req.get("image_id")
+        if not image_id or not os.path.isfile(path):
+            return  # an upload or a session image: not the datastore's
+        try:
+            self.state.update_scores({image_id: {"read": {"unusable": problem, "model_version": self.state.model_version(),
+                                                          "mtime": os.path.getmtime(path)}}})
+        except (OSError, TumorlensError) as e:  # the record is a help to the strategies, never a reason to fail
+            logger.warning(f"could not record {image_id} as unusable: {e}")
+
     @abstractmethod
     def run(self, img: MetaTensor, request: dict) -> tuple[np.ndarray | None, dict]:
         """The task's own work on one image: (label array or None, JSON params)."""
@@ -196,6 +211,7 @@ class TumorlensInfer(InferTask):
         try:
             img = read_image(path)
         except InvalidInputError as e:
+            self._unusable(req, path, public_problem(e, path, req))
             raise bad_request(f"{src}: {public_problem(e, path, req)}") from e
         ext = req.get("result_extension") or default_extension(img)
         if ext not in LABEL_EXTENSIONS:
@@ -211,6 +227,8 @@ class TumorlensInfer(InferTask):
         try:
             arr, result = self.run(img, req)
         except InvalidInputError as e:
+            if self.image_only:
+                self._unusable(req, path, public_problem(e, path, req))
             raise bad_request(f"{src}: {public_problem(e, path, req)}") from e
         t2 = time.time()
         out = None

@@ -13,6 +13,7 @@ from tumorlens.labels import CLASS_NAMES
 
 
 class ClassificationInfer(TumorlensInfer):
+    image_only = True  # its refusals are the image's (see TumorlensInfer.image_only)
     returns_label = False  # JSON only
 
     def __init__(self, state: AppState):

@@ -14,6 +14,8 @@ TUMOUR_LABEL = {"tumor": 1}
 
 
 class SegmentationInfer(TumorlensInfer):
+    image_only = True  # its refusals are the image's (see TumorlensInfer.image_only)
+
     def __init__(self, state: AppState):
         super().__init__(state, InferType.SEGMENTATION, dict(TUMOUR_LABEL), 3,
                          "Tumour mask of the dual-head model's segmentation head, its lesion redrawn at the "
