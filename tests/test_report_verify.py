@@ -1188,6 +1188,10 @@ def _two_sided_saliency_record() -> dict:
     ("A glioma is not suggested.", False),
     ("Meningioma is likely.", False),
     ("Uncertainty is near its maximum.", False),
+    # a number named as a quantity must be that quantity's (the placement is 0.8 confident, its quality 0.7)
+    ("The atlas placement confidence is 0.70.", False),
+    ("The atlas placement confidence is 0.80.", True),
+    ("The maximum possible entropy here is 1.00.", False),
 ])
 def test_comparisons_ranks_and_other_wordings_are_checked(sentence, ok):
     """An outside probe (session 39, 413 new drafts): 44 of 243 unsupported drafts were delivered as verified —

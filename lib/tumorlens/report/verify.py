@@ -18,7 +18,14 @@ from functools import lru_cache
 from typing import Any
 
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
-from tumorlens.report.facts import HISTORY_NEGATED, READABLE_CLASS, Facts, history_clauses, numbers_for_unit
+from tumorlens.report.facts import (
+    HISTORY_NEGATED,
+    MAX_ENTROPY,
+    READABLE_CLASS,
+    Facts,
+    history_clauses,
+    numbers_for_unit,
+)
 from tumorlens.report.negation import Polarity, SentenceScope, split_sentences
 from tumorlens.report.schema import RadiologyReport
 
@@ -163,6 +170,13 @@ UNFAMILIAR = (r"unlike the (?:training )?images|unfamiliar|out[- ]of[- ]distribu
               r"outside the range of the training (?:data|images|set)|"
               r"below the familiarity threshold|familiarity[\w\s().,]{0,30}?\b(?:just |well |far )?(?:below|under|short of) "
               r"(?:the |its )?(?:\w+ )?threshold")
+
+# a number named as one quantity must be that quantity's (an outside probe, session 39: the slice similarity 0.81
+# passed as "the atlas placement confidence is 0.81" for a confidence of 0.34; the threshold 0.79 as the score)
+QUANTITY_NUMBER = re.compile(
+    r"\b(?P<q>(?:atlas |template )?(?:placement|registration) confidence|familiarity(?: score)?|"
+    r"(?:classifier(?:'s)? |classification )?entropy|maximum(?: possible)? entropy)"
+    r"(?:\s+(?:is|was|of|at|equals|=|:))?\s*\(?(?P<n>\d*\.\d+|\d+)\b(?!\s*%)", re.IGNORECASE)
 
 # the atlas placement's confidence said in words (an outside probe, session 39: "the atlas placement is
 # high-confidence" at 0.34 passed)
@@ -629,6 +643,7 @@ class Verifier:
     def _sentence(self, field: str, sent: str) -> list[Claim]:
         f = self.f
         claims: list[Claim] = []
+        self._quantity_spans: list[tuple[int, int]] = []  # numbers named as a quantity, checked as that
         neg_text = sent
         for m in _iter(CLASS_PATTERNS["no_tumor"] + "|" + PIPELINE_PHRASES, sent):
             neg_text = neg_text[:m.start()] + "x" * (m.end() - m.start()) + neg_text[m.end():]
@@ -778,7 +793,7 @@ class Verifier:
             else:
                 add("tumour", m, True, pol=pol)
         # 7. numbers, and sizes said in words
-        self._numbers(add, sent, class_spans, scope, skip=compared)
+        self._numbers(add, sent, class_spans, scope, skip=compared + self._quantity_spans)
         for a, b in self._size_words(add, sent, scope):  # checked: their words need no other ground
             scan = _mask(scan, a, b)
         # 7b. another language, and names the identifier patterns do not know
@@ -920,6 +935,20 @@ class Verifier:
             ok = cautious or not against
             add("trust", m, ok, "" if ok else f"calls the result {m.group(0).lower()}; " + "; ".join(against), pol=pol)
             scan = _mask(scan, m.start(), m.end())
+        for m in QUANTITY_NUMBER.finditer(scan):
+            q, num = m.group("q").lower(), m.group("n")
+            if "maximum" in q:
+                truth = MAX_ENTROPY
+            elif "entropy" in q:
+                truth = f.entropy
+            elif "familiarity" in q:
+                truth = f.familiarity_numbers[0] if f.familiarity_numbers else None
+            else:
+                truth = f.placement_confidence
+            ok = truth is not None and abs(float(num) - truth) <= _tol(num)
+            add("number", m, ok, "" if ok else f"gives the {q} as {num}; the findings give "
+                f"{'none' if truth is None else f'{truth:.2f}'}", pol=Polarity(False, False))
+            self._quantity_spans.append((m.start("n"), m.end("n")))  # its words stay for the checks below
         for m in _iter(PLACEMENT_LEVEL, scan):
             pol = scope.polarity(m.start(), m.end())
             low = (m.group("a") or m.group("b")).lower() in ("low", "poor", "limited")
