@@ -176,7 +176,8 @@ UNFAMILIAR = (r"unlike the (?:training )?images|unfamiliar|out[- ]of[- ]distribu
 QUANTITY_NUMBER = re.compile(
     r"\b(?P<q>(?:atlas |template )?(?:placement|registration) confidence|familiarity(?: score)?|"
     r"(?:classifier(?:'s)? |classification )?entropy|maximum(?: possible)? entropy)"
-    r"(?:\s+(?:is|was|of|at|equals|=|:))?\s*\(?(?P<n>\d*\.\d+|\d+)\b(?!\s*%)", re.IGNORECASE)
+    r"(?:\s+(?:here|now|then|for this image))?(?:\s+(?:is|was|of|at|equals|=|:))?\s*\(?(?P<n>\d*\.\d+|\d+)\b(?!\s*%)",
+    re.IGNORECASE)
 
 # the atlas placement's confidence said in words (an outside probe, session 39: "the atlas placement is
 # high-confidence" at 0.34 passed)
