@@ -1192,6 +1192,9 @@ def _two_sided_saliency_record() -> dict:
     ("The atlas placement confidence is 0.70.", False),
     ("The atlas placement confidence is 0.80.", True),
     ("The maximum possible entropy here is 1.00.", False),
+    # round 7 (320 new drafts on 810fe42): "not the tumour boundary" had thrown the whole report away, "left empty"
+    # was read as a side
+    ("The regions reflect where the classifier looked, not the tumour boundary.", True),
 ])
 def test_comparisons_ranks_and_other_wordings_are_checked(sentence, ok):
     """An outside probe (session 39, 413 new drafts): 44 of 243 unsupported drafts were delivered as verified —

@@ -195,7 +195,8 @@ CLASS_PATTERNS = {
     "glioma": r"gliomas?",
     "meningioma": r"meningiomas?",
 }
-PIPELINE_PHRASES = (r"(?:lesion|tumou?r)[- ](?:mask|location|side|class(?:es)?|probability|probabilities|outlines?|types?)|"
+PIPELINE_PHRASES = (r"(?:lesion|tumou?r)[- ](?:mask|location|side|class(?:es)?|probability|probabilities|outlines?|types?|"
+                    r"boundary|boundaries|border|borders|margins?|edges?)|"
                     r"(?:outlined|segmented) (?:lesion|tumou?r)|no-tumou?r|other (?:tumou?r )?(?:types|classes)")
 TUMOUR_WORDS = r"tumou?rs?|mass(?:es)?|lesions?|neoplasms?|neoplastic|growths?|abnormalit(?:y|ies)|malignan\w*|cancer"
 SIZE_WORDS = re.compile(r"\b(?:measur\w*|diameters?|dimensions?|sizes?|sized|long|across|axis|axes|extent|spans?|spanning|wide|"
@@ -208,7 +209,9 @@ NORMAL_CLAIM = (r"(?:normal|unremarkable) (?:brain )?(?:study|scan|examination|e
 ONE_SIDE_OF_MIDLINE = r"(?:to|on) (?:one|a single) side of the midline|(?:stays|remains|lies) unilateral"
 CROSSING = (r"cross(?:es|ing|ed)? (?:over )?(?:the )?midline|midline[- ]crossing|"
             r"(?:extends?|extending|spreads?) (?:across|over) the midline|across the midline")
-SIDE = r"(left|right)(?:[- ]sided|[- ]hemispher(?:e|ic))?|bilateral(?:ly)?|both hemispheres|midline"
+# "left" as a verb's participle ("the mask is left empty") is no side
+SIDE = (r"(left|right)(?![ ](?:empty|blank|out|unchanged|behind|over|undone|unnamed|unfilled|as it is)\b)"
+        r"(?:[- ]sided|[- ]hemispher(?:e|ic))?|bilateral(?:ly)?|both hemispheres|midline")
 # the centre of the area on a side ("the centre of the salient area lies in the right hemisphere"), the input's kind
 CENTRE_SIDE = (r"(?:centre|center|centroid)(?: of (?:the|its) [\w\s-]{0,25}?)?\s+(?:lies|is|sits|falls|located)\s+"
                r"(?:in|on|to)\s+the\s+(?P<side>left|right)(?:\s+(?:hemisphere|side))?")
@@ -477,7 +480,7 @@ large share shares
 comprises comprise comprising leads lead leading view runner exceeds exceed exceeding dominated dominates dominate
 slightly falls fall set validation direction directions alone places place goes go
 stands stand negligible despite occupies occupy axis isotropic straddles straddle little used own
-taken enough too registered sex
+taken enough too registered sex reflect reflects reflecting thickness count supplied handled
 vs versus year years old aged age patient patients space coordinate coordinates centroid confined limited restricted
 rule rules disease diseases for neuroradiologist neuroradiologists alongside remains remain remaining please excluded exclude unreliable
 reliable analysed analyzed analysis assigns assign assigned plane planes known unknown laterality determined
