@@ -99,7 +99,7 @@ class TumorLensApp(MONAILabelApp):
         # off for training runs only)
         store = TumorlensDatastore(self.studies, auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD and in_server(),
                                    read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY)
-        store.scores = self.state.read_scores
+        store.scores_file = self.state.scores_file
         return store
 
     def _load_sessions(self, load=False):
@@ -128,7 +128,7 @@ class TumorLensApp(MONAILabelApp):
         cache = (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
         store = TumorlensDicomWeb(client, settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER, cache_path=cache,
                                   fetch_by_frame=settings.MONAI_LABEL_DICOMWEB_FETCH_BY_FRAME)
-        store.scores = self.state.read_scores
+        store.scores_file = self.state.scores_file
         return store
 
     def _download_dcmqi_tools(self):

@@ -1179,6 +1179,7 @@ def _two_sided_saliency_record() -> dict:
     ("The salient area is not larger than the lesion outline.", False),
     ("The salient area is about six times the outlined lesion, which is the larger of the two.", False),
     ("The outline is about a fifth of the salient area.", True),
+    ("The outline does not extend less far than the salient area.", False),  # 30 px against 81: it does
     ("The centre of the salient area lies in the right hemisphere.", False),
     ("The salient area remains to one side of the midline.", False),
     ("Nearly all of the salient area is left-sided.", False),

@@ -16,7 +16,6 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from fnmatch import fnmatch
 from pathlib import Path
@@ -344,10 +343,11 @@ class TumorlensDatastore(LocalDatastore):
     """``LocalDatastore`` + validation + atomic writes (see the module docstring)."""
 
     hint_nested_images = True  # a folder datastore whose images lie in subfolders says so at start
-    # the app's active-learning scores ({id: {kind: entry}}), read when an image's info is asked for: a client saw
-    # them only in a scoring run's log line (an outside probe, session 39). Never written into the index: a scoring
+    # the app's active-learning score store (``<state>/scores.json``), shown in an image's info: a client saw the
+    # scores only in a scoring run's log line (an outside probe, session 39). Never written into the index: a scoring
     # subprocess rewriting it from its own copy had dropped what the server saved meanwhile
-    scores: Callable[[], dict] | None = None
+    scores_file: Path | None = None
+    _scores_cache: tuple[tuple, dict] | None = None
 
     def __init__(self, datastore_path: str, **kwargs):
         self._sweep(Path(datastore_path))
@@ -627,11 +627,29 @@ class TumorlensDatastore(LocalDatastore):
             pass
         return ids
 
+    def _current_scores(self) -> dict:
+        """The score store, parsed again only when its file changed: the strategies ask every candidate's info
+        (1,200 images, each request), and the store can hold megabytes."""
+        if self.scores_file is None:
+            return {}
+        try:
+            st = os.stat(self.scores_file)
+        except OSError:
+            return {}
+        key = (st.st_ino, st.st_mtime_ns, st.st_size)
+        if self._scores_cache is None or self._scores_cache[0] != key:
+            try:
+                data = json.loads(Path(self.scores_file).read_text())
+            except (OSError, ValueError):
+                return {}
+            self._scores_cache = (key, data if isinstance(data, dict) else {})
+        return self._scores_cache[1]
+
     def get_image_info(self, image_id: str) -> dict[str, Any]:
         if image_id not in self._datastore.objects:  # MONAI Label answers {} with 200
             raise not_found(f"unknown image id {image_id!r}")
         info = dict(super().get_image_info(image_id))  # a copy: the scores are shown, not stored
-        entries = (self.scores() if self.scores else {}).get(image_id, {})
+        entries = self._current_scores().get(image_id, {})
         shown = {kind: {k: e[k] for k in ("value", "model_version", "unusable") if k in e}
                  for kind, e in entries.items() if isinstance(e, dict) and ("value" in e or "unusable" in e)}
         if shown:

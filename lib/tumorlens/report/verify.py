@@ -1316,7 +1316,9 @@ class Verifier:
                              f"{'voxels' if f.kind == 'volume' else 'pixels'}")
             if kind in ("same", "more", "less", "extent_more", "extent_less") and re.search(
                     r"\b(?:not|no|never)\s+(?:\w+\s+)?$", scan[:m.start()], re.IGNORECASE):
-                ok = not ok if ratio is not None or kind.startswith("extent") else ok  # "is not larger than"
+                # "is not larger than": the denial holds where the comparison fails, if there is anything to compare
+                known = ext_ratio is not None if kind.startswith("extent") else ratio is not None
+                ok = not ok if known else ok
             add("comparison", m, ok, "" if ok else f"compares the outline and the salient area ('{m.group(0)}'); "
                 + truth, pol=Polarity(False, False))
             spans.append((m.start(), m.end()))

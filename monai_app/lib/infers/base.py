@@ -25,6 +25,7 @@ from monai.data import MetaTensor
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from lib.errors import bad_request, check_id
+from lib.scoring.scores import record_unusable
 from lib.state import AppState
 from tumorlens.data.readers import PHOTO_EXT, is_volume, read_image
 from tumorlens.errors import InvalidInputError, TumorlensError
@@ -188,8 +189,7 @@ class TumorlensInfer(InferTask):
         if not image_id or not os.path.isfile(path):
             return  # an upload or a session image: not the datastore's
         try:
-            self.state.update_scores({image_id: {"read": {"unusable": problem, "model_version": self.state.model_version(),
-                                                          "mtime": os.path.getmtime(path)}}})
+            record_unusable(self.state, image_id, problem, os.path.getmtime(path))
         except (OSError, TumorlensError) as e:  # the record is a help to the strategies, never a reason to fail
             logger.warning(f"could not record {image_id} as unusable: {e}")
 

@@ -128,7 +128,11 @@ def located(datastore: Datastore, image_id: str) -> tuple[str | None, float | No
 
 def mark_unusable(state: AppState, datastore: Datastore, image_id: str, problem: str) -> None:
     """Record that ``image_id`` cannot be read as it is now (see ``unusable``)."""
-    mtime = located(datastore, image_id)[1]
+    record_unusable(state, image_id, problem, located(datastore, image_id)[1])
+
+
+def record_unusable(state: AppState, image_id: str, problem: str, mtime: float | None) -> None:
+    """The record ``unusable`` reads: no model can read the image while its file keeps ``mtime``."""
     state.update_scores({image_id: {"read": {"unusable": problem, "model_version": state.model_version(),
                                               "mtime": mtime}}})
 
