@@ -1,5 +1,5 @@
-"""Familiarity of the shipped model on in- and out-of-distribution inputs: the k-NN similarity of the
-grouped validation images (what the threshold was set on) beside real images the model was not trained
+"""Familiarity of the shipped model on in- and out-of-distribution inputs: the k-NN similarity and the layer
+score (``tumorlens familiarity``) of the grouped validation images (what the threshold was set on) beside real images the model was not trained
 for: CT and MR test slices inside pydicom (a CT also gets the modality caveat), scikit-image's photographs and micrographs, and the BraTS
 volumes (T1c: the training sequence from another scanner; FLAIR: a sequence never seen).
 
@@ -73,6 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit("the shipped model has no familiarity calibration: run `tumorlens align`")
     sf = split_features(pred.model, progress=True)
     val = knn_similarity(pred.aligned_head.cache, sf["val_f"], cal["k"])
+    stats = pred.layer_statistics  # the second measure (``tumorlens familiarity``), if the model carries it
+    if stats is not None:
+        from tumorlens.alignment.layer_statistics import extract_stage_features, unfamiliar_layers
+        from tumorlens.data.dataset import load_arrays
+
+        images, _m, _y = load_arrays(sf["manifest"], pred.size, progress=False)
+        val_layers = stats.scores(extract_stage_features(pred.model.net, images[sf["val_idx"]], progress=True))
+        val_either = (val < cal["threshold"]) | unfamiliar_layers(val_layers, stats.threshold)
     # the dark-border caveat's threshold against every development slice, read as a user's file is
     dev = np.array([dark_border_fraction(np.squeeze(read_image(r.image).numpy()[0]))
                     for r in tqdm(load_manifest(shared_data_dir() / "brain-mri-2d").records, desc="dark border")])
@@ -87,29 +95,39 @@ def main(argv: list[str] | None = None) -> int:
         for name, path in tqdm(inputs, desc="inputs"):
             r = pred.predict(read_image(path))
             f = r.extra["familiarity"]
-            rows.append({"input": name, "score": f["score"], "familiar": f["familiar"], "label": r.label,
+            rows.append({"input": name, "score": f["score"], "layer_score": f.get("layer_score"),
+                         "familiar": f["familiar"], "label": r.label,
                          "p": round(r.probabilities[r.label], 3), "dark_border": r.extra.get("dark_border_fraction"),
                          "caveats": r.extra.get("caveats", [])})
     res = {"model": {"name": pred.model.name, "version": pred.model.version}, "calibration": cal,
            "validation": {"n": int(val.size), "flagged": int((val < cal["threshold"]).sum()),
                           "flagged_fraction": float((val < cal["threshold"]).mean()),
                           "median": float(np.median(val)), "min": float(val.min())},
+           "layer_statistics": None if stats is None else {
+               "threshold": stats.threshold, "meta": stats.meta, "flagged": int(unfamiliar_layers(val_layers, stats.threshold).sum()),
+               "median": float(np.median(val_layers)), "max": float(val_layers.max()),
+               "flagged_either": int(val_either.sum()), "flagged_either_fraction": float(val_either.mean())},
            "development_dark_border": {"n": int(dev.size), "threshold": DARK_BORDER_MIN, "min": float(dev.min()),
                                        "q01": float(np.quantile(dev, 0.01)), "below": int((dev < DARK_BORDER_MIN).sum())},
            "inputs": rows}
     v = res["validation"]
     print(f"threshold {cal['threshold']:.3f} (k={cal['k']}, {100 * cal['quantile']:.0f} % quantile of grouped validation)")
     print(f"validation: {v['flagged']} of {v['n']} flagged ({100 * v['flagged_fraction']:.1f} %), median {v['median']:.3f}")
+    ls = res["layer_statistics"]
+    if ls:
+        print(f"layer score: threshold {ls['threshold']:.3f}; validation median {ls['median']:.3f}, {ls['flagged']} of "
+              f"{v['n']} above; flagged by either measure: {ls['flagged_either']} ({100 * ls['flagged_either_fraction']:.1f} %)")
     d = res["development_dark_border"]
     print(f"dark border (share of the frame that is dark): {d['n']} development slices min {d['min']:.2f}, "
           f"1 % quantile {d['q01']:.2f}; {d['below']} below the caveat's {d['threshold']:.2f}")
-    print(f"{'input':52s} {'score':>6s}  {'flag':4s}  {'border':>6s}  prediction")
+    print(f"{'input':52s} {'score':>6s} {'layers':>7s}  {'flag':4s}  {'border':>6s}  prediction")
     for r in rows:
         other = (" [modality caveat]" if any("not MR" in c for c in r["caveats"]) else "") + \
             (" [colour caveat]" if any(IN_COLOUR in c for c in r["caveats"]) else "") + \
             (" [dark-border caveat]" if any(NO_DARK_BORDER in c for c in r["caveats"]) else "")
         border = "" if r["dark_border"] is None else f"{r['dark_border']:.2f}"
-        print(f"{r['input']:52s} {r['score']:6.3f}  {'' if r['familiar'] else 'FLAG':4s}  {border:>6s}  "
+        layers = "" if r["layer_score"] is None else f"{r['layer_score']:.2f}"
+        print(f"{r['input']:52s} {r['score']:6.3f} {layers:>7s}  {'' if r['familiar'] else 'FLAG':4s}  {border:>6s}  "
               f"{r['label']} ({r['p']:.2f}){other}")
     for group in ("pydicom", "skimage", "brats"):
         g = [r for r in rows if r["input"].startswith(group)]

@@ -61,6 +61,8 @@ class TumorLensApp(MONAILabelApp):
     def __init__(self, app_dir: str, studies: str, conf: dict[str, str]):
         conf = conf or {}
         self.state = AppState(state_dir_for(studies, conf), conf.get("model") or None)
+        if in_server():
+            self.state.hold()  # before anything is swept or loaded: the folder may be another server's
         swept = self.state.versions.sweep()
         if swept:
             logger.warning(f"removed {swept} half-written model folder(s) of an interrupted training run")

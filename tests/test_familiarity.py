@@ -1,5 +1,6 @@
-"""Familiarity (k-NN similarity to the training images): calibration, the flag on real non-brain and
-other-scanner images with the shipped model, and how it reaches the findings record and the report."""
+"""Familiarity (k-NN similarity to the training images, and the layer statistics of the encoder's stages):
+calibration, the flag on real non-brain and other-scanner images with the shipped model, and how it reaches the
+findings record, the report and the Slicer panel."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import numpy as np
 import pytest
 
 from tumorlens.alignment.familiarity import Familiarity, calibrate, knn_similarity, unfamiliar
+from tumorlens.alignment.layer_statistics import LayerStatistics
+from tumorlens.alignment.layer_statistics import fit as fit_layer_statistics
 from tumorlens.alignment.tip_adapter import TipAdapter
 from tumorlens.data import read_image
 from tumorlens.errors import InvalidInputError
@@ -102,9 +105,10 @@ def test_flair_volumes_are_flagged_and_score_below_t1c(predictor, brats):
     for pat in sorted(p for p in brats.iterdir() if p.is_dir()):
         flair = predictor.predict(read_image(next(pat.glob("Flair*.nii*")))).extra["familiarity"]
         t1c = predictor.predict(read_image(next(pat.glob("T1c*.nii*")))).extra["familiarity"]
-        assert set(flair) == {"score", "threshold", "k", "familiar"}
+        assert set(flair) == {"score", "threshold", "k", "familiar", "layer_score", "layer_threshold"}
         assert flair["familiar"] is False, (pat.name, flair)
         assert t1c["score"] > flair["score"] + 0.02, (pat.name, t1c, flair)
+        assert t1c["layer_score"] < flair["layer_score"], (pat.name, t1c, flair)  # 2.9-3.3 against 4.3-4.8
 
 
 def test_a_colour_photograph_is_called_out_as_not_mri_and_the_report_leads_with_it(predictor, dev2d, dev_rows, tmp_path):
@@ -176,3 +180,87 @@ def test_a_grey_texture_is_called_out_as_not_framed_like_mri_and_a_tight_crop_of
     record = explain(tight, method="gradcam", model=predictor.model).findings.model_dump()
     assert any("bounding box" in n for n in record["notes"]), record["notes"]  # placement still lowers confidence
     assert build_facts(record).out_of_scope() == [], record["notes"]
+
+
+def test_layer_statistics_flag_a_shifted_sample_and_about_one_in_a_hundred_like_validation(tmp_path):
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 1200)
+    centres = [rng.normal(size=(4, d)) * 3 for d in (8, 24)]
+    mix = [rng.normal(size=(d, d)) * 0.3 + np.eye(d) for d in (8, 24)]  # correlated features
+
+    def draw(labels, shift=0.0):
+        return [c[labels] + rng.normal(size=(len(labels), m.shape[0])) @ m + shift for c, m in zip(centres, mix, strict=True)]
+
+    stats = fit_layer_statistics(draw(y), y, draw(rng.integers(0, 4, 2000)), components=6)
+    fresh = stats.scores(draw(rng.integers(0, 4, 3000)))
+    assert 0.004 <= (fresh > stats.threshold).mean() <= 0.03
+    shifted = stats.scores([draw(y[:200])[0], draw(y[:200], shift=4.0)[1]])  # one stage moved off, the other not
+    assert (shifted > stats.threshold).mean() > 0.9
+    stats.meta["checkpoint_sha"] = "x"
+    back = LayerStatistics.load(stats.save(tmp_path / "layer_statistics.pt"))
+    sample = draw(y[:5])
+    assert back.threshold == stats.threshold and np.allclose(back.scores(sample), stats.scores(sample))
+
+
+def test_familiar_needs_both_measures_and_the_record_refuses_a_contradiction():
+    from pydantic import ValidationError
+
+    from tumorlens.caveats import familiarity_note
+    from tumorlens.findings.schema import FamiliarityInfo
+
+    f = Familiarity(0.95, 0.79, 5, 4.2, 3.6)
+    assert not f.familiar and f.as_dict()["layer_score"] == 4.2
+    note = familiarity_note(f.as_dict())
+    assert "layer score 4.200 above the threshold 3.600" in note and "below the threshold" not in note
+    assert Familiarity(0.95, 0.79, 5, 3.6, 3.6).familiar and Familiarity(0.95, 0.79, 5).familiar
+    FamiliarityInfo(**Familiarity(0.95, 0.79, 5, 4.2, 3.6).as_dict())
+    with pytest.raises(ValidationError):
+        FamiliarityInfo(score=0.95, threshold=0.79, k=5, familiar=True, layer_score=4.2, layer_threshold=3.6)
+    with pytest.raises(ValidationError):
+        FamiliarityInfo(score=0.95, threshold=0.79, k=5, familiar=True, layer_score=1.0)
+
+
+def _abdomen_slice(path) -> None:
+    """A synthetic axial abdomen cross-section (body, liver, spleen, kidneys, spine, bowel gas) as an 8-bit PNG."""
+    from PIL import Image
+
+    yy, xx = np.mgrid[:480, :480].astype(np.float32)
+    img = np.full((480, 480), -1000.0, np.float32)
+
+    def ellipse(cx, cy, rx, ry):
+        return ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1
+
+    img[ellipse(240, 250, 215, 160)] = 45  # soft tissue
+    img[ellipse(240, 250, 205, 150) & ~ellipse(240, 250, 190, 138)] = -90  # subcutaneous fat
+    img[ellipse(165, 215, 85, 65)] = 65  # liver
+    img[ellipse(330, 195, 38, 28)] = 55  # spleen
+    img[ellipse(185, 310, 24, 34) | ellipse(300, 310, 24, 34)] = 160  # kidneys (enhancing)
+    img[ellipse(240, 335, 26, 24)] = 650  # vertebral body
+    img[ellipse(270, 200, 22, 15) | ellipse(215, 175, 15, 11)] = -700  # bowel gas
+    img += np.random.default_rng(7).normal(0, 12, img.shape).astype(np.float32)
+    Image.fromarray(np.clip((img + 160) / 400 * 255, 0, 255).astype(np.uint8)).save(path)
+
+
+def test_an_abdomen_cross_section_is_flagged_by_the_layer_statistics(predictor, dev_rows, dev2d, tmp_path):
+    """A synthetic abdomen slice had been read as meningioma 0.98, familiar by the k-NN score (0.82 against 0.79),
+    with no caution at all; a CT slice saved as PNG as no tumour 0.98. The encoder's stage statistics set it apart,
+    the record says which measure did, the template report leads with it and still verifies, and real slices of
+    the development set stay familiar."""
+    from tumorlens.findings.build import build_findings
+    from tumorlens.report import generate_report
+
+    assert predictor.layer_statistics is not None, "the shipped model carries no layer statistics: tumorlens familiarity"
+    path = tmp_path / "abdomen.png"
+    _abdomen_slice(path)
+    img = read_image(path)
+    pred = predictor.predict(img)
+    fam = pred.extra["familiarity"]
+    assert fam["layer_score"] > fam["layer_threshold"] and not fam["familiar"], fam
+    assert any("layer score" in c for c in pred.caveats), pred.caveats
+    findings = build_findings(img, pred.probabilities, masks=[("segmentation_head", pred.mask.numpy()[0])],
+                              notes=pred.extra["caveats"], familiarity=fam)
+    out = generate_report(findings, backend="template")
+    assert out.verification["supported"], out.verification
+    assert "unlike the images the model was trained on" in " ".join(out.report.limitations + [out.report.impression])
+    scores = [predictor.predict(read_image(dev2d / r["image"])).extra["familiarity"] for r in dev_rows[::173]]
+    assert sum(s["layer_score"] <= s["layer_threshold"] for s in scores) >= len(scores) - 1, scores

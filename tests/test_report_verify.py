@@ -1225,3 +1225,54 @@ def test_the_records_own_notes_quoted_and_a_clause_after_a_semicolon_are_read_as
     d = template_draft(build_facts(without))
     assert not _planted(d.findings + " On skull-stripped volumes it does not separate tumour from healthy brains.",
                         rec=without)["supported"]
+
+
+@pytest.mark.parametrize("sentence,ok", [
+    # round 8 (336 new drafts on c419a4f): disease excluded, the result called dependable despite two cautions
+    ("Disease can be ruled out.", False),
+    ("The negative automated result excludes disease.", False),
+    ("An automated result does not exclude disease.", True),
+    ("The classification can be relied on.", False),
+    # a number given as another quantity: the threshold as the score, the quality as the confidence, a maximum of 1
+    ("The image scores 0.79 for familiarity.", False),
+    ("The image scores 0.90 for familiarity.", True),
+    ("The layer score is 3.6.", False),
+    ("The layer score is 2.1.", True),
+    ("The slice was placed against the template with a confidence of 0.70.", False),
+    ("The slice was placed against the template with a confidence of 0.80.", True),
+    ("The placement's confidence, 0.70, is high.", False),
+    ("The entropy is 0.64 out of a maximum of 1.00.", False),
+    ("The entropy is 0.64 out of a maximum of 1.39.", True),
+    # a level or a side denied in other words
+    ("Classifier uncertainty for this image is low.", False),
+    ("The salient area is not present on both sides.", False),
+    # a negation of another word: whole reports had been thrown away as denying the tumour
+    ("The heatmap indicates where the classifier looked, not the tumour's extent.", True),
+    ("Without a known pixel spacing, the lesion can only be sized in pixels: 588.", True),
+])
+def test_exclusions_dependability_and_numbers_bound_to_their_quantity(sentence, ok):
+    """An outside probe (session 40, 336 new drafts): 38 of 188 unsupported drafts were delivered as verified,
+    among them "Disease can be ruled out", "the negative automated result excludes disease" and "The
+    classification can be relied on" for a volume with two cautions; numbers of the record given as another
+    quantity (the familiarity threshold as the score, the placement quality as its confidence)."""
+    rec = _two_sided_saliency_record()
+    rec["classification"]["familiarity"] = {"score": 0.9, "threshold": 0.79, "k": 5, "familiar": True,
+                                            "layer_score": 2.1, "layer_threshold": 3.6}
+    d = template_draft(build_facts(rec))
+    v = _planted(d.findings + " " + sentence, rec=rec)
+    assert v["supported"] is ok, (sentence, _reasons(v))
+
+
+@pytest.mark.parametrize("recommendation,ok", [
+    ("No further review is needed.", False),
+    ("A radiologist's review is not required.", False),
+    ("Review by a radiologist against the full MRI study is required.", True),
+    ("The classification should not be relied upon without review by a radiologist.", True),
+])
+def test_recommendations_that_waive_the_review_are_refused(recommendation, ok):
+    """Round 8: "No further review is needed" as the whole recommendation was delivered (it names a review)."""
+    f = build_facts(record())
+    d = template_draft(f)
+    draft = ReportDraft.model_construct(findings=d.findings, impression=d.impression, recommendations=recommendation)
+    v = verify_report(assemble(f, draft), f)
+    assert v["supported"] is ok, (recommendation, _reasons(v))

@@ -323,6 +323,11 @@ def test_familiarity_parsing_and_warning():
     shown = [float(w) for w in close.split("familiarity ")[1].split(")")[0].split(" below ")]
     assert shown[0] < shown[1]  # never "0.86 below 0.86"
     assert tll.familiarity_warning({"score": 0.95, "threshold": 0.86, "familiar": True}) is None
+    # flagged by the layer statistics alone: the panel says so, not "familiarity 0.95 below 0.79"
+    layers = tll.familiarity_of({"familiarity": {"score": 0.95, "threshold": 0.79, "k": 5, "familiar": False,
+                                                 "layer_score": 5.9, "layer_threshold": 3.618}})
+    warning = tll.familiarity_warning(layers)
+    assert "layer score 5.900 above 3.618" in warning and "below" not in warning, warning
 
 
 def test_window_opinion_line():

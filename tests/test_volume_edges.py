@@ -349,6 +349,70 @@ def test_a_studies_folder_of_class_subfolders_is_not_served_empty_without_a_word
     assert "subfolders" not in " ".join(r.getMessage() for r in caplog.records)
 
 
+def test_what_another_process_saves_to_the_index_is_kept_and_seen(dev2d, dev_rows, tmp_path):
+    """A batch inference runs in a subprocess that saves its masks under ``original`` with their info (model,
+    version) into the index. The server never re-read it (MONAI Label reloads on a modification, and the index is
+    renamed into place) and erased them at its next label save (an outside probe, session 40). Now the server takes
+    in what another process saved before it writes, and reloads when a new index is renamed in."""
+    import shutil
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    TumorlensDatastore = _app_module("lib.datastore").TumorlensDatastore
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    masks = []
+    for i in range(2):
+        shutil.copy(dev2d / dev_rows[i]["image"], studies / f"im{i}.jpg")
+        size = Image.open(studies / f"im{i}.jpg").size
+        masks.append(tmp_path / f"m{i}.png")
+        Image.fromarray(np.zeros(size[::-1], np.uint8)).save(masks[-1])
+    server = TumorlensDatastore(str(studies), auto_reload=False)
+    worker = TumorlensDatastore(str(studies), auto_reload=False)  # the batch-inference subprocess
+    worker.save_label("im0", str(masks[0]), "original", {"model": "segmentation", "model_version": "v0007"})
+    assert not server.get_label_by_image_id("im0", "original")  # not seen yet
+    server.save_label("im1", str(masks[1]), "final", {"class_name": "no_tumor"})
+    index = json.loads((studies / "datastore_v2.json").read_text())["objects"]
+    assert index["im0"]["labels"]["original"]["info"]["model_version"] == "v0007", index["im0"]
+    assert index["im1"]["labels"]["final"]["info"]["class_name"] == "no_tumor"
+    assert server.get_label_info("im0", "original")["model_version"] == "v0007"
+    # a label removed here (file and entry) is not brought back from a stale copy
+    worker.remove_label("im0", "original")
+    server.save_label("im1", str(masks[1]), "final", {"class_name": "no_tumor"})
+    assert "original" not in json.loads((studies / "datastore_v2.json").read_text())["objects"]["im0"]["labels"]
+    # the watcher's answer to a renamed-in index: the server reads what the other process wrote
+    worker.save_label("im0", str(masks[0]), "original", {"model": "segmentation", "model_version": "v0008"})
+    server._on_index_replaced(SimpleNamespace(dest_path=server._datastore_config_path))
+    assert server.get_label_info("im0", "original")["model_version"] == "v0008"
+
+
+def test_setting_no_tumour_on_a_drawn_label_is_refused_as_when_it_is_saved(dev2d, dev_rows, tmp_path):
+    """``PUT /datastore/label/info`` with ``no_tumor`` on a mask with a tumour drawn was accepted (saving the same
+    label is a 400): the image counted as labelled and training skipped it (an outside probe, session 40)."""
+    import shutil
+
+    from fastapi import HTTPException
+    from PIL import Image
+
+    TumorlensDatastore = _app_module("lib.datastore").TumorlensDatastore
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(dev2d / dev_rows[0]["image"], studies / "im0.jpg")
+    w, h = Image.open(studies / "im0.jpg").size
+    drawn = np.zeros((h, w), np.uint8)
+    drawn[h // 3:h // 2, w // 3:w // 2] = 1
+    Image.fromarray(drawn).save(tmp_path / "m.png")
+    ds = TumorlensDatastore(str(studies), auto_reload=False)
+    ds.save_label("im0", str(tmp_path / "m.png"), "final", {"class_name": "glioma"})
+    with pytest.raises(HTTPException) as e:
+        ds.update_label_info("im0", "final", {"class_name": "no_tumor"})
+    assert e.value.status_code == 400 and "outlines" in e.value.detail
+    assert ds.get_label_info("im0", "final")["class_name"] == "glioma"
+    ds.update_label_info("im0", "final", {"class_name": "meningioma"})
+    assert ds.get_label_info("im0", "final")["class_name"] == "meningioma"
+
+
 def test_the_folder_watcher_survives_a_request_changing_the_index(dev2d, dev_rows, tmp_path, monkeypatch):
     """MONAI Label's folder watcher died for good ("dictionary changed size during iteration") when a request
     changed the index while it checked for removed files: files added to the studies folder afterwards were

@@ -46,5 +46,10 @@ def familiarity_note(fam: Mapping[str, Any]) -> str | None:
     """The note for an image the model finds unlike its training images (None when familiar)."""
     if fam["familiar"]:
         return None
-    return (f"image is unlike the training images (familiarity {fam['score']:.3f} below the threshold "
-            f"{fam['threshold']:.3f} set on validation images): the classification and masks may be unreliable")
+    why = []
+    if fam["score"] < fam["threshold"]:
+        why.append(f"familiarity {fam['score']:.3f} below the threshold {fam['threshold']:.3f} set on validation images")
+    if fam.get("layer_score") is not None and fam["layer_score"] > fam["layer_threshold"]:
+        why.append(f"layer score {fam['layer_score']:.3f} above the threshold {fam['layer_threshold']:.3f} set on "
+                   "validation images: its statistics at the network's inner layers are unlike theirs")
+    return f"image is unlike the training images ({'; '.join(why)}): the classification and masks may be unreliable"

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from tumorlens.alignment.familiarity import Familiarity
 from tumorlens.alignment.familiarity import assess as assess_familiarity
+from tumorlens.alignment.layer_statistics import load_layer_statistics, pooled_stages
 from tumorlens.caveats import colour_note, dark_border_note, familiarity_note
 from tumorlens.data.normalize import dark_border_fraction, foreground_mask, normalize_intensity
 from tumorlens.data.readers import IMAGE_META_KEYS, image_array, is_volume
@@ -421,6 +422,8 @@ class Predictor:
             from tumorlens.alignment.api import load_alignment
 
             self.aligned_head = load_alignment(self.model)
+        # the familiarity check's second measure (tumorlens.alignment.layer_statistics), with the aligned head's
+        self.layer_statistics = load_layer_statistics(self.model) if self.aligned_head is not None else None
         if self.window is not None and self.aligned_head is not None \
                 and self.window.text_key != self.aligned_head.texts.get("key"):
             log.warning("%s: the lesion-window classifier was anchored to other class descriptions than the text "
@@ -442,8 +445,9 @@ class Predictor:
 
     @torch.no_grad()
     def forward_batch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, np.ndarray | None, np.ndarray | None]:
-        """Normalised [B, 1, S, S] -> (probs [B, C], seg_prob [B, 1, S, S], familiarity [B] or None, the aligned
-        head's unit text-space vectors [B, D] or None), one encoder pass."""
+        """Normalised [B, 1, S, S] -> (probs [B, C], seg_prob [B, 1, S, S], familiarity [B, 2] (k-NN score, layer
+        score or NaN without layer statistics) or None, the aligned head's unit text-space vectors [B, D] or
+        None), one encoder pass."""
         net = self.model.net
         x = x.to(self.device)
         feats = net.encoder(x)
@@ -456,7 +460,11 @@ class Predictor:
             pooled = net.classifier[2](net.classifier[1](net.classifier[0](feats[-1]))).float().cpu()
             logits, t = head.combine(head.parts(pooled), head.alpha, head.gamma)
             probs, text = logits.softmax(1), t.float().numpy()
-            fam = assess_familiarity(head.cache, self.familiarity_calibration, pooled)
+            knn = assess_familiarity(head.cache, self.familiarity_calibration, pooled)
+            if knn is not None:
+                layers = (self.layer_statistics.scores(pooled_stages(feats)) if self.layer_statistics is not None
+                          else np.full(len(knn), np.nan))
+                fam = np.stack([knn, layers], 1)
         return probs.float().cpu(), seg.sigmoid().cpu(), fam, text
 
     def text_opinion(self, vector: np.ndarray | None) -> TextOpinion | None:
@@ -467,10 +475,15 @@ class Predictor:
         return TextOpinion(vector, float(head.scale), head.prototypes.numpy(), head.texts.get("key"))
 
     def _familiarity(self, scores: np.ndarray | None) -> Familiarity | None:
+        """One image's familiarity from its slices' [N, 2] scores (``forward_batch``): the median of each."""
         cal = self.familiarity_calibration
         if scores is None or cal is None or scores.size == 0:
             return None
-        return Familiarity(float(np.median(scores)), float(cal["threshold"]), int(cal["k"]))
+        knn, layers = np.median(scores, axis=0)
+        stats = self.layer_statistics
+        if stats is None or not np.isfinite(layers):
+            return Familiarity(float(knn), float(cal["threshold"]), int(cal["k"]))
+        return Familiarity(float(knn), float(cal["threshold"]), int(cal["k"]), float(layers), stats.threshold)
 
     def predict(self, img: MetaTensor) -> Prediction:
         """Class probabilities, tumour mask and caveats of one image as ``read_image`` returns it: a 2D slice

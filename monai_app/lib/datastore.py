@@ -355,6 +355,9 @@ class TumorlensDatastore(LocalDatastore):
         self._vanished_file = Path(datastore_path) / ".tumorlens" / VANISHED
         # LocalDatastore's by name: a subclass may also derive from another LocalDatastore (DICOMweb)
         LocalDatastore.__init__(self, datastore_path, extensions=EXTENSIONS, **kwargs)
+        handler = getattr(self, "_handler", None)
+        if handler is not None:
+            handler.on_moved = self._on_index_replaced
         hint = nested_images_hint(Path(datastore_path), len(self.list_images())) if self.hint_nested_images else None
         if hint:
             logger.warning(hint)
@@ -589,10 +592,27 @@ class TumorlensDatastore(LocalDatastore):
 
     def update_label_info(self, label_id: str, label_tag: str, info: dict[str, Any]) -> None:
         what = f"label of {label_id}"
+        info = check_segment_names(check_class_name(dict(info), what), what)
+        self._check_class_of_stored_label(label_id, label_tag, info.get("class_name") or info.get("class"))
         try:
-            super().update_label_info(label_id, label_tag, check_segment_names(check_class_name(dict(info), what), what))
+            super().update_label_info(label_id, label_tag, info)
         except OSError as e:
             raise storage_error(e, f"info of the {what}") from e
+
+    def _check_class_of_stored_label(self, image_id: str, tag: str, cls) -> None:
+        """The class set on a stored label must agree with its mask, as when the label is saved: ``no_tumor`` on a
+        mask with a tumour drawn was accepted here (a 400 on save), and the image then counted as labelled while
+        training skipped it (an outside probe, session 40)."""
+        if not isinstance(cls, str):
+            return
+        uri = self.get_label_uri(image_id, tag) if image_id in self._datastore.objects else ""
+        if not uri or not Path(uri).is_file():
+            return  # no such label: MONAI Label's own answer follows
+        try:
+            img = read_image(self.get_image_uri(image_id))
+            check_label_class(read_label_like(uri, img), cls, None, is_volume(img))
+        except InvalidInputError as e:
+            raise bad_request(f"label of {image_id}: {e.problem}") from e
 
     def remove_image(self, image_id: str) -> None:
         check_id(image_id)
@@ -803,10 +823,55 @@ class TumorlensDatastore(LocalDatastore):
 
         return FileLock(self._lock_file)
 
+    def _merge_from_disk(self) -> None:
+        """Before this process writes the index: take in what another process wrote to it since this one last
+        read or wrote it. A batch inference runs in a subprocess that saves its masks (tag ``original``) with their
+        info into the index; the server, which never re-read it, wrote its own copy at the next label save and
+        erased them (an outside probe, session 40). Only entries whose files exist are taken, so nothing this
+        process removed (file and entry together) comes back, and a label the other process removed is not written
+        back; an entry both hold keeps this process's version."""
+        from monailabel.datastore.local import LocalDatastoreModel
+
+        path = Path(self._datastore_config_path)
+        try:
+            if os.stat(path).st_mtime == self._config_ts:
+                return
+            disk = LocalDatastoreModel.model_validate_json(path.read_text())
+        except (OSError, ValueError):
+            return
+        mine = self._datastore.objects
+        taken = 0
+        for image_id, here in mine.items():  # removed by the other process (its file gone): not written back
+            there = disk.objects.get(image_id)
+            for tag in [t for t in here.labels if there is None or t not in there.labels]:
+                if not Path(self._datastore.label_path(tag), self._filename(image_id, here.labels[tag].ext)).exists():
+                    here.labels = {k: v for k, v in here.labels.items() if k != tag}
+        for image_id, obj in disk.objects.items():
+            here = mine.get(image_id)
+            if here is None:
+                if Path(self._datastore.image_path(), self._filename(image_id, obj.image.ext)).exists():
+                    mine[image_id] = obj
+                    taken += 1 + len(obj.labels)
+                continue
+            for tag, lab in obj.labels.items():
+                if tag not in here.labels and Path(self._datastore.label_path(tag), self._filename(image_id, lab.ext)).exists():
+                    here.labels[tag] = lab
+                    taken += 1
+        if taken:
+            logger.info(f"index: {taken} entries another process saved were taken in before writing it")
+
+    def _on_index_replaced(self, event) -> None:
+        """The watcher's answer to another process renaming a new index into place (as every write here is made):
+        MONAI Label reloads the index on a modification only, so the server never saw a subprocess's writes."""
+        if getattr(event, "dest_path", None) == self._datastore_config_path:
+            self._init_from_datastore_file()  # re-reads only when the file is not the one this process wrote
+
     def _update_datastore_file(self, lock=True):
-        """Same content as MONAI Label writes, but via a temporary file and a rename."""
+        """Same content as MONAI Label writes, but via a temporary file and a rename, after taking in what another
+        process saved meanwhile (``_merge_from_disk``)."""
 
         def _write():
+            self._merge_from_disk()
             self._ignore_event_config = True
             text = json.dumps(self._datastore.model_dump(exclude={"base_path"}), indent=2, default=str)
             path = Path(self._datastore_config_path)

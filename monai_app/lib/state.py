@@ -36,6 +36,7 @@ class AppState:
     def __init__(self, root: Path, base_model: str | None):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._held = None
         self.versions = ModelVersions(self.root / "models", base_model)
         self.stats_file = self.root / "train_stats.json"
         self.scores_file = self.root / "scores.json"
@@ -50,6 +51,29 @@ class AppState:
         return self.versions.served or f"base:{model.version}"
 
     # ---- train stats -----------------------------------------------------------------------------
+    def hold(self) -> None:
+        """One server per datastore: a second ``tumorlens serve`` on the same studies folder started without a word,
+        and each server's label saves erased the other's from the index (an outside probe, session 40). The lock is
+        the kernel's (``flock``), so a killed server leaves nothing to clean up."""
+        import fcntl
+
+        if self._held is not None:
+            return
+        f = open(self.root / "server.lock", "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.seek(0)
+            other = f.read().strip() or "another process"
+            f.close()
+            raise RuntimeError(f"this datastore is already served (server {other}): two servers on one studies folder "
+                               "overwrite each other's labels; stop that server, or serve a copy of the folder") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()}\n")
+        f.flush()
+        self._held = f
+
     def read_stats(self) -> dict:
         try:
             return json.loads(self.stats_file.read_text())

@@ -1,4 +1,4 @@
-"""``tumorlens align``, ``tumorlens ablate-prompts`` and ``tumorlens retrieve``."""
+"""``tumorlens align``, ``tumorlens ablate-prompts``, ``tumorlens retrieve`` and ``tumorlens familiarity``."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ def register(sub) -> None:
     p.add_argument("--json", help="write the results here")
     p.add_argument("--max-images", type=_positive, help="cap the split (quick runs)")
     p.set_defaults(func=run_retrieve)
+
+    p = sub.add_parser("familiarity", help="fit the layer statistics of the familiarity check on the model's split")
+    p.add_argument("--model", help="model name or path (default: configs/defaults.yaml)")
+    p.add_argument("--no-save", action="store_true", help="measure only; never write layer_statistics.pt")
+    p.add_argument("--json", help="write the fit's summary here (default: runs/alignment/familiarity-<model>.json)")
+    p.set_defaults(func=run_familiarity)
 
 
 def _common(p) -> None:
@@ -193,4 +199,23 @@ def run_retrieve(args) -> int:
             print(f"  {r['similarity']:.3f}  {r['label']:11s} {r['image']}")
     if args.json:
         _write(out, args.json, "")
+    return 0
+
+
+def run_familiarity(args) -> int:
+    from tumorlens.alignment.layer_statistics import FILE, fit_for_model
+    from tumorlens.models import load_model
+
+    _check_outputs(args)
+    m = load_model(args.model)
+    stats = fit_for_model(m)
+    saved = None if args.no_save else str(stats.save(Path(m.path) / FILE))
+    r = {"model": {"name": m.name, "version": m.version}, "threshold": stats.threshold, **stats.meta,
+         "stage_medians": stats.scale, "saved": saved}
+    out = _write(r, args.json, f"familiarity-{m.name}.json")
+    print(f"model {m.name} v{m.version}  train {stats.meta['n_train']}  val {stats.meta['n_val']}")
+    print(f"layer score: validation median {stats.meta['validation_median']:.3f}, threshold {stats.threshold:.3f} "
+          f"(the {1 - stats.meta['quantile']:.0%} quantile; stages {stats.meta['stages']}, "
+          f"{stats.meta['components']} directions each)")
+    print(f"saved: {saved or 'nothing'}\njson: {out}")
     return 0

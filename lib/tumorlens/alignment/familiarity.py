@@ -11,6 +11,10 @@ training image's pooled feature (centred, L2-normalised), so the score costs one
 * threshold: the ``QUANTILE`` (1 %) quantile of the score over the grouped validation split, set by
   ``tumorlens align``; so about 1 % of images like the validation ones are flagged by construction.
 
+A second measure, the layer score (``tumorlens.alignment.layer_statistics``: distances of the encoder's
+stage statistics), catches pictures whose deepest features happen to lie near training slices; an image is
+familiar only when both pass.
+
 The flag goes into the findings record (``classification.familiarity``, plus a note the report carries);
 it never changes the class decision.
 """
@@ -22,6 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from tumorlens.alignment.layer_statistics import DECIMALS as LAYER_DECIMALS
+from tumorlens.alignment.layer_statistics import unfamiliar_layers
 from tumorlens.alignment.tip_adapter import TipAdapter
 
 K = 5
@@ -52,22 +58,34 @@ def calibrate(cache: TipAdapter, val_feats, k: int = K, quantile: float = QUANTI
 
 @dataclass(frozen=True)
 class Familiarity:
-    """One image's (or volume's) score against the calibrated threshold, both to 4 decimals as recorded."""
+    """One image's (or volume's) score against the calibrated threshold, both to 4 decimals as recorded, and,
+    when the model carries layer statistics, its layer score against theirs (``layer_statistics``, 3 decimals).
+    ``familiar`` needs both: the k-NN score at or above its threshold, the layer score at or below its own."""
 
     score: float
     threshold: float
     k: int
+    layer_score: float | None = None
+    layer_threshold: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "score", round(float(self.score), DECIMALS))
         object.__setattr__(self, "threshold", round(float(self.threshold), DECIMALS))
+        if self.layer_score is not None:
+            object.__setattr__(self, "layer_score", round(float(self.layer_score), LAYER_DECIMALS))
+            object.__setattr__(self, "layer_threshold", round(float(self.layer_threshold), LAYER_DECIMALS))
 
     @property
     def familiar(self) -> bool:
-        return not bool(unfamiliar(self.score, self.threshold))
+        if unfamiliar(self.score, self.threshold):
+            return False
+        return self.layer_score is None or not bool(unfamiliar_layers(self.layer_score, self.layer_threshold))
 
     def as_dict(self) -> dict:
-        return {"score": self.score, "threshold": self.threshold, "k": self.k, "familiar": self.familiar}
+        d = {"score": self.score, "threshold": self.threshold, "k": self.k, "familiar": self.familiar}
+        if self.layer_score is not None:
+            d |= {"layer_score": self.layer_score, "layer_threshold": self.layer_threshold}
+        return d
 
 
 def assess(cache: TipAdapter | None, calibration: dict | None, feats) -> np.ndarray | None:

@@ -13,6 +13,7 @@ from monai.data import MetaTensor
 from tqdm import tqdm
 
 from tumorlens.alignment.familiarity import unfamiliar
+from tumorlens.alignment.layer_statistics import unfamiliar_layers
 from tumorlens.alignment.margin import margin_rate, own_minus_best_other
 from tumorlens.caveats import DARK_BORDER_MIN
 from tumorlens.data.manifest import Record, load_manifest
@@ -84,7 +85,7 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     labels = np.array([class_index(r.label) for r in records], dtype=int)
     probs = np.zeros((len(records), len(pred.model.labels)), np.float32)
     dices = np.full(len(records), np.nan)  # per image; NaN where it does not count (no mask, or no_tumor)
-    fam = np.full(len(records), np.nan, np.float32)
+    fam = np.full((len(records), 2), np.nan, np.float32)  # k-NN score, layer score (``Predictor.forward_batch``)
     border = np.full(len(records), np.nan, np.float32)  # 2D pictures: the dark-border caveat's measure
     window_changed = np.zeros(len(records), bool)  # the window classifier named another tumour type
     network = np.zeros_like(probs)  # the network's own probabilities, before the window classifier's opinion
@@ -144,7 +145,8 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
                 sims[i] = prototypes @ r.text_vector
             border[i] = r.extra.get("dark_border_fraction", np.nan)  # a one-slice file is a 2D picture
             if "familiarity" in r.extra:
-                fam[i] = r.extra["familiarity"]["score"]
+                fa = r.extra["familiarity"]
+                fam[i] = fa["score"], fa.get("layer_score", np.nan)
             truth = truth_for(rec, img)
             if truth is not None:
                 dices[i] = dice_score(r.mask[0].numpy() > 0, truth)
@@ -164,7 +166,9 @@ def evaluate_folder(data_dir: str | Path, model: str | None = None, batch_size: 
     m["seg_dice"] = float(dices[has].mean()) if has.any() else None
     m["seg_n"] = int(has.sum())
     m["ci95"] = grouped_bootstrap(labels, probs, pred.model.labels, [r.group for r in records], dices)
-    m["familiarity"] = familiarity_summary(fam, labels, probs, pred.familiarity_calibration)
+    stats = pred.layer_statistics
+    m["familiarity"] = familiarity_summary(fam, labels, probs, pred.familiarity_calibration,
+                                           None if stats is None else stats.threshold)
     m["dark_border"] = dark_border_summary(border, labels, probs)
     m["model"] = {"name": pred.model.name, "version": pred.model.version, "backbone": pred.model.backbone,
                   "lesion_refiner": pred.refiner is not None, "window_classifier": pred.window is not None}
@@ -210,18 +214,30 @@ def _accuracy_on(labels: np.ndarray, probs: np.ndarray):
     return lambda sel: float(hit[sel].mean()) if sel.any() else None
 
 
-def familiarity_summary(scores: np.ndarray, labels: np.ndarray, probs: np.ndarray, calibration: dict | None) -> dict | None:
-    """How many images the model finds unlike its training images, and its accuracy on each part: on a
-    new dataset a high unfamiliar share or a low accuracy among the unfamiliar says the data has shifted."""
-    if calibration is None or np.isnan(scores).all():
+def familiarity_summary(scores: np.ndarray, labels: np.ndarray, probs: np.ndarray, calibration: dict | None,
+                        layer_threshold: float | None = None) -> dict | None:
+    """How many images the model finds unlike its training images (``scores`` [N, 2]: k-NN score, layer score),
+    and its accuracy on each part: on a new dataset a high unfamiliar share or a low accuracy among the
+    unfamiliar says the data has shifted. An image is unfamiliar when either measure flags it, as in its record."""
+    knn = scores[:, 0]
+    if calibration is None or np.isnan(knn).all():
         return None
-    ok = ~np.isnan(scores)
-    flagged = ok & unfamiliar(np.nan_to_num(scores, nan=1.0), calibration["threshold"])
+    ok = ~np.isnan(knn)
+    by_knn = ok & unfamiliar(np.nan_to_num(knn, nan=1.0), calibration["threshold"])
+    layers = scores[:, 1]
+    has_layers = layer_threshold is not None and not np.isnan(layers[ok]).any()
+    by_layers = ok & unfamiliar_layers(np.nan_to_num(layers, nan=0.0), layer_threshold) if has_layers \
+        else np.zeros_like(ok)
+    flagged = by_knn | by_layers
     acc = _accuracy_on(labels, probs)
-    return {"k": int(calibration["k"]), "threshold": float(calibration["threshold"]),
-            "median": float(np.median(scores[ok])), "unfamiliar_fraction": float(flagged[ok].mean()),
-            "n_unfamiliar": int(flagged.sum()), "accuracy_familiar": acc(ok & ~flagged),
-            "accuracy_unfamiliar": acc(flagged)}
+    out = {"k": int(calibration["k"]), "threshold": float(calibration["threshold"]),
+           "median": float(np.median(knn[ok])), "unfamiliar_fraction": float(flagged[ok].mean()),
+           "n_unfamiliar": int(flagged.sum()), "n_unfamiliar_knn": int(by_knn.sum()),
+           "accuracy_familiar": acc(ok & ~flagged), "accuracy_unfamiliar": acc(flagged)}
+    if has_layers:
+        out |= {"layer_threshold": float(layer_threshold), "layer_median": float(np.median(layers[ok])),
+                "n_unfamiliar_layers": int(by_layers.sum())}
+    return out
 
 
 def dark_border_summary(border: np.ndarray, labels: np.ndarray, probs: np.ndarray) -> dict | None:
@@ -286,7 +302,8 @@ def format_table(m: dict) -> str:
     f = m.get("familiarity")
     if f:
         acc = {k: "-" if f[k] is None else f"{f[k]:.3f}" for k in ("accuracy_familiar", "accuracy_unfamiliar")}
-        lines.append(f"unfamiliar images (k-NN similarity < {f['threshold']:.3f}): {f['n_unfamiliar']} "
+        layers = f" or layer score > {f['layer_threshold']:.3f}" if "layer_threshold" in f else ""
+        lines.append(f"unfamiliar images (k-NN similarity < {f['threshold']:.3f}{layers}): {f['n_unfamiliar']} "
                      f"({100 * f['unfamiliar_fraction']:.1f} %); accuracy familiar {acc['accuracy_familiar']}, "
                      f"unfamiliar {acc['accuracy_unfamiliar']}")
     b = m.get("dark_border")

@@ -24,9 +24,10 @@ from tumorlens.errors import InvalidInputError
 from tumorlens.findings.identifiers import capitalised_names, find_identifiers
 from tumorlens.labels import CLASS_NAMES, TUMOUR_CLASSES
 
-SCHEMA_VERSION = "1.6"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional);
+SCHEMA_VERSION = "1.7"  # 1.1: classification.familiarity (optional); 1.2: classification.window_opinion (optional);
 # 1.3: window_opinion.sharpness; 1.4: provenance.code_commit (optional); 1.5: input.modality_from (optional);
-# 1.6: saliency.outline_inside_fraction (optional)
+# 1.6: saliency.outline_inside_fraction (optional); 1.7: classification.familiarity.layer_score / layer_threshold
+# (optional)
 PROB_SUM_TOL = 1e-3
 MASK_SOURCES = ("segmentation_head", "saliency:gradcam", "saliency:gradcampp", "saliency:scorecam")
 SALIENCY_METHODS = ("gradcam", "gradcampp", "scorecam")
@@ -102,18 +103,28 @@ class Uncertainty(_Strict):
 
 
 class FamiliarityInfo(_Strict):
-    """k-NN cosine similarity of the image's features to the training images' (``tumorlens.alignment.familiarity``);
-    ``familiar`` is false below the threshold that 99 % of grouped-validation images reach."""
+    """k-NN cosine similarity of the image's features to the training images' (``tumorlens.alignment.familiarity``)
+    and, when the model carries layer statistics, the layer score (the largest of the encoder stages' Mahalanobis
+    distances to the training images', in units of a validation image's median; ``layer_statistics``).
+    ``familiar`` is false below the k-NN threshold or above the layer threshold, each the one that 99 % of
+    grouped-validation images meet."""
 
     score: float = Field(ge=-1.0, le=1.0)
     threshold: float = Field(ge=-1.0, le=1.0)
     k: int = Field(ge=1)
     familiar: bool
+    layer_score: float | None = Field(default=None, ge=0.0)
+    layer_threshold: float | None = Field(default=None, gt=0.0)
 
     @model_validator(mode="after")
     def _consistent(self) -> FamiliarityInfo:
-        if self.familiar != (self.score >= self.threshold):
-            raise ValueError(f"familiar={self.familiar} contradicts score {self.score} vs threshold {self.threshold}")
+        if (self.layer_score is None) != (self.layer_threshold is None):
+            raise ValueError("layer_score and layer_threshold come together")
+        layers_ok = self.layer_score is None or self.layer_score <= self.layer_threshold
+        if self.familiar != (self.score >= self.threshold and layers_ok):
+            raise ValueError(f"familiar={self.familiar} contradicts score {self.score} vs threshold {self.threshold}"
+                             + ("" if self.layer_score is None else
+                                f" and layer score {self.layer_score} vs threshold {self.layer_threshold}"))
         return self
 
 

@@ -250,3 +250,20 @@ class WindowClassifier:
 def load_window_classifier(model_path: str | Path, device: str = "cpu") -> WindowClassifier | None:
     """The window classifier stored beside a model (cached per file and mtime), or None."""
     return load_beside(model_path, WINDOW_FILE, WindowClassifier.load, device)
+
+
+def carry_window_classifier(src_folder: str | Path, dst_folder: str | Path) -> bool:
+    """Copy a model's lesion-window classifier into a version fine-tuned with the encoder frozen; True when there
+    was one to copy. It shares no weights with the dual-head network and reads the image's own lesion window, so it
+    stays valid while the encoder is unchanged. Dropping it had cost every version trained in the MONAI Label app 4.5
+    points of accuracy on 90 grouped-validation tumour slices (0.967 -> 0.922, an outside probe, session 40; the
+    same version with it carried: 0.967)."""
+    import shutil
+
+    from tumorlens.atomic import atomic_write
+
+    src = Path(src_folder) / WINDOW_FILE
+    if not src.is_file():
+        return False
+    atomic_write(Path(dst_folder) / WINDOW_FILE, lambda tmp: shutil.copyfile(src, tmp))
+    return True

@@ -442,7 +442,10 @@ def build_facts(findings: Any) -> Facts:
         network_choice=network_choice,
         modality_assumed=f.input.modality_from == "assumed",
         outline_inside=f.saliency.outline_inside_fraction if f.saliency else None,
-        familiarity_numbers=([cls.familiarity.score, cls.familiarity.threshold] if cls.familiarity is not None else []),
+        familiarity_numbers=([] if cls.familiarity is None else
+                             [cls.familiarity.score, cls.familiarity.threshold]
+                             + ([] if cls.familiarity.layer_score is None else
+                                [cls.familiarity.layer_score, cls.familiarity.layer_threshold])),
     )
     facts.unquoted_descriptions = len(f.text_matches) - len(facts.text_matches)
     facts.numbers = _allowed_numbers(facts)

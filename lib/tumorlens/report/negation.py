@@ -43,6 +43,9 @@ PSEUDO = (
     # not known, the lesion cannot be measured" denied the lesion; "not unlikely" the favoured class)
     "not known", "is not known", "cannot be measured", "can not be measured", "not be measured", "not measured",
     "not unlikely", "not improbable", "not impossible",
+    # (an outside probe, session 40: "Without a known pixel spacing, the lesion can only be sized in pixels" denied it)
+    "without a known", "without known", "without a recorded", "without a given", "without the pixel spacing",
+    "without pixel spacing", "without a pixel spacing", "without spacing",
 )
 HEDGES = (
     "cannot exclude", "cannot be excluded", "can not be excluded", "cannot rule out", "cannot be ruled out",

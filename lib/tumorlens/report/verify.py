@@ -77,6 +77,14 @@ UNMEASURED = {
                                    r"\b\d(?:\.\d)?\s*t(?:esla)?\b(?! ?(?:x|by))|\btesla\b|gadolinium|\bgad(?:olinium)?-enhanced|"
                                    r"post-?contrast|pre-?contrast|contrast[- ]enhanced|with contrast|without contrast"),
     "size class of an adenoma": r"macroadenomas?|microadenomas?",
+    # an automated result never excludes disease (an outside probe, session 40: "Disease can be ruled out" and "the
+    # negative automated result excludes disease" passed); the caution itself ("does not exclude disease") is allowed
+    "exclusion of disease": (r"(?:disease|pathology|abnormalit(?:y|ies)|malignan(?:cy|cies)|cancer|neoplas(?:m|ms|ia))"
+                             r"(?: (?:can|could|may|is|are|has been|have been|was|were))?(?: (?:safely|confidently|"
+                             r"reliably|definitively|now))?(?: be)? (?:excluded|ruled out)|"
+                             r"(?:excludes?|excluding|excluded|rules? out|ruling out|ruled out)(?: (?:any|all|the))?"
+                             r"(?: (?:presence|possibility) of)?(?: (?:significant|intracranial|brain))? (?:disease|"
+                             r"pathology|abnormalit(?:y|ies)|malignan(?:cy|cies)|cancer|neoplas(?:m|ms|ia))"),
     "how the model was trained": r"trained on (?:3-?d|three-dimensional|volumetric)\b",
     "size by comparison with an object": (r"\b(?:golf[- ]ball|tennis[- ]ball|ping[- ]pong ball|walnut|grape|lemon|"
                                           r"orange|pea|marble|coin)s?\b"),
@@ -86,6 +94,14 @@ UNMEASURED = {
     # what to do next, beyond the review every report asks for: nothing here weighs it (session 36 probe: "No
     # further imaging is required", "Discharge the patient" passed)
     "management": (r"no (?:further|additional) (?:imaging|follow-?up|investigations?|work-?up|scans?)|"
+                   # the review itself waived (an outside probe, session 40: "No further review is needed" passed as
+                   # the whole recommendation)
+                   r"no (?:further |additional |radiologist(?:'s)? |expert |human )?(?:review|reading|read|assessment|"
+                   r"evaluation|opinion|check(?:ing)?|input) (?:is |was )?(?:needed|required|necessary|warranted)|"
+                   r"(?:review|reading|assessment|evaluation|checking|radiologist) (?:is |are )?(?:not |no longer |un)"
+                   r"(?:required|needed|necessary|warranted)|need not be (?:reviewed|read|checked|assessed)|"
+                   r"no need (?:for|to)\b|(?:can|may) (?:safely )?(?:skip|forgo|omit|dispense with) (?:the )?"
+                   r"(?:review|reading|radiologist)|"
                    r"(?:imaging|follow-?up|scans?) (?:is |are )?(?:not )?(?:required|needed|necessary|warranted)|"
                    r"\bdischarg\w*|\brefer(?:ral|red)? to\b|\bmdt\b|multidisciplinary|"
                    # a schedule or a work-up (an outside probe, session 38: "Follow-up MRI in 3 months", "Annual
@@ -133,7 +149,8 @@ UNMEASURED = {
 # what a report says about how far the result can be trusted: the findings measure that (the entropy's
 # level, the familiarity check, the out-of-scope notes), so it is checked against them, not left unread
 UNCERTAINTY_LEVEL = (
-    r"(?:(?:classifier|classification|model|prediction|predictive|diagnostic)(?:'s)? )?uncertainty (?:is |was |remains |"
+    r"(?:(?:classifier|classification|model|prediction|predictive|diagnostic)(?:'s)? )?uncertainty (?:(?:for|of|in|on|about) "
+    r"(?:this|the) (?:image|slice|volume|case|study|scan|result|call) )?(?:is |was |remains |"
     r"appears |seems )?(?P<neg>not )?(?:(?:very|fairly|relatively|quite|rather) )?(?P<a>low|moderate|high|minimal|negligible|small|considerable|substantial)"
     r"|(?P<b>low|moderate|high|minimal|considerable|substantial) (?:degree of |level of )?(?:classifier |classification |"
     r"model |predictive )?uncertainty"
@@ -151,9 +168,14 @@ LEVEL_OF = {"low": "low", "minimal": "low", "negligible": "low", "small": "low",
 CONFIDENT = (
     r"clearly|obviously|evidently|unmistakabl[ey]|sure|(?:high|strong|great|considerable) (?:degree of |level of )?confidence|(?:highly |very |quite |fully )?confident(?:ly)?|"
     r"(?:highly |very )?reliabl[ey]|reliability|trustworthy|robust(?:ly)?|(?:highly )?accurate(?:ly)?|"
+    # (an outside probe, session 40: "The classification can be relied on for this volume" passed with two cautions)
+    r"(?:can|could|may|should) be (?:safely |fully )?(?:relied|depended) (?:up)?on|(?:can|could|may|should) be "
+    r"(?:safely |fully )?trusted|dependabl[ey]|"
     r"strongly (?:favou?rs?|suggests?|suggestive|indicat\w*|supports?)|clear(?:ly)? (?:favou?rs?|shows?|demonstrat\w*|"
     r"indicat\w*)|unambiguous(?:ly)?"
 )
+# a denial right before a claim, within three words ("does not exclude", "cannot be used to exclude")
+NOT_BEFORE = re.compile(r"\b(?:not|cannot|can't|never|unable to)\b(?:\W+\w+){0,3}\W*$", re.IGNORECASE)
 # a trust word turned into caution right before it ("less reliable", "may not be reliable")
 CAUTIOUS_BEFORE = re.compile(r"\b(?:less|limited|reduced|lower|questionable|not|may|might|could)\b[\w\s]{0,12}$",
                              re.IGNORECASE)
@@ -173,11 +195,25 @@ UNFAMILIAR = (r"unlike the (?:training )?images|unfamiliar|out[- ]of[- ]distribu
 
 # a number named as one quantity must be that quantity's (an outside probe, session 39: the slice similarity 0.81
 # passed as "the atlas placement confidence is 0.81" for a confidence of 0.34; the threshold 0.79 as the score)
+# (an outside probe, session 40: "The placement's confidence, 0.85, is high" (the Dice), "The image scores 0.79 for
+# familiarity" (the threshold), "brain-mask Dice is 0.82" (the dropped stage's), "out of a maximum of 1.00" passed)
+_QUANTITY = (r"(?:atlas |template )?(?:placement|registration)(?:'s|’s)? confidence|(?:placed|matched|registered)"
+             r"[\w\s]{0,40}? with (?:a )?confidence|familiarity(?: score)?|layer score|"
+             r"(?:classifier(?:'s)? |classification )?entropy|maximum(?: possible)? entropy|"
+             r"(?:registration(?:'s)? |brain[- ]mask |final )*dice(?: (?:overlap|score|coefficient))?|"
+             r"(?:placement|registration|slice|template)(?:'s|’s)? (?:similarity|quality)")
 QUANTITY_NUMBER = re.compile(
-    r"\b(?P<q>(?:atlas |template )?(?:placement|registration) confidence|familiarity(?: score)?|"
-    r"(?:classifier(?:'s)? |classification )?entropy|maximum(?: possible)? entropy)"
-    r"(?:\s+(?:here|now|then|for this image))?(?:\s+(?:is|was|of|at|equals|=|:))?\s*\(?(?P<n>\d*\.\d+|\d+)\b(?!\s*%)",
+    rf"\b(?P<q>{_QUANTITY})"
+    r"(?:\s+(?:here|now|then|for this image))?(?:\s*,)?(?:\s+(?:is|was|of|at|equals|reaches|reached|stands at|comes to|"
+    r"=|:))?\s*\(?(?P<n>\d*\.\d+|\d+)\b(?!\s*%)",
     re.IGNORECASE)
+# the number first: "scores 0.79 for familiarity"; the entropy's maximum said alone ("0.57 out of a maximum of 1.00")
+QUANTITY_NUMBER_BEFORE = re.compile(
+    r"(?<![\d.])(?P<n>\d*\.\d+)\s+(?:for|on|in|as)\s+(?:the\s+|its\s+)?(?P<q>familiarity(?: score)?|layer score|entropy|"
+    r"(?:placement|registration) confidence)\b", re.IGNORECASE)
+ENTROPY_MAXIMUM = re.compile(
+    r"\b(?:out of|of|under|below|near|to|than)\s+(?:a|the|its)\s+(?P<q>(?:possible\s+)?maximum|possible|ceiling)(?:\s+(?:possible|value))?"
+    r"(?:\s+(?:of|at|is))?\s*\(?(?P<n>\d*\.\d+|\d+)\b(?!\s*%)", re.IGNORECASE)
 
 # the atlas placement's confidence said in words (an outside probe, session 39: "the atlas placement is
 # high-confidence" at 0.34 passed)
@@ -197,6 +233,9 @@ CLASS_PATTERNS = {
 }
 PIPELINE_PHRASES = (r"(?:lesion|tumou?r)[- ](?:mask|location|side|class(?:es)?|probability|probabilities|outlines?|types?|"
                     r"boundary|boundaries|border|borders|margins?|edges?)|"
+                    # (an outside probe, session 40: "where the classifier looked, not the tumour's extent" denied it)
+                    r"(?:lesion|tumou?r)(?:'s|s'|’s) (?:extents?|size|shape|outlines?|boundary|boundaries|borders?|"
+                    r"margins?|edges?|location|position)|(?:lesion|tumou?r) (?:extents?|size|shape|location|position)|"
                     r"(?:outlined|segmented) (?:lesion|tumou?r)|no-tumou?r|other (?:tumou?r )?(?:types|classes)")
 TUMOUR_WORDS = r"tumou?rs?|mass(?:es)?|lesions?|neoplasms?|neoplastic|growths?|abnormalit(?:y|ies)|malignan\w*|cancer"
 SIZE_WORDS = re.compile(r"\b(?:measur\w*|diameters?|dimensions?|sizes?|sized|long|across|axis|axes|extent|spans?|spanning|wide|"
@@ -211,7 +250,8 @@ CROSSING = (r"cross(?:es|ing|ed)? (?:over )?(?:the )?midline|midline[- ]crossing
             r"(?:extends?|extending|spreads?) (?:across|over) the midline|across the midline")
 # "left" as a verb's participle ("the mask is left empty") is no side
 SIDE = (r"(left|right)(?![ ](?:empty|blank|out|unchanged|behind|over|undone|unnamed|unfilled|as it is)\b)"
-        r"(?:[- ]sided|[- ]hemispher(?:e|ic))?|bilateral(?:ly)?|both hemispheres|midline")
+        r"(?:[- ]sided|[- ]hemispher(?:e|ic))?|bilateral(?:ly)?|both hemispheres|both sides(?: of the (?:brain|midline))?|"
+        r"midline")
 # the centre of the area on a side ("the centre of the salient area lies in the right hemisphere"), the input's kind
 CENTRE_SIDE = (r"(?:centre|center|centroid)(?: of (?:the|its) [\w\s-]{0,25}?)?\s+(?:lies|is|sits|falls|located)\s+"
                r"(?:in|on|to)\s+the\s+(?P<side>left|right)(?:\s+(?:hemisphere|side))?")
@@ -478,6 +518,7 @@ sequence qualified further history pathology relied rely relies kindly conclusio
 represents represent representing fairly differs differ data window opinion changed affine deformable dice small
 large share shares
 comprises comprise comprising leads lead leading view runner exceeds exceed exceeding dominated dominates dominate
+trails trail apiece comfortably passes apart runs withheld checked accompanied value softmax ceiling layer layers inner
 slightly falls fall set validation direction directions alone places place goes go
 stands stand negligible despite occupies occupy axis isotropic straddles straddle little used own
 taken enough too registered sex reflect reflects reflecting thickness count supplied handled
@@ -671,6 +712,10 @@ class Verifier:
                 if name == "certainty" and (CAUTIOUS_BEFORE.search(scan[:m.start()]) or RECOMMENDING.search(
                         scan[:m.start()])):  # "not certain", "less certain", "a radiologist should confirm"
                     add("unmeasured", m, True, "a certainty word denied, hedged or asked of a reader", pol=pol)
+                    scan = _mask(scan, m.start(), m.end())
+                    continue
+                if name == "exclusion of disease" and NOT_BEFORE.search(scan[:m.start()]):
+                    add("unmeasured", m, True, "says disease is not excluded", pol=pol)  # "does not exclude disease"
                     scan = _mask(scan, m.start(), m.end())
                     continue
                 if name == "treatment" and m.group(0).lower().startswith("treat") and \
@@ -939,14 +984,23 @@ class Verifier:
             ok = cautious or not against
             add("trust", m, ok, "" if ok else f"calls the result {m.group(0).lower()}; " + "; ".join(against), pol=pol)
             scan = _mask(scan, m.start(), m.end())
-        for m in QUANTITY_NUMBER.finditer(scan):
+        entropy_sentence = bool(re.search(r"\bentropy\b|\buncertainty\b", scan, re.IGNORECASE))
+        found = [*QUANTITY_NUMBER.finditer(scan), *QUANTITY_NUMBER_BEFORE.finditer(scan),
+                 *(ENTROPY_MAXIMUM.finditer(scan) if entropy_sentence else ())]
+        for m in sorted(found, key=lambda m: m.start("n")):
             q, num = m.group("q").lower(), m.group("n")
-            if "maximum" in q:
+            if any(m.start("n") < b and a < m.end("n") for a, b in self._quantity_spans):
+                continue  # one number, found by two of the patterns
+            if "maximum" in q or q in ("possible", "ceiling"):
                 truth = MAX_ENTROPY
             elif "entropy" in q:
                 truth = f.entropy
+            elif "layer" in q:
+                truth = f.familiarity_numbers[2] if len(f.familiarity_numbers) > 2 else None
             elif "familiarity" in q:
                 truth = f.familiarity_numbers[0] if f.familiarity_numbers else None
+            elif "dice" in q or "similarity" in q or "quality" in q:
+                truth = f.placement_quality
             else:
                 truth = f.placement_confidence
             ok = truth is not None and abs(float(num) - truth) <= _tol(num)

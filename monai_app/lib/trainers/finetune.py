@@ -22,12 +22,13 @@ from lib.datastore import final_label_class
 from lib.errors import bad_request
 from lib.state import AppState
 from tumorlens.activelearning.finetune import TRAINABLE, UNKNOWN_CLASS, finetune, item_arrays
-from tumorlens.activelearning.heads import cache_keys_added, carried_heads, write_heads
+from tumorlens.activelearning.heads import cache_keys_added, carried_heads, same_encoder, write_heads
+from tumorlens.alignment.layer_statistics import carry_layer_statistics
 from tumorlens.config import config_hash
 from tumorlens.errors import InvalidInputError, TrainingDivergedError
 from tumorlens.labels import NO_TUMOUR, class_index
 from tumorlens.models.refiner import REFINER_FILE, carry_refiner
-from tumorlens.models.window import WINDOW_FILE
+from tumorlens.models.window import WINDOW_FILE, carry_window_classifier
 
 logger = logging.getLogger(__name__)
 
@@ -47,9 +48,9 @@ def labelled_items(datastore: Datastore) -> tuple[list[dict], list[str]]:
     return items, notes
 
 
-WINDOW_DROPPED = ("the lesion-window classifier was not carried over: it re-weighs the tumour types of the network it "
-                  "was validated with, and this version's own network, fine-tuned on your labels, decides here; train one "
-                  "for it with `tumorlens train-window --model FOLDER`")
+WINDOW_DROPPED = ("the lesion-window classifier was not carried over: the encoder was fine-tuned, so this version's "
+                  "network reads other features than the one it was validated with; train one for it with "
+                  "`tumorlens train-window --model FOLDER` (with the encoder frozen, the default, it goes along)")
 HEADS_DROPPED = ("the text-aligned head and the familiarity check were not carried over (the encoder was fine-tuned, "
                  "or the version trained from has none): the plain classifier decides in this version and in every "
                  "version trained from it; train from a version that has them, or refit with `tumorlens align`")
@@ -176,7 +177,9 @@ class FinetuneTrainer(TrainTask):
         if not heads:
             notes.append(HEADS_DROPPED)
         refiner = (base.path / REFINER_FILE).is_file()  # the lesion refiner goes along unchanged
-        if (base.path / WINDOW_FILE).is_file():
+        encoder_kept = same_encoder(base.net, net)  # the window classifier and the layer statistics go along with it
+        window = encoder_kept and (base.path / WINDOW_FILE).is_file()
+        if (base.path / WINDOW_FILE).is_file() and not window:
             notes.append(WINDOW_DROPPED)
         card = dict(base.card)
         if "metrics" in card:  # measured on the version trained from, not on this one
@@ -186,7 +189,7 @@ class FinetuneTrainer(TrainTask):
                               "class_counts": np.bincount(labels[known], minlength=len(base.labels)).tolist(),
                               "unknown_class_samples": int((~known).sum()),
                               "config_hash": config_hash(cfg), "heads_carried": sorted(heads),
-                              "refiner_carried": refiner,
+                              "refiner_carried": refiner, "window_classifier_carried": window,
                               "tip_adapter_keys_added": cache_keys_added(heads),
                               **({} if heads else {"heads_note": HEADS_DROPPED})},
                     trained_at=datetime.now(UTC).isoformat(timespec="seconds"))
@@ -194,11 +197,15 @@ class FinetuneTrainer(TrainTask):
         def extra(f, version) -> None:
             write_heads(heads, f, version)
             carry_refiner(base.path, f)
+            if window:
+                carry_window_classifier(base.path, f)
+            if encoder_kept:
+                carry_layer_statistics(base, f)
 
         folder = self.state.versions.publish(net, base.config, card, extra=extra)
         stats.update(status="DONE", version=folder.name, samples=int(len(labels)), notes=notes,
                      duration_s=round(time.time() - t0, 2), finished_at=datetime.now(UTC).isoformat(timespec="seconds"),
                      best_loss=float(min(h["loss"] for h in history)), heads_carried=sorted(heads),
-                     refiner_carried=refiner)
+                     refiner_carried=refiner, window_classifier_carried=window)
         self.state.write_stats(stats)
         return stats

@@ -110,13 +110,17 @@ def _answer_or_findings(params: dict, key: str, classification_key: str) -> Any:
 
 
 def familiarity_of(params: dict) -> dict | None:
-    """How familiar the model found the image (``score``, ``threshold``, ``familiar``), from a
-    classification/segmentation answer or its findings record; None when the server did not say."""
+    """How familiar the model found the image (``score``, ``threshold``, ``familiar``, and ``layer_score``,
+    ``layer_threshold`` when the model has layer statistics), from a classification/segmentation answer or its
+    findings record; None when the server did not say."""
     fam = _answer_or_findings(params, "familiarity", "familiarity")
     if fam is None:
         return None
     try:
-        return {"score": float(fam["score"]), "threshold": float(fam["threshold"]), "familiar": bool(fam["familiar"])}
+        out = {"score": float(fam["score"]), "threshold": float(fam["threshold"]), "familiar": bool(fam["familiar"])}
+        if fam.get("layer_score") is not None:
+            out |= {"layer_score": float(fam["layer_score"]), "layer_threshold": float(fam["layer_threshold"])}
+        return out
     except (KeyError, TypeError, ValueError):
         raise ResponseError(f"'familiarity' is not a score/threshold/familiar record: {fam!r}") from None
 
@@ -136,8 +140,12 @@ def familiarity_warning(fam: dict | None) -> str | None:
     """One line for the results panel when the image is unlike the model's training images."""
     if not fam or fam["familiar"]:
         return None
-    return (f"Image is unlike the model's training images (familiarity {fam['score']:.3f} below "
-            f"{fam['threshold']:.3f}): the result may be unreliable.")
+    why = []
+    if fam["score"] < fam["threshold"]:
+        why.append(f"familiarity {fam['score']:.3f} below {fam['threshold']:.3f}")
+    if fam.get("layer_score") is not None and fam["layer_score"] > fam["layer_threshold"]:
+        why.append(f"layer score {fam['layer_score']:.3f} above {fam['layer_threshold']:.3f}")
+    return f"Image is unlike the model's training images ({'; '.join(why)}): the result may be unreliable."
 
 
 def matched_descriptions(findings: dict | None, n: int = 2) -> list[str]:
