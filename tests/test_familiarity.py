@@ -264,3 +264,38 @@ def test_an_abdomen_cross_section_is_flagged_by_the_layer_statistics(predictor, 
     assert "unlike the images the model was trained on" in " ".join(out.report.limitations + [out.report.impression])
     scores = [predictor.predict(read_image(dev2d / r["image"])).extra["familiarity"] for r in dev_rows[::173]]
     assert sum(s["layer_score"] <= s["layer_threshold"] for s in scores) >= len(scores) - 1, scores
+
+
+def test_a_file_that_says_it_is_not_of_the_head_is_called_out(predictor, dev2d, dev_rows, tmp_path):
+    """A DICOM of Body Part Examined ABDOMEN holding an abdominal MR slice was read as meningioma 0.98 with no caution,
+    its "lesion" 179 x 112 mm (an outside probe, session 40). The recorded body part, and a foreground wider than any
+    head when the pixel spacing is known, now lead the report's impression; a head slice gets neither."""
+    import pydicom
+    from conftest import write_mr_slice
+    from PIL import Image
+
+    from tumorlens.caveats import NOT_THE_HEAD
+    from tumorlens.findings.build import build_findings
+    from tumorlens.report.facts import build_facts
+
+    grey = np.asarray(Image.open(dev2d / dev_rows[0]["image"]).convert("L"), dtype=np.float32) * 8
+
+    def notes(name, part=None, spacing=(0.45, 0.45)):
+        path = write_mr_slice(grey, tmp_path / f"{name}.dcm", spacing=spacing)
+        if part is not None:
+            ds = pydicom.dcmread(str(path))
+            ds.BodyPartExamined = part
+            ds.save_as(str(path))
+        img = read_image(path)
+        pred = predictor.predict(img)
+        return img, pred, [c for c in pred.caveats if c.startswith(NOT_THE_HEAD)]
+
+    assert notes("head", "HEAD")[2] == [] and notes("plain")[2] == []
+    img, pred, said = notes("abdomen", "ABDOMEN")
+    assert len(said) == 1 and "ABDOMEN" in said[0], pred.caveats
+    findings = build_findings(img, pred.probabilities, masks=[("segmentation_head", pred.mask.numpy()[0])],
+                              notes=pred.extra["caveats"], familiarity=pred.extra.get("familiarity"))
+    caution = build_facts(findings).scope_caution()
+    assert caution and "not of the head (it records the body part ABDOMEN)" in caution and "may not apply" in caution
+    _, pred, said = notes("wide", spacing=(1.5, 1.5))  # the same head (212 pixels across) at 1.5 mm: 318 mm
+    assert len(said) == 1 and "wider than any head" in said[0], pred.caveats

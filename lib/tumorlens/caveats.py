@@ -18,11 +18,38 @@ NO_DARK_BORDER = "almost none of the image's edge is dark background"
 # which a 2D picture is not framed like an MRI slice of a head: development slices >= 0.53, frame-filling
 # textures, documents and micrographs 0.00-0.12 (photographs with a backdrop: a clock 0.19, the astronaut 0.23, a brick wall 0.36).
 DARK_BORDER_MIN = 0.25
+NOT_THE_HEAD = "the file is not of the head"
+# DICOM Body Part Examined values that are the head (or hold it); anything else recorded says it is not
+HEAD_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "CRANIUM", "NEUROCRANIUM", "HEADNECK", "HEAD NECK", "HEAD_NECK",
+                             "HEAD AND NECK", "NEURO", "ORBIT", "PITUITARY", "SELLA", "IAC", "FACE", "SINUS",
+                             "TEMPORAL BONE", "WHOLEBODY", "WHOLE BODY"})
+# the widest a head's foreground is across (the volumes' slab check, ``SLAB_HEAD_MM``): a 2D slice of known pixel
+# spacing whose foreground is wider is not a head (a real abdominal MR slice: 179 x 112 mm "lesion", 350 mm across)
+HEAD_MAX_WIDTH_MM = 280.0
 
 
 def not_a_head_note(why: str) -> str:
     """The findings note for a volume that no pose fits to the head template (``why``: the evidence)."""
     return f"{HEAD_TEMPLATE_FAILED} ({why}): the volume may not be a head MRI, or may cover only part of the head"
+
+
+def body_part_note(body_part: str | None) -> str | None:
+    """The caveat for a file whose recorded body part (DICOM Body Part Examined) is not the head; None without one
+    (a DICOM with BodyPartExamined ABDOMEN holding an abdominal slice was read as meningioma 0.98 with no caution)."""
+    part = " ".join(str(body_part or "").replace("_", " ").split()).upper()
+    if not part or part in HEAD_BODY_PARTS or part.replace(" ", "") in HEAD_BODY_PARTS:
+        return None
+    return (f"{NOT_THE_HEAD}: it records the body part {part}; the model was trained on brain MRI only, so its class "
+            "and mask mean little here")
+
+
+def slice_width_note(width_mm: float | None) -> str | None:
+    """The caveat for a 2D slice of known pixel spacing whose foreground is wider than any head; None otherwise."""
+    if width_mm is None or width_mm <= HEAD_MAX_WIDTH_MM:
+        return None
+    return (f"{NOT_THE_HEAD}: its foreground is {width_mm:.0f} mm across, wider than any head "
+            f"({HEAD_MAX_WIDTH_MM:.0f} mm); the model was trained on brain MRI only, so its class and mask mean "
+            "little here")
 
 
 def colour_note(fraction: float | None) -> str | None:

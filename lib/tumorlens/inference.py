@@ -18,7 +18,13 @@ from torch.nn import functional as F
 from tumorlens.alignment.familiarity import Familiarity
 from tumorlens.alignment.familiarity import assess as assess_familiarity
 from tumorlens.alignment.layer_statistics import load_layer_statistics, pooled_stages
-from tumorlens.caveats import colour_note, dark_border_note, familiarity_note
+from tumorlens.caveats import (
+    body_part_note,
+    colour_note,
+    dark_border_note,
+    familiarity_note,
+    slice_width_note,
+)
 from tumorlens.data.normalize import dark_border_fraction, foreground_mask, normalize_intensity
 from tumorlens.data.readers import IMAGE_META_KEYS, image_array, is_volume
 from tumorlens.errors import InvalidInputError
@@ -107,6 +113,24 @@ def modality_caveat(modality: str | None, guessed: bool = False) -> str | None:
     if m in MRI_MODALITIES:
         return None
     return GUESSED_CT_CAVEAT if guessed and m == "CT" else NOT_MRI_CAVEAT.format(modality=m)
+
+
+def slice_width_mm(plane: np.ndarray, meta: dict) -> float | None:
+    """The largest extent, in mm, of a 2D slice's foreground (its largest component, holes filled); None when the
+    pixel spacing is unknown (a picture)."""
+    from scipy import ndimage as ndi
+
+    from tumorlens.data.normalize import largest_component
+
+    if not meta.get("spacing_known") or meta.get("spacing") is None:
+        return None
+    fg = foreground_mask(np.asarray(plane, dtype=np.float32))
+    if not fg.any():
+        return None
+    fg = largest_component(ndi.binary_fill_holes(fg))
+    rows, cols = np.where(fg.any(1))[0], np.where(fg.any(0))[0]
+    spacing = np.asarray(meta["spacing"], dtype=float).ravel()[:2]
+    return float(max((rows[-1] - rows[0] + 1) * spacing[0], (cols[-1] - cols[0] + 1) * spacing[1]))
 
 
 def tumour_mask(seg_prob: np.ndarray, tumour_called: bool) -> np.ndarray:
@@ -611,6 +635,8 @@ class Predictor:
                  "decision": self.decision, "lesion_refiner": self.refiner is not None,
                  "window_classifier_stored": self.window is not None,
                  "caveats": [c for c in [modality_caveat(meta.get("modality"), meta.get("modality_from") == "intensities"),
+                                         body_part_note(meta.get("body_part")),
+                                         slice_width_note(slice_width_mm(plane, meta) if plane.ndim == 2 else None),
                                          colour_note(img.meta.get("colour_fraction")), dark_border_note(border)] if c]}
         if border is not None:
             extra["dark_border_fraction"] = round(border, 3)

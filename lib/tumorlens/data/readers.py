@@ -66,7 +66,7 @@ def _meta(path: Path, kind: str, affine: np.ndarray, spatial_shape, spacing, spa
 
 # what later stages copy from a read image's metadata onto the arrays they derive from it (maps, masks, predictions)
 IMAGE_META_KEYS = ("filename_or_obj", "kind", "spatial_shape", "spacing", "original_affine", "spacing_known",
-                   "modality", "modality_from")
+                   "modality", "modality_from", "body_part")
 
 
 def _image(path: Path, kind: str, arr: np.ndarray, affine: np.ndarray, spacing, **meta) -> MetaTensor:
@@ -497,6 +497,8 @@ def _read_dicom(path: Path) -> MetaTensor:
     src, idx = first
     declared = _tag(src, "0008|0060", idx)
     modality, modality_from = (declared, "file") if declared else ("MR", "assumed")
+    part = _tag(src, "0018|0015", idx)  # Body Part Examined: a file of the abdomen says so (the caveat's evidence)
+    where = {"body_part": part.strip().upper()} if part and part.strip() else {}
     if modality.upper() in NOT_IMAGES:
         raise InvalidInputError(path, f"a DICOM {modality} object, not an image to classify")
     if path.is_dir():
@@ -513,9 +515,9 @@ def _read_dicom(path: Path) -> MetaTensor:
         aff[:, 3] = affine[:, 3]
         aff[:3, 2] = affine[:3, 2]
         return _image(path, "image2d", img2d, aff, (spacing[1], spacing[0]), modality=modality,
-                      modality_from=modality_from, spacing_known=spacing_known)
+                      modality_from=modality_from, spacing_known=spacing_known, **where)
     return _image(path, "volume", arr, affine, spacing, modality=modality, modality_from=modality_from,
-                  spacing_known=spacing_known)
+                  spacing_known=spacing_known, **where)
 
 
 def _sniff_dicom(path: Path) -> bool:

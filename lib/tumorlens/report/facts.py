@@ -14,7 +14,13 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from tumorlens.caveats import HEAD_TEMPLATE_FAILED, IN_COLOUR, NO_DARK_BORDER, REGIONS_NOT_REQUESTED
+from tumorlens.caveats import (
+    HEAD_TEMPLATE_FAILED,
+    IN_COLOUR,
+    NO_DARK_BORDER,
+    NOT_THE_HEAD,
+    REGIONS_NOT_REQUESTED,
+)
 from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES, NO_TUMOUR
 from tumorlens.report.sanitize import PatientContext, sanitize_patient
@@ -153,6 +159,9 @@ class Facts:
             out.append("The image is in colour, while MRI slices are grey")
         if any(NO_DARK_BORDER in n for n in self.notes):
             out.append("The image does not show a head in dark surroundings, as an MRI slice does")
+        part = next((n for n in self.notes if n.startswith(NOT_THE_HEAD)), None)
+        if part:
+            out.append("The file is not of the head (" + part.split(": ", 1)[1].split(";")[0] + ")")
         if any(HEAD_TEMPLATE_FAILED in n for n in self.notes):
             out.append("The volume could not be matched to a head template; it may not be a brain MRI, or may "
                        "cover only part of the head")
