@@ -146,3 +146,7 @@ def test_openai_backend_unreachable_falls_back_flagged(real_findings):
     v = res.verification
     assert v["fell_back"] and v["flagged"] and v["supported"]
     assert "Connection" in v["attempts"][0]["error"]
+    # the banner says the delivered (template) report is verified and why it stands in (an outside probe, session 40,
+    # read "FLAGGED" over a verified report)
+    banner = next(line for line in res.to_markdown().splitlines() if line.startswith("**Verification:**"))
+    assert "Verified against the findings (template report)" in banner and "FLAGGED" not in banner, banner
