@@ -651,8 +651,8 @@ def test_injected_report_falls_back_to_template_flagged():
     assert conflicts, "the injected 'no tumour' must be caught as a negation conflict"
     assert "no tumour" not in res.report.impression.lower()
     assert all("ignore previous" not in p.lower() for p in s.prompts)
-    md = res.to_markdown()
-    assert "FLAGGED" in md and "Rejected model drafts" in md
+    md = res.to_markdown()  # the delivered template is verified; the banner says the draft was replaced and why
+    assert "the model's draft failed verification and was replaced" in md and "Rejected model drafts" in md
 
 
 def test_model_errors_are_recorded_and_fall_back():
@@ -1243,6 +1243,9 @@ def test_the_records_own_notes_quoted_and_a_clause_after_a_semicolon_are_read_as
     ("The placement's confidence, 0.70, is high.", False),
     ("The entropy is 0.64 out of a maximum of 1.00.", False),
     ("The entropy is 0.64 out of a maximum of 1.39.", True),
+    ("The outline covers 3458 pixels.", False),  # the salient area's count
+    ("The outline covers 588 pixels.", True),
+    ("The segmentation head outlines 588 pixels and the salient area 3458 pixels.", True),
     # a level or a side denied in other words
     ("Classifier uncertainty for this image is low.", False),
     ("The salient area is not present on both sides.", False),

@@ -508,13 +508,15 @@ def numbers_for_unit(f: Facts, unit: str, size: bool, salient: bool | None = Non
         if f.outline_inside is not None:
             nums.append(100 * f.outline_inside)
         return nums + context
-    if kind == "count":  # a number of pixels or voxels is the mask's (or the outline's) count
-        dims = [float(d) for d in f.dims]
-        return [float(v) for v in (f.mask_voxels, f.seg_voxels) if v is not None] + dims + [float(math.prod(dims))] + context
-    if kind == "years":
-        return ([float(f.patient.age)] if f.patient.age is not None else []) + context
     # with regions from a saliency mask, a size is the outline's unless the sentence gives it to the salient area
     split = f.regions_from_saliency and f.seg_voxels is not None and salient is not None
+    if kind == "count":  # a number of pixels or voxels is the mask's (or the outline's) count
+        dims = [float(d) for d in f.dims]
+        # (an outside probe, session 40: "The outline covers 4632 voxels", the salient area's count, passed)
+        counts = ((f.mask_voxels,) if salient else (f.seg_voxels,)) if split else (f.mask_voxels, f.seg_voxels)
+        return [float(v) for v in counts if v is not None] + dims + [float(math.prod(dims))] + context
+    if kind == "years":
+        return ([float(f.patient.age)] if f.patient.age is not None else []) + context
     if kind in ("mm", "cm"):
         nums = (list(f.extents_mm) if salient else list(f.seg_extents_mm)) if split and size else \
             list(f.extents_mm) + list(f.seg_extents_mm)

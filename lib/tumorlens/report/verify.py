@@ -1428,7 +1428,8 @@ class Verifier:
                 add("number", m, ok, reason)
                 continue
             # a sentence naming both masks may give either's size ("the outline 80.9 cm3, the salient area 198.2 cm3")
-            both = bool(SALIENT_WORDS.search(sent) and OUTLINE_NOUN.search(sent))
+            both = bool(SALIENT_WORDS.search(sent) and (OUTLINE_NOUN.search(sent) or re.search(
+                r"segmentation head|\boutlin(?:es?|ed|ing)\b|\bsegment(?:s|ed)?\b", sent, re.IGNORECASE)))
             pool = numbers_for_unit(f, unit, bool(SIZE_WORDS.search(sent[max(0, m.start() - 40):m.start()])),
                                     salient=None if both else bool(SALIENT_WORDS.search(sent)))
             if pool is None:  # the familiarity score and threshold, in a sentence about familiarity only
