@@ -1246,6 +1246,11 @@ def test_the_records_own_notes_quoted_and_a_clause_after_a_semicolon_are_read_as
     ("The outline covers 3458 pixels.", False),  # the salient area's count
     ("The outline covers 588 pixels.", True),
     ("The segmentation head outlines 588 pixels and the salient area 3458 pixels.", True),
+    # the centre's coordinates, signed (the centroid is at (-20, 10, 4) mm)
+    ("The salient area's centroid has coordinates (20, 10, 4) in MNI space.", False),
+    ("The salient area's centroid has coordinates (-20, 10, 4) in MNI space.", True),
+    ("The centre of the salient area lies at MNI x = +20 mm.", False),
+    ("The centre of the salient area lies at MNI z = 4 mm.", True),
     # a level or a side denied in other words
     ("Classifier uncertainty for this image is low.", False),
     ("The salient area is not present on both sides.", False),

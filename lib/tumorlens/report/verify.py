@@ -255,6 +255,14 @@ SIDE = (r"(left|right)(?![ ](?:empty|blank|out|unchanged|behind|over|undone|unna
 # the centre of the area on a side ("the centre of the salient area lies in the right hemisphere"), the input's kind
 CENTRE_SIDE = (r"(?:centre|center|centroid)(?: of (?:the|its) [\w\s-]{0,25}?)?\s+(?:lies|is|sits|falls|located)\s+"
                r"(?:in|on|to)\s+the\s+(?P<side>left|right)(?:\s+(?:hemisphere|side))?")
+# the centre's MNI coordinates, signed (an outside probe, session 40: "(10, -28, 20)" and "x = +10 mm" passed for a
+# centroid at x = -10: every number was looked up unsigned)
+_SIGNED = r"[+\-\u2212]?\s?\d+(?:\.\d+)?"
+CENTRE_WORDS = re.compile(r"\b(?:centre|center|centroid|centred|centered|coordinates?)\b", re.IGNORECASE)
+CENTRE_TRIPLE = re.compile(rf"\(\s*(?P<x>{_SIGNED})\s*(?:mm)?\s*,\s*(?P<y>{_SIGNED})\s*(?:mm)?\s*,\s*(?P<z>{_SIGNED})"
+                           r"\s*(?:mm)?\s*\)")
+CENTRE_AXIS = re.compile(rf"\b(?P<axis>[xyz])\s*(?:=|:|of)\s*(?P<v>{_SIGNED})(?:\s*mm\b)?", re.IGNORECASE)
+CENTRE_TOL_MM = 1.5  # the record gives 0.1 mm; a report rounds to whole millimetres
 INPUT_KIND = (r"(?P<vol>(?:read|classified|analysed|analyzed|processed) slice by slice|(?:a |the )?(?:full |whole )?"
               r"(?:3-?d|three-dimensional|volumetric) (?:volume|study|scan|acquisition|dataset))|"
               r"(?P<flat>(?:a |the )?(?:single )?(?:2-?d|two-dimensional) (?:image|slice|picture))")
@@ -773,6 +781,18 @@ class Verifier:
             add("side", m, ok, "" if ok else f"puts the centre on the {said}; the centroid's x is "
                 f"{'not given' if x is None else f'{x:.0f} mm'} (negative: left)", pol=Polarity(False, False))
             scan = _mask(scan, m.start(), m.end())
+        if CENTRE_WORDS.search(scan):
+            c = f.centroid
+            for m in [*CENTRE_TRIPLE.finditer(scan), *CENTRE_AXIS.finditer(scan)]:
+                pairs = ([(a, m.group(a)) for a in "xyz"] if "x" in m.groupdict() and m.groupdict().get("axis") is None
+                         else [(m.group("axis").lower(), m.group("v"))])
+                said = {a: float(v.replace("\u2212", "-").replace(" ", "")) for a, v in pairs}
+                ok = c is not None and all(abs(said[a] - c["xyz".index(a)]) <= CENTRE_TOL_MM for a in said)
+                truth = "no centroid" if c is None else "(" + ", ".join(f"{v:.0f}" for v in c) + ") mm"
+                add("number", m, ok, "" if ok else f"gives the centre's MNI {'/'.join(said)} as "
+                    f"{', '.join(f'{v:+.0f}' for v in said.values())}; the findings give {truth}",
+                    pol=Polarity(False, False))
+                self._quantity_spans.append((m.start(), m.end()))
         for m in _iter(INPUT_KIND, scan):
             volume_said = bool(m.group("vol"))
             ok = volume_said != f.read_as_slice
