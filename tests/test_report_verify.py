@@ -1251,6 +1251,22 @@ def test_the_records_own_notes_quoted_and_a_clause_after_a_semicolon_are_read_as
     ("The salient area's centroid has coordinates (-20, 10, 4) in MNI space.", True),
     ("The centre of the salient area lies at MNI x = +20 mm.", False),
     ("The centre of the salient area lies at MNI z = 4 mm.", True),
+    # a region's rank in other words (insular cortex 60 %, putamen 25 %, frontal operculum 15 %)
+    ("The left frontal operculum cortex is the second-largest region of the salient area.", False),
+    ("The right putamen is the second-largest region of the salient area.", True),
+    ("The left frontal operculum cortex is among the top two regions of the salient area.", False),
+    ("The right putamen is among the top two regions of the salient area.", True),
+    # round 9 (303 new drafts on 9bd127d): the entropy against its maximum in words, the network's kind, a negation
+    # of another word, disease excluded and the result taken as final in other words (entropy 0.64: 46 % of 1.39)
+    ("The entropy is more than half of its maximum.", False),
+    ("The entropy is just under half of its maximum.", True),
+    ("The entropy can be at most 1.0 here.", False),
+    ("A 3D network classified the whole volume at once.", False),
+    ("The input holds several slices.", False),
+    ("The salient area shows where the classifier looked, not the lesion itself.", True),
+    ("The brain is free of disease.", False),
+    ("The result can be taken at face value.", False),
+    ("The result should not be taken at face value.", True),
     # a level or a side denied in other words
     ("Classifier uncertainty for this image is low.", False),
     ("The salient area is not present on both sides.", False),
@@ -1273,6 +1289,10 @@ def test_exclusions_dependability_and_numbers_bound_to_their_quantity(sentence, 
 
 @pytest.mark.parametrize("recommendation,ok", [
     ("No further review is needed.", False),
+    ("No further radiologist review is needed given the low uncertainty.", False),
+    ("A radiologist need not review this study.", False),
+    ("Review by a radiologist is recommended, though it is not essential.", False),
+    ("The radiologist's review can be skipped.", False),
     ("A radiologist's review is not required.", False),
     ("Review by a radiologist against the full MRI study is required.", True),
     ("The classification should not be relied upon without review by a radiologist.", True),
@@ -1284,3 +1304,16 @@ def test_recommendations_that_waive_the_review_are_refused(recommendation, ok):
     draft = ReportDraft.model_construct(findings=d.findings, impression=d.impression, recommendations=recommendation)
     v = verify_report(assemble(f, draft), f)
     assert v["supported"] is ok, (recommendation, _reasons(v))
+
+
+def test_no_caution_is_refused_when_the_record_gives_one():
+    """Round 9: "There are no cautions for this volume" was delivered for an unfamiliar volume read slice by slice."""
+    rec = _two_sided_saliency_record()
+    rec["classification"]["familiarity"] = {"score": 0.6, "threshold": 0.79, "k": 5, "familiar": False}
+    d = template_draft(build_facts(rec))
+    assert not _planted(d.findings + " There are no cautions for this image.", rec=rec)["supported"]
+    fine = _two_sided_saliency_record()
+    fine["classification"]["familiarity"] = {"score": 0.9, "threshold": 0.79, "k": 5, "familiar": True}
+    d = template_draft(build_facts(fine))
+    v = _planted(d.findings + " There are no cautions for this image.", rec=fine)
+    assert v["supported"], _reasons(v)

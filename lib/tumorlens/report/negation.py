@@ -46,6 +46,8 @@ PSEUDO = (
     # (an outside probe, session 40: "Without a known pixel spacing, the lesion can only be sized in pixels" denied it)
     "without a known", "without known", "without a recorded", "without a given", "without the pixel spacing",
     "without pixel spacing", "without a pixel spacing", "without spacing",
+    # "the salient area shows where the classifier looked, not the lesion itself" (round 9 of the outside probes)
+    "not the lesion itself", "not the tumour itself", "not the tumor itself", "not the mass itself",
 )
 HEDGES = (
     "cannot exclude", "cannot be excluded", "can not be excluded", "cannot rule out", "cannot be ruled out",

@@ -79,15 +79,30 @@ UNMEASURED = {
     "size class of an adenoma": r"macroadenomas?|microadenomas?",
     # an automated result never excludes disease (an outside probe, session 40: "Disease can be ruled out" and "the
     # negative automated result excludes disease" passed); the caution itself ("does not exclude disease") is allowed
-    "exclusion of disease": (r"(?:disease|pathology|abnormalit(?:y|ies)|malignan(?:cy|cies)|cancer|neoplas(?:m|ms|ia))"
+    "exclusion of disease": (r"free (?:of|from) (?:any )?(?:disease|pathology|abnormalit(?:y|ies)|malignan(?:cy|cies))|"
+                             r"disease-free|"
+                             r"(?:disease|pathology|abnormalit(?:y|ies)|malignan(?:cy|cies)|cancer|neoplas(?:m|ms|ia))"
                              r"(?: (?:can|could|may|is|are|has been|have been|was|were))?(?: (?:safely|confidently|"
                              r"reliably|definitively|now))?(?: be)? (?:excluded|ruled out)|"
                              r"(?:excludes?|excluding|excluded|rules? out|ruling out|ruled out)(?: (?:any|all|the))?"
                              r"(?: (?:presence|possibility) of)?(?: (?:significant|intracranial|brain))? (?:disease|"
                              r"pathology|abnormalit(?:y|ies)|malignan(?:cy|cies)|cancer|neoplas(?:m|ms|ia))"),
-    "how the model was trained": r"trained on (?:3-?d|three-dimensional|volumetric)\b",
+    "how the model was trained": (r"trained on (?:3-?d|three-dimensional|volumetric)\b|"
+                                  # (an outside probe, session 40: "A 3D network classified the whole volume at once")
+                                  r"(?:3-?d|three-dimensional|volumetric) (?:network|model|cnn|classifier)|"
+                                  r"(?:whole|entire) volume at once"),
     "size by comparison with an object": (r"\b(?:golf[- ]ball|tennis[- ]ball|ping[- ]pong ball|walnut|grape|lemon|"
                                           r"orange|pea|marble|coin)s?\b"),
+    # the result taken as final, whatever the record says: it is a research output a radiologist reviews (outside
+    # probes, sessions 40: "The classification can be relied on", "reliable enough to act on without review", "taken at
+    # face value" passed)
+    "the result taken as final": (r"(?:can|could|may|should) be (?:safely |fully )?(?:relied|depended) (?:up)?on|"
+                                  r"(?:can|could|may|should) be (?:safely |fully )?trusted|dependabl[ey]|taken at face value|"
+                                  r"(?:act|acted|acting) (?:up)?on(?: it| this| the result| the classification)? without|"
+                                  r"without (?:a |any |further |radiologist(?:'s)? |expert |human )?(?:review|reading|check)"),
+    # "review is recommended, though it is not essential": the review waived in a sentence about it
+    "waived review": r"\b(?:not|never)\s+(?:strictly\s+|really\s+|absolutely\s+)?(?:essential|necessary|needed|required|"
+                     r"mandatory|obligatory|compulsory)\b|\boptional\b",
     # the model gives probabilities: a report may not turn them into certainty
     "certainty": r"\bdefinite(?:ly)?\b|\bcertain(?:ly|ty)?\b|unequivocal(?:ly)?|undoubted(?:ly)?|conclusive(?:ly)?|"
                  r"\bconfirm(?:s|ed|ing|ation)?\b|pathognomonic|diagnostic of",
@@ -96,12 +111,16 @@ UNMEASURED = {
     "management": (r"no (?:further|additional) (?:imaging|follow-?up|investigations?|work-?up|scans?)|"
                    # the review itself waived (an outside probe, session 40: "No further review is needed" passed as
                    # the whole recommendation)
-                   r"no (?:further |additional |radiologist(?:'s)? |expert |human )?(?:review|reading|read|assessment|"
-                   r"evaluation|opinion|check(?:ing)?|input) (?:is |was )?(?:needed|required|necessary|warranted)|"
+                   r"no (?:(?:further|additional|radiologist(?:'s)?|expert|human|formal|manual|specialist)\s+)*(?:review|"
+                   r"reading|read|assessment|evaluation|opinion|check(?:ing)?|input) (?:is |was )?(?:needed|required|"
+                   r"necessary|warranted|essential)|"
                    r"(?:review|reading|assessment|evaluation|checking|radiologist) (?:is |are )?(?:not |no longer |un)"
-                   r"(?:required|needed|necessary|warranted)|need not be (?:reviewed|read|checked|assessed)|"
-                   r"no need (?:for|to)\b|(?:can|may) (?:safely )?(?:skip|forgo|omit|dispense with) (?:the )?"
-                   r"(?:review|reading|radiologist)|"
+                   r"(?:required|needed|necessary|warranted)|"
+                   r"needs? not (?:be )?(?:review(?:ed)?|read|check(?:ed)?|assess(?:ed)?|see|seen)|(?:does|do|did)(?:n't| not) "
+                   r"need (?:to be )?(?:review(?:ed)?|read|check(?:ed)?|a review|a radiologist)|"
+                   r"no need (?:for|to)\b|(?:can|may) (?:safely )?(?:skip|forgo|omit|dispense with|bypass) (?:the )?"
+                   r"(?:review|reading|radiologist)|(?:review|reading)\s+(?:can|may|could)\s+(?:safely\s+)?be\s+(?:skipped|"
+                   r"omitted|waived|dispensed with|forgone|bypassed)|(?:review|reading) (?:is|would be) optional|"
                    r"(?:imaging|follow-?up|scans?) (?:is |are )?(?:not )?(?:required|needed|necessary|warranted)|"
                    r"\bdischarg\w*|\brefer(?:ral|red)? to\b|\bmdt\b|multidisciplinary|"
                    # a schedule or a work-up (an outside probe, session 38: "Follow-up MRI in 3 months", "Annual
@@ -168,9 +187,7 @@ LEVEL_OF = {"low": "low", "minimal": "low", "negligible": "low", "small": "low",
 CONFIDENT = (
     r"clearly|obviously|evidently|unmistakabl[ey]|sure|(?:high|strong|great|considerable) (?:degree of |level of )?confidence|(?:highly |very |quite |fully )?confident(?:ly)?|"
     r"(?:highly |very )?reliabl[ey]|reliability|trustworthy|robust(?:ly)?|(?:highly )?accurate(?:ly)?|"
-    # (an outside probe, session 40: "The classification can be relied on for this volume" passed with two cautions)
-    r"(?:can|could|may|should) be (?:safely |fully )?(?:relied|depended) (?:up)?on|(?:can|could|may|should) be "
-    r"(?:safely |fully )?trusted|dependabl[ey]|"
+
     r"strongly (?:favou?rs?|suggests?|suggestive|indicat\w*|supports?)|clear(?:ly)? (?:favou?rs?|shows?|demonstrat\w*|"
     r"indicat\w*)|unambiguous(?:ly)?"
 )
@@ -197,23 +214,40 @@ UNFAMILIAR = (r"unlike the (?:training )?images|unfamiliar|out[- ]of[- ]distribu
 # passed as "the atlas placement confidence is 0.81" for a confidence of 0.34; the threshold 0.79 as the score)
 # (an outside probe, session 40: "The placement's confidence, 0.85, is high" (the Dice), "The image scores 0.79 for
 # familiarity" (the threshold), "brain-mask Dice is 0.82" (the dropped stage's), "out of a maximum of 1.00" passed)
-_QUANTITY = (r"(?:atlas |template )?(?:placement|registration)(?:'s|’s)? confidence|(?:placed|matched|registered)"
-             r"[\w\s]{0,40}? with (?:a )?confidence|familiarity(?: score)?|layer score|"
+_QUANTITY = (r"(?:atlas |template )?(?:placement|registration)(?:'s|’s)? confidence|(?:placed|matched|registered|made)"
+             r"[\w\s]{0,40}? with (?:a )?confidence|familiarity (?:score )?threshold|familiarity(?: score)?|layer score|"
              r"(?:classifier(?:'s)? |classification )?entropy|maximum(?: possible)? entropy|"
              r"(?:registration(?:'s)? |brain[- ]mask |final )*dice(?: (?:overlap|score|coefficient))?|"
              r"(?:placement|registration|slice|template)(?:'s|’s)? (?:similarity|quality)")
 QUANTITY_NUMBER = re.compile(
     rf"\b(?P<q>{_QUANTITY})"
-    r"(?:\s+(?:here|now|then|for this image))?(?:\s*,)?(?:\s+(?:is|was|of|at|equals|reaches|reached|stands at|comes to|"
-    r"=|:))?\s*\(?(?P<n>\d*\.\d+|\d+)\b(?!\s*%)",
+    r"(?:\s+(?:here|now|then|for (?:this|the) (?:image|slice|volume|scan|study)))?(?:\s*,)?(?:\s+(?:is|was|of|at|equals|"
+    r"reaches|reached|stands at|comes to)|\s*[=:])?\s*\(?(?P<n>\d*\.\d+|\d+)\b(?!\s*%)",
     re.IGNORECASE)
 # the number first: "scores 0.79 for familiarity"; the entropy's maximum said alone ("0.57 out of a maximum of 1.00")
 QUANTITY_NUMBER_BEFORE = re.compile(
     r"(?<![\d.])(?P<n>\d*\.\d+)\s+(?:for|on|in|as)\s+(?:the\s+|its\s+)?(?P<q>familiarity(?: score)?|layer score|entropy|"
     r"(?:placement|registration) confidence)\b", re.IGNORECASE)
+# the cautions denied ("There are no cautions for this volume" for an unfamiliar volume read slice by slice)
+CAUTIONS_DENIED = re.compile(r"\b(?:no|without any|without) (?:cautions?|caveats?|warnings?)\b|\bno (?:caution|caveat) "
+                             r"(?:applies|is raised|is given)\b", re.IGNORECASE)
+# the placement confidence against a bound ("above the 0.5 needed to name regions" at 0.47: an outside probe, session 40)
+PLACEMENT_BOUND = re.compile(
+    r"(?:placement|registration)(?:'s|’s)? confidence[\w\s,()]{0,25}?\b(?P<dir>above|over|exceeds?|exceeding|greater than|"
+    r"more than|higher than|at least|below|under|less than|lower than|short of|falls short of)\s+(?:the\s+|a\s+)?"
+    r"(?P<n>\d*\.\d+)\b(?!\s*%)", re.IGNORECASE)
 ENTROPY_MAXIMUM = re.compile(
     r"\b(?:out of|of|under|below|near|to|than)\s+(?:a|the|its)\s+(?P<q>(?:possible\s+)?maximum|possible|ceiling)(?:\s+(?:possible|value))?"
-    r"(?:\s+(?:of|at|is))?\s*\(?(?P<n>\d*\.\d+|\d+)\b(?!\s*%)", re.IGNORECASE)
+    r"(?:\s+(?:of|at|is))?\s*\(?(?P<n>\d*\.\d+|\d+)\b(?!\s*%)"
+    r"|\b(?P<q2>at most|no more than|cannot exceed|can be at most|maximum of|up to)\s+(?P<n2>\d*\.\d+|\d+)\b(?!\s*%)",
+    re.IGNORECASE)
+# the entropy as a share of its maximum ("more than half of the maximum possible" for 0.57 of 1.39)
+ENTROPY_SHARE = re.compile(r"\b(?P<bound>more than|over|above|at least|less than|under|below|about|roughly|around|nearly|"
+                           r"almost|close to|just over|just under)?\s*(?P<frac>half|a third|one third|a quarter|one quarter|"
+                           r"two thirds|three quarters|a fifth|\d+(?:\.\d+)?\s*(?:%|percent\b))\s+(?:of\s+)?(?:the|its)\s+"
+                           r"(?:(?:possible|theoretical)\s+)?(?:maximum|ceiling|upper bound|largest possible)", re.IGNORECASE)
+SHARE_WORDS = {"half": 0.5, "a third": 1 / 3, "one third": 1 / 3, "a quarter": 0.25, "one quarter": 0.25,
+               "two thirds": 2 / 3, "three quarters": 0.75, "a fifth": 0.2}
 
 # the atlas placement's confidence said in words (an outside probe, session 39: "the atlas placement is
 # high-confidence" at 0.34 passed)
@@ -264,7 +298,8 @@ CENTRE_TRIPLE = re.compile(rf"\(\s*(?P<x>{_SIGNED})\s*(?:mm)?\s*,\s*(?P<y>{_SIGN
 CENTRE_AXIS = re.compile(rf"\b(?P<axis>[xyz])\s*(?:=|:|of)\s*(?P<v>{_SIGNED})(?:\s*mm\b)?", re.IGNORECASE)
 CENTRE_TOL_MM = 1.5  # the record gives 0.1 mm; a report rounds to whole millimetres
 INPUT_KIND = (r"(?P<vol>(?:read|classified|analysed|analyzed|processed) slice by slice|(?:a |the )?(?:full |whole )?"
-              r"(?:3-?d|three-dimensional|volumetric) (?:volume|study|scan|acquisition|dataset))|"
+              r"(?:3-?d|three-dimensional|volumetric) (?:volume|study|scan|acquisition|dataset)|"
+              r"(?<!one of )(?<!of )(?:several|multiple|many) slices|multi-?slice)|"
               r"(?P<flat>(?:a |the )?(?:single )?(?:2-?d|two-dimensional) (?:image|slice|picture))")
 # words before a side that say the lesion is on that side alone ("confined to the left hemisphere")
 ONLY_SIDE = (r"\b(?:confined|limited|restricted|entirely|exclusively|solely|only|purely|wholly|unilateral(?:ly)?|"
@@ -602,8 +637,11 @@ REGION_SHARE_BEFORE = re.compile(r"(?P<pct>\d+(?:\.\d+)?)\s*(?:%|percent\b)\s+of
                                  r"(?:is|lies|sits|falls|was)\s+(?:with)?in\s+(?:the\s+)?(?:(?:left|right)\s+)?$",
                                  re.IGNORECASE)
 # a region's rank by share ("the right putamen holds the third largest share")
-REGION_RANK_AFTER = re.compile(rf"^[\w\s,]{{0,20}}?\b{_HOLDS}\s+(?:the\s+)?(?P<ord>second|third|fourth|fifth)[- ]"
-                               r"(?:largest|greatest|biggest)", re.IGNORECASE)
+# (and, an outside probe, session 40: "is the second-largest region", "ranks third", "is among the top three regions")
+REGION_RANK_AFTER = re.compile(rf"^[\w\s,]{{0,20}}?\b(?:(?:{_HOLDS}|is|was)\s+(?:the\s+)?(?P<ord>second|third|fourth|fifth)"
+                               r"[- ](?:largest|greatest|biggest)|(?:ranks?|comes?)\s+(?P<ord2>second|third|fourth|fifth)\b|"
+                               r"(?:is|was|ranks?)\s+(?:among|in|one of)\s+the\s+(?:top|largest|leading|biggest)\s+"
+                               r"(?P<top>two|three|four|five|2|3|4|5)\b)", re.IGNORECASE)
 # two regions compared ("the right thalamus holds a larger share of the salient area than the left thalamus")
 REGION_MORE = re.compile(rf"\b{_HOLDS}\s+(?:a\s+|an\s+|slightly\s+|much\s+|far\s+)?(?P<dir>larger|greater|bigger|more|"
                          r"smaller|less|lesser|fewer)\b[\w\s]{0,30}?\bthan\b", re.IGNORECASE)
@@ -720,6 +758,18 @@ class Verifier:
                 if name == "certainty" and (CAUTIOUS_BEFORE.search(scan[:m.start()]) or RECOMMENDING.search(
                         scan[:m.start()])):  # "not certain", "less certain", "a radiologist should confirm"
                     add("unmeasured", m, True, "a certainty word denied, hedged or asked of a reader", pol=pol)
+                    scan = _mask(scan, m.start(), m.end())
+                    continue
+                if name == "the result taken as final" and re.search(
+                        r"\b(?:not|never|cannot|can't|shouldn't|mustn't|nor)\b", scan[:m.start()], re.IGNORECASE):
+                    add("unmeasured", m, True, "denied: the result is not to be taken as final", pol=pol)
+                    scan = _mask(scan, m.start(), m.end())
+                    continue
+                if name == "waived review" and not re.search(r"\breview|radiologist|\bread(?:ing|er)?\b", scan,
+                                                             re.IGNORECASE):
+                    continue  # "not necessary" of something else
+                if name == "how the model was trained" and NOT_BEFORE.search(scan[:m.start()]):
+                    add("unmeasured", m, True, "denies a 3D network", pol=pol)  # "not a 3D network": true of this one
                     scan = _mask(scan, m.start(), m.end())
                     continue
                 if name == "exclusion of disease" and NOT_BEFORE.search(scan[:m.start()]):
@@ -1007,16 +1057,22 @@ class Verifier:
         entropy_sentence = bool(re.search(r"\bentropy\b|\buncertainty\b", scan, re.IGNORECASE))
         found = [*QUANTITY_NUMBER.finditer(scan), *QUANTITY_NUMBER_BEFORE.finditer(scan),
                  *(ENTROPY_MAXIMUM.finditer(scan) if entropy_sentence else ())]
-        for m in sorted(found, key=lambda m: m.start("n")):
-            q, num = m.group("q").lower(), m.group("n")
-            if any(m.start("n") < b and a < m.end("n") for a, b in self._quantity_spans):
+        for m in sorted(found, key=lambda m: m.start("n") if m.group("n") else m.start("n2")):
+            q = (m.group("q") or m.groupdict().get("q2") or "").lower()
+            num = m.group("n") or m.groupdict().get("n2")
+            g = "n" if m.group("n") else "n2"
+            if any(m.start(g) < b and a < m.end(g) for a, b in self._quantity_spans):
                 continue  # one number, found by two of the patterns
-            if "maximum" in q or q in ("possible", "ceiling"):
+            if re.match(r"\s*(?:against|vs\.?|versus|/)\s*\d", scan[m.end(g):], re.IGNORECASE):
+                continue  # a pair ("the threshold: 0.69 against 0.79"): each number is looked up on its own
+            if "maximum" in q or q in ("possible", "ceiling") or m.groupdict().get("q2"):
                 truth = MAX_ENTROPY
             elif "entropy" in q:
                 truth = f.entropy
             elif "layer" in q:
                 truth = f.familiarity_numbers[2] if len(f.familiarity_numbers) > 2 else None
+            elif "familiarity" in q and "threshold" in q:
+                truth = f.familiarity_numbers[1] if len(f.familiarity_numbers) > 1 else None
             elif "familiarity" in q:
                 truth = f.familiarity_numbers[0] if f.familiarity_numbers else None
             elif "dice" in q or "similarity" in q or "quality" in q:
@@ -1026,7 +1082,33 @@ class Verifier:
             ok = truth is not None and abs(float(num) - truth) <= _tol(num)
             add("number", m, ok, "" if ok else f"gives the {q} as {num}; the findings give "
                 f"{'none' if truth is None else f'{truth:.2f}'}", pol=Polarity(False, False))
-            self._quantity_spans.append((m.start("n"), m.end("n")))  # its words stay for the checks below
+            self._quantity_spans.append((m.start(g), m.end(g)))  # its words stay for the checks below
+        for m in ENTROPY_SHARE.finditer(scan) if entropy_sentence and f.entropy is not None else ():
+            frac = m.group("frac").lower()
+            want = float(re.match(r"[\d.]+", frac).group(0)) / 100.0 if frac[0].isdigit() else SHARE_WORDS[frac]
+            ratio, bound = f.entropy / MAX_ENTROPY, (m.group("bound") or "").lower()
+            if bound in ("more than", "over", "above", "at least", "just over"):
+                ok = ratio > want * 0.97
+            elif bound in ("less than", "under", "below", "just under"):
+                ok = ratio < want * 1.03
+            else:
+                ok = abs(ratio - want) <= max(0.05, 0.15 * want)
+            add("number", m, ok, "" if ok else f"gives the entropy as {m.group(0).strip()}; it is {f.entropy:.2f} of "
+                f"{MAX_ENTROPY:.2f} ({100 * ratio:.0f} %)", pol=Polarity(False, False))
+            self._quantity_spans.append((m.start("frac"), m.end("frac")))
+        for m in CAUTIONS_DENIED.finditer(scan):
+            reason = f.scope_caution()
+            add("trust", m, reason is None, "" if reason is None else f"says there is no caution; the findings give one: "
+                f"{reason}", pol=Polarity(False, False))
+            scan = _mask(scan, m.start(), m.end())
+        for m in PLACEMENT_BOUND.finditer(scan):
+            conf, n = f.placement_confidence, float(m.group("n"))
+            up = m.group("dir").lower() in ("above", "over", "exceeds", "exceed", "exceeding", "greater than", "more than",
+                                            "higher than", "at least")
+            ok = conf is not None and ((conf >= n if "least" in m.group("dir").lower() else conf > n) if up else conf < n)
+            add("number", m, ok, "" if ok else f"puts the placement confidence {m.group('dir').lower()} {n:g}; the findings "
+                f"give {'none' if conf is None else f'{conf:.2f}'}", pol=Polarity(False, False))
+            self._quantity_spans.append((m.start("n"), m.end("n")))
         for m in _iter(PLACEMENT_LEVEL, scan):
             pol = scope.polarity(m.start(), m.end())
             low = (m.group("a") or m.group("b")).lower() in ("low", "poor", "limited")
@@ -1249,10 +1331,13 @@ class Verifier:
             cue = None  # the cue belongs to a region named before this one
         largest_after = LARGEST_AFTER.match(sent[m.end():])
         ordinal = REGION_RANK_AFTER.match(sent[m.end():])
-        if ordinal:  # the n-th largest: as many distinct larger shares as the rank says
-            n = ("second", "third", "fourth", "fifth").index(ordinal.group("ord").lower()) + 1
+        if ordinal:  # the n-th largest: as many distinct larger shares as the rank says; "among the top n": fewer
             held = self._share(key, side)
             above = {r["fraction"] for r in f.regions if r["fraction"] > held + 1e-9}
+            if ordinal.group("top"):
+                top = ordinal.group("top").lower()
+                return len(above) < (int(top) if top.isdigit() else ("two", "three", "four", "five").index(top) + 2)
+            n = ("second", "third", "fourth", "fifth").index((ordinal.group("ord") or ordinal.group("ord2")).lower()) + 1
             return len(above) == n
         if not cue and not largest_after:
             return True
