@@ -491,7 +491,10 @@ def test_server_saliency_to_region_named_segments(logic, server, t1c, tmp_path):
     assert len(logic.client.datastore()["objects"]) == before
     assert list(probs) == list(tll.CLASS_NAMES) and abs(sum(probs.values()) - 1) < 1e-3
     fam = cls["familiarity"]  # the server's familiarity with the image reaches the Logic's result
-    assert set(fam) == {"score", "threshold", "familiar"} and fam["familiar"] == (fam["score"] >= fam["threshold"])
+    assert {"score", "threshold", "familiar"} <= set(fam) <= {"score", "threshold", "familiar", "layer_score",
+                                                              "layer_threshold"}
+    layers_ok = "layer_score" not in fam or fam["layer_score"] <= fam["layer_threshold"]
+    assert fam["familiar"] == (fam["score"] >= fam["threshold"] and layers_ok)
     # and so do its caveats (a volume: classified slice by slice), the familiarity note among them when unfamiliar
     assert any("slice by slice" in c for c in cls["caveats"])
     assert any("unlike the training images" in c for c in cls["caveats"]) == (not fam["familiar"])

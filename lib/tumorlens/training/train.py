@@ -74,8 +74,8 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "rmsprop")
 EXTRA_KEYS = {"model": {"cam_layer", "in_channels", "spatial_dims", "num_classes"},
               "train.localisation": {"sharpness", "kind"}, "output": {"overwrite"}}
 # what a trained model's folder holds besides checkpoint and card: made for that network, wrong for another
-COMPANIONS = ("refiner.pt", "window_classifier.pt", "alignment.pt", "text_probe.pt", "validation.json",
-              "validation.confusion.png")
+COMPANIONS = ("refiner.pt", "window_classifier.pt", "alignment.pt", "text_probe.pt", "layer_statistics.pt",
+              "validation.json", "validation.confusion.png")
 WHOLE = ("epochs", "batch_size", "patience", "seed")  # whole numbers; image_size is checked with them
 
 
