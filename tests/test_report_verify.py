@@ -530,6 +530,10 @@ def test_pseudo_negations_and_list_form_negations_are_read_right():
     assert not v["negation_conflicts"], _reasons(v)  # "no doubt" negates nothing (it is a certainty claim since
     assert [c["text"] for c in v["unsupported_claims"]] == ["doubt"], _reasons(v)  # session 38: words are grounded)
     v = _planted(impression="Tumour: none. Mass: absent.", rec=_no_tumour())
+    # read as denials (no conflict with the no-tumour call); since session 40 a denial must be the classifier's call
+    assert not v["negation_conflicts"] and all("absence of a tumour as a fact" in c["reason"]
+                                               for c in v["unsupported_claims"]), _reasons(v)
+    v = _planted(impression="Classifier: tumour none, mass absent.", rec=_no_tumour())
     assert v["supported"], _reasons(v)
 
 
@@ -1317,3 +1321,19 @@ def test_no_caution_is_refused_when_the_record_gives_one():
     d = template_draft(build_facts(fine))
     v = _planted(d.findings + " There are no cautions for this image.", rec=fine)
     assert v["supported"], _reasons(v)
+
+
+@pytest.mark.parametrize("sentence,ok", [
+    ("No tumour is present.", False),
+    ("There is no tumour in this brain.", False),
+    ("No tumour was detected by the classifier.", True),
+    ("No lesion was segmented.", True),
+    ("The classifier finds no tumour.", True),
+])
+def test_an_absence_of_tumour_is_the_classifiers_call_not_a_fact(sentence, ok):
+    """Round 9: "No tumour is present." was delivered for a no-tumour call; the findings hold the classifier's call
+    over four classes, not the absence of a tumour."""
+    rec = _no_tumour()
+    d = template_draft(build_facts(rec))
+    v = _planted(d.findings + " " + sentence, rec=rec)
+    assert v["supported"] is ok, (sentence, _reasons(v))

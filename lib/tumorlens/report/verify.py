@@ -271,6 +271,10 @@ PIPELINE_PHRASES = (r"(?:lesion|tumou?r)[- ](?:mask|location|side|class(?:es)?|p
                     r"(?:lesion|tumou?r)(?:'s|s'|’s) (?:extents?|size|shape|outlines?|boundary|boundaries|borders?|"
                     r"margins?|edges?|location|position)|(?:lesion|tumou?r) (?:extents?|size|shape|location|position)|"
                     r"(?:outlined|segmented) (?:lesion|tumou?r)|no-tumou?r|other (?:tumou?r )?(?:types|classes)")
+# a statement of absence attributed to the classifier ("No tumour was detected by the classifier", "the model finds no
+# tumour", "no tumour class is favoured")
+ATTRIBUTED = re.compile(r"classifier|classif(?:ied|ication)|\bmodel\b|network|automated|algorithm|detect(?:ed|s|ion)?|"
+                        r"favou?r|probabilit|predict|\bclass\b|segment|outlin|\bcalls?\b|according", re.IGNORECASE)
 TUMOUR_WORDS = r"tumou?rs?|mass(?:es)?|lesions?|neoplasms?|neoplastic|growths?|abnormalit(?:y|ies)|malignan\w*|cancer"
 SIZE_WORDS = re.compile(r"\b(?:measur\w*|diameters?|dimensions?|sizes?|sized|long|across|axis|axes|extent|spans?|spanning|wide|"
                         r"width|length|thick\w*|large|big|small)\b", re.IGNORECASE)
@@ -902,6 +906,12 @@ class Verifier:
             if pol.negated and f.tumour_present and not located:
                 add("tumour", m, False, f"negates a tumour/mass; the findings favour {READABLE_CLASS[f.label]} "
                     f"(probability {f.top_probability:.2f})", conflict=True, pol=pol)
+            elif pol.negated and not f.tumour_present and not ATTRIBUTED.search(sent):
+                # "No tumour is present": the absence stated as a fact of the image; the findings hold the classifier's
+                # call over four classes only (an outside probe, session 40, round 9)
+                add("tumour", m, False, "states the absence of a tumour as a fact; the findings give only the "
+                    f"classifier's call (the no-tumour class, probability {f.top_probability:.2f}): say it was not "
+                    "detected by the classifier", pol=pol)
             elif not pol.negated and not f.tumour_present:
                 p_tumour = 1.0 - f.probabilities[NO_TUMOUR]
                 if pol.uncertain and p_tumour >= 0.2:
