@@ -62,7 +62,7 @@ class TumorLensApp(MONAILabelApp):
         conf = conf or {}
         self.state = AppState(state_dir_for(studies, conf), conf.get("model") or None)
         if in_server():
-            self.state.hold()  # before anything is swept or loaded: the folder may be another server's
+            self.state.hold(studies)  # before anything is swept or loaded: the folder may be another server's
         swept = self.state.versions.sweep()
         if swept:
             logger.warning(f"removed {swept} half-written model folder(s) of an interrupted training run")

@@ -591,3 +591,19 @@ def test_a_tiny_volume_and_a_dicom_dose_grid_are_refused_by_name(tmp_path):
     assert "tiny.nii.gz" in str(e.value)
     with pytest.raises(InvalidInputError, match="RTDOSE object, not an image"):
         read_image(get_testdata_file("rtdose_1frame.dcm"))
+
+
+def test_a_series_converted_to_nifti_keeps_its_body_part(tmp_path):
+    """A series fetched over DICOMweb is converted to NIfTI on the server and had lost its BodyPartExamined: an ABDOMEN
+    series got no "not of the head" caution (an outside probe, session 40)."""
+    from tumorlens.caveats import body_part_note
+    from tumorlens.data.readers import stamp_modality
+
+    vol = np.random.default_rng(0).integers(0, 500, (3, 32, 32)).astype(np.float32)
+    for name, part in (("abdomen", "ABDOMEN"), ("neck", "HEAD^NECK"), ("none", None)):
+        nib.save(nib.Nifti1Image(vol, np.eye(4)), tmp_path / f"{name}.nii.gz")
+        stamp_modality(tmp_path / f"{name}.nii.gz", "MR", part)
+    parts = {n: read_image(tmp_path / f"{n}.nii.gz").meta.get("body_part") for n in ("abdomen", "neck", "none")}
+    assert parts == {"abdomen": "ABDOMEN", "neck": "HEAD^NECK", "none": None}
+    assert body_part_note(parts["abdomen"]) and not body_part_note(parts["neck"])
+    assert read_image(tmp_path / "abdomen.nii.gz").meta["modality_from"] == "file"

@@ -299,3 +299,29 @@ def test_a_file_that_says_it_is_not_of_the_head_is_called_out(predictor, dev2d, 
     assert caution and "not of the head (it records the body part ABDOMEN)" in caution and "may not apply" in caution
     _, pred, said = notes("wide", spacing=(1.5, 1.5))  # the same head (212 pixels across) at 1.5 mm: 318 mm
     assert len(said) == 1 and "wider than any head" in said[0], pred.caveats
+
+
+@pytest.mark.parametrize("part,caution", [
+    ("ABDOMEN", True), ("KNEE", True), ("C-SPINE", True), ("Chest", True),
+    # head words, placeholders and parts not listed raise nothing (real brain MRI had been cautioned; session 40)
+    ("HEAD", False), ("BRAINSTEM", False), ("CEREBELLUM", False), ("HYPOPHYSIS", False), ("MRA HEAD", False),
+    ("Brain MRI", False), ("HEAD^NECK", False), ("UNKNOWN", False), ("OTHER", False), ("-", False), ("", False),
+])
+def test_only_a_body_part_that_is_not_the_head_raises_the_caution(part, caution):
+    from tumorlens.caveats import body_part_note
+
+    assert bool(body_part_note(part)) is caution
+
+
+def test_a_slice_whose_foreground_fills_the_frame_is_not_judged_by_its_width():
+    """Real slices at a 290-300 mm field of view whose head (or noisy background) touches both edges had been
+    called wider than a head: the width measured was the frame's."""
+    from tumorlens.inference import slice_width_mm
+
+    meta = {"spacing_known": True, "spacing": (1.2, 1.2)}
+    frame = np.zeros((256, 256), np.float32)
+    frame[:, 20:236] = 100.0  # touches the top and bottom edges: 307 mm tall, but that is the frame's height
+    assert slice_width_mm(frame, meta) is None
+    body = np.zeros((256, 256), np.float32)
+    body[40:216, 8:248] = 100.0  # a wide body inside the frame: 288 mm across
+    assert slice_width_mm(body, meta) == pytest.approx(288.0)

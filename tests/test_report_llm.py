@@ -150,3 +150,4 @@ def test_openai_backend_unreachable_falls_back_flagged(real_findings):
     # read "FLAGGED" over a verified report)
     banner = next(line for line in res.to_markdown().splitlines() if line.startswith("**Verification:**"))
     assert "Verified against the findings (template report)" in banner and "FLAGGED" not in banner, banner
+    assert "gave no draft" in banner and "failed verification" not in banner, banner  # there was no draft to fail

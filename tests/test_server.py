@@ -1174,10 +1174,12 @@ def test_a_second_server_on_the_same_folder_is_refused(server, studies, client):
     saves erased the other's from the index (an outside probe, session 40). It now stops at start, saying why;
     the first one keeps serving."""
     env = dict(SERVER_ENV, MONAI_LABEL_SESSION_PATH=str(studies.parent / "sessions2"))
-    second = ServerProcess(studies, env=env, log_path=studies.parent / "server2.log", via_cli=True)
-    try:
-        with pytest.raises(RuntimeError, match="already served"):
-            second.start(timeout=300)
-    finally:
-        second.stop()
+    # the same folder, and the same folder given another state folder (a probe's second way in)
+    for n, extra in enumerate(({}, {"TUMORLENS_STATE_DIR": str(studies.parent / "other-state")})):
+        second = ServerProcess(studies, env={**env, **extra}, log_path=studies.parent / f"server2-{n}.log", via_cli=True)
+        try:
+            with pytest.raises(RuntimeError, match="already served"):
+                second.start(timeout=300)
+        finally:
+            second.stop()
     alive(client)

@@ -19,10 +19,20 @@ NO_DARK_BORDER = "almost none of the image's edge is dark background"
 # textures, documents and micrographs 0.00-0.12 (photographs with a backdrop: a clock 0.19, the astronaut 0.23, a brick wall 0.36).
 DARK_BORDER_MIN = 0.25
 NOT_THE_HEAD = "the file is not of the head"
-# DICOM Body Part Examined values that are the head (or hold it); anything else recorded says it is not
-HEAD_BODY_PARTS = frozenset({"HEAD", "BRAIN", "SKULL", "CRANIUM", "NEUROCRANIUM", "HEADNECK", "HEAD NECK", "HEAD_NECK",
-                             "HEAD AND NECK", "NEURO", "ORBIT", "PITUITARY", "SELLA", "IAC", "FACE", "SINUS",
-                             "TEMPORAL BONE", "WHOLEBODY", "WHOLE BODY"})
+# DICOM Body Part Examined: a value naming one of these parts (DICOM PS3.16 Annex L and common free text) and nothing
+# of the head says the file is not of the head. Anything else — head words (BRAIN, CEREBELLUM, "MRA HEAD", HEAD^NECK),
+# placeholders (UNKNOWN, OTHER, "-"), or a part not listed — raises no caution: an outside probe (session 40) found
+# real brain MRI tagged BRAINSTEM, HYPOPHYSIS or UNKNOWN called "not of the head" by a first list of head words.
+NOT_HEAD_PARTS = frozenset({
+    "ABDOMEN", "ABDOMENPELVIS", "ABDOMINAL", "ANKLE", "AORTA", "ARM", "BLADDER", "BREAST", "BOWEL", "CALF", "CHEST",
+    "CHESTABDOMEN", "CHESTABDPELVIS", "CLAVICLE", "COCCYX", "COLON", "CSPINE", "ELBOW", "EXTREMITY", "FEMUR", "FINGER",
+    "FOOT", "FOREARM", "GALLBLADDER", "HAND", "HEART", "HIP", "HUMERUS", "KIDNEY", "KIDNEYS", "KNEE", "LEG", "LIVER",
+    "LSPINE", "LUNG", "LUNGS", "MEDIASTINUM", "OVARY", "PANCREAS", "PELVIS", "PROSTATE", "RECTUM", "RIB", "RIBS",
+    "SACRUM", "SCAPULA", "SHOULDER", "SPINE", "SPLEEN", "SSPINE", "STERNUM", "TESTIS", "THIGH", "THORAX", "THUMB",
+    "TIBIA", "TOE", "TSPINE", "UTERUS", "WRIST", "HEPATIC", "RENAL", "CARDIAC", "LUMBAR", "THORACIC", "CERVICAL"})
+HEAD_PART_WORDS = frozenset({"HEAD", "BRAIN", "SKULL", "CRANIUM", "NEURO", "CEREBRUM", "CEREBELLUM", "BRAINSTEM",
+                             "HYPOPHYSIS", "PITUITARY", "SELLA", "ORBIT", "ORBITS", "IAC", "FACE", "SINUS", "SINUSES",
+                             "TEMPORAL", "INTRACRANIAL", "CRANIAL", "NEUROCRANIUM", "WHOLEBODY", "WHOLE"})
 # the widest a head's foreground is across (the volumes' slab check, ``SLAB_HEAD_MM``): a 2D slice of known pixel
 # spacing whose foreground is wider is not a head (a real abdominal MR slice: 179 x 112 mm "lesion", 350 mm across)
 HEAD_MAX_WIDTH_MM = 280.0
@@ -36,8 +46,11 @@ def not_a_head_note(why: str) -> str:
 def body_part_note(body_part: str | None) -> str | None:
     """The caveat for a file whose recorded body part (DICOM Body Part Examined) is not the head; None without one
     (a DICOM with BodyPartExamined ABDOMEN holding an abdominal slice was read as meningioma 0.98 with no caution)."""
-    part = " ".join(str(body_part or "").replace("_", " ").split()).upper()
-    if not part or part in HEAD_BODY_PARTS or part.replace(" ", "") in HEAD_BODY_PARTS:
+    import re
+
+    part = " ".join(str(body_part or "").split()).upper()
+    words = set(re.findall(r"[A-Z]+", part)) | {part.replace(" ", "")}
+    if not words & NOT_HEAD_PARTS or words & HEAD_PART_WORDS:
         return None
     return (f"{NOT_THE_HEAD}: it records the body part {part}; the model was trained on brain MRI only, so its class "
             "and mask mean little here")

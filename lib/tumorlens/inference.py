@@ -130,7 +130,26 @@ def slice_width_mm(plane: np.ndarray, meta: dict) -> float | None:
     fg = largest_component(ndi.binary_fill_holes(fg))
     rows, cols = np.where(fg.any(1))[0], np.where(fg.any(0))[0]
     spacing = np.asarray(meta["spacing"], dtype=float).ravel()[:2]
-    return float(max((rows[-1] - rows[0] + 1) * spacing[0], (cols[-1] - cols[0] + 1) * spacing[1]))
+    extents = [(rows[-1] - rows[0] + 1) * spacing[0], (cols[-1] - cols[0] + 1) * spacing[1]]
+    spans = [(rows[0], rows[-1], fg.shape[0]), (cols[0], cols[-1], fg.shape[1])]
+    widest = int(np.argmax(extents))
+    lo, hi, n = spans[widest]
+    if lo == 0 and hi == n - 1:
+        return None  # the foreground fills the frame (a tight field of view, a noisy background): its width is the frame's
+    return float(extents[widest])
+
+
+def image_caveats(img: MetaTensor) -> list[str]:
+    """The caveats an image gets for what it is, whatever the model answers: another modality or body part, a 2D
+    slice wider than a head, colour, a frame that is not dark. ``predict`` gives them, and the active-learning
+    strategies hand such images out last."""
+    meta = getattr(img, "meta", {}) or {}
+    plane = np.squeeze(img.detach().cpu().numpy()[0])
+    flat = plane.ndim == 2
+    found = [modality_caveat(meta.get("modality"), meta.get("modality_from") == "intensities"),
+             body_part_note(meta.get("body_part")), slice_width_note(slice_width_mm(plane, meta) if flat else None),
+             colour_note(meta.get("colour_fraction")), dark_border_note(dark_border_fraction(plane) if flat else None)]
+    return [c for c in found if c]
 
 
 def tumour_mask(seg_prob: np.ndarray, tumour_called: bool) -> np.ndarray:
@@ -634,10 +653,7 @@ class Predictor:
         extra = {"model": {"name": self.model.name, "version": self.model.version},  # as the findings record names it
                  "decision": self.decision, "lesion_refiner": self.refiner is not None,
                  "window_classifier_stored": self.window is not None,
-                 "caveats": [c for c in [modality_caveat(meta.get("modality"), meta.get("modality_from") == "intensities"),
-                                         body_part_note(meta.get("body_part")),
-                                         slice_width_note(slice_width_mm(plane, meta) if plane.ndim == 2 else None),
-                                         colour_note(img.meta.get("colour_fraction")), dark_border_note(border)] if c]}
+                 "caveats": image_caveats(img)}
         if border is not None:
             extra["dark_border_fraction"] = round(border, 3)
         if familiarity is not None:

@@ -140,7 +140,7 @@ class TumorlensDicomWeb(TumorlensDatastore, DICOMWebDatastore):
         except InvalidInputError as e:
             raise bad_request(f"series {image_id}: {e.problem}") from e
         converted = dicom_to_nifti(str(series_dir))
-        stamp_modality(converted, str(img.meta.get("modality") or "MR"))
+        stamp_modality(converted, str(img.meta.get("modality") or "MR"), img.meta.get("body_part"))
         info = self._dicom_info(image_id)
         self._add_image(image_id, converted, info)  # copied into place atomically, with the datastore's checks
         if os.path.abspath(converted) != str(nii):

@@ -51,28 +51,46 @@ class AppState:
         return self.versions.served or f"base:{model.version}"
 
     # ---- train stats -----------------------------------------------------------------------------
-    def hold(self) -> None:
+    def hold(self, studies: str | None = None) -> None:
         """One server per datastore: a second ``tumorlens serve`` on the same studies folder started without a word,
         and each server's label saves erased the other's from the index (an outside probe, session 40). The lock is
-        the kernel's (``flock``), so a killed server leaves nothing to clean up."""
+        the kernel's (``flock``), so a killed server leaves nothing to clean up. It is taken in the state folder and,
+        for a local studies folder, in that folder's own ``.tumorlens`` too: a server given another state folder
+        (``--conf state_dir``) had started on a folder another server held."""
         import fcntl
 
         if self._held is not None:
             return
-        f = open(self.root / "server.lock", "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        places = [self.root]
+        if studies and not studies.startswith(("http://", "https://")):
+            own = Path(studies) / ".tumorlens"
+            if own.resolve() != self.root.resolve():
+                try:
+                    own.mkdir(parents=True, exist_ok=True)
+                    places.append(own)
+                except OSError:
+                    logger.warning("the studies folder cannot hold a server lock (read-only?): only the state folder's "
+                                   "is taken")
+        held = []
+        for place in places:
+            f = open(place / "server.lock", "a+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                f.seek(0)
+                other = f.read().strip() or "another process"
+                f.close()
+                for g in held:
+                    g.close()
+                raise RuntimeError(f"this datastore is already served (server {other}): two servers on one studies "
+                                   "folder overwrite each other's labels; stop that server, or serve a copy of the "
+                                   "folder") from None
             f.seek(0)
-            other = f.read().strip() or "another process"
-            f.close()
-            raise RuntimeError(f"this datastore is already served (server {other}): two servers on one studies folder "
-                               "overwrite each other's labels; stop that server, or serve a copy of the folder") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()}\n")
-        f.flush()
-        self._held = f
+            f.truncate()
+            f.write(f"pid {os.getpid()}\n")
+            f.flush()
+            held.append(f)
+        self._held = held
 
     def read_stats(self) -> dict:
         try:

@@ -11,17 +11,11 @@ from monai.data import MetaTensor
 
 def scope_problems(img: MetaTensor) -> list[str]:
     """The caveats ``predict`` would give ``img`` for what it is (not for what the model answers)."""
-    from tumorlens.caveats import colour_note, dark_border_note
-    from tumorlens.data.normalize import dark_border_fraction
-    from tumorlens.inference import modality_caveat
+    from tumorlens.inference import image_caveats
 
-    meta = getattr(img, "meta", {}) or {}
-    found = [modality_caveat(meta.get("modality"), meta.get("modality_from") == "intensities"),
-             colour_note(meta.get("colour_fraction"))]
+    found = image_caveats(img)
     plane = np.squeeze(img.detach().cpu().numpy()[0])
-    if plane.ndim == 2:
-        found.append(dark_border_note(dark_border_fraction(plane)))
-    elif plane.ndim == 3:
+    if plane.ndim == 3:
         from tumorlens.atlas.registration import head_template_check
 
         found.append(head_template_check(img)[1])

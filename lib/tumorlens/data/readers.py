@@ -246,11 +246,13 @@ def _read_nifti(path: Path) -> MetaTensor:
     arr = _check_pixels(path, arr)
     affine = np.asarray(img.affine, dtype=float)
     modality = nifti_modality(img)
+    part = nifti_body_part(img)
     return _image(path, "volume", arr, affine, np.sqrt((affine[:3, :3] ** 2).sum(0)), modality=modality or "MR",
-                  modality_from="file" if modality else "assumed", **colour)
+                  modality_from="file" if modality else "assumed", **colour, **({"body_part": part} if part else {}))
 
 
 MODALITY_NOTE = re.compile(r"tumorlens modality=([A-Z]{2,8})")
+BODY_PART_NOTE = re.compile(r"\bbodypart=(\S{1,40})")
 
 
 def nifti_modality(img) -> str | None:
@@ -262,13 +264,24 @@ def nifti_modality(img) -> str | None:
     return m.group(1) if m else None
 
 
-def stamp_modality(path: str | Path, modality: str) -> None:
-    """Write ``modality`` into a NIfTI file's description, where ``nifti_modality`` reads it."""
+def nifti_body_part(img) -> str | None:
+    """The DICOM body part a converted series recorded (``stamp_modality``), or None."""
+    raw = img.header.get("descrip")
+    text = (raw.tobytes() if hasattr(raw, "tobytes") else bytes(raw or b"")).decode("ascii", "replace")
+    m = BODY_PART_NOTE.search(text.rstrip("\x00"))
+    return m.group(1).replace("_", " ") if m else None
+
+
+def stamp_modality(path: str | Path, modality: str, body_part: str | None = None) -> None:
+    """Write ``modality`` (and the DICOM body part, when the series recorded one) into a NIfTI file's description,
+    where ``nifti_modality`` and ``nifti_body_part`` read them: a series fetched over DICOMweb is converted to NIfTI,
+    and had lost its BodyPartExamined (an ABDOMEN series got no caution; an outside probe, session 40)."""
     import nibabel as nib
 
     img = nib.load(str(path))
     img = nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header)
-    img.header["descrip"] = f"tumorlens modality={modality}".encode("ascii")[:80]
+    part = re.sub(r"[^A-Za-z0-9^-]+", "_", body_part.strip())[:40] if body_part and body_part.strip() else ""
+    img.header["descrip"] = (f"tumorlens modality={modality}" + (f" bodypart={part}" if part else "")).encode("ascii")[:80]
     nib.save(img, str(path))
 
 

@@ -14,8 +14,11 @@ def _status(v: dict) -> str:
     if v.get("fell_back") and v.get("supported"):
         # what is delivered is the verified template; the draft's failure is said, not the report's (the Slicer panel
         # says "VERIFIED (template report)" likewise; an outside probe, session 40, read FLAGGED over a verified report)
-        return ("Verified against the findings (template report): the model's draft failed verification and was "
-                "replaced by the template report built from the findings.")
+        if any(not a.get("error") for a in v.get("attempts", [])):
+            return ("Verified against the findings (template report): the model's draft failed verification and was "
+                    "replaced by the template report built from the findings.")
+        return (f"Verified against the findings (template report): the {v.get('backend')} backend gave no draft "
+                "(unreachable or unusable), so this is the template report built from the findings.")
     if v.get("fell_back"):
         return "FLAGGED: the model's draft failed verification; this is the template report built from the findings."
     if v.get("flagged"):
