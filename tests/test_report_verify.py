@@ -1337,3 +1337,15 @@ def test_an_absence_of_tumour_is_the_classifiers_call_not_a_fact(sentence, ok):
     d = template_draft(build_facts(rec))
     v = _planted(d.findings + " " + sentence, rec=rec)
     assert v["supported"] is ok, (sentence, _reasons(v))
+
+
+def test_a_word_is_grounded_by_its_inflections_not_by_any_prefix():
+    """The local model's "the clinical findings suggest that there may be a link between gliomas and other brain
+    tumors" was delivered as verified (an outside probe, session 40): "link" passed as "lie" (the template's "lies")
+    plus two letters. Real inflections of grounded words still pass."""
+    rec = record()
+    d = template_draft(build_facts(rec))
+    v = _planted(d.findings + " There may be a link between gliomas and other brain tumours.", rec=rec)
+    assert not v["supported"] and "link" in _reasons(v), _reasons(v)
+    v = _planted(d.findings + " The salient area lies mostly in the left insular cortex.", rec=rec)
+    assert v["supported"], _reasons(v)
