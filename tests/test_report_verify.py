@@ -1349,3 +1349,18 @@ def test_a_word_is_grounded_by_its_inflections_not_by_any_prefix():
     assert not v["supported"] and "link" in _reasons(v), _reasons(v)
     v = _planted(d.findings + " The salient area lies mostly in the left insular cortex.", rec=rec)
     assert v["supported"], _reasons(v)
+
+
+@pytest.mark.parametrize("recommendation,ok", [
+    ("Correlate with the clinical findings and the full MRI study.", True),
+    ("The classifier favours glioma; the clinical findings are as stated.", False),  # asks for nothing
+])
+def test_recommendations_must_ask_for_a_review_not_only_name_the_clinic(recommendation, ok):
+    from tumorlens.report.chain import _verify
+
+    f = build_facts(record())
+    d = template_draft(f)
+    draft = ReportDraft.model_construct(findings=d.findings, impression=d.impression, recommendations=recommendation)
+    v = _verify(assemble(f, draft), f)
+    asked = not any("recommendations do not ask" in m for m in v.get("missing", []))
+    assert asked is ok, v.get("missing")

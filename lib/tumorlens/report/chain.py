@@ -89,7 +89,8 @@ def completeness(report: RadiologyReport, f: Facts) -> list[str]:
         missing.append("findings do not give the lesion's size")
     # recommendations that are no recommendation ("This recommendation is not available in the full report.")
     recs = " ".join(report.recommendations).lower()
-    if not re.search(r"\breview|radiologist|correlat|clinical", recs) or "not available" in recs:
+    # ("clinical" alone had passed a local model's "... while the clinical findings suggest ...", which asks nothing)
+    if not re.search(r"\breview|radiologist|correlat", recs) or "not available" in recs:
         missing.append("recommendations do not ask for a radiologist's review against the study")
     return missing
 
