@@ -76,13 +76,14 @@ def _check_outputs(args) -> None:
 
 def run_align(args) -> int:
     from tumorlens.alignment.experiment import run_alignment
+    from tumorlens.models.registry import version_label
 
     _check_outputs(args)
 
     r = run_alignment(args.model, prompts=args.prompts, max_images=args.max_images, save=not args.no_save,
                       ablation=not args.no_ablation)
     out = _write(r, args.json, f"align-{r['model']['name']}.json")
-    print(f"model {r['model']['name']} v{r['model']['version']}  train {r['data']['n_train']}  val {r['data']['n_val']}")
+    print(f"model {r['model']['name']} {version_label(r['model']['version'])}  train {r['data']['n_train']}  val {r['data']['n_val']}")
     print(f"{'variant':28s} {'acc':>6s} {'tumour':>7s} {'bal':>6s} {'xfit':>6s}  alpha beta gamma")
     pl = r["plain"]
     print(f"{'plain classifier':28s} {pl['accuracy']:6.3f} {pl['tumour_only_accuracy']:7.3f} {pl['balanced_accuracy']:6.3f}")
@@ -205,6 +206,7 @@ def run_retrieve(args) -> int:
 def run_familiarity(args) -> int:
     from tumorlens.alignment.layer_statistics import FILE, fit_for_model
     from tumorlens.models import load_model
+    from tumorlens.models.registry import version_label
 
     _check_outputs(args)
     m = load_model(args.model)
@@ -213,7 +215,7 @@ def run_familiarity(args) -> int:
     r = {"model": {"name": m.name, "version": m.version}, "threshold": stats.threshold, **stats.meta,
          "stage_medians": stats.scale, "saved": saved}
     out = _write(r, args.json, f"familiarity-{m.name}.json")
-    print(f"model {m.name} v{m.version}  train {stats.meta['n_train']}  val {stats.meta['n_val']}")
+    print(f"model {m.name} {version_label(m.version)}  train {stats.meta['n_train']}  val {stats.meta['n_val']}")
     print(f"layer score: validation median {stats.meta['validation_median']:.3f}, threshold {stats.threshold:.3f} "
           f"(the {1 - stats.meta['quantile']:.0%} quantile; stages {stats.meta['stages']}, "
           f"{stats.meta['components']} directions each)")

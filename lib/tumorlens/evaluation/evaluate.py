@@ -29,6 +29,7 @@ from tumorlens.inference import (
     tumour_mask,
 )
 from tumorlens.labels import NO_TUMOUR, class_index
+from tumorlens.models.registry import version_label
 
 log = logging.getLogger(__name__)
 
@@ -287,7 +288,7 @@ def format_table(m: dict) -> str:
     def num(v: float | None) -> str:
         return "-" if v is None or not np.isfinite(v) else f"{v:.4f}"
 
-    lines = [f"model {m['model']['name']} v{m['model']['version']}  n={m['n']}",
+    lines = [f"model {m['model']['name']} {version_label(m['model']['version'])}  n={m['n']}",
              f"accuracy {num(m['accuracy'])}  tumour-only {num(m['tumour_only_accuracy'])}  "
              f"balanced {num(m['balanced_accuracy'])}  ECE {num(m['ece'])}  "
              + (f"seg Dice {m['seg_dice']:.4f} (n={m['seg_n']})" if m.get("seg_dice") is not None else "seg Dice -"),

@@ -44,6 +44,12 @@ class LoadedModel:
         return self.net.backbone
 
 
+def version_label(version) -> str:
+    """A model version as printed: "v202611302353", and an app version "v0003" as it is (not "vv0003")."""
+    v = str(version)
+    return v if v.startswith("v") else f"v{v}"
+
+
 def list_models(root: Path | None = None) -> list[str]:
     root = root or models_dir()
     return sorted(p.parent.name for p in root.glob(f"*/{CARD}"))
