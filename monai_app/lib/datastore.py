@@ -839,7 +839,7 @@ class TumorlensDatastore(LocalDatastore):
             disk = LocalDatastoreModel.model_validate_json(path.read_text())
         except (OSError, ValueError):
             return
-        mine = self._datastore.objects
+        mine = dict(self._datastore.objects)  # replaced, not changed in place: the folder watcher may be reading it
         taken = 0
         for image_id, here in mine.items():  # removed by the other process (its file gone): not written back
             there = disk.objects.get(image_id)
@@ -855,8 +855,9 @@ class TumorlensDatastore(LocalDatastore):
                 continue
             for tag, lab in obj.labels.items():
                 if tag not in here.labels and Path(self._datastore.label_path(tag), self._filename(image_id, lab.ext)).exists():
-                    here.labels[tag] = lab
+                    here.labels = {**here.labels, tag: lab}
                     taken += 1
+        self._datastore.objects = mine
         if taken:
             logger.info(f"index: {taken} entries another process saved were taken in before writing it")
 
