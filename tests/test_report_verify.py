@@ -1271,6 +1271,14 @@ def test_the_records_own_notes_quoted_and_a_clause_after_a_semicolon_are_read_as
     ("The brain is free of disease.", False),
     ("The result can be taken at face value.", False),
     ("The result should not be taken at face value.", True),
+    # round 10 (232 new drafts on e6c3237): a mask's extent as its longest or along an axis (81 x 72 pixels at the
+    # record's 1 mm), a hemisphere's share (left 75 %, right 25 %)
+    ("The salient area spans 81 mm at its longest.", True),
+    ("The salient area spans 72 mm at its longest.", False),
+    ("Along the second axis the salient area measures 72 mm.", True),
+    ("Along the first axis the salient area measures 72 mm.", False),
+    ("About 75% of the salient area is left-sided.", True),
+    ("About 75% of the salient area is right-sided.", False),
     # a level or a side denied in other words
     ("Classifier uncertainty for this image is low.", False),
     ("The salient area is not present on both sides.", False),
@@ -1297,6 +1305,7 @@ def test_exclusions_dependability_and_numbers_bound_to_their_quantity(sentence, 
     ("A radiologist need not review this study.", False),
     ("Review by a radiologist is recommended, though it is not essential.", False),
     ("The radiologist's review can be skipped.", False),
+    ("Given the high probability, a radiologist does not need to review this slice.", False),
     ("A radiologist's review is not required.", False),
     ("Review by a radiologist against the full MRI study is required.", True),
     ("The classification should not be relied upon without review by a radiologist.", True),

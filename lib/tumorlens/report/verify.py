@@ -117,7 +117,7 @@ UNMEASURED = {
                    r"(?:review|reading|assessment|evaluation|checking|radiologist) (?:is |are )?(?:not |no longer |un)"
                    r"(?:required|needed|necessary|warranted)|"
                    r"needs? not (?:be )?(?:review(?:ed)?|read|check(?:ed)?|assess(?:ed)?|see|seen)|(?:does|do|did)(?:n't| not) "
-                   r"need (?:to be )?(?:review(?:ed)?|read|check(?:ed)?|a review|a radiologist)|"
+                   r"need (?:to (?:be )?)?(?:review(?:ed)?|read|check(?:ed)?|see|a review|a radiologist)|"
                    r"no need (?:for|to)\b|(?:can|may) (?:safely )?(?:skip|forgo|omit|dispense with|bypass) (?:the )?"
                    r"(?:review|reading|radiologist)|(?:review|reading)\s+(?:can|may|could)\s+(?:safely\s+)?be\s+(?:skipped|"
                    r"omitted|waived|dispensed with|forgone|bypassed)|(?:review|reading) (?:is|would be) optional|"
@@ -231,6 +231,17 @@ QUANTITY_NUMBER_BEFORE = re.compile(
 # the cautions denied ("There are no cautions for this volume" for an unfamiliar volume read slice by slice)
 CAUTIONS_DENIED = re.compile(r"\b(?:no|without any|without) (?:cautions?|caveats?|warnings?)\b|\bno (?:caution|caveat) "
                              r"(?:applies|is raised|is given)\b", re.IGNORECASE)
+# a mask's extent said as its longest or along one axis (an outside probe, session 40: "At its longest, the outlined
+# lesion spans 6 mm" (the slice thickness), "The outline's first-axis extent is 23 mm" (the second axis))
+EXTENT_LONGEST = re.compile(r"\b(?:longest|widest)\b(?!\s+share)|\b(?:greatest|largest|maximum|maximal|biggest)\s+"
+                            r"(?:extent|dimension|diameter|length|axis)\b", re.IGNORECASE)
+EXTENT_AXIS = re.compile(r"\b(?:(?P<o>first|second|third)[- ]axis|axis (?P<n>one|two|three|1|2|3)\b)", re.IGNORECASE)
+EXTENT_NUMBER = re.compile(r"(?<![\w.])(?P<n>\d+(?:\.\d+)?)\s*(?P<u>mm|cm)\b", re.IGNORECASE)
+# a hemisphere's share of the salient area ("69% of the salient area lies in the right hemisphere")
+HEMI_SHARE = re.compile(r"(?:(?P<pct>\d+(?:\.\d+)?)\s*(?:%|percent\b)|(?P<word>half|a third|one third|two thirds|a quarter|"
+                        r"three quarters))", re.IGNORECASE)
+HEMI_WORDS = {"half": 0.5, "a third": 1 / 3, "one third": 1 / 3, "two thirds": 2 / 3, "a quarter": 0.25,
+              "three quarters": 0.75}
 # the placement confidence against a bound ("above the 0.5 needed to name regions" at 0.47: an outside probe, session 40)
 PLACEMENT_BOUND = re.compile(
     r"(?:placement|registration)(?:'s|’s)? confidence[\w\s,()]{0,25}?\b(?P<dir>above|over|exceeds?|exceeding|greater than|"
@@ -940,6 +951,8 @@ class Verifier:
             else:
                 add("tumour", m, True, pol=pol)
         # 7. numbers, and sizes said in words
+        self._extent_claims(add, sent)
+        self._hemisphere_share(add, sent)
         self._numbers(add, sent, class_spans, scope, skip=compared + self._quantity_spans)
         for a, b in self._size_words(add, sent, scope):  # checked: their words need no other ground
             scan = _mask(scan, a, b)
@@ -1429,6 +1442,51 @@ class Verifier:
         else:
             add("side", m, False, f"states {side}; the findings say laterality {f.laterality}"
                 + (f" (region sides: {', '.join(sorted(allowed))})" if allowed else ""), pol=pol)
+
+    def _extent_claims(self, add, sent: str) -> None:
+        """A length said as a mask's longest extent, or along one of its axes, must be that extent (a sentence about
+        one mask: the outline, or the salient area)."""
+        f = self.f
+        salient, outline = bool(SALIENT_WORDS.search(sent)), bool(OUTLINE_NOUN.search(sent))
+        if salient == outline:
+            return  # both masks, or none named: the plain size check weighs it
+        ext = list(f.extents_mm) if salient or not f.regions_from_saliency else list(f.seg_extents_mm)
+        longest, axis = EXTENT_LONGEST.search(sent), EXTENT_AXIS.search(sent)
+        if not ext or not (longest or axis) or re.search(r"\b(?:exceeds?|more than|over|under|less than|at most|up to|"
+                                                         r"no (?:dimension|axis))\b", sent, re.IGNORECASE):
+            return
+        if axis:
+            k = ("first", "second", "third").index(axis.group("o").lower()) if axis.group("o") else \
+                ("one", "two", "three", "1", "2", "3").index(axis.group("n").lower()) % 3
+            if k >= len(ext):
+                return
+            want, what = ext[k], f"its {('first', 'second', 'third')[k]} axis"
+        else:
+            want, what = max(ext), "its longest extent"
+        for m in EXTENT_NUMBER.finditer(sent):
+            mm = float(m.group("n")) * (10.0 if m.group("u").lower() == "cm" else 1.0)
+            ok = abs(mm - want) <= max(1.5, 0.02 * want)
+            add("number", m, ok, "" if ok else f"gives {what} as {m.group(0)}; the findings give {want:.0f} mm "
+                f"({' x '.join(f'{e:.0f}' for e in ext)} mm)", pol=Polarity(False, False))
+            self._quantity_spans.append((m.start(), m.end()))
+
+    def _hemisphere_share(self, add, sent: str) -> None:
+        """A share of the salient area given to one hemisphere must be that hemisphere's (the regions' fractions on
+        that side); said of no region, in a sentence about the salient area and one side."""
+        f = self.f
+        if not f.regions_from_saliency or not SALIENT_WORDS.search(sent) or not f.regions:
+            return
+        sides = set(re.findall(r"\b(left|right)\b", sent, re.IGNORECASE))
+        if len(sides) != 1 or any(k in sent.lower() for k in self.keys if len(k) > 5 and k not in ("left", "right")):
+            return
+        side = sides.pop().lower()
+        held = sum(r["fraction"] for r in f.regions if r["hemisphere"] == side)
+        for m in HEMI_SHARE.finditer(sent):
+            said = float(m.group("pct")) / 100.0 if m.group("pct") else HEMI_WORDS[m.group("word").lower()]
+            ok = abs(said - held) <= max(0.05, 0.12 * held)
+            add("number", m, ok, "" if ok else f"gives the {side} hemisphere {m.group(0).strip()} of the salient area; "
+                f"the regions on that side hold {100 * held:.0f}%", pol=Polarity(False, False))
+            self._quantity_spans.append((m.start(), m.end()))
 
     def _mask_comparisons(self, add, sent: str, scan: str) -> tuple[str, list[tuple[int, int]]]:
         """A sentence naming both the outline and the salient area and comparing them: larger or smaller, the
