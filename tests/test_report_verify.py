@@ -1279,6 +1279,10 @@ def test_the_records_own_notes_quoted_and_a_clause_after_a_semicolon_are_read_as
     ("Along the first axis the salient area measures 72 mm.", False),
     ("About 75% of the salient area is left-sided.", True),
     ("About 75% of the salient area is right-sided.", False),
+    # the placement's level in other words (confidence 0.8, not low)
+    ("The slice was placed on the template with low confidence.", False),
+    ("The slice was placed on the template with high confidence.", True),
+    ("The placement confidence is low.", False),
     # a level or a side denied in other words
     ("Classifier uncertainty for this image is low.", False),
     ("The salient area is not present on both sides.", False),

@@ -264,7 +264,13 @@ SHARE_WORDS = {"half": 0.5, "a third": 1 / 3, "one third": 1 / 3, "a quarter": 0
 # high-confidence" at 0.34 passed)
 PLACEMENT_LEVEL = (r"(?:placement|registration|position(?:ing)?)(?:[\w\s]{0,25}?)\b(?:is|was|has)\s+(?P<neg>not\s+)?(?:a\s+|of\s+)?"
                    r"(?:(?:very|fairly|rather)\s+)?(?P<a>high|low|good|poor|limited)[- ]confidence|"
-                   r"(?P<b>high|low|good|poor)[- ]confidence (?:atlas )?(?:placement|registration|position)")
+                   r"(?P<b>high|low|good|poor)[- ]confidence (?:atlas )?(?:placement|registration|position)|"
+                   # (an outside probe, session 40, round 10: "placed on the template with high confidence", "The
+                   # registration confidence is low" for a confidence of 0.58)
+                   r"(?:placed|matched|registered|positioned)[\w\s]{0,40}?\bwith\s+(?:a\s+)?(?:(?:very|fairly|rather)\s+)?"
+                   r"(?P<c>high|low|good|poor)\s+confidence|"
+                   r"(?:placement|registration)(?:'s|’s)? confidence (?:is|was|remains)\s+(?P<neg2>not\s+)?"
+                   r"(?:(?:very|fairly|rather|quite)\s+)?(?P<d>high|low|good|poor)\b")
 
 CLASS_PATTERNS = {
     # "no tumour (0.03)": the class, named with its probability (an outside probe, session 38: read as a denial)
@@ -1088,6 +1094,17 @@ class Verifier:
         against = ([f"classifier uncertainty is {f.uncertainty_level}"] if f.uncertainty_level != "low" else []) \
             + (["the image is unlike the training images"] if f.unfamiliar else []) \
             + [r[0].lower() + r[1:] for r in f.out_of_scope()]
+        # the placement's level first: "placed with high confidence" is the placement's, not a confidence word
+        for m in _iter(PLACEMENT_LEVEL, scan):
+            pol = scope.polarity(m.start(), m.end())
+            low = (m.group("a") or m.group("b") or m.group("c") or m.group("d")).lower() in ("low", "poor", "limited")
+            # only a "not" of its own turns it ("No regions are named because the placement is low-confidence")
+            says_low = low != bool(m.group("neg") or m.group("neg2"))
+            ok = f.placement_method != "none" and says_low == bool(f.low_confidence_placement)
+            add("trust", m, ok, "" if ok else f"calls the atlas placement {'low' if says_low else 'high'}-confidence; "
+                f"its confidence is {f.placement_confidence if f.placement_confidence is not None else 'not given'}"
+                f" ({'low' if f.low_confidence_placement else 'not low'})", pol=pol)
+            scan = _mask(scan, m.start(), m.end())
         for m in _iter(CONFIDENT, scan):
             pol = scope.polarity(m.start(), m.end())
             cautious = pol.negated or bool(CAUTIOUS_BEFORE.search(scan[:m.start()]))
@@ -1149,16 +1166,6 @@ class Verifier:
             add("number", m, ok, "" if ok else f"puts the placement confidence {m.group('dir').lower()} {n:g}; the findings "
                 f"give {'none' if conf is None else f'{conf:.2f}'}", pol=Polarity(False, False))
             self._quantity_spans.append((m.start("n"), m.end("n")))
-        for m in _iter(PLACEMENT_LEVEL, scan):
-            pol = scope.polarity(m.start(), m.end())
-            low = (m.group("a") or m.group("b")).lower() in ("low", "poor", "limited")
-            # only a "not" of its own turns it ("No regions are named because the placement is low-confidence")
-            says_low = low != bool(m.group("neg"))
-            ok = f.placement_method != "none" and says_low == bool(f.low_confidence_placement)
-            add("trust", m, ok, "" if ok else f"calls the atlas placement {'low' if says_low else 'high'}-confidence; "
-                f"its confidence is {f.placement_confidence if f.placement_confidence is not None else 'not given'}"
-                f" ({'low' if f.low_confidence_placement else 'not low'})", pol=pol)
-            scan = _mask(scan, m.start(), m.end())
         for pat, unfamiliar in ((FAMILIAR, False), (UNFAMILIAR, True)):
             for m in _iter(pat, scan):
                 pol = scope.polarity(m.start(), m.end())
