@@ -55,3 +55,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
             os.fsync(f.fileno())
 
     return atomic_write(path, write)
+
+
+def file_version(path: str | Path) -> tuple:
+    """(resolved path, mtime ns, size): changes when a file is rewritten, the key of the loaders' caches."""
+    st = Path(path).stat()
+    return str(Path(path).resolve()), st.st_mtime_ns, st.st_size

@@ -14,6 +14,7 @@ from tumorlens.alignment.features import checkpoint_sha, extract_features
 from tumorlens.alignment.head import AlignedHead
 from tumorlens.alignment.margin import margin_rate, semantic_margins
 from tumorlens.alignment.text import cache_dir
+from tumorlens.atomic import file_version
 from tumorlens.errors import InvalidInputError
 from tumorlens.labels import CLASS_NAMES
 from tumorlens.models.registry import CHECKPOINT, LoadedModel, load_model
@@ -66,11 +67,6 @@ _HEADS: dict[tuple, AlignedHead | None] = {}
 _HEADS_LOCK = threading.Lock()
 
 
-def _file_key(path: Path) -> tuple:
-    st = path.stat()
-    return str(path.resolve()), st.st_mtime_ns, st.st_size
-
-
 def load_alignment(model=None) -> AlignedHead | None:
     """The aligned adapter stored next to the model, or None (absent, or fitted for other weights).
 
@@ -81,7 +77,7 @@ def load_alignment(model=None) -> AlignedHead | None:
     path = Path(m.path) / ALIGNMENT_FILE
     if not path.is_file():
         return None
-    key = _file_key(path) + _file_key(Path(m.path) / CHECKPOINT)
+    key = file_version(path) + file_version(Path(m.path) / CHECKPOINT)
     with _HEADS_LOCK:
         if key not in _HEADS:
             if len(_HEADS) >= 4:

@@ -177,12 +177,13 @@ def load_layer_statistics(model) -> LayerStatistics | None:
     Loaded once per (statistics file, checkpoint file) version, as the aligned head is: every MONAI Label
     request builds a Predictor, and the weights check hashes the 20 MB checkpoint."""
     from tumorlens.alignment.features import checkpoint_sha
+    from tumorlens.atomic import file_version
     from tumorlens.models.registry import CHECKPOINT
 
     path = Path(model.path) / FILE
     if not path.is_file():
         return None
-    key = tuple(_file_key(p) for p in (path, Path(model.path) / CHECKPOINT))
+    key = tuple(file_version(p) for p in (path, Path(model.path) / CHECKPOINT))
     with _LOCK:
         if key not in _LOADED:
             if len(_LOADED) >= 4:
@@ -194,11 +195,6 @@ def load_layer_statistics(model) -> LayerStatistics | None:
                 stats = None
             _LOADED[key] = stats
         return _LOADED[key]
-
-
-def _file_key(path: Path) -> tuple:
-    st = path.stat()
-    return str(path.resolve()), st.st_mtime_ns, st.st_size
 
 
 def carry_layer_statistics(base, dst_folder: str | Path) -> bool:
